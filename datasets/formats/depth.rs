@@ -1,0 +1,113 @@
+//! Depth maps: float32 `.npy` (metres) and 16-bit PNG (millimetres, 0 = no surface).
+
+use std::path::Path;
+
+use npyz::WriterBuilder;
+
+use crate::error::{Error, Result};
+use crate::io_util::{read_file, write_atomic};
+
+/// A depth map in metres, row-major, 0 = no surface.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DepthMap {
+    pub width: usize,
+    pub height: usize,
+    pub data: Vec<f32>,
+}
+
+/// Encodes depth (metres) as 16-bit PNG bytes in millimetres, saturating at 65.535 m.
+///
+/// # Panics
+/// Only if `data` does not match `width`×`height` (a bug).
+pub fn depth_png_bytes(width: usize, height: usize, data: &[f32]) -> Vec<u8> {
+    let mm: Vec<u16> = data
+        .iter()
+        .map(|&d| {
+            if d.is_finite() && d > 0.0 {
+                (d * 1000.0).round().clamp(0.0, 65535.0) as u16
+            } else {
+                0
+            }
+        })
+        .collect();
+    let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width as u32, height as u32, mm)
+        .expect("depth buffer matches its size");
+    let mut out = Vec::new();
+    let enc = image::codecs::png::PngEncoder::new_with_quality(
+        &mut out,
+        image::codecs::png::CompressionType::Fast,
+        image::codecs::png::FilterType::Sub,
+    );
+    img.write_with_encoder(enc)
+        .expect("PNG encoding into memory cannot fail");
+    out
+}
+
+/// Writes a 16-bit millimetre depth PNG atomically.
+///
+/// # Errors
+/// I/O errors, naming `path`.
+pub fn write_depth_png(path: &Path, width: usize, height: usize, data: &[f32]) -> Result<()> {
+    let bytes = depth_png_bytes(width, height, data);
+    write_atomic(path, |w| w.write_all(&bytes))
+}
+
+/// Reads a 16-bit depth PNG with `scale` units per metre (1000 here, 5000 for TUM RGB-D).
+///
+/// # Errors
+/// Not a 16-bit grey PNG, or I/O errors.
+pub fn read_depth_png(path: &Path, scale: f32) -> Result<DepthMap> {
+    let bytes = read_file(path)?;
+    let img = image::load_from_memory_with_format(&bytes, image::ImageFormat::Png)
+        .map_err(|e| Error::format(path, format!("depth PNG: {e}")))?;
+    let image::DynamicImage::ImageLuma16(img) = img else {
+        return Err(Error::format(path, "depth PNG must be 16-bit grey"));
+    };
+    Ok(DepthMap {
+        width: img.width() as usize,
+        height: img.height() as usize,
+        data: img.as_raw().iter().map(|&v| f32::from(v) / scale).collect(),
+    })
+}
+
+/// Writes float32 depth as `.npy` (shape [H, W]) atomically.
+///
+/// # Errors
+/// I/O errors, naming `path`.
+pub fn write_depth_npy(path: &Path, width: usize, height: usize, data: &[f32]) -> Result<()> {
+    write_atomic(path, |w| {
+        let mut npy = npyz::WriteOptions::new()
+            .default_dtype()
+            .shape(&[height as u64, width as u64])
+            .writer(w)
+            .begin_nd()?;
+        npy.extend(data.iter().copied())?;
+        npy.finish()
+    })
+}
+
+/// Reads a float32 `.npy` depth map of shape [H, W].
+///
+/// # Errors
+/// Not a 2-D float32 array, truncated, or I/O errors.
+pub fn read_depth_npy(path: &Path) -> Result<DepthMap> {
+    let bytes = read_file(path)?;
+    let npy =
+        npyz::NpyFile::new(&bytes[..]).map_err(|e| Error::format(path, format!("npy: {e}")))?;
+    let shape = npy.shape().to_vec();
+    if shape.len() != 2 {
+        return Err(Error::format(path, "depth .npy must be 2-D"));
+    }
+    let data: Vec<f32> = npy
+        .into_vec()
+        .map_err(|e| Error::format(path, format!("npy: {e}")))?;
+    let (h, w) = (shape[0] as usize, shape[1] as usize);
+    if data.len() != w * h {
+        return Err(Error::format(path, "depth .npy truncated"));
+    }
+    Ok(DepthMap {
+        width: w,
+        height: h,
+        data,
+    })
+}

@@ -1,0 +1,8 @@
+//! File formats for flows, poses, point clouds and depth.
+
+pub mod depth;
+pub mod flo;
+pub mod kitti_flow;
+pub mod pcd;
+pub mod ply;
+pub mod tum;

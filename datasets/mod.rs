@@ -1,0 +1,5 @@
+//! Dataset readers and writers and the synthetic world.
+
+pub mod formats;
+pub mod native;
+pub mod synth;

@@ -1,0 +1,295 @@
+//! The synthetic world: deterministic scenes, trajectories and exact ground truth.
+
+pub mod render;
+pub mod scene;
+pub mod texture;
+pub mod trajectory;
+
+use std::collections::HashMap;
+
+use rand::SeedableRng;
+use rand_distr::{Distribution, Normal};
+use serde::{Deserialize, Serialize};
+
+pub use render::{flow_between, render, RenderedFrame, NO_OBJECT};
+pub use scene::{Scene, SceneKind};
+pub use trajectory::{Trajectory, TrajectoryKind};
+
+use crate::cloud::PointCloud;
+use crate::flow::FlowField;
+use crate::frame::{Intrinsics, Pose, RgbImage};
+
+/// Optional image degradations (none by default).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Degrade {
+    /// Gaussian sensor noise, standard deviation in [0, 1] intensity units.
+    pub noise: f32,
+    /// Motion-blur sub-frames averaged over the interval since the previous frame (0 or 1 = off).
+    pub blur: u32,
+    /// Exposure change amplitude: gain 1 ± this, slowly varying.
+    pub exposure: f32,
+    /// Fog density per metre (contrast loss towards grey).
+    pub fog: f32,
+}
+
+impl Degrade {
+    /// Parses `noise=0.02,blur=4,exposure=0.2,fog=0.1` (any subset).
+    ///
+    /// # Errors
+    /// An unknown key or a bad number.
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let mut d = Self::default();
+        for part in s.split(',').filter(|p| !p.is_empty()) {
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| format!("expected key=value in '{part}'"))?;
+            let num = |v: &str| {
+                v.parse::<f32>()
+                    .map_err(|_| format!("bad number '{v}' for {k}"))
+            };
+            match k {
+                "noise" => d.noise = num(v)?,
+                "blur" => d.blur = v.parse().map_err(|_| format!("bad count '{v}' for blur"))?,
+                "exposure" => d.exposure = num(v)?,
+                "fog" => d.fog = num(v)?,
+                _ => {
+                    return Err(format!(
+                        "unknown degradation '{k}' (noise, blur, exposure, fog)"
+                    ))
+                }
+            }
+        }
+        Ok(d)
+    }
+}
+
+/// What to render.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SynthConfig {
+    pub scene: SceneKind,
+    pub trajectory: TrajectoryKind,
+    pub frames: usize,
+    pub width: u32,
+    pub height: u32,
+    pub seed: u64,
+    pub hfov_deg: f64,
+    pub fps: f64,
+    pub degrade: Degrade,
+}
+
+impl Default for SynthConfig {
+    fn default() -> Self {
+        Self {
+            scene: SceneKind::Room,
+            trajectory: TrajectoryKind::Smooth,
+            frames: 100,
+            width: 640,
+            height: 480,
+            seed: 0,
+            hfov_deg: crate::frame::DEFAULT_HFOV_DEG,
+            fps: 30.0,
+            degrade: Degrade::default(),
+        }
+    }
+}
+
+/// A frame with everything the ground truth holds.
+pub struct SynthFrame {
+    pub index: usize,
+    pub timestamp: f64,
+    /// The image as a camera would deliver it (degradations applied).
+    pub image: RgbImage,
+    pub view: RenderedFrame,
+    /// Flow to the next frame and its occlusion mask (absent for the last frame).
+    pub flow_fwd: Option<(FlowField, Vec<bool>)>,
+    /// Flow to the previous frame and its occlusion mask (absent for frame 0).
+    pub flow_bwd: Option<(FlowField, Vec<bool>)>,
+}
+
+/// A scene, a trajectory and a camera.
+pub struct SynthWorld {
+    pub config: SynthConfig,
+    pub scene: Scene,
+    pub trajectory: Trajectory,
+    pub intrinsics: Intrinsics,
+}
+
+impl SynthWorld {
+    pub fn new(config: SynthConfig) -> Self {
+        let scene = Scene::new(config.scene, config.seed);
+        let trajectory = Trajectory::new(
+            config.trajectory,
+            config.seed,
+            scene.free_min,
+            scene.free_max,
+        );
+        let intrinsics = Intrinsics::from_hfov(config.width, config.height, config.hfov_deg);
+        Self {
+            config,
+            scene,
+            trajectory,
+            intrinsics,
+        }
+    }
+
+    pub fn world_from_cam(&self, i: usize) -> Pose {
+        self.trajectory.world_from_cam(i)
+    }
+
+    /// Renders frame `i` without degradations.
+    pub fn view(&self, i: usize) -> RenderedFrame {
+        render(&self.scene, &self.intrinsics, &self.world_from_cam(i))
+    }
+
+    /// The camera image of a view: degradations applied, quantised to u8.
+    pub fn camera_image(&self, i: usize, view: &RenderedFrame) -> RgbImage {
+        let d = self.config.degrade;
+        let mut rgb = view.rgb.clone();
+        if d.blur > 1 && i > 0 {
+            let (a, b) = (self.world_from_cam(i - 1), self.world_from_cam(i));
+            for k in 1..d.blur {
+                let t = f64::from(k) / f64::from(d.blur);
+                let pose = a.lerp_slerp(&b, 1.0 - 0.5 * t);
+                let sub = render(&self.scene, &self.intrinsics, &pose);
+                for (acc, s) in rgb.iter_mut().zip(&sub.rgb) {
+                    for c in 0..3 {
+                        acc[c] += s[c];
+                    }
+                }
+            }
+            let s = 1.0 / d.blur as f32;
+            for p in &mut rgb {
+                for c in p.iter_mut() {
+                    *c *= s;
+                }
+            }
+        }
+        if d.fog > 0.0 {
+            for (p, &z) in rgb.iter_mut().zip(&view.depth) {
+                let keep = if z > 0.0 { (-d.fog * z).exp() } else { 0.0 };
+                for c in p.iter_mut() {
+                    *c = *c * keep + 0.7 * (1.0 - keep);
+                }
+            }
+        }
+        let gain = 1.0 + d.exposure * (std::f32::consts::TAU * i as f32 / 90.0).sin();
+        let mut rng =
+            rand_pcg::Pcg64::seed_from_u64(self.config.seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
+        let noise = (d.noise > 0.0).then(|| Normal::new(0.0f32, d.noise).expect("finite sigma"));
+        let (w, h) = (self.intrinsics.width, self.intrinsics.height);
+        let mut img = RgbImage::new(w, h);
+        for (px, c) in img.pixels_mut().zip(&rgb) {
+            for k in 0..3 {
+                let mut v = c[k] * gain;
+                if let Some(n) = &noise {
+                    v += n.sample(&mut rng);
+                }
+                px[k] = (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+            }
+        }
+        img
+    }
+
+    /// Streams the sequence frame by frame, holding at most two rendered views.
+    pub fn frames(&self) -> SynthFrames<'_> {
+        SynthFrames {
+            world: self,
+            next: 0,
+            pending: None,
+        }
+    }
+}
+
+/// Iterator over a synthetic sequence (see [`SynthWorld::frames`]).
+pub struct SynthFrames<'a> {
+    world: &'a SynthWorld,
+    next: usize,
+    pending: Option<SynthFrame>,
+}
+
+impl Iterator for SynthFrames<'_> {
+    type Item = SynthFrame;
+
+    fn next(&mut self) -> Option<SynthFrame> {
+        let w = self.world;
+        let n = w.config.frames;
+        loop {
+            if self.next >= n {
+                return self.pending.take();
+            }
+            let i = self.next;
+            self.next += 1;
+            let view = w.view(i);
+            let image = w.camera_image(i, &view);
+            let mut frame = SynthFrame {
+                index: i,
+                timestamp: i as f64 / w.config.fps,
+                image,
+                view,
+                flow_fwd: None,
+                flow_bwd: None,
+            };
+            if let Some(mut prev) = self.pending.take() {
+                let (fwd, bwd) = rayon::join(
+                    || flow_between(&prev.view, &frame.view, &w.intrinsics),
+                    || flow_between(&frame.view, &prev.view, &w.intrinsics),
+                );
+                prev.flow_fwd = Some(fwd);
+                frame.flow_bwd = Some(bwd);
+                self.pending = Some(frame);
+                return Some(prev);
+            }
+            self.pending = Some(frame);
+        }
+    }
+}
+
+/// Accumulates a ground-truth cloud of the visible surfaces, one point per voxel (bounded by the scene).
+pub struct SurfaceSampler {
+    voxel: f32,
+    stride: usize,
+    cells: HashMap<(i32, i32, i32), ([f32; 3], [u8; 3])>,
+}
+
+impl SurfaceSampler {
+    pub fn new(voxel: f32, stride: usize) -> Self {
+        Self {
+            voxel,
+            stride: stride.max(1),
+            cells: HashMap::new(),
+        }
+    }
+
+    pub fn add(&mut self, view: &RenderedFrame, image: &RgbImage, intr: &Intrinsics) {
+        let w = intr.width as usize;
+        for y in (0..intr.height as usize).step_by(self.stride) {
+            for x in (0..w).step_by(self.stride) {
+                let z = view.depth[y * w + x];
+                if z <= 0.0 {
+                    continue;
+                }
+                let p = view.world_from_cam * intr.unproject(x as f64, y as f64, f64::from(z));
+                let p = [p.x as f32, p.y as f32, p.z as f32];
+                let key = (
+                    (p[0] / self.voxel).floor() as i32,
+                    (p[1] / self.voxel).floor() as i32,
+                    (p[2] / self.voxel).floor() as i32,
+                );
+                let c = image.get_pixel(x as u32, y as u32).0;
+                self.cells.entry(key).or_insert((p, c));
+            }
+        }
+    }
+
+    /// The cloud, sorted by voxel so equal inputs give equal bytes.
+    pub fn cloud(&self) -> PointCloud {
+        let mut entries: Vec<_> = self.cells.iter().collect();
+        entries.sort_unstable_by_key(|(k, _)| **k);
+        PointCloud {
+            points: entries.iter().map(|(_, v)| v.0).collect(),
+            colors: Some(entries.iter().map(|(_, v)| v.1).collect()),
+            confidence: None,
+            normals: None,
+        }
+    }
+}

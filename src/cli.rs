@@ -1,0 +1,682 @@
+//! Argument parsing and the subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use streamrecon::datasets::formats::{depth as depth_fmt, flo, kitti_flow, tum};
+use streamrecon::datasets::native::{NativeDataset, NativeWriter, SequenceMeta};
+use streamrecon::datasets::synth::{
+    Degrade, SceneKind, SurfaceSampler, SynthConfig, SynthWorld, TrajectoryKind,
+};
+use streamrecon::eval::depth::DepthMetricsAcc;
+use streamrecon::eval::pose::pose_metrics;
+use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
+use streamrecon::flow::metrics::FlowMetricsAcc;
+use streamrecon::flow::{colorwheel, FlowEngine};
+use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
+use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
+use streamrecon::viewer::RerunTarget;
+
+const EXAMPLES: &str = "Examples:
+  streamrecon demo                                   # synthetic sequence → full pipeline → ./demo-out/
+  streamrecon run video.mp4 --out out --save out/recording.rrd
+  streamrecon run camera:0 --connect                 # live camera into a running viewer
+  streamrecon run frames/ --stride 2 --size 640 --intrinsics 525,525,319.5,239.5 --out out
+  streamrecon synth --scene room --trajectory handheld --frames 300 --out seq
+  streamrecon flow seq --out flows --backward
+  streamrecon eval flow --gt seq/flow_fwd --pred flows
+  streamrecon eval pose --gt seq/poses.txt --pred out/trajectory.txt";
+
+#[derive(Parser)]
+#[command(name = "streamrecon", version, about = "Streaming optical flow, camera poses, depth and a growing point cloud from video, live in rerun", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline on a source: a video file, camera:N, an rtsp/http URL, an image folder or a dataset folder.
+    Run(RunArgs),
+    /// Generate a synthetic sequence, run the weights-free pipeline on it and report its accuracy.
+    Demo(DemoArgs),
+    /// Render a synthetic sequence with exact ground truth.
+    Synth(SynthArgs),
+    /// Compute optical flow for a source and write it to files.
+    Flow(FlowArgs),
+    /// Evaluate results against ground truth.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+}
+
+/// rerun's standard flags.
+#[derive(Args, Clone, Default)]
+struct RerunFlags {
+    /// Save the recording to an .rrd file (viewable while it grows).
+    #[arg(long, value_name = "FILE.rrd")]
+    save: Option<PathBuf>,
+    /// Start a rerun viewer process (needs `rerun` on PATH and a display).
+    #[arg(long)]
+    spawn: bool,
+    /// Stream to a running viewer; default URL rerun+http://127.0.0.1:9876/proxy.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "rerun+http://127.0.0.1:9876/proxy")]
+    connect: Option<String>,
+    /// Serve the recording over gRPC for viewers to connect to (loopback unless told otherwise).
+    #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:9876")]
+    serve: Option<String>,
+}
+
+impl RerunFlags {
+    fn target(&self) -> RerunTarget {
+        RerunTarget {
+            save: self.save.clone(),
+            spawn: self.spawn,
+            connect: self.connect.clone(),
+            serve: self.serve.clone(),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct SourceFlags {
+    /// Keep every K-th frame.
+    #[arg(long, default_value_t = 1, value_name = "K")]
+    stride: usize,
+    /// Skip the first N frames.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    start: usize,
+    /// Stop after N frames.
+    #[arg(long, value_name = "N")]
+    max_frames: Option<usize>,
+    /// Resize to this width in pixels, keeping the aspect ratio.
+    #[arg(long, value_name = "PX")]
+    size: Option<u32>,
+    /// Intrinsics at the original resolution (default: the dataset's, else a 60° horizontal FoV).
+    #[arg(long, value_name = "fx,fy,cx,cy", value_parser = parse_intrinsics)]
+    intrinsics: Option<(f64, f64, f64, f64)>,
+}
+
+impl SourceFlags {
+    fn options(&self) -> SourceOptions {
+        SourceOptions {
+            stride: self.stride,
+            start: self.start,
+            max_frames: self.max_frames,
+            width: self.size,
+            intrinsics: self.intrinsics,
+            gt_depth: false,
+        }
+    }
+}
+
+fn parse_intrinsics(s: &str) -> Result<(f64, f64, f64, f64), String> {
+    let v: Vec<f64> = s
+        .split(',')
+        .map(|x| {
+            x.trim()
+                .parse::<f64>()
+                .map_err(|_| format!("'{x}' is not a number"))
+        })
+        .collect::<Result<_, _>>()?;
+    match v.as_slice() {
+        [fx, fy, cx, cy] if *fx > 0.0 && *fy > 0.0 && v.iter().all(|x| x.is_finite()) => {
+            Ok((*fx, *fy, *cx, *cy))
+        }
+        _ => Err("expected fx,fy,cx,cy with positive focal lengths".into()),
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum FlowEngineName {
+    Dis,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum GeometryEngineName {
+    Flowvo,
+}
+
+#[derive(Args, Clone)]
+struct EngineFlags {
+    /// Flow engine.
+    #[arg(long, value_enum, default_value = "dis")]
+    flow: FlowEngineName,
+    /// DIS preset.
+    #[arg(long, value_enum, default_value = "fast")]
+    preset: DisPreset,
+    /// Plain two-frame DIS (no temporal prior).
+    #[arg(long)]
+    no_temporal_prior: bool,
+    /// Geometry engine.
+    #[arg(long, value_enum, default_value = "flowvo")]
+    geometry: GeometryEngineName,
+    /// Model weights (for learned engines).
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+    /// Voxel size of the fused cloud, world units.
+    #[arg(long, default_value_t = 0.01)]
+    voxel: f32,
+    /// Most points kept in the fused cloud.
+    #[arg(long, default_value_t = 2_000_000)]
+    max_points: usize,
+    /// Write a depth PNG every N frames (0 = never).
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    depth_every: u64,
+}
+
+impl EngineFlags {
+    fn pipeline_config(
+        &self,
+        out: Option<PathBuf>,
+        rerun: RerunTarget,
+        progress: bool,
+    ) -> Result<PipelineConfig> {
+        if self.weights.is_some() {
+            bail!("--weights is for learned engines; this build's engines (dis, flowvo) need none");
+        }
+        let mut config = PipelineConfig {
+            flow: FlowChoice::Dis(DisConfig {
+                preset: self.preset,
+                temporal_prior: !self.no_temporal_prior,
+                ..DisConfig::default()
+            }),
+            geometry: GeometryChoice::FlowVo(Default::default()),
+            out_dir: out,
+            rerun,
+            depth_every: self.depth_every,
+            progress,
+            ..PipelineConfig::default()
+        };
+        config.fusion.voxel = self.voxel;
+        config.fusion.max_points = self.max_points;
+        let _ = (self.flow, self.geometry);
+        Ok(config)
+    }
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Video file, camera:N, rtsp://… or http://… URL, image folder, or dataset folder.
+    source: String,
+    /// Output folder (trajectory, points, depth, COLMAP, run.json).
+    #[arg(long, default_value = "streamrecon-out")]
+    out: PathBuf,
+    #[command(flatten)]
+    source_flags: SourceFlags,
+    #[command(flatten)]
+    engines: EngineFlags,
+    #[command(flatten)]
+    rerun: RerunFlags,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Frames to generate.
+    #[arg(long, default_value_t = 150)]
+    frames: usize,
+    #[arg(long, value_enum, default_value = "handheld")]
+    trajectory: TrajectoryKind,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[command(flatten)]
+    rerun: RerunFlags,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum SynthFormat {
+    Native,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[arg(long, value_enum, default_value = "room")]
+    scene: SceneKind,
+    #[arg(long, value_enum, default_value = "smooth")]
+    trajectory: TrajectoryKind,
+    #[arg(long, default_value_t = 100)]
+    frames: usize,
+    /// Image size WxH.
+    #[arg(long, default_value = "640x480", value_parser = parse_size)]
+    size: (u32, u32),
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Degradations, e.g. noise=0.02,blur=4,exposure=0.2,fog=0.05.
+    #[arg(long, value_parser = Degrade::parse)]
+    degrade: Option<Degrade>,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "native")]
+    format: SynthFormat,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once('x').ok_or("expected WxH, e.g. 640x480")?;
+    let w: u32 = w.parse().map_err(|_| "bad width")?;
+    let h: u32 = h.parse().map_err(|_| "bad height")?;
+    if !(16..=8192).contains(&w) || !(16..=8192).contains(&h) {
+        return Err("width and height must be within 16..8192".into());
+    }
+    Ok((w, h))
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FlowFormat {
+    Flo,
+    Kitti,
+    Png,
+}
+
+#[derive(Args)]
+struct FlowArgs {
+    source: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "flo")]
+    format: FlowFormat,
+    #[arg(long, value_enum, default_value = "dis")]
+    engine: FlowEngineName,
+    #[arg(long, value_enum, default_value = "fast")]
+    preset: DisPreset,
+    /// Plain two-frame DIS (no temporal prior).
+    #[arg(long)]
+    no_temporal_prior: bool,
+    /// Also write backward flows to OUT/bwd/.
+    #[arg(long)]
+    backward: bool,
+    /// Flow magnitude of full colour saturation for --format png (default: per image maximum).
+    #[arg(long)]
+    flow_max: Option<f32>,
+    #[command(flatten)]
+    source_flags: SourceFlags,
+}
+
+#[derive(Subcommand)]
+enum EvalCommand {
+    /// Flow metrics (EPE all/noc/occ, Fl-all, 1/3/5 px) of predicted .flo files against ground truth.
+    Flow {
+        #[arg(long)]
+        gt: PathBuf,
+        #[arg(long)]
+        pred: PathBuf,
+        /// Occlusion masks (PNG, 255 = occluded) named like the flows; default GT/../occ_fwd if present.
+        #[arg(long)]
+        occ: Option<PathBuf>,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// ATE / RPE of a TUM trajectory against a TUM ground truth (matched by timestamp).
+    Pose {
+        #[arg(long)]
+        gt: PathBuf,
+        #[arg(long)]
+        pred: PathBuf,
+        #[arg(long, default_value_t = 1)]
+        delta: usize,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+}
+
+pub fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => cmd_run(a),
+        Command::Demo(a) => cmd_demo(a),
+        Command::Synth(a) => cmd_synth(a).map(|()| ExitCode::SUCCESS),
+        Command::Flow(a) => cmd_flow(a),
+        Command::Eval(e) => cmd_eval(e).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// SIGINT/SIGTERM set the flag; a second signal exits at once.
+fn install_stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without draining");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "interrupted: draining the pipeline and closing outputs (interrupt again to abort)"
+        );
+    })
+    .context("cannot install the signal handler")?;
+    Ok(stop)
+}
+
+fn print_summary(outcome: &RunOutcome, out: &Path) {
+    let s = &outcome.summary;
+    println!(
+        "{} frames processed ({} read, {} dropped, {} skipped) in {:.1} s: {:.1} fps, peak RSS {:.0} MiB",
+        s.frames_processed, s.frames_read, s.frames_dropped, s.frames_skipped, s.wall_s, s.fps, s.peak_rss_mib
+    );
+    println!(
+        "tracked {} / {} frames in {} map segment(s); median reprojection error {}; {} points",
+        s.frames_tracked,
+        s.frames_processed,
+        s.map_segments,
+        s.median_reprojection_px
+            .map_or("n/a".into(), |e| format!("{e:.2} px")),
+        s.points
+    );
+    println!("outputs: {}", out.display());
+}
+
+fn cmd_run(a: RunArgs) -> Result<ExitCode> {
+    let spec = SourceSpec::parse(&a.source)?;
+    let source = Source::open(&spec, a.source_flags.options())?;
+    let config = a
+        .engines
+        .pipeline_config(Some(a.out.clone()), a.rerun.target(), true)?;
+    let stop = install_stop_flag()?;
+    let outcome = pipeline::run(source, &config, stop)?;
+    print_summary(&outcome, &a.out);
+    if let Some(e) = outcome.error {
+        return Err(anyhow::Error::new(e)
+            .context("the run stopped early; outputs up to that point are written"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_sequence(config: SynthConfig, out: &Path) -> Result<()> {
+    let world = SynthWorld::new(config.clone());
+    let mut writer = NativeWriter::create(out, world.intrinsics)?;
+    let mut sampler = SurfaceSampler::new(0.02, 4);
+    let pb = indicatif::ProgressBar::new(config.frames as u64);
+    for f in world.frames() {
+        if f.index % 5 == 0 {
+            sampler.add(&f.view, &f.image, &world.intrinsics);
+        }
+        writer.write_frame(&f)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let meta = SequenceMeta {
+        generator: format!("streamrecon {}", env!("CARGO_PKG_VERSION")),
+        frames: config.frames,
+        fps: config.fps,
+        jump_frames: world.trajectory.jump_frames(config.frames),
+        config: serde_json::to_value(&config)?,
+    };
+    writer.finish(&sampler.cloud(), &meta)?;
+    Ok(())
+}
+
+fn cmd_synth(a: SynthArgs) -> Result<()> {
+    let SynthFormat::Native = a.format;
+    let config = SynthConfig {
+        scene: a.scene,
+        trajectory: a.trajectory,
+        frames: a.frames,
+        width: a.size.0,
+        height: a.size.1,
+        seed: a.seed,
+        degrade: a.degrade.unwrap_or_default(),
+        ..SynthConfig::default()
+    };
+    let t = std::time::Instant::now();
+    write_sequence(config, &a.out)?;
+    println!(
+        "wrote {} frames to {} in {:.1} s",
+        a.frames,
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
+    let seq = a.out.join("sequence");
+    let run_dir = a.out.join("run");
+    println!(
+        "1/3 rendering a synthetic room ({} frames, {:?} camera) into {}",
+        a.frames,
+        a.trajectory,
+        seq.display()
+    );
+    let config = SynthConfig {
+        scene: SceneKind::Room,
+        trajectory: a.trajectory,
+        frames: a.frames,
+        seed: a.seed,
+        ..SynthConfig::default()
+    };
+    write_sequence(config, &seq)?;
+    let mut rerun = a.rerun.target();
+    if !rerun.is_enabled() {
+        rerun.save = Some(a.out.join("recording.rrd"));
+    }
+    println!("2/3 running dis flow → flowvo → fusion");
+    let engines = EngineFlags {
+        flow: FlowEngineName::Dis,
+        preset: DisPreset::Fast,
+        no_temporal_prior: false,
+        geometry: GeometryEngineName::Flowvo,
+        weights: None,
+        voxel: 0.01,
+        max_points: 2_000_000,
+        depth_every: 1,
+    };
+    let config = engines.pipeline_config(Some(run_dir.clone()), rerun.clone(), true)?;
+    let source = Source::open(
+        &SourceSpec::parse(&seq.display().to_string())?,
+        SourceOptions::default(),
+    )?;
+    let stop = install_stop_flag()?;
+    let outcome = pipeline::run(source, &config, stop)?;
+    print_summary(&outcome, &run_dir);
+    println!("3/3 accuracy against the ground truth");
+    let report = accuracy_report(&seq, &run_dir, &outcome)?;
+    println!("{report}");
+    if let Some(p) = &rerun.save {
+        println!(
+            "view the recording: pip install rerun-sdk==0.36.3 && rerun {}",
+            p.display()
+        );
+    }
+    if let Some(e) = outcome.error {
+        return Err(anyhow::Error::new(e).context("the demo run stopped early"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// ATE against the dataset's poses and depth AbsRel on the written depth maps.
+fn accuracy_report(seq: &Path, run_dir: &Path, outcome: &RunOutcome) -> Result<String> {
+    let ds = NativeDataset::open(seq)?;
+    let gt: Vec<_> = outcome
+        .trajectory
+        .iter()
+        .map(|t| ds.poses[t.source_index as usize].world_from_cam)
+        .collect();
+    let est: Vec<_> = outcome
+        .trajectory
+        .iter()
+        .map(|t| t.world_from_cam)
+        .collect();
+    let pm = pose_metrics(&gt, &est, 1)?;
+    let mut acc = DepthMetricsAcc::default();
+    for t in &outcome.trajectory {
+        let p = run_dir.join("depth").join(format!("{:06}.png", t.index));
+        if !p.exists() {
+            continue;
+        }
+        let pred = depth_fmt::read_depth_png(&p, 1000.0)?;
+        let gtd = ds.depth(t.source_index as usize)?;
+        acc.add(&gtd, &pred.data, pm.scale, None);
+    }
+    let dm = acc.finish();
+    Ok(format!(
+        "  ATE RMSE {:.4} m over a {:.2} m path ({:.2} % of its length), RPE {:.4} m / {:.3}° per frame\n  depth AbsRel {:.4}, δ<1.25 {:.3} over {} confident pixels (one scale per sequence)",
+        pm.ate_rmse,
+        pm.gt_length,
+        100.0 * pm.ate_rmse_over_length,
+        pm.rpe_trans_rmse,
+        pm.rpe_rot_deg,
+        dm.abs_rel,
+        dm.delta_1_25,
+        dm.pixels
+    ))
+}
+
+fn cmd_flow(a: FlowArgs) -> Result<ExitCode> {
+    let FlowEngineName::Dis = a.engine;
+    let spec = SourceSpec::parse(&a.source)?;
+    let mut source = Source::open(&spec, a.source_flags.options())?;
+    let mut engine = DisEngine::new(DisConfig {
+        preset: a.preset,
+        temporal_prior: !a.no_temporal_prior,
+        ..DisConfig::default()
+    })?;
+    streamrecon::io_util::create_dir(&a.out)?;
+    if a.backward {
+        streamrecon::io_util::create_dir(&a.out.join("bwd"))?;
+    }
+    let stop = install_stop_flag()?;
+    let ext = match a.format {
+        FlowFormat::Flo => "flo",
+        FlowFormat::Kitti | FlowFormat::Png => "png",
+    };
+    let write = |path: &Path, f: &streamrecon::flow::FlowField| -> Result<()> {
+        match a.format {
+            FlowFormat::Flo => flo::write_flo(path, f)?,
+            FlowFormat::Kitti => kitti_flow::write_kitti_flow(path, f, None)?,
+            FlowFormat::Png => {
+                let img = colorwheel::flow_to_rgb(f, a.flow_max);
+                let bytes = streamrecon::datasets::native::rgb_png_bytes(&img);
+                streamrecon::io_util::write_bytes_atomic(path, &bytes)?;
+            }
+        }
+        Ok(())
+    };
+    let mut n = 0usize;
+    let t0 = std::time::Instant::now();
+    while !stop.load(Ordering::SeqCst) {
+        let Some(item) = source.next_item() else {
+            break;
+        };
+        let frame = match item? {
+            SourceItem::Frame(f) => f,
+            SourceItem::Skipped { what } => {
+                log::warn!("skipped a corrupt frame: {what}");
+                continue;
+            }
+        };
+        for p in engine.push(&frame)? {
+            write(&a.out.join(format!("{:06}.{ext}", p.from)), &p.fwd)?;
+            if a.backward {
+                write(
+                    &a.out.join("bwd").join(format!("{:06}.{ext}", p.to)),
+                    &p.bwd,
+                )?;
+            }
+            n += 1;
+        }
+    }
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "{n} flows written to {} ({:.1} pairs/s)",
+        a.out.display(),
+        n as f64 / dt.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_eval(e: EvalCommand) -> Result<()> {
+    match e {
+        EvalCommand::Flow { gt, pred, occ, out } => {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(&gt)
+                .with_context(|| format!("cannot list {}", gt.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "flo"))
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("no .flo files in {}", gt.display());
+            }
+            let occ_dir = occ.or_else(|| {
+                gt.parent()
+                    .map(|p| p.join("occ_fwd"))
+                    .filter(|p| p.is_dir())
+            });
+            let mut acc = FlowMetricsAcc::default();
+            let mut n = 0;
+            for g in &files {
+                let name = g.file_name().context("file name")?;
+                let p = pred.join(name);
+                if !p.exists() {
+                    continue;
+                }
+                let gf = flo::read_flo(g)?;
+                let pf = flo::read_flo(&p)?;
+                let occ_mask = match &occ_dir {
+                    Some(d) => {
+                        let op = d.join(Path::new(name).with_extension("png"));
+                        image::open(&op).ok().map(|i| {
+                            i.to_luma8()
+                                .as_raw()
+                                .iter()
+                                .map(|&v| v > 127)
+                                .collect::<Vec<bool>>()
+                        })
+                    }
+                    None => None,
+                };
+                acc.add(&gf, &pf, None, occ_mask.as_deref())
+                    .with_context(|| format!("comparing {}", p.display()))?;
+                n += 1;
+            }
+            if n == 0 {
+                bail!(
+                    "no predicted flow in {} matches a ground-truth file name",
+                    pred.display()
+                );
+            }
+            let json = serde_json::to_string_pretty(
+                &serde_json::json!({"frames": n, "metrics": acc.finish()}),
+            )?;
+            println!("{json}");
+            if let Some(o) = out {
+                streamrecon::io_util::write_bytes_atomic(&o, json.as_bytes())?;
+            }
+        }
+        EvalCommand::Pose {
+            gt,
+            pred,
+            delta,
+            out,
+        } => {
+            let g = tum::read_tum(&gt)?;
+            let p = tum::read_tum(&pred)?;
+            // Match by timestamp (nearest within 1 ms).
+            let mut gts = Vec::new();
+            let mut ests = Vec::new();
+            for e in &p {
+                let nearest = g.iter().min_by(|a, b| {
+                    (a.timestamp - e.timestamp)
+                        .abs()
+                        .total_cmp(&(b.timestamp - e.timestamp).abs())
+                });
+                if let Some(n) = nearest.filter(|n| (n.timestamp - e.timestamp).abs() < 1e-3) {
+                    gts.push(n.world_from_cam);
+                    ests.push(e.world_from_cam);
+                }
+            }
+            let m = pose_metrics(&gts, &ests, delta)?;
+            let json = serde_json::to_string_pretty(&m)?;
+            println!("{json}");
+            if let Some(o) = out {
+                streamrecon::io_util::write_bytes_atomic(&o, json.as_bytes())?;
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,5 @@
+//! Evaluation: poses (ATE/RPE after Sim(3) Umeyama), depth (AbsRel, RMSE, δ<1.25) and flow
+//! (see [`crate::flow::metrics`]).
+
+pub mod depth;
+pub mod pose;

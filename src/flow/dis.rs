@@ -1,0 +1,279 @@
+//! Engine `dis`: OpenCV's DIS optical flow made multi-frame.
+//!
+//! For each new frame t, forward flow (t−1 → t) and backward flow (t → t−1) are computed by DIS.
+//! With the temporal prior on (the default), the forward estimate starts from a constant-velocity
+//! prediction: the previous pair's backward flow at the same pixel, negated; the backward estimate
+//! starts from the new forward flow inverted by one fixed-point step. Confidence and occlusion come
+//! from forward–backward consistency. Grey images are made once per frame and kept for the next pair.
+//! (OpenCV's DIS API builds its pyramids inside `calc`, so they cannot be shared between pairs.)
+
+use opencv::core::{Mat, Scalar, Vec2f, CV_32FC2, CV_8UC1};
+use opencv::prelude::*;
+use opencv::video::DISOpticalFlow;
+use serde::{Deserialize, Serialize};
+
+use super::consistency::fb_consistency;
+use super::{FlowEngine, FlowField, PairFlow};
+use crate::error::{Error, Result};
+use crate::frame::{Frame, RgbImage};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum DisPreset {
+    Ultrafast,
+    Fast,
+    Medium,
+}
+
+impl DisPreset {
+    fn opencv(self) -> i32 {
+        match self {
+            Self::Ultrafast => opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
+            Self::Fast => opencv::video::DISOpticalFlow_PRESET_FAST,
+            Self::Medium => opencv::video::DISOpticalFlow_PRESET_MEDIUM,
+        }
+    }
+}
+
+/// Parameters of the `dis` engine (OpenCV's, plus the temporal prior switch).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DisConfig {
+    pub preset: DisPreset,
+    /// Start each estimate from the constant-velocity prediction of the previous pair.
+    pub temporal_prior: bool,
+    /// Overrides of OpenCV's preset values (None = preset's).
+    pub finest_scale: Option<i32>,
+    pub patch_size: Option<i32>,
+    pub patch_stride: Option<i32>,
+    pub gradient_descent_iterations: Option<i32>,
+    pub variational_refinement_iterations: Option<i32>,
+}
+
+impl Default for DisConfig {
+    fn default() -> Self {
+        Self {
+            preset: DisPreset::Fast,
+            temporal_prior: true,
+            finest_scale: None,
+            patch_size: None,
+            patch_stride: None,
+            gradient_descent_iterations: None,
+            variational_refinement_iterations: None,
+        }
+    }
+}
+
+struct Prev {
+    index: u64,
+    grey: Mat,
+    /// Backward flow of the pair that ended at this frame (this frame → the one before).
+    bwd: Option<FlowField>,
+}
+
+/// The `dis` engine.
+pub struct DisEngine {
+    config: DisConfig,
+    fwd: opencv::core::Ptr<DISOpticalFlow>,
+    bwd: opencv::core::Ptr<DISOpticalFlow>,
+    prev: Option<Prev>,
+    size: Option<(u32, u32)>,
+}
+
+fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
+    let mut d = DISOpticalFlow::create(c.preset.opencv())?;
+    if let Some(v) = c.finest_scale {
+        d.set_finest_scale(v)?;
+    }
+    if let Some(v) = c.patch_size {
+        d.set_patch_size(v)?;
+    }
+    if let Some(v) = c.patch_stride {
+        d.set_patch_stride(v)?;
+    }
+    if let Some(v) = c.gradient_descent_iterations {
+        d.set_gradient_descent_iterations(v)?;
+    }
+    if let Some(v) = c.variational_refinement_iterations {
+        d.set_variational_refinement_iterations(v)?;
+    }
+    Ok(d)
+}
+
+/// Luma of an RGB image as an 8-bit OpenCV matrix.
+///
+/// # Errors
+/// OpenCV allocation failure.
+pub fn grey_mat(img: &RgbImage) -> Result<Mat> {
+    let (w, h) = (img.width() as i32, img.height() as i32);
+    let mut m = Mat::new_rows_cols_with_default(h, w, CV_8UC1, Scalar::all(0.0))?;
+    let dst = m.data_bytes_mut()?;
+    for (d, p) in dst.iter_mut().zip(img.pixels()) {
+        *d = ((77 * u32::from(p[0]) + 150 * u32::from(p[1]) + 29 * u32::from(p[2]) + 128) >> 8)
+            as u8;
+    }
+    Ok(m)
+}
+
+/// Copies a flow field into a CV_32FC2 matrix.
+///
+/// # Errors
+/// OpenCV allocation failure.
+pub fn mat_from_flow(f: &FlowField) -> Result<Mat> {
+    let mut m = Mat::new_rows_cols_with_default(
+        f.height as i32,
+        f.width as i32,
+        CV_32FC2,
+        Scalar::all(0.0),
+    )?;
+    let dst = m.data_typed_mut::<Vec2f>()?;
+    for (d, s) in dst.iter_mut().zip(f.data.chunks_exact(2)) {
+        *d = Vec2f::from([s[0], s[1]]);
+    }
+    Ok(m)
+}
+
+/// Copies a CV_32FC2 matrix into a flow field.
+///
+/// # Errors
+/// The matrix is not CV_32FC2.
+pub fn flow_from_mat(m: &Mat) -> Result<FlowField> {
+    let (w, h) = (m.cols() as usize, m.rows() as usize);
+    let src = m.data_typed::<Vec2f>()?;
+    let mut data = Vec::with_capacity(w * h * 2);
+    for v in src {
+        data.push(v[0]);
+        data.push(v[1]);
+    }
+    Ok(FlowField {
+        width: w,
+        height: h,
+        data,
+    })
+}
+
+impl DisEngine {
+    /// # Errors
+    /// OpenCV cannot create the DIS instances.
+    pub fn new(config: DisConfig) -> Result<Self> {
+        Ok(Self {
+            fwd: make_dis(&config)?,
+            bwd: make_dis(&config)?,
+            config,
+            prev: None,
+            size: None,
+        })
+    }
+
+    fn calc(
+        dis: &mut opencv::core::Ptr<DISOpticalFlow>,
+        a: &Mat,
+        b: &Mat,
+        init: Option<&FlowField>,
+    ) -> Result<FlowField> {
+        // DIS starts from the input flow when it has the image's size and type (OpenCV ≥ 4.0).
+        let mut flow = match init {
+            Some(f) => mat_from_flow(f)?,
+            None => Mat::default(),
+        };
+        dis.calc(a, b, &mut flow)?;
+        flow_from_mat(&flow)
+    }
+
+    /// Flow between two grey images with optional priors, both directions.
+    fn pair(
+        &mut self,
+        a: &Mat,
+        b: &Mat,
+        fwd_init: Option<&FlowField>,
+    ) -> Result<(FlowField, FlowField)> {
+        let fwd = Self::calc(&mut self.fwd, a, b, fwd_init)?;
+        let bwd_init = self.config.temporal_prior.then(|| invert_one_step(&fwd));
+        let bwd = Self::calc(&mut self.bwd, b, a, bwd_init.as_ref())?;
+        Ok((fwd, bwd))
+    }
+}
+
+/// Constant-velocity prediction of the next forward flow from the last backward flow.
+fn predict_from_bwd(bwd: &FlowField) -> FlowField {
+    FlowField {
+        width: bwd.width,
+        height: bwd.height,
+        data: bwd.data.iter().map(|v| -v).collect(),
+    }
+}
+
+/// Approximate inverse of a flow (one fixed-point step): b(z) ≈ −f(z − f(z)).
+fn invert_one_step(f: &FlowField) -> FlowField {
+    let mut out = FlowField::zeros(f.width, f.height);
+    for y in 0..f.height {
+        for x in 0..f.width {
+            let (u, v) = f.get(x, y);
+            let (u2, v2) = f.sample(x as f32 - u, y as f32 - v).unwrap_or((u, v));
+            out.set(x, y, -u2, -v2);
+        }
+    }
+    out
+}
+
+impl FlowEngine for DisEngine {
+    fn name(&self) -> &'static str {
+        "dis"
+    }
+
+    fn push(&mut self, frame: &Frame) -> Result<Vec<PairFlow>> {
+        let size = (frame.width(), frame.height());
+        if let Some(s) = self.size {
+            if s != size {
+                return Err(Error::Flow(format!(
+                    "frame {} is {}x{}, the stream started at {}x{}",
+                    frame.index, size.0, size.1, s.0, s.1
+                )));
+            }
+        } else {
+            if size.0 < 16 || size.1 < 16 {
+                return Err(Error::Flow(format!(
+                    "frames of {}x{} are too small for DIS (16x16 at least)",
+                    size.0, size.1
+                )));
+            }
+            self.size = Some(size);
+        }
+        let grey = grey_mat(&frame.image)?;
+        let Some(prev) = self.prev.take() else {
+            self.prev = Some(Prev {
+                index: frame.index,
+                grey,
+                bwd: None,
+            });
+            return Ok(Vec::new());
+        };
+        let prior = if self.config.temporal_prior {
+            prev.bwd.as_ref().map(predict_from_bwd)
+        } else {
+            None
+        };
+        let (fwd, bwd) = self.pair(&prev.grey, &grey, prior.as_ref())?;
+        let ((fwd_conf, fwd_occ), (bwd_conf, bwd_occ)) =
+            rayon::join(|| fb_consistency(&fwd, &bwd), || fb_consistency(&bwd, &fwd));
+        let out = PairFlow {
+            from: prev.index,
+            to: frame.index,
+            fwd,
+            bwd: bwd.clone(),
+            fwd_conf,
+            bwd_conf,
+            fwd_occ,
+            bwd_occ,
+        };
+        self.prev = Some(Prev {
+            index: frame.index,
+            grey,
+            bwd: Some(bwd),
+        });
+        Ok(vec![out])
+    }
+
+    fn reset(&mut self) {
+        self.prev = None;
+        self.size = None;
+    }
+}

@@ -1,0 +1,104 @@
+//! The one `Frame` type every source produces and every stage reads.
+
+use nalgebra::{Isometry3, Matrix3};
+use serde::{Deserialize, Serialize};
+
+use crate::flow::FlowField;
+
+/// RGB u8 image, row-major HWC.
+pub type RgbImage = image::RgbImage;
+
+/// A rigid camera pose, named by the frames it maps between (`world_from_cam`, `cam_from_world`).
+pub type Pose = Isometry3<f64>;
+
+/// Pinhole intrinsics in pixels; pixel centres sit at integer coordinates.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Intrinsics {
+    pub fx: f64,
+    pub fy: f64,
+    pub cx: f64,
+    pub cy: f64,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Horizontal field of view assumed when nothing better is known.
+pub const DEFAULT_HFOV_DEG: f64 = 60.0;
+
+impl Intrinsics {
+    /// Intrinsics with a given horizontal field of view, principal point at the image centre.
+    pub fn from_hfov(width: u32, height: u32, hfov_deg: f64) -> Self {
+        let fx = 0.5 * f64::from(width) / (0.5 * hfov_deg.to_radians()).tan();
+        Self {
+            fx,
+            fy: fx,
+            cx: (f64::from(width) - 1.0) * 0.5,
+            cy: (f64::from(height) - 1.0) * 0.5,
+            width,
+            height,
+        }
+    }
+
+    /// The same camera seen at another resolution (pixel centres at integer coordinates).
+    pub fn scaled_to(&self, width: u32, height: u32) -> Self {
+        let sx = f64::from(width) / f64::from(self.width);
+        let sy = f64::from(height) / f64::from(self.height);
+        Self {
+            fx: self.fx * sx,
+            fy: self.fy * sy,
+            cx: (self.cx + 0.5) * sx - 0.5,
+            cy: (self.cy + 0.5) * sy - 0.5,
+            width,
+            height,
+        }
+    }
+
+    pub fn matrix(&self) -> Matrix3<f64> {
+        Matrix3::new(self.fx, 0.0, self.cx, 0.0, self.fy, self.cy, 0.0, 0.0, 1.0)
+    }
+
+    /// Pixel → camera point at depth `z` (OpenCV axes).
+    #[inline]
+    pub fn unproject(&self, u: f64, v: f64, z: f64) -> nalgebra::Point3<f64> {
+        nalgebra::Point3::new((u - self.cx) / self.fx * z, (v - self.cy) / self.fy * z, z)
+    }
+
+    /// Camera point → pixel; `None` behind the camera.
+    #[inline]
+    pub fn project(&self, p: &nalgebra::Point3<f64>) -> Option<(f64, f64)> {
+        (p.z > 1e-9).then(|| (self.fx * p.x / p.z + self.cx, self.fy * p.y / p.z + self.cy))
+    }
+}
+
+/// Ground truth that dataset sources carry along with a frame.
+#[derive(Debug, Clone, Default)]
+pub struct GroundTruth {
+    pub world_from_cam: Option<Pose>,
+    /// Depth in metres, row-major, 0 = no surface.
+    pub depth: Option<Vec<f32>>,
+    /// Flow from this frame to the next.
+    pub flow_fwd: Option<FlowField>,
+}
+
+/// One frame of a stream.
+#[derive(Debug, Clone)]
+pub struct Frame {
+    /// Position in the output stream (0, 1, 2, … after stride/start).
+    pub index: u64,
+    /// Position in the underlying source (file frame number, dataset frame).
+    pub source_index: u64,
+    /// Seconds since the start of the stream.
+    pub timestamp: f64,
+    pub image: RgbImage,
+    pub intrinsics: Option<Intrinsics>,
+    pub gt: Option<GroundTruth>,
+}
+
+impl Frame {
+    pub fn width(&self) -> u32 {
+        self.image.width()
+    }
+    pub fn height(&self) -> u32 {
+        self.image.height()
+    }
+}

@@ -1,0 +1,294 @@
+//! The fusion stage: one bounded world point cloud from per-frame geometry.
+//!
+//! Confident depth pixels are lifted to world points and merged into a voxel grid (confidence-
+//! weighted mean position and colour). A cap on voxels keeps memory bounded for endless streams:
+//! past it, the least useful voxels (least evidence, longest unseen) are evicted. The final cloud
+//! gets statistical outlier removal and normals, both from k-nearest neighbours (kiddo).
+
+use std::collections::HashMap;
+use std::num::NonZero;
+
+use kiddo::{ImmutableKdTree, SquaredEuclidean};
+use nalgebra::{Matrix3, SymmetricEigen, Vector3};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::cloud::PointCloud;
+use crate::frame::RgbImage;
+use crate::geometry::FrameGeometry;
+
+/// Fusion parameters.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FusionConfig {
+    /// Voxel edge, world units.
+    pub voxel: f32,
+    /// Depth pixels below this confidence are ignored.
+    pub min_confidence: f32,
+    /// Use every n-th pixel in x and y.
+    pub pixel_stride: usize,
+    /// Most voxels kept (bounded memory).
+    pub max_points: usize,
+    /// Neighbours for outlier removal and normals.
+    pub neighbours: usize,
+    /// Points farther than mean + ratio·std of neighbour distances are outliers.
+    pub outlier_std_ratio: f32,
+}
+
+impl Default for FusionConfig {
+    fn default() -> Self {
+        Self {
+            voxel: 0.01,
+            min_confidence: 0.5,
+            pixel_stride: 2,
+            max_points: 2_000_000,
+            neighbours: 16,
+            outlier_std_ratio: 2.0,
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct Voxel {
+    pos: [f32; 3],
+    color: [f32; 3],
+    weight: f32,
+    last_seen: u64,
+}
+
+/// The world cloud under construction.
+pub struct Fusion {
+    config: FusionConfig,
+    voxels: HashMap<[i32; 3], Voxel>,
+    evicted: u64,
+}
+
+/// The points a frame contributed (decimated; for live display).
+#[derive(Debug, Clone, Default)]
+pub struct FramePoints {
+    pub points: Vec<[f32; 3]>,
+    pub colors: Vec<[u8; 3]>,
+}
+
+impl Fusion {
+    pub fn new(config: FusionConfig) -> Self {
+        Self {
+            config,
+            voxels: HashMap::new(),
+            evicted: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.voxels.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.voxels.is_empty()
+    }
+
+    /// Voxels evicted so far to stay under the cap.
+    pub fn evicted(&self) -> u64 {
+        self.evicted
+    }
+
+    /// Merges a frame's confident depth into the cloud; returns its new points for display.
+    pub fn integrate(&mut self, geom: &FrameGeometry, image: &RgbImage) -> FramePoints {
+        let (Some(depth), Some(conf)) = (&geom.depth, &geom.confidence) else {
+            return FramePoints::default();
+        };
+        let intr = &geom.intrinsics;
+        let (w, h) = (intr.width as usize, intr.height as usize);
+        if depth.len() != w * h || image.width() as usize != w || image.height() as usize != h {
+            return FramePoints::default();
+        }
+        let s = self.config.pixel_stride.max(1);
+        let inv = 1.0 / self.config.voxel;
+        let mut out = FramePoints::default();
+        for y in (0..h).step_by(s) {
+            for x in (0..w).step_by(s) {
+                let i = y * w + x;
+                let (z, c) = (depth[i], conf[i]);
+                if !(z > 0.0 && z.is_finite() && c >= self.config.min_confidence) {
+                    continue;
+                }
+                let p = geom.world_from_cam * intr.unproject(x as f64, y as f64, f64::from(z));
+                let p = [p.x as f32, p.y as f32, p.z as f32];
+                let key = [
+                    (p[0] * inv).floor() as i32,
+                    (p[1] * inv).floor() as i32,
+                    (p[2] * inv).floor() as i32,
+                ];
+                let rgb = image.get_pixel(x as u32, y as u32).0;
+                let col = [f32::from(rgb[0]), f32::from(rgb[1]), f32::from(rgb[2])];
+                let v = self.voxels.entry(key).or_insert(Voxel {
+                    pos: [0.0; 3],
+                    color: [0.0; 3],
+                    weight: 0.0,
+                    last_seen: geom.index,
+                });
+                let nw = v.weight + c;
+                for k in 0..3 {
+                    v.pos[k] = (v.pos[k] * v.weight + p[k] * c) / nw;
+                    v.color[k] = (v.color[k] * v.weight + col[k] * c) / nw;
+                }
+                v.weight = nw;
+                v.last_seen = geom.index;
+                out.points.push(p);
+                out.colors.push(rgb);
+            }
+        }
+        self.enforce_cap(geom.index);
+        out
+    }
+
+    /// Evicts a tenth of the cap once it is exceeded: lowest weight, discounted by time unseen.
+    fn enforce_cap(&mut self, now: u64) {
+        let cap = self.config.max_points.max(1);
+        if self.voxels.len() <= cap {
+            return;
+        }
+        let target = cap - cap / 10;
+        let score = |v: &Voxel| v.weight / (1.0 + (now.saturating_sub(v.last_seen)) as f32 / 100.0);
+        let mut scores: Vec<f32> = self.voxels.values().map(score).collect();
+        let drop = self.voxels.len() - target;
+        let (_, &mut threshold, _) = scores.select_nth_unstable_by(drop, f32::total_cmp);
+        let before = self.voxels.len();
+        self.voxels.retain(|_, v| score(v) >= threshold);
+        // Ties at the threshold may keep a few too many; trim them arbitrarily but deterministically.
+        if self.voxels.len() > target {
+            let mut keys: Vec<[i32; 3]> = self
+                .voxels
+                .iter()
+                .filter(|(_, v)| score(v) == threshold)
+                .map(|(k, _)| *k)
+                .collect();
+            keys.sort_unstable();
+            for k in keys.into_iter().take(self.voxels.len() - target) {
+                self.voxels.remove(&k);
+            }
+        }
+        self.evicted += (before - self.voxels.len()) as u64;
+    }
+
+    /// The current cloud (sorted by voxel for deterministic output), with confidence = weight.
+    pub fn cloud(&self) -> PointCloud {
+        let mut entries: Vec<(&[i32; 3], &Voxel)> = self.voxels.iter().collect();
+        entries.sort_unstable_by_key(|(k, _)| **k);
+        PointCloud {
+            points: entries.iter().map(|(_, v)| v.pos).collect(),
+            colors: Some(
+                entries
+                    .iter()
+                    .map(|(_, v)| {
+                        [
+                            v.color[0].round() as u8,
+                            v.color[1].round() as u8,
+                            v.color[2].round() as u8,
+                        ]
+                    })
+                    .collect(),
+            ),
+            confidence: Some(entries.iter().map(|(_, v)| v.weight).collect()),
+            normals: None,
+        }
+    }
+
+    /// The final cloud: outliers removed and normals estimated.
+    pub fn finished_cloud(&self) -> PointCloud {
+        let cloud = self.cloud();
+        let cloud = remove_statistical_outliers(
+            &cloud,
+            self.config.neighbours,
+            self.config.outlier_std_ratio,
+        );
+        with_normals(cloud, self.config.neighbours)
+    }
+}
+
+/// Drops points whose mean distance to their `k` nearest neighbours exceeds mean + `std_ratio`·std.
+pub fn remove_statistical_outliers(cloud: &PointCloud, k: usize, std_ratio: f32) -> PointCloud {
+    if cloud.len() <= k + 1 {
+        return cloud.clone();
+    }
+    let mean_d = knn_mean_distances(&cloud.points, k);
+    let n = mean_d.len() as f64;
+    let mu = mean_d.iter().map(|&d| f64::from(d)).sum::<f64>() / n;
+    let var = mean_d
+        .iter()
+        .map(|&d| (f64::from(d) - mu).powi(2))
+        .sum::<f64>()
+        / (n - 1.0).max(1.0);
+    let limit = mu + f64::from(std_ratio) * var.sqrt();
+    let keep: Vec<usize> = (0..cloud.len())
+        .filter(|&i| f64::from(mean_d[i]) <= limit)
+        .collect();
+    cloud.retain_indices(&keep)
+}
+
+/// Mean Euclidean distance of each point to its `k` nearest other points.
+pub fn knn_mean_distances(points: &[[f32; 3]], k: usize) -> Vec<f32> {
+    let Ok(tree) = ImmutableKdTree::<f32, 3>::new_from_slice(points) else {
+        return vec![0.0; points.len()];
+    };
+    let kk = NonZero::new(k + 1).expect("k + 1 > 0");
+    points
+        .par_iter()
+        .map(|p| {
+            let nn = tree
+                .query(p)
+                .nearest_n::<SquaredEuclidean<f32>>(kk)
+                .execute();
+            let ds: Vec<f32> = nn.iter().skip(1).map(|r| r.distance.sqrt()).collect();
+            if ds.is_empty() {
+                0.0
+            } else {
+                ds.iter().sum::<f32>() / ds.len() as f32
+            }
+        })
+        .collect()
+}
+
+/// Estimates normals by PCA over the `k` nearest neighbours (smallest-eigenvalue direction).
+pub fn with_normals(mut cloud: PointCloud, k: usize) -> PointCloud {
+    if cloud.len() < 3 {
+        cloud.normals = Some(vec![[0.0, 0.0, 1.0]; cloud.len()]);
+        return cloud;
+    }
+    let Ok(tree) = ImmutableKdTree::<f32, 3>::new_from_slice(&cloud.points) else {
+        return cloud;
+    };
+    let kk = NonZero::new(k.min(cloud.len())).expect("k > 0");
+    let pts = &cloud.points;
+    let normals = pts
+        .par_iter()
+        .map(|p| {
+            let nn = tree
+                .query(p)
+                .nearest_n::<SquaredEuclidean<f32>>(kk)
+                .execute();
+            pca_normal(nn.iter().map(|r| pts[r.item as usize]))
+        })
+        .collect();
+    cloud.normals = Some(normals);
+    cloud
+}
+
+/// Unit normal of a neighbourhood (direction of least variance).
+pub fn pca_normal(points: impl Iterator<Item = [f32; 3]>) -> [f32; 3] {
+    let pts: Vec<Vector3<f64>> = points
+        .map(|p| Vector3::new(f64::from(p[0]), f64::from(p[1]), f64::from(p[2])))
+        .collect();
+    if pts.len() < 3 {
+        return [0.0, 0.0, 1.0];
+    }
+    let mean = pts.iter().sum::<Vector3<f64>>() / pts.len() as f64;
+    let mut cov = Matrix3::zeros();
+    for p in &pts {
+        let d = p - mean;
+        cov += d * d.transpose();
+    }
+    let eig = SymmetricEigen::new(cov);
+    let i = eig.eigenvalues.imin();
+    let n = eig.eigenvectors.column(i);
+    [n[0] as f32, n[1] as f32, n[2] as f32]
+}

@@ -1,0 +1,814 @@
+//! Engine `flowvo`: monocular visual odometry driven by the flow stage, no weights.
+//!
+//! - Tracks: one point per grid cell on textured pixels, advanced by the forward flow and killed
+//!   where the flow is unconfident or occluded.
+//! - Initialisation: once the tracks' median displacement from the segment's reference frame
+//!   exceeds a parallax threshold, essential matrix + RANSAC, pose recovery and triangulation
+//!   (OpenCV calib3d). Frames seen meanwhile are held back and posed by PnP once the map exists.
+//! - Tracking: PnP + RANSAC against the triangulated tracks; new tracks are triangulated once their
+//!   parallax suffices. Too few inliers = tracking lost: a new map segment starts at the last pose
+//!   (scale matched to the previous segment's median depth) and is reported.
+//! - Keyframes by parallax and tracked fraction; two dense flow chains map each new frame's pixels
+//!   back to the last two keyframes, and per-pixel triangulation against the older one gives depth,
+//!   with confidence from the parallax angle and the chained flow confidence.
+//!
+//! Scale is that of the first segment's initialisation, normalised to a median depth of 1.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use nalgebra::{Point3, Vector3};
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::cv;
+use super::triangulate::midpoint;
+use super::{FrameGeometry, GeometryEngine, GeometryStats};
+use crate::error::{Error, Result};
+use crate::flow::{FlowField, PairFlow};
+use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
+
+/// Parameters of `flowvo`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlowVoConfig {
+    /// Track grid cell, pixels (one track per cell).
+    pub grid_cell: usize,
+    /// Least grey-level gradient (0–255 scale) for a pixel to start a track.
+    pub min_texture: f32,
+    /// Least flow confidence for a track to survive a step.
+    pub min_track_confidence: f32,
+    /// Median track displacement (fraction of the image width) needed to initialise.
+    pub init_parallax: f64,
+    /// Frames to wait for initialisation before giving up and starting over.
+    pub max_init_frames: usize,
+    /// Fewest PnP inliers for a tracked pose.
+    pub min_inliers: usize,
+    /// RANSAC reprojection threshold, pixels.
+    pub ransac_px: f32,
+    /// Least ray angle to triangulate a track, degrees.
+    pub min_triangulation_deg: f64,
+    /// A new keyframe once the median displacement from the last exceeds this fraction of the width…
+    pub keyframe_parallax: f64,
+    /// …or fewer than this fraction of the last keyframe's mapped tracks survive.
+    pub keyframe_tracked_fraction: f64,
+    /// Ray angle at which dense depth confidence reaches 1 − 1/e, degrees.
+    pub depth_angle_deg: f64,
+    /// Median scene depth the first segment is scaled to.
+    pub initial_median_depth: f64,
+}
+
+impl Default for FlowVoConfig {
+    fn default() -> Self {
+        Self {
+            grid_cell: 16,
+            min_texture: 6.0,
+            min_track_confidence: 0.3,
+            init_parallax: 0.03,
+            max_init_frames: 60,
+            min_inliers: 30,
+            ransac_px: 1.5,
+            min_triangulation_deg: 1.0,
+            keyframe_parallax: 0.06,
+            keyframe_tracked_fraction: 0.7,
+            depth_angle_deg: 2.0,
+            initial_median_depth: 1.0,
+        }
+    }
+}
+
+struct Track {
+    x: f32,
+    y: f32,
+    point: Option<Point3<f64>>,
+    /// Recent observations (frame, x, y), oldest first.
+    obs: VecDeque<(u64, f32, f32)>,
+    /// Mapped when the current keyframe was chosen.
+    mapped_at_keyframe: bool,
+}
+
+/// Dense map from the current frame's pixels to a keyframe's pixels, with chained confidence.
+struct Chain {
+    key: u64,
+    map: FlowField,
+    conf: Vec<f32>,
+}
+
+impl Chain {
+    fn new(key: u64, w: usize, h: usize) -> Self {
+        Self {
+            key,
+            map: FlowField::zeros(w, h),
+            conf: vec![1.0; w * h],
+        }
+    }
+
+    /// Extends the chain by one frame with the backward flow (t → t−1) and its confidence.
+    fn advance(&mut self, bwd: &FlowField, bwd_conf: &[f32]) {
+        let (w, h) = (bwd.width, bwd.height);
+        let mut map = FlowField::zeros(w, h);
+        let mut conf = vec![0.0f32; w * h];
+        let old = &self.map;
+        let old_conf = &self.conf;
+        map.data
+            .par_chunks_mut(2 * w)
+            .zip(conf.par_chunks_mut(w))
+            .enumerate()
+            .for_each(|(y, (mr, cr))| {
+                for x in 0..w {
+                    let (bu, bv) = bwd.get(x, y);
+                    let (px, py) = (x as f32 + bu, y as f32 + bv);
+                    if let (Some((ou, ov)), Some(oc)) = (
+                        old.sample(px, py),
+                        crate::flow::bilinear1(old_conf, w, h, px, py),
+                    ) {
+                        mr[2 * x] = bu + ou;
+                        mr[2 * x + 1] = bv + ov;
+                        cr[x] = bwd_conf[y * w + x] * oc;
+                    }
+                }
+            });
+        self.map = map;
+        self.conf = conf;
+    }
+
+    fn median_displacement(&self) -> f64 {
+        let mut m: Vec<f32> = self
+            .map
+            .data
+            .chunks_exact(2)
+            .zip(&self.conf)
+            .filter(|(_, c)| **c > 0.3)
+            .step_by(7)
+            .map(|(d, _)| (d[0] * d[0] + d[1] * d[1]).sqrt())
+            .collect();
+        if m.is_empty() {
+            return 0.0;
+        }
+        let mid = m.len() / 2;
+        let (_, v, _) = m.select_nth_unstable_by(mid, f32::total_cmp);
+        f64::from(*v)
+    }
+}
+
+struct Pending {
+    index: u64,
+    timestamp: f64,
+}
+
+enum Phase {
+    Initializing {
+        reference: u64,
+        pending: Vec<Pending>,
+    },
+    Tracking,
+}
+
+/// The `flowvo` engine.
+pub struct FlowVo {
+    config: FlowVoConfig,
+    intrinsics: Option<Intrinsics>,
+    tracks: Vec<Track>,
+    /// world_from_cam of recent frames.
+    poses: BTreeMap<u64, Pose>,
+    phase: Phase,
+    /// Where the current segment's reference camera sits in the world.
+    segment_origin: Pose,
+    segment: u32,
+    /// Median depth of the last map, to match the scale of the next segment.
+    median_depth: f64,
+    chain_old: Option<Chain>,
+    chain_new: Option<Chain>,
+    last_index: Option<u64>,
+    started: bool,
+    /// Mapped tracks when the last keyframe was chosen.
+    keyframe_base: usize,
+}
+
+fn grey_and_gradient(img: &RgbImage) -> (Vec<f32>, Vec<f32>) {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let grey: Vec<f32> = img
+        .pixels()
+        .map(|p| 0.299 * f32::from(p[0]) + 0.587 * f32::from(p[1]) + 0.114 * f32::from(p[2]))
+        .collect();
+    let mut grad = vec![0.0f32; w * h];
+    for y in 1..h.saturating_sub(1) {
+        for x in 1..w.saturating_sub(1) {
+            let gx = 0.5 * (grey[y * w + x + 1] - grey[y * w + x - 1]);
+            let gy = 0.5 * (grey[(y + 1) * w + x] - grey[(y - 1) * w + x]);
+            grad[y * w + x] = (gx * gx + gy * gy).sqrt();
+        }
+    }
+    (grey, grad)
+}
+
+fn median(v: &mut [f64]) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let mid = v.len() / 2;
+    let (_, m, _) = v.select_nth_unstable_by(mid, f64::total_cmp);
+    Some(*m)
+}
+
+impl FlowVo {
+    pub fn new(config: FlowVoConfig) -> Self {
+        let median_depth = config.initial_median_depth;
+        Self {
+            config,
+            intrinsics: None,
+            tracks: Vec::new(),
+            poses: BTreeMap::new(),
+            phase: Phase::Tracking,
+            segment_origin: Pose::identity(),
+            segment: 0,
+            median_depth,
+            chain_old: None,
+            chain_new: None,
+            last_index: None,
+            started: false,
+            keyframe_base: 0,
+        }
+    }
+
+    fn k(&self) -> Intrinsics {
+        self.intrinsics
+            .expect("intrinsics are set at the first frame")
+    }
+
+    /// Starts tracks in empty grid cells at their most textured pixel.
+    fn spawn_tracks(&mut self, frame: &Frame) {
+        let (w, h) = (frame.width() as usize, frame.height() as usize);
+        let cell = self.config.grid_cell.max(4);
+        let (cw, ch) = (w.div_ceil(cell), h.div_ceil(cell));
+        let mut occupied = vec![false; cw * ch];
+        for t in &self.tracks {
+            let (cx, cy) = (
+                (t.x as usize / cell).min(cw - 1),
+                (t.y as usize / cell).min(ch - 1),
+            );
+            occupied[cy * cw + cx] = true;
+        }
+        let (_, grad) = grey_and_gradient(&frame.image);
+        let margin = 4;
+        for cy in 0..ch {
+            for cx in 0..cw {
+                if occupied[cy * cw + cx] {
+                    continue;
+                }
+                let mut best = (self.config.min_texture, None);
+                for y in (cy * cell).max(margin)..((cy + 1) * cell).min(h - margin) {
+                    for x in (cx * cell).max(margin)..((cx + 1) * cell).min(w - margin) {
+                        if grad[y * w + x] > best.0 {
+                            best = (grad[y * w + x], Some((x, y)));
+                        }
+                    }
+                }
+                if let (_, Some((x, y))) = best {
+                    let mut obs = VecDeque::new();
+                    obs.push_back((frame.index, x as f32, y as f32));
+                    self.tracks.push(Track {
+                        x: x as f32,
+                        y: y as f32,
+                        point: None,
+                        obs,
+                        mapped_at_keyframe: false,
+                    });
+                }
+            }
+        }
+    }
+
+    /// Moves tracks along the forward flow of the pair ending at `index`.
+    fn advance_tracks(&mut self, flow: &PairFlow, index: u64) {
+        let (w, h) = (flow.fwd.width, flow.fwd.height);
+        let keep_obs = self.config.max_init_frames + 2;
+        let min_conf = self.config.min_track_confidence;
+        self.tracks.retain_mut(|t| {
+            let Some((u, v)) = flow.fwd.sample(t.x, t.y) else {
+                return false;
+            };
+            let (xi, yi) = (
+                (t.x.round() as usize).min(w - 1),
+                (t.y.round() as usize).min(h - 1),
+            );
+            let i = yi * w + xi;
+            if flow.fwd_occ[i] || flow.fwd_conf[i] < min_conf {
+                return false;
+            }
+            let (nx, ny) = (t.x + u, t.y + v);
+            if !(nx >= 1.0 && ny >= 1.0 && nx <= (w - 2) as f32 && ny <= (h - 2) as f32) {
+                return false;
+            }
+            t.x = nx;
+            t.y = ny;
+            t.obs.push_back((index, nx, ny));
+            while t.obs.len() > keep_obs {
+                t.obs.pop_front();
+            }
+            true
+        });
+        // Tracks that converge onto the same spot carry no new information.
+        let cell = (self.config.grid_cell / 2).max(2) as f32;
+        let mut seen = std::collections::HashSet::new();
+        self.tracks
+            .retain(|t| seen.insert(((t.x / cell) as i32, (t.y / cell) as i32)));
+    }
+
+    fn bearing(k: &Intrinsics, x: f64, y: f64) -> Vector3<f64> {
+        Vector3::new((x - k.cx) / k.fx, (y - k.cy) / k.fy, 1.0)
+    }
+
+    /// Triangulates a pixel pair seen from two world_from_cam poses; checks reprojection.
+    fn triangulate(
+        k: &Intrinsics,
+        pa: &Pose,
+        xa: (f32, f32),
+        pb: &Pose,
+        xb: (f32, f32),
+        max_px: f64,
+    ) -> Option<(Point3<f64>, f64)> {
+        let oa = Point3::from(pa.translation.vector);
+        let ob = Point3::from(pb.translation.vector);
+        let da = pa.rotation * Self::bearing(k, f64::from(xa.0), f64::from(xa.1));
+        let db = pb.rotation * Self::bearing(k, f64::from(xb.0), f64::from(xb.1));
+        let (p, angle) = midpoint(&oa, &da, &ob, &db)?;
+        for (pose, x) in [(pa, xa), (pb, xb)] {
+            let pc = pose.inverse_transform_point(&p);
+            let (u, v) = k.project(&pc)?;
+            if (u - f64::from(x.0)).hypot(v - f64::from(x.1)) > max_px {
+                return None;
+            }
+        }
+        Some((p, angle))
+    }
+
+    fn try_initialise(&mut self, reference: u64, index: u64) -> Result<bool> {
+        let k = self.k();
+        let mut idx = Vec::new();
+        let mut a = Vec::new();
+        let mut b = Vec::new();
+        for (i, t) in self.tracks.iter().enumerate() {
+            if let Some(&(f, x, y)) = t.obs.front() {
+                if f == reference {
+                    idx.push(i);
+                    a.push((x, y));
+                    b.push((t.x, t.y));
+                }
+            }
+        }
+        if a.len() < self.config.min_inliers * 2 {
+            return Ok(false);
+        }
+        let mut disp: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(p, q)| f64::from((p.0 - q.0).hypot(p.1 - q.1)))
+            .collect();
+        let md = median(&mut disp).unwrap_or(0.0);
+        if md < self.config.init_parallax * f64::from(k.width) {
+            return Ok(false);
+        }
+        let Some((cur_from_ref, inliers)) =
+            cv::relative_pose(&a, &b, &k, f64::from(self.config.ransac_px))?
+        else {
+            return Ok(false);
+        };
+        let ref_pose = Pose::identity();
+        let cur_pose = cur_from_ref.inverse();
+        let min_angle = self.config.min_triangulation_deg.to_radians();
+        let mut points = Vec::new();
+        for (j, &ti) in idx.iter().enumerate() {
+            if !inliers[j] {
+                continue;
+            }
+            if let Some((p, ang)) = Self::triangulate(
+                &k,
+                &ref_pose,
+                a[j],
+                &cur_pose,
+                b[j],
+                2.0 * f64::from(self.config.ransac_px),
+            ) {
+                if ang >= min_angle * 0.5 {
+                    points.push((ti, p));
+                }
+            }
+        }
+        if points.len() < self.config.min_inliers * 2 || points.len() * 2 < idx.len() {
+            return Ok(false);
+        }
+        let mut depths: Vec<f64> = points.iter().map(|(_, p)| p.z).collect();
+        let md = median(&mut depths).unwrap_or(1.0).max(1e-9);
+        let s = self.median_depth / md;
+        let origin = self.segment_origin;
+        let scale_pose = |p: &Pose| Pose::from_parts((p.translation.vector * s).into(), p.rotation);
+        for (ti, p) in points {
+            self.tracks[ti].point = Some(origin * Point3::from(p.coords * s));
+        }
+        self.poses.insert(reference, origin);
+        self.poses.insert(index, origin * scale_pose(&cur_pose));
+        log::info!(
+            "flowvo: map segment {} initialised at frame {index} (reference {reference})",
+            self.segment
+        );
+        Ok(true)
+    }
+
+    /// Pose of frame `f` by PnP against mapped tracks' observations at `f`.
+    fn pose_by_pnp(&self, f: u64, guess: Option<&Pose>) -> Result<Option<(Pose, Vec<f64>, usize)>> {
+        let k = self.k();
+        let mut world = Vec::new();
+        let mut px = Vec::new();
+        let mut which = Vec::new();
+        for (i, t) in self.tracks.iter().enumerate() {
+            let Some(p) = t.point else { continue };
+            let obs = if f == self.last_index.unwrap_or(u64::MAX) {
+                Some((t.x, t.y))
+            } else {
+                t.obs.iter().find(|o| o.0 == f).map(|o| (o.1, o.2))
+            };
+            if let Some(o) = obs {
+                world.push(p);
+                px.push(o);
+                which.push(i);
+            }
+        }
+        let guess_cfw = guess.map(Pose::inverse);
+        let Some((cam_from_world, inl)) =
+            cv::pnp_ransac(&world, &px, &k, guess_cfw.as_ref(), self.config.ransac_px)?
+        else {
+            return Ok(None);
+        };
+        if inl.len() < self.config.min_inliers {
+            return Ok(None);
+        }
+        let errs: Vec<f64> = inl
+            .iter()
+            .filter_map(|&j| {
+                let pc = cam_from_world * world[j];
+                k.project(&pc)
+                    .map(|(u, v)| (u - f64::from(px[j].0)).hypot(v - f64::from(px[j].1)))
+            })
+            .collect();
+        Ok(Some((cam_from_world.inverse(), errs, inl.len())))
+    }
+
+    fn triangulate_new_tracks(&mut self, index: u64) {
+        let k = self.k();
+        let Some(cur) = self.poses.get(&index).copied() else {
+            return;
+        };
+        let min_angle = self.config.min_triangulation_deg.to_radians();
+        let max_px = 2.0 * f64::from(self.config.ransac_px);
+        for t in &mut self.tracks {
+            if t.point.is_some() {
+                continue;
+            }
+            // The oldest observation with a known pose gives the widest baseline.
+            let Some(&(f, x, y)) = t.obs.iter().find(|o| self.poses.contains_key(&o.0)) else {
+                continue;
+            };
+            if f == index {
+                continue;
+            }
+            let pf = self.poses[&f];
+            if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, (t.x, t.y), max_px) {
+                if ang >= min_angle {
+                    t.point = Some(p);
+                }
+            }
+        }
+    }
+
+    /// Dense depth of the current frame by triangulating each pixel against the chain's keyframe.
+    fn dense_depth(&self, index: u64, chain: &Chain) -> Option<(Vec<f32>, Vec<f32>)> {
+        let k = self.k();
+        let cur = *self.poses.get(&index)?;
+        let key = *self.poses.get(&chain.key)?;
+        if chain.key == index {
+            return None;
+        }
+        let (w, h) = (k.width as usize, k.height as usize);
+        let mut depth = vec![0.0f32; w * h];
+        let mut conf = vec![0.0f32; w * h];
+        let theta0 = self.config.depth_angle_deg.to_radians();
+        let oc = Point3::from(cur.translation.vector);
+        let ok = Point3::from(key.translation.vector);
+        let cam_from_world = cur.inverse();
+        depth
+            .par_chunks_mut(w)
+            .zip(conf.par_chunks_mut(w))
+            .enumerate()
+            .for_each(|(y, (dr, cr))| {
+                for x in 0..w {
+                    let c = chain.conf[y * w + x];
+                    if c <= 0.05 {
+                        continue;
+                    }
+                    let (u, v) = chain.map.get(x, y);
+                    let dc = cur.rotation * Self::bearing(&k, x as f64, y as f64);
+                    let dk = key.rotation
+                        * Self::bearing(&k, x as f64 + f64::from(u), y as f64 + f64::from(v));
+                    let Some((p, ang)) = midpoint(&oc, &dc, &ok, &dk) else {
+                        continue;
+                    };
+                    let z = (cam_from_world * p).z;
+                    if z <= 0.0 {
+                        continue;
+                    }
+                    dr[x] = z as f32;
+                    cr[x] = (f64::from(c) * (1.0 - (-(ang / theta0).powi(2)).exp())) as f32;
+                }
+            });
+        Some((depth, conf))
+    }
+
+    fn lose_tracking(&mut self, frame: &Frame) {
+        let last = self
+            .poses
+            .values()
+            .next_back()
+            .copied()
+            .unwrap_or(self.segment_origin);
+        self.segment += 1;
+        self.segment_origin = last;
+        log::warn!(
+            "flowvo: tracking lost at frame {}; starting map segment {}",
+            frame.index,
+            self.segment
+        );
+        self.start_segment(frame);
+    }
+
+    fn start_segment(&mut self, frame: &Frame) {
+        self.tracks.clear();
+        self.poses.clear();
+        let (w, h) = (frame.width() as usize, frame.height() as usize);
+        self.chain_old = Some(Chain::new(frame.index, w, h));
+        self.chain_new = None;
+        self.phase = Phase::Initializing {
+            reference: frame.index,
+            pending: vec![Pending {
+                index: frame.index,
+                timestamp: frame.timestamp,
+            }],
+        };
+        self.spawn_tracks(frame);
+    }
+
+    fn geometry(
+        &self,
+        index: u64,
+        timestamp: f64,
+        pose: Pose,
+        stats: GeometryStats,
+        depth: Option<(Vec<f32>, Vec<f32>)>,
+    ) -> FrameGeometry {
+        let (depth, confidence) = depth.map_or((None, None), |(d, c)| (Some(d), Some(c)));
+        FrameGeometry {
+            index,
+            timestamp,
+            world_from_cam: pose,
+            intrinsics: self.k(),
+            depth,
+            confidence,
+            stats,
+        }
+    }
+
+    fn prune_poses(&mut self) {
+        let oldest_needed = self
+            .tracks
+            .iter()
+            .filter_map(|t| t.obs.front().map(|o| o.0))
+            .chain(self.chain_old.as_ref().map(|c| c.key))
+            .chain(self.chain_new.as_ref().map(|c| c.key))
+            .min();
+        if let Some(m) = oldest_needed {
+            let last = self.last_index.unwrap_or(0);
+            self.poses.retain(|&f, _| f >= m || f + 2 >= last);
+        }
+    }
+
+    fn track_frame(&mut self, frame: &Frame) -> Result<Vec<FrameGeometry>> {
+        let index = frame.index;
+        let guess = self.poses.values().next_back().copied();
+        let Some((pose, mut errs, n)) = self.pose_by_pnp(index, guess.as_ref())? else {
+            self.lose_tracking(frame);
+            return Ok(Vec::new());
+        };
+        self.poses.insert(index, pose);
+        self.triangulate_new_tracks(index);
+        let k = self.k();
+        let mapped_now = self.tracks.iter().filter(|t| t.mapped_at_keyframe).count();
+        let lost_fraction = 1.0 - mapped_now as f64 / self.keyframe_base.max(1) as f64;
+        let disp = self
+            .chain_new
+            .as_ref()
+            .map_or(f64::INFINITY, Chain::median_displacement);
+        let is_keyframe = disp > self.config.keyframe_parallax * f64::from(k.width)
+            || lost_fraction > 1.0 - self.config.keyframe_tracked_fraction;
+        let depth = self
+            .chain_old
+            .as_ref()
+            .and_then(|c| self.dense_depth(index, c));
+        if is_keyframe {
+            self.spawn_tracks(frame);
+            let (w, h) = (frame.width() as usize, frame.height() as usize);
+            if let Some(newer) = self.chain_new.take() {
+                self.chain_old = Some(newer);
+            }
+            self.chain_new = Some(Chain::new(index, w, h));
+            self.mark_keyframe_tracks();
+        }
+        self.prune_poses();
+        let stats = GeometryStats {
+            tracked: true,
+            keyframe: is_keyframe,
+            segment: self.segment,
+            tracked_points: n,
+            reprojection_median_px: median(&mut errs),
+        };
+        Ok(vec![self.geometry(
+            index,
+            frame.timestamp,
+            pose,
+            stats,
+            depth,
+        )])
+    }
+}
+
+impl FlowVo {
+    fn mark_keyframe_tracks(&mut self) {
+        for t in &mut self.tracks {
+            t.mapped_at_keyframe = t.point.is_some();
+        }
+        self.keyframe_base = self.tracks.iter().filter(|t| t.point.is_some()).count();
+    }
+
+    /// Emits the frames held back during initialisation, with the segment origin as pose.
+    fn release_untracked(&self, pending: Vec<Pending>) -> Vec<FrameGeometry> {
+        let stats = GeometryStats {
+            tracked: false,
+            segment: self.segment,
+            ..GeometryStats::default()
+        };
+        pending
+            .into_iter()
+            .map(|p| self.geometry(p.index, p.timestamp, self.segment_origin, stats, None))
+            .collect()
+    }
+
+    /// After a successful initialisation: poses for the held-back frames, depth for the last.
+    fn release_initialised(
+        &mut self,
+        pending: Vec<Pending>,
+        frame: &Frame,
+    ) -> Result<Vec<FrameGeometry>> {
+        let mut out = Vec::with_capacity(pending.len());
+        let mut last_pose = self.segment_origin;
+        for p in &pending {
+            let (pose, stats) = if let Some(pose) = self.poses.get(&p.index).copied() {
+                (
+                    pose,
+                    GeometryStats {
+                        tracked: true,
+                        keyframe: true,
+                        segment: self.segment,
+                        ..GeometryStats::default()
+                    },
+                )
+            } else if let Some((pose, mut errs, n)) = self.pose_by_pnp(p.index, Some(&last_pose))? {
+                self.poses.insert(p.index, pose);
+                let stats = GeometryStats {
+                    tracked: true,
+                    keyframe: false,
+                    segment: self.segment,
+                    tracked_points: n,
+                    reprojection_median_px: median(&mut errs),
+                };
+                (pose, stats)
+            } else {
+                (
+                    last_pose,
+                    GeometryStats {
+                        tracked: false,
+                        segment: self.segment,
+                        ..GeometryStats::default()
+                    },
+                )
+            };
+            last_pose = pose;
+            out.push((p.index, p.timestamp, pose, stats));
+        }
+        self.triangulate_new_tracks(frame.index);
+        let depth = self
+            .chain_old
+            .as_ref()
+            .and_then(|c| self.dense_depth(frame.index, c));
+        let (w, h) = (frame.width() as usize, frame.height() as usize);
+        self.chain_new = Some(Chain::new(frame.index, w, h));
+        self.spawn_tracks(frame);
+        self.mark_keyframe_tracks();
+        let n = out.len();
+        let mut depth = Some(depth);
+        Ok(out
+            .into_iter()
+            .enumerate()
+            .map(|(i, (idx, ts, pose, stats))| {
+                let d = if i + 1 == n {
+                    depth.take().flatten()
+                } else {
+                    None
+                };
+                self.geometry(idx, ts, pose, stats, d)
+            })
+            .collect())
+    }
+}
+
+impl GeometryEngine for FlowVo {
+    fn name(&self) -> &'static str {
+        "flowvo"
+    }
+
+    fn push(&mut self, frame: &Frame, flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
+        let (w, h) = (frame.width(), frame.height());
+        let k = *self.intrinsics.get_or_insert_with(|| {
+            frame
+                .intrinsics
+                .unwrap_or_else(|| Intrinsics::from_hfov(w, h, crate::frame::DEFAULT_HFOV_DEG))
+        });
+        if (k.width, k.height) != (w, h) {
+            return Err(Error::Geometry(format!(
+                "frame {} is {w}x{h}, the stream started at {}x{}",
+                frame.index, k.width, k.height
+            )));
+        }
+        if !self.started {
+            self.started = true;
+            self.last_index = Some(frame.index);
+            self.start_segment(frame);
+            return Ok(Vec::new());
+        }
+        let connected = flow.filter(|f| f.to == frame.index && Some(f.from) == self.last_index);
+        self.last_index = Some(frame.index);
+        let Some(flow) = connected else {
+            // No flow links this frame to the last one: nothing to track with.
+            let mut out = Vec::new();
+            if let Phase::Initializing { pending, .. } =
+                std::mem::replace(&mut self.phase, Phase::Tracking)
+            {
+                out = self.release_untracked(pending);
+            }
+            self.lose_tracking(frame);
+            return Ok(out);
+        };
+        self.advance_tracks(flow, frame.index);
+        for c in [self.chain_old.as_mut(), self.chain_new.as_mut()]
+            .into_iter()
+            .flatten()
+        {
+            c.advance(&flow.bwd, &flow.bwd_conf);
+        }
+        match std::mem::replace(&mut self.phase, Phase::Tracking) {
+            Phase::Initializing {
+                reference,
+                mut pending,
+            } => {
+                pending.push(Pending {
+                    index: frame.index,
+                    timestamp: frame.timestamp,
+                });
+                if self.try_initialise(reference, frame.index)? {
+                    return self.release_initialised(pending, frame);
+                }
+                if pending.len() > self.config.max_init_frames {
+                    pending.pop();
+                    let out = self.release_untracked(pending);
+                    log::warn!(
+                        "flowvo: no initialisation within {} frames; restarting at frame {}",
+                        self.config.max_init_frames,
+                        frame.index
+                    );
+                    self.start_segment(frame);
+                    return Ok(out);
+                }
+                self.phase = Phase::Initializing { reference, pending };
+                Ok(Vec::new())
+            }
+            Phase::Tracking => self.track_frame(frame),
+        }
+    }
+
+    fn flush(&mut self) -> Result<Vec<FrameGeometry>> {
+        match std::mem::replace(&mut self.phase, Phase::Tracking) {
+            Phase::Initializing { pending, .. } => Ok(self.release_untracked(pending)),
+            Phase::Tracking => Ok(Vec::new()),
+        }
+    }
+
+    fn segments(&self) -> u32 {
+        self.segment + 1
+    }
+}

@@ -1,0 +1,70 @@
+//! The geometry stage: per-frame camera pose, intrinsics, depth and confidence.
+//!
+//! Engines: `flowvo` (classical monocular VO driven by the flow stage, no weights). The learned
+//! `vggt` engine fills the same [`FrameGeometry`] contract.
+
+mod cv;
+pub mod flowvo;
+pub mod triangulate;
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::flow::PairFlow;
+use crate::frame::{Frame, Intrinsics, Pose};
+
+/// What a geometry engine says about one frame.
+#[derive(Debug, Clone)]
+pub struct FrameGeometry {
+    pub index: u64,
+    pub timestamp: f64,
+    pub world_from_cam: Pose,
+    /// Intrinsics at the resolution the engine worked at (= the frame's here).
+    pub intrinsics: Intrinsics,
+    /// Depth (camera z, engine units), row-major at `intrinsics` size, 0 = unknown.
+    pub depth: Option<Vec<f32>>,
+    /// Per-pixel confidence in [0, 1] of `depth`.
+    pub confidence: Option<Vec<f32>>,
+    pub stats: GeometryStats,
+}
+
+/// Per-frame tracking facts, reported in `run.json` and rerun plots.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct GeometryStats {
+    /// Whether the pose comes from tracking (false: carried over while tracking was lost).
+    pub tracked: bool,
+    pub keyframe: bool,
+    /// Map segment: increments at every re-initialisation.
+    pub segment: u32,
+    /// 3D points used for the pose.
+    pub tracked_points: usize,
+    /// Median reprojection error of the pose's inliers, pixels.
+    pub reprojection_median_px: Option<f64>,
+}
+
+impl FrameGeometry {
+    pub fn cam_from_world(&self) -> Pose {
+        self.world_from_cam.inverse()
+    }
+}
+
+/// A geometry engine over a stream of frames and their flows.
+pub trait GeometryEngine: Send {
+    fn name(&self) -> &'static str;
+
+    /// Adds frame t and the flow pair (t−1, t) when there is one; returns the frames whose geometry
+    /// is now known, oldest first (an engine may hold frames back while it initialises).
+    ///
+    /// # Errors
+    /// An engine failure (tracking loss is not an error: it is reported in [`GeometryStats`]).
+    fn push(&mut self, frame: &Frame, flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>>;
+
+    /// End of stream: the frames still held back.
+    ///
+    /// # Errors
+    /// An engine failure.
+    fn flush(&mut self) -> Result<Vec<FrameGeometry>>;
+
+    /// Number of map segments started so far (re-initialisations + 1).
+    fn segments(&self) -> u32;
+}

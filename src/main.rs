@@ -1,0 +1,18 @@
+//! The `streamrecon` command line.
+
+mod cli;
+
+fn main() -> std::process::ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
+        .format_timestamp(None)
+        .format_target(false)
+        .init();
+    match cli::main() {
+        Ok(code) => code,
+        Err(e) => {
+            // One line per cause, outermost first.
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! The pipeline: source → flow → geometry → fusion + sinks, one named thread per heavy stage,
+//! joined by bounded channels.
+//!
+//! Live sources drop the oldest pending frame when the flow stage falls behind (latest wins) and
+//! count the drops; offline sources block instead and never drop. Setting the stop flag (SIGINT /
+//! SIGTERM) stops reading; frames in flight drain through every stage and every output is closed
+//! properly. A stage error stops the source the same way, so nothing already produced is lost.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use serde::Serialize;
+
+use crate::cloud::PointCloud;
+use crate::error::{Error, Result};
+use crate::flow::dis::{DisConfig, DisEngine};
+use crate::flow::{colorwheel, FlowEngine, PairFlow};
+use crate::frame::{Frame, Intrinsics, RgbImage};
+use crate::fusion::{Fusion, FusionConfig};
+use crate::geometry::flowvo::{FlowVo, FlowVoConfig};
+use crate::geometry::{FrameGeometry, GeometryEngine, GeometryStats};
+use crate::sinks::files::{IntrinsicsReport, RunOutputs};
+use crate::source::{Source, SourceItem};
+use crate::stats::{peak_rss_mib, rss_mib, Timing, TimingSummary};
+use crate::viewer::{self, paths, FrameLog, RerunTarget};
+
+/// Flow engines.
+#[derive(Debug, Clone, Serialize)]
+pub enum FlowChoice {
+    Dis(DisConfig),
+}
+
+/// Geometry engines.
+#[derive(Debug, Clone, Serialize)]
+pub enum GeometryChoice {
+    FlowVo(FlowVoConfig),
+}
+
+/// Everything a run needs besides its source.
+#[derive(Debug, Clone, Serialize)]
+pub struct PipelineConfig {
+    pub flow: FlowChoice,
+    pub geometry: GeometryChoice,
+    pub fusion: FusionConfig,
+    pub out_dir: Option<PathBuf>,
+    #[serde(skip)]
+    pub rerun: RerunTarget,
+    /// Write a depth PNG every n-th frame (0 = never).
+    pub depth_every: u64,
+    /// Frames between stages.
+    pub channel_capacity: usize,
+    pub progress: bool,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            flow: FlowChoice::Dis(DisConfig::default()),
+            geometry: GeometryChoice::FlowVo(FlowVoConfig::default()),
+            fusion: FusionConfig::default(),
+            out_dir: None,
+            rerun: RerunTarget::default(),
+            depth_every: 1,
+            channel_capacity: 4,
+            progress: false,
+        }
+    }
+}
+
+/// Counts and timings of a finished run (the body of `run.json`).
+#[derive(Debug, Clone, Serialize)]
+pub struct RunSummary {
+    pub source: String,
+    pub live: bool,
+    pub frames_read: u64,
+    pub frames_processed: u64,
+    pub frames_dropped: u64,
+    pub frames_skipped: u64,
+    pub interrupted: bool,
+    pub wall_s: f64,
+    pub fps: f64,
+    pub peak_rss_mib: f64,
+    pub stages: HashMap<&'static str, TimingSummary>,
+    pub map_segments: u32,
+    pub frames_tracked: u64,
+    pub points: usize,
+    pub points_evicted: u64,
+    pub median_reprojection_px: Option<f64>,
+    pub median_tracked_points: Option<usize>,
+    pub error: Option<String>,
+    pub config: serde_json::Value,
+}
+
+/// The outcome of a run: the summary always, the stage error if one stopped it.
+pub struct RunOutcome {
+    pub summary: RunSummary,
+    pub error: Option<Error>,
+    /// The world cloud as written to `points.ply`.
+    pub cloud: PointCloud,
+    /// Per-frame (index, source index, timestamp, world_from_cam, stats), in order.
+    pub trajectory: Vec<TrajectoryEntry>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct TrajectoryEntry {
+    pub index: u64,
+    pub source_index: u64,
+    pub timestamp: f64,
+    pub world_from_cam: crate::frame::Pose,
+    pub stats: GeometryStats,
+}
+
+struct SourceMsg {
+    frame: Frame,
+    read_at: Instant,
+}
+
+struct FlowMsg {
+    frame: Frame,
+    read_at: Instant,
+    flow: Option<PairFlow>,
+    flow_ms: f64,
+}
+
+struct Result3 {
+    frame: Frame,
+    read_at: Instant,
+    geometry: FrameGeometry,
+    flow_rgb: Option<RgbImage>,
+    flow_ms: f64,
+    geometry_ms: f64,
+}
+
+fn make_flow(choice: &FlowChoice) -> Result<Box<dyn FlowEngine>> {
+    Ok(match choice {
+        FlowChoice::Dis(c) => Box::new(DisEngine::new(c.clone())?),
+    })
+}
+
+fn make_geometry(choice: &GeometryChoice) -> Box<dyn GeometryEngine> {
+    match choice {
+        GeometryChoice::FlowVo(c) => Box::new(FlowVo::new(c.clone())),
+    }
+}
+
+/// Keeps the first error any stage reports.
+#[derive(Clone, Default)]
+struct ErrorSlot(Arc<Mutex<Option<Error>>>);
+
+impl ErrorSlot {
+    fn set(&self, e: Error) {
+        if let Ok(mut g) = self.0.lock() {
+            g.get_or_insert(e);
+        }
+    }
+    fn take(&self) -> Option<Error> {
+        self.0.lock().ok().and_then(|mut g| g.take())
+    }
+}
+
+fn spawn<T: Send + 'static>(
+    name: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<std::thread::JoinHandle<T>> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|e| Error::Invalid(format!("cannot start thread {name}: {e}")))
+}
+
+/// Runs a source through the whole pipeline until it ends or `stop` is set.
+///
+/// # Errors
+/// Setting up the engines, the viewer or the output folder fails. Errors during the run are
+/// returned inside [`RunOutcome`] after every output has been written.
+pub fn run(
+    mut source: Source,
+    config: &PipelineConfig,
+    stop: Arc<AtomicBool>,
+) -> Result<RunOutcome> {
+    let started = Instant::now();
+    let mut flow_engine = make_flow(&config.flow)?;
+    let mut geo_engine = make_geometry(&config.geometry);
+    let mut outputs = match &config.out_dir {
+        Some(d) => Some(RunOutputs::create(d, config.depth_every)?),
+        None => None,
+    };
+    let mut viewer = viewer::open(&config.rerun, "streamrecon")?;
+    let want_flow_rgb = viewer.is_some();
+    let live = source.is_live();
+    let source_name = source.name().to_string();
+    let total = source.len_hint();
+    let errors = ErrorSlot::default();
+    let read = Arc::new(AtomicU64::new(0));
+    let dropped = Arc::new(AtomicU64::new(0));
+    let skipped = Arc::new(AtomicU64::new(0));
+    let cap = config.channel_capacity.max(1);
+    let (tx1, rx1): (Sender<SourceMsg>, Receiver<SourceMsg>) = bounded(cap);
+    let (tx2, rx2) = bounded::<FlowMsg>(cap);
+    let (tx3, rx3) = bounded::<Result3>(cap);
+    let original_k = Arc::new(Mutex::new(None::<(Intrinsics, &'static str)>));
+
+    let src_thread = {
+        let (stop, errors, read, dropped, skipped, original_k) = (
+            stop.clone(),
+            errors.clone(),
+            read.clone(),
+            dropped.clone(),
+            skipped.clone(),
+            original_k.clone(),
+        );
+        let rx1_drop = rx1.clone();
+        spawn("source", move || {
+            while !stop.load(Ordering::SeqCst) {
+                let Some(item) = source.next_item() else {
+                    break;
+                };
+                match item {
+                    Ok(SourceItem::Frame(frame)) => {
+                        read.fetch_add(1, Ordering::Relaxed);
+                        if let Ok(mut k) = original_k.lock() {
+                            if k.is_none() {
+                                *k = source
+                                    .original_intrinsics()
+                                    .map(|i| (i, source.intrinsics_origin()));
+                            }
+                        }
+                        let mut msg = SourceMsg {
+                            frame: *frame,
+                            read_at: Instant::now(),
+                        };
+                        if live {
+                            // Latest wins: make room by discarding the oldest pending frame.
+                            loop {
+                                match tx1.try_send(msg) {
+                                    Ok(()) => break,
+                                    Err(TrySendError::Full(m)) => {
+                                        if rx1_drop.try_recv().is_ok() {
+                                            dropped.fetch_add(1, Ordering::Relaxed);
+                                        }
+                                        msg = m;
+                                    }
+                                    Err(TrySendError::Disconnected(_)) => return,
+                                }
+                            }
+                        } else if tx1.send(msg).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(SourceItem::Skipped { what }) => {
+                        log::warn!("skipped a corrupt frame: {what}");
+                        skipped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => {
+                        errors.set(e);
+                        break;
+                    }
+                }
+            }
+        })?
+    };
+
+    let flow_thread = {
+        let (errors, stop) = (errors.clone(), stop.clone());
+        spawn("flow", move || {
+            for msg in &rx1 {
+                let t0 = Instant::now();
+                match flow_engine.push(&msg.frame) {
+                    Ok(mut pairs) => {
+                        let flow = pairs.pop();
+                        let m = FlowMsg {
+                            frame: msg.frame,
+                            read_at: msg.read_at,
+                            flow,
+                            flow_ms: t0.elapsed().as_secs_f64() * 1e3,
+                        };
+                        if tx2.send(m).is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        errors.set(e);
+                        stop.store(true, Ordering::SeqCst);
+                        // Keep draining so the source thread can finish.
+                    }
+                }
+            }
+        })?
+    };
+
+    let geometry_thread = {
+        let (errors, stop) = (errors.clone(), stop.clone());
+        spawn("geometry", move || {
+            // Frames the engine holds back (initialisation), by index.
+            let mut waiting: HashMap<u64, (Frame, Instant, Option<RgbImage>, f64, f64)> =
+                HashMap::new();
+            let emit =
+                |geos: Vec<FrameGeometry>, waiting: &mut HashMap<u64, _>, geo_ms: f64| -> bool {
+                    for g in geos {
+                        let Some((frame, read_at, flow_rgb, flow_ms, _)) = waiting.remove(&g.index)
+                        else {
+                            continue;
+                        };
+                        let r = Result3 {
+                            frame,
+                            read_at,
+                            geometry: g,
+                            flow_rgb,
+                            flow_ms,
+                            geometry_ms: geo_ms,
+                        };
+                        if tx3.send(r).is_err() {
+                            return false;
+                        }
+                    }
+                    true
+                };
+            for msg in &rx2 {
+                let t0 = Instant::now();
+                let flow_rgb = if want_flow_rgb {
+                    msg.flow
+                        .as_ref()
+                        .map(|p| colorwheel::flow_to_rgb(&p.bwd, None))
+                } else {
+                    None
+                };
+                let res = geo_engine.push(&msg.frame, msg.flow.as_ref());
+                let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
+                waiting.insert(
+                    msg.frame.index,
+                    (msg.frame, msg.read_at, flow_rgb, msg.flow_ms, geo_ms),
+                );
+                match res {
+                    Ok(geos) => {
+                        if !emit(geos, &mut waiting, geo_ms) {
+                            return geo_engine.segments();
+                        }
+                    }
+                    Err(e) => {
+                        errors.set(e);
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            }
+            match geo_engine.flush() {
+                Ok(geos) => {
+                    emit(geos, &mut waiting, 0.0);
+                }
+                Err(e) => errors.set(e),
+            }
+            geo_engine.segments()
+        })?
+    };
+
+    // Fusion and sinks on this thread.
+    let mut fusion = Fusion::new(config.fusion.clone());
+    let mut timings: HashMap<&'static str, Timing> = HashMap::new();
+    let mut trajectory = Vec::new();
+    let mut processed = 0u64;
+    let mut model_k = None;
+    let mut reproj: Vec<f64> = Vec::new();
+    let mut tracked_counts: Vec<usize> = Vec::new();
+    let progress = config.progress.then(|| make_progress(total));
+    let mut sink_error: Option<Error> = None;
+    let mut last_tick = Instant::now();
+    let mut frames_since_tick = 0u64;
+    for r in &rx3 {
+        let t0 = Instant::now();
+        let g = &r.geometry;
+        model_k.get_or_insert(g.intrinsics);
+        let pts = fusion.integrate(g, &r.frame.image);
+        let fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        // Depth shown and written only where it is confident (0 = unknown).
+        let depth: Option<Vec<f32>> = match (&g.depth, &g.confidence) {
+            (Some(d), Some(c)) => Some(
+                d.iter()
+                    .zip(c)
+                    .map(|(&d, &c)| {
+                        if c >= config.fusion.min_confidence {
+                            d
+                        } else {
+                            0.0
+                        }
+                    })
+                    .collect(),
+            ),
+            (Some(d), None) => Some(d.clone()),
+            _ => None,
+        };
+        if sink_error.is_none() {
+            if let Some(v) = viewer.as_mut() {
+                // Decimate what the viewer gets per frame.
+                let step = (pts.points.len() / 20_000).max(1);
+                let p: Vec<[f32; 3]> = pts.points.iter().step_by(step).copied().collect();
+                let c: Vec<[u8; 3]> = pts.colors.iter().step_by(step).copied().collect();
+                let log = FrameLog {
+                    index: g.index,
+                    timestamp: g.timestamp,
+                    cam_from_world: g.cam_from_world(),
+                    intrinsics: &g.intrinsics,
+                    image: &r.frame.image,
+                    depth: depth.as_deref(),
+                    flow_rgb: r.flow_rgb.as_ref(),
+                    points: &p,
+                    colors: &c,
+                };
+                let res = v.log_frame(&log).and_then(|()| {
+                    let lat = r.read_at.elapsed().as_secs_f64() * 1e3;
+                    v.log_scalar(paths::PLOT_LATENCY, lat)?;
+                    v.log_scalar(paths::PLOT_MEMORY, rss_mib())?;
+                    v.log_scalar(paths::PLOT_TRACKED, g.stats.tracked_points as f64)
+                });
+                if let Err(e) = res {
+                    sink_error = Some(e);
+                }
+            }
+            if let Some(o) = outputs.as_mut() {
+                let depth = depth.as_deref().map(|d| (d, &g.intrinsics));
+                if let Err(e) = o.add_frame(g.index, g.timestamp, g.world_from_cam, depth) {
+                    sink_error = Some(e);
+                }
+            }
+            if sink_error.is_some() {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+        let sink_ms = t1.elapsed().as_secs_f64() * 1e3;
+        timings.entry("flow").or_default().add(r.flow_ms);
+        timings.entry("geometry").or_default().add(r.geometry_ms);
+        timings.entry("fusion").or_default().add(fusion_ms);
+        timings.entry("sinks").or_default().add(sink_ms);
+        timings
+            .entry("end_to_end")
+            .or_default()
+            .add(r.read_at.elapsed().as_secs_f64() * 1e3);
+        if let Some(e) = g.stats.reprojection_median_px {
+            reproj.push(e);
+        }
+        if g.stats.tracked {
+            tracked_counts.push(g.stats.tracked_points);
+        }
+        trajectory.push(TrajectoryEntry {
+            index: g.index,
+            source_index: r.frame.source_index,
+            timestamp: g.timestamp,
+            world_from_cam: g.world_from_cam,
+            stats: g.stats,
+        });
+        processed += 1;
+        frames_since_tick += 1;
+        let dt = last_tick.elapsed();
+        if dt >= Duration::from_millis(500) {
+            let fps = frames_since_tick as f64 / dt.as_secs_f64();
+            if let Some(v) = viewer.as_ref() {
+                let _ = v.log_scalar(paths::PLOT_FPS, fps);
+            }
+            if let Some(p) = &progress {
+                p.set_message(format!(
+                    "{fps:.1} fps, {:.0} MiB, {} points, dropped {}",
+                    rss_mib(),
+                    fusion.len(),
+                    dropped.load(Ordering::Relaxed)
+                ));
+            }
+            last_tick = Instant::now();
+            frames_since_tick = 0;
+        }
+        if let Some(p) = &progress {
+            p.set_position(processed);
+        }
+    }
+    let _ = src_thread.join();
+    let _ = flow_thread.join();
+    let segments = geometry_thread.join().unwrap_or(0);
+    if let Some(p) = &progress {
+        p.finish_and_clear();
+    }
+    let stage_error = errors.take();
+    let error = stage_error.or(sink_error);
+    let t_cloud = Instant::now();
+    let cloud = fusion.finished_cloud();
+    log::debug!(
+        "final cloud: {} points in {:.0} ms",
+        cloud.len(),
+        t_cloud.elapsed().as_secs_f64() * 1e3
+    );
+    let wall = started.elapsed().as_secs_f64();
+    let median = |v: &mut Vec<f64>| {
+        if v.is_empty() {
+            None
+        } else {
+            v.sort_by(f64::total_cmp);
+            Some(v[v.len() / 2])
+        }
+    };
+    tracked_counts.sort_unstable();
+    let summary = RunSummary {
+        source: source_name,
+        live,
+        frames_read: read.load(Ordering::Relaxed),
+        frames_processed: processed,
+        frames_dropped: dropped.load(Ordering::Relaxed),
+        frames_skipped: skipped.load(Ordering::Relaxed),
+        interrupted: stop.load(Ordering::SeqCst) && error.is_none(),
+        wall_s: wall,
+        fps: if wall > 0.0 {
+            processed as f64 / wall
+        } else {
+            0.0
+        },
+        peak_rss_mib: peak_rss_mib(),
+        stages: timings.iter().map(|(k, v)| (*k, v.summary())).collect(),
+        map_segments: segments,
+        frames_tracked: trajectory.iter().filter(|t| t.stats.tracked).count() as u64,
+        points: cloud.len(),
+        points_evicted: fusion.evicted(),
+        median_reprojection_px: median(&mut reproj),
+        median_tracked_points: tracked_counts.get(tracked_counts.len() / 2).copied(),
+        error: error.as_ref().map(ToString::to_string),
+        config: serde_json::to_value(config).unwrap_or_default(),
+    };
+    let mut finish_error = None;
+    if let Some(v) = viewer.as_mut() {
+        if let Err(e) = v.finish() {
+            finish_error = Some(e);
+        }
+    }
+    if let Some(o) = &outputs {
+        let original = original_k.lock().ok().and_then(|k| *k);
+        let report = model_k.map(|m| IntrinsicsReport {
+            original: original.map_or(m, |o| o.0),
+            model: m,
+            origin: original.map_or("default 60° horizontal FoV", |o| o.1),
+        });
+        if let Err(e) = o.finish(&cloud, report.as_ref(), &summary) {
+            finish_error.get_or_insert(e);
+        }
+    }
+    Ok(RunOutcome {
+        summary,
+        error: error.or(finish_error),
+        cloud,
+        trajectory,
+    })
+}
+
+fn make_progress(total: Option<usize>) -> indicatif::ProgressBar {
+    let pb = match total {
+        Some(n) => indicatif::ProgressBar::new(n as u64).with_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} frames  eta {eta}  {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        ),
+        None => indicatif::ProgressBar::new_spinner().with_style(
+            indicatif::ProgressStyle::with_template("{spinner} {pos} frames  {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        ),
+    };
+    pb.enable_steady_tick(Duration::from_millis(200));
+    pb
+}

@@ -1,0 +1,200 @@
+//! File outputs of a run, each written to a temporary name and renamed when complete:
+//! `trajectory.txt` (TUM, world_from_cam), `poses_kitti.txt`, `points.ply`, `colmap/` (text model),
+//! `depth/<frame>.png` (16-bit mm), `intrinsics.json` and `run.json`.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use crate::cloud::PointCloud;
+use crate::datasets::formats::{depth, ply, tum};
+use crate::error::{Error, Result};
+use crate::frame::{Intrinsics, Pose};
+use crate::io_util::{create_dir, write_atomic, write_bytes_atomic};
+
+/// Intrinsics reported for both resolutions.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct IntrinsicsReport {
+    /// At the resolution the source delivered.
+    pub original: Intrinsics,
+    /// At the resolution the geometry engine worked at.
+    pub model: Intrinsics,
+    /// Where the values came from: "user", "dataset" or "default 60° horizontal FoV".
+    pub origin: &'static str,
+}
+
+struct Posed {
+    index: u64,
+    timestamp: f64,
+    world_from_cam: Pose,
+}
+
+/// Collects a run's outputs and writes them.
+pub struct RunOutputs {
+    dir: PathBuf,
+    depth_every: u64,
+    poses: Vec<Posed>,
+}
+
+impl RunOutputs {
+    /// Creates the output folder and checks it is writable.
+    ///
+    /// # Errors
+    /// The folder cannot be created or written.
+    pub fn create(dir: &Path, depth_every: u64) -> Result<Self> {
+        create_dir(dir)?;
+        if depth_every > 0 {
+            create_dir(&dir.join("depth"))?;
+        }
+        // Fail now, not after an hour of processing.
+        let probe = dir.join(".streamrecon-write-test");
+        std::fs::write(&probe, b"ok").map_err(|e| Error::io(dir, e))?;
+        let _ = std::fs::remove_file(&probe);
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            depth_every,
+            poses: Vec::new(),
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Records a frame's pose and writes its depth PNG (every `depth_every` frames).
+    ///
+    /// # Errors
+    /// The depth file cannot be written.
+    pub fn add_frame(
+        &mut self,
+        index: u64,
+        timestamp: f64,
+        world_from_cam: Pose,
+        depth_m: Option<(&[f32], &Intrinsics)>,
+    ) -> Result<()> {
+        self.poses.push(Posed {
+            index,
+            timestamp,
+            world_from_cam,
+        });
+        if let Some((d, k)) = depth_m {
+            if self.depth_every > 0 && index % self.depth_every == 0 {
+                let p = self.dir.join("depth").join(format!("{index:06}.png"));
+                depth::write_depth_png(&p, k.width as usize, k.height as usize, d)?;
+            }
+        }
+        Ok(())
+    }
+
+    pub fn frames(&self) -> usize {
+        self.poses.len()
+    }
+
+    fn stamped(&self) -> Vec<tum::StampedPose> {
+        self.poses
+            .iter()
+            .map(|p| tum::StampedPose {
+                timestamp: p.timestamp,
+                world_from_cam: p.world_from_cam,
+            })
+            .collect()
+    }
+
+    /// Writes every file that summarises the run.
+    ///
+    /// # Errors
+    /// Any file that cannot be written (the others are still attempted; the first error is returned).
+    pub fn finish(
+        &self,
+        cloud: &PointCloud,
+        intrinsics: Option<&IntrinsicsReport>,
+        run_json: &impl Serialize,
+    ) -> Result<()> {
+        let stamped = self.stamped();
+        let mut first_err = None;
+        let mut note = |r: Result<()>| {
+            if let Err(e) = r {
+                log::error!("{e}");
+                first_err.get_or_insert(e);
+            }
+        };
+        note(tum::write_tum(&self.dir.join("trajectory.txt"), &stamped));
+        note(write_bytes_atomic(
+            &self.dir.join("poses_kitti.txt"),
+            tum::kitti_poses_to_string(&stamped).as_bytes(),
+        ));
+        note(ply::write_ply(&self.dir.join("points.ply"), cloud));
+        if let Some(k) = intrinsics {
+            note(
+                serde_json::to_vec_pretty(k)
+                    .map_err(|e| Error::Invalid(e.to_string()))
+                    .and_then(|j| write_bytes_atomic(&self.dir.join("intrinsics.json"), &j)),
+            );
+            note(self.write_colmap(cloud, &k.model));
+        }
+        note(
+            serde_json::to_vec_pretty(run_json)
+                .map_err(|e| Error::Invalid(e.to_string()))
+                .and_then(|j| write_bytes_atomic(&self.dir.join("run.json"), &j)),
+        );
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// COLMAP text model: one PINHOLE camera, one image per frame, the fused points (no tracks).
+    fn write_colmap(&self, cloud: &PointCloud, k: &Intrinsics) -> Result<()> {
+        let dir = self.dir.join("colmap");
+        create_dir(&dir)?;
+        // COLMAP puts pixel centres at +0.5.
+        let cameras = format!(
+            "# Camera list with one line of data per camera:\n#   CAMERA_ID, MODEL, WIDTH, HEIGHT, PARAMS[]\n1 PINHOLE {} {} {} {} {} {}\n",
+            k.width,
+            k.height,
+            k.fx,
+            k.fy,
+            k.cx + 0.5,
+            k.cy + 0.5
+        );
+        write_bytes_atomic(&dir.join("cameras.txt"), cameras.as_bytes())?;
+        let mut images = String::from(
+            "# Image list with two lines of data per image:\n#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n#   POINTS2D[] as (X, Y, POINT3D_ID)\n",
+        );
+        for (i, p) in self.poses.iter().enumerate() {
+            let cfw = p.world_from_cam.inverse();
+            let q = cfw.rotation.coords;
+            let t = cfw.translation.vector;
+            let _ = writeln!(
+                images,
+                "{} {} {} {} {} {} {} {} 1 {:06}.png\n",
+                i + 1,
+                q.w,
+                q.x,
+                q.y,
+                q.z,
+                t.x,
+                t.y,
+                t.z,
+                p.index
+            );
+        }
+        write_bytes_atomic(&dir.join("images.txt"), images.as_bytes())?;
+        write_atomic(&dir.join("points3D.txt"), |w| {
+            writeln!(w, "# 3D point list with one line of data per point:\n#   POINT3D_ID, X, Y, Z, R, G, B, ERROR, TRACK[] as (IMAGE_ID, POINT2D_IDX)")?;
+            for (i, p) in cloud.points.iter().enumerate() {
+                let c = cloud.colors.as_ref().map_or([128, 128, 128], |c| c[i]);
+                writeln!(
+                    w,
+                    "{} {} {} {} {} {} {} 0",
+                    i + 1,
+                    p[0],
+                    p[1],
+                    p[2],
+                    c[0],
+                    c[1],
+                    c[2]
+                )?;
+            }
+            Ok(())
+        })
+    }
+}

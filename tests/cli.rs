@@ -1,0 +1,333 @@
+//! The `streamrecon` binary end to end: outputs, interruption, bad input, the .rrd.
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use streamrecon::datasets::formats::{ply, tum};
+use streamrecon::datasets::synth::TrajectoryKind;
+
+fn check_outputs(out: &Path, frames: usize) -> serde_json::Value {
+    let traj = tum::read_tum(&out.join("trajectory.txt")).expect("trajectory.txt parses");
+    assert_eq!(traj.len(), frames, "one pose per processed frame");
+    ply::read_ply(&out.join("points.ply")).expect("points.ply parses");
+    for f in [
+        "colmap/cameras.txt",
+        "colmap/images.txt",
+        "colmap/points3D.txt",
+        "poses_kitti.txt",
+    ] {
+        assert!(out.join(f).is_file(), "{f} written");
+    }
+    let kitti = std::fs::read_to_string(out.join("poses_kitti.txt")).unwrap();
+    assert_eq!(kitti.lines().count(), frames);
+    let intr: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("intrinsics.json")).unwrap()).unwrap();
+    assert!(
+        intr["original"]["fx"].as_f64().unwrap() > 0.0
+            && intr["model"]["width"].as_u64().unwrap() > 0
+    );
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["frames_processed"].as_u64().unwrap() as usize, frames);
+    // No temporary file is left behind.
+    for e in walk(out) {
+        assert!(
+            !e.to_string_lossy().ends_with(".partial"),
+            "left a partial file: {}",
+            e.display()
+        );
+    }
+    run
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+fn rerun_cli() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("STREAMRECON_RERUN_BIN") {
+        return Some(p.into());
+    }
+    let found = std::process::Command::new("rerun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some("rerun".into());
+    }
+    assert!(
+        std::env::var("STREAMRECON_REQUIRE_RERUN_CLI").is_err(),
+        "rerun CLI required but not found (scripts/test installs rerun-sdk==0.36.3)"
+    );
+    None
+}
+
+#[test]
+fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        common::synth_config(TrajectoryKind::Smooth, 40, 320, 240, 1),
+    );
+    let out = dir.path().join("out");
+    let rrd = out.join("rec.rrd");
+    let o = common::bin()
+        .args([
+            "run",
+            seq.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--save",
+            rrd.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run = check_outputs(&out, 40);
+    assert!(run["frames_tracked"].as_u64().unwrap() >= 30, "{run}");
+    assert!(
+        std::fs::read_dir(out.join("depth")).unwrap().count() > 10,
+        "depth maps written"
+    );
+    let Some(rerun) = rerun_cli() else {
+        println!("rerun CLI not installed: .rrd content not checked");
+        return;
+    };
+    let p = std::process::Command::new(rerun)
+        .args(["rrd", "print", "--verbose"])
+        .arg(&rrd)
+        .output()
+        .unwrap();
+    assert!(
+        p.status.success(),
+        "rerun rrd print failed: {}",
+        String::from_utf8_lossy(&p.stderr)
+    );
+    let text = String::from_utf8_lossy(&p.stdout).to_string() + &String::from_utf8_lossy(&p.stderr);
+    for entity in [
+        "/world/camera",
+        "/world/camera/image",
+        "/world/camera/image/rgb",
+        "/world/camera/image/depth",
+        "/world/camera/image/flow",
+        "/world/points",
+        "/world/trajectory",
+        "/plot/latency_ms",
+        "/plot/memory_mb",
+    ] {
+        assert!(
+            text.contains(entity),
+            "entity {entity} missing from the recording"
+        );
+    }
+}
+
+#[test]
+fn sigint_mid_stream_drains_and_leaves_complete_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        common::synth_config(TrajectoryKind::Smooth, 300, 160, 120, 4),
+    );
+    let out = dir.path().join("out");
+    let mut child = common::bin()
+        .args([
+            "run",
+            seq.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--save",
+            out.join("rec.rrd").to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    while std::fs::read_dir(out.join("depth")).map_or(0, Iterator::count) < 20 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(60),
+            "run made no progress"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let st = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let o = child.wait_with_output().unwrap();
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let n = run["frames_processed"].as_u64().unwrap() as usize;
+    assert!(n < 300, "stopped early ({n} frames)");
+    assert_eq!(run["interrupted"], true);
+    check_outputs(&out, n);
+}
+
+fn run_err(args: &[&str]) -> String {
+    let o = common::bin().args(args).output().unwrap();
+    assert!(!o.status.success(), "expected failure for {args:?}");
+    let e = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(!e.contains("panicked"), "panic for {args:?}: {e}");
+    e
+}
+
+#[test]
+fn bad_sources_get_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let o = out.to_str().unwrap();
+    let missing = dir.path().join("nope.mp4");
+    let e = run_err(&["run", missing.to_str().unwrap(), "--out", o]);
+    assert!(e.contains("nope.mp4"), "{e}");
+    let empty = dir.path().join("empty.mp4");
+    std::fs::write(&empty, b"").unwrap();
+    let e = run_err(&["run", empty.to_str().unwrap(), "--out", o]);
+    assert!(e.contains("empty.mp4"), "{e}");
+    let garbage = dir.path().join("garbage.avi");
+    std::fs::write(&garbage, vec![7u8; 4096]).unwrap();
+    let e = run_err(&["run", garbage.to_str().unwrap(), "--out", o]);
+    assert!(e.contains("garbage.avi"), "{e}");
+    let e = run_err(&["run", "camera:97", "--out", o]);
+    assert!(e.contains("camera:97"), "{e}");
+    let empty_dir = dir.path().join("nothing");
+    std::fs::create_dir(&empty_dir).unwrap();
+    let e = run_err(&["run", empty_dir.to_str().unwrap(), "--out", o]);
+    assert!(e.contains("nothing"), "{e}");
+}
+
+#[test]
+fn unwritable_output_folder_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        common::synth_config(TrajectoryKind::Smooth, 3, 64, 48, 1),
+    );
+    let blocker = dir.path().join("a-file");
+    std::fs::write(&blocker, b"x").unwrap();
+    let out = blocker.join("out");
+    let e = run_err(&["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert!(e.contains("a-file"), "{e}");
+}
+
+fn image_folder(dir: &Path, frames: usize) -> std::path::PathBuf {
+    let seq = dir.join("seq");
+    common::write_sequence(
+        &seq,
+        common::synth_config(TrajectoryKind::Smooth, frames, 160, 120, 8),
+    );
+    let imgs = dir.join("imgs");
+    std::fs::create_dir(&imgs).unwrap();
+    for i in 0..frames {
+        std::fs::copy(
+            seq.join(format!("rgb/{i:06}.png")),
+            imgs.join(format!("{i:06}.png")),
+        )
+        .unwrap();
+    }
+    imgs
+}
+
+#[test]
+fn corrupt_image_in_a_folder_is_skipped_and_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = image_folder(dir.path(), 12);
+    std::fs::write(imgs.join("000005.png"), b"\x89PNG\r\n\x1a\n truncated").unwrap();
+    let out = dir.path().join("out");
+    let o = common::bin()
+        .args([
+            "run",
+            imgs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("000005.png"));
+    let run = check_outputs(&out, 11);
+    assert_eq!(run["frames_skipped"], 1);
+}
+
+#[test]
+fn frame_size_change_mid_stream_stops_with_an_error_and_keeps_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = image_folder(dir.path(), 10);
+    image::RgbImage::new(100, 80)
+        .save(imgs.join("000006.png"))
+        .unwrap();
+    let out = dir.path().join("out");
+    let e = run_err(&[
+        "run",
+        imgs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(e.contains("100x80") && e.contains("imgs"), "{e}");
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let n = run["frames_processed"].as_u64().unwrap() as usize;
+    assert!(n >= 1, "frames before the change are kept");
+    check_outputs(&out, n);
+}
+
+#[test]
+fn video_files_are_read_with_stride_and_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = image_folder(dir.path(), 24);
+    let video = dir.path().join("clip.avi");
+    let st = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-framerate", "30", "-i"])
+        .arg(imgs.join("%06d.png"))
+        .args(["-c:v", "mjpeg", "-q:v", "3"])
+        .arg(&video)
+        .status();
+    let Ok(st) = st else {
+        println!("ffmpeg not installed: video test skipped");
+        return;
+    };
+    assert!(st.success());
+    let out = dir.path().join("out");
+    let o = common::bin()
+        .args([
+            "run",
+            video.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--stride",
+            "2",
+            "--size",
+            "80",
+            "--max-frames",
+            "10",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    check_outputs(&out, 10);
+    let intr: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("intrinsics.json")).unwrap()).unwrap();
+    assert_eq!(intr["original"]["width"], 160);
+    assert_eq!(intr["model"]["width"], 80);
+}

@@ -1,0 +1,100 @@
+//! The weights-free geometry engine on synthetic sequences.
+
+mod common;
+
+use streamrecon::datasets::synth::{SynthWorld, TrajectoryKind};
+use streamrecon::eval::depth::DepthMetricsAcc;
+use streamrecon::eval::pose::pose_metrics;
+use streamrecon::flow::dis::{DisConfig, DisEngine};
+use streamrecon::flow::FlowEngine;
+use streamrecon::frame::Frame;
+use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
+use streamrecon::geometry::GeometryEngine;
+
+struct Run {
+    ate_over_length: f64,
+    abs_rel: f64,
+    reproj: f64,
+    tracked: usize,
+    frames: usize,
+    segments: u32,
+}
+
+fn run(kind: TrajectoryKind, frames: usize, seed: u64) -> Run {
+    let world = SynthWorld::new(common::synth_config(kind, frames, 320, 240, seed));
+    let mut flow = DisEngine::new(DisConfig::default()).unwrap();
+    let mut vo = FlowVo::new(FlowVoConfig::default());
+    let mut gt_depth = std::collections::HashMap::new();
+    let mut out = Vec::new();
+    for f in world.frames() {
+        let frame = Frame {
+            index: f.index as u64,
+            source_index: f.index as u64,
+            timestamp: f.timestamp,
+            image: f.image.clone(),
+            intrinsics: Some(world.intrinsics),
+            gt: None,
+        };
+        gt_depth.insert(f.index as u64, f.view.depth.clone());
+        let pairs = flow.push(&frame).unwrap();
+        out.extend(vo.push(&frame, pairs.last()).unwrap());
+    }
+    out.extend(vo.flush().unwrap());
+    assert_eq!(out.len(), frames, "one geometry per frame");
+    let gt: Vec<_> = out
+        .iter()
+        .map(|g| world.world_from_cam(g.index as usize))
+        .collect();
+    let est: Vec<_> = out.iter().map(|g| g.world_from_cam).collect();
+    let pm = pose_metrics(&gt, &est, 1).unwrap();
+    let mut acc = DepthMetricsAcc::default();
+    for g in &out {
+        if let (Some(d), Some(c)) = (&g.depth, &g.confidence) {
+            let mask: Vec<bool> = c.iter().map(|&c| c >= 0.5).collect();
+            acc.add(&gt_depth[&g.index], d, pm.scale, Some(&mask));
+        }
+    }
+    let mut reproj: Vec<f64> = out
+        .iter()
+        .filter_map(|g| g.stats.reprojection_median_px)
+        .collect();
+    reproj.sort_by(f64::total_cmp);
+    Run {
+        ate_over_length: pm.ate_rmse_over_length,
+        abs_rel: acc.finish().abs_rel,
+        reproj: reproj.get(reproj.len() / 2).copied().unwrap_or(f64::NAN),
+        tracked: out.iter().filter(|g| g.stats.tracked).count(),
+        frames,
+        segments: vo.segments(),
+    }
+}
+
+#[test]
+fn flowvo_tracks_a_smooth_sequence() {
+    let r = run(TrajectoryKind::Smooth, 90, 3);
+    println!(
+        "smooth: ATE/length {:.4}, depth AbsRel {:.4}, median reprojection {:.3} px, tracked {}/{}, segments {}",
+        r.ate_over_length, r.abs_rel, r.reproj, r.tracked, r.frames, r.segments
+    );
+    assert!(r.tracked >= r.frames * 9 / 10);
+    assert!(
+        r.ate_over_length < 0.02,
+        "ATE {:.4} of the path length",
+        r.ate_over_length
+    );
+    assert!(r.abs_rel < 0.08, "depth AbsRel {}", r.abs_rel);
+    assert!(r.reproj < 1.0, "reprojection {}", r.reproj);
+}
+
+#[test]
+fn flowvo_survives_jumps_and_reports_new_segments() {
+    let r = run(TrajectoryKind::Jumpy, 130, 5);
+    println!(
+        "jumpy: tracked {}/{}, segments {}, ATE/length {:.4}",
+        r.tracked, r.frames, r.segments, r.ate_over_length
+    );
+    assert!(
+        r.segments >= 2,
+        "the jumps at frames 60 and 120 are detected as tracking loss"
+    );
+}

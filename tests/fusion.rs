@@ -1,0 +1,51 @@
+//! Fusion: bounded memory, outlier removal, normals.
+
+use streamrecon::cloud::PointCloud;
+use streamrecon::frame::{Intrinsics, Pose};
+use streamrecon::fusion::{remove_statistical_outliers, with_normals, Fusion, FusionConfig};
+use streamrecon::geometry::{FrameGeometry, GeometryStats};
+
+fn plane_frame(index: u64, z: f32, k: &Intrinsics) -> FrameGeometry {
+    let n = (k.width * k.height) as usize;
+    FrameGeometry {
+        index,
+        timestamp: index as f64,
+        world_from_cam: Pose::translation(index as f64 * 0.5, 0.0, 0.0),
+        intrinsics: *k,
+        depth: Some(vec![z; n]),
+        confidence: Some(vec![1.0; n]),
+        stats: GeometryStats::default(),
+    }
+}
+
+#[test]
+fn the_cloud_stays_under_its_cap_on_an_endless_stream() {
+    let k = Intrinsics::from_hfov(64, 48, 60.0);
+    let mut fusion = Fusion::new(FusionConfig {
+        voxel: 0.01,
+        max_points: 2000,
+        pixel_stride: 1,
+        ..FusionConfig::default()
+    });
+    let img = image::RgbImage::new(64, 48);
+    for i in 0..200 {
+        fusion.integrate(&plane_frame(i, 2.0, &k), &img);
+        assert!(fusion.len() <= 2000, "frame {i}: {} voxels", fusion.len());
+    }
+    assert!(fusion.evicted() > 0);
+}
+
+#[test]
+fn outliers_are_removed_and_plane_normals_found() {
+    let mut pts: Vec<[f32; 3]> = (0..400)
+        .map(|i| [(i % 20) as f32 * 0.01, (i / 20) as f32 * 0.01, 0.0])
+        .collect();
+    pts.push([5.0, 5.0, 5.0]);
+    let c = PointCloud::from_points(pts);
+    let kept = remove_statistical_outliers(&c, 8, 2.0);
+    assert_eq!(kept.len(), 400);
+    let with = with_normals(kept, 8);
+    for n in with.normals.unwrap() {
+        assert!(n[2].abs() > 0.999, "{n:?}");
+    }
+}
