@@ -64,6 +64,8 @@ pub struct Hit {
     pub su: f32,
     pub sv: f32,
     pub object: u16,
+    /// Face of the room box (each face has its own material), 0 elsewhere.
+    pub face: u8,
 }
 
 pub struct Scene {
@@ -378,7 +380,7 @@ impl Scene {
             objects,
             materials,
             light: V3::new(0.35, 0.85, 0.4).normalize(),
-            ambient: 0.45,
+            ambient: 0.55,
             free_min,
             free_max,
         }
@@ -393,12 +395,20 @@ impl Scene {
         for (i, obj) in self.objects.iter().enumerate() {
             if let Some((t, normal, su, sv)) = obj.intersect(o, d, dd, t_min, t_max) {
                 t_max = t;
+                let face = match obj.shape {
+                    Shape::RoomBox { .. } => {
+                        let axis = (0..3).find(|&k| normal[k] != 0.0).unwrap_or(0);
+                        (axis * 2 + usize::from(normal[axis] > 0.0)) as u8
+                    }
+                    _ => 0,
+                };
                 best = Some(Hit {
                     t,
                     normal,
                     su,
                     sv,
                     object: i as u16,
+                    face,
                 });
             }
         }
@@ -408,7 +418,8 @@ impl Scene {
     /// Lambertian shade of a hit for a pixel footprint of `footprint` metres.
     #[inline]
     pub fn shade(&self, hit: &Hit, footprint: f32) -> [f32; 3] {
-        let tex = &self.materials[self.objects[hit.object as usize].material];
+        let m = self.objects[hit.object as usize].material + hit.face as usize;
+        let tex = &self.materials[m % self.materials.len()];
         let albedo = tex.sample(hit.su, hit.sv, footprint);
         let diffuse = hit.normal.dot(&self.light).max(0.0);
         let k = self.ambient + (1.0 - self.ambient) * diffuse;

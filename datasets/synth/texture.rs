@@ -28,9 +28,16 @@ pub const PATTERNS: [Pattern; 5] = [
     Pattern::Marble,
 ];
 
+/// Frequency of the detail layer relative to the base layer.
+const DETAIL_SCALE: f32 = 9.0;
+/// Contrast of the detail layer.
+const DETAIL_GAIN: f32 = 1.2;
+
 /// A mipmapped RGB texture, level 0 = `TILE`×`TILE`.
 pub struct Texture {
     levels: Vec<Vec<[f32; 3]>>,
+    /// Mean luminance (the 1×1 mip level).
+    mean: f32,
 }
 
 #[inline]
@@ -157,7 +164,9 @@ impl Texture {
             levels.push(next);
             size = half;
         }
-        Self { levels }
+        let top = levels.last().expect("at least one level")[0];
+        let mean = (top[0] + top[1] + top[2]) / 3.0;
+        Self { levels, mean }
     }
 
     #[inline]
@@ -188,9 +197,27 @@ impl Texture {
         out
     }
 
-    /// Colour at surface coordinates (metres) for a pixel footprint of `footprint` metres.
+    /// Colour at surface coordinates (metres) for a pixel footprint of `footprint` metres: the
+    /// base layer modulated by a detail layer at `DETAIL_SCALE`× the frequency, so surfaces seen
+    /// close up stay textured; both layers are mip-filtered, so far surfaces do not alias.
     #[inline]
     pub fn sample(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
+        let base = self.sample_layer(su, sv, footprint);
+        let d = self.sample_layer(
+            su * DETAIL_SCALE + 0.37,
+            sv * DETAIL_SCALE + 0.71,
+            footprint * DETAIL_SCALE,
+        );
+        let m = 1.0 + DETAIL_GAIN * ((d[0] + d[1] + d[2]) / 3.0 - self.mean);
+        [
+            (base[0] * m).clamp(0.0, 1.0),
+            (base[1] * m).clamp(0.0, 1.0),
+            (base[2] * m).clamp(0.0, 1.0),
+        ]
+    }
+
+    #[inline]
+    fn sample_layer(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
         let u = su / TILE_METRES;
         let v = sv / TILE_METRES;
         let texel = TILE_METRES / TILE as f32;

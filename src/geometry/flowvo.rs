@@ -60,8 +60,8 @@ impl Default for FlowVoConfig {
     fn default() -> Self {
         Self {
             grid_cell: 16,
-            min_texture: 6.0,
-            min_track_confidence: 0.3,
+            min_texture: 1.5,
+            min_track_confidence: 0.1,
             init_parallax: 0.03,
             max_init_frames: 60,
             min_inliers: 30,
@@ -79,6 +79,8 @@ struct Track {
     x: f32,
     y: f32,
     point: Option<Point3<f64>>,
+    /// Ray angle the point was triangulated with (radians); grows as the baseline does.
+    angle: f64,
     /// Recent observations (frame, x, y), oldest first.
     obs: VecDeque<(u64, f32, f32)>,
     /// Mapped when the current keyframe was chosen.
@@ -181,7 +183,14 @@ pub struct FlowVo {
     started: bool,
     /// Mapped tracks when the last keyframe was chosen.
     keyframe_base: usize,
+    /// Camera displacement of the last frames, to reject implausible PnP jumps.
+    recent_steps: VecDeque<f64>,
 }
+
+/// Steps remembered for the jump check.
+const RECENT_STEPS: usize = 15;
+/// A step this many times the recent median (and above the map's noise floor) is implausible.
+const MAX_STEP_RATIO: f64 = 6.0;
 
 fn grey_and_gradient(img: &RgbImage) -> (Vec<f32>, Vec<f32>) {
     let (w, h) = (img.width() as usize, img.height() as usize);
@@ -226,6 +235,7 @@ impl FlowVo {
             last_index: None,
             started: false,
             keyframe_base: 0,
+            recent_steps: VecDeque::new(),
         }
     }
 
@@ -249,6 +259,7 @@ impl FlowVo {
         }
         let (_, grad) = grey_and_gradient(&frame.image);
         let margin = 4;
+        let mut spawned = 0usize;
         for cy in 0..ch {
             for cx in 0..cw {
                 if occupied[cy * cw + cx] {
@@ -263,18 +274,25 @@ impl FlowVo {
                     }
                 }
                 if let (_, Some((x, y))) = best {
+                    spawned += 1;
                     let mut obs = VecDeque::new();
                     obs.push_back((frame.index, x as f32, y as f32));
                     self.tracks.push(Track {
                         x: x as f32,
                         y: y as f32,
                         point: None,
+                        angle: 0.0,
                         obs,
                         mapped_at_keyframe: false,
                     });
                 }
             }
         }
+        log::debug!(
+            "flowvo: frame {}: spawned {spawned}, {} tracks",
+            frame.index,
+            self.tracks.len()
+        );
     }
 
     /// Moves tracks along the forward flow of the pair ending at `index`.
@@ -389,20 +407,27 @@ impl FlowVo {
                 2.0 * f64::from(self.config.ransac_px),
             ) {
                 if ang >= min_angle * 0.5 {
-                    points.push((ti, p));
+                    points.push((ti, p, ang));
                 }
             }
         }
-        if points.len() < self.config.min_inliers * 2 || points.len() * 2 < idx.len() {
+        let n_inl = inliers.iter().filter(|&&b| b).count();
+        log::debug!(
+            "flowvo init try at {index}: {} tracks from {reference}, median disp {md:.1} px, {n_inl} E inliers, {} triangulated",
+            idx.len(),
+            points.len()
+        );
+        if points.len() < self.config.min_inliers * 2 || points.len() * 2 < n_inl {
             return Ok(false);
         }
-        let mut depths: Vec<f64> = points.iter().map(|(_, p)| p.z).collect();
+        let mut depths: Vec<f64> = points.iter().map(|(_, p, _)| p.z).collect();
         let md = median(&mut depths).unwrap_or(1.0).max(1e-9);
         let s = self.median_depth / md;
         let origin = self.segment_origin;
         let scale_pose = |p: &Pose| Pose::from_parts((p.translation.vector * s).into(), p.rotation);
-        for (ti, p) in points {
+        for (ti, p, ang) in points {
             self.tracks[ti].point = Some(origin * Point3::from(p.coords * s));
+            self.tracks[ti].angle = ang;
         }
         self.poses.insert(reference, origin);
         self.poses.insert(index, origin * scale_pose(&cur_pose));
@@ -460,10 +485,8 @@ impl FlowVo {
         let min_angle = self.config.min_triangulation_deg.to_radians();
         let max_px = 2.0 * f64::from(self.config.ransac_px);
         for t in &mut self.tracks {
-            if t.point.is_some() {
-                continue;
-            }
-            // The oldest observation with a known pose gives the widest baseline.
+            // The oldest observation with a known pose gives the widest baseline; a mapped point is
+            // re-triangulated once that baseline gives a clearly wider angle than it had.
             let Some(&(f, x, y)) = t.obs.iter().find(|o| self.poses.contains_key(&o.0)) else {
                 continue;
             };
@@ -472,8 +495,9 @@ impl FlowVo {
             }
             let pf = self.poses[&f];
             if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, (t.x, t.y), max_px) {
-                if ang >= min_angle {
+                if ang >= min_angle && ang > t.angle * 1.25 {
                     t.point = Some(p);
+                    t.angle = ang;
                 }
             }
         }
@@ -541,6 +565,7 @@ impl FlowVo {
 
     fn start_segment(&mut self, frame: &Frame) {
         self.tracks.clear();
+        self.recent_steps.clear();
         self.poses.clear();
         let (w, h) = (frame.width() as usize, frame.height() as usize);
         self.chain_old = Some(Chain::new(frame.index, w, h));
@@ -592,10 +617,34 @@ impl FlowVo {
     fn track_frame(&mut self, frame: &Frame) -> Result<Vec<FrameGeometry>> {
         let index = frame.index;
         let guess = self.poses.values().next_back().copied();
-        let Some((pose, mut errs, n)) = self.pose_by_pnp(index, guess.as_ref())? else {
+        let mut result = self.pose_by_pnp(index, guess.as_ref())?;
+        if let (Some((pose, _, _)), Some(prev)) = (&result, &guess) {
+            let step = (pose.translation.vector - prev.translation.vector).norm();
+            if !self.plausible_step(step) {
+                log::debug!(
+                    "flowvo: implausible step {step:.4} at {index}; retrying PnP without a guess"
+                );
+                result = self.pose_by_pnp(index, None)?.filter(|(p, _, _)| {
+                    self.plausible_step((p.translation.vector - prev.translation.vector).norm())
+                });
+            }
+        }
+        let Some((pose, mut errs, n)) = result else {
+            log::debug!(
+                "flowvo: PnP failed at {index} with {} tracks, {} mapped",
+                self.tracks.len(),
+                self.tracks.iter().filter(|t| t.point.is_some()).count()
+            );
             self.lose_tracking(frame);
             return Ok(Vec::new());
         };
+        if let Some(prev) = guess {
+            self.recent_steps
+                .push_back((pose.translation.vector - prev.translation.vector).norm());
+            if self.recent_steps.len() > RECENT_STEPS {
+                self.recent_steps.pop_front();
+            }
+        }
         self.poses.insert(index, pose);
         self.triangulate_new_tracks(index);
         let k = self.k();
@@ -639,6 +688,16 @@ impl FlowVo {
 }
 
 impl FlowVo {
+    fn plausible_step(&self, step: f64) -> bool {
+        if self.recent_steps.len() < 3 {
+            return true;
+        }
+        let mut v: Vec<f64> = self.recent_steps.iter().copied().collect();
+        let med = median(&mut v).unwrap_or(0.0);
+        // Noise floor: 1 % of the scene's median depth.
+        step <= MAX_STEP_RATIO * med + 0.01 * self.median_depth
+    }
+
     fn mark_keyframe_tracks(&mut self) {
         for t in &mut self.tracks {
             t.mapped_at_keyframe = t.point.is_some();
@@ -764,7 +823,13 @@ impl GeometryEngine for FlowVo {
             self.lose_tracking(frame);
             return Ok(out);
         };
+        let before = self.tracks.len();
         self.advance_tracks(flow, frame.index);
+        log::debug!(
+            "flowvo: frame {}: {} of {before} tracks survive",
+            frame.index,
+            self.tracks.len()
+        );
         for c in [self.chain_old.as_mut(), self.chain_new.as_mut()]
             .into_iter()
             .flatten()
