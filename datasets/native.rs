@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::formats::{depth, flo, ply, tum};
@@ -146,7 +147,6 @@ impl NativeWriter {
                 Ok(())
             }),
         ];
-        use rayon::prelude::*;
         jobs.into_par_iter()
             .map(|j| j())
             .collect::<Result<Vec<()>>>()?;

@@ -159,7 +159,7 @@ impl Fusion {
             let mut keys: Vec<[i32; 3]> = self
                 .voxels
                 .iter()
-                .filter(|(_, v)| score(v) == threshold)
+                .filter(|(_, v)| score(v).total_cmp(&threshold).is_eq())
                 .map(|(k, _)| *k)
                 .collect();
             keys.sort_unstable();

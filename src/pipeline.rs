@@ -180,7 +180,7 @@ fn spawn<T: Send + 'static>(
 pub fn run(
     mut source: Source,
     config: &PipelineConfig,
-    stop: Arc<AtomicBool>,
+    stop: &Arc<AtomicBool>,
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     let mut flow_engine = make_flow(&config.flow)?;

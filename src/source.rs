@@ -22,6 +22,38 @@ pub enum SourceSpec {
     ImageFolder(PathBuf),
     /// A folder in the native dataset layout (ground truth attached).
     Dataset(PathBuf),
+    /// A benchmark layout (TUM RGB-D, a Sintel scene, Long3D, 7-Scenes) with whatever ground truth it has.
+    Benchmark(PathBuf, BenchmarkKind),
+}
+
+/// Benchmark layouts readable as a stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BenchmarkKind {
+    TumRgbd,
+    /// A scene folder `…/training/<pass>/<scene>`.
+    SintelScene,
+    Long3d,
+    SevenScenes,
+}
+
+fn detect_benchmark(p: &Path) -> Option<BenchmarkKind> {
+    use crate::datasets::layouts::{detect, Layout};
+    match detect(p) {
+        Some(Layout::Tum) => return Some(BenchmarkKind::TumRgbd),
+        Some(Layout::Long3d) => return Some(BenchmarkKind::Long3d),
+        _ => {}
+    }
+    let training = p.parent().and_then(Path::parent);
+    if training
+        .is_some_and(|t| t.file_name().is_some_and(|n| n == "training") && t.join("flow").is_dir())
+    {
+        return Some(BenchmarkKind::SintelScene);
+    }
+    let has_color = std::fs::read_dir(p)
+        .ok()?
+        .filter_map(Result::ok)
+        .any(|e| e.file_name().to_string_lossy().ends_with(".color.png"));
+    has_color.then_some(BenchmarkKind::SevenScenes)
 }
 
 impl SourceSpec {
@@ -44,11 +76,13 @@ impl SourceSpec {
         }
         let p = PathBuf::from(s);
         if p.is_dir() {
-            return Ok(if NativeDataset::detect(&p) {
-                Self::Dataset(p)
-            } else {
-                Self::ImageFolder(p)
-            });
+            if NativeDataset::detect(&p) {
+                return Ok(Self::Dataset(p));
+            }
+            if let Some(kind) = detect_benchmark(&p) {
+                return Ok(Self::Benchmark(p, kind));
+            }
+            return Ok(Self::ImageFolder(p));
         }
         if p.is_file() {
             return Ok(Self::VideoFile(p));
@@ -115,7 +149,9 @@ pub struct Source {
     emitted: u64,
     size: Option<(u32, u32)>,
     /// Intrinsics at the original resolution (after overrides), once known.
-    original_intrinsics: Option<Intrinsics>,
+    intrinsics_original: Option<Intrinsics>,
+    /// Whether the source itself supplied them.
+    intrinsics_supplied: bool,
     done: bool,
 }
 
@@ -128,9 +164,10 @@ impl Source {
         let name = match spec {
             SourceSpec::Camera(i) => format!("camera:{i}"),
             SourceSpec::Url(u) => u.clone(),
-            SourceSpec::VideoFile(p) | SourceSpec::ImageFolder(p) | SourceSpec::Dataset(p) => {
-                p.display().to_string()
-            }
+            SourceSpec::VideoFile(p)
+            | SourceSpec::ImageFolder(p)
+            | SourceSpec::Dataset(p)
+            | SourceSpec::Benchmark(p, _) => p.display().to_string(),
         };
         let raw: Box<dyn RawSource> = match spec {
             SourceSpec::Camera(i) => Box::new(CaptureSource::open_camera(*i, &name)?),
@@ -140,6 +177,9 @@ impl Source {
             }
             SourceSpec::ImageFolder(p) => Box::new(FolderSource::open(p)?),
             SourceSpec::Dataset(p) => Box::new(DatasetSource::open(p, options.gt_depth)?),
+            SourceSpec::Benchmark(p, kind) => {
+                Box::new(BenchmarkSource::open(p, *kind, options.gt_depth)?)
+            }
         };
         Ok(Self {
             spec: spec.clone(),
@@ -149,7 +189,8 @@ impl Source {
             raw_index: 0,
             emitted: 0,
             size: None,
-            original_intrinsics: None,
+            intrinsics_original: None,
+            intrinsics_supplied: false,
             done: false,
         })
     }
@@ -178,7 +219,11 @@ impl Source {
     pub fn intrinsics_origin(&self) -> &'static str {
         if self.options.intrinsics.is_some() {
             "user (--intrinsics)"
-        } else if matches!(self.spec, SourceSpec::Dataset(_)) {
+        } else if matches!(
+            self.spec,
+            SourceSpec::Dataset(_) | SourceSpec::Benchmark(..)
+        ) && self.intrinsics_supplied
+        {
             "dataset"
         } else {
             "default 60° horizontal FoV"
@@ -187,7 +232,7 @@ impl Source {
 
     /// Intrinsics at the original resolution, known after the first frame.
     pub fn original_intrinsics(&self) -> Option<Intrinsics> {
-        self.original_intrinsics
+        self.intrinsics_original
     }
 
     /// The next item, or `None` at the end of the stream.
@@ -214,7 +259,7 @@ impl Source {
                     let idx = self.raw_index;
                     self.raw_index += 1;
                     if idx < self.options.start as u64
-                        || (idx - self.options.start as u64) % stride != 0
+                        || !(idx - self.options.start as u64).is_multiple_of(stride)
                     {
                         continue;
                     }
@@ -230,7 +275,9 @@ impl Source {
             };
             let idx = self.raw_index;
             self.raw_index += 1;
-            if idx < self.options.start as u64 || (idx - self.options.start as u64) % stride != 0 {
+            if idx < self.options.start as u64
+                || !(idx - self.options.start as u64).is_multiple_of(stride)
+            {
                 continue;
             }
             return Some(
@@ -270,8 +317,9 @@ impl Source {
             }),
             None => raw.intrinsics,
         };
-        if self.original_intrinsics.is_none() {
-            self.original_intrinsics =
+        if self.intrinsics_original.is_none() {
+            self.intrinsics_supplied = raw.intrinsics.is_some();
+            self.intrinsics_original =
                 Some(original.unwrap_or_else(|| {
                     Intrinsics::from_hfov(w0, h0, crate::frame::DEFAULT_HFOV_DEG)
                 }));
@@ -380,44 +428,42 @@ impl CaptureSource {
 
 impl RawSource for CaptureSource {
     fn next_raw(&mut self) -> Option<Result<RawFrame>> {
-        loop {
-            let mut m = Mat::default();
-            let ok = match self.cap.read(&mut m) {
-                Ok(ok) => ok,
-                Err(e) => return Some(Err(e.into())),
-            };
-            if !ok || m.empty() {
-                // Past the known frame count (or with none known) an unreadable frame is the end.
-                if self.frames.is_none_or(|n| self.read + 1 >= n)
-                    || self.failures_in_a_row >= MAX_READ_FAILURES
-                {
-                    if self.read == 0 {
-                        return Some(Err(Error::source(&self.name, "no frame could be read")));
-                    }
-                    return None;
+        let mut m = Mat::default();
+        let ok = match self.cap.read(&mut m) {
+            Ok(ok) => ok,
+            Err(e) => return Some(Err(e.into())),
+        };
+        if !ok || m.empty() {
+            // Past the known frame count (or with none known) an unreadable frame is the end.
+            if self.frames.is_none_or(|n| self.read + 1 >= n)
+                || self.failures_in_a_row >= MAX_READ_FAILURES
+            {
+                if self.read == 0 {
+                    return Some(Err(Error::source(&self.name, "no frame could be read")));
                 }
-                self.failures_in_a_row += 1;
-                self.read += 1;
-                return Some(Err(Error::format(
-                    &self.name,
-                    format!("undecodable frame {}", self.read - 1),
-                )));
+                return None;
             }
-            self.failures_in_a_row = 0;
+            self.failures_in_a_row += 1;
             self.read += 1;
-            let ts = self
-                .cap
-                .get(videoio::CAP_PROP_POS_MSEC)
-                .ok()
-                .filter(|t| *t > 0.0)
-                .map(|t| t / 1000.0);
-            return Some(rgb_from_bgr_mat(&m).map(|image| RawFrame {
-                image,
-                timestamp: ts,
-                intrinsics: None,
-                gt: None,
-            }));
+            return Some(Err(Error::format(
+                &self.name,
+                format!("undecodable frame {}", self.read - 1),
+            )));
         }
+        self.failures_in_a_row = 0;
+        self.read += 1;
+        let ts = self
+            .cap
+            .get(videoio::CAP_PROP_POS_MSEC)
+            .ok()
+            .filter(|t| *t > 0.0)
+            .map(|t| t / 1000.0);
+        Some(rgb_from_bgr_mat(&m).map(|image| RawFrame {
+            image,
+            timestamp: ts,
+            intrinsics: None,
+            gt: None,
+        }))
     }
 
     fn len_hint(&self) -> Option<usize> {
@@ -526,5 +572,112 @@ impl RawSource for DatasetSource {
 
     fn fps(&self) -> Option<f64> {
         self.ds.meta.as_ref().map(|m| m.fps)
+    }
+}
+
+/// A benchmark layout read through [`crate::datasets::layouts`].
+struct BenchmarkSource {
+    frames: Vec<crate::datasets::layouts::LayoutFrame>,
+    intrinsics: Option<Intrinsics>,
+    next: usize,
+    with_depth: bool,
+    fps: f64,
+}
+
+impl BenchmarkSource {
+    fn open(dir: &Path, kind: BenchmarkKind, with_depth: bool) -> Result<Self> {
+        use crate::datasets::layouts;
+        let (frames, fps, calib_dir) = match kind {
+            BenchmarkKind::TumRgbd => (layouts::read_tum_rgbd(dir)?, 30.0, dir.to_path_buf()),
+            BenchmarkKind::Long3d => (layouts::read_long3d(dir)?.0, 10.0, dir.to_path_buf()),
+            BenchmarkKind::SevenScenes => {
+                (layouts::read_seven_scenes(dir)?, 30.0, dir.to_path_buf())
+            }
+            BenchmarkKind::SintelScene => {
+                let scene = dir
+                    .file_name()
+                    .map(|s| s.to_string_lossy().to_string())
+                    .unwrap_or_default();
+                let root = dir
+                    .parent()
+                    .and_then(Path::parent)
+                    .and_then(Path::parent)
+                    .unwrap_or(dir);
+                (
+                    layouts::read_sintel(root, &scene)?,
+                    24.0,
+                    root.to_path_buf(),
+                )
+            }
+        };
+        if frames.is_empty() {
+            return Err(Error::source(
+                dir.display().to_string(),
+                "no frames in this layout",
+            ));
+        }
+        // Our writers leave an intrinsics.json beside the layout; real datasets need --intrinsics.
+        let ipath = calib_dir.join("intrinsics.json");
+        let intrinsics = std::fs::read(&ipath)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Ok(Self {
+            frames,
+            intrinsics,
+            next: 0,
+            with_depth,
+            fps,
+        })
+    }
+}
+
+impl RawSource for BenchmarkSource {
+    fn next_raw(&mut self) -> Option<Result<RawFrame>> {
+        let f = self.frames.get(self.next)?.clone();
+        self.next += 1;
+        let image = match image::open(&f.rgb) {
+            Ok(i) => i.to_rgb8(),
+            Err(e) => {
+                return Some(Err(Error::format(
+                    &f.rgb,
+                    format!("undecodable image ({e})"),
+                )))
+            }
+        };
+        let depth = if self.with_depth {
+            match &f.depth {
+                Some((p, _)) if p.extension().is_some_and(|e| e == "dpt") => {
+                    Some(crate::datasets::layouts::read_dpt(p).map(|d| d.data))
+                }
+                Some((p, scale)) => {
+                    Some(crate::datasets::formats::depth::read_depth_png(p, *scale).map(|d| d.data))
+                }
+                None => None,
+            }
+        } else {
+            None
+        };
+        let depth = match depth.transpose() {
+            Ok(d) => d,
+            Err(e) => return Some(Err(e)),
+        };
+        Some(Ok(RawFrame {
+            image,
+            timestamp: Some(f.timestamp),
+            intrinsics: self.intrinsics,
+            gt: Some(crate::frame::GroundTruth {
+                world_from_cam: f.world_from_cam,
+                depth,
+                flow_fwd: None,
+            }),
+        }))
+    }
+
+    fn len_hint(&self) -> Option<usize> {
+        Some(self.frames.len())
+    }
+
+    fn fps(&self) -> Option<f64> {
+        Some(self.fps)
     }
 }

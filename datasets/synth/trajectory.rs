@@ -183,18 +183,18 @@ impl Trajectory {
             TrajectoryKind::Static => {
                 let seg = i / STATIC_SEGMENT;
                 let moving_frames = (seg / 2) * STATIC_SEGMENT
-                    + if seg % 2 == 0 {
+                    + if seg.is_multiple_of(2) {
                         i % STATIC_SEGMENT
                     } else {
                         STATIC_SEGMENT
                     };
                 let base = self.smooth_at(moving_frames as f64 / FRAMES_PER_CONTROL);
-                if seg % 2 == 1 {
+                if seg.is_multiple_of(2) {
+                    base
+                } else {
                     // Near-identical frames: sub-millimetre tremor.
                     let e = 0.0002 * (2.0 * unit_hash(i as i64, 200, self.seed) - 1.0);
                     base * Pose::translation(e, -e, e)
-                } else {
-                    base
                 }
             }
             TrajectoryKind::Rotation => {

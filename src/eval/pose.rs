@@ -62,7 +62,7 @@ pub fn umeyama(src: &[Point3<f64>], dst: &[Point3<f64>], with_scale: bool) -> Re
     let d = svd.singular_values;
     let trace = d[0] * sgn[(0, 0)] + d[1] * sgn[(1, 1)] + d[2] * sgn[(2, 2)];
     let scale = if with_scale { trace / var_s } else { 1.0 };
-    let rotation = Rotation3::from_matrix_unchecked(r);
+    let rotation = Rotation3::from_matrix(&r);
     let translation = mu_d - rotation * mu_s * scale;
     Ok(Sim3 {
         scale,

@@ -51,7 +51,7 @@ pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
         let (u, v) = (u / max, v / max);
         let rad = (u * u + v * v).sqrt();
         let a = (-v).atan2(-u) / std::f32::consts::PI;
-        let fk = (a + 1.0) / 2.0 * (n - 1) as f32;
+        let fk = f32::midpoint(a, 1.0) * (n - 1) as f32;
         let k0 = fk.floor() as usize % n;
         let k1 = (k0 + 1) % n;
         let f = fk - fk.floor();

@@ -30,8 +30,12 @@ use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
 /// Parameters of `flowvo`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlowVoConfig {
-    /// Track grid cell, pixels (one track per cell).
-    pub grid_cell: usize,
+    /// Track grid: cells across the image width (one track per cell).
+    pub grid_cells_across: usize,
+    /// Top up tracks whenever fewer than this fraction of cells hold one.
+    pub min_track_coverage: f64,
+    /// Least fraction of tracks that must be essential-matrix inliers to initialise.
+    pub init_inlier_fraction: f64,
     /// Least grey-level gradient (0–255 scale) for a pixel to start a track.
     pub min_texture: f32,
     /// Least flow confidence for a track to survive a step.
@@ -59,12 +63,14 @@ pub struct FlowVoConfig {
 impl Default for FlowVoConfig {
     fn default() -> Self {
         Self {
-            grid_cell: 16,
+            grid_cells_across: 40,
+            min_track_coverage: 0.5,
+            init_inlier_fraction: 0.6,
             min_texture: 1.5,
             min_track_confidence: 0.1,
             init_parallax: 0.03,
             max_init_frames: 60,
-            min_inliers: 30,
+            min_inliers: 20,
             ransac_px: 1.5,
             min_triangulation_deg: 1.0,
             keyframe_parallax: 0.06,
@@ -239,6 +245,10 @@ impl FlowVo {
         }
     }
 
+    fn grid_cell(&self, width: usize) -> usize {
+        (width / self.config.grid_cells_across.max(1)).max(4)
+    }
+
     fn k(&self) -> Intrinsics {
         self.intrinsics
             .expect("intrinsics are set at the first frame")
@@ -247,7 +257,7 @@ impl FlowVo {
     /// Starts tracks in empty grid cells at their most textured pixel.
     fn spawn_tracks(&mut self, frame: &Frame) {
         let (w, h) = (frame.width() as usize, frame.height() as usize);
-        let cell = self.config.grid_cell.max(4);
+        let cell = self.grid_cell(w);
         let (cw, ch) = (w.div_ceil(cell), h.div_ceil(cell));
         let mut occupied = vec![false; cw * ch];
         for t in &self.tracks {
@@ -325,7 +335,7 @@ impl FlowVo {
             true
         });
         // Tracks that converge onto the same spot carry no new information.
-        let cell = (self.config.grid_cell / 2).max(2) as f32;
+        let cell = (self.grid_cell(w) / 2).max(2) as f32;
         let mut seen = std::collections::HashSet::new();
         self.tracks
             .retain(|t| seen.insert(((t.x / cell) as i32, (t.y / cell) as i32)));
@@ -417,7 +427,10 @@ impl FlowVo {
             idx.len(),
             points.len()
         );
-        if points.len() < self.config.min_inliers * 2 || points.len() * 2 < n_inl {
+        if points.len() < self.config.min_inliers * 2
+            || points.len() * 2 < n_inl
+            || (n_inl as f64) < self.config.init_inlier_fraction * idx.len() as f64
+        {
             return Ok(false);
         }
         let mut depths: Vec<f64> = points.iter().map(|(_, p, _)| p.z).collect();
@@ -660,9 +673,16 @@ impl FlowVo {
             .chain_old
             .as_ref()
             .and_then(|c| self.dense_depth(index, c));
+        let (w, h) = (frame.width() as usize, frame.height() as usize);
+        let cell = self.grid_cell(w);
+        let cells = w.div_ceil(cell) * h.div_ceil(cell);
+        if !is_keyframe
+            && (self.tracks.len() as f64) < self.config.min_track_coverage * cells as f64
+        {
+            self.spawn_tracks(frame);
+        }
         if is_keyframe {
             self.spawn_tracks(frame);
-            let (w, h) = (frame.width() as usize, frame.height() as usize);
             if let Some(newer) = self.chain_new.take() {
                 self.chain_old = Some(newer);
             }
@@ -721,12 +741,12 @@ impl FlowVo {
     /// After a successful initialisation: poses for the held-back frames, depth for the last.
     fn release_initialised(
         &mut self,
-        pending: Vec<Pending>,
+        pending: &[Pending],
         frame: &Frame,
     ) -> Result<Vec<FrameGeometry>> {
         let mut out = Vec::with_capacity(pending.len());
         let mut last_pose = self.segment_origin;
-        for p in &pending {
+        for p in pending {
             let (pose, stats) = if let Some(pose) = self.poses.get(&p.index).copied() {
                 (
                     pose,
@@ -846,7 +866,7 @@ impl GeometryEngine for FlowVo {
                     timestamp: frame.timestamp,
                 });
                 if self.try_initialise(reference, frame.index)? {
-                    return self.release_initialised(pending, frame);
+                    return self.release_initialised(&pending, frame);
                 }
                 if pending.len() > self.config.max_init_frames {
                     pending.pop();

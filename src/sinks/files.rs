@@ -79,7 +79,7 @@ impl RunOutputs {
             world_from_cam,
         });
         if let Some((d, k)) = depth_m {
-            if self.depth_every > 0 && index % self.depth_every == 0 {
+            if self.depth_every > 0 && index.is_multiple_of(self.depth_every) {
                 let p = self.dir.join("depth").join(format!("{index:06}.png"));
                 depth::write_depth_png(&p, k.width as usize, k.height as usize, d)?;
             }

@@ -1,0 +1,118 @@
+//! Whole-pipeline speed and memory: `dis` flow + `flowvo` + fusion + file sinks + rerun saving to a
+//! file, on a pre-rendered synthetic 640×480 sequence; then RSS over a long `loop` sequence
+//! streamed straight from the renderer (RSS at 10 % of the frames vs the end).
+//!
+//! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES]]` (defaults 300 and 2000; the memory
+//! figure in the issues uses 10000).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
+use streamrecon::flow::dis::{DisConfig, DisEngine};
+use streamrecon::flow::FlowEngine;
+use streamrecon::frame::Frame;
+use streamrecon::fusion::{Fusion, FusionConfig};
+use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
+use streamrecon::geometry::GeometryEngine;
+use streamrecon::pipeline::{self, PipelineConfig};
+use streamrecon::source::{Source, SourceOptions, SourceSpec};
+use streamrecon::stats::rss_mib;
+use streamrecon::viewer::RerunTarget;
+
+fn main() {
+    let nums: Vec<usize> = std::env::args()
+        .skip(1)
+        .filter_map(|a| a.parse().ok())
+        .collect();
+    let frames = nums.first().copied().unwrap_or(300);
+    let long = nums.get(1).copied().unwrap_or(2000);
+    let dir = tempfile::tempdir().expect("temp dir");
+    let seq = dir.path().join("seq");
+    let world = SynthWorld::new(SynthConfig {
+        scene: SceneKind::Room,
+        trajectory: TrajectoryKind::Handheld,
+        frames,
+        seed: 3,
+        ..SynthConfig::default()
+    });
+    let mut w = streamrecon::datasets::native::NativeWriter::create(&seq, world.intrinsics)
+        .expect("writer");
+    for f in world.frames() {
+        w.write_frame(&f).expect("write");
+    }
+    w.finish(
+        &streamrecon::cloud::PointCloud::default(),
+        &streamrecon::datasets::native::SequenceMeta::default(),
+    )
+    .expect("finish");
+    let out = dir.path().join("out");
+    let config = PipelineConfig {
+        out_dir: Some(out.clone()),
+        rerun: RerunTarget {
+            save: Some(out.join("rec.rrd")),
+            ..RerunTarget::default()
+        },
+        ..PipelineConfig::default()
+    };
+    let source = Source::open(
+        &SourceSpec::parse(seq.to_str().expect("utf-8")).expect("spec"),
+        SourceOptions::default(),
+    )
+    .expect("source");
+    let t = Instant::now();
+    let o = pipeline::run(source, &config, &Arc::new(AtomicBool::new(false))).expect("run");
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "pipeline 640x480 ({frames} frames, files + .rrd): {:.1} frames/s end to end; stages {:?}",
+        frames as f64 / dt,
+        o.summary
+            .stages
+            .iter()
+            .map(|(k, v)| format!("{k} {:.1}/{:.1} ms", v.mean_ms, v.p95_ms))
+            .collect::<Vec<_>>()
+    );
+
+    // Memory over a long stream: engines and fusion fed straight from the renderer (no files).
+    let world = SynthWorld::new(SynthConfig {
+        scene: SceneKind::Room,
+        trajectory: TrajectoryKind::Loop,
+        frames: long,
+        width: 320,
+        height: 240,
+        seed: 5,
+        ..SynthConfig::default()
+    });
+    let mut flow = DisEngine::new(DisConfig::default()).expect("dis");
+    let mut vo = FlowVo::new(FlowVoConfig::default());
+    let mut fusion = Fusion::new(FusionConfig::default());
+    let mut rss_early = 0.0;
+    let t = Instant::now();
+    for f in world.frames() {
+        let frame = Frame {
+            index: f.index as u64,
+            source_index: f.index as u64,
+            timestamp: f.timestamp,
+            image: f.image,
+            intrinsics: Some(world.intrinsics),
+            gt: None,
+        };
+        let pairs = flow.push(&frame).expect("flow");
+        for g in vo.push(&frame, pairs.last()).expect("vo") {
+            fusion.integrate(&g, &frame.image);
+        }
+        if f.index + 1 == long / 10 {
+            rss_early = rss_mib();
+        }
+    }
+    println!(
+        "long loop 320x240, {long} frames in {:.0} s: RSS {rss_early:.1} MiB at frame {} vs {:.1} MiB at frame {long} ({:+.1} %); {} fused points, {} segments",
+        t.elapsed().as_secs_f64(),
+        long / 10,
+        rss_mib(),
+        100.0 * (rss_mib() - rss_early) / rss_early.max(1e-9),
+        fusion.len(),
+        vo.segments()
+    );
+}
