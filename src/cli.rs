@@ -19,6 +19,7 @@ use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{colorwheel, FlowEngine};
+use streamrecon::geometry::flowvo::FlowVoConfig;
 use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
 use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
 use streamrecon::viewer::RerunTarget;
@@ -186,7 +187,7 @@ impl EngineFlags {
                 temporal_prior: !self.no_temporal_prior,
                 ..DisConfig::default()
             }),
-            geometry: GeometryChoice::FlowVo(Default::default()),
+            geometry: GeometryChoice::FlowVo(FlowVoConfig::default()),
             out_dir: out,
             rerun,
             depth_every: self.depth_every,
@@ -325,11 +326,11 @@ enum EvalCommand {
 pub fn main() -> Result<ExitCode> {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run(a) => cmd_run(a),
-        Command::Demo(a) => cmd_demo(a),
-        Command::Synth(a) => cmd_synth(a).map(|()| ExitCode::SUCCESS),
-        Command::Flow(a) => cmd_flow(a),
-        Command::Eval(e) => cmd_eval(e).map(|()| ExitCode::SUCCESS),
+        Command::Run(a) => cmd_run(&a),
+        Command::Demo(a) => cmd_demo(&a),
+        Command::Synth(a) => cmd_synth(&a).map(|()| ExitCode::SUCCESS),
+        Command::Flow(a) => cmd_flow(&a),
+        Command::Eval(e) => cmd_eval(&e).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -368,7 +369,7 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
     println!("outputs: {}", out.display());
 }
 
-fn cmd_run(a: RunArgs) -> Result<ExitCode> {
+fn cmd_run(a: &RunArgs) -> Result<ExitCode> {
     let spec = SourceSpec::parse(&a.source)?;
     let source = Source::open(&spec, a.source_flags.options())?;
     let config = a
@@ -384,11 +385,11 @@ fn cmd_run(a: RunArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn write_sequence(config: SynthConfig, out: &Path) -> Result<()> {
+fn write_sequence(config: &SynthConfig, out: &Path) -> Result<()> {
     write_layout(config, out, Layout::Native)
 }
 
-fn write_layout(config: SynthConfig, out: &Path, layout: Layout) -> Result<()> {
+fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> {
     let world = SynthWorld::new(config.clone());
     if layout != Layout::Native {
         let scene = format!("{:?}_{:?}", config.scene, config.trajectory).to_lowercase();
@@ -422,13 +423,13 @@ fn write_layout(config: SynthConfig, out: &Path, layout: Layout) -> Result<()> {
         frames: config.frames,
         fps: config.fps,
         jump_frames: world.trajectory.jump_frames(config.frames),
-        config: serde_json::to_value(&config)?,
+        config: serde_json::to_value(config)?,
     };
     writer.finish(&sampler.cloud(), &meta)?;
     Ok(())
 }
 
-fn cmd_synth(a: SynthArgs) -> Result<()> {
+fn cmd_synth(a: &SynthArgs) -> Result<()> {
     let config = SynthConfig {
         scene: a.scene,
         trajectory: a.trajectory,
@@ -440,7 +441,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
         ..SynthConfig::default()
     };
     let t = std::time::Instant::now();
-    write_sequence(config, &a.out)?;
+    write_sequence(&config, &a.out)?;
     println!(
         "wrote {} frames to {} in {:.1} s",
         a.frames,
@@ -450,7 +451,7 @@ fn cmd_synth(a: SynthArgs) -> Result<()> {
     Ok(())
 }
 
-fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
+fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
     let seq = a.out.join("sequence");
     let run_dir = a.out.join("run");
     println!(
@@ -466,7 +467,7 @@ fn cmd_demo(a: DemoArgs) -> Result<ExitCode> {
         seed: a.seed,
         ..SynthConfig::default()
     };
-    write_sequence(config, &seq)?;
+    write_sequence(&config, &seq)?;
     let mut rerun = a.rerun.target();
     if !rerun.is_enabled() {
         rerun.save = Some(a.out.join("recording.rrd"));
@@ -550,7 +551,7 @@ fn accuracy_report(seq: &Path, run_dir: &Path, outcome: &RunOutcome) -> Result<S
     ))
 }
 
-fn cmd_flow(a: FlowArgs) -> Result<ExitCode> {
+fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
     let FlowEngineName::Dis = a.engine;
     let spec = SourceSpec::parse(&a.source)?;
     let mut source = Source::open(&spec, a.source_flags.options())?;
@@ -613,10 +614,10 @@ fn cmd_flow(a: FlowArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cmd_eval(e: EvalCommand) -> Result<()> {
+fn cmd_eval(e: &EvalCommand) -> Result<()> {
     match e {
         EvalCommand::Flow { gt, pred, occ, out } => {
-            let mut files: Vec<PathBuf> = std::fs::read_dir(&gt)
+            let mut files: Vec<PathBuf> = std::fs::read_dir(gt)
                 .with_context(|| format!("cannot list {}", gt.display()))?
                 .filter_map(|e| e.ok().map(|e| e.path()))
                 .filter(|p| p.extension().is_some_and(|x| x == "flo"))
@@ -625,7 +626,7 @@ fn cmd_eval(e: EvalCommand) -> Result<()> {
             if files.is_empty() {
                 bail!("no .flo files in {}", gt.display());
             }
-            let occ_dir = occ.or_else(|| {
+            let occ_dir = occ.clone().or_else(|| {
                 gt.parent()
                     .map(|p| p.join("occ_fwd"))
                     .filter(|p| p.is_dir())
@@ -668,7 +669,7 @@ fn cmd_eval(e: EvalCommand) -> Result<()> {
             )?;
             println!("{json}");
             if let Some(o) = out {
-                streamrecon::io_util::write_bytes_atomic(&o, json.as_bytes())?;
+                streamrecon::io_util::write_bytes_atomic(o, json.as_bytes())?;
             }
         }
         EvalCommand::Pose {
@@ -677,8 +678,8 @@ fn cmd_eval(e: EvalCommand) -> Result<()> {
             delta,
             out,
         } => {
-            let g = tum::read_tum(&gt)?;
-            let p = tum::read_tum(&pred)?;
+            let g = tum::read_tum(gt)?;
+            let p = tum::read_tum(pred)?;
             // Match by timestamp (nearest within 1 ms).
             let mut gts = Vec::new();
             let mut ests = Vec::new();
@@ -693,11 +694,11 @@ fn cmd_eval(e: EvalCommand) -> Result<()> {
                     ests.push(e.world_from_cam);
                 }
             }
-            let m = pose_metrics(&gts, &ests, delta)?;
+            let m = pose_metrics(&gts, &ests, *delta)?;
             let json = serde_json::to_string_pretty(&m)?;
             println!("{json}");
             if let Some(o) = out {
-                streamrecon::io_util::write_bytes_atomic(&o, json.as_bytes())?;
+                streamrecon::io_util::write_bytes_atomic(o, json.as_bytes())?;
             }
         }
     }

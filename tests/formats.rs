@@ -73,8 +73,8 @@ fn kitti_png_round_trips_within_quantisation() {
     )
     .unwrap();
     assert_eq!(k.valid, valid);
-    for i in 0..180 {
-        if valid[i] {
+    for (i, &ok) in valid.iter().enumerate() {
+        if ok {
             for c in 0..2 {
                 assert!((k.flow.data[2 * i + c] - f.data[2 * i + c]).abs() <= 0.5 / 64.0 + 1e-4);
             }

@@ -59,7 +59,7 @@ fn written_depth_and_poses_reproject_onto_the_written_flow() {
     let dir = tempfile::tempdir().unwrap();
     common::write_sequence(
         dir.path(),
-        common::synth_config(TrajectoryKind::Smooth, 4, 160, 120, 5),
+        &common::synth_config(TrajectoryKind::Smooth, 4, 160, 120, 5),
     );
     let ds = NativeDataset::open(dir.path()).unwrap();
     let k = ds.intrinsics;
@@ -119,8 +119,8 @@ fn same_seed_gives_same_bytes() {
     let d1 = tempfile::tempdir().unwrap();
     let d2 = tempfile::tempdir().unwrap();
     let cfg = common::synth_config(TrajectoryKind::Handheld, 3, 96, 64, 11);
-    common::write_sequence(d1.path(), cfg.clone());
-    common::write_sequence(d2.path(), cfg);
+    common::write_sequence(d1.path(), &cfg);
+    common::write_sequence(d2.path(), &cfg);
     for f in [
         "rgb/000001.png",
         "depth/000001.npy",
@@ -140,7 +140,7 @@ fn same_seed_gives_same_bytes() {
 fn native_layout_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::synth_config(TrajectoryKind::Static, 3, 64, 48, 2);
-    common::write_sequence(dir.path(), cfg.clone());
+    common::write_sequence(dir.path(), &cfg);
     let world = SynthWorld::new(cfg);
     let ds = NativeDataset::open(dir.path()).unwrap();
     assert_eq!(ds.len(), 3);

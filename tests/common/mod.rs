@@ -27,7 +27,7 @@ pub fn synth_config(
 }
 
 /// Writes a native-layout sequence into `dir`.
-pub fn write_sequence(dir: &Path, config: SynthConfig) {
+pub fn write_sequence(dir: &Path, config: &SynthConfig) {
     let world = SynthWorld::new(config.clone());
     let mut w = NativeWriter::create(dir, world.intrinsics).expect("create dataset");
     let mut sampler = SurfaceSampler::new(0.05, 8);
@@ -40,7 +40,7 @@ pub fn write_sequence(dir: &Path, config: SynthConfig) {
         frames: config.frames,
         fps: config.fps,
         jump_frames: world.trajectory.jump_frames(config.frames),
-        config: serde_json::to_value(&config).expect("json"),
+        config: serde_json::to_value(config).expect("json"),
     };
     w.finish(&sampler.cloud(), &meta).expect("finish dataset");
 }
