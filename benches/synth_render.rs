@@ -9,7 +9,42 @@ use streamrecon::datasets::native::NativeWriter;
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
 use streamrecon::stats::rss_mib;
 
+fn breakdown() {
+    let world = SynthWorld::new(SynthConfig {
+        trajectory: TrajectoryKind::Handheld,
+        frames: 20,
+        ..SynthConfig::default()
+    });
+    let (mut tv, mut tc, mut tf) = (0.0, 0.0, 0.0);
+    let mut prev = None;
+    for i in 0..20 {
+        let t = Instant::now();
+        let v = world.view(i);
+        tv += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        std::hint::black_box(world.camera_image(i, &v));
+        tc += t.elapsed().as_secs_f64();
+        if let Some(p) = &prev {
+            let t = Instant::now();
+            std::hint::black_box(streamrecon::datasets::synth::flow_between(
+                p,
+                &v,
+                &world.intrinsics,
+            ));
+            tf += t.elapsed().as_secs_f64();
+        }
+        prev = Some(v);
+    }
+    println!(
+        "per frame: view {:.1} ms, camera image {:.1} ms, one flow {:.1} ms",
+        tv * 50.0,
+        tc * 50.0,
+        tf * 1000.0 / 19.0
+    );
+}
+
 fn main() {
+    breakdown();
     let frames: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())

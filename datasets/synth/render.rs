@@ -4,14 +4,17 @@
 use nalgebra::{Point3, Vector3};
 use rayon::prelude::*;
 
-use super::scene::Scene;
+use super::scene::{Scene, TileBins};
+
+/// Pixels per side of a binning tile.
+const TILE: usize = 16;
 use crate::flow::FlowField;
 use crate::frame::{Intrinsics, Pose};
 
 /// Object id of pixels that see no surface.
 pub const NO_OBJECT: u16 = u16::MAX;
 /// Sub-samples per side for pixels on object edges.
-const EDGE_SUPERSAMPLE: usize = 4;
+const EDGE_SUPERSAMPLE: usize = 3;
 /// Relative depth tolerance of the occlusion test.
 const OCCLUSION_DEPTH_TOL: f64 = 0.03;
 
@@ -44,9 +47,13 @@ impl Camera {
 }
 
 #[inline]
-fn radiance(scene: &Scene, cam: &Camera, x: f32, y: f32) -> ([f32; 3], f32, u16) {
+fn radiance(scene: &Scene, cam: &Camera, bins: &TileBins, x: f32, y: f32) -> ([f32; 3], f32, u16) {
     let d = cam.ray(x, y);
-    match scene.intersect(&cam.origin, &d, 1e-4) {
+    let (px, py) = (x.round().max(0.0) as usize, y.round().max(0.0) as usize);
+    let px = px.min(cam.intr.width as usize - 1);
+    let py = py.min(cam.intr.height as usize - 1);
+    let candidates = bins.at(px, py).iter().map(|&i| i as usize);
+    match scene.intersect_among(&cam.origin, &d, 1e-4, candidates) {
         Some(hit) => {
             let dn = d.norm();
             let cos = (hit.normal.dot(&d) / dn).abs().max(0.2);
@@ -65,6 +72,7 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
         rot: world_from_cam.rotation.to_rotation_matrix().matrix().cast(),
         intr: *intr,
     };
+    let bins = scene.bin_objects(world_from_cam, intr, TILE);
     let mut rgb = vec![[0.0f32; 3]; w * h];
     let mut depth = vec![0.0f32; w * h];
     let mut object = vec![NO_OBJECT; w * h];
@@ -74,7 +82,7 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
         .enumerate()
         .for_each(|(y, ((rr, dr), or))| {
             for x in 0..w {
-                let (c, t, o) = radiance(scene, &cam, x as f32, y as f32);
+                let (c, t, o) = radiance(scene, &cam, &bins, x as f32, y as f32);
                 rr[x] = c;
                 dr[x] = t;
                 or[x] = o;
@@ -99,7 +107,7 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
                 for sx in 0..n {
                     let ox = (sx as f32 + 0.5) / n as f32 - 0.5;
                     let oy = (sy as f32 + 0.5) / n as f32 - 0.5;
-                    let (c, _, _) = radiance(scene, &cam, x + ox, y + oy);
+                    let (c, _, _) = radiance(scene, &cam, &bins, x + ox, y + oy);
                     for k in 0..3 {
                         acc[k] += c[k];
                     }

@@ -56,6 +56,21 @@ pub struct Object {
     bound_radius: f32,
 }
 
+/// Candidate objects per screen tile (see [`Scene::bin_objects`]).
+pub struct TileBins {
+    tile: usize,
+    tiles_across: usize,
+    bins: Vec<Vec<u16>>,
+}
+
+impl TileBins {
+    /// Object indices that may be hit by rays through pixel (x, y) or within half a pixel of it.
+    #[inline]
+    pub fn at(&self, x: usize, y: usize) -> &[u16] {
+        &self.bins[(y / self.tile) * self.tiles_across + x / self.tile]
+    }
+}
+
 /// A ray hit: distance along the (unnormalised) ray, unit normal facing the ray, surface coordinates.
 #[derive(Debug, Clone, Copy)]
 pub struct Hit {
@@ -386,33 +401,111 @@ impl Scene {
         }
     }
 
-    /// Nearest hit along `o + t·d` (d unnormalised), t > `t_min`.
+    /// Nearest hit along `o + t·d` (d unnormalised), t > `t_min`, among all objects.
     #[inline]
     pub fn intersect(&self, o: &V3, d: &V3, t_min: f32) -> Option<Hit> {
+        self.intersect_among(o, d, t_min, 0..self.objects.len())
+    }
+
+    /// Nearest hit among the objects with the given indices.
+    #[inline]
+    pub fn intersect_among(
+        &self,
+        o: &V3,
+        d: &V3,
+        t_min: f32,
+        candidates: impl IntoIterator<Item = usize>,
+    ) -> Option<Hit> {
         let dd = d.norm_squared();
-        let mut best: Option<Hit> = None;
+        let mut best: Option<(f32, V3, f32, f32, usize)> = None;
         let mut t_max = f32::INFINITY;
-        for (i, obj) in self.objects.iter().enumerate() {
+        for i in candidates {
+            let obj = &self.objects[i];
             if let Some((t, normal, su, sv)) = obj.intersect(o, d, dd, t_min, t_max) {
                 t_max = t;
-                let face = match obj.shape {
-                    Shape::RoomBox { .. } => {
-                        let axis = (0..3).find(|&k| normal[k] != 0.0).unwrap_or(0);
-                        (axis * 2 + usize::from(normal[axis] > 0.0)) as u8
-                    }
-                    _ => 0,
-                };
-                best = Some(Hit {
-                    t,
-                    normal,
-                    su,
-                    sv,
-                    object: i as u16,
-                    face,
-                });
+                best = Some((t, normal, su, sv, i));
             }
         }
-        best
+        let (t, normal, su, sv, i) = best?;
+        let face = match self.objects[i].shape {
+            Shape::RoomBox { .. } => {
+                let axis = (0..3).find(|&k| normal[k] != 0.0).unwrap_or(0);
+                (axis * 2 + usize::from(normal[axis] > 0.0)) as u8
+            }
+            _ => 0,
+        };
+        Some(Hit {
+            t,
+            normal,
+            su,
+            sv,
+            object: i as u16,
+            face,
+        })
+    }
+
+    /// For each `tile`×`tile` pixel block of a view, the objects whose bounding sphere may cover it
+    /// (unbounded objects everywhere), so each ray tests only those.
+    pub fn bin_objects(
+        &self,
+        world_from_cam: &crate::frame::Pose,
+        k: &crate::frame::Intrinsics,
+        tile: usize,
+    ) -> TileBins {
+        let (tw, th) = (
+            (k.width as usize).div_ceil(tile),
+            (k.height as usize).div_ceil(tile),
+        );
+        let mut bins = vec![Vec::new(); tw * th];
+        let cam_from_world = world_from_cam.inverse();
+        for (i, obj) in self.objects.iter().enumerate() {
+            let full = (0, 0, tw - 1, th - 1);
+            let range = if obj.bound_radius.is_finite() {
+                let c = cam_from_world
+                    * nalgebra::Point3::new(
+                        f64::from(obj.bound_center.x),
+                        f64::from(obj.bound_center.y),
+                        f64::from(obj.bound_center.z),
+                    );
+                let r = f64::from(obj.bound_radius);
+                if c.z + r <= 1e-3 {
+                    continue; // entirely behind the camera
+                }
+                if c.z - r <= 1e-2 {
+                    Some(full)
+                } else {
+                    let (z0, z1) = (c.z - r, c.z + r);
+                    let ext = |lo: f64, hi: f64, f: f64, pc: f64| {
+                        let a = [lo / z0, lo / z1, hi / z0, hi / z1];
+                        let mn = a.iter().copied().fold(f64::INFINITY, f64::min);
+                        let mx = a.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                        (f * mn + pc - 1.0, f * mx + pc + 1.0)
+                    };
+                    let (u0, u1) = ext(c.x - r, c.x + r, k.fx, k.cx);
+                    let (v0, v1) = ext(c.y - r, c.y + r, k.fy, k.cy);
+                    if u1 < 0.0 || v1 < 0.0 || u0 > f64::from(k.width) || v0 > f64::from(k.height) {
+                        None
+                    } else {
+                        let cl = |v: f64, n: usize| ((v.max(0.0) as usize) / tile).min(n - 1);
+                        Some((cl(u0, tw), cl(v0, th), cl(u1, tw), cl(v1, th)))
+                    }
+                }
+            } else {
+                Some(full)
+            };
+            if let Some((x0, y0, x1, y1)) = range {
+                for ty in y0..=y1 {
+                    for tx in x0..=x1 {
+                        bins[ty * tw + tx].push(i as u16);
+                    }
+                }
+            }
+        }
+        TileBins {
+            tile,
+            tiles_across: tw,
+            bins,
+        }
     }
 
     /// Lambertian shade of a hit for a pixel footprint of `footprint` metres.

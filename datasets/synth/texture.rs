@@ -35,9 +35,21 @@ const DETAIL_GAIN: f32 = 1.2;
 
 /// A mipmapped RGB texture, level 0 = `TILE`×`TILE`.
 pub struct Texture {
-    levels: Vec<Vec<[f32; 3]>>,
+    /// RGB in 1/255 steps, padded to 4 bytes per texel.
+    levels: Vec<Vec<[u8; 4]>>,
     /// Mean luminance (the 1×1 mip level).
     mean: f32,
+}
+
+/// `floor` without a libm call (the baseline x86-64 target has no SSE4.1 `roundss`).
+#[inline]
+fn fast_floor(x: f32) -> f32 {
+    let i = x as i64 as f32;
+    if i > x {
+        i - 1.0
+    } else {
+        i
+    }
 }
 
 #[inline]
@@ -166,22 +178,32 @@ impl Texture {
         }
         let top = levels.last().expect("at least one level")[0];
         let mean = (top[0] + top[1] + top[2]) / 3.0;
+        let q = |v: f32| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+        let levels = levels
+            .into_iter()
+            .map(|l| {
+                l.into_iter()
+                    .map(|c| [q(c[0]), q(c[1]), q(c[2]), 0])
+                    .collect()
+            })
+            .collect();
         Self { levels, mean }
     }
 
     #[inline]
     fn bilinear(&self, level: usize, u: f32, v: f32) -> [f32; 3] {
         let size = TILE >> level;
+        // Sizes are powers of two: wrap with a mask, not a division.
+        let mask = size as i64 - 1;
         let tex = &self.levels[level];
         let x = u * size as f32 - 0.5;
         let y = v * size as f32 - 0.5;
-        let (xf, yf) = (x.floor(), y.floor());
+        let (xf, yf) = (fast_floor(x), fast_floor(y));
         let (fx, fy) = (x - xf, y - yf);
-        let m = size as i64;
-        let x0 = (xf as i64).rem_euclid(m) as usize;
-        let y0 = (yf as i64).rem_euclid(m) as usize;
-        let x1 = (x0 + 1) % size;
-        let y1 = (y0 + 1) % size;
+        let x0 = ((xf as i64) & mask) as usize;
+        let y0 = ((yf as i64) & mask) as usize;
+        let x1 = ((xf as i64 + 1) & mask) as usize;
+        let y1 = ((yf as i64 + 1) & mask) as usize;
         let (a, b, c, d) = (
             tex[y0 * size + x0],
             tex[y0 * size + x1],
@@ -190,9 +212,15 @@ impl Texture {
         );
         let mut out = [0.0; 3];
         for k in 0..3 {
-            let top = a[k] + (b[k] - a[k]) * fx;
-            let bot = c[k] + (d[k] - c[k]) * fx;
-            out[k] = top + (bot - top) * fy;
+            let (a, b, c, d) = (
+                f32::from(a[k]),
+                f32::from(b[k]),
+                f32::from(c[k]),
+                f32::from(d[k]),
+            );
+            let top = a + (b - a) * fx;
+            let bot = c + (d - c) * fx;
+            out[k] = (top + (bot - top) * fy) * (1.0 / 255.0);
         }
         out
     }
@@ -214,6 +242,20 @@ impl Texture {
             (base[1] * m).clamp(0.0, 1.0),
             (base[2] * m).clamp(0.0, 1.0),
         ]
+    }
+
+    /// One bilinear lookup at the nearest mip level (for the detail layer, where popping is invisible).
+    #[inline]
+    fn sample_nearest_level(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
+        let texel = TILE_METRES / TILE as f32;
+        let ratio = (footprint / texel).max(1.0);
+        // Level = round(log2(ratio)) from the float's exponent, no libm call.
+        let level = ((ratio * std::f32::consts::SQRT_2).to_bits() >> 23) as usize - 127;
+        self.bilinear(
+            level.min(self.levels.len() - 1),
+            su / TILE_METRES,
+            sv / TILE_METRES,
+        )
     }
 
     #[inline]
