@@ -393,6 +393,7 @@ impl FlowVo {
             .collect();
         let md = median(&mut disp).unwrap_or(0.0);
         if md < self.config.init_parallax * f64::from(k.width) {
+            log::debug!("flowvo: frame {index}: median displacement {md:.1} px from {reference}, waiting for parallax");
             return Ok(false);
         }
         let Some((cur_from_ref, inliers)) =
