@@ -231,7 +231,7 @@ impl Texture {
     #[inline]
     pub fn sample(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
         let base = self.sample_layer(su, sv, footprint);
-        let d = self.sample_layer(
+        let d = self.sample_nearest_level(
             su * DETAIL_SCALE + 0.37,
             sv * DETAIL_SCALE + 0.71,
             footprint * DETAIL_SCALE,
