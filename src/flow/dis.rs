@@ -1,10 +1,11 @@
 //! Engine `dis`: OpenCV's DIS optical flow made multi-frame.
 //!
-//! For each new frame t, forward flow (t−1 → t) and backward flow (t → t−1) are computed by DIS.
-//! With the temporal prior on (the default), the forward estimate starts from a constant-velocity
-//! prediction: the previous pair's backward flow at the same pixel, negated; the backward estimate
-//! starts from the new forward flow inverted by one fixed-point step. Confidence and occlusion come
-//! from forward–backward consistency. Grey images are made once per frame and kept for the next pair.
+//! For each new frame t, forward flow (t−1 → t) and backward flow (t → t−1) are computed by DIS,
+//! concurrently (one core each; OpenCV's own thread pool is switched off because it spins against
+//! rayon). With the temporal prior on (the default), both start from a constant-velocity
+//! prediction: the previous pair's flows at the same pixel, negated. (OpenCV uses an initial flow
+//! only at its coarsest scale, so the prior matters for large motions.) Confidence and occlusion
+//! come from forward–backward consistency. Grey images are made once per frame and kept.
 //! (OpenCV's DIS API builds its pyramids inside `calc`, so they cannot be shared between pairs.)
 
 use opencv::core::{Mat, Scalar, Vec2f, CV_32FC2, CV_8UC1};
@@ -67,6 +68,8 @@ struct Prev {
     grey: Mat,
     /// Backward flow of the pair that ended at this frame (this frame → the one before).
     bwd: Option<FlowField>,
+    /// Forward flow of that pair (the one before → this frame).
+    fwd: Option<FlowField>,
 }
 
 /// The `dis` engine.
@@ -154,6 +157,8 @@ impl DisEngine {
     /// # Errors
     /// OpenCV cannot create the DIS instances.
     pub fn new(config: DisConfig) -> Result<Self> {
+        // OpenCV's own pool (TBB) spins against rayon on small machines; we parallelise ourselves.
+        opencv::core::set_num_threads(1)?;
         Ok(Self {
             fwd: make_dis(&config)?,
             bwd: make_dis(&config)?,
@@ -178,40 +183,29 @@ impl DisEngine {
         flow_from_mat(&flow)
     }
 
-    /// Flow between two grey images with optional priors, both directions.
+    /// Flow between two grey images, both directions at once (one core each), with optional priors.
     fn pair(
         &mut self,
         a: &Mat,
         b: &Mat,
         fwd_init: Option<&FlowField>,
+        bwd_init: Option<&FlowField>,
     ) -> Result<(FlowField, FlowField)> {
-        let fwd = Self::calc(&mut self.fwd, a, b, fwd_init)?;
-        let bwd_init = self.config.temporal_prior.then(|| invert_one_step(&fwd));
-        let bwd = Self::calc(&mut self.bwd, b, a, bwd_init.as_ref())?;
-        Ok((fwd, bwd))
+        let (fwd_dis, bwd_dis) = (&mut self.fwd, &mut self.bwd);
+        let (fwd, bwd) = rayon::join(
+            || Self::calc(fwd_dis, a, b, fwd_init),
+            || Self::calc(bwd_dis, b, a, bwd_init),
+        );
+        Ok((fwd?, bwd?))
     }
 }
 
-/// Constant-velocity prediction of the next forward flow from the last backward flow.
-fn predict_from_bwd(bwd: &FlowField) -> FlowField {
+fn negated(f: &FlowField) -> FlowField {
     FlowField {
-        width: bwd.width,
-        height: bwd.height,
-        data: bwd.data.iter().map(|v| -v).collect(),
+        width: f.width,
+        height: f.height,
+        data: f.data.iter().map(|v| -v).collect(),
     }
-}
-
-/// Approximate inverse of a flow (one fixed-point step): b(z) ≈ −f(z − f(z)).
-fn invert_one_step(f: &FlowField) -> FlowField {
-    let mut out = FlowField::zeros(f.width, f.height);
-    for y in 0..f.height {
-        for x in 0..f.width {
-            let (u, v) = f.get(x, y);
-            let (u2, v2) = f.sample(x as f32 - u, y as f32 - v).unwrap_or((u, v));
-            out.set(x, y, -u2, -v2);
-        }
-    }
-    out
 }
 
 impl FlowEngine for DisEngine {
@@ -243,21 +237,25 @@ impl FlowEngine for DisEngine {
                 index: frame.index,
                 grey,
                 bwd: None,
+                fwd: None,
             });
             return Ok(Vec::new());
         };
-        let prior = if self.config.temporal_prior {
-            prev.bwd.as_ref().map(predict_from_bwd)
-        } else {
-            None
+        // Constant velocity: the last pair's backward flow, negated, predicts this forward flow, and
+        // its forward flow, negated, this backward flow (both at the same pixel).
+        let (fwd_prior, bwd_prior) = match (&prev.bwd, &prev.fwd) {
+            (Some(b), Some(f)) if self.config.temporal_prior => {
+                (Some(negated(b)), Some(negated(f)))
+            }
+            _ => (None, None),
         };
-        let (fwd, bwd) = self.pair(&prev.grey, &grey, prior.as_ref())?;
+        let (fwd, bwd) = self.pair(&prev.grey, &grey, fwd_prior.as_ref(), bwd_prior.as_ref())?;
         let ((fwd_conf, fwd_occ), (bwd_conf, bwd_occ)) =
             rayon::join(|| fb_consistency(&fwd, &bwd), || fb_consistency(&bwd, &fwd));
         let out = PairFlow {
             from: prev.index,
             to: frame.index,
-            fwd,
+            fwd: fwd.clone(),
             bwd: bwd.clone(),
             fwd_conf,
             bwd_conf,
@@ -268,6 +266,7 @@ impl FlowEngine for DisEngine {
             index: frame.index,
             grey,
             bwd: Some(bwd),
+            fwd: Some(fwd),
         });
         Ok(vec![out])
     }
