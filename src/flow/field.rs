@@ -43,8 +43,8 @@ pub fn bilinear2(data: &[f32], width: usize, height: usize, x: f32, y: f32) -> O
     if !(x >= 0.0 && y >= 0.0 && x <= (width - 1) as f32 && y <= (height - 1) as f32) {
         return None;
     }
-    let x0 = (x.floor() as usize).min(width.saturating_sub(2));
-    let y0 = (y.floor() as usize).min(height.saturating_sub(2));
+    let x0 = (x as usize).min(width.saturating_sub(2)); // x ≥ 0: truncation is floor
+    let y0 = (y as usize).min(height.saturating_sub(2));
     let x1 = (x0 + 1).min(width - 1);
     let y1 = (y0 + 1).min(height - 1);
     let fx = x - x0 as f32;
@@ -70,8 +70,8 @@ pub fn bilinear1(data: &[f32], width: usize, height: usize, x: f32, y: f32) -> O
     if !(x >= 0.0 && y >= 0.0 && x <= (width - 1) as f32 && y <= (height - 1) as f32) {
         return None;
     }
-    let x0 = (x.floor() as usize).min(width.saturating_sub(2));
-    let y0 = (y.floor() as usize).min(height.saturating_sub(2));
+    let x0 = (x as usize).min(width.saturating_sub(2)); // x ≥ 0: truncation is floor
+    let y0 = (y as usize).min(height.saturating_sub(2));
     let x1 = (x0 + 1).min(width - 1);
     let y1 = (y0 + 1).min(height - 1);
     let fx = x - x0 as f32;

@@ -21,7 +21,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::cv;
-use super::triangulate::midpoint;
+use super::triangulate::{midpoint, midpoint_cos};
 use super::{FrameGeometry, GeometryEngine, GeometryStats};
 use crate::error::{Error, Result};
 use crate::flow::{FlowField, PairFlow};
@@ -54,7 +54,7 @@ pub struct FlowVoConfig {
     pub keyframe_parallax: f64,
     /// …or fewer than this fraction of the last keyframe's mapped tracks survive.
     pub keyframe_tracked_fraction: f64,
-    /// Ray angle at which dense depth confidence reaches 1 − 1/e, degrees.
+    /// Ray angle at which dense depth confidence (before the flow's own) reaches 0.5, degrees.
     pub depth_angle_deg: f64,
     /// Median scene depth the first segment is scaled to.
     pub initial_median_depth: f64,
@@ -93,60 +93,124 @@ struct Track {
     mapped_at_keyframe: bool,
 }
 
-/// Dense map from the current frame's pixels to a keyframe's pixels, with chained confidence.
+/// Dense map from the current frame's pixels to a keyframe's pixels, with chained confidence,
+/// stored interleaved per pixel as (Δx, Δy, confidence) so one bilinear lookup reads all three.
 struct Chain {
     key: u64,
-    map: FlowField,
-    conf: Vec<f32>,
+    width: usize,
+    height: usize,
+    data: Vec<f32>,
+    /// The next state is written here, then swapped in (no allocation per frame).
+    scratch: Vec<f32>,
 }
 
 impl Chain {
     fn new(key: u64, w: usize, h: usize) -> Self {
+        let mut data = vec![0.0f32; w * h * 3];
+        for px in data.chunks_exact_mut(3) {
+            px[2] = 1.0;
+        }
         Self {
             key,
-            map: FlowField::zeros(w, h),
-            conf: vec![1.0; w * h],
+            width: w,
+            height: h,
+            scratch: vec![0.0; data.len()],
+            data,
         }
     }
 
-    /// Extends the chain by one frame with the backward flow (t → t−1) and its confidence.
-    fn advance(&mut self, bwd: &FlowField, bwd_conf: &[f32]) {
-        let (w, h) = (bwd.width, bwd.height);
-        let mut map = FlowField::zeros(w, h);
-        let mut conf = vec![0.0f32; w * h];
-        let old = &self.map;
-        let old_conf = &self.conf;
-        map.data
-            .par_chunks_mut(2 * w)
-            .zip(conf.par_chunks_mut(w))
-            .enumerate()
-            .for_each(|(y, (mr, cr))| {
-                for x in 0..w {
-                    let (bu, bv) = bwd.get(x, y);
-                    let (px, py) = (x as f32 + bu, y as f32 + bv);
-                    if let (Some((ou, ov)), Some(oc)) = (
-                        old.sample(px, py),
-                        crate::flow::bilinear1(old_conf, w, h, px, py),
-                    ) {
-                        mr[2 * x] = bu + ou;
-                        mr[2 * x + 1] = bv + ov;
-                        cr[x] = bwd_conf[y * w + x] * oc;
+    #[inline]
+    fn get(&self, x: usize, y: usize) -> (f32, f32, f32) {
+        let i = (y * self.width + x) * 3;
+        (self.data[i], self.data[i + 1], self.data[i + 2])
+    }
+
+    /// Bilinear sample of (Δx, Δy, confidence); `None` outside.
+    #[inline]
+    fn sample(&self, x: f32, y: f32) -> Option<[f32; 3]> {
+        let (w, h) = (self.width, self.height);
+        if !(x >= 0.0 && y >= 0.0 && x <= (w - 1) as f32 && y <= (h - 1) as f32) {
+            return None;
+        }
+        // x, y ≥ 0: truncation is floor.
+        let x0 = (x as usize).min(w.saturating_sub(2));
+        let y0 = (y as usize).min(h.saturating_sub(2));
+        let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+        let i00 = (y0 * w + x0) * 3;
+        let i10 = i00 + 3;
+        let i01 = i00 + w * 3;
+        let i11 = i01 + 3;
+        let d = &self.data;
+        let mut out = [0.0f32; 3];
+        for k in 0..3 {
+            let top = d[i00 + k] + (d[i10 + k] - d[i00 + k]) * fx;
+            let bot = d[i01 + k] + (d[i11 + k] - d[i01 + k]) * fx;
+            out[k] = top + (bot - top) * fy;
+        }
+        Some(out)
+    }
+
+    /// Extends chains by one frame with the backward flow (t → t−1) and its confidence, in one
+    /// pass over the flow for all of them.
+    fn advance_all(chains: &mut [&mut Chain], bwd: &FlowField, bwd_conf: &[f32]) {
+        let w = bwd.width;
+        for c in chains.iter_mut() {
+            std::mem::swap(&mut c.data, &mut c.scratch);
+        }
+        // `scratch` now holds the previous state; `data` receives the new one.
+        let olds: Vec<Chain> = chains
+            .iter_mut()
+            .map(|c| Chain {
+                key: c.key,
+                width: c.width,
+                height: c.height,
+                data: std::mem::take(&mut c.scratch),
+                scratch: Vec::new(),
+            })
+            .collect();
+        {
+            let mut outs: Vec<&mut [f32]> =
+                chains.iter_mut().map(|c| c.data.as_mut_slice()).collect();
+            let rows: Vec<Vec<&mut [f32]>> = {
+                let mut per_chain: Vec<std::slice::ChunksMut<'_, f32>> =
+                    outs.iter_mut().map(|o| o.chunks_mut(3 * w)).collect();
+                (0..bwd.height)
+                    .map(|_| per_chain.iter_mut().filter_map(Iterator::next).collect())
+                    .collect()
+            };
+            rows.into_par_iter()
+                .enumerate()
+                .for_each(|(y, mut row_outs)| {
+                    for x in 0..w {
+                        let (bu, bv) = bwd.get(x, y);
+                        let bc = bwd_conf[y * w + x];
+                        let (px, py) = (x as f32 + bu, y as f32 + bv);
+                        for (old, out) in olds.iter().zip(row_outs.iter_mut()) {
+                            let o = &mut out[3 * x..3 * x + 3];
+                            match old.sample(px, py) {
+                                Some([ou, ov, oc]) => {
+                                    o[0] = bu + ou;
+                                    o[1] = bv + ov;
+                                    o[2] = bc * oc;
+                                }
+                                None => o.copy_from_slice(&[0.0, 0.0, 0.0]),
+                            }
+                        }
                     }
-                }
-            });
-        self.map = map;
-        self.conf = conf;
+                });
+        }
+        for (c, old) in chains.iter_mut().zip(olds) {
+            c.scratch = old.data;
+        }
     }
 
     fn median_displacement(&self) -> f64 {
         let mut m: Vec<f32> = self
-            .map
             .data
-            .chunks_exact(2)
-            .zip(&self.conf)
-            .filter(|(_, c)| **c > 0.3)
+            .chunks_exact(3)
+            .filter(|d| d[2] > 0.3)
             .step_by(7)
-            .map(|(d, _)| (d[0] * d[0] + d[1] * d[1]).sqrt())
+            .map(|d| (d[0] * d[0] + d[1] * d[1]).sqrt())
             .collect();
         if m.is_empty() {
             return 0.0;
@@ -532,21 +596,24 @@ impl FlowVo {
         let oc = Point3::from(cur.translation.vector);
         let ok = Point3::from(key.translation.vector);
         let cam_from_world = cur.inverse();
+        let (rc, rk) = (
+            cur.rotation.to_rotation_matrix(),
+            key.rotation.to_rotation_matrix(),
+        );
         depth
             .par_chunks_mut(w)
             .zip(conf.par_chunks_mut(w))
             .enumerate()
             .for_each(|(y, (dr, cr))| {
                 for x in 0..w {
-                    let c = chain.conf[y * w + x];
+                    let (u, v, c) = chain.get(x, y);
                     if c <= 0.05 {
                         continue;
                     }
-                    let (u, v) = chain.map.get(x, y);
-                    let dc = cur.rotation * Self::bearing(&k, x as f64, y as f64);
-                    let dk = key.rotation
-                        * Self::bearing(&k, x as f64 + f64::from(u), y as f64 + f64::from(v));
-                    let Some((p, ang)) = midpoint(&oc, &dc, &ok, &dk) else {
+                    let dc = rc * Self::bearing(&k, x as f64, y as f64);
+                    let dk =
+                        rk * Self::bearing(&k, x as f64 + f64::from(u), y as f64 + f64::from(v));
+                    let Some((p, cos)) = midpoint_cos(&oc, &dc, &ok, &dk) else {
                         continue;
                     };
                     let z = (cam_from_world * p).z;
@@ -554,7 +621,9 @@ impl FlowVo {
                         continue;
                     }
                     dr[x] = z as f32;
-                    cr[x] = (f64::from(c) * (1.0 - (-(ang / theta0).powi(2)).exp())) as f32;
+                    // angle² ≈ 2(1 − cos) for small angles; a rational ramp instead of 1 − exp(−a²/θ0²).
+                    let a2 = 2.0 * (1.0 - cos);
+                    cr[x] = (f64::from(c) * a2 / (a2 + theta0 * theta0)) as f32;
                 }
             });
         Some((depth, conf))
@@ -670,10 +739,15 @@ impl FlowVo {
             .map_or(f64::INFINITY, Chain::median_displacement);
         let is_keyframe = disp > self.config.keyframe_parallax * f64::from(k.width)
             || lost_fraction > 1.0 - self.config.keyframe_tracked_fraction;
+        let t_depth = std::time::Instant::now();
         let depth = self
             .chain_old
             .as_ref()
             .and_then(|c| self.dense_depth(index, c));
+        log::debug!(
+            "flowvo: frame {index}: dense depth {:.1} ms",
+            t_depth.elapsed().as_secs_f64() * 1e3
+        );
         let (w, h) = (frame.width() as usize, frame.height() as usize);
         let cell = self.grid_cell(w);
         let cells = w.div_ceil(cell) * h.div_ceil(cell);
@@ -844,6 +918,7 @@ impl GeometryEngine for FlowVo {
             self.lose_tracking(frame);
             return Ok(out);
         };
+        let t_start = std::time::Instant::now();
         let before = self.tracks.len();
         self.advance_tracks(flow, frame.index);
         log::debug!(
@@ -851,12 +926,16 @@ impl GeometryEngine for FlowVo {
             frame.index,
             self.tracks.len()
         );
-        for c in [self.chain_old.as_mut(), self.chain_new.as_mut()]
+        let mut chains: Vec<&mut Chain> = [self.chain_old.as_mut(), self.chain_new.as_mut()]
             .into_iter()
             .flatten()
-        {
-            c.advance(&flow.bwd, &flow.bwd_conf);
-        }
+            .collect();
+        Chain::advance_all(&mut chains, &flow.bwd, &flow.bwd_conf);
+        log::debug!(
+            "flowvo: frame {}: tracks + chains {:.1} ms",
+            frame.index,
+            t_start.elapsed().as_secs_f64() * 1e3
+        );
         match std::mem::replace(&mut self.phase, Phase::Tracking) {
             Phase::Initializing {
                 reference,
