@@ -130,6 +130,17 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
     };
     let irgb = col("rgb").or_else(|| col("rgba"));
     let body = &bytes[pos..];
+    // The header's count is only trusted as far as the body can hold that many points.
+    let stride: usize = fields.iter().map(|f| f.size * f.count).sum();
+    let max_points = match data {
+        PcdData::Ascii => body.len() / 2 + 1,
+        PcdData::Binary => body.len() / stride.max(1),
+        // LZF expands at most ~100×.
+        PcdData::BinaryCompressed => body.len().saturating_mul(128) / stride.max(1) + 1,
+    };
+    if n > max_points {
+        return Err(bad("point count exceeds the data"));
+    }
     let mut xyz = vec![[0f32; 3]; n];
     let mut colors = irgb.map(|_| vec![[0u8; 3]; n]);
     let unpack = |bits: u32| {

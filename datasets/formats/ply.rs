@@ -195,7 +195,16 @@ pub fn ply_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
     let n = first.count;
     let nprops = first.props.len();
     let body = &bytes[end + "end_header\n".len()..];
-    let mut rows: Vec<f64> = Vec::with_capacity(n.min(1 << 26) * nprops);
+    // The header's count is only trusted as far as the body can hold that many vertices.
+    let max_rows = if enc == Encoding::Ascii {
+        body.len() / 2 + 1
+    } else {
+        body.len()
+    };
+    if n > max_rows {
+        return Err(bad("vertex count exceeds the data"));
+    }
+    let mut rows: Vec<f64> = Vec::with_capacity(n * nprops);
     if enc == Encoding::Ascii {
         let text = std::str::from_utf8(body).map_err(|_| bad("ascii body is not text"))?;
         let mut lines = text.lines().filter(|l| !l.trim().is_empty());
