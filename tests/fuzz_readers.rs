@@ -57,7 +57,7 @@ fn mutate(rng: &mut rand_pcg::Pcg64, base: &[u8]) -> Vec<u8> {
         _ => {
             b = (0..rng.random_range(0..256))
                 .map(|_| rng.random())
-                .collect()
+                .collect();
         }
     }
     b
