@@ -331,3 +331,70 @@ fn video_files_are_read_with_stride_and_resize() {
     assert_eq!(intr["original"]["width"], 160);
     assert_eq!(intr["model"]["width"], 80);
 }
+
+#[test]
+fn stream_urls_are_read_as_live_sources() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = image_folder(dir.path(), 20);
+    let video = dir.path().join("clip.avi");
+    let Ok(st) = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-framerate", "30", "-i"])
+        .arg(imgs.join("%06d.png"))
+        .args(["-c:v", "mjpeg", "-q:v", "3"])
+        .arg(&video)
+        .status()
+    else {
+        println!("ffmpeg not installed: URL test skipped");
+        return;
+    };
+    assert!(st.success());
+    // A local HTTP server on a free loopback port, stopped when the test ends.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = std::process::Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--directory",
+        ])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let url = format!("http://127.0.0.1:{port}/clip.avi");
+    let t0 = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "server did not start"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = dir.path().join("out");
+    let o = common::bin()
+        .args(["run", &url, "--out", out.to_str().unwrap()])
+        .output()
+        .unwrap();
+    let _ = server.kill();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run["live"], true);
+    let read = run["frames_read"].as_u64().unwrap();
+    let processed = run["frames_processed"].as_u64().unwrap();
+    let dropped = run["frames_dropped"].as_u64().unwrap();
+    assert_eq!(read, 20, "every frame of the stream was read");
+    assert_eq!(
+        processed + dropped,
+        read,
+        "each frame is processed or counted as dropped"
+    );
+    check_outputs(&out, processed as usize);
+}
