@@ -383,6 +383,7 @@ fn stream_urls_are_read_as_live_sources() {
         .output()
         .unwrap();
     let _ = server.kill();
+    let _ = server.wait();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let run: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();

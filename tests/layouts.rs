@@ -2,6 +2,8 @@
 
 mod common;
 
+use std::fmt::Write as _;
+
 use streamrecon::datasets::formats::{depth, pcd};
 use streamrecon::datasets::layouts::{self, Layout, LayoutWriter};
 use streamrecon::datasets::synth::{SurfaceSampler, SynthWorld, TrajectoryKind};
@@ -156,9 +158,17 @@ fn seven_scenes_folder_is_read_with_poses_and_depth() {
         )
         .unwrap();
         let m = f.view.world_from_cam.to_homogeneous();
-        let text: String = (0..4)
-            .map(|r| format!("{} {} {} {}\n", m[(r, 0)], m[(r, 1)], m[(r, 2)], m[(r, 3)]))
-            .collect();
+        let mut text = String::new();
+        for r in 0..4 {
+            let _ = writeln!(
+                text,
+                "{} {} {} {}",
+                m[(r, 0)],
+                m[(r, 1)],
+                m[(r, 2)],
+                m[(r, 3)]
+            );
+        }
         std::fs::write(format!("{}.pose.txt", base.display()), text).unwrap();
     }
     let spec = SourceSpec::parse(dir.path().to_str().unwrap()).unwrap();
