@@ -15,6 +15,7 @@ use streamrecon::datasets::synth::{
     Degrade, SceneKind, SurfaceSampler, SynthConfig, SynthWorld, TrajectoryKind,
 };
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
+use streamrecon::eval::long3d;
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
@@ -265,6 +266,12 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     Ok((w, h))
 }
 
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
+enum DepthScale {
+    Frame,
+    Sequence,
+}
+
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum FlowFormat {
     Flo,
@@ -309,6 +316,50 @@ enum EvalCommand {
         occ: Option<PathBuf>,
         #[arg(long)]
         out: Option<PathBuf>,
+    },
+    /// The Long3D protocol (as the official InfiniteVGGT script): Acc, Comp, NC of a predicted cloud.
+    Long3d {
+        /// Predicted cloud (.ply or .pcd), in the run's camera/world frame.
+        #[arg(long)]
+        pred: PathBuf,
+        /// Ground-truth map (.pcd or .ply), e.g. dense_cloud_map.pcd.
+        #[arg(long)]
+        gt: PathBuf,
+        /// Camera→LiDAR extrinsic: official, identity, or a file of 16 numbers (row-major 4×4).
+        #[arg(long, default_value = "official")]
+        extrinsic: String,
+        #[arg(long, default_value_t = 0.015)]
+        voxel: f64,
+        /// Factor on rms_gt/rms_pred in the initial scale (the official 0.75; 1.0 for some scenes).
+        #[arg(long, default_value_t = 0.75)]
+        scale_init: f64,
+        #[arg(long, default_value_t = 42)]
+        seed: u64,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Depth metrics (AbsRel, RMSE, δ<1.25) of predicted depth PNGs (mm) against ground truth
+    /// (.npy metres or 16-bit PNG mm), matched by file name.
+    Depth {
+        #[arg(long)]
+        gt: PathBuf,
+        #[arg(long)]
+        pred: PathBuf,
+        /// Median scaling per frame, or one scale for the whole sequence.
+        #[arg(long, value_enum, default_value = "frame")]
+        scale: DepthScale,
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Run the pipeline over a dataset folder (or every dataset inside it) and evaluate poses,
+    /// depth and the reconstruction: metrics.json, metrics.md and plots; finished sequences are skipped.
+    Run {
+        #[arg(long)]
+        dataset: PathBuf,
+        #[arg(long, value_enum, default_value = "flowvo")]
+        geometry: GeometryEngineName,
+        #[arg(long)]
+        out: PathBuf,
     },
     /// ATE / RPE of a TUM trajectory against a TUM ground truth (matched by timestamp).
     Pose {
@@ -441,7 +492,7 @@ fn cmd_synth(a: &SynthArgs) -> Result<()> {
         ..SynthConfig::default()
     };
     let t = std::time::Instant::now();
-    write_sequence(&config, &a.out)?;
+    write_layout(&config, &a.out, a.format)?;
     println!(
         "wrote {} frames to {} in {:.1} s",
         a.frames,
@@ -614,8 +665,165 @@ fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn read_cloud(path: &Path) -> Result<streamrecon::cloud::PointCloud> {
+    match path
+        .extension()
+        .and_then(|e| e.to_str())
+        .map(str::to_ascii_lowercase)
+        .as_deref()
+    {
+        Some("ply") => Ok(streamrecon::datasets::formats::ply::read_ply(path)?),
+        Some("pcd") => Ok(streamrecon::datasets::formats::pcd::read_pcd(path)?),
+        _ => bail!("point clouds must be .ply or .pcd: {}", path.display()),
+    }
+}
+
+fn parse_extrinsic(s: &str) -> Result<[[f64; 4]; 4]> {
+    match s {
+        "official" => Ok(long3d::OFFICIAL_CAM_TO_LIDAR),
+        "identity" => Ok(std::array::from_fn(|r| {
+            std::array::from_fn(|c| if r == c { 1.0 } else { 0.0 })
+        })),
+        file => {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read the extrinsic: {file}"))?;
+            let v: Vec<f64> = text
+                .split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+                .filter(|t| !t.is_empty())
+                .map(str::parse)
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("the extrinsic must be 16 numbers: {file}"))?;
+            if v.len() != 16 || v.iter().any(|x| !x.is_finite()) {
+                bail!("the extrinsic must be 16 finite numbers (row-major 4×4): {file}");
+            }
+            Ok(std::array::from_fn(|r| {
+                std::array::from_fn(|c| v[r * 4 + c])
+            }))
+        }
+    }
+}
+
+fn write_json(value: &impl serde::Serialize, out: Option<&Path>) -> Result<()> {
+    let json = serde_json::to_string_pretty(value)?;
+    println!("{json}");
+    if let Some(o) = out {
+        streamrecon::io_util::write_bytes_atomic(o, json.as_bytes())?;
+    }
+    Ok(())
+}
+
+/// Depth maps of a folder by file stem: `.npy` in metres or 16-bit `.png` in millimetres.
+fn depth_files(dir: &Path) -> Result<std::collections::BTreeMap<String, PathBuf>> {
+    let mut m = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let p = e?.path();
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if ext == "npy" || (ext == "png" && !m.contains_key(&stem(&p))) {
+            m.insert(stem(&p), p);
+        }
+    }
+    Ok(m)
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+fn read_depth_any(p: &Path) -> Result<Vec<f32>> {
+    Ok(if p.extension().is_some_and(|e| e == "npy") {
+        depth_fmt::read_depth_npy(p)?.data
+    } else {
+        depth_fmt::read_depth_png(p, 1000.0)?.data
+    })
+}
+
+fn eval_depth_dirs(
+    gt: &Path,
+    pred: &Path,
+    scale: DepthScale,
+) -> Result<streamrecon::eval::depth::DepthMetrics> {
+    let g = depth_files(gt)?;
+    let p = depth_files(pred)?;
+    let pairs: Vec<(Vec<f32>, Vec<f32>)> = p
+        .iter()
+        .filter_map(|(k, pp)| g.get(k).map(|gp| (gp.clone(), pp.clone())))
+        .map(|(gp, pp)| {
+            let (a, b) = (read_depth_any(&gp)?, read_depth_any(&pp)?);
+            if a.len() != b.len() {
+                bail!("depth sizes differ: {} and {}", gp.display(), pp.display());
+            }
+            Ok((a, b))
+        })
+        .collect::<Result<_>>()?;
+    if pairs.is_empty() {
+        bail!(
+            "no predicted depth in {} matches a ground-truth name in {}",
+            pred.display(),
+            gt.display()
+        );
+    }
+    let seq_scale = {
+        let mut s: Vec<f64> = pairs
+            .iter()
+            .filter_map(|(a, b)| median_scale(a, b, None))
+            .collect();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(1.0)
+    };
+    let mut acc = DepthMetricsAcc::default();
+    for (a, b) in &pairs {
+        let k = match scale {
+            DepthScale::Frame => median_scale(a, b, None).unwrap_or(1.0),
+            DepthScale::Sequence => seq_scale,
+        };
+        acc.add(a, b, k, None);
+    }
+    Ok(acc.finish())
+}
+
 fn cmd_eval(e: &EvalCommand) -> Result<()> {
     match e {
+        EvalCommand::Long3d {
+            pred,
+            gt,
+            extrinsic,
+            voxel,
+            scale_init,
+            seed,
+            out,
+        } => {
+            let cfg = long3d::Long3dConfig {
+                cam_to_lidar: parse_extrinsic(extrinsic)?,
+                voxel: *voxel,
+                scale_init: *scale_init,
+                seed: *seed,
+                ..long3d::Long3dConfig::default()
+            };
+            let (p, g) = (read_cloud(pred)?, read_cloud(gt)?);
+            let t = std::time::Instant::now();
+            let report = long3d::evaluate(&p, &g, &cfg)?;
+            log::info!("Long3D evaluation in {:.1} s", t.elapsed().as_secs_f64());
+            write_json(&report.metrics, out.as_deref())?;
+        }
+        EvalCommand::Depth {
+            gt,
+            pred,
+            scale,
+            out,
+        } => {
+            let m = eval_depth_dirs(gt, pred, *scale)?;
+            write_json(
+                &serde_json::json!({"scale": format!("{scale:?}").to_lowercase(), "metrics": m}),
+                out.as_deref(),
+            )?;
+        }
+        EvalCommand::Run {
+            dataset,
+            geometry,
+            out,
+        } => eval_run(dataset, *geometry, out)?,
         EvalCommand::Flow { gt, pred, occ, out } => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(gt)
                 .with_context(|| format!("cannot list {}", gt.display()))?
@@ -702,5 +910,252 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Per-sequence results of `eval run`.
+#[derive(serde::Serialize, serde::Deserialize, Clone)]
+struct SequenceMetrics {
+    sequence: String,
+    frames: u64,
+    fps: f64,
+    frames_tracked: u64,
+    map_segments: u32,
+    pose: Option<serde_json::Value>,
+    depth: Option<serde_json::Value>,
+    long3d: Option<serde_json::Value>,
+}
+
+/// Whether `dir` is a sequence `eval run` can score: the native layout, or Long3D with poses.txt.
+fn is_scorable(dir: &Path) -> bool {
+    NativeDataset::detect(dir)
+        || (streamrecon::datasets::layouts::detect(dir) == Some(Layout::Long3d)
+            && dir.join("poses.txt").is_file())
+}
+
+/// The sequences under `dir`: itself if it is one, else its subfolders that are.
+fn sequences(dir: &Path) -> Result<Vec<PathBuf>> {
+    if is_scorable(dir) {
+        return Ok(vec![dir.to_path_buf()]);
+    }
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| is_scorable(p))
+        .collect();
+    v.sort();
+    if v.is_empty() {
+        bail!(
+            "no sequence (native layout, or Long3D layout with poses.txt) in or under {}",
+            dir.display()
+        );
+    }
+    Ok(v)
+}
+
+fn eval_sequence(seq: &Path, geometry: GeometryEngineName, out: &Path) -> Result<SequenceMetrics> {
+    let name = seq
+        .file_name()
+        .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
+    let run_dir = out.join("run");
+    let engines = EngineFlags {
+        flow: FlowEngineName::Dis,
+        preset: DisPreset::Fast,
+        no_temporal_prior: false,
+        geometry,
+        weights: None,
+        voxel: 0.01,
+        max_points: 2_000_000,
+        depth_every: 1,
+    };
+    let config = engines.pipeline_config(Some(run_dir.clone()), RerunTarget::default(), true)?;
+    let native = NativeDataset::detect(seq);
+    let spec = if native {
+        SourceSpec::Dataset(seq.to_path_buf())
+    } else {
+        SourceSpec::Benchmark(
+            seq.to_path_buf(),
+            streamrecon::source::BenchmarkKind::Long3d,
+        )
+    };
+    let source = Source::open(&spec, SourceOptions::default())?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let outcome = pipeline::run(source, &config, &stop)?;
+    if let Some(e) = outcome.error {
+        return Err(anyhow::Error::new(e).context(format!("running {}", seq.display())));
+    }
+    let gt_poses = tum::read_tum(&seq.join("poses.txt"))?;
+    let gt: Vec<_> = outcome
+        .trajectory
+        .iter()
+        .map(|t| {
+            gt_poses
+                .get(t.source_index as usize)
+                .map(|p| p.world_from_cam)
+                .with_context(|| {
+                    format!(
+                        "poses.txt has no pose for frame {}: {}",
+                        t.source_index,
+                        seq.display()
+                    )
+                })
+        })
+        .collect::<Result<_>>()?;
+    let est: Vec<_> = outcome
+        .trajectory
+        .iter()
+        .map(|t| t.world_from_cam)
+        .collect();
+    let pm = pose_metrics(&gt, &est, 1)?;
+    // Plots: top view (x, z) and ATE over time.
+    let cg: Vec<nalgebra::Point3<f64>> = gt.iter().map(|p| p.translation.vector.into()).collect();
+    let ce: Vec<nalgebra::Point3<f64>> = est.iter().map(|p| p.translation.vector.into()).collect();
+    let sim = streamrecon::eval::pose::umeyama(&ce, &cg, true)?;
+    let aligned: Vec<nalgebra::Point3<f64>> = ce.iter().map(|p| sim.apply(p)).collect();
+    let top_gt: Vec<(f64, f64)> = cg.iter().map(|p| (p.x, p.z)).collect();
+    let top_est: Vec<(f64, f64)> = aligned.iter().map(|p| (p.x, p.z)).collect();
+    let err: Vec<(f64, f64)> = aligned
+        .iter()
+        .zip(&cg)
+        .enumerate()
+        .map(|(i, (a, g))| (i as f64, (a - g).norm()))
+        .collect();
+    use streamrecon::eval::plot::{plot, Series};
+    let top = plot(
+        &[
+            Series {
+                points: &top_gt,
+                color: [0, 0, 0],
+            },
+            Series {
+                points: &top_est,
+                color: [220, 40, 40],
+            },
+        ],
+        640,
+        640,
+        true,
+    );
+    streamrecon::io_util::write_bytes_atomic(
+        &out.join("trajectory_top.png"),
+        &streamrecon::datasets::native::rgb_png_bytes(&top),
+    )?;
+    let errp = plot(
+        &[Series {
+            points: &err,
+            color: [40, 40, 220],
+        }],
+        800,
+        300,
+        false,
+    );
+    streamrecon::io_util::write_bytes_atomic(
+        &out.join("ate_over_time.png"),
+        &streamrecon::datasets::native::rgb_png_bytes(&errp),
+    )?;
+    let depth = native
+        .then(|| {
+            eval_depth_dirs(
+                &seq.join("depth"),
+                &run_dir.join("depth"),
+                DepthScale::Frame,
+            )
+            .ok()
+        })
+        .flatten();
+    // Reconstruction: the fused cloud moved into the GT world by the trajectory's Sim(3), then the
+    // Long3D protocol with an identity extrinsic, starting ICP from that alignment (the official
+    // centroid re-centring would undo it where the clouds' coverage differs).
+    let gt_cloud = if native {
+        streamrecon::datasets::formats::ply::read_ply(&seq.join("gt_points.ply")).ok()
+    } else {
+        streamrecon::datasets::formats::pcd::read_pcd(&seq.join("dense_cloud_map.pcd")).ok()
+    }
+    .filter(|c| !c.is_empty());
+    let long3d = match gt_cloud {
+        Some(gc) if !outcome.cloud.is_empty() => {
+            let mut pc = outcome.cloud.clone();
+            for p in &mut pc.points {
+                let q = sim.apply(&nalgebra::Point3::new(
+                    f64::from(p[0]),
+                    f64::from(p[1]),
+                    f64::from(p[2]),
+                ));
+                *p = [q.x as f32, q.y as f32, q.z as f32];
+            }
+            let cfg = long3d::Long3dConfig {
+                cam_to_lidar: parse_extrinsic("identity")?,
+                centre_init: false,
+                ..long3d::Long3dConfig::default()
+            };
+            long3d::evaluate(&pc, &gc, &cfg)
+                .ok()
+                .map(|r| serde_json::to_value(r.metrics))
+                .transpose()?
+        }
+        _ => None,
+    };
+    Ok(SequenceMetrics {
+        sequence: name,
+        frames: outcome.summary.frames_processed,
+        fps: outcome.summary.fps,
+        frames_tracked: outcome.summary.frames_tracked,
+        map_segments: outcome.summary.map_segments,
+        pose: Some(serde_json::to_value(pm)?),
+        depth: depth.map(serde_json::to_value).transpose()?,
+        long3d,
+    })
+}
+
+fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path) -> Result<()> {
+    streamrecon::io_util::create_dir(out)?;
+    let mut all = Vec::new();
+    for seq in sequences(dataset)? {
+        let name = seq
+            .file_name()
+            .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
+        let dir = out.join(&name);
+        let done = dir.join("metrics.json");
+        let m: SequenceMetrics = if let Ok(bytes) = std::fs::read(&done) {
+            println!("{name}: already evaluated, skipped");
+            serde_json::from_slice(&bytes).with_context(|| format!("corrupt {}", done.display()))?
+        } else {
+            println!("{name}: running");
+            streamrecon::io_util::create_dir(&dir)?;
+            let m = eval_sequence(&seq, geometry, &dir)?;
+            streamrecon::io_util::write_bytes_atomic(&done, &serde_json::to_vec_pretty(&m)?)?;
+            m
+        };
+        all.push(m);
+    }
+    streamrecon::io_util::write_bytes_atomic(
+        &out.join("metrics.json"),
+        &serde_json::to_vec_pretty(&all)?,
+    )?;
+    let f = |v: &Option<serde_json::Value>, k: &str| {
+        v.as_ref()
+            .and_then(|v| v[k].as_f64())
+            .map_or("–".to_string(), |x| format!("{x:.4}"))
+    };
+    let mut md = String::from("| sequence | frames | tracked | fps | ATE RMSE | ATE / length | RPE trans | AbsRel | δ<1.25 | Acc | Comp | NC |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    for m in &all {
+        md.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            m.sequence,
+            m.frames,
+            m.frames_tracked,
+            m.fps,
+            f(&m.pose, "ate_rmse"),
+            f(&m.pose, "ate_rmse_over_length"),
+            f(&m.pose, "rpe_trans_rmse"),
+            f(&m.depth, "abs_rel"),
+            f(&m.depth, "delta_1_25"),
+            f(&m.long3d, "Acc"),
+            f(&m.long3d, "Comp"),
+            f(&m.long3d, "NC_mean"),
+        ));
+    }
+    streamrecon::io_util::write_bytes_atomic(&out.join("metrics.md"), md.as_bytes())?;
+    print!("{md}");
     Ok(())
 }

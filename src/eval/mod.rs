@@ -2,4 +2,6 @@
 //! (see [`crate::flow::metrics`]).
 
 pub mod depth;
+pub mod long3d;
+pub mod plot;
 pub mod pose;
