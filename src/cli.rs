@@ -1,5 +1,6 @@
 //! Argument parsing and the subcommands.
 
+use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,6 +17,7 @@ use streamrecon::datasets::synth::{
 };
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::long3d;
+use streamrecon::eval::plot::{plot, Series};
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
@@ -1020,7 +1022,6 @@ fn eval_sequence(seq: &Path, geometry: GeometryEngineName, out: &Path) -> Result
         .enumerate()
         .map(|(i, (a, g))| (i as f64, (a - g).norm()))
         .collect();
-    use streamrecon::eval::plot::{plot, Series};
     let top = plot(
         &[
             Series {
@@ -1139,8 +1140,9 @@ fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path) -> Result<
     };
     let mut md = String::from("| sequence | frames | tracked | fps | ATE RMSE | ATE / length | RPE trans | AbsRel | δ<1.25 | Acc | Comp | NC |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     for m in &all {
-        md.push_str(&format!(
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
             m.sequence,
             m.frames,
             m.frames_tracked,
@@ -1153,7 +1155,7 @@ fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path) -> Result<
             f(&m.long3d, "Acc"),
             f(&m.long3d, "Comp"),
             f(&m.long3d, "NC_mean"),
-        ));
+        );
     }
     streamrecon::io_util::write_bytes_atomic(&out.join("metrics.md"), md.as_bytes())?;
     print!("{md}");

@@ -31,7 +31,8 @@ use serde::{Deserialize, Serialize};
 use crate::cloud::PointCloud;
 use crate::error::{Error, Result};
 
-/// The official camera→LiDAR extrinsic of the Long3D release.
+/// The official camera→LiDAR extrinsic of the Long3D release (digits as published).
+#[allow(clippy::unreadable_literal)]
 pub const OFFICIAL_CAM_TO_LIDAR: [[f64; 4]; 4] = [
     [-0.012577, -0.999915, -0.003397, -0.03],
     [0.345639, -0.001159, -0.938367, -0.04],
@@ -151,8 +152,8 @@ pub fn voxel_down_sample(points: &[P], voxel: f64) -> Vec<P> {
             ((p[2] - origin[2]) / voxel).floor() as i64,
         ];
         let e = cells.entry(key).or_insert(([0.0; 3], 0));
-        for k in 0..3 {
-            e.0[k] += p[k];
+        for (acc, v) in e.0.iter_mut().zip(p) {
+            *acc += v;
         }
         e.1 += 1;
     }
