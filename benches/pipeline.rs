@@ -2,8 +2,8 @@
 //! file, on a pre-rendered synthetic 640×480 sequence; then RSS over a long `loop` sequence
 //! streamed straight from the renderer (RSS at 10 % of the frames vs the end).
 //!
-//! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES]]` (defaults 300 and 2000; the memory
-//! figure in the issues uses 10000).
+//! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES [MAX_POINTS]]]` (defaults 300, 2000 and
+//! 2,000,000; the memory figure in the issues uses 10000).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -28,6 +28,7 @@ fn main() {
         .collect();
     let frames = nums.first().copied().unwrap_or(300);
     let long = nums.get(1).copied().unwrap_or(2000);
+    let cap = nums.get(2).copied().unwrap_or(2_000_000);
     let dir = tempfile::tempdir().expect("temp dir");
     let seq = dir.path().join("seq");
     let world = SynthWorld::new(SynthConfig {
@@ -86,7 +87,10 @@ fn main() {
     });
     let mut flow = DisEngine::new(DisConfig::default()).expect("dis");
     let mut vo = FlowVo::new(FlowVoConfig::default());
-    let mut fusion = Fusion::new(FusionConfig::default());
+    let mut fusion = Fusion::new(FusionConfig {
+        max_points: cap,
+        ..FusionConfig::default()
+    });
     let mut rss_early = 0.0;
     let t = Instant::now();
     for f in world.frames() {

@@ -362,6 +362,9 @@ enum EvalCommand {
         geometry: GeometryEngineName,
         #[arg(long)]
         out: PathBuf,
+        /// The predicted cloud is built from every N-th frame's depth map (the official protocol: 10).
+        #[arg(long, default_value_t = 10)]
+        stride: u64,
     },
     /// ATE / RPE of a TUM trajectory against a TUM ground truth (matched by timestamp).
     Pose {
@@ -825,7 +828,8 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
             dataset,
             geometry,
             out,
-        } => eval_run(dataset, *geometry, out)?,
+            stride,
+        } => eval_run(dataset, *geometry, out, *stride)?,
         EvalCommand::Flow { gt, pred, occ, out } => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(gt)
                 .with_context(|| format!("cannot list {}", gt.display()))?
@@ -928,6 +932,37 @@ struct SequenceMetrics {
     long3d: Option<serde_json::Value>,
 }
 
+/// The predicted cloud as the official protocol builds it: every `stride`-th frame's depth map
+/// (confident pixels, as written by the run) lifted to the world with that frame's pose.
+fn cloud_from_depth_maps(
+    run_dir: &Path,
+    outcome: &RunOutcome,
+    stride: u64,
+) -> Result<streamrecon::cloud::PointCloud> {
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run_dir.join("intrinsics.json"))?)?;
+    let k: streamrecon::frame::Intrinsics = serde_json::from_value(report["model"].clone())?;
+    let mut points = Vec::new();
+    for t in outcome
+        .trajectory
+        .iter()
+        .filter(|t| t.index.is_multiple_of(stride.max(1)))
+    {
+        let p = run_dir.join("depth").join(format!("{:06}.png", t.index));
+        let Ok(d) = depth_fmt::read_depth_png(&p, 1000.0) else {
+            continue;
+        };
+        for (i, &z) in d.data.iter().enumerate() {
+            if z > 0.0 {
+                let (x, y) = ((i % d.width) as f64, (i / d.width) as f64);
+                let w = t.world_from_cam * k.unproject(x, y, f64::from(z));
+                points.push([w.x as f32, w.y as f32, w.z as f32]);
+            }
+        }
+    }
+    Ok(streamrecon::cloud::PointCloud::from_points(points))
+}
+
 /// Whether `dir` is a sequence `eval run` can score: the native layout, or Long3D with poses.txt.
 fn is_scorable(dir: &Path) -> bool {
     NativeDataset::detect(dir)
@@ -955,7 +990,12 @@ fn sequences(dir: &Path) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
-fn eval_sequence(seq: &Path, geometry: GeometryEngineName, out: &Path) -> Result<SequenceMetrics> {
+fn eval_sequence(
+    seq: &Path,
+    geometry: GeometryEngineName,
+    out: &Path,
+    stride: u64,
+) -> Result<SequenceMetrics> {
     let name = seq
         .file_name()
         .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
@@ -1073,9 +1113,10 @@ fn eval_sequence(seq: &Path, geometry: GeometryEngineName, out: &Path) -> Result
         streamrecon::datasets::formats::pcd::read_pcd(&seq.join("dense_cloud_map.pcd")).ok()
     }
     .filter(|c| !c.is_empty());
+    let pred_cloud = cloud_from_depth_maps(&run_dir, &outcome, stride)?;
     let long3d = match gt_cloud {
-        Some(gc) if !outcome.cloud.is_empty() => {
-            let mut pc = outcome.cloud.clone();
+        Some(gc) if !pred_cloud.is_empty() => {
+            let mut pc = pred_cloud;
             for p in &mut pc.points {
                 let q = sim.apply(&nalgebra::Point3::new(
                     f64::from(p[0]),
@@ -1108,7 +1149,7 @@ fn eval_sequence(seq: &Path, geometry: GeometryEngineName, out: &Path) -> Result
     })
 }
 
-fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path) -> Result<()> {
+fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path, stride: u64) -> Result<()> {
     streamrecon::io_util::create_dir(out)?;
     let mut all = Vec::new();
     for seq in sequences(dataset)? {
@@ -1123,7 +1164,7 @@ fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path) -> Result<
         } else {
             println!("{name}: running");
             streamrecon::io_util::create_dir(&dir)?;
-            let m = eval_sequence(&seq, geometry, &dir)?;
+            let m = eval_sequence(&seq, geometry, &dir, stride)?;
             streamrecon::io_util::write_bytes_atomic(&done, &serde_json::to_vec_pretty(&m)?)?;
             m
         };
