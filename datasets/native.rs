@@ -20,11 +20,15 @@ pub fn frame_name(i: usize, ext: &str) -> String {
     format!("{i:06}.{ext}")
 }
 
-/// Encodes an RGB image as PNG with fast compression.
+/// Encodes an image as PNG with fast compression (speed matters more than size for datasets).
 ///
 /// # Panics
 /// Never for in-memory output.
-pub fn rgb_png_bytes(img: &image::RgbImage) -> Vec<u8> {
+pub fn png_bytes<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
+where
+    P: image::PixelWithColorType,
+    [P::Subpixel]: image::EncodableLayout,
+{
     let mut out = Vec::new();
     let enc = image::codecs::png::PngEncoder::new_with_quality(
         &mut out,
@@ -34,6 +38,11 @@ pub fn rgb_png_bytes(img: &image::RgbImage) -> Vec<u8> {
     img.write_with_encoder(enc)
         .expect("PNG encoding into memory cannot fail");
     out
+}
+
+/// Encodes an RGB image as PNG with fast compression.
+pub fn rgb_png_bytes(img: &image::RgbImage) -> Vec<u8> {
+    png_bytes(img)
 }
 
 /// Encodes a boolean mask as an 8-bit PNG (255 = true).
@@ -47,15 +56,7 @@ pub fn mask_png_bytes(width: u32, height: u32, mask: &[bool]) -> Vec<u8> {
         mask.iter().map(|&m| if m { 255 } else { 0 }).collect(),
     )
     .expect("mask matches its size");
-    let mut out = Vec::new();
-    let enc = image::codecs::png::PngEncoder::new_with_quality(
-        &mut out,
-        image::codecs::png::CompressionType::Fast,
-        image::codecs::png::FilterType::Sub,
-    );
-    img.write_with_encoder(enc)
-        .expect("PNG encoding into memory cannot fail");
-    out
+    png_bytes(&img)
 }
 
 /// Extra facts about a synthetic sequence.

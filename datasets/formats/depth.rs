@@ -32,15 +32,7 @@ pub fn depth_png_bytes(width: usize, height: usize, data: &[f32]) -> Vec<u8> {
         .collect();
     let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width as u32, height as u32, mm)
         .expect("depth buffer matches its size");
-    let mut out = Vec::new();
-    let enc = image::codecs::png::PngEncoder::new_with_quality(
-        &mut out,
-        image::codecs::png::CompressionType::Fast,
-        image::codecs::png::FilterType::Sub,
-    );
-    img.write_with_encoder(enc)
-        .expect("PNG encoding into memory cannot fail");
-    out
+    crate::datasets::native::png_bytes(&img)
 }
 
 /// Writes a 16-bit millimetre depth PNG atomically.

@@ -12,25 +12,7 @@ pub fn midpoint(
     o2: &Point3<f64>,
     d2: &Vector3<f64>,
 ) -> Option<(Point3<f64>, f64)> {
-    let w0 = o1 - o2;
-    let a = d1.dot(d1);
-    let b = d1.dot(d2);
-    let c = d2.dot(d2);
-    let d = d1.dot(&w0);
-    let e = d2.dot(&w0);
-    let denom = a * c - b * b;
-    if denom.abs() < 1e-12 * a * c {
-        return None;
-    }
-    let s = (b * e - c * d) / denom;
-    let t = (a * e - b * d) / denom;
-    if s <= 0.0 || t <= 0.0 {
-        return None;
-    }
-    let p1 = o1 + d1 * s;
-    let p2 = o2 + d2 * t;
-    let cos = (b / (a * c).sqrt()).clamp(-1.0, 1.0);
-    Some((Point3::from((p1.coords + p2.coords) * 0.5), cos.acos()))
+    midpoint_cos(o1, d1, o2, d2).map(|(p, cos)| (p, cos.acos()))
 }
 
 /// Like [`midpoint`], but returns the cosine of the parallax angle (no `acos`): for dense,
