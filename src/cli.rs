@@ -963,11 +963,10 @@ fn cloud_from_depth_maps(
     Ok(streamrecon::cloud::PointCloud::from_points(points))
 }
 
-/// Whether `dir` is a sequence `eval run` can score: the native layout, or Long3D with poses.txt.
+/// Whether `dir` is a sequence `eval run` can score: the native layout or the Long3D layout.
 fn is_scorable(dir: &Path) -> bool {
     NativeDataset::detect(dir)
-        || (streamrecon::datasets::layouts::detect(dir) == Some(Layout::Long3d)
-            && dir.join("poses.txt").is_file())
+        || streamrecon::datasets::layouts::detect(dir) == Some(Layout::Long3d)
 }
 
 /// The sequences under `dir`: itself if it is one, else its subfolders that are.
@@ -983,7 +982,7 @@ fn sequences(dir: &Path) -> Result<Vec<PathBuf>> {
     v.sort();
     if v.is_empty() {
         bail!(
-            "no sequence (native layout, or Long3D layout with poses.txt) in or under {}",
+            "no sequence (native layout, or Long3D layout with dense_cloud_map.pcd) in or under {}",
             dir.display()
         );
     }
@@ -1026,74 +1025,106 @@ fn eval_sequence(
     if let Some(e) = outcome.error {
         return Err(anyhow::Error::new(e).context(format!("running {}", seq.display())));
     }
-    let gt_poses = tum::read_tum(&seq.join("poses.txt"))?;
-    let gt: Vec<_> = outcome
-        .trajectory
-        .iter()
-        .map(|t| {
-            gt_poses
-                .get(t.source_index as usize)
-                .map(|p| p.world_from_cam)
-                .with_context(|| {
-                    format!(
-                        "poses.txt has no pose for frame {}: {}",
-                        t.source_index,
-                        seq.display()
-                    )
-                })
-        })
-        .collect::<Result<_>>()?;
+    // Ground-truth poses when the sequence has them (synthetic and native sequences; the Long3D
+    // release has only the LiDAR map).
+    let gt_poses = if seq.join("poses.txt").is_file() {
+        Some(tum::read_tum(&seq.join("poses.txt"))?)
+    } else {
+        None
+    };
     let est: Vec<_> = outcome
         .trajectory
         .iter()
         .map(|t| t.world_from_cam)
         .collect();
-    let pm = pose_metrics(&gt, &est, 1)?;
-    // Plots: top view (x, z) and ATE over time.
-    let cg: Vec<nalgebra::Point3<f64>> = gt.iter().map(|p| p.translation.vector.into()).collect();
-    let ce: Vec<nalgebra::Point3<f64>> = est.iter().map(|p| p.translation.vector.into()).collect();
-    let sim = streamrecon::eval::pose::umeyama(&ce, &cg, true)?;
-    let aligned: Vec<nalgebra::Point3<f64>> = ce.iter().map(|p| sim.apply(p)).collect();
-    let top_gt: Vec<(f64, f64)> = cg.iter().map(|p| (p.x, p.z)).collect();
-    let top_est: Vec<(f64, f64)> = aligned.iter().map(|p| (p.x, p.z)).collect();
-    let err: Vec<(f64, f64)> = aligned
-        .iter()
-        .zip(&cg)
-        .enumerate()
-        .map(|(i, (a, g))| (i as f64, (a - g).norm()))
-        .collect();
-    let top = plot(
-        &[
-            Series {
-                points: &top_gt,
-                color: [0, 0, 0],
-            },
-            Series {
+    let mut pose_json = None;
+    let mut sim = None;
+    if let Some(gt_poses) = &gt_poses {
+        let gt: Vec<_> = outcome
+            .trajectory
+            .iter()
+            .map(|t| {
+                gt_poses
+                    .get(t.source_index as usize)
+                    .map(|p| p.world_from_cam)
+                    .with_context(|| {
+                        format!(
+                            "poses.txt has no pose for frame {}: {}",
+                            t.source_index,
+                            seq.display()
+                        )
+                    })
+            })
+            .collect::<Result<_>>()?;
+        let pm = pose_metrics(&gt, &est, 1)?;
+        // Plots: top view (x, z) and ATE over time.
+        let cg: Vec<nalgebra::Point3<f64>> =
+            gt.iter().map(|p| p.translation.vector.into()).collect();
+        let ce: Vec<nalgebra::Point3<f64>> =
+            est.iter().map(|p| p.translation.vector.into()).collect();
+        let s = streamrecon::eval::pose::umeyama(&ce, &cg, true)?;
+        let aligned: Vec<nalgebra::Point3<f64>> = ce.iter().map(|p| s.apply(p)).collect();
+        let top_gt: Vec<(f64, f64)> = cg.iter().map(|p| (p.x, p.z)).collect();
+        let top_est: Vec<(f64, f64)> = aligned.iter().map(|p| (p.x, p.z)).collect();
+        let err: Vec<(f64, f64)> = aligned
+            .iter()
+            .zip(&cg)
+            .enumerate()
+            .map(|(i, (a, g))| (i as f64, (a - g).norm()))
+            .collect();
+        let top = plot(
+            &[
+                Series {
+                    points: &top_gt,
+                    color: [0, 0, 0],
+                },
+                Series {
+                    points: &top_est,
+                    color: [220, 40, 40],
+                },
+            ],
+            640,
+            640,
+            true,
+        );
+        streamrecon::io_util::write_bytes_atomic(
+            &out.join("trajectory_top.png"),
+            &streamrecon::datasets::native::rgb_png_bytes(&top),
+        )?;
+        let errp = plot(
+            &[Series {
+                points: &err,
+                color: [40, 40, 220],
+            }],
+            800,
+            300,
+            false,
+        );
+        streamrecon::io_util::write_bytes_atomic(
+            &out.join("ate_over_time.png"),
+            &streamrecon::datasets::native::rgb_png_bytes(&errp),
+        )?;
+        pose_json = Some(serde_json::to_value(pm)?);
+        sim = Some(s);
+    } else {
+        let top_est: Vec<(f64, f64)> = est
+            .iter()
+            .map(|p| (p.translation.x, p.translation.z))
+            .collect();
+        let top = plot(
+            &[Series {
                 points: &top_est,
                 color: [220, 40, 40],
-            },
-        ],
-        640,
-        640,
-        true,
-    );
-    streamrecon::io_util::write_bytes_atomic(
-        &out.join("trajectory_top.png"),
-        &streamrecon::datasets::native::rgb_png_bytes(&top),
-    )?;
-    let errp = plot(
-        &[Series {
-            points: &err,
-            color: [40, 40, 220],
-        }],
-        800,
-        300,
-        false,
-    );
-    streamrecon::io_util::write_bytes_atomic(
-        &out.join("ate_over_time.png"),
-        &streamrecon::datasets::native::rgb_png_bytes(&errp),
-    )?;
+            }],
+            640,
+            640,
+            true,
+        );
+        streamrecon::io_util::write_bytes_atomic(
+            &out.join("trajectory_top.png"),
+            &streamrecon::datasets::native::rgb_png_bytes(&top),
+        )?;
+    }
     let depth = native
         .then(|| {
             eval_depth_dirs(
@@ -1117,18 +1148,24 @@ fn eval_sequence(
     let long3d = match gt_cloud {
         Some(gc) if !pred_cloud.is_empty() => {
             let mut pc = pred_cloud;
-            for p in &mut pc.points {
-                let q = sim.apply(&nalgebra::Point3::new(
-                    f64::from(p[0]),
-                    f64::from(p[1]),
-                    f64::from(p[2]),
-                ));
-                *p = [q.x as f32, q.y as f32, q.z as f32];
-            }
-            let cfg = long3d::Long3dConfig {
-                cam_to_lidar: parse_extrinsic("identity")?,
-                centre_init: false,
-                ..long3d::Long3dConfig::default()
+            let cfg = if let Some(sim) = &sim {
+                // With GT poses, their Sim(3) is the initial alignment.
+                for p in &mut pc.points {
+                    let q = sim.apply(&nalgebra::Point3::new(
+                        f64::from(p[0]),
+                        f64::from(p[1]),
+                        f64::from(p[2]),
+                    ));
+                    *p = [q.x as f32, q.y as f32, q.z as f32];
+                }
+                long3d::Long3dConfig {
+                    cam_to_lidar: parse_extrinsic("identity")?,
+                    centre_init: false,
+                    ..long3d::Long3dConfig::default()
+                }
+            } else {
+                // Without them: exactly the official protocol (extrinsic, centre + 0.75 scale, ICP).
+                long3d::Long3dConfig::default()
             };
             long3d::evaluate(&pc, &gc, &cfg)
                 .ok()
@@ -1143,7 +1180,7 @@ fn eval_sequence(
         fps: outcome.summary.fps,
         frames_tracked: outcome.summary.frames_tracked,
         map_segments: outcome.summary.map_segments,
-        pose: Some(serde_json::to_value(pm)?),
+        pose: pose_json,
         depth: depth.map(serde_json::to_value).transpose()?,
         long3d,
     })
