@@ -109,6 +109,14 @@ fn main() {
         if f.index + 1 == long / 10 {
             rss_early = rss_mib();
         }
+        if (f.index + 1).is_multiple_of((long / 10).max(1)) {
+            println!(
+                "  frame {:>6}: RSS {:.1} MiB, {} fused points",
+                f.index + 1,
+                rss_mib(),
+                fusion.len()
+            );
+        }
     }
     println!(
         "long loop 320x240, {long} frames in {:.0} s: RSS {rss_early:.1} MiB at frame {} vs {:.1} MiB at frame {long} ({:+.1} %); {} fused points, {} segments",

@@ -296,12 +296,11 @@ pub fn run(
         let (errors, stop) = (errors.clone(), stop.clone());
         spawn("geometry", move || {
             // Frames the engine holds back (initialisation), by index.
-            let mut waiting: HashMap<u64, (Frame, Instant, Option<RgbImage>, f64, f64)> =
-                HashMap::new();
+            let mut waiting: HashMap<u64, (Frame, Instant, Option<RgbImage>, f64)> = HashMap::new();
             let emit =
                 |geos: Vec<FrameGeometry>, waiting: &mut HashMap<u64, _>, geo_ms: f64| -> bool {
                     for g in geos {
-                        let Some((frame, read_at, flow_rgb, flow_ms, _)) = waiting.remove(&g.index)
+                        let Some((frame, read_at, flow_rgb, flow_ms)) = waiting.remove(&g.index)
                         else {
                             continue;
                         };
@@ -332,7 +331,7 @@ pub fn run(
                 let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
                 waiting.insert(
                     msg.frame.index,
-                    (msg.frame, msg.read_at, flow_rgb, msg.flow_ms, geo_ms),
+                    (msg.frame, msg.read_at, flow_rgb, msg.flow_ms),
                 );
                 match res {
                     Ok(geos) => {
