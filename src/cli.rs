@@ -963,6 +963,13 @@ fn cloud_from_depth_maps(
     Ok(streamrecon::cloud::PointCloud::from_points(points))
 }
 
+fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
+    Ok(streamrecon::io_util::write_bytes_atomic(
+        path,
+        &streamrecon::datasets::native::rgb_png_bytes(img),
+    )?)
+}
+
 /// Whether `dir` is a sequence `eval run` can score: the native layout or the Long3D layout.
 fn is_scorable(dir: &Path) -> bool {
     NativeDataset::detect(dir)
@@ -1039,6 +1046,11 @@ fn eval_sequence(
         .collect();
     let mut pose_json = None;
     let mut sim = None;
+    let mut top_gt: Vec<(f64, f64)> = Vec::new();
+    let mut top_est: Vec<(f64, f64)> = est
+        .iter()
+        .map(|p| (p.translation.x, p.translation.z))
+        .collect();
     if let Some(gt_poses) = &gt_poses {
         let gt: Vec<_> = outcome
             .trajectory
@@ -1057,74 +1069,51 @@ fn eval_sequence(
             })
             .collect::<Result<_>>()?;
         let pm = pose_metrics(&gt, &est, 1)?;
-        // Plots: top view (x, z) and ATE over time.
         let cg: Vec<nalgebra::Point3<f64>> =
             gt.iter().map(|p| p.translation.vector.into()).collect();
         let ce: Vec<nalgebra::Point3<f64>> =
             est.iter().map(|p| p.translation.vector.into()).collect();
         let s = streamrecon::eval::pose::umeyama(&ce, &cg, true)?;
         let aligned: Vec<nalgebra::Point3<f64>> = ce.iter().map(|p| s.apply(p)).collect();
-        let top_gt: Vec<(f64, f64)> = cg.iter().map(|p| (p.x, p.z)).collect();
-        let top_est: Vec<(f64, f64)> = aligned.iter().map(|p| (p.x, p.z)).collect();
+        top_gt = cg.iter().map(|p| (p.x, p.z)).collect();
+        top_est = aligned.iter().map(|p| (p.x, p.z)).collect();
         let err: Vec<(f64, f64)> = aligned
             .iter()
             .zip(&cg)
             .enumerate()
             .map(|(i, (a, g))| (i as f64, (a - g).norm()))
             .collect();
-        let top = plot(
-            &[
-                Series {
-                    points: &top_gt,
-                    color: [0, 0, 0],
-                },
-                Series {
-                    points: &top_est,
-                    color: [220, 40, 40],
-                },
-            ],
-            640,
-            640,
-            true,
-        );
-        streamrecon::io_util::write_bytes_atomic(
-            &out.join("trajectory_top.png"),
-            &streamrecon::datasets::native::rgb_png_bytes(&top),
-        )?;
-        let errp = plot(
-            &[Series {
-                points: &err,
-                color: [40, 40, 220],
-            }],
-            800,
-            300,
-            false,
-        );
-        streamrecon::io_util::write_bytes_atomic(
+        write_png(
             &out.join("ate_over_time.png"),
-            &streamrecon::datasets::native::rgb_png_bytes(&errp),
+            &plot(
+                &[Series {
+                    points: &err,
+                    color: [40, 40, 220],
+                }],
+                800,
+                300,
+                false,
+            ),
         )?;
         pose_json = Some(serde_json::to_value(pm)?);
         sim = Some(s);
-    } else {
-        let top_est: Vec<(f64, f64)> = est
-            .iter()
-            .map(|p| (p.translation.x, p.translation.z))
-            .collect();
-        let top = plot(
-            &[Series {
-                points: &top_est,
-                color: [220, 40, 40],
-            }],
-            640,
-            640,
-            true,
-        );
-        streamrecon::io_util::write_bytes_atomic(
-            &out.join("trajectory_top.png"),
-            &streamrecon::datasets::native::rgb_png_bytes(&top),
-        )?;
     }
+    // Top view (x, z): ground truth black, the (aligned) estimate red.
+    let mut series = Vec::new();
+    if !top_gt.is_empty() {
+        series.push(Series {
+            points: &top_gt,
+            color: [0, 0, 0],
+        });
+    }
+    series.push(Series {
+        points: &top_est,
+        color: [220, 40, 40],
+    });
+    write_png(
+        &out.join("trajectory_top.png"),
+        &plot(&series, 640, 640, true),
+    )?;
     let depth = native
         .then(|| {
             eval_depth_dirs(
