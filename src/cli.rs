@@ -13,7 +13,7 @@ use streamrecon::datasets::formats::{depth as depth_fmt, flo, kitti_flow, tum};
 use streamrecon::datasets::layouts::{Layout, LayoutWriter};
 use streamrecon::datasets::native::{NativeDataset, NativeWriter, SequenceMeta};
 use streamrecon::datasets::synth::{
-    Degrade, SceneKind, SurfaceSampler, SynthConfig, SynthWorld, TrajectoryKind,
+    Degrade, SceneKind, SurfaceSampler, SynthConfig, SynthFrame, SynthWorld, TrajectoryKind,
 };
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::long3d;
@@ -445,35 +445,35 @@ fn write_sequence(config: &SynthConfig, out: &Path) -> Result<()> {
     write_layout(config, out, Layout::Native)
 }
 
+/// Renders every frame of `world` into `write`, sampling the GT cloud from every 5th frame.
+fn render_into(
+    world: &SynthWorld,
+    mut write: impl FnMut(&SynthFrame) -> Result<()>,
+) -> Result<SurfaceSampler> {
+    let mut sampler = SurfaceSampler::new(0.02, 4);
+    let pb = indicatif::ProgressBar::new(world.config.frames as u64);
+    for f in world.frames() {
+        if f.index % 5 == 0 {
+            sampler.add(&f.view, &f.image, &world.intrinsics);
+        }
+        write(&f)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(sampler)
+}
+
 fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> {
     let world = SynthWorld::new(config.clone());
     if layout != Layout::Native {
         let scene = format!("{:?}_{:?}", config.scene, config.trajectory).to_lowercase();
         let mut writer = LayoutWriter::create(layout, out, world.intrinsics, &scene)?;
-        let mut sampler = SurfaceSampler::new(0.02, 4);
-        let pb = indicatif::ProgressBar::new(config.frames as u64);
-        for f in world.frames() {
-            if f.index % 5 == 0 {
-                sampler.add(&f.view, &f.image, &world.intrinsics);
-            }
-            writer.write_frame(&f)?;
-            pb.inc(1);
-        }
-        pb.finish_and_clear();
+        let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
         writer.finish(&sampler.cloud())?;
         return Ok(());
     }
     let mut writer = NativeWriter::create(out, world.intrinsics)?;
-    let mut sampler = SurfaceSampler::new(0.02, 4);
-    let pb = indicatif::ProgressBar::new(config.frames as u64);
-    for f in world.frames() {
-        if f.index % 5 == 0 {
-            sampler.add(&f.view, &f.image, &world.intrinsics);
-        }
-        writer.write_frame(&f)?;
-        pb.inc(1);
-    }
-    pb.finish_and_clear();
+    let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
     let meta = SequenceMeta {
         generator: format!("streamrecon {}", env!("CARGO_PKG_VERSION")),
         frames: config.frames,
