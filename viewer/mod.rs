@@ -167,16 +167,15 @@ impl Viewer {
             .map_err(rr)?;
         if let Some(d) = f.depth {
             if d.len() == (k.width * k.height) as usize {
-                let bytes: Vec<u8> = d.iter().flat_map(|v| v.to_le_bytes()).collect();
+                // 16-bit millimetres of engine units: half the bytes of f32, 1e-3 resolution.
+                let mm: Vec<u8> = d
+                    .iter()
+                    .flat_map(|v| ((v * 1000.0).round().clamp(0.0, 65535.0) as u16).to_le_bytes())
+                    .collect();
                 self.rec
                     .log(
                         paths::DEPTH,
-                        &rerun::DepthImage::from_data_type_and_bytes(
-                            bytes,
-                            [k.width, k.height],
-                            rerun::ChannelDatatype::F32,
-                        )
-                        .with_meter(1.0),
+                        &rerun::DepthImage::from_gray16(mm, [k.width, k.height]).with_meter(1000.0),
                     )
                     .map_err(rr)?;
             }

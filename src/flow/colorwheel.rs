@@ -31,40 +31,53 @@ fn wheel() -> Vec<[f32; 3]> {
 }
 
 /// Colour-codes a flow field; `max_flow` sets the magnitude of full saturation (None = the field's
-/// largest finite magnitude).
+/// largest finite magnitude). Rows are coloured in parallel.
 pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
+    use rayon::prelude::*;
     let wheel = wheel();
     let n = wheel.len();
     let max = max_flow.unwrap_or_else(|| {
         flow.data
-            .chunks_exact(2)
-            .map(|c| (c[0] * c[0] + c[1] * c[1]).sqrt())
-            .filter(|m| m.is_finite())
-            .fold(0.0f32, f32::max)
+            .par_chunks(2 * flow.width.max(1))
+            .map(|row| {
+                row.chunks_exact(2)
+                    .map(|c| c[0] * c[0] + c[1] * c[1])
+                    .filter(|m| m.is_finite())
+                    .fold(0.0f32, f32::max)
+            })
+            .reduce(|| 0.0, f32::max)
+            .sqrt()
     });
-    let max = if max > 1e-6 { max } else { 1.0 };
-    RgbImage::from_fn(flow.width as u32, flow.height as u32, |x, y| {
-        let (u, v) = flow.get(x as usize, y as usize);
-        if !(u.is_finite() && v.is_finite()) {
-            return image::Rgb([0, 0, 0]);
-        }
-        let (u, v) = (u / max, v / max);
-        let rad = (u * u + v * v).sqrt();
-        let a = (-v).atan2(-u) / std::f32::consts::PI;
-        let fk = f32::midpoint(a, 1.0) * (n - 1) as f32;
-        let k0 = fk.floor() as usize % n;
-        let k1 = (k0 + 1) % n;
-        let f = fk - fk.floor();
-        let mut px = [0u8; 3];
-        for c in 0..3 {
-            let col = ((1.0 - f) * wheel[k0][c] + f * wheel[k1][c]) / 255.0;
-            let col = if rad <= 1.0 {
-                1.0 - rad * (1.0 - col)
-            } else {
-                col * 0.75
-            };
-            px[c] = (255.0 * col).round().clamp(0.0, 255.0) as u8;
-        }
-        image::Rgb(px)
-    })
+    let inv_max = if max > 1e-6 { 1.0 / max } else { 1.0 };
+    let mut img = RgbImage::new(flow.width as u32, flow.height as u32);
+    let w = flow.width;
+    let buf: &mut [u8] = &mut img;
+    buf.par_chunks_mut(3 * w.max(1))
+        .zip(flow.data.par_chunks(2 * w.max(1)))
+        .for_each(|(out, row)| {
+            for (px, uv) in out.chunks_exact_mut(3).zip(row.chunks_exact(2)) {
+                let (u, v) = (uv[0], uv[1]);
+                if !(u.is_finite() && v.is_finite()) {
+                    px.copy_from_slice(&[0, 0, 0]);
+                    continue;
+                }
+                let (u, v) = (u * inv_max, v * inv_max);
+                let rad = (u * u + v * v).sqrt();
+                let a = (-v).atan2(-u) / std::f32::consts::PI;
+                let fk = f32::midpoint(a, 1.0) * (n - 1) as f32;
+                let k0 = (fk as usize) % n; // fk ≥ 0: truncation is floor
+                let k1 = (k0 + 1) % n;
+                let f = fk - fk.trunc();
+                for c in 0..3 {
+                    let col = ((1.0 - f) * wheel[k0][c] + f * wheel[k1][c]) * (1.0 / 255.0);
+                    let col = if rad <= 1.0 {
+                        1.0 - rad * (1.0 - col)
+                    } else {
+                        col * 0.75
+                    };
+                    px[c] = (255.0 * col + 0.5).min(255.0) as u8;
+                }
+            }
+        });
+    img
 }
