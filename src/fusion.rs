@@ -266,7 +266,8 @@ pub fn with_normals(mut cloud: PointCloud, k: usize) -> PointCloud {
                 .query(p)
                 .nearest_n::<SquaredEuclidean<f32>>(kk)
                 .execute();
-            pca_normal(nn.iter().map(|r| pts[r.item as usize]))
+            let n = pca_normal(nn.iter().map(|r| pts[r.item as usize].map(f64::from)));
+            n.map(|v| v as f32)
         })
         .collect();
     cloud.normals = Some(normals);
@@ -274,10 +275,8 @@ pub fn with_normals(mut cloud: PointCloud, k: usize) -> PointCloud {
 }
 
 /// Unit normal of a neighbourhood (direction of least variance).
-pub fn pca_normal(points: impl Iterator<Item = [f32; 3]>) -> [f32; 3] {
-    let pts: Vec<Vector3<f64>> = points
-        .map(|p| Vector3::new(f64::from(p[0]), f64::from(p[1]), f64::from(p[2])))
-        .collect();
+pub fn pca_normal(points: impl Iterator<Item = [f64; 3]>) -> [f64; 3] {
+    let pts: Vec<Vector3<f64>> = points.map(Vector3::from).collect();
     if pts.len() < 3 {
         return [0.0, 0.0, 1.0];
     }
@@ -290,5 +289,5 @@ pub fn pca_normal(points: impl Iterator<Item = [f32; 3]>) -> [f32; 3] {
     let eig = SymmetricEigen::new(cov);
     let i = eig.eigenvalues.imin();
     let n = eig.eigenvectors.column(i);
-    [n[0] as f32, n[1] as f32, n[2] as f32]
+    [n[0], n[1], n[2]]
 }

@@ -292,22 +292,27 @@ fn frame_size_change_mid_stream_stops_with_an_error_and_keeps_outputs() {
     check_outputs(&out, n);
 }
 
-#[test]
-fn video_files_are_read_with_stride_and_resize() {
-    let dir = tempfile::tempdir().unwrap();
-    let imgs = image_folder(dir.path(), 24);
-    let video = dir.path().join("clip.avi");
+/// Encodes the numbered PNGs of `imgs` as an MJPEG .avi at 30 fps; `None` without ffmpeg.
+fn mjpeg_video(imgs: &Path, video: &Path) -> Option<std::path::PathBuf> {
     let st = std::process::Command::new("ffmpeg")
         .args(["-loglevel", "error", "-y", "-framerate", "30", "-i"])
         .arg(imgs.join("%06d.png"))
         .args(["-c:v", "mjpeg", "-q:v", "3"])
-        .arg(&video)
-        .status();
-    let Ok(st) = st else {
+        .arg(video)
+        .status()
+        .ok()?;
+    assert!(st.success(), "ffmpeg failed");
+    Some(video.to_path_buf())
+}
+
+#[test]
+fn video_files_are_read_with_stride_and_resize() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = image_folder(dir.path(), 24);
+    let Some(video) = mjpeg_video(&imgs, &dir.path().join("clip.avi")) else {
         println!("ffmpeg not installed: video test skipped");
         return;
     };
-    assert!(st.success());
     let out = dir.path().join("out");
     let o = common::bin()
         .args([
@@ -336,18 +341,10 @@ fn video_files_are_read_with_stride_and_resize() {
 fn stream_urls_are_read_as_live_sources() {
     let dir = tempfile::tempdir().unwrap();
     let imgs = image_folder(dir.path(), 20);
-    let video = dir.path().join("clip.avi");
-    let Ok(st) = std::process::Command::new("ffmpeg")
-        .args(["-loglevel", "error", "-y", "-framerate", "30", "-i"])
-        .arg(imgs.join("%06d.png"))
-        .args(["-c:v", "mjpeg", "-q:v", "3"])
-        .arg(&video)
-        .status()
-    else {
+    if mjpeg_video(&imgs, &dir.path().join("clip.avi")).is_none() {
         println!("ffmpeg not installed: URL test skipped");
         return;
-    };
-    assert!(st.success());
+    }
     // A local HTTP server on a free loopback port, stopped when the test ends.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()

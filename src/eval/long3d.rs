@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::num::NonZero;
 
 use kiddo::{ImmutableKdTree, SquaredEuclidean};
-use nalgebra::{Matrix3, Matrix4, Matrix6, Rotation3, SymmetricEigen, Vector3, Vector6};
+use nalgebra::{Matrix4, Matrix6, Rotation3, Vector3, Vector6};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rayon::prelude::*;
@@ -214,25 +214,6 @@ pub fn random_down_sample(points: &[P], count: usize, seed: u64) -> Vec<P> {
     idx.into_iter().map(|i| points[i]).collect()
 }
 
-fn pca_normal(nb: &[P]) -> P {
-    if nb.len() < 3 {
-        return [0.0, 0.0, 1.0];
-    }
-    let n = nb.len() as f64;
-    let mean = nb
-        .iter()
-        .fold(Vector3::zeros(), |a, p| a + Vector3::new(p[0], p[1], p[2]))
-        / n;
-    let mut cov = Matrix3::zeros();
-    for p in nb {
-        let d = Vector3::new(p[0], p[1], p[2]) - mean;
-        cov += d * d.transpose();
-    }
-    let e = SymmetricEigen::new(cov / n);
-    let c = e.eigenvectors.column(e.eigenvalues.imin());
-    [c[0], c[1], c[2]]
-}
-
 /// Normals from the `k` nearest neighbours (itself included), optionally only within `radius`.
 pub fn estimate_normals(
     points: &[P],
@@ -252,8 +233,7 @@ pub fn estimate_normals(
                     .execute(),
                 None => t.query(p).nearest_n::<SquaredEuclidean<f64>>(kk).execute(),
             };
-            let nb: Vec<P> = nn.iter().map(|r| points[r.item as usize]).collect();
-            pca_normal(&nb)
+            crate::fusion::pca_normal(nn.iter().map(|r| points[r.item as usize]))
         })
         .collect()
 }

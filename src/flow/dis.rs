@@ -66,10 +66,9 @@ impl Default for DisConfig {
 struct Prev {
     index: u64,
     grey: Mat,
-    /// Backward flow of the pair that ended at this frame (this frame → the one before).
-    bwd: Option<FlowField>,
-    /// Forward flow of that pair (the one before → this frame).
-    fwd: Option<FlowField>,
+    /// Constant-velocity initial flows for the next pair (forward, backward): the pair that ended
+    /// at this frame, negated (only with the temporal prior on).
+    priors: Option<(FlowField, FlowField)>,
 }
 
 /// The `dis` engine.
@@ -236,27 +235,28 @@ impl FlowEngine for DisEngine {
             self.prev = Some(Prev {
                 index: frame.index,
                 grey,
-                bwd: None,
-                fwd: None,
+                priors: None,
             });
             return Ok(Vec::new());
         };
-        // Constant velocity: the last pair's backward flow, negated, predicts this forward flow, and
-        // its forward flow, negated, this backward flow (both at the same pixel).
-        let (fwd_prior, bwd_prior) = match (&prev.bwd, &prev.fwd) {
-            (Some(b), Some(f)) if self.config.temporal_prior => {
-                (Some(negated(b)), Some(negated(f)))
-            }
-            _ => (None, None),
+        let (fwd_prior, bwd_prior) = match &prev.priors {
+            Some((f, b)) => (Some(f), Some(b)),
+            None => (None, None),
         };
-        let (fwd, bwd) = self.pair(&prev.grey, &grey, fwd_prior.as_ref(), bwd_prior.as_ref())?;
+        let (fwd, bwd) = self.pair(&prev.grey, &grey, fwd_prior, bwd_prior)?;
         let ((fwd_conf, fwd_occ), (bwd_conf, bwd_occ)) =
             rayon::join(|| fb_consistency(&fwd, &bwd), || fb_consistency(&bwd, &fwd));
+        // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
+        // and its forward flow, negated, the next backward flow (both at the same pixel).
+        let priors = self
+            .config
+            .temporal_prior
+            .then(|| (negated(&bwd), negated(&fwd)));
         let out = PairFlow {
             from: prev.index,
             to: frame.index,
-            fwd: fwd.clone(),
-            bwd: bwd.clone(),
+            fwd,
+            bwd,
             fwd_conf,
             bwd_conf,
             fwd_occ,
@@ -265,8 +265,7 @@ impl FlowEngine for DisEngine {
         self.prev = Some(Prev {
             index: frame.index,
             grey,
-            bwd: Some(bwd),
-            fwd: Some(fwd),
+            priors,
         });
         Ok(vec![out])
     }
