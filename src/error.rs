@@ -25,6 +25,14 @@ pub enum Error {
     OpenCv(#[from] opencv::Error),
     #[error("rerun: {0}")]
     Rerun(String),
+    #[error("model: {0}")]
+    Model(String),
+}
+
+impl From<candle_core::Error> for Error {
+    fn from(e: candle_core::Error) -> Self {
+        Self::Model(e.to_string())
+    }
 }
 
 /// The library's result type.

@@ -15,6 +15,7 @@ pub mod frame;
 pub mod fusion;
 pub mod geometry;
 pub mod io_util;
+pub mod models;
 pub mod pipeline;
 pub mod sinks;
 pub mod source;

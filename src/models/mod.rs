@@ -1,0 +1,6 @@
+//! Learned models in candle: module trees mirror the PyTorch ones and read the official
+//! checkpoints by key name, with no conversion step.
+
+pub mod ops;
+pub mod vggt;
+pub mod weights;

@@ -1,0 +1,230 @@
+//! Layers built from checkpoint tensors, and the resampling ops candle does not have
+//! (bilinear with `align_corners=True`, antialiased bicubic as PyTorch/PIL compute it).
+
+use candle_core::{DType, Tensor};
+use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, Linear};
+
+use super::weights::Vb;
+use crate::error::Result;
+
+/// `nn.Linear(in_dim, out_dim, bias)`.
+///
+/// # Errors
+/// Missing or misshapen weights.
+pub fn linear(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+    let w = vb.get("weight", (out_dim, in_dim))?;
+    let b = if bias {
+        Some(vb.get("bias", out_dim)?)
+    } else {
+        None
+    };
+    Ok(Linear::new(w, b))
+}
+
+/// `nn.LayerNorm(dim, eps)` with affine parameters.
+///
+/// # Errors
+/// Missing or misshapen weights.
+pub fn layer_norm(vb: &Vb, dim: usize, eps: f64) -> Result<LayerNorm> {
+    Ok(LayerNorm::new(
+        vb.get("weight", dim)?,
+        vb.get("bias", dim)?,
+        eps,
+    ))
+}
+
+/// `nn.LayerNorm(dim, eps, elementwise_affine=False)`.
+///
+/// # Errors
+/// Tensor allocation.
+pub fn layer_norm_plain(dim: usize, eps: f64, dtype: DType) -> Result<LayerNorm> {
+    let dev = candle_core::Device::Cpu;
+    Ok(LayerNorm::new(
+        Tensor::ones(dim, dtype, &dev)?,
+        Tensor::zeros(dim, dtype, &dev)?,
+        eps,
+    ))
+}
+
+/// `nn.Conv2d(cin, cout, k, stride, padding, bias)`.
+///
+/// # Errors
+/// Missing or misshapen weights.
+pub fn conv2d(
+    vb: &Vb,
+    cin: usize,
+    cout: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    bias: bool,
+) -> Result<Conv2d> {
+    let w = vb.get("weight", (cout, cin, k, k))?;
+    let b = if bias {
+        Some(vb.get("bias", cout)?)
+    } else {
+        None
+    };
+    let cfg = Conv2dConfig {
+        padding,
+        stride,
+        ..Conv2dConfig::default()
+    };
+    Ok(Conv2d::new(w, b, cfg))
+}
+
+/// `nn.ConvTranspose2d(cin, cout, k, stride=k)` (the DPT upsampling layers).
+///
+/// # Errors
+/// Missing or misshapen weights.
+pub fn conv_transpose2d(vb: &Vb, cin: usize, cout: usize, k: usize) -> Result<ConvTranspose2d> {
+    let w = vb.get("weight", (cin, cout, k, k))?;
+    let b = vb.get("bias", cout)?;
+    let cfg = ConvTranspose2dConfig {
+        padding: 0,
+        output_padding: 0,
+        stride: k,
+        dilation: 1,
+    };
+    Ok(ConvTranspose2d::new(w, Some(b), cfg))
+}
+
+/// Row-interpolation matrix `[out, in]` of 1-D linear resampling with `align_corners=True`.
+pub fn bilinear_align_corners_matrix(input: usize, output: usize) -> Vec<f32> {
+    let mut m = vec![0f32; output * input];
+    let scale = if output > 1 {
+        (input as f32 - 1.0) / (output as f32 - 1.0)
+    } else {
+        0.0
+    };
+    for o in 0..output {
+        let src = scale * o as f32;
+        let i0 = (src.floor() as usize).min(input - 1);
+        let i1 = (i0 + 1).min(input - 1);
+        let l1 = src - i0 as f32;
+        m[o * input + i0] += 1.0 - l1;
+        m[o * input + i1] += l1;
+    }
+    m
+}
+
+/// Taps of antialiased bicubic resampling (Keys a = −0.5, support widened by the downscale
+/// factor, taps outside the input dropped and the rest renormalised), as PIL's `resize(BICUBIC)`
+/// and PyTorch's `interpolate(mode="bicubic", antialias=True, align_corners=False)` compute them.
+/// One `(first input index, weights)` per output sample.
+pub fn bicubic_aa_taps(input: usize, output: usize) -> Vec<(usize, Vec<f64>)> {
+    fn keys(x: f64) -> f64 {
+        const A: f64 = -0.5;
+        let x = x.abs();
+        if x < 1.0 {
+            ((A + 2.0) * x - (A + 3.0)) * x * x + 1.0
+        } else if x < 2.0 {
+            (((x - 5.0) * x + 8.0) * x - 4.0) * A
+        } else {
+            0.0
+        }
+    }
+    let scale = input as f64 / output as f64;
+    let filter_scale = scale.max(1.0);
+    let support = 2.0 * filter_scale;
+    let inv = 1.0 / filter_scale;
+    (0..output)
+        .map(|o| {
+            let center = scale * (o as f64 + 0.5);
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(input as i64) as usize;
+            let mut w: Vec<f64> = (xmin..xmax)
+                .map(|x| keys((x as f64 - center + 0.5) * inv))
+                .collect();
+            let total: f64 = w.iter().sum();
+            if total != 0.0 {
+                w.iter_mut().for_each(|v| *v /= total);
+            }
+            (xmin, w)
+        })
+        .collect()
+}
+
+/// The taps as a dense `[out, in]` matrix.
+pub fn bicubic_aa_matrix(input: usize, output: usize) -> Vec<f32> {
+    let mut m = vec![0f32; output * input];
+    for (o, (first, w)) in bicubic_aa_taps(input, output).into_iter().enumerate() {
+        for (j, v) in w.into_iter().enumerate() {
+            m[o * input + first + j] = v as f32;
+        }
+    }
+    m
+}
+
+/// Separable resampling of the last two dims of `x` (`[.., H, W]`) by row matrices
+/// `ry [Ho, H]` and `rx [Wo, W]`: `ry · x · rxᵀ`.
+///
+/// # Errors
+/// Shape mismatch.
+pub fn resample_separable(
+    x: &Tensor,
+    ry: &[f32],
+    rx: &[f32],
+    out_h: usize,
+    out_w: usize,
+) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    let dev = x.device();
+    let ry = Tensor::from_slice(ry, (out_h, h), dev)?.to_dtype(x.dtype())?;
+    let rxt = Tensor::from_slice(rx, (out_w, w), dev)?
+        .to_dtype(x.dtype())?
+        .t()?
+        .contiguous()?;
+    let lead: usize = dims[..dims.len() - 2].iter().product();
+    let x = x.contiguous()?.reshape((lead * h, w))?;
+    let xw = x.matmul(&rxt)?.reshape((lead, h, out_w))?;
+    let out = ry.broadcast_matmul(&xw)?;
+    let mut shape = dims[..dims.len() - 2].to_vec();
+    shape.extend([out_h, out_w]);
+    Ok(out.reshape(shape)?)
+}
+
+/// `F.interpolate(x, size, mode="bilinear", align_corners=True)` on `[.., H, W]`.
+///
+/// # Errors
+/// Shape mismatch.
+pub fn resize_bilinear_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let dims = x.dims();
+    let (h, w) = (dims[dims.len() - 2], dims[dims.len() - 1]);
+    resample_separable(
+        x,
+        &bilinear_align_corners_matrix(h, out_h),
+        &bilinear_align_corners_matrix(w, out_w),
+        out_h,
+        out_w,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bicubic_taps_sum_to_one_and_identity_at_same_size() {
+        for (i, o) in [(5, 4), (4, 5), (37, 23), (7, 7)] {
+            for (_, w) in bicubic_aa_taps(i, o) {
+                assert!((w.iter().sum::<f64>() - 1.0).abs() < 1e-12);
+            }
+        }
+        let m = bicubic_aa_matrix(6, 6);
+        for r in 0..6 {
+            for c in 0..6 {
+                assert!((m[r * 6 + c] - f32::from(u8::from(r == c))).abs() < 1e-6);
+            }
+        }
+    }
+
+    #[test]
+    fn bilinear_align_corners_keeps_corners() {
+        let m = bilinear_align_corners_matrix(4, 7);
+        assert_eq!(m[0], 1.0);
+        assert_eq!(m[6 * 4 + 3], 1.0);
+        assert!((m[4 * 4 + 2] - 1.0).abs() < 1e-6, "sample 4 of 7 sits on input 2");
+    }
+}

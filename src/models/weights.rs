@@ -1,0 +1,183 @@
+//! Checkpoint tensors by their official key names, with accounting: every tensor a model asks
+//! for must be present with the expected shape, and every tensor the file holds must be used (or
+//! knowingly skipped), so a wrong or partial checkpoint is an error that names the key.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::{DType, Device, Shape, Tensor};
+
+use crate::error::{Error, Result};
+
+/// Tensors of one checkpoint, by key.
+pub struct Weights {
+    tensors: BTreeMap<String, Tensor>,
+    used: Mutex<HashSet<String>>,
+    dtype: DType,
+    origin: String,
+}
+
+impl Weights {
+    /// Loads `.safetensors` or a PyTorch `.pth`/`.pt` zip pickle (a bare state dict, or one under
+    /// `model`/`state_dict`); a `module.` prefix (DataParallel checkpoints) is removed.
+    ///
+    /// # Errors
+    /// The file cannot be read or is not a checkpoint.
+    pub fn load(path: &Path, dtype: DType) -> Result<Self> {
+        let ext = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        let origin = path.display().to_string();
+        let bad = |e: &dyn std::fmt::Display| Error::format(path, format!("checkpoint: {e}"));
+        let list: Vec<(String, Tensor)> = if ext == "safetensors" {
+            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+            candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+                .map_err(|e| bad(&e))?
+                .into_iter()
+                .collect()
+        } else {
+            if !path.exists() {
+                return Err(Error::io(
+                    path,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                ));
+            }
+            let mut list = candle_core::pickle::read_all(path).map_err(|e| bad(&e))?;
+            for key in ["model", "state_dict"] {
+                if list.is_empty() {
+                    list = candle_core::pickle::read_all_with_key(path, Some(key))
+                        .map_err(|e| bad(&e))?;
+                }
+            }
+            list
+        };
+        if list.is_empty() {
+            return Err(Error::format(path, "checkpoint holds no tensors"));
+        }
+        let tensors = list
+            .into_iter()
+            .map(|(k, t)| (k.strip_prefix("module.").unwrap_or(&k).to_string(), t))
+            .collect();
+        Ok(Self::from_map(tensors, dtype, origin))
+    }
+
+    /// Wraps tensors already in memory (tests, shape-only key checks).
+    pub fn from_map(tensors: BTreeMap<String, Tensor>, dtype: DType, origin: String) -> Self {
+        Self {
+            tensors,
+            used: Mutex::new(HashSet::new()),
+            dtype,
+            origin,
+        }
+    }
+
+    /// The tensor `key` with shape `shape`, in the model's dtype.
+    ///
+    /// # Errors
+    /// Missing key or wrong shape, naming the key.
+    pub fn get(&self, key: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let t = self.tensors.get(key).ok_or_else(|| {
+            Error::Model(format!(
+                "weights {}: missing tensor `{key}` (expected shape {shape:?})",
+                self.origin
+            ))
+        })?;
+        if t.shape() != &shape {
+            return Err(Error::Model(format!(
+                "weights {}: tensor `{key}` has shape {:?}, the model config expects {shape:?}",
+                self.origin,
+                t.shape()
+            )));
+        }
+        self.used
+            .lock()
+            .map_err(|_| Error::Model("weights: lock poisoned".into()))?
+            .insert(key.to_string());
+        Ok(t.to_dtype(self.dtype)?)
+    }
+
+    /// Keys the model never asked for, except those under `skippable` prefixes (returned apart).
+    pub fn unused(&self, skippable: &[&str]) -> (Vec<String>, Vec<String>) {
+        let used = self.used.lock().map(|u| u.clone()).unwrap_or_default();
+        let mut unexpected = Vec::new();
+        let mut skipped = Vec::new();
+        for k in self.tensors.keys().filter(|k| !used.contains(*k)) {
+            if skippable.iter().any(|p| k.starts_with(p)) {
+                skipped.push(k.clone());
+            } else {
+                unexpected.push(k.clone());
+            }
+        }
+        (unexpected, skipped)
+    }
+
+    /// Fails on unexpected keys; warns once about skipped ones.
+    ///
+    /// # Errors
+    /// The checkpoint has tensors this model does not use.
+    pub fn finish(&self, skippable: &[&str]) -> Result<()> {
+        let (unexpected, skipped) = self.unused(skippable);
+        if !unexpected.is_empty() {
+            let shown: Vec<_> = unexpected.iter().take(8).cloned().collect();
+            return Err(Error::Model(format!(
+                "weights {}: {} tensors do not belong to this model config, e.g. {}",
+                self.origin,
+                unexpected.len(),
+                shown.join(", ")
+            )));
+        }
+        if !skipped.is_empty() {
+            log::warn!(
+                "weights {}: skipping {} tensors not used for inference ({}…)",
+                self.origin,
+                skipped.len(),
+                skipped[0]
+            );
+        }
+        Ok(())
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// A prefixed view, mirroring the PyTorch module tree.
+    pub fn pp(&self, prefix: &str) -> Vb<'_> {
+        Vb {
+            w: self,
+            prefix: prefix.to_string(),
+        }
+    }
+}
+
+/// A view of [`Weights`] under a module path, like candle's `VarBuilder::pp`.
+#[derive(Clone)]
+pub struct Vb<'a> {
+    w: &'a Weights,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb<'a> {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Vb { w: self.w, prefix }
+    }
+
+    /// # Errors
+    /// Missing tensor or wrong shape.
+    pub fn get(&self, name: &str, shape: impl Into<Shape>) -> Result<Tensor> {
+        self.w.get(&format!("{}.{name}", self.prefix), shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.w.dtype()
+    }
+}
