@@ -23,6 +23,7 @@ use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{colorwheel, FlowEngine};
 use streamrecon::geometry::flowvo::FlowVoConfig;
+use streamrecon::geometry::vggt::VggtEngineConfig;
 use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
 use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
 use streamrecon::viewer::RerunTarget;
@@ -57,6 +58,30 @@ enum Command {
     /// Evaluate results against ground truth.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Run a learned model directly on tensors (parity checks against the reference code).
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Subcommand)]
+enum ModelCommand {
+    /// Stream the frames of a safetensors tensor `[S, 3, H, W]` (RGB in [0, 1]) through the vggt
+    /// model and write every per-frame output to one safetensors file.
+    Run {
+        /// Model config JSON (fixture-style `model_config`, or bare).
+        #[arg(long, value_name = "JSON")]
+        model_config: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        weights: PathBuf,
+        /// FILE.safetensors[:TENSOR] (default tensor: input.images).
+        #[arg(long, value_name = "FILE[:TENSOR]")]
+        frames: String,
+        /// Total KV-cache token budget (0 = no pruning).
+        #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET)]
+        total_budget: usize,
+        #[arg(long, value_name = "OUT.safetensors")]
+        out: PathBuf,
+    },
 }
 
 /// rerun's standard flags.
@@ -144,6 +169,7 @@ enum FlowEngineName {
 #[derive(Clone, Copy, ValueEnum)]
 enum GeometryEngineName {
     Flowvo,
+    Vggt,
 }
 
 #[derive(Args, Clone)]
@@ -157,12 +183,18 @@ struct EngineFlags {
     /// Plain two-frame DIS (no temporal prior).
     #[arg(long)]
     no_temporal_prior: bool,
-    /// Geometry engine.
-    #[arg(long, value_enum, default_value = "flowvo")]
-    geometry: GeometryEngineName,
-    /// Model weights (for learned engines).
+    /// Geometry engine [default: vggt when --weights is given, else flowvo].
+    #[arg(long, value_enum)]
+    geometry: Option<GeometryEngineName>,
+    /// Model weights for `vggt` (.safetensors or the official .pth).
     #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
+    /// Model config JSON for `vggt` [default: the official VGGT-1B/StreamVGGT sizes].
+    #[arg(long, value_name = "JSON")]
+    model_config: Option<PathBuf>,
+    /// Total KV-cache token budget of `vggt`'s rolling memory (0 = no pruning).
+    #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET, value_name = "N")]
+    total_budget: usize,
     /// Voxel size of the fused cloud, world units.
     #[arg(long, default_value_t = 0.01)]
     voxel: f32,
@@ -174,6 +206,23 @@ struct EngineFlags {
     depth_every: u64,
 }
 
+impl Default for EngineFlags {
+    fn default() -> Self {
+        Self {
+            flow: FlowEngineName::Dis,
+            preset: DisPreset::Fast,
+            no_temporal_prior: false,
+            geometry: None,
+            weights: None,
+            model_config: None,
+            total_budget: streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET,
+            voxel: 0.01,
+            max_points: 2_000_000,
+            depth_every: 1,
+        }
+    }
+}
+
 impl EngineFlags {
     fn pipeline_config(
         &self,
@@ -181,16 +230,31 @@ impl EngineFlags {
         rerun: RerunTarget,
         progress: bool,
     ) -> Result<PipelineConfig> {
-        if self.weights.is_some() {
-            bail!("--weights is for learned engines; this build's engines (dis, flowvo) need none");
-        }
+        let geometry = match (self.geometry, &self.weights) {
+            (Some(GeometryEngineName::Flowvo) | None, None) => {
+                GeometryChoice::FlowVo(FlowVoConfig::default())
+            }
+            (Some(GeometryEngineName::Flowvo), Some(_)) => {
+                bail!("--weights is for --geometry vggt; flowvo needs no weights")
+            }
+            (Some(GeometryEngineName::Vggt), None) => {
+                bail!("--geometry vggt needs --weights PATH (a StreamVGGT checkpoint)")
+            }
+            (Some(GeometryEngineName::Vggt) | None, Some(w)) => {
+                GeometryChoice::Vggt(VggtEngineConfig {
+                    weights: w.clone(),
+                    model_config: self.model_config.clone(),
+                    total_budget: (self.total_budget > 0).then_some(self.total_budget),
+                })
+            }
+        };
         let mut config = PipelineConfig {
             flow: FlowChoice::Dis(DisConfig {
                 preset: self.preset,
                 temporal_prior: !self.no_temporal_prior,
                 ..DisConfig::default()
             }),
-            geometry: GeometryChoice::FlowVo(FlowVoConfig::default()),
+            geometry,
             out_dir: out,
             rerun,
             depth_every: self.depth_every,
@@ -199,7 +263,7 @@ impl EngineFlags {
         };
         config.fusion.voxel = self.voxel;
         config.fusion.max_points = self.max_points;
-        let _ = (self.flow, self.geometry);
+        let _ = self.flow;
         Ok(config)
     }
 }
@@ -358,8 +422,8 @@ enum EvalCommand {
     Run {
         #[arg(long)]
         dataset: PathBuf,
-        #[arg(long, value_enum, default_value = "flowvo")]
-        geometry: GeometryEngineName,
+        #[command(flatten)]
+        engines: EngineFlags,
         #[arg(long)]
         out: PathBuf,
         /// The predicted cloud is built from every N-th frame's depth map (the official protocol: 10).
@@ -387,6 +451,7 @@ pub fn main() -> Result<ExitCode> {
         Command::Synth(a) => cmd_synth(&a).map(|()| ExitCode::SUCCESS),
         Command::Flow(a) => cmd_flow(&a),
         Command::Eval(e) => cmd_eval(&e).map(|()| ExitCode::SUCCESS),
+        Command::Model(m) => cmd_model(&m).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -529,16 +594,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
         rerun.save = Some(a.out.join("recording.rrd"));
     }
     println!("2/3 running dis flow → flowvo → fusion");
-    let engines = EngineFlags {
-        flow: FlowEngineName::Dis,
-        preset: DisPreset::Fast,
-        no_temporal_prior: false,
-        geometry: GeometryEngineName::Flowvo,
-        weights: None,
-        voxel: 0.01,
-        max_points: 2_000_000,
-        depth_every: 1,
-    };
+    let engines = EngineFlags::default();
     let config = engines.pipeline_config(Some(run_dir.clone()), rerun.clone(), true)?;
     let source = Source::open(
         &SourceSpec::parse(&seq.display().to_string())?,
@@ -826,10 +882,10 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
         }
         EvalCommand::Run {
             dataset,
-            geometry,
+            engines,
             out,
             stride,
-        } => eval_run(dataset, *geometry, out, *stride)?,
+        } => eval_run(dataset, engines, out, *stride)?,
         EvalCommand::Flow { gt, pred, occ, out } => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(gt)
                 .with_context(|| format!("cannot list {}", gt.display()))?
@@ -998,7 +1054,7 @@ fn sequences(dir: &Path) -> Result<Vec<PathBuf>> {
 
 fn eval_sequence(
     seq: &Path,
-    geometry: GeometryEngineName,
+    engines: &EngineFlags,
     out: &Path,
     stride: u64,
 ) -> Result<SequenceMetrics> {
@@ -1006,16 +1062,6 @@ fn eval_sequence(
         .file_name()
         .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
     let run_dir = out.join("run");
-    let engines = EngineFlags {
-        flow: FlowEngineName::Dis,
-        preset: DisPreset::Fast,
-        no_temporal_prior: false,
-        geometry,
-        weights: None,
-        voxel: 0.01,
-        max_points: 2_000_000,
-        depth_every: 1,
-    };
     let config = engines.pipeline_config(Some(run_dir.clone()), RerunTarget::default(), true)?;
     let native = NativeDataset::detect(seq);
     let spec = if native {
@@ -1175,7 +1221,7 @@ fn eval_sequence(
     })
 }
 
-fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path, stride: u64) -> Result<()> {
+fn eval_run(dataset: &Path, engines: &EngineFlags, out: &Path, stride: u64) -> Result<()> {
     streamrecon::io_util::create_dir(out)?;
     let mut all = Vec::new();
     for seq in sequences(dataset)? {
@@ -1190,7 +1236,7 @@ fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path, stride: u6
         } else {
             println!("{name}: running");
             streamrecon::io_util::create_dir(&dir)?;
-            let m = eval_sequence(&seq, geometry, &dir, stride)?;
+            let m = eval_sequence(&seq, engines, &dir, stride)?;
             streamrecon::io_util::write_bytes_atomic(&done, &serde_json::to_vec_pretty(&m)?)?;
             m
         };
@@ -1226,5 +1272,85 @@ fn eval_run(dataset: &Path, geometry: GeometryEngineName, out: &Path, stride: u6
     }
     streamrecon::io_util::write_bytes_atomic(&out.join("metrics.md"), md.as_bytes())?;
     print!("{md}");
+    Ok(())
+}
+
+fn cmd_model(cmd: &ModelCommand) -> Result<()> {
+    use candle_core::{Device, Tensor};
+    use streamrecon::models::vggt::{StreamVggt, VggtConfig};
+    let ModelCommand::Run {
+        model_config,
+        weights,
+        frames,
+        total_budget,
+        out,
+    } = cmd;
+    let config = match model_config {
+        Some(p) => VggtConfig::from_json_file(p)?,
+        None => VggtConfig::vggt_1b(),
+    };
+    let model = StreamVggt::load(weights, config)?;
+    // A Windows drive letter aside, the last ':' separates the tensor name.
+    let (file, name) = match frames.rsplit_once(':') {
+        Some((f, n)) if !n.contains(['/', '\\']) && !f.is_empty() => (PathBuf::from(f), n),
+        _ => (PathBuf::from(frames), "input.images"),
+    };
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .with_context(|| format!("{} is not a safetensors file", file.display()))?;
+    let images = tensors
+        .get(name)
+        .with_context(|| format!("{} has no tensor `{name}`", file.display()))?
+        .to_dtype(candle_core::DType::F32)?;
+    let dims = images.dims().to_vec();
+    if dims.len() != 4 || dims[1] != 3 {
+        bail!("`{name}` in {} must be [S, 3, H, W], got {dims:?}", file.display());
+    }
+    let mut memory = model.new_stream((*total_budget > 0).then_some(*total_budget));
+    let mut outputs: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
+    let dev = Device::Cpu;
+    let ints = |v: Vec<i64>| Tensor::new(v.as_slice(), &dev);
+    for i in 0..dims[0] {
+        let t0 = std::time::Instant::now();
+        let frame = images.get(i)?.unsqueeze(0)?;
+        let o = model.step(&frame, i, &mut memory, &mut |_, _| {})?;
+        let p = format!("frame{i}");
+        outputs.insert(format!("{p}.pose_enc"), Tensor::new(o.pose_enc.as_slice(), &dev)?.unsqueeze(0)?);
+        outputs.insert(format!("{p}.pose_enc_iters"), o.pose_enc_iters);
+        outputs.insert(format!("{p}.depth"), o.depth);
+        outputs.insert(format!("{p}.depth_conf"), o.depth_conf);
+        outputs.insert(format!("{p}.world_points"), o.world_points);
+        outputs.insert(format!("{p}.world_points_conf"), o.world_points_conf);
+        outputs.insert(format!("{p}.budget"), ints(o.budgets.clone())?);
+        outputs.insert(
+            format!("{p}.last_scores"),
+            Tensor::new(memory.last_scores.as_slice(), &dev)?,
+        );
+        for (l, len) in o.kv_len.iter().enumerate() {
+            outputs.insert(format!("{p}.kv_len.layer{l}"), ints(vec![*len as i64])?);
+            let ids = memory.global_layer(l)?.ids();
+            let (heads, n) = (ids.len(), ids.first().map_or(0, Vec::len));
+            outputs.insert(
+                format!("{p}.kept_ids.layer{l}"),
+                Tensor::from_vec(ids.concat(), (1, heads, n), &dev)?,
+            );
+        }
+        for (l, len) in o.camera_kv_len.iter().enumerate() {
+            outputs.insert(format!("{p}.camera_kv_len.layer{l}"), ints(vec![*len as i64])?);
+        }
+        println!(
+            "frame {i}: {:.1} ms, kv {:?}, memory {:.2} MiB",
+            t0.elapsed().as_secs_f64() * 1e3,
+            o.kv_len,
+            memory.bytes() as f64 / (1 << 20) as f64
+        );
+    }
+    let mut tmp = out.clone().into_os_string();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    candle_core::safetensors::save(&outputs, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{} tensors → {}", outputs.len(), out.display());
     Ok(())
 }

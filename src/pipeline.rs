@@ -22,6 +22,7 @@ use crate::flow::{colorwheel, FlowEngine, PairFlow};
 use crate::frame::{Frame, Intrinsics, RgbImage};
 use crate::fusion::{Fusion, FusionConfig};
 use crate::geometry::flowvo::{FlowVo, FlowVoConfig};
+use crate::geometry::vggt::{VggtEngine, VggtEngineConfig};
 use crate::geometry::{FrameGeometry, GeometryEngine, GeometryStats};
 use crate::sinks::files::{IntrinsicsReport, RunOutputs};
 use crate::source::{Source, SourceItem};
@@ -38,6 +39,7 @@ pub enum FlowChoice {
 #[derive(Debug, Clone, Serialize)]
 pub enum GeometryChoice {
     FlowVo(FlowVoConfig),
+    Vggt(VggtEngineConfig),
 }
 
 /// Everything a run needs besides its source.
@@ -141,10 +143,11 @@ fn make_flow(choice: &FlowChoice) -> Result<Box<dyn FlowEngine>> {
     })
 }
 
-fn make_geometry(choice: &GeometryChoice) -> Box<dyn GeometryEngine> {
-    match choice {
+fn make_geometry(choice: &GeometryChoice) -> Result<Box<dyn GeometryEngine>> {
+    Ok(match choice {
         GeometryChoice::FlowVo(c) => Box::new(FlowVo::new(c.clone())),
-    }
+        GeometryChoice::Vggt(c) => Box::new(VggtEngine::new(c)?),
+    })
 }
 
 /// Keeps the first error any stage reports.
@@ -184,7 +187,7 @@ pub fn run(
 ) -> Result<RunOutcome> {
     let started = Instant::now();
     let mut flow_engine = make_flow(&config.flow)?;
-    let mut geo_engine = make_geometry(&config.geometry);
+    let mut geo_engine = make_geometry(&config.geometry)?;
     let mut outputs = match &config.out_dir {
         Some(d) => Some(RunOutputs::create(d, config.depth_every)?),
         None => None,

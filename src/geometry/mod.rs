@@ -1,11 +1,12 @@
 //! The geometry stage: per-frame camera pose, intrinsics, depth and confidence.
 //!
-//! Engines: `flowvo` (classical monocular VO driven by the flow stage, no weights). The learned
-//! `vggt` engine fills the same [`FrameGeometry`] contract.
+//! Engines: `flowvo` (classical monocular VO driven by the flow stage, no weights) and `vggt`
+//! (the learned StreamVGGT/InfiniteVGGT model); both fill the same [`FrameGeometry`] contract.
 
 mod cv;
 pub mod flowvo;
 pub mod triangulate;
+pub mod vggt;
 
 use serde::Serialize;
 

@@ -1,0 +1,174 @@
+//! The learned geometry engine `vggt`: StreamVGGT/InfiniteVGGT one frame at a time, its outputs
+//! mapped back to the frame's own resolution for the rest of the pipeline.
+
+use std::path::PathBuf;
+
+use candle_core::Tensor;
+use serde::Serialize;
+
+use super::{FrameGeometry, GeometryEngine, GeometryStats};
+use crate::error::{Error, Result};
+use crate::flow::PairFlow;
+use crate::frame::{Frame, Intrinsics};
+use crate::models::vggt::{pose, preprocess, StreamMemory, StreamVggt, VggtConfig};
+
+/// How to build the engine.
+#[derive(Debug, Clone, Serialize)]
+pub struct VggtEngineConfig {
+    pub weights: PathBuf,
+    /// Model sizes; the official VGGT-1B/StreamVGGT preset when `None`.
+    pub model_config: Option<PathBuf>,
+    /// Total KV-cache token budget over the global layers (`None`: no pruning).
+    pub total_budget: Option<usize>,
+}
+
+pub struct VggtEngine {
+    model: StreamVggt,
+    memory: StreamMemory,
+    total_budget: Option<usize>,
+    next_index: usize,
+}
+
+/// Where the model's image sits in the frame: scale per axis and the rows cropped away.
+struct Placement {
+    sx: f64,
+    sy: f64,
+    top: f64,
+}
+
+impl VggtEngine {
+    /// Loads the model.
+    ///
+    /// # Errors
+    /// Unreadable config or weights, or weights that do not fit the config.
+    pub fn new(cfg: &VggtEngineConfig) -> Result<Self> {
+        let config = match &cfg.model_config {
+            Some(p) => VggtConfig::from_json_file(p)?,
+            None => VggtConfig::vggt_1b(),
+        };
+        let model = StreamVggt::load(&cfg.weights, config)?;
+        Ok(Self::from_model(model, cfg.total_budget))
+    }
+
+    pub fn from_model(model: StreamVggt, total_budget: Option<usize>) -> Self {
+        let memory = model.new_stream(total_budget);
+        Self {
+            model,
+            memory,
+            total_budget,
+            next_index: 0,
+        }
+    }
+
+    /// Starts a new stream (all caches and pruning state cleared).
+    pub fn reset(&mut self) {
+        self.memory = self.model.new_stream(self.total_budget);
+        self.next_index = 0;
+    }
+
+    pub fn memory(&self) -> &StreamMemory {
+        &self.memory
+    }
+}
+
+impl GeometryEngine for VggtEngine {
+    fn name(&self) -> &'static str {
+        "vggt"
+    }
+
+    fn push(&mut self, frame: &Frame, _flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
+        let (fw, fh) = (frame.image.width() as usize, frame.image.height() as usize);
+        let cfg = &self.model.config;
+        let input = preprocess::preprocess_crop(&frame.image, cfg.img_size, cfg.patch_size)
+            .map_err(|e| Error::Geometry(format!("frame {}: {e}", frame.index)))?;
+        let out = self
+            .model
+            .step(&input, self.next_index, &mut self.memory, &mut |_, _| {})
+            .map_err(|e| Error::Geometry(format!("frame {}: {e}", frame.index)))?;
+        self.next_index += 1;
+        let (mh, mw) = (out.height, out.width);
+        let resized_h = preprocess::crop_mode_height(fw, fh, cfg.img_size, cfg.patch_size);
+        let place = Placement {
+            sx: fw as f64 / mw as f64,
+            sy: fh as f64 / resized_h as f64,
+            top: ((resized_h.saturating_sub(mh)) / 2) as f64,
+        };
+        let k_model = pose::intrinsics_from_pose_enc(&out.pose_enc, mh, mw);
+        let intrinsics = Intrinsics {
+            fx: k_model.fx * place.sx,
+            fy: k_model.fy * place.sy,
+            cx: (k_model.cx + 0.5) * place.sx - 0.5,
+            cy: (k_model.cy + place.top + 0.5) * place.sy - 0.5,
+            width: fw as u32,
+            height: fh as u32,
+        };
+        let depth = to_frame_grid(&out.depth, mh, mw, fh, fw, &place, |d| d)?;
+        // 1 + exp(x) ∈ (1, ∞) → (0, 1).
+        let confidence = to_frame_grid(&out.depth_conf, mh, mw, fh, fw, &place, |c| {
+            if c > 0.0 {
+                1.0 - 1.0 / c
+            } else {
+                0.0
+            }
+        })?;
+        let cam_from_world = pose::cam_from_world(&out.pose_enc);
+        Ok(vec![FrameGeometry {
+            index: frame.index,
+            timestamp: frame.timestamp,
+            world_from_cam: cam_from_world.inverse(),
+            intrinsics,
+            depth: Some(depth),
+            confidence: Some(confidence),
+            stats: GeometryStats {
+                tracked: true,
+                keyframe: true,
+                segment: 0,
+                tracked_points: out.kv_len.first().copied().unwrap_or(0),
+                reprojection_median_px: None,
+            },
+        }])
+    }
+
+    fn flush(&mut self) -> Result<Vec<FrameGeometry>> {
+        Ok(Vec::new())
+    }
+
+    fn segments(&self) -> u32 {
+        1
+    }
+}
+
+/// Nearest-neighbour resampling of a model-resolution map to the frame's pixels (rows the crop
+/// removed get 0 = unknown).
+fn to_frame_grid(
+    t: &Tensor,
+    mh: usize,
+    mw: usize,
+    fh: usize,
+    fw: usize,
+    place: &Placement,
+    map: impl Fn(f32) -> f32,
+) -> Result<Vec<f32>> {
+    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; fh * fw];
+    let cols: Vec<Option<usize>> = (0..fw)
+        .map(|x| {
+            let u = ((x as f64 + 0.5) / place.sx - 0.5).round();
+            (u >= 0.0 && u < mw as f64).then_some(u as usize)
+        })
+        .collect();
+    for y in 0..fh {
+        let r = ((y as f64 + 0.5) / place.sy - 0.5 - place.top).round();
+        if r < 0.0 || r >= mh as f64 {
+            continue;
+        }
+        let row = r as usize * mw;
+        for (x, c) in cols.iter().enumerate() {
+            if let Some(c) = c {
+                let d = v[row + c];
+                out[y * fw + x] = if d.is_finite() { map(d) } else { 0.0 };
+            }
+        }
+    }
+    Ok(out)
+}

@@ -1,0 +1,233 @@
+//! The `vggt` model's loader (full official key list), its errors on bad input, the
+//! `model run` command and the pipeline engine.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use candle_core::{DType, Device, Tensor};
+use streamrecon::frame::Frame;
+use streamrecon::geometry::vggt::VggtEngine;
+use streamrecon::geometry::GeometryEngine;
+use streamrecon::models::vggt::{StreamVggt, VggtConfig};
+use streamrecon::models::weights::Weights;
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/geometry-tiny")
+        .join(name)
+}
+
+fn tiny_config() -> VggtConfig {
+    VggtConfig::from_json_file(&fixture("config.json")).unwrap()
+}
+
+fn tiny_tensors() -> BTreeMap<String, Tensor> {
+    let bytes = std::fs::read(fixture("model.safetensors")).unwrap();
+    candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .collect()
+}
+
+fn tiny_model() -> StreamVggt {
+    StreamVggt::new(
+        &Weights::from_map(tiny_tensors(), DType::F32, "tiny".into()),
+        tiny_config(),
+    )
+    .unwrap()
+}
+
+/// Every key of the official full-size checkpoint, as zero-stride tensors of the right shape.
+fn full_checkpoint_shapes() -> BTreeMap<String, Tensor> {
+    let text = std::fs::read_to_string(fixture("checkpoint_keys.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let keys = v["keys"].as_object().unwrap();
+    assert_eq!(keys.len(), v["num_entries"].as_u64().unwrap() as usize);
+    let zero = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    keys.iter()
+        .map(|(k, shape)| {
+            let dims: Vec<usize> = shape
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            (k.clone(), zero.broadcast_as(dims).unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn full_size_loader_accounts_for_every_official_key() {
+    let tensors = full_checkpoint_shapes();
+    let total = tensors.len();
+    let w = Weights::from_map(tensors, DType::F32, "checkpoint_keys.json".into());
+    StreamVggt::new(&w, VggtConfig::vggt_1b()).expect("the VGGT-1B preset loads the official layout");
+    let (unexpected, skipped) = w.unused(&["track_head."]);
+    assert!(unexpected.is_empty(), "{unexpected:?}");
+    assert!(skipped.iter().all(|k| k.starts_with("track_head.")));
+    println!(
+        "official checkpoint: {total} keys, {} used by the model, {} track-head keys skipped",
+        total - skipped.len(),
+        skipped.len()
+    );
+}
+
+#[test]
+fn missing_misshapen_and_unexpected_tensors_are_named() {
+    let mut t = full_checkpoint_shapes();
+    t.remove("camera_head.trunk_norm.weight");
+    let err = StreamVggt::new(&Weights::from_map(t, DType::F32, "ckpt".into()), VggtConfig::vggt_1b())
+        .err()
+        .expect("missing key");
+    assert!(err.to_string().contains("camera_head.trunk_norm.weight"), "{err}");
+
+    let mut t = tiny_tensors();
+    let bad = Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap();
+    t.insert("aggregator.global_blocks.1.attn.qkv.weight".into(), bad);
+    let err = StreamVggt::new(&Weights::from_map(t, DType::F32, "ckpt".into()), tiny_config())
+        .err()
+        .expect("wrong shape");
+    let msg = err.to_string();
+    assert!(msg.contains("aggregator.global_blocks.1.attn.qkv.weight") && msg.contains("[3, 3]"), "{msg}");
+
+    let mut t = tiny_tensors();
+    t.insert("aggregator.extra.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
+    let err = StreamVggt::new(&Weights::from_map(t, DType::F32, "ckpt".into()), tiny_config())
+        .err()
+        .expect("unexpected key");
+    assert!(err.to_string().contains("aggregator.extra.weight"), "{err}");
+
+    // The tiny weights do not fit the full-size config.
+    let err = StreamVggt::new(&Weights::from_map(tiny_tensors(), DType::F32, "tiny".into()), VggtConfig::vggt_1b())
+        .err()
+        .expect("size mismatch");
+    assert!(err.to_string().contains("tiny"), "{err}");
+}
+
+#[test]
+fn corrupt_or_truncated_weight_files_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let bytes = std::fs::read(fixture("model.safetensors")).unwrap();
+    let cut = dir.path().join("cut.safetensors");
+    std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
+    let err = StreamVggt::load(&cut, tiny_config()).err().expect("truncated");
+    assert!(err.to_string().contains("cut.safetensors"), "{err}");
+    let junk = dir.path().join("junk.pth");
+    std::fs::write(&junk, b"not a zip").unwrap();
+    let err = StreamVggt::load(&junk, tiny_config()).err().expect("junk");
+    assert!(err.to_string().contains("junk.pth"), "{err}");
+    let err = StreamVggt::load(&dir.path().join("none.safetensors"), tiny_config())
+        .err()
+        .expect("missing");
+    assert!(err.to_string().contains("none.safetensors"), "{err}");
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(&cfg, r#"{"model_config": {"patch_size": 14}}"#).unwrap();
+    let err = VggtConfig::from_json_file(&cfg).err().expect("incomplete config");
+    assert!(err.to_string().contains("cfg.json"), "{err}");
+}
+
+#[test]
+fn frames_of_the_wrong_size_are_errors_not_panics() {
+    let model = tiny_model();
+    let mut memory = model.new_stream(None);
+    let dev = Device::Cpu;
+    let ok = Tensor::full(0.5f32, (1, 3, 56, 70), &dev).unwrap();
+    model.step(&ok, 0, &mut memory, &mut |_, _| {}).unwrap();
+    for shape in [(1, 3, 56, 84), (1, 3, 50, 70), (1, 4, 56, 70), (2, 3, 56, 70)] {
+        let t = Tensor::full(0.5f32, shape, &dev).unwrap();
+        let err = model.step(&t, 1, &mut memory, &mut |_, _| {}).err();
+        assert!(err.is_some(), "{shape:?} accepted");
+    }
+    // The stream goes on after a rejected frame.
+    model.step(&ok, 1, &mut memory, &mut |_, _| {}).unwrap();
+    assert_eq!(memory.global[0].len(), 50);
+}
+
+#[test]
+fn model_run_command_reproduces_the_reference_pruned_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.safetensors");
+    let status = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["model", "run", "--model-config"])
+        .arg(fixture("config.json"))
+        .arg("--weights")
+        .arg(fixture("model.safetensors"))
+        .arg("--frames")
+        .arg(format!("{}:input.images", fixture("io.safetensors").display()))
+        .args(["--total-budget", "200", "--out"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let reference = candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
+    let mut compared = 0;
+    for (k, t) in &ours {
+        let r = &reference[&format!("pruned.{k}")];
+        assert_eq!(t.dims(), r.dims(), "{k}");
+        if t.dtype() == DType::I64 {
+            let a: Vec<i64> = t.flatten_all().unwrap().to_vec1().unwrap();
+            let b: Vec<i64> = r.flatten_all().unwrap().to_vec1().unwrap();
+            assert_eq!(a, b, "{k}");
+        } else {
+            let d = (t - r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let m = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let ratio = d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-30);
+            assert!(ratio <= 1e-4, "{k}: {ratio}");
+        }
+        compared += 1;
+    }
+    assert_eq!(compared, 6 * 16, "every per-frame tensor of the 6 frames");
+    let err = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["model", "run", "--weights"])
+        .arg(fixture("model.safetensors"))
+        .arg("--model-config")
+        .arg(fixture("config.json"))
+        .arg("--frames")
+        .arg(format!("{}:no.such", fixture("io.safetensors").display()))
+        .arg("--out")
+        .arg(dir.path().join("x.safetensors"))
+        .output()
+        .unwrap();
+    assert!(!err.status.success());
+    assert!(String::from_utf8_lossy(&err.stderr).contains("no.such"));
+}
+
+#[test]
+fn engine_maps_outputs_to_the_frame_resolution() {
+    let mut engine = VggtEngine::from_model(tiny_model(), None);
+    for (w, h) in [(160u32, 120u32), (90, 200)] {
+        engine.reset();
+        for i in 0..3u64 {
+            let image = image::RgbImage::from_fn(w, h, |x, y| {
+                image::Rgb([(x * 3 + i as u32 * 5) as u8, (y * 2) as u8, ((x + y) % 256) as u8])
+            });
+            let frame = Frame {
+                index: i,
+                source_index: i,
+                timestamp: i as f64 / 30.0,
+                image,
+                intrinsics: None,
+                gt: None,
+            };
+            let g = engine.push(&frame, None).unwrap().pop().unwrap();
+            assert_eq!((g.intrinsics.width, g.intrinsics.height), (w, h));
+            let depth = g.depth.unwrap();
+            let conf = g.confidence.unwrap();
+            assert_eq!(depth.len(), (w * h) as usize);
+            assert!(conf.iter().all(|c| (0.0..=1.0).contains(c)));
+            assert!(depth.iter().all(|d| d.is_finite() && *d >= 0.0));
+            // The portrait frame is centre-cropped: its top and bottom rows have no depth.
+            let filled = depth.iter().filter(|d| **d > 0.0).count();
+            if h > w {
+                assert!(filled < depth.len() && filled > depth.len() / 3, "{filled}");
+            } else {
+                assert_eq!(filled, depth.len());
+            }
+            assert!(g.intrinsics.fx.is_finite() && g.intrinsics.fx > 0.0);
+        }
+        assert_eq!(engine.memory().global[0].len(), 3 * engine.memory().tokens_per_frame.unwrap());
+    }
+}
