@@ -59,6 +59,8 @@ pub struct FrameOutput {
     pub budgets: Vec<i64>,
     pub height: usize,
     pub width: usize,
+    /// Milliseconds spent in the aggregator, camera head, depth head and point head.
+    pub stage_ms: [f64; 4],
 }
 
 impl StreamVggt {
@@ -132,13 +134,27 @@ impl StreamVggt {
                 "frame {frame_index} is {w}×{h} ({p} tokens); this stream started with {first} tokens per frame"
             )));
         }
+        let clock = std::time::Instant::now();
+        let mut lap = {
+            let mut last = clock;
+            move || {
+                let now = std::time::Instant::now();
+                let ms = (now - last).as_secs_f64() * 1e3;
+                last = now;
+                ms
+            }
+        };
         let tokens = self.aggregator.forward(image, frame_index, memory, taps)?;
+        let agg_ms = lap();
         let last = tokens.last().ok_or_else(|| Error::Model("aggregator has no blocks".into()))?;
         let iters = self.camera_head.forward(last, frame_index, memory, taps)?;
+        let cam_ms = lap();
         let pse = self.aggregator.patch_start_idx();
         let (depth, depth_conf) = self.depth_head.forward(&tokens, pse, (h, w), "depth_head", taps)?;
+        let depth_ms = lap();
         let (world_points, world_points_conf) =
             self.point_head.forward(&tokens, pse, (h, w), "point_head", taps)?;
+        let point_ms = lap();
         let last_iter = iters
             .last()
             .ok_or_else(|| Error::Model("camera head has no iterations".into()))?;
@@ -156,6 +172,7 @@ impl StreamVggt {
             budgets: memory.budgets.clone(),
             height: h,
             width: w,
+            stage_ms: [agg_ms, cam_ms, depth_ms, point_ms],
         })
     }
 }

@@ -1,0 +1,92 @@
+//! Speed and memory of the `vggt` model, one stream on the CPU: the tiny fixture config (56×70
+//! frames, the fixture's weights) and the "small" config of issue 6 (224×224, random weights),
+//! with the plain growing KV cache and with the rolling-memory budget.
+//!
+//! `cargo bench --bench vggt [-- FRAMES]` (default 60). Each case runs in its own process so its
+//! peak RSS is its own.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Instant;
+
+use candle_core::{DType, Device, Tensor};
+use streamrecon::models::vggt::{StreamVggt, VggtConfig};
+use streamrecon::models::weights::Weights;
+use streamrecon::stats::peak_rss_mib;
+
+const CASES: [&str; 4] = ["tiny", "tiny-pruned", "small", "small-pruned"];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let frames: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(60);
+    if let Some(case) = args.iter().find_map(|a| a.strip_prefix("--case=")) {
+        run_case(case, frames);
+        return;
+    }
+    println!("vggt, one stream, CPU, {} threads, {frames} frames", rayon::current_num_threads());
+    let exe = std::env::current_exe().expect("bench executable");
+    for case in CASES {
+        let status = Command::new(&exe)
+            .arg(format!("--case={case}"))
+            .arg(frames.to_string())
+            .arg("--bench")
+            .status()
+            .expect("run case");
+        assert!(status.success(), "case {case} failed");
+    }
+}
+
+fn run_case(case: &str, frames: usize) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    let (model, h, w) = if case.starts_with("tiny") {
+        let cfg = VggtConfig::from_json_file(&fixture.join("config.json")).expect("config");
+        let model = StreamVggt::load(&fixture.join("model.safetensors"), cfg).expect("weights");
+        (model, 56, 70)
+    } else {
+        let model = StreamVggt::new(&Weights::random(0, DType::F32), VggtConfig::small())
+            .expect("small model");
+        (model, 224, 224)
+    };
+    let tokens = model.config.tokens_per_frame(h, w);
+    let depth = model.config.aggregator.depth;
+    // Pruned cases: room for about 10 frames per layer.
+    let budget = case
+        .ends_with("pruned")
+        .then_some(10 * tokens * depth);
+    let mut memory = model.new_stream(budget);
+    let mut ms = Vec::with_capacity(frames);
+    let mut stages = [0f64; 4];
+    let t_all = Instant::now();
+    for i in 0..frames {
+        // A slowly panning smooth pattern.
+        let img = Tensor::arange(0f32, (3 * h * w) as f32, &Device::Cpu)
+            .and_then(|t| ((t * 0.001)? + i as f64 * 0.05)?.sin())
+            .and_then(|t| ((t * 0.5)? + 0.5)?.reshape((1, 3, h, w)))
+            .expect("frame");
+        let t0 = Instant::now();
+        let out = model
+            .step(&img, i, &mut memory, &mut |_, _| {})
+            .expect("step");
+        for (s, v) in stages.iter_mut().zip(out.stage_ms) {
+            *s += v / frames as f64;
+        }
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+    }
+    let total = t_all.elapsed().as_secs_f64();
+    let at = |i: usize| ms.get(i).copied().unwrap_or(f64::NAN);
+    println!(
+        "{case:<13} {w}×{h}, {tokens} tokens/frame: {:.2} frames/s; frame 1 {:.1} ms, frame {} {:.1} ms; \
+         cache {} tokens/layer, {:.1} MiB; peak RSS {:.0} MiB\n              mean ms: aggregator {:.1}, camera head {:.1}, depth head {:.1}, point head {:.1}",
+        frames as f64 / total,
+        at(1),
+        frames.min(51) - 1,
+        at(frames.min(51) - 1),
+        memory.global[0].len(),
+        memory.bytes() as f64 / f64::from(1 << 20),
+        peak_rss_mib(),
+        stages[0],
+        stages[1],
+        stages[2],
+        stages[3]
+    );
+}
