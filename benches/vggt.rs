@@ -23,7 +23,10 @@ fn main() {
         run_case(case, frames);
         return;
     }
-    println!("vggt, one stream, CPU, {} threads, {frames} frames", rayon::current_num_threads());
+    println!(
+        "vggt, one stream, CPU, {} threads, {frames} frames",
+        rayon::current_num_threads()
+    );
     let exe = std::env::current_exe().expect("bench executable");
     for case in CASES {
         let status = Command::new(&exe)
@@ -50,9 +53,7 @@ fn run_case(case: &str, frames: usize) {
     let tokens = model.config.tokens_per_frame(h, w);
     let depth = model.config.aggregator.depth;
     // Pruned cases: room for about 10 frames per layer.
-    let budget = case
-        .ends_with("pruned")
-        .then_some(10 * tokens * depth);
+    let budget = case.ends_with("pruned").then_some(10 * tokens * depth);
     let mut memory = model.new_stream(budget);
     let mut ms = Vec::with_capacity(frames);
     let mut stages = [0f64; 4];

@@ -24,6 +24,7 @@ use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{colorwheel, FlowEngine};
 use streamrecon::geometry::flowvo::FlowVoConfig;
 use streamrecon::geometry::vggt::VggtEngineConfig;
+use streamrecon::models::vggt::memory::CameraCache;
 use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
 use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
 use streamrecon::viewer::RerunTarget;
@@ -195,6 +196,17 @@ struct EngineFlags {
     /// Total KV-cache token budget of `vggt`'s rolling memory (0 = no pruning).
     #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET, value_name = "N")]
     total_budget: usize,
+    /// `vggt` camera-head cache: frame 0 plus the N most recent frames (0 = unbounded, as the
+    /// reference).
+    #[arg(long, default_value_t = streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW, value_name = "N")]
+    camera_window: usize,
+    /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    snapshot_every: u64,
+    /// Continue a stream from a snapshot: the engine state is restored and the source's frames
+    /// before the snapshot's position are skipped.
+    #[arg(long, value_name = "FILE")]
+    resume: Option<PathBuf>,
     /// Voxel size of the fused cloud, world units.
     #[arg(long, default_value_t = 0.01)]
     voxel: f32,
@@ -216,6 +228,9 @@ impl Default for EngineFlags {
             weights: None,
             model_config: None,
             total_budget: streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET,
+            camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
+            snapshot_every: 0,
+            resume: None,
             voxel: 0.01,
             max_points: 2_000_000,
             depth_every: 1,
@@ -245,6 +260,11 @@ impl EngineFlags {
                     weights: w.clone(),
                     model_config: self.model_config.clone(),
                     total_budget: (self.total_budget > 0).then_some(self.total_budget),
+                    camera_cache: if self.camera_window == 0 {
+                        CameraCache::Reference
+                    } else {
+                        CameraCache::Window(self.camera_window)
+                    },
                 })
             }
         };
@@ -255,6 +275,8 @@ impl EngineFlags {
                 ..DisConfig::default()
             }),
             geometry,
+            snapshot_every: self.snapshot_every,
+            resume: self.resume.clone(),
             out_dir: out,
             rerun,
             depth_every: self.depth_every,
@@ -1304,7 +1326,10 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
         .to_dtype(candle_core::DType::F32)?;
     let dims = images.dims().to_vec();
     if dims.len() != 4 || dims[1] != 3 {
-        bail!("`{name}` in {} must be [S, 3, H, W], got {dims:?}", file.display());
+        bail!(
+            "`{name}` in {} must be [S, 3, H, W], got {dims:?}",
+            file.display()
+        );
     }
     let mut memory = model.new_stream((*total_budget > 0).then_some(*total_budget));
     let mut outputs: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
@@ -1315,7 +1340,10 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
         let frame = images.get(i)?.unsqueeze(0)?;
         let o = model.step(&frame, i, &mut memory, &mut |_, _| {})?;
         let p = format!("frame{i}");
-        outputs.insert(format!("{p}.pose_enc"), Tensor::new(o.pose_enc.as_slice(), &dev)?.unsqueeze(0)?);
+        outputs.insert(
+            format!("{p}.pose_enc"),
+            Tensor::new(o.pose_enc.as_slice(), &dev)?.unsqueeze(0)?,
+        );
         outputs.insert(format!("{p}.pose_enc_iters"), o.pose_enc_iters);
         outputs.insert(format!("{p}.depth"), o.depth);
         outputs.insert(format!("{p}.depth_conf"), o.depth_conf);
@@ -1336,7 +1364,10 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
             );
         }
         for (l, len) in o.camera_kv_len.iter().enumerate() {
-            outputs.insert(format!("{p}.camera_kv_len.layer{l}"), ints(vec![*len as i64])?);
+            outputs.insert(
+                format!("{p}.camera_kv_len.layer{l}"),
+                ints(vec![*len as i64])?,
+            );
         }
         println!(
             "frame {i}: {:.1} ms, kv {:?}, memory {:.2} MiB",

@@ -23,7 +23,7 @@ use crate::frame::{Frame, Intrinsics, RgbImage};
 use crate::fusion::{Fusion, FusionConfig};
 use crate::geometry::flowvo::{FlowVo, FlowVoConfig};
 use crate::geometry::vggt::{VggtEngine, VggtEngineConfig};
-use crate::geometry::{FrameGeometry, GeometryEngine, GeometryStats};
+use crate::geometry::{FrameGeometry, GeometryEngine, GeometryStats, MemoryReadout};
 use crate::sinks::files::{IntrinsicsReport, RunOutputs};
 use crate::source::{Source, SourceItem};
 use crate::stats::{peak_rss_mib, rss_mib, Timing, TimingSummary};
@@ -56,7 +56,14 @@ pub struct PipelineConfig {
     /// Frames between stages.
     pub channel_capacity: usize,
     pub progress: bool,
+    /// Snapshot the geometry engine's state every n frames into the output folder (0 = never).
+    pub snapshot_every: u64,
+    /// Restore the geometry engine from this snapshot and skip the frames it has seen.
+    pub resume: Option<PathBuf>,
 }
+
+/// File name of the engine snapshot in the output folder.
+pub const SNAPSHOT_FILE: &str = "snapshot.safetensors";
 
 impl Default for PipelineConfig {
     fn default() -> Self {
@@ -69,8 +76,19 @@ impl Default for PipelineConfig {
             depth_every: 1,
             channel_capacity: 4,
             progress: false,
+            snapshot_every: 0,
+            resume: None,
         }
     }
+}
+
+/// The model memory over a run: per frame (index, cached tokens over all global layers, bytes,
+/// model ms), and the last frame's full read-out.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemorySummary {
+    pub per_frame: Vec<(u64, usize, usize, f64)>,
+    pub peak_bytes: usize,
+    pub last: MemoryReadout,
 }
 
 /// Counts and timings of a finished run (the body of `run.json`).
@@ -89,6 +107,9 @@ pub struct RunSummary {
     pub stages: HashMap<&'static str, TimingSummary>,
     pub map_segments: u32,
     pub frames_tracked: u64,
+    /// Model memory per frame (engines with a memory: `vggt`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model_memory: Option<MemorySummary>,
     pub points: usize,
     pub points_evicted: u64,
     pub median_reprojection_px: Option<f64>,
@@ -188,6 +209,17 @@ pub fn run(
     let started = Instant::now();
     let mut flow_engine = make_flow(&config.flow)?;
     let mut geo_engine = make_geometry(&config.geometry)?;
+    let resume_from = match &config.resume {
+        Some(p) => {
+            let next = geo_engine.restore(p)?;
+            log::info!(
+                "resumed from {}: continuing at source frame {next}",
+                p.display()
+            );
+            next
+        }
+        None => 0,
+    };
     let mut outputs = match &config.out_dir {
         Some(d) => Some(RunOutputs::create(d, config.depth_every)?),
         None => None,
@@ -224,6 +256,10 @@ pub fn run(
                 };
                 match item {
                     Ok(SourceItem::Frame(frame)) => {
+                        // Frames the resumed stream has already seen.
+                        if frame.source_index < resume_from {
+                            continue;
+                        }
                         read.fetch_add(1, Ordering::Relaxed);
                         if let Ok(mut k) = original_k.lock() {
                             if k.is_none() {
@@ -295,9 +331,33 @@ pub fn run(
         })?
     };
 
+    let snapshot_path = config
+        .out_dir
+        .as_ref()
+        .filter(|_| config.snapshot_every > 0)
+        .map(|d| d.join(SNAPSHOT_FILE));
+    let snapshot_every = config.snapshot_every;
     let geometry_thread = {
         let (errors, stop) = (errors.clone(), stop.clone());
         spawn("geometry", move || {
+            let mut pushed = 0u64;
+            let mut next_source = resume_from;
+            let mut snapshot_path = snapshot_path;
+            let snapshot = |engine: &dyn GeometryEngine, next: u64, path: &mut Option<PathBuf>| {
+                let Some(p) = path.as_ref() else { return };
+                match engine.snapshot(p, next) {
+                    Ok(true) => log::debug!("snapshot at source frame {next}: {}", p.display()),
+                    Ok(false) => {
+                        log::warn!("the {} engine has no state to snapshot", engine.name());
+                        *path = None;
+                    }
+                    Err(e) => {
+                        log::error!("snapshot failed: {e}");
+                        errors.set(e);
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                }
+            };
             // Frames the engine holds back (initialisation), by index.
             let mut waiting: HashMap<u64, (Frame, Instant, Option<RgbImage>, f64)> = HashMap::new();
             let emit =
@@ -332,12 +392,17 @@ pub fn run(
                 };
                 let res = geo_engine.push(&msg.frame, msg.flow.as_ref());
                 let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
+                next_source = msg.frame.source_index + 1;
                 waiting.insert(
                     msg.frame.index,
                     (msg.frame, msg.read_at, flow_rgb, msg.flow_ms),
                 );
                 match res {
                     Ok(geos) => {
+                        pushed += 1;
+                        if snapshot_every > 0 && pushed % snapshot_every == 0 {
+                            snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path);
+                        }
                         if !emit(geos, &mut waiting, geo_ms) {
                             return geo_engine.segments();
                         }
@@ -354,6 +419,10 @@ pub fn run(
                 }
                 Err(e) => errors.set(e),
             }
+            // A final snapshot, so an interrupted run can be continued.
+            if snapshot_every > 0 && pushed % snapshot_every != 0 {
+                snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path);
+            }
             geo_engine.segments()
         })?
     };
@@ -364,6 +433,7 @@ pub fn run(
     let mut trajectory = Vec::new();
     let mut processed = 0u64;
     let mut model_k = None;
+    let mut model_memory: Option<MemorySummary> = None;
     let mut reproj: Vec<f64> = Vec::new();
     let mut tracked_counts: Vec<usize> = Vec::new();
     let progress = config.progress.then(|| make_progress(total));
@@ -446,6 +516,18 @@ pub fn run(
         if g.stats.tracked {
             tracked_counts.push(g.stats.tracked_points);
         }
+        if let Some(m) = &g.memory {
+            let tokens: usize = m.tokens_per_layer.iter().sum();
+            let ms = model_memory.get_or_insert_with(MemorySummary::default);
+            ms.per_frame.push((g.index, tokens, m.bytes, m.model_ms));
+            ms.peak_bytes = ms.peak_bytes.max(m.bytes);
+            ms.last = m.clone();
+            if let Some(v) = viewer.as_ref() {
+                let _ = v.log_scalar(paths::PLOT_KV_TOKENS, tokens as f64);
+                let _ = v.log_scalar(paths::PLOT_KV_MIB, m.bytes as f64 / f64::from(1 << 20));
+                let _ = v.log_scalar(paths::PLOT_MODEL_MS, m.model_ms);
+            }
+        }
         trajectory.push(TrajectoryEntry {
             index: g.index,
             source_index: r.frame.source_index,
@@ -519,6 +601,7 @@ pub fn run(
         stages: timings.iter().map(|(k, v)| (*k, v.summary())).collect(),
         map_segments: segments,
         frames_tracked: trajectory.iter().filter(|t| t.stats.tracked).count() as u64,
+        model_memory,
         points: cloud.len(),
         points_evicted: fusion.evicted(),
         median_reprojection_px: median(&mut reproj),

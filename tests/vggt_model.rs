@@ -9,6 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use streamrecon::frame::Frame;
 use streamrecon::geometry::vggt::VggtEngine;
 use streamrecon::geometry::GeometryEngine;
+use streamrecon::models::vggt::memory::CameraCache;
 use streamrecon::models::vggt::{StreamVggt, VggtConfig};
 use streamrecon::models::weights::Weights;
 
@@ -63,7 +64,8 @@ fn full_size_loader_accounts_for_every_official_key() {
     let tensors = full_checkpoint_shapes();
     let total = tensors.len();
     let w = Weights::from_map(tensors, DType::F32, "checkpoint_keys.json".into());
-    StreamVggt::new(&w, VggtConfig::vggt_1b()).expect("the VGGT-1B preset loads the official layout");
+    StreamVggt::new(&w, VggtConfig::vggt_1b())
+        .expect("the VGGT-1B preset loads the official layout");
     let (unexpected, skipped) = w.unused(&["track_head."]);
     assert!(unexpected.is_empty(), "{unexpected:?}");
     assert!(skipped.iter().all(|k| k.starts_with("track_head.")));
@@ -78,31 +80,52 @@ fn full_size_loader_accounts_for_every_official_key() {
 fn missing_misshapen_and_unexpected_tensors_are_named() {
     let mut t = full_checkpoint_shapes();
     t.remove("camera_head.trunk_norm.weight");
-    let err = StreamVggt::new(&Weights::from_map(t, DType::F32, "ckpt".into()), VggtConfig::vggt_1b())
-        .err()
-        .expect("missing key");
-    assert!(err.to_string().contains("camera_head.trunk_norm.weight"), "{err}");
+    let err = StreamVggt::new(
+        &Weights::from_map(t, DType::F32, "ckpt".into()),
+        VggtConfig::vggt_1b(),
+    )
+    .err()
+    .expect("missing key");
+    assert!(
+        err.to_string().contains("camera_head.trunk_norm.weight"),
+        "{err}"
+    );
 
     let mut t = tiny_tensors();
     let bad = Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap();
     t.insert("aggregator.global_blocks.1.attn.qkv.weight".into(), bad);
-    let err = StreamVggt::new(&Weights::from_map(t, DType::F32, "ckpt".into()), tiny_config())
-        .err()
-        .expect("wrong shape");
+    let err = StreamVggt::new(
+        &Weights::from_map(t, DType::F32, "ckpt".into()),
+        tiny_config(),
+    )
+    .err()
+    .expect("wrong shape");
     let msg = err.to_string();
-    assert!(msg.contains("aggregator.global_blocks.1.attn.qkv.weight") && msg.contains("[3, 3]"), "{msg}");
+    assert!(
+        msg.contains("aggregator.global_blocks.1.attn.qkv.weight") && msg.contains("[3, 3]"),
+        "{msg}"
+    );
 
     let mut t = tiny_tensors();
-    t.insert("aggregator.extra.weight".into(), Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap());
-    let err = StreamVggt::new(&Weights::from_map(t, DType::F32, "ckpt".into()), tiny_config())
-        .err()
-        .expect("unexpected key");
+    t.insert(
+        "aggregator.extra.weight".into(),
+        Tensor::zeros(2, DType::F32, &Device::Cpu).unwrap(),
+    );
+    let err = StreamVggt::new(
+        &Weights::from_map(t, DType::F32, "ckpt".into()),
+        tiny_config(),
+    )
+    .err()
+    .expect("unexpected key");
     assert!(err.to_string().contains("aggregator.extra.weight"), "{err}");
 
     // The tiny weights do not fit the full-size config.
-    let err = StreamVggt::new(&Weights::from_map(tiny_tensors(), DType::F32, "tiny".into()), VggtConfig::vggt_1b())
-        .err()
-        .expect("size mismatch");
+    let err = StreamVggt::new(
+        &Weights::from_map(tiny_tensors(), DType::F32, "tiny".into()),
+        VggtConfig::vggt_1b(),
+    )
+    .err()
+    .expect("size mismatch");
     assert!(err.to_string().contains("tiny"), "{err}");
 }
 
@@ -112,7 +135,9 @@ fn corrupt_or_truncated_weight_files_are_errors() {
     let bytes = std::fs::read(fixture("model.safetensors")).unwrap();
     let cut = dir.path().join("cut.safetensors");
     std::fs::write(&cut, &bytes[..bytes.len() / 2]).unwrap();
-    let err = StreamVggt::load(&cut, tiny_config()).err().expect("truncated");
+    let err = StreamVggt::load(&cut, tiny_config())
+        .err()
+        .expect("truncated");
     assert!(err.to_string().contains("cut.safetensors"), "{err}");
     let junk = dir.path().join("junk.pth");
     std::fs::write(&junk, b"not a zip").unwrap();
@@ -124,7 +149,9 @@ fn corrupt_or_truncated_weight_files_are_errors() {
     assert!(err.to_string().contains("none.safetensors"), "{err}");
     let cfg = dir.path().join("cfg.json");
     std::fs::write(&cfg, r#"{"model_config": {"patch_size": 14}}"#).unwrap();
-    let err = VggtConfig::from_json_file(&cfg).err().expect("incomplete config");
+    let err = VggtConfig::from_json_file(&cfg)
+        .err()
+        .expect("incomplete config");
     assert!(err.to_string().contains("cfg.json"), "{err}");
 }
 
@@ -135,7 +162,12 @@ fn frames_of_the_wrong_size_are_errors_not_panics() {
     let dev = Device::Cpu;
     let ok = Tensor::full(0.5f32, (1, 3, 56, 70), &dev).unwrap();
     model.step(&ok, 0, &mut memory, &mut |_, _| {}).unwrap();
-    for shape in [(1, 3, 56, 84), (1, 3, 50, 70), (1, 4, 56, 70), (2, 3, 56, 70)] {
+    for shape in [
+        (1, 3, 56, 84),
+        (1, 3, 50, 70),
+        (1, 4, 56, 70),
+        (2, 3, 56, 70),
+    ] {
         let t = Tensor::full(0.5f32, shape, &dev).unwrap();
         let err = model.step(&t, 1, &mut memory, &mut |_, _| {}).err();
         assert!(err.is_some(), "{shape:?} accepted");
@@ -155,14 +187,18 @@ fn model_run_command_reproduces_the_reference_pruned_run() {
         .arg("--weights")
         .arg(fixture("model.safetensors"))
         .arg("--frames")
-        .arg(format!("{}:input.images", fixture("io.safetensors").display()))
+        .arg(format!(
+            "{}:input.images",
+            fixture("io.safetensors").display()
+        ))
         .args(["--total-budget", "200", "--out"])
         .arg(&out)
         .status()
         .unwrap();
     assert!(status.success());
     let ours = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
-    let reference = candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
+    let reference =
+        candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
     let mut compared = 0;
     for (k, t) in &ours {
         let r = &reference[&format!("pruned.{k}")];
@@ -172,7 +208,14 @@ fn model_run_command_reproduces_the_reference_pruned_run() {
             let b: Vec<i64> = r.flatten_all().unwrap().to_vec1().unwrap();
             assert_eq!(a, b, "{k}");
         } else {
-            let d = (t - r).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = (t - r)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap();
             let m = r.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
             let ratio = d.to_scalar::<f32>().unwrap() / m.to_scalar::<f32>().unwrap().max(1e-30);
             assert!(ratio <= 1e-4, "{k}: {ratio}");
@@ -197,12 +240,16 @@ fn model_run_command_reproduces_the_reference_pruned_run() {
 
 #[test]
 fn engine_maps_outputs_to_the_frame_resolution() {
-    let mut engine = VggtEngine::from_model(tiny_model(), None);
+    let mut engine = VggtEngine::from_model(tiny_model(), None, CameraCache::Window(8));
     for (w, h) in [(160u32, 120u32), (90, 200)] {
         engine.reset();
         for i in 0..3u64 {
             let image = image::RgbImage::from_fn(w, h, |x, y| {
-                image::Rgb([(x * 3 + i as u32 * 5) as u8, (y * 2) as u8, ((x + y) % 256) as u8])
+                image::Rgb([
+                    (x * 3 + i as u32 * 5) as u8,
+                    (y * 2) as u8,
+                    ((x + y) % 256) as u8,
+                ])
             });
             let frame = Frame {
                 index: i,
@@ -228,6 +275,191 @@ fn engine_maps_outputs_to_the_frame_resolution() {
             }
             assert!(g.intrinsics.fx.is_finite() && g.intrinsics.fx > 0.0);
         }
-        assert_eq!(engine.memory().global[0].len(), 3 * engine.memory().tokens_per_frame.unwrap());
+        assert_eq!(
+            engine.memory().global[0].len(),
+            3 * engine.memory().tokens_per_frame.unwrap()
+        );
     }
+}
+
+fn fixture_frames() -> Vec<Tensor> {
+    let t = candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
+    let images = &t["input.images"];
+    (0..images.dim(0).unwrap())
+        .map(|i| images.get(i).unwrap().unsqueeze(0).unwrap())
+        .collect()
+}
+
+#[test]
+fn bounded_camera_cache_equals_the_reference_until_the_window_fills() {
+    let model = tiny_model();
+    let frames = fixture_frames();
+    let run = |cache: CameraCache| -> (Vec<Vec<f32>>, Vec<usize>) {
+        let mut m = model.new_stream(None);
+        m.camera_cache = cache;
+        let mut poses = Vec::new();
+        let mut lens = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            let o = model.step(f, i, &mut m, &mut |_, _| {}).unwrap();
+            poses.push(o.pose_enc);
+            lens.push(o.camera_kv_len[0]);
+        }
+        (poses, lens)
+    };
+    let (reference, ref_lens) = run(CameraCache::Reference);
+    let (windowed, lens) = run(CameraCache::Window(2));
+    assert_eq!(ref_lens, vec![4, 8, 12, 16, 20, 24]);
+    // Frame 0's 4 entries plus the 2 most recent frames' 8.
+    assert_eq!(lens, vec![4, 8, 12, 12, 12, 12]);
+    let max_abs = |a: &[f32], b: &[f32]| {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max)
+    };
+    for i in 0..3 {
+        assert_eq!(max_abs(&reference[i], &windowed[i]), 0.0, "frame {i}");
+    }
+    for i in 3..6 {
+        let d = max_abs(&reference[i], &windowed[i]);
+        let scale = reference[i].iter().fold(0f32, |m, v| m.max(v.abs()));
+        println!(
+            "camera window 2 vs reference, frame {i}: max |Δ pose_enc| = {d:.3e} ({:.3e} of max)",
+            d / scale
+        );
+        assert!(
+            d > 0.0,
+            "frame {i}: the window must change what the head sees"
+        );
+    }
+}
+
+#[test]
+fn a_restored_snapshot_continues_bit_for_bit() {
+    let frames = fixture_frames();
+    let dir = tempfile::tempdir().unwrap();
+    for (budget, cache) in [
+        (None, CameraCache::Reference),
+        (Some(200), CameraCache::Window(2)),
+    ] {
+        let mut whole = VggtEngine::from_model(tiny_model(), budget, cache);
+        let mut first = VggtEngine::from_model(tiny_model(), budget, cache);
+        let mut resumed = VggtEngine::from_model(tiny_model(), None, CameraCache::Reference);
+        let snap = dir.path().join("snap.safetensors");
+        let frame = |i: usize| {
+            let t = (frames[i].squeeze(0).unwrap() * 255.0)
+                .unwrap()
+                .round()
+                .unwrap();
+            let v: Vec<f32> = t
+                .permute((1, 2, 0))
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            let bytes: Vec<u8> = v.iter().map(|x| *x as u8).collect();
+            Frame {
+                index: i as u64,
+                source_index: i as u64,
+                timestamp: i as f64,
+                image: image::RgbImage::from_raw(70, 56, bytes).unwrap(),
+                intrinsics: None,
+                gt: None,
+            }
+        };
+        let mut expected = Vec::new();
+        for i in 0..6 {
+            expected.push(whole.push(&frame(i), None).unwrap().remove(0));
+        }
+        for i in 0..3 {
+            first.push(&frame(i), None).unwrap();
+        }
+        assert!(first.snapshot(&snap, 3).unwrap());
+        drop(first);
+        assert_eq!(resumed.restore(&snap).unwrap(), 3);
+        for i in 3..6 {
+            let got = resumed.push(&frame(i), None).unwrap().remove(0);
+            let want = &expected[i];
+            assert_eq!(got.depth, want.depth, "frame {i} depth ({budget:?})");
+            assert_eq!(got.confidence, want.confidence, "frame {i} confidence");
+            assert_eq!(got.world_from_cam, want.world_from_cam, "frame {i} pose");
+            assert_eq!(
+                got.memory.as_ref().unwrap().tokens_per_layer,
+                want.memory.as_ref().unwrap().tokens_per_layer
+            );
+        }
+        // Snapshots of another model size, and damaged files, are refused with the file named.
+        let mut other = VggtEngine::from_model(
+            StreamVggt::new(&Weights::random(1, DType::F32), VggtConfig::small()).unwrap(),
+            None,
+            CameraCache::Reference,
+        );
+        let err = other.restore(&snap).unwrap_err().to_string();
+        assert!(err.contains("snap.safetensors"), "{err}");
+        let bytes = std::fs::read(&snap).unwrap();
+        let cut = dir.path().join("cut.safetensors");
+        std::fs::write(&cut, &bytes[..bytes.len() / 3]).unwrap();
+        assert!(resumed
+            .restore(&cut)
+            .unwrap_err()
+            .to_string()
+            .contains("cut.safetensors"));
+    }
+}
+
+#[test]
+fn pipeline_run_with_vggt_resumes_from_its_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = env!("CARGO_BIN_EXE_streamrecon");
+    let data = dir.path().join("data");
+    let ok = Command::new(bin)
+        .args(["synth", "--frames", "12", "--size", "160x120", "--out"])
+        .arg(&data)
+        .status()
+        .unwrap();
+    assert!(ok.success());
+    let run = |out: &str, extra: &[&str]| {
+        let o = Command::new(bin)
+            .arg("run")
+            .arg(&data)
+            .arg("--weights")
+            .arg(fixture("model.safetensors"))
+            .arg("--model-config")
+            .arg(fixture("config.json"))
+            .args(["--total-budget", "200", "--camera-window", "2", "--out"])
+            .arg(dir.path().join(out))
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        std::fs::read_to_string(dir.path().join(out).join("trajectory.txt")).unwrap()
+    };
+    let whole = run("whole", &[]);
+    let first = run("first", &["--max-frames", "6", "--snapshot-every", "4"]);
+    let snap = dir.path().join("first").join("snapshot.safetensors");
+    assert!(
+        snap.exists(),
+        "the final snapshot of an ended run is written"
+    );
+    let rest = run("rest", &["--resume", snap.to_str().unwrap()]);
+    let lines = |t: &str| -> Vec<String> {
+        t.lines()
+            .filter(|l| !l.starts_with('#'))
+            .map(str::to_string)
+            .collect()
+    };
+    let (whole, first, rest) = (lines(&whole), lines(&first), lines(&rest));
+    assert_eq!(whole.len(), 12);
+    assert_eq!(first.len(), 6);
+    assert_eq!(rest, whole[6..], "the resumed run continues bit for bit");
+    let run_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("rest/run.json")).unwrap()).unwrap();
+    let mem = &run_json["model_memory"];
+    assert_eq!(mem["per_frame"].as_array().unwrap().len(), 6);
+    assert!(mem["last"]["tokens_per_layer"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|t| t.as_u64().unwrap() <= 200));
 }

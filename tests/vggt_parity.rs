@@ -42,7 +42,11 @@ impl Report {
         // stream.frame3.depth → stream.depth; frame0.agg.global_block2 → frame0.agg.global_block
         let parts: Vec<&str> = name
             .split('.')
-            .filter(|p| !(p.starts_with("frame") && p[5..].chars().all(|c| c.is_ascii_digit()) && p.len() > 5))
+            .filter(|p| {
+                !(p.starts_with("frame")
+                    && p[5..].chars().all(|c| c.is_ascii_digit())
+                    && p.len() > 5)
+            })
             .collect();
         parts
             .join(".")
@@ -51,7 +55,11 @@ impl Report {
     }
 
     fn float(&mut self, name: &str, ours: &Tensor, reference: &Tensor) {
-        let r = reference.flatten_all().unwrap().to_dtype(DType::F64).unwrap();
+        let r = reference
+            .flatten_all()
+            .unwrap()
+            .to_dtype(DType::F64)
+            .unwrap();
         let o = match ours.flatten_all().and_then(|t| t.to_dtype(DType::F64)) {
             Ok(o) => o,
             Err(e) => {
@@ -81,8 +89,9 @@ impl Report {
         let w = self.worst.entry(Self::family(name)).or_insert(0.0);
         *w = w.max(ratio);
         if ratio > TOL {
-            self.failures
-                .push(format!("{name}: max|Δ|/max|ref| = {ratio:.3e} (max|ref| {max_ref:.3e})"));
+            self.failures.push(format!(
+                "{name}: max|Δ|/max|ref| = {ratio:.3e} (max|ref| {max_ref:.3e})"
+            ));
         }
     }
 
@@ -128,7 +137,14 @@ fn run(run: &str, total_budget: usize, check_intermediates: bool) {
         };
         let out = model.step(&img, i, &mut memory, &mut tap).expect("step");
         let p = format!("{run}.frame{i}");
-        rep.float(&format!("{p}.pose_enc"), &Tensor::new(out.pose_enc.as_slice(), &Device::Cpu).unwrap().unsqueeze(0).unwrap(), &io[&format!("{p}.pose_enc")]);
+        rep.float(
+            &format!("{p}.pose_enc"),
+            &Tensor::new(out.pose_enc.as_slice(), &Device::Cpu)
+                .unwrap()
+                .unsqueeze(0)
+                .unwrap(),
+            &io[&format!("{p}.pose_enc")],
+        );
         for (name, t) in [
             ("pose_enc_iters", &out.pose_enc_iters),
             ("depth", &out.depth),
@@ -140,22 +156,44 @@ fn run(run: &str, total_budget: usize, check_intermediates: bool) {
             rep.float(&format!("{p}.{name}"), t, &io[&format!("{p}.{name}")]);
         }
         for (l, len) in out.kv_len.iter().enumerate() {
-            rep.ints(&format!("{p}.kv_len.layer{l}"), &[*len as i64], &io[&format!("{p}.kv_len.layer{l}")]);
+            rep.ints(
+                &format!("{p}.kv_len.layer{l}"),
+                &[*len as i64],
+                &io[&format!("{p}.kv_len.layer{l}")],
+            );
             let ids: Vec<i64> = memory.global[l].ids().concat();
-            rep.ints(&format!("{p}.kept_ids.layer{l}"), &ids, &io[&format!("{p}.kept_ids.layer{l}")]);
+            rep.ints(
+                &format!("{p}.kept_ids.layer{l}"),
+                &ids,
+                &io[&format!("{p}.kept_ids.layer{l}")],
+            );
         }
         for (t, len) in out.camera_kv_len.iter().enumerate() {
-            rep.ints(&format!("{p}.camera_kv_len.layer{t}"), &[*len as i64], &io[&format!("{p}.camera_kv_len.layer{t}")]);
+            rep.ints(
+                &format!("{p}.camera_kv_len.layer{t}"),
+                &[*len as i64],
+                &io[&format!("{p}.camera_kv_len.layer{t}")],
+            );
         }
-        rep.ints(&format!("{p}.budget"), &out.budgets, &io[&format!("{p}.budget")]);
+        rep.ints(
+            &format!("{p}.budget"),
+            &out.budgets,
+            &io[&format!("{p}.budget")],
+        );
         let scores = Tensor::new(memory.last_scores.as_slice(), &Device::Cpu).unwrap();
-        rep.float(&format!("{p}.last_scores"), &scores, &io[&format!("{p}.last_scores")]);
+        rep.float(
+            &format!("{p}.last_scores"),
+            &scores,
+            &io[&format!("{p}.last_scores")],
+        );
         if i == 0 && check_intermediates {
             for (k, reference) in io.iter().filter(|(k, _)| k.starts_with("frame0.")) {
                 let name = k.trim_start_matches("frame0.");
                 match taps.get(name) {
                     Some(t) => rep.float(k, t, reference),
-                    None => rep.failures.push(format!("{k}: no such intermediate in the port")),
+                    None => rep
+                        .failures
+                        .push(format!("{k}: no such intermediate in the port")),
                 }
             }
         }
@@ -163,13 +201,29 @@ fn run(run: &str, total_budget: usize, check_intermediates: bool) {
     }
     for (l, layer) in memory.global.iter().enumerate() {
         let (k, v) = layer.kv().expect("cache");
-        rep.float(&format!("{run}.final.kv.layer{l}.k"), k, &io[&format!("{run}.final.kv.layer{l}.k")]);
-        rep.float(&format!("{run}.final.kv.layer{l}.v"), v, &io[&format!("{run}.final.kv.layer{l}.v")]);
+        rep.float(
+            &format!("{run}.final.kv.layer{l}.k"),
+            &k,
+            &io[&format!("{run}.final.kv.layer{l}.k")],
+        );
+        rep.float(
+            &format!("{run}.final.kv.layer{l}.v"),
+            &v,
+            &io[&format!("{run}.final.kv.layer{l}.v")],
+        );
     }
     for (t, layer) in memory.camera.iter().enumerate() {
         let (k, v) = layer.kv().expect("cache");
-        rep.float(&format!("{run}.final.camera_kv.layer{t}.k"), k, &io[&format!("{run}.final.camera_kv.layer{t}.k")]);
-        rep.float(&format!("{run}.final.camera_kv.layer{t}.v"), v, &io[&format!("{run}.final.camera_kv.layer{t}.v")]);
+        rep.float(
+            &format!("{run}.final.camera_kv.layer{t}.k"),
+            &k,
+            &io[&format!("{run}.final.camera_kv.layer{t}.k")],
+        );
+        rep.float(
+            &format!("{run}.final.camera_kv.layer{t}.v"),
+            &v,
+            &io[&format!("{run}.final.camera_kv.layer{t}.v")],
+        );
     }
     let (h, w) = (images.dim(2).unwrap(), images.dim(3).unwrap());
     let mut ext = Vec::new();
@@ -177,11 +231,29 @@ fn run(run: &str, total_budget: usize, check_intermediates: bool) {
     for e in &encs {
         ext.extend(pose::extrinsic_from_pose_enc(e).iter().flatten().copied());
         let k = pose::intrinsics_from_pose_enc(e, h, w);
-        intr.extend([k.fx as f32, 0.0, k.cx as f32, 0.0, k.fy as f32, k.cy as f32, 0.0, 0.0, 1.0]);
+        intr.extend([
+            k.fx as f32,
+            0.0,
+            k.cx as f32,
+            0.0,
+            k.fy as f32,
+            k.cy as f32,
+            0.0,
+            0.0,
+            1.0,
+        ]);
     }
     let dev = Device::Cpu;
-    rep.float(&format!("{run}.extrinsic"), &Tensor::from_vec(ext, (1, frames, 3, 4), &dev).unwrap(), &io[&format!("{run}.extrinsic")]);
-    rep.float(&format!("{run}.intrinsic"), &Tensor::from_vec(intr, (1, frames, 3, 3), &dev).unwrap(), &io[&format!("{run}.intrinsic")]);
+    rep.float(
+        &format!("{run}.extrinsic"),
+        &Tensor::from_vec(ext, (1, frames, 3, 4), &dev).unwrap(),
+        &io[&format!("{run}.extrinsic")],
+    );
+    rep.float(
+        &format!("{run}.intrinsic"),
+        &Tensor::from_vec(intr, (1, frames, 3, 3), &dev).unwrap(),
+        &io[&format!("{run}.intrinsic")],
+    );
     rep.finish(run);
 }
 

@@ -23,6 +23,9 @@ pub mod paths {
     pub const PLOT_LATENCY: &str = "plot/latency_ms";
     pub const PLOT_MEMORY: &str = "plot/memory_mb";
     pub const PLOT_TRACKED: &str = "plot/tracked_points";
+    pub const PLOT_KV_TOKENS: &str = "plot/kv_tokens";
+    pub const PLOT_KV_MIB: &str = "plot/kv_mib";
+    pub const PLOT_MODEL_MS: &str = "plot/model_ms";
 }
 
 /// Timeline names.

@@ -680,6 +680,7 @@ impl FlowVo {
             depth,
             confidence,
             stats,
+            memory: None,
         }
     }
 

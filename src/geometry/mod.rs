@@ -27,6 +27,25 @@ pub struct FrameGeometry {
     /// Per-pixel confidence in [0, 1] of `depth`.
     pub confidence: Option<Vec<f32>>,
     pub stats: GeometryStats,
+    /// State held by engines with a model memory (`vggt`).
+    pub memory: Option<MemoryReadout>,
+}
+
+/// What a model's memory holds after a frame, and what the frame cost.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct MemoryReadout {
+    /// Cached tokens per global-attention layer.
+    pub tokens_per_layer: Vec<usize>,
+    /// Cached entries per camera-head layer.
+    pub camera_entries: usize,
+    /// Bytes of valid K/V entries.
+    pub bytes: usize,
+    /// Bytes allocated for the caches.
+    pub allocated_bytes: usize,
+    /// Per-layer token budgets used for the frame (empty without pruning).
+    pub budgets: Vec<i64>,
+    /// Model time for the frame, milliseconds.
+    pub model_ms: f64,
 }
 
 /// Per-frame tracking facts, reported in `run.json` and rerun plots.
@@ -68,4 +87,27 @@ pub trait GeometryEngine: Send {
 
     /// Number of map segments started so far (re-initialisations + 1).
     fn segments(&self) -> u32;
+
+    /// Writes the engine's whole stream state to `path` (atomically); `Ok(false)` when the
+    /// engine has no snapshot support. `next_source_index` is stored for resuming.
+    ///
+    /// # Errors
+    /// The file cannot be written.
+    fn snapshot(&self, path: &std::path::Path, next_source_index: u64) -> Result<bool> {
+        let _ = (path, next_source_index);
+        Ok(false)
+    }
+
+    /// Restores a state written by [`GeometryEngine::snapshot`]; returns the source index to
+    /// continue from.
+    ///
+    /// # Errors
+    /// Unreadable or foreign snapshot, or an engine without snapshot support.
+    fn restore(&mut self, path: &std::path::Path) -> Result<u64> {
+        Err(crate::error::Error::Geometry(format!(
+            "the {} engine cannot resume from a snapshot ({})",
+            self.name(),
+            path.display()
+        )))
+    }
 }

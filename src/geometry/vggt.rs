@@ -1,15 +1,16 @@
 //! The learned geometry engine `vggt`: StreamVGGT/InfiniteVGGT one frame at a time, its outputs
 //! mapped back to the frame's own resolution for the rest of the pipeline.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{FrameGeometry, GeometryEngine, GeometryStats};
+use super::{FrameGeometry, GeometryEngine, GeometryStats, MemoryReadout};
 use crate::error::{Error, Result};
 use crate::flow::PairFlow;
 use crate::frame::{Frame, Intrinsics};
+use crate::models::vggt::memory::CameraCache;
 use crate::models::vggt::{pose, preprocess, StreamMemory, StreamVggt, VggtConfig};
 
 /// How to build the engine.
@@ -20,13 +21,26 @@ pub struct VggtEngineConfig {
     pub model_config: Option<PathBuf>,
     /// Total KV-cache token budget over the global layers (`None`: no pruning).
     pub total_budget: Option<usize>,
+    /// Camera-head cache bound.
+    pub camera_cache: CameraCache,
 }
 
 pub struct VggtEngine {
     model: StreamVggt,
     memory: StreamMemory,
     total_budget: Option<usize>,
+    camera_cache: CameraCache,
     next_index: usize,
+}
+
+/// The engine's part of a snapshot.
+#[derive(Serialize, serde::Deserialize)]
+struct EngineState {
+    next_index: usize,
+    next_source_index: u64,
+    /// Model sizes, to refuse a snapshot of another model.
+    tokens_per_frame: Option<usize>,
+    embed_dim: usize,
 }
 
 /// Where the model's image sits in the frame: scale per axis and the rows cropped away.
@@ -47,15 +61,21 @@ impl VggtEngine {
             None => VggtConfig::vggt_1b(),
         };
         let model = StreamVggt::load(&cfg.weights, config)?;
-        Ok(Self::from_model(model, cfg.total_budget))
+        Ok(Self::from_model(model, cfg.total_budget, cfg.camera_cache))
     }
 
-    pub fn from_model(model: StreamVggt, total_budget: Option<usize>) -> Self {
-        let memory = model.new_stream(total_budget);
+    pub fn from_model(
+        model: StreamVggt,
+        total_budget: Option<usize>,
+        camera_cache: CameraCache,
+    ) -> Self {
+        let mut memory = model.new_stream(total_budget);
+        memory.camera_cache = camera_cache;
         Self {
             model,
             memory,
             total_budget,
+            camera_cache,
             next_index: 0,
         }
     }
@@ -63,6 +83,7 @@ impl VggtEngine {
     /// Starts a new stream (all caches and pruning state cleared).
     pub fn reset(&mut self) {
         self.memory = self.model.new_stream(self.total_budget);
+        self.memory.camera_cache = self.camera_cache;
         self.next_index = 0;
     }
 
@@ -112,6 +133,18 @@ impl GeometryEngine for VggtEngine {
             }
         })?;
         let cam_from_world = pose::cam_from_world(&out.pose_enc);
+        let memory = MemoryReadout {
+            tokens_per_layer: out.kv_len.clone(),
+            camera_entries: out.camera_kv_len.first().copied().unwrap_or(0),
+            bytes: self.memory.bytes(),
+            allocated_bytes: self.memory.allocated_bytes(),
+            budgets: if self.total_budget.is_some() {
+                out.budgets.clone()
+            } else {
+                Vec::new()
+            },
+            model_ms: out.stage_ms.iter().sum(),
+        };
         Ok(vec![FrameGeometry {
             index: frame.index,
             timestamp: frame.timestamp,
@@ -126,6 +159,7 @@ impl GeometryEngine for VggtEngine {
                 tracked_points: out.kv_len.first().copied().unwrap_or(0),
                 reprojection_median_px: None,
             },
+            memory: Some(memory),
         }])
     }
 
@@ -135,6 +169,46 @@ impl GeometryEngine for VggtEngine {
 
     fn segments(&self) -> u32 {
         1
+    }
+
+    fn snapshot(&self, path: &Path, next_source_index: u64) -> Result<bool> {
+        let state = EngineState {
+            next_index: self.next_index,
+            next_source_index,
+            tokens_per_frame: self.memory.tokens_per_frame,
+            embed_dim: self.model.config.aggregator.embed_dim,
+        };
+        let owner = serde_json::to_value(&state).map_err(|e| Error::Geometry(e.to_string()))?;
+        let tensors = self.memory.to_tensors(owner)?;
+        let mut tmp = path.as_os_str().to_os_string();
+        tmp.push(".partial");
+        let tmp = PathBuf::from(tmp);
+        candle_core::safetensors::save(&tensors, &tmp)
+            .map_err(|e| Error::Geometry(format!("snapshot {}: {e}", tmp.display())))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        Ok(true)
+    }
+
+    fn restore(&mut self, path: &Path) -> Result<u64> {
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+            .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
+        let (memory, owner) = StreamMemory::from_tensors(
+            &tensors,
+            self.model.config.aggregator.depth,
+            self.model.config.camera_head.trunk_depth,
+        )
+        .map_err(|e| Error::format(path, e.to_string()))?;
+        let state: EngineState = serde_json::from_value(owner)
+            .map_err(|e| Error::format(path, format!("snapshot engine state: {e}")))?;
+        if state.embed_dim != self.model.config.aggregator.embed_dim {
+            return Err(Error::format(path, "snapshot of a model of another size"));
+        }
+        self.memory = memory;
+        self.total_budget = self.memory.total_budget;
+        self.camera_cache = self.memory.camera_cache;
+        self.next_index = state.next_index;
+        Ok(state.next_source_index)
     }
 }
 

@@ -265,7 +265,14 @@ mod tests {
             4,
         )
         .unwrap();
-        let d: f32 = (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+        let d: f32 = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
         assert!(d < 1e-6, "{d}");
     }
 
@@ -274,6 +281,9 @@ mod tests {
         let m = bilinear_align_corners_matrix(4, 7);
         assert_eq!(m[0], 1.0);
         assert_eq!(m[6 * 4 + 3], 1.0);
-        assert!((m[4 * 4 + 2] - 1.0).abs() < 1e-6, "sample 4 of 7 sits on input 2");
+        assert!(
+            (m[4 * 4 + 2] - 1.0).abs() < 1e-6,
+            "sample 4 of 7 sits on input 2"
+        );
     }
 }

@@ -89,9 +89,9 @@ impl Weights {
     fn made_up(seed: u64, key: &str, shape: &Shape) -> Result<Tensor> {
         use rand::SeedableRng;
         use rand_distr::Distribution;
-        let h = key
-            .bytes()
-            .fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        let h = key.bytes().fold(seed ^ 0xcbf2_9ce4_8422_2325, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+        });
         let mut rng = rand_pcg::Pcg64Mcg::seed_from_u64(h);
         let dims = shape.dims();
         let n = shape.elem_count();
@@ -103,7 +103,10 @@ impl Weights {
         } else if dims.len() == 1 {
             fill(1.0)?
         } else {
-            let fan_in = if key.ends_with("_token") || key.ends_with("_tokens") || key.ends_with("pos_embed") {
+            let fan_in = if key.ends_with("_token")
+                || key.ends_with("_tokens")
+                || key.ends_with("pos_embed")
+            {
                 1
             } else {
                 dims[1..].iter().product::<usize>().max(1)

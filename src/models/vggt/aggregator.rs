@@ -100,14 +100,21 @@ impl Aggregator {
             Some(r) => {
                 let (hp, wp) = (h / self.patch_size, w / self.patch_size);
                 let mut pos = vec![(0u32, 0u32); self.patch_start_idx()];
-                pos.extend((0..hp).flat_map(|r| (0..wp).map(move |c| (r as u32 + 1, c as u32 + 1))));
+                pos.extend(
+                    (0..hp).flat_map(|r| (0..wp).map(move |c| (r as u32 + 1, c as u32 + 1))),
+                );
                 Some(r.tables(&pos, self.head_dim)?)
             }
             None => None,
         };
         memory.begin_frame(frame_index, p);
         let mut out = Vec::with_capacity(self.depth());
-        for (l, (fb, gb)) in self.frame_blocks.iter().zip(&self.global_blocks).enumerate() {
+        for (l, (fb, gb)) in self
+            .frame_blocks
+            .iter()
+            .zip(&self.global_blocks)
+            .enumerate()
+        {
             tokens = fb.forward(&tokens, rope.as_ref(), None)?;
             taps(&format!("agg.frame_block{l}"), &tokens);
             let frame_out = tokens.clone();

@@ -39,7 +39,11 @@ pub struct AggregatorConfig {
     pub qk_norm: bool,
     #[serde(default = "hundred")]
     pub rope_freq: f64,
-    #[serde(rename = "init_values(layerscale)", alias = "init_values", default = "cent")]
+    #[serde(
+        rename = "init_values(layerscale)",
+        alias = "init_values",
+        default = "cent"
+    )]
     pub init_values: f64,
     #[serde(default = "one")]
     pub aa_block_size: usize,
@@ -58,7 +62,11 @@ pub struct DinoConfig {
     pub mlp_ratio: f64,
     #[serde(default = "four_usize")]
     pub num_register_tokens: usize,
-    #[serde(rename = "init_values(layerscale)", alias = "init_values", default = "unit")]
+    #[serde(
+        rename = "init_values(layerscale)",
+        alias = "init_values",
+        default = "unit"
+    )]
     pub init_values: f64,
     #[serde(default = "yes")]
     pub interpolate_antialias: bool,
@@ -75,7 +83,11 @@ pub struct CameraHeadConfig {
     pub num_heads: usize,
     #[serde(default = "four")]
     pub mlp_ratio: f64,
-    #[serde(rename = "init_values(layerscale)", alias = "init_values", default = "cent")]
+    #[serde(
+        rename = "init_values(layerscale)",
+        alias = "init_values",
+        default = "cent"
+    )]
     pub init_values: f64,
     #[serde(default = "four_usize")]
     pub num_iterations: usize,
@@ -245,7 +257,9 @@ impl VggtConfig {
         if self.patch_size == 0 || self.img_size < self.patch_size {
             return Err("patch_size must be ≥ 1 and ≤ img_size".into());
         }
-        if a.num_heads == 0 || a.embed_dim % a.num_heads != 0 || (a.embed_dim / a.num_heads) % 4 != 0
+        if a.num_heads == 0
+            || a.embed_dim % a.num_heads != 0
+            || (a.embed_dim / a.num_heads) % 4 != 0
         {
             return Err("aggregator head_dim must be an integer multiple of 4 (2D RoPE)".into());
         }
@@ -260,14 +274,21 @@ impl VggtConfig {
         }
         let c = &self.camera_head;
         if c.num_heads == 0 || c.dim_in % c.num_heads != 0 || c.dim_in != 2 * a.embed_dim {
-            return Err("camera_head dim_in must be 2 × embed_dim and divisible by num_heads".into());
+            return Err(
+                "camera_head dim_in must be 2 × embed_dim and divisible by num_heads".into(),
+            );
         }
-        for (name, h) in [("depth_head", &self.depth_head), ("point_head", &self.point_head)] {
+        for (name, h) in [
+            ("depth_head", &self.depth_head),
+            ("point_head", &self.point_head),
+        ] {
             if h.dim_in != 2 * a.embed_dim {
                 return Err(format!("{name} dim_in must be 2 × embed_dim"));
             }
             if h.intermediate_layer_idx.iter().any(|&l| l >= a.depth) {
-                return Err(format!("{name} intermediate_layer_idx beyond the aggregator depth"));
+                return Err(format!(
+                    "{name} intermediate_layer_idx beyond the aggregator depth"
+                ));
             }
             if h.features < 2 || h.output_dim < 2 {
                 return Err(format!("{name}: features and output_dim must be ≥ 2"));

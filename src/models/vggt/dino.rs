@@ -124,7 +124,10 @@ impl DinoVisionTransformer {
             .register_tokens
             .broadcast_as((b, self.num_registers, self.embed_dim))?;
         let n = x.dim(1)?;
-        Ok(Tensor::cat(&[&x.narrow(1, 0, 1)?, &regs, &x.narrow(1, 1, n - 1)?], 1)?)
+        Ok(Tensor::cat(
+            &[&x.narrow(1, 0, 1)?, &regs, &x.narrow(1, 1, n - 1)?],
+            1,
+        )?)
     }
 
     /// Normalised patch tokens `[B, Np, E]` (`x_norm_patchtokens`); `taps` sees every stage.

@@ -60,7 +60,12 @@ impl FeatureFusionBlock {
     }
 
     /// Output resized to `size`, or doubled.
-    fn forward(&self, x: &Tensor, skip: Option<&Tensor>, size: Option<(usize, usize)>) -> Result<Tensor> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        skip: Option<&Tensor>,
+        size: Option<(usize, usize)>,
+    ) -> Result<Tensor> {
         let mut out = x.clone();
         if let (Some(unit), Some(s)) = (&self.res_conf_unit1, skip) {
             out = (out + unit.forward(s)?)?;
@@ -114,14 +119,42 @@ impl DptHead {
                 Resize::Down(conv2d(&resize.pp(3), oc[3], oc[3], 3, 2, 1, true)?),
             ],
             layer_rn: (0..4)
-                .map(|i| conv2d(&scratch.pp(format!("layer{}_rn", i + 1)), oc[i], f, 3, 1, 1, false))
+                .map(|i| {
+                    conv2d(
+                        &scratch.pp(format!("layer{}_rn", i + 1)),
+                        oc[i],
+                        f,
+                        3,
+                        1,
+                        1,
+                        false,
+                    )
+                })
                 .collect::<Result<_>>()?,
             refinenets: (0..4)
-                .map(|i| FeatureFusionBlock::new(&scratch.pp(format!("refinenet{}", i + 1)), f, i != 3))
+                .map(|i| {
+                    FeatureFusionBlock::new(&scratch.pp(format!("refinenet{}", i + 1)), f, i != 3)
+                })
                 .collect::<Result<_>>()?,
             output_conv1: conv2d(&scratch.pp("output_conv1"), f, f / 2, 3, 1, 1, true)?,
-            output_conv2_0: conv2d(&scratch.pp("output_conv2").pp(0), f / 2, HEAD_FEATURES_2, 3, 1, 1, true)?,
-            output_conv2_2: conv2d(&scratch.pp("output_conv2").pp(2), HEAD_FEATURES_2, cfg.output_dim, 1, 1, 0, true)?,
+            output_conv2_0: conv2d(
+                &scratch.pp("output_conv2").pp(0),
+                f / 2,
+                HEAD_FEATURES_2,
+                3,
+                1,
+                1,
+                true,
+            )?,
+            output_conv2_2: conv2d(
+                &scratch.pp("output_conv2").pp(2),
+                HEAD_FEATURES_2,
+                cfg.output_dim,
+                1,
+                1,
+                0,
+                true,
+            )?,
             cfg: cfg.clone(),
             patch_size,
         })
@@ -145,7 +178,9 @@ impl DptHead {
         for (i, &layer) in self.cfg.intermediate_layer_idx.iter().enumerate() {
             let t = &tokens[layer];
             let n = t.dim(1)?;
-            let x = self.norm.forward(&t.narrow(1, patch_start_idx, n - patch_start_idx)?)?;
+            let x = self
+                .norm
+                .forward(&t.narrow(1, patch_start_idx, n - patch_start_idx)?)?;
             let x = x.transpose(1, 2)?.reshape((1, x.dim(2)?, ph, pw))?;
             let x = self.projects[i].forward(&x)?;
             taps(&format!("{prefix}.project{i}"), &x);
@@ -227,8 +262,16 @@ impl DptHead {
 fn pos_embed(channels: usize, h: usize, w: usize, aspect: f64) -> Result<Tensor> {
     let diag = (aspect * aspect + 1.0).sqrt();
     let (span_x, span_y) = (aspect / diag, 1.0 / diag);
-    let xs = linspace_f32(-span_x * (w - 1) as f64 / w as f64, span_x * (w - 1) as f64 / w as f64, w);
-    let ys = linspace_f32(-span_y * (h - 1) as f64 / h as f64, span_y * (h - 1) as f64 / h as f64, h);
+    let xs = linspace_f32(
+        -span_x * (w - 1) as f64 / w as f64,
+        span_x * (w - 1) as f64 / w as f64,
+        w,
+    );
+    let ys = linspace_f32(
+        -span_y * (h - 1) as f64 / h as f64,
+        span_y * (h - 1) as f64 / h as f64,
+        h,
+    );
     let half = channels / 2;
     let quarter = half / 2;
     let omega: Vec<f64> = (0..quarter)
@@ -246,7 +289,11 @@ fn pos_embed(channels: usize, h: usize, w: usize, aspect: f64) -> Result<Tensor>
             }
         }
     }
-    Ok(Tensor::from_vec(out, (channels, h, w), &candle_core::Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        out,
+        (channels, h, w),
+        &candle_core::Device::Cpu,
+    )?)
 }
 
 /// `torch.linspace` in f32: forward from the start for the first half, backward from the end.

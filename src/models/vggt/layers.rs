@@ -191,9 +191,10 @@ impl Attention {
 /// softmax(q·kᵀ/√d)·v over `[B, H, N, D]`.
 fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, head_dim: usize) -> Result<Tensor> {
     let scale = 1.0 / (head_dim as f64).sqrt();
-    let att = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    // The cache views are batch-strided; gemm reads them in place.
+    let att = (q.matmul(&k.t()?)? * scale)?;
     let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-    Ok(att.matmul(&v.contiguous()?)?)
+    Ok(att.matmul(v)?)
 }
 
 /// `layers/block.py::Block`: pre-norm attention and MLP with layer scale.
@@ -230,7 +231,14 @@ impl Block {
         };
         Ok(Self {
             norm1: layer_norm(&vb.pp("norm1"), s.dim, s.norm_eps)?,
-            attn: Attention::new(&vb.pp("attn"), s.dim, s.num_heads, s.bias, s.bias, s.qk_norm)?,
+            attn: Attention::new(
+                &vb.pp("attn"),
+                s.dim,
+                s.num_heads,
+                s.bias,
+                s.bias,
+                s.qk_norm,
+            )?,
             ls1: ls("ls1")?,
             norm2: layer_norm(&vb.pp("norm2"), s.dim, s.norm_eps)?,
             mlp: Mlp::new(&vb.pp("mlp"), s.dim, s.mlp_hidden, s.dim, s.bias)?,

@@ -1,45 +1,69 @@
 //! The stream's memory: per-layer K/V caches of the aggregator's global blocks and of the camera
 //! head's trunk, with InfiniteVGGT's rolling-memory pruning (frame-0 tokens are a permanent
-//! anchor; over budget, the most redundant keys are evicted).
+//! anchor; over budget, the most redundant keys are evicted) and a bounded window for the camera
+//! head's cache.
 //!
-//! Stored K is post-qk-norm, post-RoPE, as in the reference. Token ids (`frame · P + token`) are
-//! kept per head so tests can compare which tokens survive.
+//! Storage is preallocated per layer (`[1, H, capacity, D]`, grown geometrically) and written in
+//! place: appending a frame copies only that frame, eviction copies only the kept tokens, and
+//! attention reads a view of the first `len` entries. Stored K is post-qk-norm, post-RoPE, as in
+//! the reference. Token ids (`frame · P + token`) are kept per head so tests can compare which
+//! tokens survive. The whole state can be written to a snapshot and restored bit for bit.
 
-use candle_core::{Tensor, D};
+use std::collections::HashMap;
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
 /// The reference's default total token budget for the full model.
 pub const DEFAULT_TOTAL_BUDGET: usize = 1_200_000;
 
+/// Default bound of the camera head's cache: frame 0 plus this many recent frames.
+pub const DEFAULT_CAMERA_WINDOW: usize = 32;
+
 /// Softmax temperature of the per-layer budget split.
 const BUDGET_TEMPERATURE: f32 = 0.5;
 
-/// One attention layer's K/V cache `[1, H, N, D]`.
+/// Smallest allocation, in tokens.
+const MIN_CAPACITY: usize = 64;
+
+/// One attention layer's K/V cache.
 #[derive(Default)]
 pub struct LayerKv {
+    /// `[1, H, capacity, D]`, the first `len` entries valid.
     k: Option<Tensor>,
     v: Option<Tensor>,
+    len: usize,
     /// Token id of every cached entry, per head.
     ids: Vec<Vec<i64>>,
-    /// Tokens of the first call (frame 0), never evicted.
+    /// Entries of the first call (frame 0), never evicted.
     anchor: usize,
-    /// Ids of the tokens the next `append` brings.
+    /// Ids of the entries the next `append` brings.
     incoming_first_id: i64,
-    /// Budget for the next `append`; `None` = grow without bound.
+    /// Token budget for the next `append`; `None` = no pruning.
     budget: Option<usize>,
-    /// Mean redundancy score of the last eviction in this frame, if one happened.
+    /// Most non-anchor entries kept, oldest dropped first (`None` = unbounded).
+    window: Option<usize>,
+    /// Mean redundancy score of this frame's eviction, if one happened.
     evicted_score: Option<f32>,
+    /// Appends still belong to frame 0 (the camera head appends once per iteration).
+    grow_anchor: bool,
 }
 
 impl LayerKv {
-    /// Cached tokens.
+    /// Cached entries.
     pub fn len(&self) -> usize {
-        self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0))
+        self.len
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.len == 0
+    }
+
+    /// Entries of frame 0 (never evicted).
+    pub fn anchor(&self) -> usize {
+        self.anchor
     }
 
     /// Which token ids the cache holds, per head, in cache order.
@@ -47,16 +71,28 @@ impl LayerKv {
         &self.ids
     }
 
-    /// The cached K and V, if any.
-    pub fn kv(&self) -> Option<(&Tensor, &Tensor)> {
-        self.k.as_ref().zip(self.v.as_ref())
+    /// Views of the cached K and V, `[1, H, len, D]`.
+    pub fn kv(&self) -> Option<(Tensor, Tensor)> {
+        let (k, v) = (self.k.as_ref()?, self.v.as_ref()?);
+        Some((
+            k.narrow(2, 0, self.len).ok()?,
+            v.narrow(2, 0, self.len).ok()?,
+        ))
     }
 
-    /// Bytes held by K and V.
+    /// Bytes of the valid entries of K and V.
     pub fn bytes(&self) -> usize {
-        self.kv().map_or(0, |(k, v)| {
-            (k.elem_count() + v.elem_count()) * k.dtype().size_in_bytes()
+        self.k.as_ref().map_or(0, |k| {
+            let (_, h, _, d) = k.dims4().unwrap_or((0, 0, 0, 0));
+            2 * h * self.len * d * k.dtype().size_in_bytes()
         })
+    }
+
+    /// Bytes allocated (capacity), K and V.
+    pub fn allocated_bytes(&self) -> usize {
+        self.k
+            .as_ref()
+            .map_or(0, |k| 2 * k.elem_count() * k.dtype().size_in_bytes())
     }
 
     fn prepare(&mut self, first_id: i64, budget: Option<usize>) {
@@ -65,8 +101,30 @@ impl LayerKv {
         self.evicted_score = None;
     }
 
-    /// Appends this call's `k, v [1, H, n, D]`, prunes to the budget, and returns everything the
-    /// queries of this call attend to.
+    /// Makes room for `extra` more entries, reallocating geometrically.
+    fn reserve(&mut self, like: &Tensor, extra: usize) -> Result<()> {
+        let (_, h, _, d) = like.dims4()?;
+        let cap = self.k.as_ref().map_or(0, |k| k.dim(2).unwrap_or(0));
+        if self.len + extra <= cap {
+            return Ok(());
+        }
+        let new_cap = (cap * 2).max(self.len + extra).max(MIN_CAPACITY);
+        let grow = |old: Option<&Tensor>| -> Result<Tensor> {
+            let t = Tensor::zeros((1, h, new_cap, d), like.dtype(), like.device())?;
+            if let Some(old) = old.filter(|_| self.len > 0) {
+                t.slice_set(&old.narrow(2, 0, self.len)?.contiguous()?, 2, 0)?;
+            }
+            Ok(t)
+        };
+        let k = grow(self.k.as_ref())?;
+        let v = grow(self.v.as_ref())?;
+        self.k = Some(k);
+        self.v = Some(v);
+        Ok(())
+    }
+
+    /// Appends this call's `k, v [1, H, n, D]`, prunes to the budget (or window), and returns
+    /// views of everything the queries of this call attend to.
     ///
     /// # Errors
     /// Shape mismatch with the cache.
@@ -75,78 +133,130 @@ impl LayerKv {
         if self.ids.is_empty() {
             self.ids = vec![Vec::new(); heads];
             self.anchor = n;
+        } else if self.grow_anchor {
+            self.anchor += n;
         }
+        self.reserve(k, n)?;
+        let (ks, vs) = self.stores()?;
+        ks.slice_set(&k.contiguous()?, 2, self.len)?;
+        vs.slice_set(&v.contiguous()?, 2, self.len)?;
+        self.len += n;
         for h in &mut self.ids {
             h.extend((0..n as i64).map(|t| self.incoming_first_id + t));
         }
-        let (k, v) = match (self.k.take(), self.v.take()) {
-            (Some(pk), Some(pv)) => (Tensor::cat(&[&pk, k], 2)?, Tensor::cat(&[&pv, v], 2)?),
-            _ => (k.clone(), v.clone()),
-        };
-        let (k, v) = match self.budget {
-            Some(budget) if k.dim(2)? > budget => self.evict(&k, &v, budget)?,
-            _ => (k, v),
-        };
-        self.k = Some(k.clone());
-        self.v = Some(v.clone());
-        Ok((k, v))
+        match (self.budget, self.window) {
+            (Some(budget), _) if self.len > budget => self.evict(budget)?,
+            (None, Some(window)) if self.len > self.anchor + window => self.drop_oldest(window)?,
+            _ => {}
+        }
+        self.kv()
+            .ok_or_else(|| Error::Model("empty cache after append".into()))
+    }
+
+    fn stores(&self) -> Result<(Tensor, Tensor)> {
+        match (&self.k, &self.v) {
+            (Some(k), Some(v)) => Ok((k.clone(), v.clone())),
+            _ => Err(Error::Model("cache storage missing".into())),
+        }
     }
 
     /// Keeps the anchors and the `budget − anchor` candidates per head whose normalised keys
     /// are least similar to the candidates' mean key, in their original order.
-    fn evict(&mut self, k: &Tensor, v: &Tensor, budget: usize) -> Result<(Tensor, Tensor)> {
-        let (_, heads, n, d) = k.dims4()?;
+    fn evict(&mut self, budget: usize) -> Result<()> {
+        let (ks, vs) = self.stores()?;
+        let (_, heads, _, d) = ks.dims4()?;
+        let n = self.len;
         let anchor = self.anchor.min(n);
         let cand = n - anchor;
         let keep = budget.saturating_sub(anchor).min(cand);
-        let ck: Vec<Vec<f32>> = k
+        let ck: Vec<Vec<f32>> = ks
             .narrow(2, anchor, cand)?
             .squeeze(0)?
-            .to_dtype(candle_core::DType::F32)?
+            .to_dtype(DType::F32)?
             .reshape((heads, cand * d))?
             .to_vec2()?;
         let mut kept_k = Vec::with_capacity(heads);
         let mut kept_v = Vec::with_capacity(heads);
         let mut score_sum = 0f32;
         for (h, keys) in ck.iter().enumerate() {
-            let normed: Vec<f32> = keys
-                .chunks_exact(d)
-                .flat_map(|row| {
-                    let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-                    row.iter().map(move |x| x / norm)
-                })
-                .collect();
-            let mut mean = vec![0f32; d];
-            for row in normed.chunks_exact(d) {
-                for (m, x) in mean.iter_mut().zip(row) {
-                    *m += x;
-                }
-            }
-            mean.iter_mut().for_each(|m| *m /= cand as f32);
-            let scores: Vec<f32> = normed
-                .chunks_exact(d)
-                .map(|row| row.iter().zip(&mean).map(|(a, b)| a * b).sum())
-                .collect();
+            let scores = redundancy_scores(keys, d);
             score_sum += scores.iter().sum::<f32>();
             let mut order: Vec<usize> = (0..cand).collect();
             order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-            let mut chosen: Vec<usize> = order[..keep].to_vec();
+            let mut chosen: Vec<u32> = order[..keep].iter().map(|&c| (c + anchor) as u32).collect();
             chosen.sort_unstable();
-            let index: Vec<u32> = (0..anchor as u32)
-                .chain(chosen.iter().map(|&c| (c + anchor) as u32))
+            let idx = Tensor::from_slice(&chosen, chosen.len(), ks.device())?;
+            kept_k.push(ks.get(0)?.get(h)?.index_select(&idx, 0)?);
+            kept_v.push(vs.get(0)?.get(h)?.index_select(&idx, 0)?);
+            let old = &self.ids[h];
+            let kept_ids: Vec<i64> = old[..anchor]
+                .iter()
+                .copied()
+                .chain(chosen.iter().map(|&i| old[i as usize]))
                 .collect();
-            let idx = Tensor::from_slice(&index, index.len(), k.device())?;
-            kept_k.push(k.get(0)?.get(h)?.index_select(&idx, 0)?);
-            kept_v.push(v.get(0)?.get(h)?.index_select(&idx, 0)?);
-            let old = std::mem::take(&mut self.ids[h]);
-            self.ids[h] = index.iter().map(|&i| old[i as usize]).collect();
+            self.ids[h] = kept_ids;
         }
+        if keep > 0 {
+            ks.slice_set(&Tensor::stack(&kept_k, 0)?.unsqueeze(0)?, 2, anchor)?;
+            vs.slice_set(&Tensor::stack(&kept_v, 0)?.unsqueeze(0)?, 2, anchor)?;
+        }
+        self.len = anchor + keep;
         self.evicted_score = Some(score_sum / (heads * cand).max(1) as f32);
-        Ok((
-            Tensor::stack(&kept_k, 0)?.unsqueeze(0)?,
-            Tensor::stack(&kept_v, 0)?.unsqueeze(0)?,
-        ))
+        Ok(())
     }
+
+    /// Drops the oldest non-anchor entries beyond `window`.
+    fn drop_oldest(&mut self, window: usize) -> Result<()> {
+        let (ks, vs) = self.stores()?;
+        let start = self.len - window;
+        for s in [&ks, &vs] {
+            let view = s.narrow(2, start, window)?;
+            // A copy of its own: slice_set refuses to read and write one storage.
+            let recent = if view.is_contiguous() {
+                view.copy()?
+            } else {
+                view.contiguous()?
+            };
+            s.slice_set(&recent, 2, self.anchor)?;
+        }
+        for h in &mut self.ids {
+            h.drain(self.anchor..start);
+        }
+        self.len = self.anchor + window;
+        Ok(())
+    }
+}
+
+/// Per candidate: dot product of its L2-normalised key with the mean normalised key.
+fn redundancy_scores(keys: &[f32], d: usize) -> Vec<f32> {
+    let cand = keys.len() / d;
+    let normed: Vec<f32> = keys
+        .chunks_exact(d)
+        .flat_map(|row| {
+            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+            row.iter().map(move |x| x / norm)
+        })
+        .collect();
+    let mut mean = vec![0f32; d];
+    for row in normed.chunks_exact(d) {
+        for (m, x) in mean.iter_mut().zip(row) {
+            *m += x;
+        }
+    }
+    mean.iter_mut().for_each(|m| *m /= cand as f32);
+    normed
+        .chunks_exact(d)
+        .map(|row| row.iter().zip(&mean).map(|(a, b)| a * b).sum())
+        .collect()
+}
+
+/// How the camera head's cache is bounded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum CameraCache {
+    /// As the reference: every refinement iteration of every frame, forever.
+    Reference,
+    /// Frame 0 plus the most recent `n` frames.
+    Window(usize),
 }
 
 /// All caches of one stream, and the pruning state.
@@ -163,7 +273,24 @@ pub struct StreamMemory {
     pub budgets: Vec<i64>,
     /// Tokens per frame of this stream (set by its first frame).
     pub tokens_per_frame: Option<usize>,
+    pub camera_cache: CameraCache,
 }
+
+/// What a snapshot stores besides the tensors.
+#[derive(Serialize, Deserialize)]
+struct SnapshotMeta {
+    format: u32,
+    total_budget: Option<usize>,
+    tokens_per_frame: Option<usize>,
+    camera_cache: CameraCache,
+    budgets: Vec<i64>,
+    global_anchor: Vec<usize>,
+    camera_anchor: Vec<usize>,
+    /// Free-form state of the owner (frame counter and such).
+    owner: serde_json::Value,
+}
+
+const SNAPSHOT_FORMAT: u32 = 1;
 
 impl StreamMemory {
     pub fn new(global_layers: usize, camera_layers: usize, total_budget: Option<usize>) -> Self {
@@ -174,6 +301,7 @@ impl StreamMemory {
             total_budget,
             budgets: vec![0; global_layers],
             tokens_per_frame: None,
+            camera_cache: CameraCache::Reference,
         }
     }
 
@@ -206,8 +334,14 @@ impl StreamMemory {
     /// Prepares the camera caches for refinement iteration `iter` of frame `frame`.
     pub fn begin_camera_iteration(&mut self, frame: usize, iter: usize, iterations: usize) {
         let id = (frame * iterations + iter) as i64;
+        let window = match self.camera_cache {
+            CameraCache::Reference => None,
+            CameraCache::Window(n) => Some(n * iterations),
+        };
         for layer in &mut self.camera {
             layer.prepare(id, None);
+            layer.window = window;
+            layer.grow_anchor = frame == 0;
         }
     }
 
@@ -220,9 +354,22 @@ impl StreamMemory {
         }
     }
 
-    /// Bytes held by all caches.
+    /// Bytes of valid cache entries.
     pub fn bytes(&self) -> usize {
-        self.global.iter().chain(&self.camera).map(LayerKv::bytes).sum()
+        self.global
+            .iter()
+            .chain(&self.camera)
+            .map(LayerKv::bytes)
+            .sum()
+    }
+
+    /// Bytes allocated for the caches.
+    pub fn allocated_bytes(&self) -> usize {
+        self.global
+            .iter()
+            .chain(&self.camera)
+            .map(LayerKv::allocated_bytes)
+            .sum()
     }
 
     /// # Errors
@@ -233,11 +380,114 @@ impl StreamMemory {
             .ok_or_else(|| Error::Model(format!("no global layer {l}")))
     }
 
-    /// Last-dim width of the cached keys (for diagnostics).
-    pub fn head_dim(&self) -> Option<usize> {
-        self.global
-            .first()
-            .and_then(|l| l.k.as_ref())
-            .and_then(|k| k.dim(D::Minus1).ok())
+    /// Every tensor and fact of the stream, with the owner's state, as named tensors.
+    ///
+    /// # Errors
+    /// Tensor op failure.
+    pub fn to_tensors(&self, owner: serde_json::Value) -> Result<HashMap<String, Tensor>> {
+        let mut out = HashMap::new();
+        let dev = Device::Cpu;
+        for (group, layers) in [("global", &self.global), ("camera", &self.camera)] {
+            for (l, layer) in layers.iter().enumerate() {
+                if let Some((k, v)) = layer.kv() {
+                    out.insert(format!("{group}.{l}.k"), k.contiguous()?);
+                    out.insert(format!("{group}.{l}.v"), v.contiguous()?);
+                    let (h, n) = (layer.ids.len(), layer.ids.first().map_or(0, Vec::len));
+                    out.insert(
+                        format!("{group}.{l}.ids"),
+                        Tensor::from_vec(layer.ids.concat(), (h, n), &dev)?,
+                    );
+                }
+            }
+        }
+        out.insert(
+            "last_scores".into(),
+            Tensor::from_slice(&self.last_scores, self.last_scores.len(), &dev)?,
+        );
+        let meta = SnapshotMeta {
+            format: SNAPSHOT_FORMAT,
+            total_budget: self.total_budget,
+            tokens_per_frame: self.tokens_per_frame,
+            camera_cache: self.camera_cache,
+            budgets: self.budgets.clone(),
+            global_anchor: self.global.iter().map(|l| l.anchor).collect(),
+            camera_anchor: self.camera.iter().map(|l| l.anchor).collect(),
+            owner,
+        };
+        let json = serde_json::to_vec(&meta).map_err(|e| Error::Model(e.to_string()))?;
+        let n = json.len();
+        out.insert("meta.json".into(), Tensor::from_vec(json, n, &dev)?);
+        Ok(out)
+    }
+
+    /// Rebuilds a stream from [`Self::to_tensors`]; returns the owner's state.
+    ///
+    /// # Errors
+    /// Missing or inconsistent tensors, or a snapshot of a model with other layer counts.
+    pub fn from_tensors(
+        t: &HashMap<String, Tensor>,
+        global_layers: usize,
+        camera_layers: usize,
+    ) -> Result<(Self, serde_json::Value)> {
+        let bad = |what: String| Error::Model(format!("snapshot: {what}"));
+        let meta_bytes: Vec<u8> = t
+            .get("meta.json")
+            .ok_or_else(|| bad("no meta.json".into()))?
+            .to_vec1()?;
+        let meta: SnapshotMeta =
+            serde_json::from_slice(&meta_bytes).map_err(|e| bad(format!("meta.json: {e}")))?;
+        if meta.format != SNAPSHOT_FORMAT {
+            return Err(bad(format!(
+                "format {} (this build reads {SNAPSHOT_FORMAT})",
+                meta.format
+            )));
+        }
+        if meta.global_anchor.len() != global_layers || meta.camera_anchor.len() != camera_layers {
+            return Err(bad(format!(
+                "made for a model with {} global and {} camera layers, this one has {global_layers} and {camera_layers}",
+                meta.global_anchor.len(),
+                meta.camera_anchor.len()
+            )));
+        }
+        let mut m = Self::new(global_layers, camera_layers, meta.total_budget);
+        m.tokens_per_frame = meta.tokens_per_frame;
+        m.camera_cache = meta.camera_cache;
+        m.budgets = meta.budgets;
+        m.last_scores = t
+            .get("last_scores")
+            .ok_or_else(|| bad("no last_scores".into()))?
+            .to_vec1()?;
+        if m.last_scores.len() != global_layers {
+            return Err(bad("last_scores of the wrong length".into()));
+        }
+        for (group, layers, anchors) in [
+            ("global", &mut m.global, &meta.global_anchor),
+            ("camera", &mut m.camera, &meta.camera_anchor),
+        ] {
+            for (l, layer) in layers.iter_mut().enumerate() {
+                let Some(k) = t.get(&format!("{group}.{l}.k")) else {
+                    continue;
+                };
+                let v = t
+                    .get(&format!("{group}.{l}.v"))
+                    .ok_or_else(|| bad(format!("{group}.{l}.v missing")))?;
+                let ids: Vec<Vec<i64>> = t
+                    .get(&format!("{group}.{l}.ids"))
+                    .ok_or_else(|| bad(format!("{group}.{l}.ids missing")))?
+                    .to_vec2()?;
+                let (_, h, n, _) = k.dims4()?;
+                if v.dims() != k.dims() || ids.len() != h || ids.iter().any(|i| i.len() != n) {
+                    return Err(bad(format!("{group}.{l}: K, V and ids disagree")));
+                }
+                layer.anchor = anchors[l];
+                layer.ids = ids;
+                layer.reserve(k, n)?;
+                let (ks, vs) = layer.stores()?;
+                ks.slice_set(&k.contiguous()?, 2, 0)?;
+                vs.slice_set(&v.contiguous()?, 2, 0)?;
+                layer.len = n;
+            }
+        }
+        Ok((m, meta.owner))
     }
 }

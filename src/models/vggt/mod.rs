@@ -119,9 +119,12 @@ impl StreamVggt {
         memory: &mut StreamMemory,
         taps: &mut dyn FnMut(&str, &Tensor),
     ) -> Result<FrameOutput> {
-        let (b, c, h, w) = image
-            .dims4()
-            .map_err(|_| Error::Model(format!("frame must be [1, 3, H, W], got {:?}", image.dims())))?;
+        let (b, c, h, w) = image.dims4().map_err(|_| {
+            Error::Model(format!(
+                "frame must be [1, 3, H, W], got {:?}",
+                image.dims()
+            ))
+        })?;
         if b != 1 || c != 3 {
             return Err(Error::Model(format!(
                 "frame must be [1, 3, H, W], got {:?}",
@@ -146,14 +149,19 @@ impl StreamVggt {
         };
         let tokens = self.aggregator.forward(image, frame_index, memory, taps)?;
         let agg_ms = lap();
-        let last = tokens.last().ok_or_else(|| Error::Model("aggregator has no blocks".into()))?;
+        let last = tokens
+            .last()
+            .ok_or_else(|| Error::Model("aggregator has no blocks".into()))?;
         let iters = self.camera_head.forward(last, frame_index, memory, taps)?;
         let cam_ms = lap();
         let pse = self.aggregator.patch_start_idx();
-        let (depth, depth_conf) = self.depth_head.forward(&tokens, pse, (h, w), "depth_head", taps)?;
+        let (depth, depth_conf) =
+            self.depth_head
+                .forward(&tokens, pse, (h, w), "depth_head", taps)?;
         let depth_ms = lap();
         let (world_points, world_points_conf) =
-            self.point_head.forward(&tokens, pse, (h, w), "point_head", taps)?;
+            self.point_head
+                .forward(&tokens, pse, (h, w), "point_head", taps)?;
         let point_ms = lap();
         let last_iter = iters
             .last()
