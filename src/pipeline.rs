@@ -400,7 +400,7 @@ pub fn run(
                 match res {
                     Ok(geos) => {
                         pushed += 1;
-                        if snapshot_every > 0 && pushed % snapshot_every == 0 {
+                        if snapshot_every > 0 && pushed.is_multiple_of(snapshot_every) {
                             snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path);
                         }
                         if !emit(geos, &mut waiting, geo_ms) {
@@ -420,7 +420,7 @@ pub fn run(
                 Err(e) => errors.set(e),
             }
             // A final snapshot, so an interrupted run can be continued.
-            if snapshot_every > 0 && pushed % snapshot_every != 0 {
+            if snapshot_every > 0 && !pushed.is_multiple_of(snapshot_every) {
                 snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path);
             }
             geo_engine.segments()

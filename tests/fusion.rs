@@ -15,6 +15,7 @@ fn plane_frame(index: u64, z: f32, k: &Intrinsics) -> FrameGeometry {
         depth: Some(vec![z; n]),
         confidence: Some(vec![1.0; n]),
         stats: GeometryStats::default(),
+        memory: None,
     }
 }
 

@@ -149,9 +149,7 @@ fn corrupt_or_truncated_weight_files_are_errors() {
     assert!(err.to_string().contains("none.safetensors"), "{err}");
     let cfg = dir.path().join("cfg.json");
     std::fs::write(&cfg, r#"{"model_config": {"patch_size": 14}}"#).unwrap();
-    let err = VggtConfig::from_json_file(&cfg)
-        .err()
-        .expect("incomplete config");
+    let err = VggtConfig::from_json_file(&cfg).expect_err("incomplete config");
     assert!(err.to_string().contains("cfg.json"), "{err}");
 }
 
@@ -318,7 +316,7 @@ fn bounded_camera_cache_equals_the_reference_until_the_window_fills() {
             .fold(0f32, f32::max)
     };
     for i in 0..3 {
-        assert_eq!(max_abs(&reference[i], &windowed[i]), 0.0, "frame {i}");
+        assert!(max_abs(&reference[i], &windowed[i]) == 0.0, "frame {i}");
     }
     for i in 3..6 {
         let d = max_abs(&reference[i], &windowed[i]);
@@ -378,9 +376,8 @@ fn a_restored_snapshot_continues_bit_for_bit() {
         assert!(first.snapshot(&snap, 3).unwrap());
         drop(first);
         assert_eq!(resumed.restore(&snap).unwrap(), 3);
-        for i in 3..6 {
+        for (i, want) in expected.iter().enumerate().skip(3) {
             let got = resumed.push(&frame(i), None).unwrap().remove(0);
-            let want = &expected[i];
             assert_eq!(got.depth, want.depth, "frame {i} depth ({budget:?})");
             assert_eq!(got.confidence, want.confidence, "frame {i} confidence");
             assert_eq!(got.world_from_cam, want.world_from_cam, "frame {i} pose");

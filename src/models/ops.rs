@@ -138,7 +138,9 @@ pub fn bicubic_aa_taps(input: usize, output: usize) -> Vec<(usize, Vec<f64>)> {
                 .collect();
             let total: f64 = w.iter().sum();
             if total != 0.0 {
-                w.iter_mut().for_each(|v| *v /= total);
+                for v in &mut w {
+                    *v /= total;
+                }
             }
             (xmin, w)
         })
@@ -229,6 +231,7 @@ pub fn resize_bilinear_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> 
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact values are the point
 mod tests {
     use super::*;
 

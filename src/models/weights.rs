@@ -96,9 +96,10 @@ impl Weights {
         let dims = shape.dims();
         let n = shape.elem_count();
         let fill = |v: f32| Tensor::full(v, dims, &candle_core::Device::Cpu);
-        let t = if key.ends_with(".gamma") {
+        let leaf = key.rsplit('.').next().unwrap_or(key);
+        let t = if leaf == "gamma" {
             fill(0.01)?
-        } else if key.ends_with(".bias") {
+        } else if leaf == "bias" {
             fill(0.0)?
         } else if dims.len() == 1 {
             fill(1.0)?

@@ -258,12 +258,12 @@ impl VggtConfig {
             return Err("patch_size must be ≥ 1 and ≤ img_size".into());
         }
         if a.num_heads == 0
-            || a.embed_dim % a.num_heads != 0
-            || (a.embed_dim / a.num_heads) % 4 != 0
+            || !a.embed_dim.is_multiple_of(a.num_heads)
+            || !(a.embed_dim / a.num_heads).is_multiple_of(4)
         {
             return Err("aggregator head_dim must be an integer multiple of 4 (2D RoPE)".into());
         }
-        if d.num_heads == 0 || d.embed_dim % d.num_heads != 0 {
+        if d.num_heads == 0 || !d.embed_dim.is_multiple_of(d.num_heads) {
             return Err("dino embed_dim must be divisible by num_heads".into());
         }
         if d.embed_dim != a.embed_dim {
@@ -273,7 +273,8 @@ impl VggtConfig {
             return Err("only aa_block_size = 1 (the released model) is supported".into());
         }
         let c = &self.camera_head;
-        if c.num_heads == 0 || c.dim_in % c.num_heads != 0 || c.dim_in != 2 * a.embed_dim {
+        if c.num_heads == 0 || !c.dim_in.is_multiple_of(c.num_heads) || c.dim_in != 2 * a.embed_dim
+        {
             return Err(
                 "camera_head dim_in must be 2 × embed_dim and divisible by num_heads".into(),
             );

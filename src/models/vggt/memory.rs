@@ -243,7 +243,9 @@ fn redundancy_scores(keys: &[f32], d: usize) -> Vec<f32> {
             *m += x;
         }
     }
-    mean.iter_mut().for_each(|m| *m /= cand as f32);
+    for m in &mut mean {
+        *m /= cand as f32;
+    }
     normed
         .chunks_exact(d)
         .map(|row| row.iter().zip(&mean).map(|(a, b)| a * b).sum())

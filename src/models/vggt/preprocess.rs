@@ -156,6 +156,7 @@ pub fn preprocess_crop(img: &RgbImage, target_width: usize, patch: usize) -> Res
 }
 
 #[cfg(test)]
+#[allow(clippy::float_cmp)] // exact values are the point
 mod tests {
     use super::*;
 
