@@ -4,31 +4,49 @@
 //!
 //! `cargo bench --bench vggt [-- FRAMES]` (default 60). Each case runs in its own process so its
 //! peak RSS is its own.
+//!
+//! `cargo bench --bench vggt -- --soak [FRAMES]` (default 10000): the tiny model with a small total
+//! budget over a long stream, with the bounded camera cache and with the reference's growing one:
+//! RSS and mean per-frame time around frame 1,000 vs the end.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
+use streamrecon::models::vggt::memory::CameraCache;
 use streamrecon::models::vggt::{StreamVggt, VggtConfig};
 use streamrecon::models::weights::Weights;
-use streamrecon::stats::peak_rss_mib;
+use streamrecon::stats::{peak_rss_mib, rss_mib};
 
 const CASES: [&str; 4] = ["tiny", "tiny-pruned", "small", "small-pruned"];
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let frames: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(60);
+    let soak = args.iter().any(|a| a == "--soak");
+    let frames: usize =
+        args.iter()
+            .find_map(|a| a.parse().ok())
+            .unwrap_or(if soak { 10_000 } else { 60 });
     if let Some(case) = args.iter().find_map(|a| a.strip_prefix("--case=")) {
-        run_case(case, frames);
+        if let Some(cache) = case.strip_prefix("soak-") {
+            run_soak(cache, frames);
+        } else {
+            run_case(case, frames);
+        }
         return;
     }
+    let cases: &[&str] = if soak {
+        &["soak-window", "soak-reference"]
+    } else {
+        &CASES
+    };
     println!(
         "vggt, one stream, CPU, {} threads, {frames} frames",
         rayon::current_num_threads()
     );
     let exe = std::env::current_exe().expect("bench executable");
-    for case in CASES {
+    for &case in cases {
         let status = Command::new(&exe)
             .arg(format!("--case={case}"))
             .arg(frames.to_string())
@@ -89,5 +107,55 @@ fn run_case(case: &str, frames: usize) {
         stages[1],
         stages[2],
         stages[3]
+    );
+}
+
+/// A smooth panning frame `[1, 3, h, w]`.
+fn pattern(h: usize, w: usize, i: usize) -> Tensor {
+    Tensor::arange(0f32, (3 * h * w) as f32, &Device::Cpu)
+        .and_then(|t| ((t * 0.001)? + i as f64 * 0.05)?.sin())
+        .and_then(|t| ((t * 0.5)? + 0.5)?.reshape((1, 3, h, w)))
+        .expect("frame")
+}
+
+fn run_soak(cache: &str, frames: usize) {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    let cfg = VggtConfig::from_json_file(&fixture.join("config.json")).expect("config");
+    let model = StreamVggt::load(&fixture.join("model.safetensors"), cfg).expect("weights");
+    let (h, w) = (56, 70);
+    let tokens = model.config.tokens_per_frame(h, w);
+    let budget = 10 * tokens * model.config.aggregator.depth;
+    let mut memory = model.new_stream(Some(budget));
+    memory.camera_cache = if cache == "window" {
+        CameraCache::Window(32)
+    } else {
+        CameraCache::Reference
+    };
+    let early = 1000.min(frames / 2);
+    let mut ms = Vec::with_capacity(frames);
+    let (mut rss_early, mut bytes_early) = (0.0, 0);
+    for i in 0..frames {
+        let img = pattern(h, w, i % 200);
+        let t0 = Instant::now();
+        model
+            .step(&img, i, &mut memory, &mut |_, _| {})
+            .expect("step");
+        ms.push(t0.elapsed().as_secs_f64() * 1e3);
+        if i + 1 == early {
+            rss_early = rss_mib();
+            bytes_early = memory.bytes();
+        }
+    }
+    let mean = |r: std::ops::Range<usize>| ms[r.clone()].iter().sum::<f64>() / r.len() as f64;
+    let (a, b) = (mean(early - 100..early), mean(frames - 100..frames));
+    let rss_end = rss_mib();
+    println!(
+        "soak, camera cache {cache}, budget {budget}: frame {early}: {a:.2} ms/frame (mean of 100), RSS {rss_early:.1} MiB, \
+         cache {:.2} MiB; frame {frames}: {b:.2} ms/frame, RSS {rss_end:.1} MiB, cache {:.2} MiB; \
+         time ratio {:.3}, RSS growth {:+.2}%",
+        bytes_early as f64 / f64::from(1 << 20),
+        memory.bytes() as f64 / f64::from(1 << 20),
+        b / a,
+        (rss_end / rss_early - 1.0) * 100.0
     );
 }

@@ -23,7 +23,7 @@ use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{colorwheel, FlowEngine};
 use streamrecon::geometry::flowvo::FlowVoConfig;
-use streamrecon::geometry::vggt::VggtEngineConfig;
+use streamrecon::geometry::vggt::{ModelDtype, VggtEngineConfig};
 use streamrecon::models::vggt::memory::CameraCache;
 use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
 use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
@@ -80,6 +80,9 @@ enum ModelCommand {
         /// Total KV-cache token budget (0 = no pruning).
         #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET)]
         total_budget: usize,
+        /// Compute precision (outputs are written as f32).
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: DtypeName,
         #[arg(long, value_name = "OUT.safetensors")]
         out: PathBuf,
     },
@@ -168,6 +171,23 @@ enum FlowEngineName {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum DtypeName {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl From<DtypeName> for ModelDtype {
+    fn from(d: DtypeName) -> Self {
+        match d {
+            DtypeName::F32 => Self::F32,
+            DtypeName::F16 => Self::F16,
+            DtypeName::Bf16 => Self::Bf16,
+        }
+    }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum GeometryEngineName {
     Flowvo,
     Vggt,
@@ -196,6 +216,9 @@ struct EngineFlags {
     /// Total KV-cache token budget of `vggt`'s rolling memory (0 = no pruning).
     #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET, value_name = "N")]
     total_budget: usize,
+    /// `vggt` compute precision (f16/bf16 halve memory; on the CPU they are slower than f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    model_dtype: DtypeName,
     /// `vggt` camera-head cache: frame 0 plus the N most recent frames (0 = unbounded, as the
     /// reference).
     #[arg(long, default_value_t = streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW, value_name = "N")]
@@ -229,6 +252,7 @@ impl Default for EngineFlags {
             model_config: None,
             total_budget: streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET,
             camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
+            model_dtype: DtypeName::F32,
             snapshot_every: 0,
             resume: None,
             voxel: 0.01,
@@ -260,6 +284,7 @@ impl EngineFlags {
                     weights: w.clone(),
                     model_config: self.model_config.clone(),
                     total_budget: (self.total_budget > 0).then_some(self.total_budget),
+                    dtype: self.model_dtype.into(),
                     camera_cache: if self.camera_window == 0 {
                         CameraCache::Reference
                     } else {
@@ -1305,13 +1330,14 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
         weights,
         frames,
         total_budget,
+        dtype,
         out,
     } = cmd;
     let config = match model_config {
         Some(p) => VggtConfig::from_json_file(p)?,
         None => VggtConfig::vggt_1b(),
     };
-    let model = StreamVggt::load(weights, config)?;
+    let model = StreamVggt::load_as(weights, config, ModelDtype::from(*dtype).dtype())?;
     // A Windows drive letter aside, the last ':' separates the tensor name.
     let (file, name) = match frames.rsplit_once(':') {
         Some((f, n)) if !n.contains(['/', '\\']) && !f.is_empty() => (PathBuf::from(f), n),
@@ -1344,11 +1370,12 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
             format!("{p}.pose_enc"),
             Tensor::new(o.pose_enc.as_slice(), &dev)?.unsqueeze(0)?,
         );
-        outputs.insert(format!("{p}.pose_enc_iters"), o.pose_enc_iters);
-        outputs.insert(format!("{p}.depth"), o.depth);
-        outputs.insert(format!("{p}.depth_conf"), o.depth_conf);
-        outputs.insert(format!("{p}.world_points"), o.world_points);
-        outputs.insert(format!("{p}.world_points_conf"), o.world_points_conf);
+        let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32);
+        outputs.insert(format!("{p}.pose_enc_iters"), f32s(o.pose_enc_iters)?);
+        outputs.insert(format!("{p}.depth"), f32s(o.depth)?);
+        outputs.insert(format!("{p}.depth_conf"), f32s(o.depth_conf)?);
+        outputs.insert(format!("{p}.world_points"), f32s(o.world_points)?);
+        outputs.insert(format!("{p}.world_points_conf"), f32s(o.world_points_conf)?);
         outputs.insert(format!("{p}.budget"), ints(o.budgets.clone())?);
         outputs.insert(
             format!("{p}.last_scores"),

@@ -460,3 +460,41 @@ fn pipeline_run_with_vggt_resumes_from_its_snapshot() {
         .iter()
         .all(|t| t.as_u64().unwrap() <= 200));
 }
+
+#[test]
+fn half_precision_runs_and_stays_close_to_f32() {
+    let frames = fixture_frames();
+    let cfg = tiny_config();
+    let f32_model = tiny_model();
+    let err = StreamVggt::new(
+        &Weights::from_map(tiny_tensors(), DType::BF16, "tiny".into()),
+        cfg.clone(),
+    )
+    .err()
+    .expect("bf16 on the CPU");
+    assert!(err.to_string().contains("bf16"), "{err}");
+    for dtype in [DType::F16] {
+        let half = StreamVggt::new(
+            &Weights::from_map(tiny_tensors(), dtype, "tiny".into()),
+            cfg.clone(),
+        )
+        .unwrap();
+        let (mut a, mut b) = (f32_model.new_stream(None), half.new_stream(None));
+        let mut worst = 0f32;
+        for (i, f) in frames.iter().enumerate() {
+            let x = f32_model.step(f, i, &mut a, &mut |_, _| {}).unwrap();
+            let y = half.step(f, i, &mut b, &mut |_, _| {}).unwrap();
+            assert_eq!(y.depth.dtype(), dtype);
+            let scale = x.pose_enc.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = x
+                .pose_enc
+                .iter()
+                .zip(&y.pose_enc)
+                .map(|(p, q)| (p - q).abs())
+                .fold(0f32, f32::max);
+            worst = worst.max(d / scale);
+        }
+        println!("{dtype:?} vs f32 over the 6 fixture frames: max |Δ pose_enc| / max|pose_enc| = {worst:.3e}");
+        assert!(worst < 0.1, "{dtype:?}: {worst}");
+    }
+}

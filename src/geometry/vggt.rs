@@ -23,6 +23,27 @@ pub struct VggtEngineConfig {
     pub total_budget: Option<usize>,
     /// Camera-head cache bound.
     pub camera_cache: CameraCache,
+    /// Compute precision.
+    pub dtype: ModelDtype,
+}
+
+/// Compute precision of a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub enum ModelDtype {
+    #[default]
+    F32,
+    F16,
+    Bf16,
+}
+
+impl ModelDtype {
+    pub fn dtype(self) -> candle_core::DType {
+        match self {
+            Self::F32 => candle_core::DType::F32,
+            Self::F16 => candle_core::DType::F16,
+            Self::Bf16 => candle_core::DType::BF16,
+        }
+    }
 }
 
 pub struct VggtEngine {
@@ -60,7 +81,7 @@ impl VggtEngine {
             Some(p) => VggtConfig::from_json_file(p)?,
             None => VggtConfig::vggt_1b(),
         };
-        let model = StreamVggt::load(&cfg.weights, config)?;
+        let model = StreamVggt::load_as(&cfg.weights, config, cfg.dtype.dtype())?;
         Ok(Self::from_model(model, cfg.total_budget, cfg.camera_cache))
     }
 
@@ -223,7 +244,10 @@ fn to_frame_grid(
     place: &Placement,
     map: impl Fn(f32) -> f32,
 ) -> Result<Vec<f32>> {
-    let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+    let v: Vec<f32> = t
+        .flatten_all()?
+        .to_dtype(candle_core::DType::F32)?
+        .to_vec1()?;
     let mut out = vec![0f32; fh * fw];
     let cols: Vec<Option<usize>> = (0..fw)
         .map(|x| {

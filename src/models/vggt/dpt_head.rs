@@ -185,7 +185,7 @@ impl DptHead {
             let x = self.projects[i].forward(&x)?;
             taps(&format!("{prefix}.project{i}"), &x);
             let x = if self.cfg.pos_embed {
-                let pe = pos_embed(x.dim(1)?, ph, pw, w as f64 / h as f64)?;
+                let pe = pos_embed(x.dim(1)?, ph, pw, w as f64 / h as f64)?.to_dtype(x.dtype())?;
                 taps(&format!("{prefix}.pos_embed{i}"), &pe.unsqueeze(0)?);
                 x.broadcast_add(&pe)?
             } else {
@@ -226,7 +226,8 @@ impl DptHead {
         );
         let mut out = resize_bilinear_align_corners(&out, oh, ow)?;
         if self.cfg.pos_embed {
-            out = out.broadcast_add(&pos_embed(out.dim(1)?, oh, ow, w as f64 / h as f64)?)?;
+            let pe = pos_embed(out.dim(1)?, oh, ow, w as f64 / h as f64)?.to_dtype(out.dtype())?;
+            out = out.broadcast_add(&pe)?;
         }
         let out = self
             .output_conv2_2

@@ -493,3 +493,127 @@ impl StreamMemory {
         Ok((m, meta.owner))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `[1, H, n, D]` keys whose every token of every head is `rows[t]` (scaled per head).
+    fn keys(rows: &[[f32; 4]], heads: usize) -> Tensor {
+        let mut v = Vec::new();
+        for h in 0..heads {
+            for r in rows {
+                v.extend(r.iter().map(|x| x * (h + 1) as f32));
+            }
+        }
+        Tensor::from_vec(v, (1, heads, rows.len(), 4), &Device::Cpu).unwrap()
+    }
+
+    fn frame(
+        layer: &mut LayerKv,
+        first_id: i64,
+        budget: Option<usize>,
+        rows: &[[f32; 4]],
+        heads: usize,
+    ) {
+        layer.prepare(first_id, budget);
+        let k = keys(rows, heads);
+        layer.append(&k, &k).unwrap();
+    }
+
+    #[test]
+    fn zero_scores_give_uniform_budgets_and_no_pruning_means_no_budget() {
+        let m = StreamMemory::new(4, 2, Some(1000));
+        assert_eq!(m.layer_budgets(), vec![250; 4]);
+        let mut m = StreamMemory::new(3, 2, None);
+        m.begin_frame(0, 10);
+        assert!(m.global.iter().all(|l| l.budget.is_none()));
+    }
+
+    #[test]
+    fn under_budget_nothing_is_evicted() {
+        let mut l = LayerKv::default();
+        frame(&mut l, 0, Some(10), &[[1.0, 0.0, 0.0, 0.0]; 3], 2);
+        frame(&mut l, 3, Some(10), &[[0.0, 1.0, 0.0, 0.0]; 3], 2);
+        assert_eq!(l.len(), 6);
+        assert!(l.evicted_score.is_none());
+        assert_eq!(l.ids()[0], vec![0, 1, 2, 3, 4, 5]);
+    }
+
+    #[test]
+    fn duplicates_go_first_anchors_stay_bit_identical_and_ids_ascend() {
+        let mut l = LayerKv::default();
+        let anchor = [[0.3, -0.2, 0.9, 0.1], [0.5, 0.5, -0.5, 0.25]];
+        frame(&mut l, 0, Some(100), &anchor, 2);
+        let (anchor_k, _) = l.kv().unwrap();
+        let anchor_before: Vec<f32> = anchor_k.flatten_all().unwrap().to_vec1().unwrap();
+        // Three copies of one key and two distinct keys; budget 2 anchors + 2 candidates.
+        let dup = [1.0, 0.0, 0.0, 0.0];
+        frame(
+            &mut l,
+            2,
+            Some(4),
+            &[dup, [0.0, 0.0, 1.0, 0.0], dup, [0.0, -1.0, 0.0, 0.0], dup],
+            2,
+        );
+        assert_eq!(l.len(), 4);
+        for ids in l.ids() {
+            assert_eq!(
+                ids,
+                &vec![0, 1, 3, 5],
+                "the duplicated key is evicted, the rest kept in order"
+            );
+        }
+        let (k, _) = l.kv().unwrap();
+        let anchor_after: Vec<f32> = k
+            .narrow(2, 0, 2)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert_eq!(anchor_before, anchor_after);
+        assert!(l.evicted_score.is_some());
+    }
+
+    #[test]
+    fn heads_choose_independently() {
+        let mut l = LayerKv::default();
+        frame(&mut l, 0, Some(100), &[[1.0, 1.0, 1.0, 1.0]], 2);
+        // Head 0 sees a duplicate at positions 0/1, head 1 at positions 1/2.
+        let mut v = Vec::new();
+        for row in [
+            [1.0f32, 0.0, 0.0, 0.0],
+            [1.0, 0.0, 0.0, 0.0],
+            [0.0, 1.0, 0.0, 0.0],
+        ] {
+            v.extend(row);
+        }
+        for row in [
+            [0.0f32, 0.0, 1.0, 0.0],
+            [0.0, 0.0, 0.0, 1.0],
+            [0.0, 0.0, 0.0, 1.0],
+        ] {
+            v.extend(row);
+        }
+        let k = Tensor::from_vec(v, (1, 2, 3, 4), &Device::Cpu).unwrap();
+        l.prepare(1, Some(2));
+        l.append(&k, &k).unwrap();
+        assert_eq!(l.ids()[0], vec![0, 3], "head 0 keeps its distinct key");
+        assert_eq!(l.ids()[1], vec![0, 1], "head 1 keeps its distinct key");
+    }
+
+    #[test]
+    fn camera_window_keeps_frame_zero_and_recent_frames() {
+        let mut m = StreamMemory::new(1, 1, None);
+        m.camera_cache = CameraCache::Window(1);
+        for f in 0..4 {
+            for it in 0..2 {
+                m.begin_camera_iteration(f, it, 2);
+                let k = keys(&[[f as f32, it as f32, 1.0, 0.0]], 1);
+                m.camera[0].append(&k, &k).unwrap();
+            }
+        }
+        assert_eq!(m.camera[0].ids()[0], vec![0, 1, 6, 7]);
+    }
+}

@@ -32,6 +32,8 @@ pub struct StreamVggt {
     pub depth_head: dpt_head::DptHead,
     pub point_head: dpt_head::DptHead,
     pub config: VggtConfig,
+    /// Compute dtype (f32 by default; f16/bf16 halve the memory, meant for GPUs).
+    pub dtype: DType,
 }
 
 /// Everything the model says about one frame, at model resolution.
@@ -71,6 +73,12 @@ impl StreamVggt {
     /// Missing, misshapen or unexpected tensors, naming the first ones.
     pub fn new(weights: &Weights, config: VggtConfig) -> Result<Self> {
         config.validate().map_err(Error::Model)?;
+        if weights.dtype() == DType::BF16 {
+            // candle's CPU backend has no bf16 matmul; this build has no GPU backend.
+            return Err(Error::Model(
+                "bf16 needs a GPU backend, which this build does not have: use f32 (or f16)".into(),
+            ));
+        }
         let model = Self {
             aggregator: aggregator::Aggregator::new(&weights.pp("aggregator"), &config)?,
             camera_head: camera_head::CameraHead::new(&weights.pp("camera_head"), &config)?,
@@ -85,6 +93,7 @@ impl StreamVggt {
                 config.patch_size,
             )?,
             config,
+            dtype: weights.dtype(),
         };
         weights.finish(&["track_head."])?;
         Ok(model)
@@ -95,7 +104,15 @@ impl StreamVggt {
     /// # Errors
     /// As [`Weights::load`] and [`Self::new`].
     pub fn load(path: &Path, config: VggtConfig) -> Result<Self> {
-        Self::new(&Weights::load(path, DType::F32)?, config)
+        Self::load_as(path, config, DType::F32)
+    }
+
+    /// As [`Self::load`], computing in `dtype`.
+    ///
+    /// # Errors
+    /// As [`Weights::load`] and [`Self::new`].
+    pub fn load_as(path: &Path, config: VggtConfig, dtype: DType) -> Result<Self> {
+        Self::new(&Weights::load(path, dtype)?, config)
     }
 
     /// A fresh stream state for this model.
@@ -131,6 +148,7 @@ impl StreamVggt {
                 image.dims()
             )));
         }
+        let image = &image.to_dtype(self.dtype)?;
         let p = self.config.tokens_per_frame(h, w);
         if let Some(first) = memory.tokens_per_frame.filter(|&t| t != p) {
             return Err(Error::Model(format!(
@@ -168,7 +186,7 @@ impl StreamVggt {
             .ok_or_else(|| Error::Model("camera head has no iterations".into()))?;
         Ok(FrameOutput {
             frame_index,
-            pose_enc: last_iter.flatten_all()?.to_vec1()?,
+            pose_enc: last_iter.flatten_all()?.to_dtype(DType::F32)?.to_vec1()?,
             pose_enc_iters: Tensor::stack(&iters, 0)?,
             depth,
             depth_conf,
