@@ -3,4 +3,5 @@
 
 pub mod ops;
 pub mod vggt;
+pub mod videoflow;
 pub mod weights;

@@ -230,6 +230,112 @@ pub fn resize_bilinear_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> 
     Ok(Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())?)
 }
 
+/// `grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)` with the
+/// grid given in pixel coordinates (VideoFlow's `bilinear_sampler`): `img [N, C, H, W]`,
+/// `coords [N, Ho, Wo, 2]` as (x, y) → `[N, C, Ho, Wo]`. Taps outside the image count as zero.
+///
+/// # Errors
+/// Mismatched batch sizes.
+pub fn grid_sample_pixels(img: &Tensor, coords: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (n, c, h, w) = img.dims4()?;
+    let (n2, ho, wo, two) = coords.dims4()?;
+    if n != n2 || two != 2 {
+        return Err(crate::error::Error::Model(format!(
+            "grid_sample: image {:?} vs coords {:?}",
+            img.dims(),
+            coords.dims()
+        )));
+    }
+    let src: Vec<f32> = img.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let xy: Vec<f32> = coords.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let mut out = vec![0f32; n * c * ho * wo];
+    out.par_chunks_mut(c * ho * wo)
+        .enumerate()
+        .for_each(|(b, o)| {
+            let plane = &src[b * c * h * w..(b + 1) * c * h * w];
+            for p in 0..ho * wo {
+                let x = xy[(b * ho * wo + p) * 2];
+                let y = xy[(b * ho * wo + p) * 2 + 1];
+                if !(x.is_finite() && y.is_finite()) {
+                    continue;
+                }
+                let (x0, y0) = (x.floor(), y.floor());
+                let (fx, fy) = (x - x0, y - y0);
+                let taps = [
+                    (x0, y0, (1.0 - fx) * (1.0 - fy)),
+                    (x0 + 1.0, y0, fx * (1.0 - fy)),
+                    (x0, y0 + 1.0, (1.0 - fx) * fy),
+                    (x0 + 1.0, y0 + 1.0, fx * fy),
+                ];
+                for (tx, ty, wgt) in taps {
+                    if tx < 0.0 || ty < 0.0 || tx > (w - 1) as f32 || ty > (h - 1) as f32 {
+                        continue;
+                    }
+                    let idx = ty as usize * w + tx as usize;
+                    for ch in 0..c {
+                        o[ch * ho * wo + p] += wgt * plane[ch * h * w + idx];
+                    }
+                }
+            }
+        });
+    Ok(Tensor::from_vec(out, (n, c, ho, wo), img.device())?.to_dtype(img.dtype())?)
+}
+
+/// Depthwise `nn.Conv2d(C, C, k, padding=k/2, groups=C)` computed directly, planes in parallel
+/// (candle runs grouped convolutions one group at a time): `x [N, C, H, W]`, `weight [C, 1, k, k]`.
+///
+/// # Errors
+/// Shape mismatch.
+pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    use rayon::prelude::*;
+    let (n, c, h, w) = x.dims4()?;
+    let (wc, one, k, k2) = weight.dims4()?;
+    if wc != c || one != 1 || k != k2 || k % 2 == 0 {
+        return Err(crate::error::Error::Model(format!(
+            "depthwise conv: input {:?}, weight {:?}",
+            x.dims(),
+            weight.dims()
+        )));
+    }
+    let pad = (k / 2) as isize;
+    let src: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let wt: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let b: Vec<f32> = match bias {
+        Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
+        None => vec![0.0; c],
+    };
+    let mut out = vec![0f32; n * c * h * w];
+    out.par_chunks_mut(h * w)
+        .enumerate()
+        .for_each(|(plane_idx, o)| {
+            let ch = plane_idx % c;
+            let plane = &src[plane_idx * h * w..(plane_idx + 1) * h * w];
+            let kern = &wt[ch * k * k..(ch + 1) * k * k];
+            for y in 0..h as isize {
+                for xx in 0..w as isize {
+                    let mut acc = 0f32;
+                    for ky in 0..k as isize {
+                        let sy = y + ky - pad;
+                        if sy < 0 || sy >= h as isize {
+                            continue;
+                        }
+                        let row = &plane[sy as usize * w..(sy as usize + 1) * w];
+                        let krow = &kern[ky as usize * k..(ky as usize + 1) * k];
+                        for kx in 0..k as isize {
+                            let sx = xx + kx - pad;
+                            if sx >= 0 && sx < w as isize {
+                                acc += krow[kx as usize] * row[sx as usize];
+                            }
+                        }
+                    }
+                    o[y as usize * w + xx as usize] = acc + b[ch];
+                }
+            }
+        });
+    Ok(Tensor::from_vec(out, (n, c, h, w), x.device())?.to_dtype(x.dtype())?)
+}
+
 #[cfg(test)]
 #[allow(clippy::float_cmp)] // exact values are the point
 mod tests {
@@ -277,6 +383,43 @@ mod tests {
             .to_scalar()
             .unwrap();
         assert!(d < 1e-6, "{d}");
+    }
+
+    #[test]
+    fn depthwise_matches_candle_grouped_conv_and_grid_sample_hits_pixels() {
+        let dev = candle_core::Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 11), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (3, 1, 5, 5), &dev).unwrap();
+        let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+        let ours = depthwise_conv2d(&x, &w, Some(&b)).unwrap();
+        let theirs = x
+            .conv2d(&w, 2, 1, 1, 3)
+            .unwrap()
+            .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
+            .unwrap();
+        let d: f32 = (ours - theirs)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(d < 1e-4, "{d}");
+        // Sampling at integer pixels returns the pixels; outside, zero weight.
+        let coords =
+            Tensor::from_vec(vec![3f32, 2.0, -1.0, 0.0, 10.5, 8.0], (1, 1, 3, 2), &dev).unwrap();
+        let img = x.narrow(0, 0, 1).unwrap();
+        let s: Vec<f32> = grid_sample_pixels(&img, &coords)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let px: Vec<f32> = img.flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(s[0], px[2 * 11 + 3]);
+        assert_eq!(s[1], 0.0);
+        assert!((s[2] - 0.5 * px[8 * 11 + 10]).abs() < 1e-6);
     }
 
     #[test]
