@@ -21,6 +21,7 @@ use streamrecon::eval::plot::{plot, Series};
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
+use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon::flow::{colorwheel, FlowEngine};
 use streamrecon::geometry::flowvo::FlowVoConfig;
 use streamrecon::geometry::vggt::{ModelDtype, VggtEngineConfig};
@@ -86,6 +87,51 @@ enum ModelCommand {
         #[arg(long, value_name = "OUT.safetensors")]
         out: PathBuf,
     },
+    /// Run the VideoFlow-MOF model on the frames of a safetensors tensor `[N, 3, H, W]` (0..255,
+    /// any dtype) and write `flow` `[2(N−2), 2, H, W]` (forward flows of the middle frames, then
+    /// their backward flows).
+    Flow {
+        #[arg(long, value_name = "JSON")]
+        model_config: Option<PathBuf>,
+        #[arg(long, value_name = "PATH")]
+        weights: PathBuf,
+        /// FILE.safetensors[:TENSOR] (default tensor: input.images_u8).
+        #[arg(long, value_name = "FILE[:TENSOR]")]
+        frames: String,
+        #[arg(long, value_name = "OUT.safetensors")]
+        out: PathBuf,
+    },
+}
+
+/// A tensor named by `FILE.safetensors[:TENSOR]`, as f32.
+fn load_tensor_spec(spec: &str, default_name: &str) -> Result<candle_core::Tensor> {
+    // The last ':' separates the tensor name unless what follows looks like a path.
+    let (file, name) = match spec.rsplit_once(':') {
+        Some((f, n)) if !n.contains(['/', '\\']) && !f.is_empty() => (PathBuf::from(f), n),
+        _ => (PathBuf::from(spec), default_name),
+    };
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .with_context(|| format!("{} is not a safetensors file", file.display()))?;
+    Ok(tensors
+        .get(name)
+        .with_context(|| format!("{} has no tensor `{name}`", file.display()))?
+        .to_dtype(candle_core::DType::F32)?)
+}
+
+/// Writes named tensors atomically.
+fn save_tensors(
+    tensors: &std::collections::HashMap<String, candle_core::Tensor>,
+    out: &Path,
+) -> Result<()> {
+    let mut tmp = out.as_os_str().to_os_string();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    candle_core::safetensors::save(tensors, &tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    println!("{} tensors → {}", tensors.len(), out.display());
+    Ok(())
 }
 
 /// rerun's standard flags.
@@ -168,6 +214,35 @@ fn parse_intrinsics(s: &str) -> Result<(f64, f64, f64, f64), String> {
 #[derive(Clone, Copy, ValueEnum)]
 enum FlowEngineName {
     Dis,
+    Videoflow,
+}
+
+/// Flags of the learned flow engine (shared by `run` and `flow`).
+#[derive(Args, Clone, Default)]
+#[allow(clippy::struct_field_names)] // the field names are the `--flow-*` flags
+struct VideoFlowFlags {
+    /// VideoFlow-MOF weights (.pth as released, or .safetensors) for `--flow videoflow`.
+    #[arg(long, value_name = "PATH")]
+    flow_weights: Option<PathBuf>,
+    /// VideoFlow model config JSON [default: the released MOF sizes].
+    #[arg(long, value_name = "JSON")]
+    flow_config: Option<PathBuf>,
+    /// Frames per VideoFlow window (≥ 4).
+    #[arg(long, default_value_t = streamrecon::flow::videoflow::DEFAULT_WINDOW, value_name = "N")]
+    flow_window: usize,
+}
+
+impl VideoFlowFlags {
+    fn engine_config(&self) -> Result<VideoFlowEngineConfig> {
+        let Some(w) = &self.flow_weights else {
+            bail!("--flow videoflow needs --flow-weights PATH (a VideoFlow-MOF checkpoint)");
+        };
+        Ok(VideoFlowEngineConfig {
+            weights: w.clone(),
+            model_config: self.flow_config.clone(),
+            window: self.flow_window,
+        })
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -204,6 +279,8 @@ struct EngineFlags {
     /// Plain two-frame DIS (no temporal prior).
     #[arg(long)]
     no_temporal_prior: bool,
+    #[command(flatten)]
+    videoflow: VideoFlowFlags,
     /// Geometry engine [default: vggt when --weights is given, else flowvo].
     #[arg(long, value_enum)]
     geometry: Option<GeometryEngineName>,
@@ -247,6 +324,10 @@ impl Default for EngineFlags {
             flow: FlowEngineName::Dis,
             preset: DisPreset::Fast,
             no_temporal_prior: false,
+            videoflow: VideoFlowFlags {
+                flow_window: streamrecon::flow::videoflow::DEFAULT_WINDOW,
+                ..VideoFlowFlags::default()
+            },
             geometry: None,
             weights: None,
             model_config: None,
@@ -293,12 +374,16 @@ impl EngineFlags {
                 })
             }
         };
-        let mut config = PipelineConfig {
-            flow: FlowChoice::Dis(DisConfig {
+        let flow = match self.flow {
+            FlowEngineName::Dis => FlowChoice::Dis(DisConfig {
                 preset: self.preset,
                 temporal_prior: !self.no_temporal_prior,
                 ..DisConfig::default()
             }),
+            FlowEngineName::Videoflow => FlowChoice::VideoFlow(self.videoflow.engine_config()?),
+        };
+        let mut config = PipelineConfig {
+            flow,
             geometry,
             snapshot_every: self.snapshot_every,
             resume: self.resume.clone(),
@@ -310,7 +395,6 @@ impl EngineFlags {
         };
         config.fusion.voxel = self.voxel;
         config.fusion.max_points = self.max_points;
-        let _ = self.flow;
         Ok(config)
     }
 }
@@ -406,6 +490,8 @@ struct FlowArgs {
     /// Plain two-frame DIS (no temporal prior).
     #[arg(long)]
     no_temporal_prior: bool,
+    #[command(flatten)]
+    videoflow: VideoFlowFlags,
     /// Also write backward flows to OUT/bwd/.
     #[arg(long)]
     backward: bool,
@@ -711,14 +797,16 @@ fn accuracy_report(seq: &Path, run_dir: &Path, outcome: &RunOutcome) -> Result<S
 }
 
 fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
-    let FlowEngineName::Dis = a.engine;
     let spec = SourceSpec::parse(&a.source)?;
     let mut source = Source::open(&spec, a.source_flags.options())?;
-    let mut engine = DisEngine::new(DisConfig {
-        preset: a.preset,
-        temporal_prior: !a.no_temporal_prior,
-        ..DisConfig::default()
-    })?;
+    let mut engine: Box<dyn FlowEngine> = match a.engine {
+        FlowEngineName::Dis => Box::new(DisEngine::new(DisConfig {
+            preset: a.preset,
+            temporal_prior: !a.no_temporal_prior,
+            ..DisConfig::default()
+        })?),
+        FlowEngineName::Videoflow => Box::new(VideoFlowEngine::new(&a.videoflow.engine_config()?)?),
+    };
     streamrecon::io_util::create_dir(&a.out)?;
     if a.backward {
         streamrecon::io_util::create_dir(&a.out.join("bwd"))?;
@@ -742,6 +830,19 @@ fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
     };
     let mut n = 0usize;
     let t0 = std::time::Instant::now();
+    let mut save = |pairs: Vec<streamrecon::flow::PairFlow>| -> Result<()> {
+        for p in pairs {
+            write(&a.out.join(format!("{:06}.{ext}", p.from)), &p.fwd)?;
+            if a.backward {
+                write(
+                    &a.out.join("bwd").join(format!("{:06}.{ext}", p.to)),
+                    &p.bwd,
+                )?;
+            }
+            n += 1;
+        }
+        Ok(())
+    };
     while !stop.load(Ordering::SeqCst) {
         let Some(item) = source.next_item() else {
             break;
@@ -753,17 +854,9 @@ fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
                 continue;
             }
         };
-        for p in engine.push(&frame)? {
-            write(&a.out.join(format!("{:06}.{ext}", p.from)), &p.fwd)?;
-            if a.backward {
-                write(
-                    &a.out.join("bwd").join(format!("{:06}.{ext}", p.to)),
-                    &p.bwd,
-                )?;
-            }
-            n += 1;
-        }
+        save(engine.push(&frame)?)?;
     }
+    save(engine.flush()?)?;
     let dt = t0.elapsed().as_secs_f64();
     println!(
         "{n} flows written to {} ({:.1} pairs/s)",
@@ -1325,37 +1418,31 @@ fn eval_run(dataset: &Path, engines: &EngineFlags, out: &Path, stride: u64) -> R
 fn cmd_model(cmd: &ModelCommand) -> Result<()> {
     use candle_core::{Device, Tensor};
     use streamrecon::models::vggt::{StreamVggt, VggtConfig};
-    let ModelCommand::Run {
-        model_config,
-        weights,
-        frames,
-        total_budget,
-        dtype,
-        out,
-    } = cmd;
+    let (model_config, weights, frames, total_budget, dtype, out) = match cmd {
+        ModelCommand::Run {
+            model_config,
+            weights,
+            frames,
+            total_budget,
+            dtype,
+            out,
+        } => (model_config, weights, frames, total_budget, dtype, out),
+        ModelCommand::Flow {
+            model_config,
+            weights,
+            frames,
+            out,
+        } => return cmd_model_flow(model_config.as_deref(), weights, frames, out),
+    };
     let config = match model_config {
         Some(p) => VggtConfig::from_json_file(p)?,
         None => VggtConfig::vggt_1b(),
     };
     let model = StreamVggt::load_as(weights, config, ModelDtype::from(*dtype).dtype())?;
-    // A Windows drive letter aside, the last ':' separates the tensor name.
-    let (file, name) = match frames.rsplit_once(':') {
-        Some((f, n)) if !n.contains(['/', '\\']) && !f.is_empty() => (PathBuf::from(f), n),
-        _ => (PathBuf::from(frames), "input.images"),
-    };
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-        .with_context(|| format!("{} is not a safetensors file", file.display()))?;
-    let images = tensors
-        .get(name)
-        .with_context(|| format!("{} has no tensor `{name}`", file.display()))?
-        .to_dtype(candle_core::DType::F32)?;
+    let images = load_tensor_spec(frames, "input.images")?;
     let dims = images.dims().to_vec();
     if dims.len() != 4 || dims[1] != 3 {
-        bail!(
-            "`{name}` in {} must be [S, 3, H, W], got {dims:?}",
-            file.display()
-        );
+        bail!("the frames {frames} must be [S, 3, H, W], got {dims:?}");
     }
     let mut memory = model.new_stream((*total_budget > 0).then_some(*total_budget));
     let mut outputs: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
@@ -1403,12 +1490,26 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
             memory.bytes() as f64 / (1 << 20) as f64
         );
     }
-    let mut tmp = out.clone().into_os_string();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    candle_core::safetensors::save(&outputs, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
-    println!("{} tensors → {}", outputs.len(), out.display());
-    Ok(())
+    save_tensors(&outputs, out)
+}
+
+fn cmd_model_flow(config: Option<&Path>, weights: &Path, frames: &str, out: &Path) -> Result<()> {
+    use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
+    let config = match config {
+        Some(p) => VideoFlowConfig::from_json_file(p)?,
+        None => VideoFlowConfig::mof_released(),
+    };
+    let net = MofNet::load(weights, config)?;
+    let images = load_tensor_spec(frames, "input.images_u8")?;
+    let t0 = std::time::Instant::now();
+    let flow = net.forward(&images, &mut |_, _| {})?;
+    println!(
+        "{} frames {:?}: {:.1} ms",
+        images.dim(0)?,
+        images.dims(),
+        t0.elapsed().as_secs_f64() * 1e3
+    );
+    let mut outputs = std::collections::HashMap::new();
+    outputs.insert("flow".to_string(), flow);
+    save_tensors(&outputs, out)
 }

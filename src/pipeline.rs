@@ -6,7 +6,7 @@
 //! SIGTERM) stops reading; frames in flight drain through every stage and every output is closed
 //! properly. A stage error stops the source the same way, so nothing already produced is lost.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,6 +18,7 @@ use serde::Serialize;
 use crate::cloud::PointCloud;
 use crate::error::{Error, Result};
 use crate::flow::dis::{DisConfig, DisEngine};
+use crate::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use crate::flow::{colorwheel, FlowEngine, PairFlow};
 use crate::frame::{Frame, Intrinsics, RgbImage};
 use crate::fusion::{Fusion, FusionConfig};
@@ -33,6 +34,7 @@ use crate::viewer::{self, paths, FrameLog, RerunTarget};
 #[derive(Debug, Clone, Serialize)]
 pub enum FlowChoice {
     Dis(DisConfig),
+    VideoFlow(VideoFlowEngineConfig),
 }
 
 /// Geometry engines.
@@ -161,6 +163,7 @@ struct Result3 {
 fn make_flow(choice: &FlowChoice) -> Result<Box<dyn FlowEngine>> {
     Ok(match choice {
         FlowChoice::Dis(c) => Box::new(DisEngine::new(c.clone())?),
+        FlowChoice::VideoFlow(c) => Box::new(VideoFlowEngine::new(c)?),
     })
 }
 
@@ -306,18 +309,43 @@ pub fn run(
     let flow_thread = {
         let (errors, stop) = (errors.clone(), stop.clone());
         spawn("flow", move || {
+            // Frames waiting for their incoming pair (t−1, t): windowed engines answer a few
+            // frames late. Frames leave in order.
+            let mut pending: VecDeque<FlowMsg> = VecDeque::new();
+            let mut first: Option<u64> = None;
+            let attach = |pending: &mut VecDeque<FlowMsg>, pairs: Vec<PairFlow>| {
+                for p in pairs {
+                    if let Some(m) = pending.iter_mut().find(|m| m.frame.index == p.to) {
+                        m.flow = Some(p);
+                    }
+                }
+            };
+            let send_ready = |pending: &mut VecDeque<FlowMsg>, first: Option<u64>, all: bool| {
+                while let Some(front) = pending.front() {
+                    let ready = all || front.flow.is_some() || Some(front.frame.index) == first;
+                    if !ready {
+                        break;
+                    }
+                    let Some(m) = pending.pop_front() else { break };
+                    if tx2.send(m).is_err() {
+                        return false;
+                    }
+                }
+                true
+            };
             for msg in &rx1 {
+                first.get_or_insert(msg.frame.index);
                 let t0 = Instant::now();
                 match flow_engine.push(&msg.frame) {
-                    Ok(mut pairs) => {
-                        let flow = pairs.pop();
-                        let m = FlowMsg {
+                    Ok(pairs) => {
+                        pending.push_back(FlowMsg {
                             frame: msg.frame,
                             read_at: msg.read_at,
-                            flow,
+                            flow: None,
                             flow_ms: t0.elapsed().as_secs_f64() * 1e3,
-                        };
-                        if tx2.send(m).is_err() {
+                        });
+                        attach(&mut pending, pairs);
+                        if !send_ready(&mut pending, first, false) {
                             return;
                         }
                     }
@@ -328,6 +356,11 @@ pub fn run(
                     }
                 }
             }
+            match flow_engine.flush() {
+                Ok(pairs) => attach(&mut pending, pairs),
+                Err(e) => errors.set(e),
+            }
+            send_ready(&mut pending, first, true);
         })?
     };
 

@@ -88,3 +88,139 @@ fn videoflow_matches_reference_flow_and_intermediates() {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
+
+fn tiny() -> MofNet {
+    let cfg = VideoFlowConfig::from_json_file(&fixture("config.json")).unwrap();
+    MofNet::new(
+        &Weights::load(&fixture("model.safetensors"), DType::F32).unwrap(),
+        cfg,
+    )
+    .unwrap()
+}
+
+#[test]
+fn full_size_loader_accounts_for_every_released_key() {
+    let text = std::fs::read_to_string(fixture("checkpoint_keys.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let zero = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    let tensors: BTreeMap<String, Tensor> = v["keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let shape: Vec<usize> = s
+                .as_array()
+                .or_else(|| s["shape"].as_array())
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            // Keys carry DataParallel's prefix, as in the released .pth.
+            let key = k.strip_prefix("module.").unwrap_or(k).to_string();
+            (key, zero.broadcast_as(shape).unwrap())
+        })
+        .collect();
+    assert_eq!(tensors.len(), 251);
+    let w = Weights::from_map(tensors, DType::F32, "checkpoint_keys.json".into());
+    MofNet::new(&w, VideoFlowConfig::mof_released()).expect("the released layout loads");
+    let (unexpected, skipped) = w.unused(&[]);
+    assert!(
+        unexpected.is_empty() && skipped.is_empty(),
+        "{unexpected:?}"
+    );
+}
+
+#[test]
+fn bad_input_is_a_clear_error() {
+    let net = tiny();
+    let dev = Device::Cpu;
+    let two = Tensor::zeros((2, 3, 60, 78), DType::F32, &dev).unwrap();
+    let err = net.forward(&two, &mut |_, _| {}).expect_err("two frames");
+    assert!(err.to_string().contains("N ≥ 3"), "{err}");
+    let grey = Tensor::zeros((5, 1, 60, 78), DType::F32, &dev).unwrap();
+    assert!(net.forward(&grey, &mut |_, _| {}).is_err());
+    // Weights of the tiny model do not fit the released sizes; the message names a tensor.
+    let err = MofNet::new(
+        &Weights::load(&fixture("model.safetensors"), DType::F32).unwrap(),
+        VideoFlowConfig::mof_released(),
+    )
+    .err()
+    .expect("size mismatch");
+    assert!(err.to_string().contains("fnet.svt"), "{err}");
+}
+
+#[test]
+fn engine_streams_pairs_in_order_with_bounded_windows() {
+    use streamrecon::flow::videoflow::VideoFlowEngine;
+    use streamrecon::flow::FlowEngine;
+    use streamrecon::frame::Frame;
+    let mut engine = VideoFlowEngine::from_model(tiny(), 5).unwrap();
+    assert!(VideoFlowEngine::from_model(tiny(), 3).is_err());
+    let frame = |i: u64, w: u32, h: u32| Frame {
+        index: i,
+        source_index: i,
+        timestamp: i as f64,
+        image: image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                ((x * 7 + y * 3 + i as u32 * 2) % 256) as u8,
+                (y * 4) as u8,
+                (x * 2) as u8,
+            ])
+        }),
+        intrinsics: None,
+        gt: None,
+    };
+    let mut pairs = Vec::new();
+    for i in 0..8 {
+        pairs.extend(engine.push(&frame(i, 40, 32)).unwrap());
+    }
+    let err = engine.push(&frame(8, 48, 32)).expect_err("size change");
+    assert!(err.to_string().contains("48x32"), "{err}");
+    pairs.extend(engine.flush().unwrap());
+    let ids: Vec<(u64, u64)> = pairs.iter().map(|p| (p.from, p.to)).collect();
+    assert_eq!(ids, (0..7).map(|i| (i, i + 1)).collect::<Vec<_>>());
+    for p in &pairs {
+        assert_eq!((p.fwd.width, p.fwd.height), (40, 32));
+        assert!(p.fwd.data.iter().chain(&p.bwd.data).all(|v| v.is_finite()));
+        assert!(p.fwd_conf.iter().all(|c| (0.0..=1.0).contains(c)));
+    }
+    // A stream of one or two frames.
+    engine.reset();
+    assert!(engine.push(&frame(0, 40, 32)).unwrap().is_empty());
+    assert!(engine.flush().unwrap().is_empty());
+    engine.reset();
+    engine.push(&frame(0, 40, 32)).unwrap();
+    engine.push(&frame(1, 40, 32)).unwrap();
+    let last: Vec<(u64, u64)> = engine
+        .flush()
+        .unwrap()
+        .iter()
+        .map(|p| (p.from, p.to))
+        .collect();
+    assert_eq!(last, vec![(0, 1)]);
+}
+
+#[test]
+fn model_flow_command_writes_the_reference_layout() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("flow.safetensors");
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["model", "flow", "--model-config"])
+        .arg(fixture("config.json"))
+        .arg("--weights")
+        .arg(fixture("model.safetensors"))
+        .arg("--frames")
+        .arg(format!(
+            "{}:input.images_u8",
+            fixture("io.safetensors").display()
+        ))
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let ours = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
+    let reference =
+        candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
+    assert!(ratio(&ours["flow"], &reference["flow"]) <= 2e-4);
+}

@@ -10,6 +10,7 @@ pub mod consistency;
 pub mod dis;
 mod field;
 pub mod metrics;
+pub mod videoflow;
 
 pub use field::{bilinear1, bilinear2, FlowField};
 

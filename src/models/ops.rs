@@ -312,24 +312,26 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
             let ch = plane_idx % c;
             let plane = &src[plane_idx * h * w..(plane_idx + 1) * h * w];
             let kern = &wt[ch * k * k..(ch + 1) * k * k];
-            for y in 0..h as isize {
-                for xx in 0..w as isize {
+            // Kernel taps clipped to the image per output pixel: no branches in the inner loop.
+            let clip = |pos: usize, len: usize| -> (usize, usize) {
+                let lo = (pad - pos as isize).max(0) as usize;
+                let hi = (len as isize + pad - pos as isize).clamp(0, k as isize) as usize;
+                (lo, hi.max(lo))
+            };
+            let pad_u = pad as usize;
+            for y in 0..h {
+                let (ky0, ky1) = clip(y, h);
+                for xx in 0..w {
+                    let (kx0, kx1) = clip(xx, w);
                     let mut acc = 0f32;
-                    for ky in 0..k as isize {
-                        let sy = y + ky - pad;
-                        if sy < 0 || sy >= h as isize {
-                            continue;
-                        }
-                        let row = &plane[sy as usize * w..(sy as usize + 1) * w];
-                        let krow = &kern[ky as usize * k..(ky as usize + 1) * k];
-                        for kx in 0..k as isize {
-                            let sx = xx + kx - pad;
-                            if sx >= 0 && sx < w as isize {
-                                acc += krow[kx as usize] * row[sx as usize];
-                            }
-                        }
+                    for ky in ky0..ky1 {
+                        let sy = y + ky - pad_u;
+                        let sx0 = xx + kx0 - pad_u;
+                        let row = &plane[sy * w + sx0..sy * w + sx0 + (kx1 - kx0)];
+                        let krow = &kern[ky * k + kx0..ky * k + kx1];
+                        acc += krow.iter().zip(row).map(|(a, b)| a * b).sum::<f32>();
                     }
-                    o[y as usize * w + xx as usize] = acc + b[ch];
+                    o[y * w + xx] = acc + b[ch];
                 }
             }
         });

@@ -328,7 +328,10 @@ pub fn upsample_flow(flow: &Tensor, mask: &Tensor, ratio: usize) -> Result<Tenso
     Ok(up.reshape((n, 2, ratio * h, ratio * w))?)
 }
 
-/// Last-axis split helper used by the network.
+/// Splits channels `[.., first | rest, ..]` (dim 1).
+///
+/// # Errors
+/// `first` beyond the channel count.
 pub fn split_channels(t: &Tensor, first: usize) -> Result<(Tensor, Tensor)> {
     let c = t.dim(1)?;
     Ok((t.narrow(1, 0, first)?, t.narrow(1, first, c - first)?))
