@@ -25,7 +25,7 @@ use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon::flow::{colorwheel, FlowEngine};
 use streamrecon::geometry::flowvo::FlowVoConfig;
 use streamrecon::geometry::vggt::{ModelDtype, VggtEngineConfig};
-use streamrecon::models::vggt::memory::CameraCache;
+use streamrecon::models::vggt::memory::{CameraCache, MemoryUpdate};
 use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
 use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
 use streamrecon::viewer::RerunTarget;
@@ -246,6 +246,12 @@ impl VideoFlowFlags {
 }
 
 #[derive(Clone, Copy, ValueEnum)]
+enum MemoryUpdateName {
+    Uniform,
+    Adaptive,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
 enum DtypeName {
     F32,
     F16,
@@ -293,6 +299,16 @@ struct EngineFlags {
     /// Total KV-cache token budget of `vggt`'s rolling memory (0 = no pruning).
     #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET, value_name = "N")]
     total_budget: usize,
+    /// `vggt` memory updates: `uniform` (every frame, the reference) or `adaptive` (frames below
+    /// --admit-threshold novelty are predicted but not stored; novel frames outlive redundant ones).
+    #[arg(long, value_enum, default_value = "uniform")]
+    memory_update: MemoryUpdateName,
+    /// Novelty below which an adaptive `vggt` memory does not store a frame.
+    #[arg(long, default_value_t = 0.1, value_name = "W")]
+    admit_threshold: f32,
+    /// How much an entry's novelty lowers its eviction score (adaptive updates).
+    #[arg(long, default_value_t = 0.2, value_name = "GAMMA")]
+    novelty_gamma: f32,
     /// `vggt` compute precision (f16/bf16 halve memory; on the CPU they are slower than f32).
     #[arg(long, value_enum, default_value = "f32")]
     model_dtype: DtypeName,
@@ -334,6 +350,9 @@ impl Default for EngineFlags {
             total_budget: streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET,
             camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
             model_dtype: DtypeName::F32,
+            memory_update: MemoryUpdateName::Uniform,
+            admit_threshold: 0.1,
+            novelty_gamma: 0.2,
             snapshot_every: 0,
             resume: None,
             voxel: 0.01,
@@ -366,6 +385,13 @@ impl EngineFlags {
                     model_config: self.model_config.clone(),
                     total_budget: (self.total_budget > 0).then_some(self.total_budget),
                     dtype: self.model_dtype.into(),
+                    update: match self.memory_update {
+                        MemoryUpdateName::Uniform => MemoryUpdate::Uniform,
+                        MemoryUpdateName::Adaptive => MemoryUpdate::Adaptive {
+                            threshold: self.admit_threshold,
+                            gamma: self.novelty_gamma,
+                        },
+                    },
                     camera_cache: if self.camera_window == 0 {
                         CameraCache::Reference
                     } else {

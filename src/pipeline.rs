@@ -84,13 +84,26 @@ impl Default for PipelineConfig {
     }
 }
 
-/// The model memory over a run: per frame (index, cached tokens over all global layers, bytes,
-/// model ms), and the last frame's full read-out.
+/// The model memory over a run: per frame, and the last frame's full read-out.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MemorySummary {
-    pub per_frame: Vec<(u64, usize, usize, f64)>,
+    pub per_frame: Vec<FrameMemory>,
     pub peak_bytes: usize,
+    pub frames_admitted: u64,
     pub last: MemoryReadout,
+}
+
+/// One frame's memory facts in `run.json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameMemory {
+    pub index: u64,
+    /// Cached tokens over all global layers.
+    pub tokens: usize,
+    pub bytes: usize,
+    pub model_ms: f64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub novelty: Option<f64>,
+    pub admitted: bool,
 }
 
 /// Counts and timings of a finished run (the body of `run.json`).
@@ -552,13 +565,25 @@ pub fn run(
         if let Some(m) = &g.memory {
             let tokens: usize = m.tokens_per_layer.iter().sum();
             let ms = model_memory.get_or_insert_with(MemorySummary::default);
-            ms.per_frame.push((g.index, tokens, m.bytes, m.model_ms));
+            ms.per_frame.push(FrameMemory {
+                index: g.index,
+                tokens,
+                bytes: m.bytes,
+                model_ms: m.model_ms,
+                novelty: m.novelty,
+                admitted: m.admitted,
+            });
             ms.peak_bytes = ms.peak_bytes.max(m.bytes);
+            ms.frames_admitted += u64::from(m.admitted);
             ms.last = m.clone();
             if let Some(v) = viewer.as_ref() {
                 let _ = v.log_scalar(paths::PLOT_KV_TOKENS, tokens as f64);
                 let _ = v.log_scalar(paths::PLOT_KV_MIB, m.bytes as f64 / f64::from(1 << 20));
                 let _ = v.log_scalar(paths::PLOT_MODEL_MS, m.model_ms);
+                if let Some(w) = m.novelty {
+                    let _ = v.log_scalar(paths::PLOT_NOVELTY, w);
+                    let _ = v.log_scalar(paths::PLOT_ADMITTED, f64::from(u8::from(m.admitted)));
+                }
             }
         }
         trajectory.push(TrajectoryEntry {

@@ -9,7 +9,7 @@ use candle_core::{DType, Device, Tensor};
 use streamrecon::frame::Frame;
 use streamrecon::geometry::vggt::VggtEngine;
 use streamrecon::geometry::GeometryEngine;
-use streamrecon::models::vggt::memory::CameraCache;
+use streamrecon::models::vggt::memory::{CameraCache, MemoryUpdate};
 use streamrecon::models::vggt::{StreamVggt, VggtConfig};
 use streamrecon::models::weights::Weights;
 
@@ -497,4 +497,108 @@ fn half_precision_runs_and_stays_close_to_f32() {
         println!("{dtype:?} vs f32 over the 6 fixture frames: max |Δ pose_enc| / max|pose_enc| = {worst:.3e}");
         assert!(worst < 0.1, "{dtype:?}: {worst}");
     }
+}
+
+/// A textured frame whose content is shifted by `shift` pixels (0 = the base view).
+fn scene_frame(i: u64, shift: u32, w: u32, h: u32) -> Frame {
+    Frame {
+        index: i,
+        source_index: i,
+        timestamp: i as f64,
+        image: image::RgbImage::from_fn(w, h, |x, y| {
+            let xs = f64::from(x + shift);
+            let v = 128.0
+                + 70.0 * (xs / 9.0).sin() * (f64::from(y) / 7.0).cos()
+                + 30.0 * ((xs * 0.13 + f64::from(y) * 0.11).sin());
+            let v = v.clamp(0.0, 255.0) as u8;
+            image::Rgb([v, 255 - v, v / 2])
+        }),
+        intrinsics: None,
+        gt: None,
+    }
+}
+
+#[test]
+fn adaptive_memory_skips_near_duplicates_and_stays_in_budget() {
+    let mut engine = VggtEngine::from_model(tiny_model(), Some(200), CameraCache::Window(4));
+    engine.set_update(MemoryUpdate::Adaptive {
+        threshold: 0.1,
+        gamma: 0.2,
+    });
+    let shifts = [0, 0, 12, 12, 24, 24, 40, 40, 60];
+    // Repeats differ from their original by sensor-like ±2 noise: near-duplicates, not copies.
+    let near = |i: usize, s: u32| {
+        let mut f = scene_frame(i as u64, s, 70, 56);
+        if i > 0 && shifts[i - 1] == s {
+            for (k, p) in f.image.pixels_mut().enumerate() {
+                let d = [0u8, 1, 2, 1][k % 4];
+                p.0 = p.0.map(|c| c.saturating_add(d));
+            }
+        }
+        f
+    };
+    let mut admitted = Vec::new();
+    for (i, &s) in shifts.iter().enumerate() {
+        let g = engine.push(&near(i, s), None).unwrap().remove(0);
+        let m = g.memory.unwrap();
+        admitted.push(m.admitted);
+        let held: usize = m.tokens_per_layer.iter().sum();
+        assert!(
+            held <= 200,
+            "frame {i}: {held} tokens held over a budget of 200"
+        );
+        println!(
+            "frame {i} shift {s}: w = {:.3}, admitted {}, tokens {:?}",
+            m.novelty.unwrap(),
+            m.admitted,
+            m.tokens_per_layer
+        );
+    }
+    // Repeats of the previous view are not stored; new views are.
+    assert_eq!(
+        admitted,
+        vec![true, false, true, false, true, false, true, false, true]
+    );
+    // Uniform updates store everything (the reference behaviour).
+    let mut uniform = VggtEngine::from_model(tiny_model(), None, CameraCache::Window(4));
+    for (i, &s) in shifts.iter().enumerate() {
+        let g = uniform
+            .push(&scene_frame(i as u64, s, 70, 56), None)
+            .unwrap()
+            .remove(0);
+        assert!(g.memory.unwrap().admitted);
+    }
+    assert_eq!(uniform.memory().global[0].len(), 25 * shifts.len());
+}
+
+#[test]
+fn novel_frames_tokens_outlive_redundant_ones() {
+    // Frame 4 is a new view after small steps, followed by small steps; everything is admitted
+    // (threshold 0) and the budget forces evictions. Count frame 4's entries left at the end.
+    let shifts = [0, 1, 2, 3, 30, 31, 32, 33, 34];
+    let survivors = |update: MemoryUpdate| -> usize {
+        let mut e = VggtEngine::from_model(tiny_model(), Some(240), CameraCache::Window(4));
+        e.set_update(update);
+        for (i, &s) in shifts.iter().enumerate() {
+            e.push(&scene_frame(i as u64, s, 70, 56), None).unwrap();
+        }
+        e.memory()
+            .global
+            .iter()
+            .flat_map(|l| l.ids().iter().flatten())
+            .filter(|&&id| id / 25 == 4)
+            .count()
+    };
+    let uniform = survivors(MemoryUpdate::Uniform);
+    let adaptive = survivors(MemoryUpdate::Adaptive {
+        threshold: 0.0,
+        gamma: 1.0,
+    });
+    println!(
+        "frame 4 entries surviving (all layers, all heads): uniform {uniform}, adaptive {adaptive}"
+    );
+    assert!(
+        adaptive > uniform,
+        "adaptive {adaptive} vs uniform {uniform}"
+    );
 }

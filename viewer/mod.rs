@@ -26,6 +26,8 @@ pub mod paths {
     pub const PLOT_KV_TOKENS: &str = "plot/kv_tokens";
     pub const PLOT_KV_MIB: &str = "plot/kv_mib";
     pub const PLOT_MODEL_MS: &str = "plot/model_ms";
+    pub const PLOT_NOVELTY: &str = "plot/novelty";
+    pub const PLOT_ADMITTED: &str = "plot/admitted";
 }
 
 /// Timeline names.

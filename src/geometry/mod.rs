@@ -5,6 +5,7 @@
 
 mod cv;
 pub mod flowvo;
+pub mod novelty;
 pub mod triangulate;
 pub mod vggt;
 
@@ -46,6 +47,10 @@ pub struct MemoryReadout {
     pub budgets: Vec<i64>,
     /// Model time for the frame, milliseconds.
     pub model_ms: f64,
+    /// Novelty weight w_t (adaptive memory updates only).
+    pub novelty: Option<f64>,
+    /// Whether the frame entered the memory.
+    pub admitted: bool,
 }
 
 /// Per-frame tracking facts, reported in `run.json` and rerun plots.

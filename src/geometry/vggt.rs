@@ -6,11 +6,12 @@ use std::path::{Path, PathBuf};
 use candle_core::Tensor;
 use serde::Serialize;
 
+use super::novelty::{NoveltyConfig, NoveltyMeter};
 use super::{FrameGeometry, GeometryEngine, GeometryStats, MemoryReadout};
 use crate::error::{Error, Result};
 use crate::flow::PairFlow;
 use crate::frame::{Frame, Intrinsics};
-use crate::models::vggt::memory::CameraCache;
+use crate::models::vggt::memory::{CameraCache, MemoryUpdate};
 use crate::models::vggt::{pose, preprocess, StreamMemory, StreamVggt, VggtConfig};
 
 /// How to build the engine.
@@ -25,6 +26,8 @@ pub struct VggtEngineConfig {
     pub camera_cache: CameraCache,
     /// Compute precision.
     pub dtype: ModelDtype,
+    /// How frames enter the memory (uniform = the reference).
+    pub update: MemoryUpdate,
 }
 
 /// Compute precision of a model.
@@ -51,6 +54,8 @@ pub struct VggtEngine {
     memory: StreamMemory,
     total_budget: Option<usize>,
     camera_cache: CameraCache,
+    update: MemoryUpdate,
+    novelty: NoveltyMeter,
     next_index: usize,
 }
 
@@ -82,7 +87,15 @@ impl VggtEngine {
             None => VggtConfig::vggt_1b(),
         };
         let model = StreamVggt::load_as(&cfg.weights, config, cfg.dtype.dtype())?;
-        Ok(Self::from_model(model, cfg.total_budget, cfg.camera_cache))
+        let mut engine = Self::from_model(model, cfg.total_budget, cfg.camera_cache);
+        engine.set_update(cfg.update);
+        Ok(engine)
+    }
+
+    /// Switches between uniform (reference) and pose-adaptive memory updates.
+    pub fn set_update(&mut self, update: MemoryUpdate) {
+        self.update = update;
+        self.memory.update = update;
     }
 
     pub fn from_model(
@@ -97,6 +110,8 @@ impl VggtEngine {
             memory,
             total_budget,
             camera_cache,
+            update: MemoryUpdate::Uniform,
+            novelty: NoveltyMeter::new(NoveltyConfig::default()),
             next_index: 0,
         }
     }
@@ -105,6 +120,8 @@ impl VggtEngine {
     pub fn reset(&mut self) {
         self.memory = self.model.new_stream(self.total_budget);
         self.memory.camera_cache = self.camera_cache;
+        self.memory.update = self.update;
+        self.novelty.reset();
         self.next_index = 0;
     }
 
@@ -118,8 +135,16 @@ impl GeometryEngine for VggtEngine {
         "vggt"
     }
 
-    fn push(&mut self, frame: &Frame, _flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
+    fn push(&mut self, frame: &Frame, flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
         let (fw, fh) = (frame.image.width() as usize, frame.image.height() as usize);
+        // Novelty from what is known before inference: flow parallax, appearance, sharpness.
+        let novelty = if matches!(self.update, MemoryUpdate::Adaptive { .. }) {
+            let parallax = flow.and_then(median_confident_flow);
+            Some(self.novelty.weigh(&frame.image, None, parallax)?)
+        } else {
+            None
+        };
+        self.memory.novelty = novelty.as_ref().map(|(n, _)| n.weight as f32);
         let cfg = &self.model.config;
         let input = preprocess::preprocess_crop(&frame.image, cfg.img_size, cfg.patch_size)
             .map_err(|e| Error::Geometry(format!("frame {}: {e}", frame.index)))?;
@@ -128,6 +153,12 @@ impl GeometryEngine for VggtEngine {
             .step(&input, self.next_index, &mut self.memory, &mut |_, _| {})
             .map_err(|e| Error::Geometry(format!("frame {}: {e}", frame.index)))?;
         self.next_index += 1;
+        let admitted = self.memory.last_admitted;
+        if let Some((n, thumb)) = novelty.clone() {
+            if admitted {
+                self.novelty.admit(None, thumb, n.hf_ratio);
+            }
+        }
         let (mh, mw) = (out.height, out.width);
         let resized_h = preprocess::crop_mode_height(fw, fh, cfg.img_size, cfg.patch_size);
         let place = Placement {
@@ -165,6 +196,8 @@ impl GeometryEngine for VggtEngine {
                 Vec::new()
             },
             model_ms: out.stage_ms.iter().sum(),
+            novelty: novelty.map(|(n, _)| n.weight),
+            admitted,
         };
         Ok(vec![FrameGeometry {
             index: frame.index,
@@ -269,4 +302,22 @@ fn to_frame_grid(
         }
     }
     Ok(out)
+}
+
+/// Median flow magnitude over confident pixels (> 0.5) of the pair's forward flow.
+fn median_confident_flow(p: &PairFlow) -> Option<f64> {
+    let mut mags: Vec<f32> = p
+        .fwd
+        .data
+        .chunks_exact(2)
+        .zip(&p.fwd_conf)
+        .filter(|(_, c)| **c > 0.5)
+        .map(|(uv, _)| (uv[0] * uv[0] + uv[1] * uv[1]).sqrt())
+        .collect();
+    if mags.is_empty() {
+        return None;
+    }
+    let mid = mags.len() / 2;
+    let (_, m, _) = mags.select_nth_unstable_by(mid, f32::total_cmp);
+    Some(f64::from(*m))
 }

@@ -49,6 +49,13 @@ pub struct LayerKv {
     evicted_score: Option<f32>,
     /// Appends still belong to frame 0 (the camera head appends once per iteration).
     grow_anchor: bool,
+    /// Whether the next `append` stays in the cache (a frame not admitted is attended to by its
+    /// own queries, then dropped).
+    admit: bool,
+    /// Per head, per entry: how much the entry's eviction score is lowered (γ·w of its frame).
+    priority: Vec<Vec<f32>>,
+    /// Priority of the entries the next `append` brings.
+    incoming_priority: f32,
 }
 
 impl LayerKv {
@@ -99,6 +106,8 @@ impl LayerKv {
         self.incoming_first_id = first_id;
         self.budget = budget;
         self.evicted_score = None;
+        self.admit = true;
+        self.incoming_priority = 0.0;
     }
 
     /// Makes room for `extra` more entries, reallocating geometrically.
@@ -130,19 +139,32 @@ impl LayerKv {
     /// Shape mismatch with the cache.
     pub fn append(&mut self, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, heads, n, _) = k.dims4()?;
-        if self.ids.is_empty() {
-            self.ids = vec![Vec::new(); heads];
-            self.anchor = n;
-        } else if self.grow_anchor {
-            self.anchor += n;
-        }
+        let first_call = self.ids.is_empty();
         self.reserve(k, n)?;
         let (ks, vs) = self.stores()?;
         ks.slice_set(&k.contiguous()?, 2, self.len)?;
         vs.slice_set(&v.contiguous()?, 2, self.len)?;
+        if !self.admit && !first_call {
+            // Attended to now, kept out of the memory: the next append overwrites it.
+            let (kn, vn) = (
+                ks.narrow(2, 0, self.len + n)?,
+                vs.narrow(2, 0, self.len + n)?,
+            );
+            return Ok((kn, vn));
+        }
+        if first_call {
+            self.ids = vec![Vec::new(); heads];
+            self.priority = vec![Vec::new(); heads];
+            self.anchor = n;
+        } else if self.grow_anchor {
+            self.anchor += n;
+        }
         self.len += n;
         for h in &mut self.ids {
             h.extend((0..n as i64).map(|t| self.incoming_first_id + t));
+        }
+        for p in &mut self.priority {
+            p.extend(std::iter::repeat_n(self.incoming_priority, n));
         }
         match (self.budget, self.window) {
             (Some(budget), _) if self.len > budget => self.evict(budget)?,
@@ -179,8 +201,12 @@ impl LayerKv {
         let mut kept_v = Vec::with_capacity(heads);
         let mut score_sum = 0f32;
         for (h, keys) in ck.iter().enumerate() {
-            let scores = redundancy_scores(keys, d);
+            let mut scores = redundancy_scores(keys, d);
             score_sum += scores.iter().sum::<f32>();
+            // Pose-adaptive priority: novel frames' entries look less redundant (0 = reference).
+            for (s, p) in scores.iter_mut().zip(&self.priority[h][anchor..]) {
+                *s -= p;
+            }
             let mut order: Vec<usize> = (0..cand).collect();
             order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
             let mut chosen: Vec<u32> = order[..keep].iter().map(|&c| (c + anchor) as u32).collect();
@@ -195,6 +221,13 @@ impl LayerKv {
                 .chain(chosen.iter().map(|&i| old[i as usize]))
                 .collect();
             self.ids[h] = kept_ids;
+            let old = &self.priority[h];
+            let kept: Vec<f32> = old[..anchor]
+                .iter()
+                .copied()
+                .chain(chosen.iter().map(|&i| old[i as usize]))
+                .collect();
+            self.priority[h] = kept;
         }
         if keep > 0 {
             ks.slice_set(&Tensor::stack(&kept_k, 0)?.unsqueeze(0)?, 2, anchor)?;
@@ -221,6 +254,9 @@ impl LayerKv {
         }
         for h in &mut self.ids {
             h.drain(self.anchor..start);
+        }
+        for p in &mut self.priority {
+            p.drain(self.anchor..start);
         }
         self.len = self.anchor + window;
         Ok(())
@@ -261,6 +297,16 @@ pub enum CameraCache {
     Window(usize),
 }
 
+/// How frames enter the global memory.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub enum MemoryUpdate {
+    /// Every frame, equal footing: the reference behaviour.
+    Uniform,
+    /// Frames with novelty below `threshold` are predicted but not stored; stored entries'
+    /// eviction scores are lowered by `gamma · w` so novel frames survive longer.
+    Adaptive { threshold: f32, gamma: f32 },
+}
+
 /// All caches of one stream, and the pruning state.
 pub struct StreamMemory {
     /// Aggregator global blocks.
@@ -276,6 +322,11 @@ pub struct StreamMemory {
     /// Tokens per frame of this stream (set by its first frame).
     pub tokens_per_frame: Option<usize>,
     pub camera_cache: CameraCache,
+    pub update: MemoryUpdate,
+    /// Novelty weight of the coming frame (adaptive updates), set by the owner.
+    pub novelty: Option<f32>,
+    /// Whether the last frame entered the global memory.
+    pub last_admitted: bool,
 }
 
 /// What a snapshot stores besides the tensors.
@@ -285,6 +336,8 @@ struct SnapshotMeta {
     total_budget: Option<usize>,
     tokens_per_frame: Option<usize>,
     camera_cache: CameraCache,
+    #[serde(default = "uniform")]
+    update: MemoryUpdate,
     budgets: Vec<i64>,
     global_anchor: Vec<usize>,
     camera_anchor: Vec<usize>,
@@ -293,6 +346,10 @@ struct SnapshotMeta {
 }
 
 const SNAPSHOT_FORMAT: u32 = 1;
+
+fn uniform() -> MemoryUpdate {
+    MemoryUpdate::Uniform
+}
 
 impl StreamMemory {
     pub fn new(global_layers: usize, camera_layers: usize, total_budget: Option<usize>) -> Self {
@@ -304,6 +361,9 @@ impl StreamMemory {
             budgets: vec![0; global_layers],
             tokens_per_frame: None,
             camera_cache: CameraCache::Reference,
+            update: MemoryUpdate::Uniform,
+            novelty: None,
+            last_admitted: true,
         }
     }
 
@@ -328,8 +388,17 @@ impl StreamMemory {
         self.tokens_per_frame.get_or_insert(tokens);
         let first = (frame * tokens) as i64;
         let pruning = self.total_budget.is_some();
+        let (admit, priority) = match (self.update, self.novelty.take()) {
+            (MemoryUpdate::Adaptive { threshold, gamma }, Some(w)) => {
+                (frame == 0 || w >= threshold, gamma * w)
+            }
+            _ => (true, 0.0),
+        };
+        self.last_admitted = admit;
         for (layer, b) in self.global.iter_mut().zip(&self.budgets) {
             layer.prepare(first, pruning.then_some((*b).max(0) as usize));
+            layer.admit = admit;
+            layer.incoming_priority = priority;
         }
     }
 
@@ -399,6 +468,10 @@ impl StreamMemory {
                         format!("{group}.{l}.ids"),
                         Tensor::from_vec(layer.ids.concat(), (h, n), &dev)?,
                     );
+                    out.insert(
+                        format!("{group}.{l}.priority"),
+                        Tensor::from_vec(layer.priority.concat(), (h, n), &dev)?,
+                    );
                 }
             }
         }
@@ -411,6 +484,7 @@ impl StreamMemory {
             total_budget: self.total_budget,
             tokens_per_frame: self.tokens_per_frame,
             camera_cache: self.camera_cache,
+            update: self.update,
             budgets: self.budgets.clone(),
             global_anchor: self.global.iter().map(|l| l.anchor).collect(),
             camera_anchor: self.camera.iter().map(|l| l.anchor).collect(),
@@ -454,6 +528,7 @@ impl StreamMemory {
         let mut m = Self::new(global_layers, camera_layers, meta.total_budget);
         m.tokens_per_frame = meta.tokens_per_frame;
         m.camera_cache = meta.camera_cache;
+        m.update = meta.update;
         m.budgets = meta.budgets;
         m.last_scores = t
             .get("last_scores")
@@ -481,8 +556,16 @@ impl StreamMemory {
                 if v.dims() != k.dims() || ids.len() != h || ids.iter().any(|i| i.len() != n) {
                     return Err(bad(format!("{group}.{l}: K, V and ids disagree")));
                 }
+                let priority: Vec<Vec<f32>> = match t.get(&format!("{group}.{l}.priority")) {
+                    Some(p) => p.to_vec2()?,
+                    None => vec![vec![0.0; n]; h],
+                };
+                if priority.len() != h || priority.iter().any(|p| p.len() != n) {
+                    return Err(bad(format!("{group}.{l}: priorities disagree with ids")));
+                }
                 layer.anchor = anchors[l];
                 layer.ids = ids;
+                layer.priority = priority;
                 layer.reserve(k, n)?;
                 let (ks, vs) = layer.stores()?;
                 ks.slice_set(&k.contiguous()?, 2, 0)?;
@@ -615,5 +698,44 @@ mod tests {
             }
         }
         assert_eq!(m.camera[0].ids()[0], vec![0, 1, 6, 7]);
+    }
+
+    #[test]
+    fn priority_keeps_the_novel_frame_and_uniform_is_unshifted() {
+        let run = |priorities: [f32; 3]| {
+            let mut l = LayerKv::default();
+            frame(&mut l, 0, Some(100), &[[0.0, 0.0, 0.0, 1.0]], 1);
+            for (f, p) in priorities.iter().enumerate() {
+                l.prepare(1 + f as i64, Some(2));
+                l.incoming_priority = *p;
+                // Frames 1–3 carry the same key: only the priority tells them apart.
+                let k = keys(&[[1.0, 0.0, 0.0, 0.0]], 1);
+                l.append(&k, &k).unwrap();
+            }
+            l.ids()[0].clone()
+        };
+        assert_eq!(
+            run([0.0, 0.5, 0.0]),
+            vec![0, 2],
+            "the novel frame 2 survives"
+        );
+        assert_eq!(
+            run([0.0, 0.0, 0.0]),
+            vec![0, 1],
+            "uniform: no shift, ties keep the oldest"
+        );
+    }
+
+    #[test]
+    fn a_frame_not_admitted_is_attended_to_but_not_stored() {
+        let mut l = LayerKv::default();
+        frame(&mut l, 0, None, &[[1.0, 0.0, 0.0, 0.0]; 2], 1);
+        l.prepare(2, None);
+        l.admit = false;
+        let k = keys(&[[0.0, 1.0, 0.0, 0.0]; 2], 1);
+        let (seen, _) = l.append(&k, &k).unwrap();
+        assert_eq!(seen.dim(2).unwrap(), 4, "its own queries see it");
+        assert_eq!(l.len(), 2, "but the memory does not keep it");
+        assert_eq!(l.ids()[0], vec![0, 1]);
     }
 }
