@@ -24,6 +24,7 @@ use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon::flow::{colorwheel, FlowEngine};
 use streamrecon::geometry::flowvo::FlowVoConfig;
+use streamrecon::geometry::stabilize::StabilizeConfig;
 use streamrecon::geometry::vggt::{ModelDtype, VggtEngineConfig};
 use streamrecon::models::vggt::memory::{CameraCache, MemoryUpdate};
 use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
@@ -245,6 +246,12 @@ impl VideoFlowFlags {
     }
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum MemoryUpdateName {
     Uniform,
@@ -316,6 +323,9 @@ struct EngineFlags {
     /// reference).
     #[arg(long, default_value_t = streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW, value_name = "N")]
     camera_window: usize,
+    /// Online trajectory stabilization (causal One-Euro filter on the output poses).
+    #[arg(long, value_enum, default_value = "off")]
+    stabilize: OnOff,
     /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never).
     #[arg(long, default_value_t = 0, value_name = "N")]
     snapshot_every: u64,
@@ -350,6 +360,7 @@ impl Default for EngineFlags {
             total_budget: streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET,
             camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
             model_dtype: DtypeName::F32,
+            stabilize: OnOff::Off,
             memory_update: MemoryUpdateName::Uniform,
             admit_threshold: 0.1,
             novelty_gamma: 0.2,
@@ -412,6 +423,7 @@ impl EngineFlags {
             flow,
             geometry,
             snapshot_every: self.snapshot_every,
+            stabilize: (self.stabilize == OnOff::On).then(StabilizeConfig::default),
             resume: self.resume.clone(),
             out_dir: out,
             rerun,

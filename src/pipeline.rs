@@ -23,6 +23,7 @@ use crate::flow::{colorwheel, FlowEngine, PairFlow};
 use crate::frame::{Frame, Intrinsics, RgbImage};
 use crate::fusion::{Fusion, FusionConfig};
 use crate::geometry::flowvo::{FlowVo, FlowVoConfig};
+use crate::geometry::stabilize::{StabilizeConfig, StabilizedEngine};
 use crate::geometry::vggt::{VggtEngine, VggtEngineConfig};
 use crate::geometry::{FrameGeometry, GeometryEngine, GeometryStats, MemoryReadout};
 use crate::sinks::files::{IntrinsicsReport, RunOutputs};
@@ -62,6 +63,8 @@ pub struct PipelineConfig {
     pub snapshot_every: u64,
     /// Restore the geometry engine from this snapshot and skip the frames it has seen.
     pub resume: Option<PathBuf>,
+    /// Online trajectory stabilization of the geometry output (`None` = off).
+    pub stabilize: Option<StabilizeConfig>,
 }
 
 /// File name of the engine snapshot in the output folder.
@@ -80,6 +83,7 @@ impl Default for PipelineConfig {
             progress: false,
             snapshot_every: 0,
             resume: None,
+            stabilize: None,
         }
     }
 }
@@ -91,6 +95,15 @@ pub struct MemorySummary {
     pub peak_bytes: usize,
     pub frames_admitted: u64,
     pub last: MemoryReadout,
+}
+
+/// How much stabilization moved the poses over a run.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct StabilizeSummary {
+    pub mean_translation: f64,
+    pub max_translation: f64,
+    pub mean_rotation_deg: f64,
+    pub max_rotation_deg: f64,
 }
 
 /// One frame's memory facts in `run.json`.
@@ -122,6 +135,9 @@ pub struct RunSummary {
     pub stages: HashMap<&'static str, TimingSummary>,
     pub map_segments: u32,
     pub frames_tracked: u64,
+    /// Trajectory stabilization corrections (when on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stabilization: Option<StabilizeSummary>,
     /// Model memory per frame (engines with a memory: `vggt`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_memory: Option<MemorySummary>,
@@ -225,6 +241,9 @@ pub fn run(
     let started = Instant::now();
     let mut flow_engine = make_flow(&config.flow)?;
     let mut geo_engine = make_geometry(&config.geometry)?;
+    if let Some(s) = &config.stabilize {
+        geo_engine = Box::new(StabilizedEngine::new(geo_engine, s.clone()));
+    }
     let resume_from = match &config.resume {
         Some(p) => {
             let next = geo_engine.restore(p)?;
@@ -586,6 +605,15 @@ pub fn run(
                 }
             }
         }
+        if config.stabilize.is_some() {
+            if let Some(v) = viewer.as_ref() {
+                let _ = v.log_scalar(
+                    paths::PLOT_STABILIZE_MM,
+                    g.stats.stabilize_translation * 1e3,
+                );
+                let _ = v.log_scalar(paths::PLOT_STABILIZE_DEG, g.stats.stabilize_rotation_deg);
+            }
+        }
         trajectory.push(TrajectoryEntry {
             index: g.index,
             source_index: r.frame.source_index,
@@ -660,6 +688,17 @@ pub fn run(
         map_segments: segments,
         frames_tracked: trajectory.iter().filter(|t| t.stats.tracked).count() as u64,
         model_memory,
+        stabilization: config.stabilize.as_ref().map(|_| {
+            let n = trajectory.len().max(1) as f64;
+            let mut s = StabilizeSummary::default();
+            for t in &trajectory {
+                s.mean_translation += t.stats.stabilize_translation / n;
+                s.mean_rotation_deg += t.stats.stabilize_rotation_deg / n;
+                s.max_translation = s.max_translation.max(t.stats.stabilize_translation);
+                s.max_rotation_deg = s.max_rotation_deg.max(t.stats.stabilize_rotation_deg);
+            }
+            s
+        }),
         points: cloud.len(),
         points_evicted: fusion.evicted(),
         median_reprojection_px: median(&mut reproj),

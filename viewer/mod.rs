@@ -28,6 +28,8 @@ pub mod paths {
     pub const PLOT_MODEL_MS: &str = "plot/model_ms";
     pub const PLOT_NOVELTY: &str = "plot/novelty";
     pub const PLOT_ADMITTED: &str = "plot/admitted";
+    pub const PLOT_STABILIZE_MM: &str = "plot/stabilize_correction_mm";
+    pub const PLOT_STABILIZE_DEG: &str = "plot/stabilize_correction_deg";
 }
 
 /// Timeline names.

@@ -772,6 +772,7 @@ impl FlowVo {
             segment: self.segment,
             tracked_points: n,
             reprojection_median_px: median(&mut errs),
+            ..GeometryStats::default()
         };
         Ok(vec![self.geometry(
             index,
@@ -841,6 +842,7 @@ impl FlowVo {
                     segment: self.segment,
                     tracked_points: n,
                     reprojection_median_px: median(&mut errs),
+                    ..GeometryStats::default()
                 };
                 (pose, stats)
             } else {

@@ -6,6 +6,7 @@
 mod cv;
 pub mod flowvo;
 pub mod novelty;
+pub mod stabilize;
 pub mod triangulate;
 pub mod vggt;
 
@@ -65,6 +66,10 @@ pub struct GeometryStats {
     pub tracked_points: usize,
     /// Median reprojection error of the pose's inliers, pixels.
     pub reprojection_median_px: Option<f64>,
+    /// Trajectory stabilization: how far the filtered pose moved from the raw one (world units,
+    /// degrees); 0 without stabilization.
+    pub stabilize_translation: f64,
+    pub stabilize_rotation_deg: f64,
 }
 
 impl FrameGeometry {

@@ -212,6 +212,7 @@ impl GeometryEngine for VggtEngine {
                 segment: 0,
                 tracked_points: out.kv_len.first().copied().unwrap_or(0),
                 reprojection_median_px: None,
+                ..GeometryStats::default()
             },
             memory: Some(memory),
         }])
