@@ -23,7 +23,7 @@ use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon::flow::{colorwheel, FlowEngine};
-use streamrecon::geometry::flowvo::FlowVoConfig;
+use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig};
 use streamrecon::geometry::stabilize::StabilizeConfig;
 use streamrecon::geometry::vggt::{ModelDtype, VggtEngineConfig};
 use streamrecon::models::vggt::memory::{CameraCache, MemoryUpdate};
@@ -306,8 +306,9 @@ struct EngineFlags {
     /// Total KV-cache token budget of `vggt`'s rolling memory (0 = no pruning).
     #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET, value_name = "N")]
     total_budget: usize,
-    /// `vggt` memory updates: `uniform` (every frame, the reference) or `adaptive` (frames below
-    /// --admit-threshold novelty are predicted but not stored; novel frames outlive redundant ones).
+    /// Memory updates: `uniform` (vggt: every frame, the reference; flowvo: parallax keyframes) or
+    /// `adaptive` (vggt: frames below --admit-threshold novelty are predicted but not stored and
+    /// novel frames outlive redundant ones; flowvo: keyframes gated and forced by novelty).
     #[arg(long, value_enum, default_value = "uniform")]
     memory_update: MemoryUpdateName,
     /// Novelty below which an adaptive `vggt` memory does not store a frame.
@@ -382,7 +383,11 @@ impl EngineFlags {
     ) -> Result<PipelineConfig> {
         let geometry = match (self.geometry, &self.weights) {
             (Some(GeometryEngineName::Flowvo) | None, None) => {
-                GeometryChoice::FlowVo(FlowVoConfig::default())
+                GeometryChoice::FlowVo(FlowVoConfig {
+                    adaptive: matches!(self.memory_update, MemoryUpdateName::Adaptive)
+                        .then(AdaptiveKeyframes::default),
+                    ..FlowVoConfig::default()
+                })
             }
             (Some(GeometryEngineName::Flowvo), Some(_)) => {
                 bail!("--weights is for --geometry vggt; flowvo needs no weights")

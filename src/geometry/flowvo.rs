@@ -21,6 +21,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::cv;
+use super::novelty::{NoveltyConfig, NoveltyMeter};
 use super::triangulate::{midpoint, midpoint_cos};
 use super::{FrameGeometry, GeometryEngine, GeometryStats};
 use crate::error::{Error, Result};
@@ -58,6 +59,26 @@ pub struct FlowVoConfig {
     pub depth_angle_deg: f64,
     /// Median scene depth the first segment is scaled to.
     pub initial_median_depth: f64,
+    /// Pose-adaptive keyframes (`None` = the parallax/tracked-fraction rule alone).
+    pub adaptive: Option<AdaptiveKeyframes>,
+}
+
+/// Keyframe selection by novelty weight (see `geometry::novelty`): a candidate keyframe whose
+/// weight is below `admit` (blurred, or nothing new) is skipped; a frame whose weight reaches
+/// `force` becomes a keyframe at half the usual parallax.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct AdaptiveKeyframes {
+    pub admit: f64,
+    pub force: f64,
+}
+
+impl Default for AdaptiveKeyframes {
+    fn default() -> Self {
+        Self {
+            admit: 0.5,
+            force: 0.9,
+        }
+    }
 }
 
 impl Default for FlowVoConfig {
@@ -77,6 +98,7 @@ impl Default for FlowVoConfig {
             keyframe_tracked_fraction: 0.7,
             depth_angle_deg: 2.0,
             initial_median_depth: 1.0,
+            adaptive: None,
         }
     }
 }
@@ -237,6 +259,7 @@ enum Phase {
 /// The `flowvo` engine.
 pub struct FlowVo {
     config: FlowVoConfig,
+    novelty: NoveltyMeter,
     intrinsics: Option<Intrinsics>,
     tracks: Vec<Track>,
     /// world_from_cam of recent frames.
@@ -293,6 +316,7 @@ impl FlowVo {
         let median_depth = config.initial_median_depth;
         Self {
             config,
+            novelty: NoveltyMeter::new(NoveltyConfig::default()),
             intrinsics: None,
             tracks: Vec::new(),
             poses: BTreeMap::new(),
@@ -647,6 +671,7 @@ impl FlowVo {
     }
 
     fn start_segment(&mut self, frame: &Frame) {
+        self.novelty.reset();
         self.tracks.clear();
         self.recent_steps.clear();
         self.poses.clear();
@@ -738,8 +763,20 @@ impl FlowVo {
             .chain_new
             .as_ref()
             .map_or(f64::INFINITY, Chain::median_displacement);
-        let is_keyframe = disp > self.config.keyframe_parallax * f64::from(k.width)
-            || lost_fraction > 1.0 - self.config.keyframe_tracked_fraction;
+        let parallax_limit = self.config.keyframe_parallax * f64::from(k.width);
+        let mut is_keyframe =
+            disp > parallax_limit || lost_fraction > 1.0 - self.config.keyframe_tracked_fraction;
+        if let Some(a) = self.config.adaptive {
+            let (n, thumb) =
+                self.novelty
+                    .weigh(&frame.image, Some(&pose), disp.is_finite().then_some(disp))?;
+            self.novelty.observe_pose(&pose);
+            let forced = n.weight >= a.force && disp > 0.5 * parallax_limit;
+            is_keyframe = (is_keyframe && n.weight >= a.admit) || forced;
+            if is_keyframe {
+                self.novelty.admit(Some(&pose), thumb, n.hf_ratio);
+            }
+        }
         let t_depth = std::time::Instant::now();
         let depth = self
             .chain_old

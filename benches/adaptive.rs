@@ -1,9 +1,10 @@
-//! What online stabilization does to a `flowvo` trajectory: synthetic `handheld` sequences
-//! (640×480), raw vs stabilized output against ground truth — ATE (Sim(3)), high-frequency energy
-//! of the trajectory (sum of squared second differences of camera centres) and lag (the frame
-//! shift that best matches the stabilized to the raw trajectory). Several filter settings.
+//! Pose-adaptive updates and stabilization on `flowvo`, against synthetic ground truth (640×480):
+//! 1. `jumpy` and `static`-segment sequences: ATE with uniform vs adaptive keyframes;
+//! 2. `handheld` sequences: raw vs stabilized output — ATE (Sim(3)), high-frequency energy of the
+//!    trajectory (sum of squared second differences of camera centres) and lag (the frame shift
+//!    that best matches the stabilized to the raw trajectory), for several filter settings.
 //!
-//! `cargo bench --bench stabilize [-- FRAMES]` (default 300).
+//! `cargo bench --bench adaptive [-- FRAMES]` (default 300).
 
 use nalgebra::Vector3;
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
@@ -11,7 +12,7 @@ use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
 use streamrecon::frame::{Frame, Pose};
-use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
+use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVo, FlowVoConfig};
 use streamrecon::geometry::stabilize::{StabilizeConfig, Stabilizer};
 use streamrecon::geometry::GeometryEngine;
 
@@ -41,11 +42,73 @@ fn lag(a: &[Pose], b: &[Pose]) -> usize {
         .unwrap_or(0)
 }
 
+/// Runs dis + flowvo over a synthetic sequence; returns (GT, estimate) for the output frames,
+/// the map segments and the tracked frames.
+fn run_vo(
+    trajectory: TrajectoryKind,
+    frames: usize,
+    seed: u64,
+    config: FlowVoConfig,
+) -> (Vec<Pose>, Vec<Pose>, u32, usize) {
+    let world = SynthWorld::new(SynthConfig {
+        scene: SceneKind::Room,
+        trajectory,
+        frames,
+        seed,
+        ..SynthConfig::default()
+    });
+    let mut flow = DisEngine::new(DisConfig::default()).expect("dis");
+    let mut vo = FlowVo::new(config);
+    let mut gt_all = Vec::new();
+    let mut out = Vec::new();
+    for f in world.frames() {
+        let frame = Frame {
+            index: f.index as u64,
+            source_index: f.index as u64,
+            timestamp: f.timestamp,
+            image: f.image,
+            intrinsics: Some(world.intrinsics),
+            gt: None,
+        };
+        gt_all.push(f.view.world_from_cam);
+        let pairs = flow.push(&frame).expect("flow");
+        out.extend(vo.push(&frame, pairs.last()).expect("vo"));
+    }
+    out.extend(vo.flush().expect("flush"));
+    let tracked = out.iter().filter(|g| g.stats.tracked).count();
+    let gt = out.iter().map(|g| gt_all[g.index as usize]).collect();
+    let est = out.iter().map(|g| g.world_from_cam).collect();
+    (gt, est, vo.segments(), tracked)
+}
+
 fn main() {
     let frames: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(300);
+    for trajectory in [TrajectoryKind::Jumpy, TrajectoryKind::Static] {
+        for seed in [1u64, 2] {
+            for adaptive in [None, Some(AdaptiveKeyframes::default())] {
+                let (gt, est, segments, tracked) = run_vo(
+                    trajectory,
+                    frames,
+                    seed,
+                    FlowVoConfig {
+                        adaptive,
+                        ..FlowVoConfig::default()
+                    },
+                );
+                let m = pose_metrics(&gt, &est, 1).expect("metrics");
+                println!(
+                    "{trajectory:?} seed {seed}, {} keyframes: ATE {:.4} ({:.2}% of length), {} output / {tracked} tracked frames, {segments} segments",
+                    if adaptive.is_some() { "adaptive" } else { "uniform " },
+                    m.ate_rmse,
+                    m.ate_rmse_over_length * 100.0,
+                    est.len()
+                );
+            }
+        }
+    }
     for seed in [1u64, 2] {
         let world = SynthWorld::new(SynthConfig {
             scene: SceneKind::Room,
