@@ -61,9 +61,78 @@ enum Command {
     /// Evaluate results against ground truth.
     #[command(subcommand)]
     Eval(EvalCommand),
+    /// Run the pipeline as a network service: sessions push frames over HTTP and read results back.
+    Serve(ServeArgs),
     /// Run a learned model directly on tensors (parity checks against the reference code).
     #[command(subcommand)]
     Model(ModelCommand),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// Address to listen on (loopback unless told otherwise; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    bind: std::net::SocketAddr,
+    /// File holding the bearer token; without it a random token is made and written to
+    /// DATA_DIR/token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Most sessions running at once.
+    #[arg(long, default_value_t = 4)]
+    max_sessions: usize,
+    /// Where sessions write their outputs.
+    #[arg(long, default_value = "streamrecon-sessions")]
+    data_dir: PathBuf,
+}
+
+fn cmd_serve(a: &ServeArgs) -> Result<()> {
+    use rand::Rng;
+    streamrecon::io_util::create_dir(&a.data_dir)?;
+    let token = if let Some(f) = &a.token_file {
+        let t = std::fs::read_to_string(f)
+            .with_context(|| format!("cannot read the token file {}", f.display()))?;
+        let t = t.trim().to_string();
+        if t.len() < 16 || t.chars().any(char::is_whitespace) {
+            bail!(
+                "the token in {} must be one word of 16 characters or more",
+                f.display()
+            );
+        }
+        t
+    } else {
+        let mut rng = rand::rng();
+        let t: String = (0..32)
+            .map(|_| char::from_digit(u32::from(rng.random_range(0..16u8)), 16).unwrap_or('0'))
+            .collect();
+        let path = a.data_dir.join("token");
+        streamrecon::io_util::write_bytes_atomic(&path, t.as_bytes())?;
+        eprintln!("bearer token written to {}", path.display());
+        t
+    };
+    if !a.bind.ip().is_loopback() {
+        eprintln!(
+            "listening beyond this machine ({}): every endpoint but /health needs the token",
+            a.bind
+        );
+    }
+    let config = streamrecon::serve::ServeConfig {
+        bind: a.bind,
+        token,
+        max_sessions: a.max_sessions.max(1),
+        data_dir: a.data_dir.clone(),
+    };
+    streamrecon::serve::serve(
+        &config,
+        |addr| {
+            println!("listening on http://{addr}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("shutting down: closing sessions");
+        },
+    )?;
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -628,6 +697,7 @@ pub fn main() -> Result<ExitCode> {
         Command::Flow(a) => cmd_flow(&a),
         Command::Eval(e) => cmd_eval(&e).map(|()| ExitCode::SUCCESS),
         Command::Model(m) => cmd_model(&m).map(|()| ExitCode::SUCCESS),
+        Command::Serve(a) => cmd_serve(&a).map(|()| ExitCode::SUCCESS),
     }
 }
 

@@ -17,6 +17,7 @@ pub mod geometry;
 pub mod io_util;
 pub mod models;
 pub mod pipeline;
+pub mod serve;
 pub mod sinks;
 pub mod source;
 pub mod stats;

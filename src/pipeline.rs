@@ -65,6 +65,26 @@ pub struct PipelineConfig {
     pub resume: Option<PathBuf>,
     /// Online trajectory stabilization of the geometry output (`None` = off).
     pub stabilize: Option<StabilizeConfig>,
+    /// Per-frame results for a caller (the service); sent without blocking, dropped when full.
+    #[serde(skip)]
+    pub results: Option<Sender<FrameResult>>,
+}
+
+/// What a caller is told about each processed frame.
+#[derive(Debug, Clone, Serialize)]
+pub struct FrameResult {
+    pub index: u64,
+    pub timestamp: f64,
+    /// world_from_cam: translation (x, y, z) and rotation quaternion (x, y, z, w).
+    pub translation: [f64; 3],
+    pub rotation_xyzw: [f64; 4],
+    pub intrinsics: crate::frame::Intrinsics,
+    /// Points this frame added to the cloud, and the cloud's size after it.
+    pub new_points: usize,
+    pub cloud_points: usize,
+    pub tracked: bool,
+    /// Milliseconds from reading the frame to this result.
+    pub latency_ms: f64,
 }
 
 /// File name of the engine snapshot in the output folder.
@@ -84,6 +104,7 @@ impl Default for PipelineConfig {
             snapshot_every: 0,
             resume: None,
             stabilize: None,
+            results: None,
         }
     }
 }
@@ -604,6 +625,21 @@ pub fn run(
                     let _ = v.log_scalar(paths::PLOT_ADMITTED, f64::from(u8::from(m.admitted)));
                 }
             }
+        }
+        if let Some(tx) = &config.results {
+            let q = g.world_from_cam.rotation.quaternion();
+            let t = g.world_from_cam.translation.vector;
+            let _ = tx.try_send(FrameResult {
+                index: g.index,
+                timestamp: g.timestamp,
+                translation: [t.x, t.y, t.z],
+                rotation_xyzw: [q.i, q.j, q.k, q.w],
+                intrinsics: g.intrinsics,
+                new_points: pts.points.len(),
+                cloud_points: fusion.len(),
+                tracked: g.stats.tracked,
+                latency_ms: r.read_at.elapsed().as_secs_f64() * 1e3,
+            });
         }
         if config.stabilize.is_some() {
             if let Some(v) = viewer.as_ref() {

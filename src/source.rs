@@ -24,6 +24,8 @@ pub enum SourceSpec {
     Dataset(PathBuf),
     /// A benchmark layout (TUM RGB-D, a Sintel scene, Long3D, 7-Scenes) with whatever ground truth it has.
     Benchmark(PathBuf, BenchmarkKind),
+    /// Frames pushed by a client of the service (made with [`Source::pushed`], never parsed).
+    Pushed(String),
 }
 
 /// Benchmark layouts readable as a stream.
@@ -95,7 +97,7 @@ impl SourceSpec {
 
     /// Live sources drop frames when the pipeline falls behind; offline sources never do.
     pub fn is_live(&self) -> bool {
-        matches!(self, Self::Camera(_) | Self::Url(_))
+        matches!(self, Self::Camera(_) | Self::Url(_) | Self::Pushed(_))
     }
 }
 
@@ -163,7 +165,7 @@ impl Source {
     pub fn open(spec: &SourceSpec, options: SourceOptions) -> Result<Self> {
         let name = match spec {
             SourceSpec::Camera(i) => format!("camera:{i}"),
-            SourceSpec::Url(u) => u.clone(),
+            SourceSpec::Url(u) | SourceSpec::Pushed(u) => u.clone(),
             SourceSpec::VideoFile(p)
             | SourceSpec::ImageFolder(p)
             | SourceSpec::Dataset(p)
@@ -180,6 +182,12 @@ impl Source {
             SourceSpec::Benchmark(p, kind) => {
                 Box::new(BenchmarkSource::open(p, *kind, options.gt_depth)?)
             }
+            SourceSpec::Pushed(n) => {
+                return Err(Error::source(
+                    n,
+                    "pushed sources are made with Source::pushed",
+                ))
+            }
         };
         Ok(Self {
             spec: spec.clone(),
@@ -193,6 +201,27 @@ impl Source {
             intrinsics_supplied: false,
             done: false,
         })
+    }
+
+    /// A live source fed through a channel (the service's sessions); it ends when every sender
+    /// is dropped.
+    pub fn pushed(
+        name: &str,
+        rx: crossbeam_channel::Receiver<PushedFrame>,
+        options: SourceOptions,
+    ) -> Self {
+        Self {
+            spec: SourceSpec::Pushed(name.to_string()),
+            name: name.to_string(),
+            raw: Box::new(PushedSource { rx }),
+            options,
+            raw_index: 0,
+            emitted: 0,
+            size: None,
+            intrinsics_original: None,
+            intrinsics_supplied: false,
+            done: false,
+        }
     }
 
     pub fn name(&self) -> &str {
@@ -679,5 +708,37 @@ impl RawSource for BenchmarkSource {
 
     fn fps(&self) -> Option<f64> {
         Some(self.fps)
+    }
+}
+
+/// A frame handed to a pushed source.
+pub struct PushedFrame {
+    pub image: RgbImage,
+    /// Seconds; the arrival order when absent.
+    pub timestamp: Option<f64>,
+    pub intrinsics: Option<Intrinsics>,
+}
+
+struct PushedSource {
+    rx: crossbeam_channel::Receiver<PushedFrame>,
+}
+
+impl RawSource for PushedSource {
+    fn next_raw(&mut self) -> Option<Result<RawFrame>> {
+        let f = self.rx.recv().ok()?;
+        Some(Ok(RawFrame {
+            image: f.image,
+            timestamp: f.timestamp,
+            intrinsics: f.intrinsics,
+            gt: None,
+        }))
+    }
+
+    fn len_hint(&self) -> Option<usize> {
+        None
+    }
+
+    fn fps(&self) -> Option<f64> {
+        None
     }
 }

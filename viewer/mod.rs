@@ -254,3 +254,6 @@ impl Viewer {
         self.rec.flush_blocking().map_err(rr)
     }
 }
+
+/// The service's web page (`streamrecon serve`, `GET /`): sessions and webcam capture.
+pub const WEB_PAGE: &str = include_str!("web/index.html");

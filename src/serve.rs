@@ -1,0 +1,517 @@
+//! `streamrecon serve`: the pipeline as a network service. One pipeline (and one model memory)
+//! per session; clients push frames over HTTP and read results back; every endpoint but
+//! `/health` needs the bearer token. API: `docs/api.md`.
+//!
+//! Sessions are live: frames are latest-wins with counted drops, queues are bounded, and a slow
+//! client only slows itself. Each session writes its outputs (trajectory, points, run.json, an
+//! .rrd recording) to `DATA_DIR/<id>/`.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::error::{Error, Result};
+use crate::pipeline::{self, FrameResult, PipelineConfig};
+use crate::source::{PushedFrame, Source, SourceOptions};
+use crate::viewer::RerunTarget;
+
+/// Results kept per session for clients to read.
+const RESULT_RING: usize = 10_000;
+/// Frames queued per session before the oldest is dropped.
+const FRAME_QUEUE: usize = 4;
+/// Largest accepted frame upload.
+const MAX_FRAME_BYTES: usize = 32 << 20;
+
+/// How to run the service.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub bind: SocketAddr,
+    pub token: String,
+    pub max_sessions: usize,
+    pub data_dir: PathBuf,
+}
+
+struct Session {
+    id: String,
+    started: Instant,
+    tx: Mutex<Option<Sender<PushedFrame>>>,
+    /// A receiver clone, to drop the oldest queued frame when a new one arrives.
+    rx_drop: Receiver<PushedFrame>,
+    results: Arc<Mutex<VecDeque<FrameResult>>>,
+    received: AtomicU64,
+    dropped: AtomicU64,
+    pipeline: Mutex<Option<JoinHandle<std::result::Result<serde_json::Value, String>>>>,
+    summary: Mutex<Option<serde_json::Value>>,
+}
+
+struct AppState {
+    config: ServeConfig,
+    sessions: Mutex<HashMap<String, Arc<Session>>>,
+    next_id: AtomicU64,
+}
+
+type Shared = Arc<AppState>;
+
+/// An error a handler answers with: status and message.
+struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({ "error": self.1 }))).into_response()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panicked holder leaves consistent data here (counters, queues): keep serving.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl AppState {
+    fn session(&self, id: &str) -> std::result::Result<Arc<Session>, ApiError> {
+        lock(&self.sessions)
+            .get(id)
+            .cloned()
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))
+    }
+}
+
+async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), state.config.token.as_bytes()));
+    if ok {
+        next.run(req).await
+    } else {
+        ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        )
+        .into_response()
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize, Default)]
+struct CreateSession {
+    /// Most frames kept in flight; accepted for forward compatibility.
+    #[serde(default)]
+    name: Option<String>,
+}
+
+async fn create_session(
+    State(state): State<Shared>,
+    body: Option<Json<CreateSession>>,
+) -> std::result::Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req = body.map(|b| b.0).unwrap_or_default();
+    let mut sessions = lock(&state.sessions);
+    let running = sessions.values().filter(|s| lock(&s.tx).is_some()).count();
+    if running >= state.config.max_sessions {
+        return Err(ApiError(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "{running} sessions running (--max-sessions {})",
+                state.config.max_sessions
+            ),
+        ));
+    }
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = format!("s{n:04}");
+    let out = state.config.data_dir.join(&id);
+    let (tx, rx) = bounded::<PushedFrame>(FRAME_QUEUE);
+    let (res_tx, res_rx) = bounded::<FrameResult>(256);
+    let results = Arc::new(Mutex::new(VecDeque::new()));
+    {
+        let results = results.clone();
+        std::thread::Builder::new()
+            .name(format!("results-{id}"))
+            .spawn(move || {
+                for r in res_rx {
+                    let mut q = lock(&results);
+                    if q.len() == RESULT_RING {
+                        q.pop_front();
+                    }
+                    q.push_back(r);
+                }
+            })
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    }
+    let config = PipelineConfig {
+        out_dir: Some(out.clone()),
+        rerun: RerunTarget {
+            save: Some(out.join("recording.rrd")),
+            ..RerunTarget::default()
+        },
+        results: Some(res_tx),
+        ..PipelineConfig::default()
+    };
+    // Closing the session ends its stream; the stop flag is for the pipeline's signature.
+    let stop = Arc::new(AtomicBool::new(false));
+    let source = Source::pushed(
+        &format!(
+            "session {id}{}",
+            req.name.map(|n| format!(" ({n})")).unwrap_or_default()
+        ),
+        rx.clone(),
+        SourceOptions::default(),
+    );
+    let handle = {
+        std::thread::Builder::new()
+            .name(format!("session-{id}"))
+            .spawn(move || {
+                let outcome = pipeline::run(source, &config, &stop).map_err(|e| e.to_string())?;
+                let mut v = serde_json::to_value(&outcome.summary).map_err(|e| e.to_string())?;
+                if let Some(e) = outcome.error {
+                    v["error"] = json!(e.to_string());
+                }
+                Ok(v)
+            })
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    };
+    let session = Arc::new(Session {
+        id: id.clone(),
+        started: Instant::now(),
+        tx: Mutex::new(Some(tx)),
+        rx_drop: rx,
+        results,
+        received: AtomicU64::new(0),
+        dropped: AtomicU64::new(0),
+        pipeline: Mutex::new(Some(handle)),
+        summary: Mutex::new(None),
+    });
+    sessions.insert(id.clone(), session);
+    log::info!("session {id} started, outputs in {}", out.display());
+    Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
+}
+
+async fn push_frame(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    let s = state.session(&id)?;
+    if body.len() > MAX_FRAME_BYTES {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("frame of {} bytes (limit {MAX_FRAME_BYTES})", body.len()),
+        ));
+    }
+    let tx = lock(&s.tx)
+        .clone()
+        .ok_or_else(|| ApiError(StatusCode::CONFLICT, format!("session {id} is closed")))?;
+    let timestamp = match headers.get("x-timestamp") {
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|t| t.parse::<f64>().ok())
+                .filter(|t| t.is_finite())
+                .ok_or_else(|| {
+                    ApiError(
+                        StatusCode::BAD_REQUEST,
+                        "x-timestamp must be seconds, a finite number".into(),
+                    )
+                })?,
+        ),
+        None => None,
+    };
+    // Decoding off the async workers: a large JPEG takes milliseconds.
+    let image = tokio::task::spawn_blocking(move || image::load_from_memory(&body))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("frame is not a PNG/JPEG image: {e}"),
+            )
+        })?
+        .to_rgb8();
+    if image.width() < 16 || image.height() < 16 {
+        return Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "frame of {}x{} is too small (16x16 at least)",
+                image.width(),
+                image.height()
+            ),
+        ));
+    }
+    let mut frame = PushedFrame {
+        image,
+        timestamp,
+        intrinsics: None,
+    };
+    s.received.fetch_add(1, Ordering::Relaxed);
+    loop {
+        match tx.try_send(frame) {
+            Ok(()) => break,
+            Err(TrySendError::Full(f)) => {
+                // Latest wins: the oldest queued frame makes room.
+                if s.rx_drop.try_recv().is_ok() {
+                    s.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+                frame = f;
+            }
+            Err(TrySendError::Disconnected(_)) => {
+                return Err(ApiError(
+                    StatusCode::CONFLICT,
+                    format!("session {id} has stopped (see its status)"),
+                ))
+            }
+        }
+    }
+    Ok(Json(json!({
+        "received": s.received.load(Ordering::Relaxed),
+        "dropped": s.dropped.load(Ordering::Relaxed),
+    })))
+}
+
+fn status_json(s: &Session) -> serde_json::Value {
+    let results = lock(&s.results);
+    let elapsed = s.started.elapsed().as_secs_f64();
+    let processed = results.back().map_or(0, |r| r.index + 1);
+    json!({
+        "id": s.id,
+        "running": lock(&s.tx).is_some(),
+        "frames_received": s.received.load(Ordering::Relaxed),
+        "frames_dropped": s.dropped.load(Ordering::Relaxed),
+        "frames_processed": processed,
+        "fps": if elapsed > 0.0 { processed as f64 / elapsed } else { 0.0 },
+        "last": results.back(),
+        "summary": *lock(&s.summary),
+    })
+}
+
+async fn session_status(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    let s = state.session(&id)?;
+    Ok(Json(status_json(&s)))
+}
+
+#[derive(Deserialize)]
+struct Since {
+    #[serde(default)]
+    since: u64,
+}
+
+async fn session_results(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> std::result::Result<Json<Vec<FrameResult>>, ApiError> {
+    let s = state.session(&id)?;
+    let r = lock(&s.results)
+        .iter()
+        .filter(|r| r.index >= q.since)
+        .cloned()
+        .collect();
+    Ok(Json(r))
+}
+
+/// Ends a session's stream and waits for its outputs.
+fn close(s: &Session) -> serde_json::Value {
+    lock(&s.tx).take();
+    let handle = lock(&s.pipeline).take();
+    if let Some(h) = handle {
+        let summary = match h.join() {
+            Ok(Ok(v)) => v,
+            Ok(Err(e)) => json!({ "error": e }),
+            Err(_) => json!({ "error": "the session's pipeline panicked" }),
+        };
+        *lock(&s.summary) = Some(summary);
+    }
+    lock(&s.summary).clone().unwrap_or(serde_json::Value::Null)
+}
+
+async fn close_session(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    let s = state.session(&id)?;
+    let summary = tokio::task::spawn_blocking(move || close(&s))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    Ok(Json(json!({ "id": id, "summary": summary })))
+}
+
+/// Files a client may download from a session's folder.
+const DOWNLOADS: [&str; 6] = [
+    "trajectory.txt",
+    "poses_kitti.txt",
+    "points.ply",
+    "intrinsics.json",
+    "run.json",
+    "recording.rrd",
+];
+
+async fn download(
+    State(state): State<Shared>,
+    Path((id, name)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    let s = state.session(&id)?;
+    if !DOWNLOADS.contains(&name.as_str()) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no file {name}; files: {}", DOWNLOADS.join(", ")),
+        ));
+    }
+    let path = state.config.data_dir.join(&s.id).join(&name);
+    let bytes = tokio::fs::read(&path).await.map_err(|_| {
+        ApiError(
+            StatusCode::NOT_FOUND,
+            format!("{name} is not written yet (outputs appear when the session closes)"),
+        )
+    })?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+async fn list_sessions(State(state): State<Shared>) -> Json<serde_json::Value> {
+    let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
+    let mut v: Vec<serde_json::Value> = sessions.iter().map(|s| status_json(s)).collect();
+    v.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
+    Json(json!(v))
+}
+
+/// A per-session counter of the metrics page.
+type Counter = fn(&Session) -> u64;
+
+impl Session {
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+    fn processed(&self) -> u64 {
+        lock(&self.results).back().map_or(0, |r| r.index + 1)
+    }
+}
+
+async fn metrics(State(state): State<Shared>) -> String {
+    use std::fmt::Write;
+    let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
+    let running = sessions.iter().filter(|s| lock(&s.tx).is_some()).count();
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# TYPE streamrecon_sessions gauge");
+    let _ = writeln!(out, "streamrecon_sessions{{state=\"running\"}} {running}");
+    let _ = writeln!(
+        out,
+        "streamrecon_sessions{{state=\"closed\"}} {}",
+        sessions.len() - running
+    );
+    let counters: [(&str, Counter); 3] = [
+        ("frames_received", Session::received),
+        ("frames_dropped", Session::dropped),
+        ("frames_processed", Session::processed),
+    ];
+    for (name, f) in counters {
+        let _ = writeln!(out, "# TYPE streamrecon_{name}_total counter");
+        for s in &sessions {
+            let _ = writeln!(
+                out,
+                "streamrecon_{name}_total{{session=\"{}\"}} {}",
+                s.id,
+                f(s)
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE streamrecon_result_latency_ms gauge");
+    for s in &sessions {
+        if let Some(r) = lock(&s.results).back() {
+            let _ = writeln!(
+                out,
+                "streamrecon_result_latency_ms{{session=\"{}\"}} {:.1}",
+                s.id, r.latency_ms
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE streamrecon_rss_mib gauge");
+    let _ = writeln!(out, "streamrecon_rss_mib {:.1}", crate::stats::rss_mib());
+    out
+}
+
+/// The service's routes.
+fn router(state: Shared) -> Router {
+    let api = Router::new()
+        .route("/", get(|| async { Html(crate::viewer::WEB_PAGE) }))
+        .route("/metrics", get(metrics))
+        .route("/sessions", post(create_session).get(list_sessions))
+        .route("/sessions/{id}", get(session_status).delete(close_session))
+        .route("/sessions/{id}/frames", post(push_frame))
+        .route("/sessions/{id}/results", get(session_results))
+        .route("/sessions/{id}/files/{name}", get(download))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
+        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .merge(api)
+        .with_state(state)
+}
+
+/// Runs the service until `shutdown` resolves; then closes every session (their outputs are
+/// written) before returning.
+///
+/// # Errors
+/// The address cannot be bound or the data folder cannot be made.
+pub fn serve(
+    config: &ServeConfig,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    crate::io_util::create_dir(&config.data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("serve")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the service runtime: {e}")))?;
+    let state = Arc::new(AppState {
+        config: config.clone(),
+        sessions: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+    });
+    let st = state.clone();
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", config.bind)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        on_bound(addr);
+        axum::serve(listener, router(st))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Error::Invalid(format!("service: {e}")))
+    })?;
+    // Drain: every session's stream ends, its pipeline writes its outputs.
+    let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
+    for s in sessions {
+        let summary = close(&s);
+        log::info!("session {} closed: {summary}", s.id);
+    }
+    Ok(())
+}

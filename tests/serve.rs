@@ -1,0 +1,220 @@
+//! `streamrecon serve` end to end over HTTP: health without a token, everything else with it,
+//! a session fed synthetic PNG frames, results, bad frames, closing and downloads, metrics.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start(data: &std::path::Path, max_sessions: usize) -> Server {
+    let tok = data.with_extension("token");
+    std::fs::write(&tok, TOKEN).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--max-sessions"])
+        .arg(max_sessions.to_string())
+        .arg("--token-file")
+        .arg(&tok)
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    Server { child, port }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let text_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..text_end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = resp[text_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+    out
+}
+
+fn json(b: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
+}
+
+#[test]
+fn a_session_streams_frames_to_results_and_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    assert!(Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["synth", "--frames", "12", "--size", "160x120", "--out"])
+        .arg(&seq)
+        .status()
+        .unwrap()
+        .success());
+    let srv = start(&dir.path().join("data"), 1);
+    let p = srv.port;
+    assert_eq!(http(p, "GET", "/health", None, b"").0, 200);
+    assert_eq!(http(p, "GET", "/sessions", None, b"").0, 401);
+    assert_eq!(
+        http(p, "GET", "/sessions", Some("wrong-token-0123456789"), b"").0,
+        401
+    );
+    let (st, body) = http(p, "POST", "/sessions", Some(TOKEN), b"");
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    // One session at most: a second is refused.
+    assert_eq!(http(p, "POST", "/sessions", Some(TOKEN), b"").0, 429);
+    for i in 0..12 {
+        let png = std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+        let (st, body) = http(
+            p,
+            "POST",
+            &format!("/sessions/{id}/frames"),
+            Some(TOKEN),
+            &png,
+        );
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let (st, body) = http(
+        p,
+        "POST",
+        &format!("/sessions/{id}/frames"),
+        Some(TOKEN),
+        b"not an image",
+    );
+    assert_eq!(st, 400);
+    assert!(String::from_utf8_lossy(&body).contains("PNG/JPEG"));
+    assert_eq!(
+        http(p, "POST", "/sessions/nope/frames", Some(TOKEN), b"x").0,
+        404
+    );
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    let summary = json(&body)["summary"].clone();
+    let processed = summary["frames_processed"].as_u64().unwrap();
+    assert!(processed >= 1);
+    // Every processed frame has a result (flowvo may hold frames until it initialises, so they
+    // can arrive as late as the close).
+    let (_, body) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/results?since=0"),
+        Some(TOKEN),
+        b"",
+    );
+    let results = json(&body).as_array().unwrap().clone();
+    assert_eq!(results.len() as u64, processed);
+    assert!(results
+        .iter()
+        .all(|r| r["translation"].as_array().unwrap().len() == 3));
+    let status = json(&http(p, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1);
+    assert_eq!(status["running"], false);
+    assert_eq!(
+        status["frames_received"].as_u64().unwrap(),
+        12,
+        "every pushed frame is counted"
+    );
+    // Frames are dropped at the door (queue full) or inside the live pipeline; none is lost
+    // uncounted.
+    let dropped_at_door = status["frames_dropped"].as_u64().unwrap();
+    let dropped_inside = summary["frames_dropped"].as_u64().unwrap();
+    assert_eq!(processed + dropped_at_door + dropped_inside, 12);
+    let (st, traj) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/files/trajectory.txt"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(st, 200);
+    assert!(
+        String::from_utf8_lossy(&traj)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .count()
+            >= 1
+    );
+    assert_eq!(
+        http(
+            p,
+            "GET",
+            &format!("/sessions/{id}/files/..%2Ftoken"),
+            Some(TOKEN),
+            b""
+        )
+        .0,
+        404
+    );
+    assert_eq!(
+        http(
+            p,
+            "POST",
+            &format!("/sessions/{id}/frames"),
+            Some(TOKEN),
+            b"x"
+        )
+        .0,
+        409
+    );
+    let (_, metrics) = http(p, "GET", "/metrics", Some(TOKEN), b"");
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains(&format!(
+            "streamrecon_frames_received_total{{session=\"{id}\"}} 12"
+        )),
+        "{metrics}"
+    );
+    let (st, page) = http(p, "GET", "/", Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    assert!(String::from_utf8_lossy(&page).contains("getUserMedia"));
+}
