@@ -83,6 +83,13 @@ struct ServeArgs {
     /// Where sessions write their outputs.
     #[arg(long, default_value = "streamrecon-sessions")]
     data_dir: PathBuf,
+    /// StreamVGGT weights sessions may use (`{"geometry": "vggt"}`); each such session loads
+    /// its own copy.
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+    /// Model config JSON for --weights [default: the official VGGT-1B sizes].
+    #[arg(long, value_name = "JSON")]
+    model_config: Option<PathBuf>,
 }
 
 fn cmd_serve(a: &ServeArgs) -> Result<()> {
@@ -116,6 +123,16 @@ fn cmd_serve(a: &ServeArgs) -> Result<()> {
         );
     }
     let config = streamrecon::serve::ServeConfig {
+        vggt: a.weights.as_ref().map(|w| VggtEngineConfig {
+            weights: w.clone(),
+            model_config: a.model_config.clone(),
+            total_budget: Some(streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET),
+            camera_cache: CameraCache::Window(
+                streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
+            ),
+            dtype: ModelDtype::F32,
+            update: MemoryUpdate::Uniform,
+        }),
         bind: a.bind,
         token,
         max_sessions: a.max_sessions.max(1),

@@ -18,6 +18,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -26,7 +27,11 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::error::{Error, Result};
-use crate::pipeline::{self, FrameResult, PipelineConfig};
+use crate::geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig};
+use crate::geometry::stabilize::StabilizeConfig;
+use crate::geometry::vggt::VggtEngineConfig;
+use crate::models::vggt::memory::MemoryUpdate;
+use crate::pipeline::{self, FrameResult, GeometryChoice, PipelineConfig};
 use crate::source::{PushedFrame, Source, SourceOptions};
 use crate::viewer::RerunTarget;
 
@@ -40,6 +45,8 @@ const MAX_FRAME_BYTES: usize = 32 << 20;
 /// How to run the service.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
+    /// The `vggt` engine sessions may ask for (`None`: flowvo only).
+    pub vggt: Option<VggtEngineConfig>,
     pub bind: SocketAddr,
     pub token: String,
     pub max_sessions: usize,
@@ -48,6 +55,8 @@ pub struct ServeConfig {
 
 struct Session {
     id: String,
+    /// fx, fy, cx, cy of the pushed frames, if the client gave them.
+    intrinsics: Option<[f64; 4]>,
     started: Instant,
     tx: Mutex<Option<Sender<PushedFrame>>>,
     /// A receiver clone, to drop the oldest queued frame when a new one arrives.
@@ -112,11 +121,76 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// `POST /sessions` body; every field optional.
 #[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
 struct CreateSession {
-    /// Most frames kept in flight; accepted for forward compatibility.
-    #[serde(default)]
     name: Option<String>,
+    /// `flowvo` (default) or `vggt` (needs `serve --weights`).
+    geometry: Option<String>,
+    /// vggt: total KV-cache token budget (0 = no pruning).
+    total_budget: Option<usize>,
+    /// `uniform` (default) or `adaptive`.
+    memory_update: Option<String>,
+    /// Pinhole intrinsics of the frames at their own resolution: fx, fy, cx, cy.
+    intrinsics: Option<[f64; 4]>,
+    /// Online trajectory stabilization.
+    stabilize: Option<bool>,
+}
+
+impl CreateSession {
+    /// The pipeline configuration this request asks for.
+    fn pipeline(
+        &self,
+        vggt: Option<&VggtEngineConfig>,
+    ) -> std::result::Result<PipelineConfig, String> {
+        let adaptive = match self.memory_update.as_deref() {
+            None | Some("uniform") => false,
+            Some("adaptive") => true,
+            Some(other) => {
+                return Err(format!(
+                    "memory_update must be uniform or adaptive, not {other:?}"
+                ))
+            }
+        };
+        let geometry = match self.geometry.as_deref() {
+            None | Some("flowvo") => GeometryChoice::FlowVo(FlowVoConfig {
+                adaptive: adaptive.then(AdaptiveKeyframes::default),
+                ..FlowVoConfig::default()
+            }),
+            Some("vggt") => {
+                let mut c = vggt
+                    .ok_or("this server has no vggt weights (start it with --weights)")?
+                    .clone();
+                if let Some(b) = self.total_budget {
+                    c.total_budget = (b > 0).then_some(b);
+                }
+                if adaptive {
+                    c.update = MemoryUpdate::Adaptive {
+                        threshold: 0.1,
+                        gamma: 0.2,
+                    };
+                }
+                GeometryChoice::Vggt(c)
+            }
+            Some(other) => return Err(format!("geometry must be flowvo or vggt, not {other:?}")),
+        };
+        if let Some(k) = self.intrinsics {
+            if !(k.iter().all(|v| v.is_finite()) && k[0] > 0.0 && k[1] > 0.0) {
+                return Err(
+                    "intrinsics must be finite fx, fy, cx, cy with positive focal lengths".into(),
+                );
+            }
+        }
+        Ok(PipelineConfig {
+            geometry,
+            stabilize: self
+                .stabilize
+                .unwrap_or(false)
+                .then(StabilizeConfig::default),
+            ..PipelineConfig::default()
+        })
+    }
 }
 
 async fn create_session(
@@ -124,6 +198,9 @@ async fn create_session(
     body: Option<Json<CreateSession>>,
 ) -> std::result::Result<(StatusCode, Json<serde_json::Value>), ApiError> {
     let req = body.map(|b| b.0).unwrap_or_default();
+    let base = req
+        .pipeline(state.config.vggt.as_ref())
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
     let mut sessions = lock(&state.sessions);
     let running = sessions.values().filter(|s| lock(&s.tx).is_some()).count();
     if running >= state.config.max_sessions {
@@ -163,7 +240,7 @@ async fn create_session(
             ..RerunTarget::default()
         },
         results: Some(res_tx),
-        ..PipelineConfig::default()
+        ..base
     };
     // Closing the session ends its stream; the stop flag is for the pipeline's signature.
     let stop = Arc::new(AtomicBool::new(false));
@@ -189,6 +266,7 @@ async fn create_session(
             .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     };
     let session = Arc::new(Session {
+        intrinsics: req.intrinsics,
         id: id.clone(),
         started: Instant::now(),
         tx: Mutex::new(Some(tx)),
@@ -256,10 +334,20 @@ async fn push_frame(
             ),
         ));
     }
+    let intrinsics = s
+        .intrinsics
+        .map(|[fx, fy, cx, cy]| crate::frame::Intrinsics {
+            fx,
+            fy,
+            cx,
+            cy,
+            width: image.width(),
+            height: image.height(),
+        });
     let mut frame = PushedFrame {
         image,
         timestamp,
-        intrinsics: None,
+        intrinsics,
     };
     s.received.fetch_add(1, Ordering::Relaxed);
     loop {
@@ -328,6 +416,41 @@ async fn session_results(
         .cloned()
         .collect();
     Ok(Json(r))
+}
+
+/// `GET /sessions/{id}/events?since=N`: results as server-sent events (`event: result`, JSON
+/// data), in order, as they arrive; the stream ends after the last result of a closed session.
+async fn session_events(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> std::result::Result<
+    Sse<impl futures_util::Stream<Item = std::result::Result<Event, std::convert::Infallible>>>,
+    ApiError,
+> {
+    let s = state.session(&id)?;
+    let stream = futures_util::stream::unfold((s, q.since), |(s, next)| async move {
+        loop {
+            let (found, open) = {
+                let ring = lock(&s.results);
+                let found = ring.iter().find(|r| r.index >= next).cloned();
+                // Open until the pipeline has been joined (its last results are in the ring).
+                (found, lock(&s.summary).is_none())
+            };
+            if let Some(r) = found {
+                let event = Event::default()
+                    .event("result")
+                    .json_data(&r)
+                    .unwrap_or_else(|_| Event::default().comment("unserialisable result"));
+                return Some((Ok(event), (s, r.index + 1)));
+            }
+            if !open {
+                return None;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 /// Ends a session's stream and waits for its outputs.
@@ -462,6 +585,7 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}", get(session_status).delete(close_session))
         .route("/sessions/{id}/frames", post(push_frame))
         .route("/sessions/{id}/results", get(session_results))
+        .route("/sessions/{id}/events", get(session_events))
         .route("/sessions/{id}/files/{name}", get(download))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));

@@ -3,6 +3,7 @@
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 
 const TOKEN: &str = "test-token-0123456789";
@@ -19,7 +20,7 @@ impl Drop for Server {
     }
 }
 
-fn start(data: &std::path::Path, max_sessions: usize) -> Server {
+fn start(data: &std::path::Path, max_sessions: usize, extra: &[&std::ffi::OsStr]) -> Server {
     let tok = data.with_extension("token");
     std::fs::write(&tok, TOKEN).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
@@ -29,6 +30,7 @@ fn start(data: &std::path::Path, max_sessions: usize) -> Server {
         .arg(&tok)
         .arg("--data-dir")
         .arg(data)
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -101,7 +103,7 @@ fn a_session_streams_frames_to_results_and_outputs() {
         .status()
         .unwrap()
         .success());
-    let srv = start(&dir.path().join("data"), 1);
+    let srv = start(&dir.path().join("data"), 1, &[]);
     let p = srv.port;
     assert_eq!(http(p, "GET", "/health", None, b"").0, 200);
     assert_eq!(http(p, "GET", "/sessions", None, b"").0, 401);
@@ -112,6 +114,23 @@ fn a_session_streams_frames_to_results_and_outputs() {
     let (st, body) = http(p, "POST", "/sessions", Some(TOKEN), b"");
     assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
     let id = json(&body)["id"].as_str().unwrap().to_string();
+    // A client following the results as server-sent events, from the start.
+    let events = {
+        let id = id.clone();
+        std::thread::spawn(move || {
+            let (st, body) = http(
+                p,
+                "GET",
+                &format!("/sessions/{id}/events"),
+                Some(TOKEN),
+                b"",
+            );
+            assert_eq!(st, 200);
+            String::from_utf8_lossy(&body)
+                .matches("event: result")
+                .count() as u64
+        })
+    };
     // One session at most: a second is refused.
     assert_eq!(http(p, "POST", "/sessions", Some(TOKEN), b"").0, 429);
     for i in 0..12 {
@@ -154,6 +173,11 @@ fn a_session_streams_frames_to_results_and_outputs() {
     );
     let results = json(&body).as_array().unwrap().clone();
     assert_eq!(results.len() as u64, processed);
+    assert_eq!(
+        events.join().unwrap(),
+        processed,
+        "the event stream carried every result, then ended"
+    );
     assert!(results
         .iter()
         .all(|r| r["translation"].as_array().unwrap().len() == 3));
@@ -217,4 +241,118 @@ fn a_session_streams_frames_to_results_and_outputs() {
     let (st, page) = http(p, "GET", "/", Some(TOKEN), b"");
     assert_eq!(st, 200);
     assert!(String::from_utf8_lossy(&page).contains("getUserMedia"));
+}
+
+#[test]
+fn sessions_choose_their_engine_and_bad_requests_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    let (w, c) = (
+        fixture.join("model.safetensors"),
+        fixture.join("config.json"),
+    );
+    let srv = start(
+        &dir.path().join("data"),
+        2,
+        &[
+            "--weights".as_ref(),
+            w.as_os_str(),
+            "--model-config".as_ref(),
+            c.as_os_str(),
+        ],
+    );
+    let p = srv.port;
+    for bad in [
+        r#"{"geometry": "nope"}"#,
+        r#"{"memory_update": "sometimes"}"#,
+        r#"{"colour": 1}"#,
+        r#"{"intrinsics": [0, 1, 2, 3]}"#,
+        "{",
+    ] {
+        let (st, body) = post_json(p, "/sessions", bad);
+        assert!(
+            (400..500).contains(&st),
+            "{bad}: {st} {}",
+            String::from_utf8_lossy(&body)
+        );
+    }
+    let (st, body) = post_json(
+        p,
+        "/sessions",
+        r#"{"geometry": "vggt", "total_budget": 300, "memory_update": "adaptive", "intrinsics": [150, 150, 80, 60], "stabilize": true}"#,
+    );
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    let mut png = Vec::new();
+    for i in 0..5u32 {
+        let img = image::RgbImage::from_fn(160, 120, |x, y| {
+            image::Rgb([
+                ((x * 3 + i * 7) % 256) as u8,
+                ((y * 5 + x) % 256) as u8,
+                ((x ^ y) % 256) as u8,
+            ])
+        });
+        png.clear();
+        img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+            .unwrap();
+        assert_eq!(
+            http(
+                p,
+                "POST",
+                &format!("/sessions/{id}/frames"),
+                Some(TOKEN),
+                &png
+            )
+            .0,
+            200
+        );
+    }
+    assert_eq!(
+        http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"").0,
+        200
+    );
+    let (st, run) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/files/run.json"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(st, 200);
+    let run = json(&run);
+    assert!(
+        run["model_memory"]["per_frame"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty()),
+        "{run}"
+    );
+    assert!(run["stabilization"].is_object());
+    let (_, intr) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/files/intrinsics.json"),
+        Some(TOKEN),
+        b"",
+    );
+    assert!(
+        String::from_utf8_lossy(&intr).contains("150"),
+        "{}",
+        String::from_utf8_lossy(&intr)
+    );
+}
+
+fn post_json(port: u16, path: &str, body: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp[end + 4..].to_vec())
 }
