@@ -272,7 +272,12 @@ pub fn run(
                 "resumed from {}: continuing at source frame {next}",
                 p.display()
             );
-            next
+            // A pushed stream starts afresh: its first frame is the next one.
+            if source.is_pushed() {
+                0
+            } else {
+                next
+            }
         }
         None => 0,
     };

@@ -23,7 +23,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::error::{Error, Result};
@@ -34,6 +34,24 @@ use crate::models::vggt::memory::MemoryUpdate;
 use crate::pipeline::{self, FrameResult, GeometryChoice, PipelineConfig};
 use crate::source::{PushedFrame, Source, SourceOptions};
 use crate::viewer::RerunTarget;
+
+/// The request a session was made with, kept in its folder so it can be resumed.
+const SESSION_FILE: &str = "session.json";
+/// Engine snapshots (vggt) every this many frames, and at the end of every session.
+const SNAPSHOT_EVERY: u64 = 100;
+
+/// A session id from a client: `s` and digits only (it names a folder).
+fn valid_id(id: &str) -> std::result::Result<&str, ApiError> {
+    let ok = id.len() > 1 && id.starts_with('s') && id[1..].bytes().all(|b| b.is_ascii_digit());
+    if ok {
+        Ok(id)
+    } else {
+        Err(ApiError(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not a session id"),
+        ))
+    }
+}
 
 /// Results kept per session for clients to read.
 const RESULT_RING: usize = 10_000;
@@ -122,10 +140,12 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// `POST /sessions` body; every field optional.
-#[derive(Deserialize, Default)]
+#[derive(Deserialize, Serialize, Default, Clone)]
 #[serde(deny_unknown_fields)]
 struct CreateSession {
     name: Option<String>,
+    /// Continue an earlier session (its id) from its last engine snapshot, with its settings.
+    resume: Option<String>,
     /// `flowvo` (default) or `vggt` (needs `serve --weights`).
     geometry: Option<String>,
     /// vggt: total KV-cache token budget (0 = no pruning).
@@ -197,7 +217,29 @@ async fn create_session(
     State(state): State<Shared>,
     body: Option<Json<CreateSession>>,
 ) -> std::result::Result<(StatusCode, Json<serde_json::Value>), ApiError> {
-    let req = body.map(|b| b.0).unwrap_or_default();
+    let mut req = body.map(|b| b.0).unwrap_or_default();
+    let mut resume = None;
+    if let Some(old) = req.resume.clone() {
+        let dir = state.config.data_dir.join(valid_id(&old)?);
+        let saved: CreateSession = std::fs::read(dir.join(SESSION_FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                ApiError(StatusCode::NOT_FOUND, format!("no session {old} to resume"))
+            })?;
+        let snap = dir.join(pipeline::SNAPSHOT_FILE);
+        if !snap.exists() {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("session {old} left no snapshot (only vggt sessions have one)"),
+            ));
+        }
+        req = CreateSession {
+            resume: Some(old),
+            ..saved
+        };
+        resume = Some(snap);
+    }
     let base = req
         .pipeline(state.config.vggt.as_ref())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
@@ -240,8 +282,15 @@ async fn create_session(
             ..RerunTarget::default()
         },
         results: Some(res_tx),
+        snapshot_every: SNAPSHOT_EVERY,
+        resume,
         ..base
     };
+    crate::io_util::create_dir(&out)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let saved = serde_json::to_vec_pretty(&req).unwrap_or_default();
+    crate::io_util::write_bytes_atomic(&out.join(SESSION_FILE), &saved)
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     // Closing the session ends its stream; the stop flag is for the pipeline's signature.
     let stop = Arc::new(AtomicBool::new(false));
     let source = Source::pushed(
@@ -612,10 +661,24 @@ pub fn serve(
         .enable_all()
         .build()
         .map_err(|e| Error::Invalid(format!("cannot start the service runtime: {e}")))?;
+    let earlier = earlier_sessions(&config.data_dir);
+    let next = earlier
+        .keys()
+        .filter_map(|id| id[1..].parse::<u64>().ok())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    if !earlier.is_empty() {
+        log::info!(
+            "{} earlier sessions in {}",
+            earlier.len(),
+            config.data_dir.display()
+        );
+    }
     let state = Arc::new(AppState {
         config: config.clone(),
-        sessions: Mutex::new(HashMap::new()),
-        next_id: AtomicU64::new(1),
+        sessions: Mutex::new(earlier),
+        next_id: AtomicU64::new(next),
     });
     let st = state.clone();
     rt.block_on(async move {
@@ -638,4 +701,40 @@ pub fn serve(
         log::info!("session {} closed: {summary}", s.id);
     }
     Ok(())
+}
+
+/// Sessions left in the data folder by an earlier run: listed as closed, their files downloadable,
+/// resumable with `{"resume": id}` when they have a snapshot.
+fn earlier_sessions(dir: &std::path::Path) -> HashMap<String, Arc<Session>> {
+    let mut out = HashMap::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        if valid_id(&name).is_err() || !e.path().join(SESSION_FILE).exists() {
+            continue;
+        }
+        let summary = std::fs::read(e.path().join("run.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .unwrap_or(serde_json::Value::Null);
+        let (_, rx) = bounded::<PushedFrame>(1);
+        out.insert(
+            name.clone(),
+            Arc::new(Session {
+                id: name,
+                intrinsics: None,
+                started: Instant::now(),
+                tx: Mutex::new(None),
+                rx_drop: rx,
+                results: Arc::new(Mutex::new(VecDeque::new())),
+                received: AtomicU64::new(0),
+                dropped: AtomicU64::new(0),
+                pipeline: Mutex::new(None),
+                summary: Mutex::new(Some(summary)),
+            }),
+        );
+    }
+    out
 }

@@ -228,6 +228,11 @@ impl Source {
         &self.name
     }
 
+    /// Whether frames come from a client (not a file, camera or URL).
+    pub fn is_pushed(&self) -> bool {
+        matches!(self.spec, SourceSpec::Pushed(_))
+    }
+
     pub fn spec(&self) -> &SourceSpec {
         &self.spec
     }
