@@ -566,6 +566,9 @@ async fn list_sessions(State(state): State<Shared>) -> Json<serde_json::Value> {
     Json(json!(v))
 }
 
+/// Upper bounds of the latency histogram on the metrics page, milliseconds.
+const BUCKETS_MS: [f64; 8] = [10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0];
+
 /// A per-session counter of the metrics page.
 type Counter = fn(&Session) -> u64;
 
@@ -610,15 +613,39 @@ async fn metrics(State(state): State<Shared>) -> String {
             );
         }
     }
-    let _ = writeln!(out, "# TYPE streamrecon_result_latency_ms gauge");
+    // End-to-end latency (frame read → result) over the results each session still holds.
+    let _ = writeln!(out, "# TYPE streamrecon_result_latency_ms histogram");
     for s in &sessions {
-        if let Some(r) = lock(&s.results).back() {
+        let ring = lock(&s.results);
+        let mut sum = 0.0;
+        for &le in &BUCKETS_MS {
+            let n = ring.iter().filter(|r| r.latency_ms <= le).count();
             let _ = writeln!(
                 out,
-                "streamrecon_result_latency_ms{{session=\"{}\"}} {:.1}",
-                s.id, r.latency_ms
+                "streamrecon_result_latency_ms_bucket{{session=\"{}\",le=\"{le}\"}} {n}",
+                s.id
             );
         }
+        for r in ring.iter() {
+            sum += r.latency_ms;
+        }
+        let _ = writeln!(
+            out,
+            "streamrecon_result_latency_ms_bucket{{session=\"{}\",le=\"+Inf\"}} {}",
+            s.id,
+            ring.len()
+        );
+        let _ = writeln!(
+            out,
+            "streamrecon_result_latency_ms_sum{{session=\"{}\"}} {sum:.1}",
+            s.id
+        );
+        let _ = writeln!(
+            out,
+            "streamrecon_result_latency_ms_count{{session=\"{}\"}} {}",
+            s.id,
+            ring.len()
+        );
     }
     let _ = writeln!(out, "# TYPE streamrecon_rss_mib gauge");
     let _ = writeln!(out, "streamrecon_rss_mib {:.1}", crate::stats::rss_mib());

@@ -238,6 +238,12 @@ fn a_session_streams_frames_to_results_and_outputs() {
         )),
         "{metrics}"
     );
+    assert!(
+        metrics.contains(&format!(
+            "streamrecon_result_latency_ms_count{{session=\"{id}\"}} {processed}"
+        )),
+        "{metrics}"
+    );
     let (st, page) = http(p, "GET", "/", Some(TOKEN), b"");
     assert_eq!(st, 200);
     assert!(String::from_utf8_lossy(&page).contains("getUserMedia"));
@@ -355,4 +361,50 @@ fn post_json(port: u16, path: &str, body: &str) -> (u16, Vec<u8>) {
     let head = String::from_utf8_lossy(&resp[..end]).to_string();
     let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
     (status, resp[end + 4..].to_vec())
+}
+
+#[test]
+fn a_stalled_client_does_not_stall_another_session() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(&dir.path().join("data"), 2, &[]);
+    let p = srv.port;
+    let a = json(&http(p, "POST", "/sessions", Some(TOKEN), b"").1)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let b = json(&http(p, "POST", "/sessions", Some(TOKEN), b"").1)["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // Client A announces a large frame and stops sending half way.
+    let mut stalled = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    write!(
+        stalled,
+        "POST /sessions/{a}/frames HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 1000000\r\n\r\n"
+    )
+    .unwrap();
+    stalled.write_all(&[0u8; 1000]).unwrap();
+    // Client B goes on, frame after frame (were it held up, these requests would not complete).
+    let img = image::RgbImage::from_fn(64, 48, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 5) as u8, 128])
+    });
+    let mut png = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    for _ in 0..5 {
+        assert_eq!(
+            http(
+                p,
+                "POST",
+                &format!("/sessions/{b}/frames"),
+                Some(TOKEN),
+                &png
+            )
+            .0,
+            200
+        );
+    }
+    let status = json(&http(p, "GET", &format!("/sessions/{b}"), Some(TOKEN), b"").1);
+    assert_eq!(status["frames_received"], 5);
+    drop(stalled);
 }
