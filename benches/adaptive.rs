@@ -42,14 +42,16 @@ fn lag(a: &[Pose], b: &[Pose]) -> usize {
         .unwrap_or(0)
 }
 
-/// Runs dis + flowvo over a synthetic sequence; returns (GT, estimate) for the output frames,
-/// the map segments and the tracked frames.
-fn run_vo(
-    trajectory: TrajectoryKind,
-    frames: usize,
-    seed: u64,
-    config: FlowVoConfig,
-) -> (Vec<Pose>, Vec<Pose>, u32, usize) {
+/// What a dis + flowvo run over a synthetic sequence output, with GT for the same frames.
+struct VoRun {
+    gt: Vec<Pose>,
+    est: Vec<Pose>,
+    timestamps: Vec<f64>,
+    segments: u32,
+    tracked: usize,
+}
+
+fn run_vo(trajectory: TrajectoryKind, frames: usize, seed: u64, config: FlowVoConfig) -> VoRun {
     let world = SynthWorld::new(SynthConfig {
         scene: SceneKind::Room,
         trajectory,
@@ -75,10 +77,13 @@ fn run_vo(
         out.extend(vo.push(&frame, pairs.last()).expect("vo"));
     }
     out.extend(vo.flush().expect("flush"));
-    let tracked = out.iter().filter(|g| g.stats.tracked).count();
-    let gt = out.iter().map(|g| gt_all[g.index as usize]).collect();
-    let est = out.iter().map(|g| g.world_from_cam).collect();
-    (gt, est, vo.segments(), tracked)
+    VoRun {
+        gt: out.iter().map(|g| gt_all[g.index as usize]).collect(),
+        est: out.iter().map(|g| g.world_from_cam).collect(),
+        timestamps: out.iter().map(|g| g.timestamp).collect(),
+        segments: vo.segments(),
+        tracked: out.iter().filter(|g| g.stats.tracked).count(),
+    }
 }
 
 fn main() {
@@ -89,7 +94,13 @@ fn main() {
     for trajectory in [TrajectoryKind::Jumpy, TrajectoryKind::Static] {
         for seed in [1u64, 2] {
             for adaptive in [None, Some(AdaptiveKeyframes::default())] {
-                let (gt, est, segments, tracked) = run_vo(
+                let VoRun {
+                    gt,
+                    est,
+                    segments,
+                    tracked,
+                    ..
+                } = run_vo(
                     trajectory,
                     frames,
                     seed,
@@ -110,47 +121,25 @@ fn main() {
         }
     }
     for seed in [1u64, 2] {
-        let world = SynthWorld::new(SynthConfig {
-            scene: SceneKind::Room,
-            trajectory: TrajectoryKind::Handheld,
+        let VoRun {
+            gt,
+            est: raw,
+            timestamps: stamps,
+            ..
+        } = run_vo(
+            TrajectoryKind::Handheld,
             frames,
             seed,
-            ..SynthConfig::default()
-        });
-        let mut flow = DisEngine::new(DisConfig::default()).expect("dis");
-        let mut vo = FlowVo::new(FlowVoConfig::default());
-        let mut gt = Vec::new();
-        let mut raw = Vec::new();
-        let mut stamps = Vec::new();
-        for f in world.frames() {
-            let frame = Frame {
-                index: f.index as u64,
-                source_index: f.index as u64,
-                timestamp: f.timestamp,
-                image: f.image,
-                intrinsics: Some(world.intrinsics),
-                gt: None,
-            };
-            gt.push(f.view.world_from_cam);
-            let pairs = flow.push(&frame).expect("flow");
-            for g in vo.push(&frame, pairs.last()).expect("vo") {
-                raw.push(g.world_from_cam);
-                stamps.push(g.timestamp);
-            }
-        }
-        for g in vo.flush().expect("flush") {
-            raw.push(g.world_from_cam);
-            stamps.push(g.timestamp);
-        }
-        let gt = &gt[gt.len() - raw.len()..];
-        let m_raw = pose_metrics(gt, &raw, 1).expect("metrics");
+            FlowVoConfig::default(),
+        );
+        let m_raw = pose_metrics(&gt, &raw, 1).expect("metrics");
         println!(
             "handheld seed {seed}, {} frames: raw ATE {:.4} ({:.2}% of length), HF energy {:.3e} (GT {:.3e} in GT units)",
             raw.len(),
             m_raw.ate_rmse,
             m_raw.ate_rmse_over_length * 100.0,
             hf_energy(&raw),
-            hf_energy(gt)
+            hf_energy(&gt)
         );
         for (min_cutoff_hz, beta) in [(8.0, 1.0), (6.0, 0.5), (4.0, 1.0), (2.0, 1.0), (1.0, 0.5)] {
             let mut s = Stabilizer::new(StabilizeConfig {
@@ -163,7 +152,7 @@ fn main() {
                 .zip(&stamps)
                 .map(|(p, t)| s.filter(*t, p).0)
                 .collect();
-            let m = pose_metrics(gt, &stab, 1).expect("metrics");
+            let m = pose_metrics(&gt, &stab, 1).expect("metrics");
             println!(
                 "  min cutoff {min_cutoff_hz} Hz, beta {beta}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
                 m.ate_rmse,

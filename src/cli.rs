@@ -211,12 +211,7 @@ fn save_tensors(
     tensors: &std::collections::HashMap<String, candle_core::Tensor>,
     out: &Path,
 ) -> Result<()> {
-    let mut tmp = out.as_os_str().to_os_string();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    candle_core::safetensors::save(tensors, &tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("cannot write {}", out.display()))?;
+    streamrecon::models::weights::save_tensors_atomic(tensors, out)?;
     println!("{} tensors → {}", tensors.len(), out.display());
     Ok(())
 }

@@ -189,8 +189,17 @@ impl Source {
                 ))
             }
         };
-        Ok(Self {
-            spec: spec.clone(),
+        Ok(Self::with_raw(spec.clone(), name, raw, options))
+    }
+
+    fn with_raw(
+        spec: SourceSpec,
+        name: String,
+        raw: Box<dyn RawSource>,
+        options: SourceOptions,
+    ) -> Self {
+        Self {
+            spec,
             name,
             raw,
             options,
@@ -200,7 +209,7 @@ impl Source {
             intrinsics_original: None,
             intrinsics_supplied: false,
             done: false,
-        })
+        }
     }
 
     /// A live source fed through a channel (the service's sessions); it ends when every sender
@@ -210,18 +219,12 @@ impl Source {
         rx: crossbeam_channel::Receiver<PushedFrame>,
         options: SourceOptions,
     ) -> Self {
-        Self {
-            spec: SourceSpec::Pushed(name.to_string()),
-            name: name.to_string(),
-            raw: Box::new(PushedSource { rx }),
+        Self::with_raw(
+            SourceSpec::Pushed(name.to_string()),
+            name.to_string(),
+            Box::new(PushedSource { rx }),
             options,
-            raw_index: 0,
-            emitted: 0,
-            size: None,
-            intrinsics_original: None,
-            intrinsics_supplied: false,
-            done: false,
-        }
+        )
     }
 
     pub fn name(&self) -> &str {

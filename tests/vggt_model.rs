@@ -1,6 +1,8 @@
 //! The `vggt` model's loader (full official key list), its errors on bad input, the
 //! `model run` command and the pipeline engine.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -41,22 +43,9 @@ fn tiny_model() -> StreamVggt {
 
 /// Every key of the official full-size checkpoint, as zero-stride tensors of the right shape.
 fn full_checkpoint_shapes() -> BTreeMap<String, Tensor> {
-    let text = std::fs::read_to_string(fixture("checkpoint_keys.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let keys = v["keys"].as_object().unwrap();
-    assert_eq!(keys.len(), v["num_entries"].as_u64().unwrap() as usize);
-    let zero = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
-    keys.iter()
-        .map(|(k, shape)| {
-            let dims: Vec<usize> = shape
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            (k.clone(), zero.broadcast_as(dims).unwrap())
-        })
-        .collect()
+    let (keys, entries) = common::checkpoint_shapes(&fixture("checkpoint_keys.json"));
+    assert_eq!(keys.len(), entries);
+    keys
 }
 
 #[test]

@@ -2,6 +2,8 @@
 //! (tests/fixtures/videoflow-tiny). Flow within 2e-4·max|ref|, intermediates within 1e-4·max|ref|;
 //! the worst ratio per tensor family is printed (`--nocapture`).
 
+mod common;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -100,26 +102,8 @@ fn tiny() -> MofNet {
 
 #[test]
 fn full_size_loader_accounts_for_every_released_key() {
-    let text = std::fs::read_to_string(fixture("checkpoint_keys.json")).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let zero = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
-    let tensors: BTreeMap<String, Tensor> = v["keys"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .map(|(k, s)| {
-            let shape: Vec<usize> = s
-                .as_array()
-                .or_else(|| s["shape"].as_array())
-                .unwrap()
-                .iter()
-                .map(|d| d.as_u64().unwrap() as usize)
-                .collect();
-            // Keys carry DataParallel's prefix, as in the released .pth.
-            let key = k.strip_prefix("module.").unwrap_or(k).to_string();
-            (key, zero.broadcast_as(shape).unwrap())
-        })
-        .collect();
+    // Keys carry DataParallel's prefix, as in the released .pth; the helper removes it.
+    let (tensors, _) = common::checkpoint_shapes(&fixture("checkpoint_keys.json"));
     assert_eq!(tensors.len(), 251);
     let w = Weights::from_map(tensors, DType::F32, "checkpoint_keys.json".into());
     MofNet::new(&w, VideoFlowConfig::mof_released()).expect("the released layout loads");

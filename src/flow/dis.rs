@@ -13,7 +13,6 @@ use opencv::prelude::*;
 use opencv::video::DISOpticalFlow;
 use serde::{Deserialize, Serialize};
 
-use super::consistency::fb_consistency;
 use super::{FlowEngine, FlowField, PairFlow};
 use crate::error::{Error, Result};
 use crate::frame::{Frame, RgbImage};
@@ -244,24 +243,13 @@ impl FlowEngine for DisEngine {
             None => (None, None),
         };
         let (fwd, bwd) = self.pair(&prev.grey, &grey, fwd_prior, bwd_prior)?;
-        let ((fwd_conf, fwd_occ), (bwd_conf, bwd_occ)) =
-            rayon::join(|| fb_consistency(&fwd, &bwd), || fb_consistency(&bwd, &fwd));
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
         let priors = self
             .config
             .temporal_prior
             .then(|| (negated(&bwd), negated(&fwd)));
-        let out = PairFlow {
-            from: prev.index,
-            to: frame.index,
-            fwd,
-            bwd,
-            fwd_conf,
-            bwd_conf,
-            fwd_occ,
-            bwd_occ,
-        };
+        let out = PairFlow::from_flows(prev.index, frame.index, fwd, bwd);
         self.prev = Some(Prev {
             index: frame.index,
             grey,

@@ -38,6 +38,27 @@ pub struct PairFlow {
     pub bwd_occ: Vec<bool>,
 }
 
+impl PairFlow {
+    /// A pair from its two flows, with confidence and occlusion from forward–backward
+    /// consistency (both directions computed concurrently).
+    pub fn from_flows(from: u64, to: u64, fwd: FlowField, bwd: FlowField) -> Self {
+        let ((fwd_conf, fwd_occ), (bwd_conf, bwd_occ)) = rayon::join(
+            || consistency::fb_consistency(&fwd, &bwd),
+            || consistency::fb_consistency(&bwd, &fwd),
+        );
+        Self {
+            from,
+            to,
+            fwd,
+            bwd,
+            fwd_conf,
+            bwd_conf,
+            fwd_occ,
+            bwd_occ,
+        }
+    }
+}
+
 /// A flow engine over a stream of frames.
 pub trait FlowEngine: Send {
     fn name(&self) -> &'static str;

@@ -11,7 +11,6 @@ use std::path::PathBuf;
 use candle_core::{Device, Tensor};
 use serde::Serialize;
 
-use super::consistency::fb_consistency;
 use super::{FlowEngine, FlowField, PairFlow};
 use crate::error::{Error, Result};
 use crate::frame::Frame;
@@ -103,20 +102,7 @@ impl VideoFlowEngine {
             if from == to {
                 continue; // a repeated boundary frame
             }
-            let fwd = field(j)?;
-            let bwd = field(m + j + 1)?;
-            let ((fwd_conf, fwd_occ), (bwd_conf, bwd_occ)) =
-                rayon::join(|| fb_consistency(&fwd, &bwd), || fb_consistency(&bwd, &fwd));
-            out.push(PairFlow {
-                from,
-                to,
-                fwd,
-                bwd,
-                fwd_conf,
-                bwd_conf,
-                fwd_occ,
-                bwd_occ,
-            });
+            out.push(PairFlow::from_flows(from, to, field(j)?, field(m + j + 1)?));
         }
         // Slide: the last three frames start the next window.
         while self.frames.len() > 3 {

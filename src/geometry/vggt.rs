@@ -13,6 +13,7 @@ use crate::flow::PairFlow;
 use crate::frame::{Frame, Intrinsics};
 use crate::models::vggt::memory::{CameraCache, MemoryUpdate};
 use crate::models::vggt::{pose, preprocess, StreamMemory, StreamVggt, VggtConfig};
+use crate::models::weights::save_tensors_atomic;
 
 /// How to build the engine.
 #[derive(Debug, Clone, Serialize)]
@@ -235,12 +236,7 @@ impl GeometryEngine for VggtEngine {
         };
         let owner = serde_json::to_value(&state).map_err(|e| Error::Geometry(e.to_string()))?;
         let tensors = self.memory.to_tensors(owner)?;
-        let mut tmp = path.as_os_str().to_os_string();
-        tmp.push(".partial");
-        let tmp = PathBuf::from(tmp);
-        candle_core::safetensors::save(&tensors, &tmp)
-            .map_err(|e| Error::Geometry(format!("snapshot {}: {e}", tmp.display())))?;
-        std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))?;
+        save_tensors_atomic(&tensors, path)?;
         Ok(true)
     }
 

@@ -2,7 +2,7 @@
 //! for must be present with the expected shape, and every tensor the file holds must be used (or
 //! knowingly skipped), so a wrong or partial checkpoint is an error that names the key.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -201,6 +201,20 @@ impl Weights {
             prefix: prefix.to_string(),
         }
     }
+}
+
+/// Writes named tensors to a `.safetensors` file atomically (temporary name, then rename).
+///
+/// # Errors
+/// The file cannot be written.
+#[allow(clippy::implicit_hasher)] // candle's `save` takes the default hasher
+pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tmp = crate::io_util::tmp_name(path);
+    if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::format(path, format!("cannot write tensors: {e}")));
+    }
+    std::fs::rename(&tmp, path).map_err(|e| Error::io(path, e))
 }
 
 /// A view of [`Weights`] under a module path, like candle's `VarBuilder::pp`.

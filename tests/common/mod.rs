@@ -48,3 +48,34 @@ pub fn write_sequence(dir: &Path, config: &SynthConfig) {
 pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_streamrecon"))
 }
+
+/// Every key of a `checkpoint_keys.json` fixture (the `module.` prefix of DataParallel checkpoints
+/// removed) as a zero-stride tensor of its shape, and the file's `num_entries`.
+pub fn checkpoint_shapes(
+    path: &Path,
+) -> (
+    std::collections::BTreeMap<String, candle_core::Tensor>,
+    usize,
+) {
+    use candle_core::{DType, Device, Tensor};
+    let text = std::fs::read_to_string(path).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let zero = Tensor::zeros((), DType::F32, &Device::Cpu).unwrap();
+    let map = v["keys"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(k, s)| {
+            let shape: Vec<usize> = s
+                .as_array()
+                .or_else(|| s["shape"].as_array())
+                .unwrap()
+                .iter()
+                .map(|d| d.as_u64().unwrap() as usize)
+                .collect();
+            let key = k.strip_prefix("module.").unwrap_or(k).to_string();
+            (key, zero.broadcast_as(shape).unwrap())
+        })
+        .collect();
+    (map, v["num_entries"].as_u64().unwrap() as usize)
+}

@@ -1,6 +1,6 @@
 //! `utils/pose_enc.py::pose_encoding_to_extri_intri` for `absT_quaR_FoV`.
 
-use nalgebra::{Matrix3, Quaternion, UnitQuaternion, Vector3};
+use nalgebra::{Quaternion, UnitQuaternion, Vector3};
 
 use crate::frame::{Intrinsics, Pose};
 
@@ -63,10 +63,4 @@ pub fn cam_from_world(enc: &[f32]) -> Pose {
     };
     let t = Vector3::new(f64::from(enc[0]), f64::from(enc[1]), f64::from(enc[2]));
     Pose::from_parts(t.into(), rot)
-}
-
-/// The rotation part of [`extrinsic_from_pose_enc`] as a matrix (tests).
-pub fn rotation_matrix(enc: &[f32]) -> Matrix3<f32> {
-    let e = extrinsic_from_pose_enc(enc);
-    Matrix3::from_fn(|r, c| e[r][c])
 }
