@@ -4,10 +4,13 @@
 //!    trajectory (sum of squared second differences of camera centres) and lag (the frame shift
 //!    that best matches the stabilized to the raw trajectory), for several filter settings.
 //!
-//! `cargo bench --bench adaptive [-- FRAMES]` (default 300).
+//! 3. `smooth` sequences with sensor noise (σ = 0.03): jitter that is estimation error, not
+//!    camera motion — the case a stabilizer is for; same figures as 2.
+//!
+//! `cargo bench --bench adaptive [-- FRAMES] [--stabilize-only]` (default 300).
 
 use nalgebra::Vector3;
-use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
+use streamrecon::datasets::synth::{Degrade, SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
@@ -51,12 +54,22 @@ struct VoRun {
     tracked: usize,
 }
 
-fn run_vo(trajectory: TrajectoryKind, frames: usize, seed: u64, config: FlowVoConfig) -> VoRun {
+fn run_vo(
+    trajectory: TrajectoryKind,
+    frames: usize,
+    seed: u64,
+    config: FlowVoConfig,
+    noise: f32,
+) -> VoRun {
     let world = SynthWorld::new(SynthConfig {
         scene: SceneKind::Room,
         trajectory,
         frames,
         seed,
+        degrade: Degrade {
+            noise,
+            ..Degrade::default()
+        },
         ..SynthConfig::default()
     });
     let mut flow = DisEngine::new(DisConfig::default()).expect("dis");
@@ -91,7 +104,13 @@ fn main() {
         .skip(1)
         .find_map(|a| a.parse().ok())
         .unwrap_or(300);
-    for trajectory in [TrajectoryKind::Jumpy, TrajectoryKind::Static] {
+    let stabilize_only = std::env::args().any(|a| a == "--stabilize-only");
+    let adaptive_cases: &[TrajectoryKind] = if stabilize_only {
+        &[]
+    } else {
+        &[TrajectoryKind::Jumpy, TrajectoryKind::Static]
+    };
+    for &trajectory in adaptive_cases {
         for seed in [1u64, 2] {
             for adaptive in [None, Some(AdaptiveKeyframes::default())] {
                 let VoRun {
@@ -108,6 +127,7 @@ fn main() {
                         adaptive,
                         ..FlowVoConfig::default()
                     },
+                    0.0,
                 );
                 let m = pose_metrics(&gt, &est, 1).expect("metrics");
                 println!(
@@ -120,46 +140,50 @@ fn main() {
             }
         }
     }
-    for seed in [1u64, 2] {
-        let VoRun {
-            gt,
-            est: raw,
-            timestamps: stamps,
-            ..
-        } = run_vo(
-            TrajectoryKind::Handheld,
-            frames,
-            seed,
-            FlowVoConfig::default(),
-        );
-        let m_raw = pose_metrics(&gt, &raw, 1).expect("metrics");
-        println!(
-            "handheld seed {seed}, {} frames: raw ATE {:.4} ({:.2}% of length), HF energy {:.3e} (GT {:.3e} in GT units)",
-            raw.len(),
-            m_raw.ate_rmse,
-            m_raw.ate_rmse_over_length * 100.0,
-            hf_energy(&raw),
-            hf_energy(&gt)
-        );
-        for (min_cutoff_hz, beta) in [(8.0, 1.0), (6.0, 0.5), (4.0, 1.0), (2.0, 1.0), (1.0, 0.5)] {
-            let mut s = Stabilizer::new(StabilizeConfig {
-                min_cutoff_hz,
-                beta,
-                ..StabilizeConfig::default()
-            });
-            let stab: Vec<Pose> = raw
-                .iter()
-                .zip(&stamps)
-                .map(|(p, t)| s.filter(*t, p).0)
-                .collect();
-            let m = pose_metrics(&gt, &stab, 1).expect("metrics");
-            println!(
-                "  min cutoff {min_cutoff_hz} Hz, beta {beta}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
-                m.ate_rmse,
-                (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
-                hf_energy(&stab) / hf_energy(&raw) * 100.0,
-                lag(&stab, &raw)
-            );
+    for (trajectory, noise) in [
+        (TrajectoryKind::Handheld, 0.0),
+        (TrajectoryKind::Smooth, 0.03),
+    ] {
+        for seed in [1u64, 2] {
+            stabilize_case(trajectory, noise, frames, seed);
         }
+    }
+}
+
+fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u64) {
+    let VoRun {
+        gt,
+        est: raw,
+        timestamps: stamps,
+        ..
+    } = run_vo(trajectory, frames, seed, FlowVoConfig::default(), noise);
+    let m_raw = pose_metrics(&gt, &raw, 1).expect("metrics");
+    println!(
+        "{trajectory:?} (noise {noise}) seed {seed}, {} frames: raw ATE {:.4} ({:.2}% of length), HF energy {:.3e} (GT {:.3e} in GT units)",
+        raw.len(),
+        m_raw.ate_rmse,
+        m_raw.ate_rmse_over_length * 100.0,
+        hf_energy(&raw),
+        hf_energy(&gt)
+    );
+    for (min_cutoff_hz, beta) in [(8.0, 1.0), (6.0, 0.5), (4.0, 1.0), (2.0, 1.0), (1.0, 0.5)] {
+        let mut s = Stabilizer::new(StabilizeConfig {
+            min_cutoff_hz,
+            beta,
+            ..StabilizeConfig::default()
+        });
+        let stab: Vec<Pose> = raw
+            .iter()
+            .zip(&stamps)
+            .map(|(p, t)| s.filter(*t, p).0)
+            .collect();
+        let m = pose_metrics(&gt, &stab, 1).expect("metrics");
+        println!(
+            "  min cutoff {min_cutoff_hz} Hz, beta {beta}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
+            m.ate_rmse,
+            (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
+            hf_energy(&stab) / hf_energy(&raw) * 100.0,
+            lag(&stab, &raw)
+        );
     }
 }

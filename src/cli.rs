@@ -90,30 +90,49 @@ struct ServeArgs {
     /// Model config JSON for --weights [default: the official VGGT-1B sizes].
     #[arg(long, value_name = "JSON")]
     model_config: Option<PathBuf>,
+    /// A camera or stream URL sessions may read on the server (`{"source": …}`): exact, or a
+    /// prefix ending in `*` (`camera:*`, `rtsp://10.0.0.5/*`). Repeatable; none by default.
+    #[arg(long, value_name = "SOURCE")]
+    allow_source: Vec<String>,
+    /// Snapshot each session's engine (vggt) and trajectory every N frames, so a killed server
+    /// loses at most N frames of a session.
+    #[arg(long, value_name = "N", default_value_t = streamrecon::serve::SNAPSHOT_EVERY)]
+    snapshot_every: u64,
+    /// Also stream every session to a running rerun viewer.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "rerun+http://127.0.0.1:9876/proxy")]
+    connect: Option<String>,
+}
+
+/// A bearer token from a file: one word of 16 characters or more.
+fn read_token(f: &std::path::Path) -> Result<String> {
+    let t = std::fs::read_to_string(f)
+        .with_context(|| format!("cannot read the token file {}", f.display()))?;
+    let t = t.trim().to_string();
+    if t.len() < 16 || t.chars().any(char::is_whitespace) {
+        bail!(
+            "the token in {} must be one word of 16 characters or more",
+            f.display()
+        );
+    }
+    Ok(t)
 }
 
 fn cmd_serve(a: &ServeArgs) -> Result<()> {
     use rand::Rng;
     streamrecon::io_util::create_dir(&a.data_dir)?;
     let token = if let Some(f) = &a.token_file {
-        let t = std::fs::read_to_string(f)
-            .with_context(|| format!("cannot read the token file {}", f.display()))?;
-        let t = t.trim().to_string();
-        if t.len() < 16 || t.chars().any(char::is_whitespace) {
-            bail!(
-                "the token in {} must be one word of 16 characters or more",
-                f.display()
-            );
-        }
-        t
+        read_token(f)?
+    } else if a.data_dir.join("token").exists() {
+        // Made by an earlier start: clients keep working across restarts.
+        read_token(&a.data_dir.join("token"))?
     } else {
         let mut rng = rand::rng();
         let t: String = (0..32)
             .map(|_| char::from_digit(u32::from(rng.random_range(0..16u8)), 16).unwrap_or('0'))
             .collect();
         let path = a.data_dir.join("token");
-        streamrecon::io_util::write_bytes_atomic(&path, t.as_bytes())?;
-        eprintln!("bearer token written to {}", path.display());
+        streamrecon::io_util::write_secret(&path, t.as_bytes())?;
+        eprintln!("bearer token written to {} (mode 0600)", path.display());
         t
     };
     if !a.bind.ip().is_loopback() {
@@ -137,6 +156,9 @@ fn cmd_serve(a: &ServeArgs) -> Result<()> {
         token,
         max_sessions: a.max_sessions.max(1),
         data_dir: a.data_dir.clone(),
+        allow_sources: a.allow_source.clone(),
+        connect: a.connect.clone(),
+        snapshot_every: a.snapshot_every,
     };
     streamrecon::serve::serve(
         &config,

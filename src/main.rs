@@ -2,6 +2,11 @@
 
 mod cli;
 
+// Returns freed memory to the system; glibc's per-thread arenas kept hundreds of MiB after a
+// service's sessions had closed (benches/serve_load.rs).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() -> std::process::ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info"))
         .format_timestamp(None)

@@ -68,6 +68,36 @@ pub struct PipelineConfig {
     /// Per-frame results for a caller (the service); sent without blocking, dropped when full.
     #[serde(skip)]
     pub results: Option<Sender<FrameResult>>,
+    /// What each result carries besides the pose.
+    pub result_detail: ResultDetail,
+}
+
+/// The optional parts of a [`FrameResult`].
+#[derive(Debug, Clone, Copy, Serialize, Default)]
+pub struct ResultDetail {
+    /// At most this many of the points a frame added (evenly decimated; 0 = none).
+    pub points: usize,
+    /// The confident depth map sampled every n-th pixel in both directions (0 = none).
+    pub depth_stride: u32,
+}
+
+impl FrameResult {
+    /// Drops the points and depth (keeps the pose and counts), freeing their memory.
+    pub fn strip_detail(&mut self) {
+        self.points = Vec::new();
+        self.colors = Vec::new();
+        self.depth = None;
+    }
+}
+
+/// A depth map sampled on a grid: row-major, metres, 0 = unknown.
+#[derive(Debug, Clone, Serialize)]
+pub struct DepthSample {
+    pub width: u32,
+    pub height: u32,
+    /// Pixel step between samples in the frame at model resolution.
+    pub stride: u32,
+    pub metres: Vec<f32>,
 }
 
 /// What a caller is told about each processed frame.
@@ -85,6 +115,17 @@ pub struct FrameResult {
     pub tracked: bool,
     /// Milliseconds from reading the frame to this result.
     pub latency_ms: f64,
+    /// Milliseconds each stage spent on this frame.
+    pub flow_ms: f64,
+    pub geometry_ms: f64,
+    pub fusion_ms: f64,
+    /// Up to [`ResultDetail::points`] world points this frame added, with their colours.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub points: Vec<[f32; 3]>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub colors: Vec<[u8; 3]>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub depth: Option<DepthSample>,
 }
 
 /// File name of the engine snapshot in the output folder.
@@ -103,6 +144,7 @@ impl Default for PipelineConfig {
             progress: false,
             snapshot_every: 0,
             resume: None,
+            result_detail: ResultDetail::default(),
             stabilize: None,
             results: None,
         }
@@ -189,6 +231,30 @@ pub struct TrajectoryEntry {
     pub stats: GeometryStats,
 }
 
+/// Every `stride`-th pixel of a depth map at the model resolution of `k`.
+fn sample_depth(depth: &[f32], k: &Intrinsics, stride: u32) -> DepthSample {
+    let (w, h) = (k.width as usize, k.height as usize);
+    let s = stride as usize;
+    if depth.len() != w * h {
+        return DepthSample {
+            width: 0,
+            height: 0,
+            stride,
+            metres: Vec::new(),
+        };
+    }
+    let metres = (0..h)
+        .step_by(s)
+        .flat_map(|y| (0..w).step_by(s).map(move |x| depth[y * w + x]))
+        .collect();
+    DepthSample {
+        width: w.div_ceil(s) as u32,
+        height: h.div_ceil(s) as u32,
+        stride,
+        metres,
+    }
+}
+
 struct SourceMsg {
     frame: Frame,
     read_at: Instant,
@@ -265,15 +331,18 @@ pub fn run(
     if let Some(s) = &config.stabilize {
         geo_engine = Box::new(StabilizedEngine::new(geo_engine, s.clone()));
     }
+    let mut resumed_next = None;
     let resume_from = match &config.resume {
         Some(p) => {
             let next = geo_engine.restore(p)?;
+            resumed_next = Some(next);
             log::info!(
                 "resumed from {}: continuing at source frame {next}",
                 p.display()
             );
-            // A pushed stream starts afresh: its first frame is the next one.
-            if source.is_pushed() {
+            // A live stream starts afresh: its first frame is the next one, numbered on.
+            if source.is_live() || source.is_pushed() {
+                source.continue_at(next);
                 0
             } else {
                 next
@@ -282,7 +351,15 @@ pub fn run(
         None => 0,
     };
     let mut outputs = match &config.out_dir {
-        Some(d) => Some(RunOutputs::create(d, config.depth_every)?),
+        Some(d) => {
+            let mut o = RunOutputs::create(d, config.depth_every)?;
+            // Poses of the frames before a snapshot survive the interruption.
+            if let Some(next) = resumed_next {
+                let kept = o.restore_checkpoint(next)?;
+                log::info!("{kept} earlier poses restored from the checkpoint");
+            }
+            Some(o)
+        }
         None => None,
     };
     let mut viewer = viewer::open(&config.rerun, "streamrecon")?;
@@ -587,6 +664,14 @@ pub fn run(
                 if let Err(e) = o.add_frame(g.index, g.timestamp, g.world_from_cam, depth) {
                     sink_error = Some(e);
                 }
+                // The trajectory so far, on the snapshots' cadence, for a resumed session.
+                if config.snapshot_every > 0
+                    && (o.frames() as u64).is_multiple_of(config.snapshot_every)
+                {
+                    if let Err(e) = o.checkpoint() {
+                        log::error!("trajectory checkpoint: {e}");
+                    }
+                }
             }
             if sink_error.is_some() {
                 stop.store(true, Ordering::SeqCst);
@@ -634,6 +719,12 @@ pub fn run(
         if let Some(tx) = &config.results {
             let q = g.world_from_cam.rotation.quaternion();
             let t = g.world_from_cam.translation.vector;
+            let detail = config.result_detail;
+            let step = pts.points.len().div_ceil(detail.points.max(1)).max(1);
+            let depth = match (depth.as_deref(), detail.depth_stride) {
+                (Some(d), s) if s > 0 => Some(sample_depth(d, &g.intrinsics, s)),
+                _ => None,
+            };
             let _ = tx.try_send(FrameResult {
                 index: g.index,
                 timestamp: g.timestamp,
@@ -644,6 +735,24 @@ pub fn run(
                 cloud_points: fusion.len(),
                 tracked: g.stats.tracked,
                 latency_ms: r.read_at.elapsed().as_secs_f64() * 1e3,
+                flow_ms: r.flow_ms,
+                geometry_ms: r.geometry_ms,
+                fusion_ms,
+                points: pts
+                    .points
+                    .iter()
+                    .step_by(step)
+                    .take(detail.points)
+                    .copied()
+                    .collect(),
+                colors: pts
+                    .colors
+                    .iter()
+                    .step_by(step)
+                    .take(detail.points)
+                    .copied()
+                    .collect(),
+                depth,
             });
         }
         if config.stabilize.is_some() {

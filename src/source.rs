@@ -147,6 +147,8 @@ pub struct Source {
     name: String,
     raw: Box<dyn RawSource>,
     options: SourceOptions,
+    /// Live, but never dropping frames.
+    lossless: bool,
     raw_index: u64,
     emitted: u64,
     size: Option<(u32, u32)>,
@@ -209,7 +211,16 @@ impl Source {
             intrinsics_original: None,
             intrinsics_supplied: false,
             done: false,
+            lossless: false,
         }
+    }
+
+    /// Never drop this source's frames, even if it is live (a client pushing a recorded
+    /// sequence waits for the pipeline instead).
+    #[must_use]
+    pub fn lossless(mut self) -> Self {
+        self.lossless = true;
+        self
     }
 
     /// A live source fed through a channel (the service's sessions); it ends when every sender
@@ -231,6 +242,12 @@ impl Source {
         &self.name
     }
 
+    /// Numbers the next frame `next` (a continued stream keeps its frame numbers).
+    pub fn continue_at(&mut self, next: u64) {
+        self.raw_index = next;
+        self.emitted = next;
+    }
+
     /// Whether frames come from a client (not a file, camera or URL).
     pub fn is_pushed(&self) -> bool {
         matches!(self.spec, SourceSpec::Pushed(_))
@@ -241,7 +258,7 @@ impl Source {
     }
 
     pub fn is_live(&self) -> bool {
-        self.spec.is_live()
+        self.spec.is_live() && !self.lossless
     }
 
     /// Frames this source will yield, when known.

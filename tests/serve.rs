@@ -1,97 +1,16 @@
 //! `streamrecon serve` end to end over HTTP: health without a token, everything else with it,
 //! a session fed synthetic PNG frames, results, bad frames, closing and downloads, metrics.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
-const TOKEN: &str = "test-token-0123456789";
-
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start(data: &std::path::Path, max_sessions: usize, extra: &[&std::ffi::OsStr]) -> Server {
-    let tok = data.with_extension("token");
-    std::fs::write(&tok, TOKEN).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
-        .args(["serve", "--bind", "127.0.0.1:0", "--max-sessions"])
-        .arg(max_sessions.to_string())
-        .arg("--token-file")
-        .arg(&tok)
-        .arg("--data-dir")
-        .arg(data)
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let port = line
-        .trim()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .unwrap_or_else(|| panic!("no address in {line:?}"));
-    Server { child, port }
-}
-
-/// One HTTP/1.1 request; returns (status, body).
-fn http(port: u16, method: &str, path: &str, token: Option<&str>, body: &[u8]) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{auth}Content-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    )
-    .unwrap();
-    s.write_all(body).unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let text_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&resp[..text_end]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let mut body = resp[text_end + 4..].to_vec();
-    if head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked")
-    {
-        body = dechunk(&body);
-    }
-    (status, body)
-}
-
-fn dechunk(mut b: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
-        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
-        b = &b[eol + 2 + n + 2..];
-    }
-    out
-}
-
-fn json(b: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
-}
+mod serve_common;
+use serve_common::{
+    create, http, http_with, json, png, post_json, push, start, status, synth, wait_processed,
+    TOKEN,
+};
 
 #[test]
 fn a_session_streams_frames_to_results_and_outputs() {
@@ -152,7 +71,7 @@ fn a_session_streams_frames_to_results_and_outputs() {
         b"not an image",
     );
     assert_eq!(st, 400);
-    assert!(String::from_utf8_lossy(&body).contains("PNG/JPEG"));
+    assert!(String::from_utf8_lossy(&body).contains("PNG or JPEG"));
     assert_eq!(
         http(p, "POST", "/sessions/nope/frames", Some(TOKEN), b"x").0,
         404
@@ -240,7 +159,7 @@ fn a_session_streams_frames_to_results_and_outputs() {
     );
     assert!(
         metrics.contains(&format!(
-            "streamrecon_result_latency_ms_count{{session=\"{id}\"}} {processed}"
+            "streamrecon_latency_ms_count{{session=\"{id}\",stage=\"end_to_end\"}} {processed}"
         )),
         "{metrics}"
     );
@@ -347,22 +266,6 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
     );
 }
 
-fn post_json(port: u16, path: &str, body: &str) -> (u16, Vec<u8>) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp).unwrap();
-    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
-    let head = String::from_utf8_lossy(&resp[..end]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    (status, resp[end + 4..].to_vec())
-}
-
 #[test]
 fn a_stalled_client_does_not_stall_another_session() {
     let dir = tempfile::tempdir().unwrap();
@@ -407,4 +310,475 @@ fn a_stalled_client_does_not_stall_another_session() {
     let status = json(&http(p, "GET", &format!("/sessions/{b}"), Some(TOKEN), b"").1);
     assert_eq!(status["frames_received"], 5);
     drop(stalled);
+}
+
+/// A real 16×16 PNG whose header is rewritten to declare `w × h` (a decompression-bomb shape:
+/// valid chunks, a size far beyond its data).
+fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::new(16, 16)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    // IHDR data sits at bytes 16..29, its CRC (over type and data) at 29..33.
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in &png[12..29] {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                0xEDB8_8320 ^ (crc >> 1)
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    png
+}
+
+fn frame_image(w: u32, h: u32, i: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 3 + i * 5) % 256) as u8,
+            ((y * 7 + x) % 256) as u8,
+            (((x / 4) ^ (y / 4)) * 9 % 256) as u8,
+        ])
+    })
+}
+
+#[test]
+fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(&dir.path().join("data"), 4, &[]);
+    let p = srv.port;
+    let a = create(p, "{}");
+    let b = create(p, "{}");
+    let ok = png(&frame_image(96, 64, 0));
+    assert_eq!(push(p, &a, &ok, 0.0).0, 200);
+    let mut corrupt_jpeg = {
+        let mut v = Vec::new();
+        frame_image(96, 64, 1)
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Jpeg)
+            .unwrap();
+        v
+    };
+    // Cut inside its headers, before any scan data.
+    corrupt_jpeg.truncate(120);
+    let cases: [(&str, Vec<u8>, &str); 5] = [
+        ("corrupt JPEG", corrupt_jpeg, "Jpeg"),
+        ("zero-size PNG", png_header_only(0, 0), "frame"),
+        (
+            "100k x 100k PNG header",
+            png_header_only(100_000, 100_000),
+            "too large",
+        ),
+        (
+            "frame of another size",
+            png(&frame_image(80, 64, 2)),
+            "but this session's frames are 96x64",
+        ),
+        ("empty body", Vec::new(), "frame"),
+    ];
+    for (what, body, says) in cases {
+        let t0 = std::time::Instant::now();
+        let (st, msg) = push(p, &a, &body, 0.1);
+        let msg = String::from_utf8_lossy(&msg).to_string();
+        assert_eq!(st, 400, "{what}: {msg}");
+        assert!(msg.contains(says), "{what}: {msg}");
+        eprintln!("{what}: 400 in {:?}: {msg}", t0.elapsed());
+    }
+    // Raw RGB: exact size accepted, a short body refused.
+    let auth = format!("Bearer {TOKEN}");
+    let raw = frame_image(96, 64, 3).into_raw();
+    let raw_headers = [
+        ("Authorization", auth.as_str()),
+        ("Content-Type", "image/x-raw-rgb"),
+        ("x-width", "96"),
+        ("x-height", "64"),
+    ];
+    let path = format!("/sessions/{a}/frames");
+    assert_eq!(http_with(p, "POST", &path, &raw_headers, &raw).0, 200);
+    let (st, msg) = http_with(p, "POST", &path, &raw_headers, &raw[..1000]);
+    assert_eq!(st, 400);
+    assert!(String::from_utf8_lossy(&msg).contains("needs 18432 bytes, got 1000"));
+    // Oversize payload: refused with 413 (the server may answer before reading it all).
+    let mut s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    let big = vec![0u8; 33 << 20];
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        big.len()
+    )
+    .unwrap();
+    let _ = s.write_all(&big);
+    let mut resp = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut s, &mut resp);
+    assert!(
+        String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 413"),
+        "{}",
+        String::from_utf8_lossy(&resp[..resp.len().min(200)])
+    );
+    // A client that disconnects mid-frame.
+    {
+        let mut s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+        write!(
+            s,
+            "POST /sessions/{b}/frames HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Length: 50000\r\n\r\n"
+        )
+        .unwrap();
+        s.write_all(&ok[..ok.len().min(2000)]).unwrap();
+    }
+    // A client that follows session b's results and never reads them.
+    let mut deaf = TcpStream::connect(("127.0.0.1", p)).unwrap();
+    write!(
+        deaf,
+        "GET /sessions/{b}/events HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    // Session b still takes frames and produces results, session a still answers.
+    for i in 0..40 {
+        let (st, msg) = push(p, &b, &png(&frame_image(96, 64, i)), f64::from(i) / 10.0);
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&msg));
+    }
+    let sb = status(p, &b);
+    assert_eq!(sb["frames_received"], 40, "{sb}");
+    let sa = status(p, &a);
+    assert_eq!(
+        sa["frames_received"], 2,
+        "refused frames are not counted: {sa}"
+    );
+    for id in [&a, &b] {
+        let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    assert_eq!(http(p, "GET", "/health", None, b"").0, 200);
+    drop(deaf);
+}
+
+/// Camera centres and rotations of results, in frame order.
+fn result_poses(results: &[serde_json::Value]) -> Vec<(u64, streamrecon::frame::Pose)> {
+    results
+        .iter()
+        .map(|r| {
+            let t: Vec<f64> = serde_json::from_value(r["translation"].clone()).unwrap();
+            let q: Vec<f64> = serde_json::from_value(r["rotation_xyzw"].clone()).unwrap();
+            let pose = streamrecon::frame::Pose::from_parts(
+                nalgebra::Translation3::new(t[0], t[1], t[2]),
+                nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(
+                    q[3], q[0], q[1], q[2],
+                )),
+            );
+            (r["index"].as_u64().unwrap(), pose)
+        })
+        .collect()
+}
+
+#[test]
+fn poses_through_the_api_match_ground_truth_like_a_run() {
+    use streamrecon::datasets::formats::tum;
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    synth(
+        &seq,
+        &[
+            "--trajectory",
+            "smooth",
+            "--frames",
+            "60",
+            "--size",
+            "320x240",
+            "--seed",
+            "5",
+        ],
+    );
+    let gt: Vec<_> = tum::read_tum(&seq.join("poses.txt"))
+        .unwrap()
+        .into_iter()
+        .map(|p| p.world_from_cam)
+        .collect();
+    // The same sequence through `streamrecon run`.
+    let run_out = dir.path().join("run");
+    assert!(Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .arg("run")
+        .arg(&seq)
+        .arg("--out")
+        .arg(&run_out)
+        .status()
+        .unwrap()
+        .success());
+    let run_traj = tum::read_tum(&run_out.join("trajectory.txt")).unwrap();
+    let run_poses: Vec<_> = run_traj.iter().map(|p| p.world_from_cam).collect();
+    let run_metrics =
+        streamrecon::eval::pose::pose_metrics(&gt[..run_poses.len()], &run_poses, 1).unwrap();
+    // And through the service, as a client with the sequence's intrinsics.
+    let k: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(seq.join("intrinsics.json")).unwrap()).unwrap();
+    let srv = start(&dir.path().join("data"), 1, &[]);
+    let p = srv.port;
+    let id = create(
+        p,
+        &format!(
+            r#"{{"lossless": true, "intrinsics": [{}, {}, {}, {}], "result_points": 0}}"#,
+            k["fx"], k["fy"], k["cx"], k["cy"]
+        ),
+    );
+    for (i, t) in run_traj.iter().enumerate().take(60) {
+        let frame = std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+        let (st, body) = push(p, &id, &frame, t.timestamp);
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    }
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    assert_eq!(json(&body)["summary"]["frames_dropped"], 0);
+    let (_, body) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/results?since=0"),
+        Some(TOKEN),
+        b"",
+    );
+    let results = json(&body).as_array().unwrap().clone();
+    let api = result_poses(&results);
+    assert_eq!(
+        api.len(),
+        run_poses.len(),
+        "one result per frame, like the run"
+    );
+    let gt_api: Vec<_> = api.iter().map(|(i, _)| gt[*i as usize]).collect();
+    let est_api: Vec<_> = api.iter().map(|(_, p)| *p).collect();
+    let api_metrics = streamrecon::eval::pose::pose_metrics(&gt_api, &est_api, 1).unwrap();
+    eprintln!(
+        "ATE/length: run {:.5}, service {:.5} ({} frames)",
+        run_metrics.ate_rmse_over_length,
+        api_metrics.ate_rmse_over_length,
+        api.len()
+    );
+    assert!(api_metrics.ate_rmse_over_length < 0.02, "{api_metrics:?}");
+    assert!(
+        api_metrics.ate_rmse <= run_metrics.ate_rmse * 1.05 + 1e-6,
+        "service {api_metrics:?} vs run {run_metrics:?}"
+    );
+}
+
+#[test]
+fn a_killed_server_resumes_its_sessions_from_their_last_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    let (w, c) = (
+        fixture.join("model.safetensors"),
+        fixture.join("config.json"),
+    );
+    let args: [&std::ffi::OsStr; 6] = [
+        "--weights".as_ref(),
+        w.as_os_str(),
+        "--model-config".as_ref(),
+        c.as_os_str(),
+        "--snapshot-every".as_ref(),
+        "4".as_ref(),
+    ];
+    let mut srv = start(&data, 2, &args);
+    let p = srv.port;
+    let id = create(p, r#"{"geometry": "vggt", "lossless": true}"#);
+    let flowvo = create(p, "{}");
+    let pushed = 10u32;
+    for i in 0..pushed {
+        let (st, _) = push(p, &id, &png(&frame_image(96, 64, i)), f64::from(i));
+        assert_eq!(st, 200);
+    }
+    wait_processed(p, &id, u64::from(pushed), 120);
+    // SIGKILL: no drain, no final snapshot.
+    srv.child.kill().unwrap();
+    srv.child.wait().unwrap();
+    let srv = start(&data, 2, &args);
+    let p = srv.port;
+    let s = status(p, &id);
+    assert_eq!(s["running"], true, "resumed under its own id: {s}");
+    let resumed_at = s["resumed_at"].as_u64().unwrap();
+    let lost = u64::from(pushed) - resumed_at;
+    eprintln!("killed after {pushed} frames; resumed at frame {resumed_at}: {lost} frames lost");
+    assert!(resumed_at >= 8 && resumed_at <= u64::from(pushed), "{s}");
+    let sf = status(p, &flowvo);
+    assert_eq!(
+        sf["running"], false,
+        "flowvo sessions have no snapshot: {sf}"
+    );
+    for i in 0..3 {
+        let (st, _) = push(p, &id, &png(&frame_image(96, 64, pushed + i)), 20.0);
+        assert_eq!(st, 200);
+    }
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    eprintln!("resumed session: {}", String::from_utf8_lossy(&body));
+    // The trajectory holds the frames before the snapshot and the three after the restart,
+    // numbered on from the snapshot.
+    let (_, traj) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/files/trajectory.txt"),
+        Some(TOKEN),
+        b"",
+    );
+    let lines = String::from_utf8_lossy(&traj)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .count() as u64;
+    assert_eq!(lines, resumed_at + 3);
+    let (_, body) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/results?since=0"),
+        Some(TOKEN),
+        b"",
+    );
+    let first = json(&body)[0]["index"].as_u64().unwrap();
+    assert_eq!(first, resumed_at);
+    // Closed by its client: a third start does not resume it.
+    drop(srv);
+    let srv = start(&data, 2, &args);
+    assert_eq!(status(srv.port, &id)["running"], false);
+}
+
+#[test]
+fn server_side_sources_come_only_from_the_allowlist() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    synth(&seq, &["--frames", "20", "--size", "160x120"]);
+    // An MJPEG video served over HTTP on loopback stands in for a network camera.
+    let video = dir.path().join("www/cam.avi");
+    std::fs::create_dir_all(video.parent().unwrap()).unwrap();
+    assert!(Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-framerate", "10", "-i"])
+        .arg(seq.join("rgb/%06d.png"))
+        .args(["-c:v", "mjpeg", "-q:v", "3"])
+        .arg(&video)
+        .status()
+        .unwrap()
+        .success());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let web_port = listener.local_addr().unwrap().port();
+    drop(listener);
+    let mut web = Command::new("python3")
+        .args([
+            "-m",
+            "http.server",
+            "--bind",
+            "127.0.0.1",
+            &web_port.to_string(),
+        ])
+        .current_dir(video.parent().unwrap())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    let allowed = format!("http://127.0.0.1:{web_port}/*");
+    let srv = start(
+        &dir.path().join("data"),
+        2,
+        &["--allow-source".as_ref(), allowed.as_ref()],
+    );
+    let p = srv.port;
+    for refused in [
+        r#"{"source": "camera:0"}"#,
+        r#"{"source": "http://192.0.2.1/cam.avi"}"#,
+        r#"{"source": "/etc/passwd"}"#,
+    ] {
+        let (st, body) = post_json(p, "/sessions", refused);
+        assert_eq!(st, 403, "{refused}: {}", String::from_utf8_lossy(&body));
+    }
+    let id = create(
+        p,
+        &format!(r#"{{"source": "http://127.0.0.1:{web_port}/cam.avi"}}"#),
+    );
+    assert_eq!(
+        push(p, &id, &png(&frame_image(96, 64, 0)), 0.0).0,
+        409,
+        "a server-side session takes no pushed frames"
+    );
+    let s = wait_processed(p, &id, 3, 60);
+    assert_eq!(s["source"], format!("http://127.0.0.1:{web_port}/cam.avi"));
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    let summary = json(&body)["summary"].clone();
+    assert!(summary["frames_read"].as_u64().unwrap() >= 3, "{summary}");
+    let _ = web.kill();
+    let _ = web.wait();
+}
+
+#[test]
+fn a_websocket_client_streams_frames_and_receives_results() {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let srv = start(&dir.path().join("data"), 1, &[]);
+    let p = srv.port;
+    let id = create(p, r#"{"lossless": true, "result_points": 10}"#);
+    let mut req = format!("ws://127.0.0.1:{p}/sessions/{id}/stream")
+        .into_client_request()
+        .unwrap();
+    // Without the token the upgrade is refused.
+    assert!(tungstenite::connect(req.clone()).is_err());
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).unwrap();
+    let message = |t: f64, w: u32, h: u32, payload: &[u8]| {
+        let mut m = t.to_le_bytes().to_vec();
+        m.extend_from_slice(&w.to_le_bytes());
+        m.extend_from_slice(&h.to_le_bytes());
+        m.extend_from_slice(payload);
+        Message::Binary(m.into())
+    };
+    let frames = 12u32;
+    for i in 0..frames {
+        let img = frame_image(96, 64, i);
+        // Even frames as PNG, odd ones as raw RGB.
+        let m = if i % 2 == 0 {
+            message(f64::from(i) / 10.0, 0, 0, &png(&img))
+        } else {
+            message(f64::from(i) / 10.0, 96, 64, img.as_raw())
+        };
+        ws.send(m).unwrap();
+    }
+    // Bad messages are answered on the stream, which goes on.
+    ws.send(Message::Binary(vec![1, 2, 3].into())).unwrap();
+    ws.send(message(f64::NAN, 0, 0, b"not an image")).unwrap();
+    let mut errors = Vec::new();
+    let mut indices = Vec::new();
+    // (flowvo may hold its first results until it initialises: errors come first.)
+    while errors.len() < 2 {
+        if let Message::Text(t) = ws.read().unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if let Some(e) = v["error"].as_str() {
+                errors.push(e.to_string());
+            } else {
+                indices.push(v["index"].as_u64().unwrap());
+            }
+        }
+    }
+    assert!(errors[0].contains("16-byte header"), "{errors:?}");
+    assert!(errors[1].contains("PNG or JPEG"), "{errors:?}");
+    // Closing the session over HTTP ends the stream after the last result.
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    let processed = json(&body)["summary"]["frames_processed"].as_u64().unwrap();
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => {
+                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+                if let Some(i) = v["index"].as_u64() {
+                    indices.push(i);
+                }
+            }
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    assert_eq!(
+        processed,
+        u64::from(frames),
+        "lossless: every frame processed"
+    );
+    assert_eq!(indices, (0..u64::from(frames)).collect::<Vec<_>>());
 }

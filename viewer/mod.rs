@@ -74,7 +74,21 @@ pub fn open(target: &RerunTarget, application: &'static str) -> Result<Option<Vi
         return Ok(None);
     }
     let builder = rerun::RecordingStreamBuilder::new(application);
-    let rec = if let Some(path) = &target.save {
+    let rec = if let (Some(path), Some(url)) = (&target.save, &target.connect) {
+        // Both: the recording is kept on disk and shown live.
+        let file = rerun::sink::FileSink::new(path).map_err(|e| {
+            Error::Rerun(format!(
+                "cannot save the recording ({e}): {}",
+                path.display()
+            ))
+        })?;
+        let uri: rerun::external::re_uri::ProxyUri = url
+            .parse()
+            .map_err(|e| Error::Rerun(format!("not a viewer URL ({e}): {url}")))?;
+        builder
+            .set_sinks((file, rerun::sink::GrpcSink::new(uri)))
+            .map_err(|e| Error::Rerun(format!("cannot open the recording: {e}")))?
+    } else if let Some(path) = &target.save {
         builder.save(path).map_err(|e| {
             Error::Rerun(format!(
                 "cannot save the recording ({e}): {}",

@@ -24,6 +24,17 @@ pub struct IntrinsicsReport {
     pub origin: &'static str,
 }
 
+/// The checkpointed trajectory with frame numbers (read back by a resumed run).
+pub const CHECKPOINT_FILE: &str = "checkpoint.json";
+
+#[derive(Serialize, serde::Deserialize)]
+struct Checkpointed {
+    index: u64,
+    timestamp: f64,
+    /// tx ty tz qx qy qz qw (world_from_cam).
+    pose: [f64; 7],
+}
+
 struct Posed {
     index: u64,
     timestamp: f64,
@@ -85,6 +96,63 @@ impl RunOutputs {
             }
         }
         Ok(())
+    }
+
+    /// Writes `trajectory.txt` and `checkpoint.json` (the poses with their frame numbers) as
+    /// they are now, so an interrupted run keeps its trajectory.
+    ///
+    /// # Errors
+    /// A file cannot be written.
+    pub fn checkpoint(&self) -> Result<()> {
+        tum::write_tum(&self.dir.join("trajectory.txt"), &self.stamped())?;
+        let rows: Vec<Checkpointed> = self
+            .poses
+            .iter()
+            .map(|p| {
+                let t = p.world_from_cam.translation.vector;
+                let q = p.world_from_cam.rotation.coords;
+                Checkpointed {
+                    index: p.index,
+                    timestamp: p.timestamp,
+                    pose: [t.x, t.y, t.z, q.x, q.y, q.z, q.w],
+                }
+            })
+            .collect();
+        let json = serde_json::to_vec(&rows).map_err(|e| Error::Invalid(e.to_string()))?;
+        write_bytes_atomic(&self.dir.join(CHECKPOINT_FILE), &json)
+    }
+
+    /// Takes back the checkpointed poses of frames before `next`; returns how many.
+    ///
+    /// # Errors
+    /// A checkpoint that exists but cannot be read.
+    pub fn restore_checkpoint(&mut self, next: u64) -> Result<usize> {
+        let path = self.dir.join(CHECKPOINT_FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(Error::io(&path, e)),
+        };
+        let rows: Vec<Checkpointed> = serde_json::from_slice(&bytes)
+            .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
+        self.poses = rows
+            .into_iter()
+            .filter(|r| r.index < next && r.pose.iter().all(|v| v.is_finite()))
+            .map(|r| {
+                let [x, y, z, qx, qy, qz, qw] = r.pose;
+                Posed {
+                    index: r.index,
+                    timestamp: r.timestamp,
+                    world_from_cam: Pose::from_parts(
+                        nalgebra::Translation3::new(x, y, z),
+                        nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(
+                            qw, qx, qy, qz,
+                        )),
+                    ),
+                }
+            })
+            .collect();
+        Ok(self.poses.len())
     }
 
     pub fn frames(&self) -> usize {

@@ -4,7 +4,13 @@
 //!
 //! Sessions are live: frames are latest-wins with counted drops, queues are bounded, and a slow
 //! client only slows itself. Each session writes its outputs (trajectory, points, run.json, an
-//! .rrd recording) to `DATA_DIR/<id>/`.
+//! .rrd recording) to `DATA_DIR/<id>/`. A session either takes frames from its client or reads a
+//! camera/stream URL on the server (only those in the allowlist). Sessions not closed by their
+//! client (server stopped or killed) are resumed when the server starts again.
+
+mod frames;
+mod metrics;
+mod stream;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -31,14 +37,18 @@ use crate::geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig};
 use crate::geometry::stabilize::StabilizeConfig;
 use crate::geometry::vggt::VggtEngineConfig;
 use crate::models::vggt::memory::MemoryUpdate;
-use crate::pipeline::{self, FrameResult, GeometryChoice, PipelineConfig};
-use crate::source::{PushedFrame, Source, SourceOptions};
+use crate::pipeline::{self, FrameResult, GeometryChoice, PipelineConfig, ResultDetail};
+use crate::source::{PushedFrame, Source, SourceOptions, SourceSpec};
 use crate::viewer::RerunTarget;
 
 /// The request a session was made with, kept in its folder so it can be resumed.
 const SESSION_FILE: &str = "session.json";
-/// Engine snapshots (vggt) every this many frames, and at the end of every session.
-const SNAPSHOT_EVERY: u64 = 100;
+/// Written into a session's folder when its client closes it (it is not resumed then).
+const CLOSED_FILE: &str = "closed";
+/// Engine snapshots (vggt) and trajectory checkpoints every this many frames by default.
+pub const SNAPSHOT_EVERY: u64 = 100;
+/// Points per result unless the session asks otherwise.
+const RESULT_POINTS: usize = 500;
 
 /// A session id from a client: `s` and digits only (it names a folder).
 fn valid_id(id: &str) -> std::result::Result<&str, ApiError> {
@@ -55,8 +65,10 @@ fn valid_id(id: &str) -> std::result::Result<&str, ApiError> {
 
 /// Results kept per session for clients to read.
 const RESULT_RING: usize = 10_000;
+/// Results that keep their points and depth (older ones keep the pose only).
+const DETAIL_KEPT: usize = 64;
 /// Frames queued per session before the oldest is dropped.
-const FRAME_QUEUE: usize = 4;
+const FRAME_QUEUE: usize = 2;
 /// Largest accepted frame upload.
 const MAX_FRAME_BYTES: usize = 32 << 20;
 
@@ -69,6 +81,24 @@ pub struct ServeConfig {
     pub token: String,
     pub max_sessions: usize,
     pub data_dir: PathBuf,
+    /// Server-side sources sessions may read: exact strings, or prefixes ending in `*`
+    /// (`rtsp://10.0.0.5/*`, `camera:*`). Empty: none.
+    pub allow_sources: Vec<String>,
+    /// Also stream every session to this rerun viewer (`rerun+http://…/proxy`).
+    pub connect: Option<String>,
+    /// Engine snapshot and trajectory checkpoint cadence, frames (and at every session's end).
+    pub snapshot_every: u64,
+}
+
+impl ServeConfig {
+    fn source_allowed(&self, source: &str) -> bool {
+        self.allow_sources
+            .iter()
+            .any(|a| match a.strip_suffix('*') {
+                Some(prefix) => source.starts_with(prefix),
+                None => a == source,
+            })
+    }
 }
 
 struct Session {
@@ -80,10 +110,51 @@ struct Session {
     /// A receiver clone, to drop the oldest queued frame when a new one arrives.
     rx_drop: Receiver<PushedFrame>,
     results: Arc<Mutex<VecDeque<FrameResult>>>,
+    /// Moves results from the pipeline into `results`; ends after the pipeline.
+    collector: Mutex<Option<JoinHandle<()>>>,
     received: AtomicU64,
     dropped: AtomicU64,
     pipeline: Mutex<Option<JoinHandle<std::result::Result<serde_json::Value, String>>>>,
     summary: Mutex<Option<serde_json::Value>>,
+    /// Ends a server-side source's reading (pushed streams end when `tx` is dropped).
+    stop: Arc<AtomicBool>,
+    /// Size of the session's frames, fixed by the first one.
+    size: Mutex<Option<(u32, u32)>>,
+    /// The server-side source, if the session reads one.
+    source: Option<String>,
+    /// The frame number a resumed session continued at.
+    resumed_at: Option<u64>,
+    /// Uploads wait for room rather than dropping frames.
+    lossless: bool,
+}
+
+impl Session {
+    /// A session that is not running: one left by an earlier server.
+    fn stopped(id: String, summary: serde_json::Value) -> Self {
+        let (_, rx) = bounded::<PushedFrame>(1);
+        Self {
+            id,
+            intrinsics: None,
+            started: Instant::now(),
+            tx: Mutex::new(None),
+            rx_drop: rx,
+            results: Arc::new(Mutex::new(VecDeque::new())),
+            collector: Mutex::new(None),
+            received: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+            pipeline: Mutex::new(None),
+            summary: Mutex::new(Some(summary)),
+            stop: Arc::new(AtomicBool::new(true)),
+            size: Mutex::new(None),
+            source: None,
+            resumed_at: None,
+            lossless: false,
+        }
+    }
+
+    fn running(&self) -> bool {
+        lock(&self.pipeline).is_some()
+    }
 }
 
 struct AppState {
@@ -156,6 +227,16 @@ struct CreateSession {
     intrinsics: Option<[f64; 4]>,
     /// Online trajectory stabilization.
     stabilize: Option<bool>,
+    /// Read frames on the server from this camera (`camera:N`) or stream URL (allowlist only)
+    /// instead of taking them from the client.
+    source: Option<String>,
+    /// Points per result (default 500; 0 = none).
+    result_points: Option<usize>,
+    /// Depth in each result, sampled every n-th pixel (default: no depth).
+    result_depth_stride: Option<u32>,
+    /// Keep every pushed frame: uploads wait for room instead of dropping the oldest (for
+    /// recorded sequences; live clients want the default, latest-wins).
+    lossless: Option<bool>,
 }
 
 impl CreateSession {
@@ -202,8 +283,15 @@ impl CreateSession {
                 );
             }
         }
+        if self.result_depth_stride == Some(0) {
+            return Err("result_depth_stride must be 1 or more".into());
+        }
         Ok(PipelineConfig {
             geometry,
+            result_detail: ResultDetail {
+                points: self.result_points.unwrap_or(RESULT_POINTS),
+                depth_stride: self.result_depth_stride.unwrap_or(0),
+            },
             stabilize: self
                 .stabilize
                 .unwrap_or(false)
@@ -221,12 +309,9 @@ async fn create_session(
     let mut resume = None;
     if let Some(old) = req.resume.clone() {
         let dir = state.config.data_dir.join(valid_id(&old)?);
-        let saved: CreateSession = std::fs::read(dir.join(SESSION_FILE))
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok())
-            .ok_or_else(|| {
-                ApiError(StatusCode::NOT_FOUND, format!("no session {old} to resume"))
-            })?;
+        let saved = read_request(&dir).ok_or_else(|| {
+            ApiError(StatusCode::NOT_FOUND, format!("no session {old} to resume"))
+        })?;
         let snap = dir.join(pipeline::SNAPSHOT_FILE);
         if !snap.exists() {
             return Err(ApiError(
@@ -240,11 +325,50 @@ async fn create_session(
         };
         resume = Some(snap);
     }
+    if let Some(src) = &req.source {
+        if !state.config.source_allowed(src) {
+            return Err(ApiError(
+                StatusCode::FORBIDDEN,
+                "this source is not in the server's allowlist (serve --allow-source)".into(),
+            ));
+        }
+    }
+    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
+    let id = format!("s{n:04}");
+    let out = state.config.data_dir.join(&id);
+    // Opening a server-side source and starting threads block: off the async workers.
+    let ret = id.clone();
+    tokio::task::spawn_blocking(move || start_session(&state, &id, &out, &req, resume, None))
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
+    Ok((StatusCode::CREATED, Json(json!({ "id": ret }))))
+}
+
+/// The request a session folder was made with.
+fn read_request(dir: &std::path::Path) -> Option<CreateSession> {
+    std::fs::read(dir.join(SESSION_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+}
+
+/// Starts a session's pipeline writing into `out`; `resume` continues from an engine snapshot
+/// (`resumed_at`: its frame number, for a session continued under its own id).
+fn start_session(
+    state: &AppState,
+    id: &str,
+    out: &std::path::Path,
+    req: &CreateSession,
+    resume: Option<PathBuf>,
+    resumed_at: Option<u64>,
+) -> std::result::Result<(), ApiError> {
+    let internal = |e: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e);
     let base = req
         .pipeline(state.config.vggt.as_ref())
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
-    let mut sessions = lock(&state.sessions);
-    let running = sessions.values().filter(|s| lock(&s.tx).is_some()).count();
+    let running = lock(&state.sessions)
+        .values()
+        .filter(|s| s.running())
+        .count();
     if running >= state.config.max_sessions {
         return Err(ApiError(
             StatusCode::TOO_MANY_REQUESTS,
@@ -254,13 +378,41 @@ async fn create_session(
             ),
         ));
     }
-    let n = state.next_id.fetch_add(1, Ordering::Relaxed);
-    let id = format!("s{n:04}");
-    let out = state.config.data_dir.join(&id);
+    let label = format!(
+        "session {id}{}",
+        req.name
+            .as_ref()
+            .map(|n| format!(" ({n})"))
+            .unwrap_or_default()
+    );
     let (tx, rx) = bounded::<PushedFrame>(FRAME_QUEUE);
+    let source = match &req.source {
+        Some(src) => {
+            let spec = match SourceSpec::parse(src) {
+                Ok(spec) if spec.is_live() => spec,
+                _ => {
+                    return Err(ApiError(
+                        StatusCode::BAD_REQUEST,
+                        format!("{label}: source must be camera:N or a stream URL"),
+                    ))
+                }
+            };
+            // Opening a camera can take a while; it is a session's start, not a hot path.
+            Source::open(&spec, SourceOptions::default()).map_err(|e| {
+                ApiError(
+                    StatusCode::BAD_REQUEST,
+                    format!("{label}: the source does not open: {e}"),
+                )
+            })?
+        }
+        None if req.lossless == Some(true) => {
+            Source::pushed(&label, rx.clone(), SourceOptions::default()).lossless()
+        }
+        None => Source::pushed(&label, rx.clone(), SourceOptions::default()),
+    };
     let (res_tx, res_rx) = bounded::<FrameResult>(256);
     let results = Arc::new(Mutex::new(VecDeque::new()));
-    {
+    let collector = {
         let results = results.clone();
         std::thread::Builder::new()
             .name(format!("results-{id}"))
@@ -271,37 +423,40 @@ async fn create_session(
                         q.pop_front();
                     }
                     q.push_back(r);
+                    // Points and depth only for the latest results: the ring stays small.
+                    if q.len() > DETAIL_KEPT {
+                        let i = q.len() - 1 - DETAIL_KEPT;
+                        q[i].strip_detail();
+                    }
                 }
+                // A closed session keeps its poses only.
+                lock(&results)
+                    .iter_mut()
+                    .for_each(FrameResult::strip_detail);
             })
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    }
+            .map_err(|e| internal(e.to_string()))?
+    };
     let config = PipelineConfig {
-        out_dir: Some(out.clone()),
+        out_dir: Some(out.to_path_buf()),
         rerun: RerunTarget {
-            save: Some(out.join("recording.rrd")),
+            save: Some(out.join(recording_name(out))),
+            connect: state.config.connect.clone(),
             ..RerunTarget::default()
         },
         results: Some(res_tx),
-        snapshot_every: SNAPSHOT_EVERY,
+        // Live sessions: short queues between stages, so a result is about the frame just sent.
+        channel_capacity: if req.lossless == Some(true) { 4 } else { 1 },
+        snapshot_every: state.config.snapshot_every.max(1),
         resume,
         ..base
     };
-    crate::io_util::create_dir(&out)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let saved = serde_json::to_vec_pretty(&req).unwrap_or_default();
+    crate::io_util::create_dir(out).map_err(|e| internal(e.to_string()))?;
+    let saved = serde_json::to_vec_pretty(req).unwrap_or_default();
     crate::io_util::write_bytes_atomic(&out.join(SESSION_FILE), &saved)
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    // Closing the session ends its stream; the stop flag is for the pipeline's signature.
+        .map_err(|e| internal(e.to_string()))?;
     let stop = Arc::new(AtomicBool::new(false));
-    let source = Source::pushed(
-        &format!(
-            "session {id}{}",
-            req.name.map(|n| format!(" ({n})")).unwrap_or_default()
-        ),
-        rx.clone(),
-        SourceOptions::default(),
-    );
     let handle = {
+        let stop = stop.clone();
         std::thread::Builder::new()
             .name(format!("session-{id}"))
             .spawn(move || {
@@ -312,23 +467,43 @@ async fn create_session(
                 }
                 Ok(v)
             })
-            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| internal(e.to_string()))?
     };
+    let server_side = req.source.is_some();
     let session = Arc::new(Session {
         intrinsics: req.intrinsics,
-        id: id.clone(),
+        id: id.to_string(),
         started: Instant::now(),
-        tx: Mutex::new(Some(tx)),
+        // A server-side source takes no frames from the client.
+        tx: Mutex::new((!server_side).then_some(tx)),
         rx_drop: rx,
         results,
+        collector: Mutex::new(Some(collector)),
         received: AtomicU64::new(0),
         dropped: AtomicU64::new(0),
         pipeline: Mutex::new(Some(handle)),
         summary: Mutex::new(None),
+        stop,
+        size: Mutex::new(None),
+        source: req.source.clone(),
+        resumed_at,
+        lossless: req.lossless == Some(true),
     });
-    sessions.insert(id.clone(), session);
-    log::info!("session {id} started, outputs in {}", out.display());
-    Ok((StatusCode::CREATED, Json(json!({ "id": id }))))
+    lock(&state.sessions).insert(id.to_string(), session);
+    log::info!("{label} started, outputs in {}", out.display());
+    Ok(())
+}
+
+/// `recording.rrd`, or `recording-N.rrd` for the N-th continuation of a session (earlier
+/// recordings are kept).
+fn recording_name(out: &std::path::Path) -> String {
+    if !out.join("recording.rrd").exists() {
+        return "recording.rrd".into();
+    }
+    (1..10_000)
+        .map(|n| format!("recording-{n}.rrd"))
+        .find(|name| !out.join(name).exists())
+        .unwrap_or_else(|| "recording.rrd".into())
 }
 
 async fn push_frame(
@@ -344,44 +519,76 @@ async fn push_frame(
             format!("frame of {} bytes (limit {MAX_FRAME_BYTES})", body.len()),
         ));
     }
-    let tx = lock(&s.tx)
-        .clone()
-        .ok_or_else(|| ApiError(StatusCode::CONFLICT, format!("session {id} is closed")))?;
-    let timestamp = match headers.get("x-timestamp") {
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    let timestamp = match header("x-timestamp") {
         Some(v) => Some(
-            v.to_str()
+            v.parse::<f64>()
                 .ok()
-                .and_then(|t| t.parse::<f64>().ok())
                 .filter(|t| t.is_finite())
-                .ok_or_else(|| {
-                    ApiError(
-                        StatusCode::BAD_REQUEST,
-                        "x-timestamp must be seconds, a finite number".into(),
-                    )
-                })?,
+                .ok_or_else(|| bad("x-timestamp must be seconds, a finite number".into()))?,
         ),
         None => None,
     };
+    let raw = match header("content-type") {
+        Some(t) if t.starts_with(RAW_RGB) => {
+            let dim = |name: &str| {
+                header(name)
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .ok_or_else(|| {
+                        bad(format!(
+                            "a {RAW_RGB} frame needs x-width and x-height headers"
+                        ))
+                    })
+            };
+            Some((dim("x-width")?, dim("x-height")?))
+        }
+        _ => None,
+    };
+    let (received, dropped) = ingest(&s, body, raw, timestamp).await?;
+    Ok(Json(json!({ "received": received, "dropped": dropped })))
+}
+
+/// Decodes a frame and queues it for a session's pipeline (latest-wins, or waiting for room
+/// when the session is lossless); returns the session's received and dropped counts.
+async fn ingest(
+    s: &Session,
+    body: Bytes,
+    raw: Option<(u32, u32)>,
+    timestamp: Option<f64>,
+) -> std::result::Result<(u64, u64), ApiError> {
+    let id = &s.id;
+    let tx = lock(&s.tx).clone().ok_or_else(|| {
+        let why = if s.source.is_some() {
+            "reads its frames on the server"
+        } else {
+            "is closed"
+        };
+        ApiError(StatusCode::CONFLICT, format!("session {id} {why}"))
+    })?;
+    let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
     // Decoding off the async workers: a large JPEG takes milliseconds.
-    let image = tokio::task::spawn_blocking(move || image::load_from_memory(&body))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| {
-            ApiError(
-                StatusCode::BAD_REQUEST,
-                format!("frame is not a PNG/JPEG image: {e}"),
-            )
-        })?
-        .to_rgb8();
-    if image.width() < 16 || image.height() < 16 {
-        return Err(ApiError(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "frame of {}x{} is too small (16x16 at least)",
-                image.width(),
-                image.height()
-            ),
-        ));
+    let image = tokio::task::spawn_blocking(move || match raw {
+        Some((w, h)) => frames::decode_raw(body.to_vec(), w, h),
+        None => frames::decode_encoded(&body),
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+    .map_err(|e| bad(e.0))?;
+    let dims = image.dimensions();
+    {
+        // One size per session: the engines keep per-pixel state.
+        let mut size = lock(&s.size);
+        match *size {
+            Some(first) if first != dims => {
+                return Err(bad(format!(
+                    "frame is {}x{} but this session's frames are {}x{}",
+                    dims.0, dims.1, first.0, first.1
+                )))
+            }
+            Some(_) => {}
+            None => *size = Some(dims),
+        }
     }
     let intrinsics = s
         .intrinsics
@@ -390,8 +597,8 @@ async fn push_frame(
             fy,
             cx,
             cy,
-            width: image.width(),
-            height: image.height(),
+            width: dims.0,
+            height: dims.1,
         });
     let mut frame = PushedFrame {
         image,
@@ -399,9 +606,21 @@ async fn push_frame(
         intrinsics,
     };
     s.received.fetch_add(1, Ordering::Relaxed);
+    let mut waited = std::time::Duration::ZERO;
     loop {
         match tx.try_send(frame) {
             Ok(()) => break,
+            Err(TrySendError::Full(f)) if s.lossless => {
+                if waited >= LOSSLESS_WAIT {
+                    return Err(ApiError(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("session {id} has had no room for {LOSSLESS_WAIT:?}; try again"),
+                    ));
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                waited += std::time::Duration::from_millis(5);
+                frame = f;
+            }
             Err(TrySendError::Full(f)) => {
                 // Latest wins: the oldest queued frame makes room.
                 if s.rx_drop.try_recv().is_ok() {
@@ -417,11 +636,17 @@ async fn push_frame(
             }
         }
     }
-    Ok(Json(json!({
-        "received": s.received.load(Ordering::Relaxed),
-        "dropped": s.dropped.load(Ordering::Relaxed),
-    })))
+    Ok((
+        s.received.load(Ordering::Relaxed),
+        s.dropped.load(Ordering::Relaxed),
+    ))
 }
+
+/// How long a lossless upload waits for room in its session's queue.
+const LOSSLESS_WAIT: std::time::Duration = std::time::Duration::from_mins(1);
+
+/// Content type of a raw frame: `width × height × 3` bytes of RGB, with `x-width`/`x-height`.
+const RAW_RGB: &str = "image/x-raw-rgb";
 
 fn status_json(s: &Session) -> serde_json::Value {
     let results = lock(&s.results);
@@ -429,7 +654,9 @@ fn status_json(s: &Session) -> serde_json::Value {
     let processed = results.back().map_or(0, |r| r.index + 1);
     json!({
         "id": s.id,
-        "running": lock(&s.tx).is_some(),
+        "running": s.running(),
+        "source": s.source,
+        "resumed_at": s.resumed_at,
         "frames_received": s.received.load(Ordering::Relaxed),
         "frames_dropped": s.dropped.load(Ordering::Relaxed),
         "frames_processed": processed,
@@ -504,7 +731,12 @@ async fn session_events(
 
 /// Ends a session's stream and waits for its outputs.
 fn close(s: &Session) -> serde_json::Value {
+    // A pushed stream ends when its sender goes (queued frames are still processed); a
+    // server-side source is told to stop reading.
     lock(&s.tx).take();
+    if s.source.is_some() {
+        s.stop.store(true, Ordering::SeqCst);
+    }
     let handle = lock(&s.pipeline).take();
     if let Some(h) = handle {
         let summary = match h.join() {
@@ -512,6 +744,10 @@ fn close(s: &Session) -> serde_json::Value {
             Ok(Err(e)) => json!({ "error": e }),
             Err(_) => json!({ "error": "the session's pipeline panicked" }),
         };
+        // Every result is in the ring before the session reads as closed.
+        if let Some(c) = lock(&s.collector).take() {
+            let _ = c.join();
+        }
         *lock(&s.summary) = Some(summary);
     }
     lock(&s.summary).clone().unwrap_or(serde_json::Value::Null)
@@ -522,9 +758,17 @@ async fn close_session(
     Path(id): Path<String>,
 ) -> std::result::Result<Json<serde_json::Value>, ApiError> {
     let s = state.session(&id)?;
-    let summary = tokio::task::spawn_blocking(move || close(&s))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    // Closed by its client: finished, not to be resumed by a restarted server.
+    let marker = state.config.data_dir.join(&s.id).join(CLOSED_FILE);
+    let summary = tokio::task::spawn_blocking(move || {
+        let summary = close(&s);
+        if let Err(e) = crate::io_util::write_bytes_atomic(&marker, b"closed by the client\n") {
+            log::error!("{e}");
+        }
+        summary
+    })
+    .await
+    .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     Ok(Json(json!({ "id": id, "summary": summary })))
 }
 
@@ -566,107 +810,23 @@ async fn list_sessions(State(state): State<Shared>) -> Json<serde_json::Value> {
     Json(json!(v))
 }
 
-/// Upper bounds of the latency histogram on the metrics page, milliseconds.
-const BUCKETS_MS: [f64; 8] = [10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0];
-
-/// A per-session counter of the metrics page.
-type Counter = fn(&Session) -> u64;
-
-impl Session {
-    fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
-    }
-    fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
-    }
-    fn processed(&self) -> u64 {
-        lock(&self.results).back().map_or(0, |r| r.index + 1)
-    }
-}
-
-async fn metrics(State(state): State<Shared>) -> String {
-    use std::fmt::Write;
-    let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
-    let running = sessions.iter().filter(|s| lock(&s.tx).is_some()).count();
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = writeln!(out, "# TYPE streamrecon_sessions gauge");
-    let _ = writeln!(out, "streamrecon_sessions{{state=\"running\"}} {running}");
-    let _ = writeln!(
-        out,
-        "streamrecon_sessions{{state=\"closed\"}} {}",
-        sessions.len() - running
-    );
-    let counters: [(&str, Counter); 3] = [
-        ("frames_received", Session::received),
-        ("frames_dropped", Session::dropped),
-        ("frames_processed", Session::processed),
-    ];
-    for (name, f) in counters {
-        let _ = writeln!(out, "# TYPE streamrecon_{name}_total counter");
-        for s in &sessions {
-            let _ = writeln!(
-                out,
-                "streamrecon_{name}_total{{session=\"{}\"}} {}",
-                s.id,
-                f(s)
-            );
-        }
-    }
-    // End-to-end latency (frame read → result) over the results each session still holds.
-    let _ = writeln!(out, "# TYPE streamrecon_result_latency_ms histogram");
-    for s in &sessions {
-        let ring = lock(&s.results);
-        let mut sum = 0.0;
-        for &le in &BUCKETS_MS {
-            let n = ring.iter().filter(|r| r.latency_ms <= le).count();
-            let _ = writeln!(
-                out,
-                "streamrecon_result_latency_ms_bucket{{session=\"{}\",le=\"{le}\"}} {n}",
-                s.id
-            );
-        }
-        for r in ring.iter() {
-            sum += r.latency_ms;
-        }
-        let _ = writeln!(
-            out,
-            "streamrecon_result_latency_ms_bucket{{session=\"{}\",le=\"+Inf\"}} {}",
-            s.id,
-            ring.len()
-        );
-        let _ = writeln!(
-            out,
-            "streamrecon_result_latency_ms_sum{{session=\"{}\"}} {sum:.1}",
-            s.id
-        );
-        let _ = writeln!(
-            out,
-            "streamrecon_result_latency_ms_count{{session=\"{}\"}} {}",
-            s.id,
-            ring.len()
-        );
-    }
-    let _ = writeln!(out, "# TYPE streamrecon_rss_mib gauge");
-    let _ = writeln!(out, "streamrecon_rss_mib {:.1}", crate::stats::rss_mib());
-    out
-}
-
 /// The service's routes.
 fn router(state: Shared) -> Router {
     let api = Router::new()
-        .route("/", get(|| async { Html(crate::viewer::WEB_PAGE) }))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics::page))
         .route("/sessions", post(create_session).get(list_sessions))
         .route("/sessions/{id}", get(session_status).delete(close_session))
         .route("/sessions/{id}/frames", post(push_frame))
         .route("/sessions/{id}/results", get(session_results))
         .route("/sessions/{id}/events", get(session_events))
+        .route("/sessions/{id}/stream", get(stream::upgrade))
         .route("/sessions/{id}/files/{name}", get(download))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+    // The page holds no data: it asks for the token and sends it with every API call.
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/", get(|| async { Html(crate::viewer::WEB_PAGE) }))
         .merge(api)
         .with_state(state)
 }
@@ -690,23 +850,17 @@ pub fn serve(
         .map_err(|e| Error::Invalid(format!("cannot start the service runtime: {e}")))?;
     let earlier = earlier_sessions(&config.data_dir);
     let next = earlier
-        .keys()
-        .filter_map(|id| id[1..].parse::<u64>().ok())
+        .iter()
+        .filter_map(|e| e.id[1..].parse::<u64>().ok())
         .max()
         .unwrap_or(0)
         + 1;
-    if !earlier.is_empty() {
-        log::info!(
-            "{} earlier sessions in {}",
-            earlier.len(),
-            config.data_dir.display()
-        );
-    }
     let state = Arc::new(AppState {
         config: config.clone(),
-        sessions: Mutex::new(earlier),
+        sessions: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(next),
     });
+    resume_earlier(&state, earlier);
     let st = state.clone();
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.bind)
@@ -730,38 +884,62 @@ pub fn serve(
     Ok(())
 }
 
-/// Sessions left in the data folder by an earlier run: listed as closed, their files downloadable,
-/// resumable with `{"resume": id}` when they have a snapshot.
-fn earlier_sessions(dir: &std::path::Path) -> HashMap<String, Arc<Session>> {
-    let mut out = HashMap::new();
+/// A session folder left by an earlier server.
+struct Earlier {
+    id: String,
+    dir: PathBuf,
+    /// Its client closed it (no resuming).
+    closed: bool,
+}
+
+/// Session folders in the data folder, in id order.
+fn earlier_sessions(dir: &std::path::Path) -> Vec<Earlier> {
     let Ok(entries) = std::fs::read_dir(dir) else {
-        return out;
+        return Vec::new();
     };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().to_string();
-        if valid_id(&name).is_err() || !e.path().join(SESSION_FILE).exists() {
-            continue;
+    let mut out: Vec<Earlier> = entries
+        .flatten()
+        .filter_map(|e| {
+            let id = e.file_name().to_string_lossy().to_string();
+            let dir = e.path();
+            (valid_id(&id).is_ok() && dir.join(SESSION_FILE).exists()).then(|| Earlier {
+                closed: dir.join(CLOSED_FILE).exists(),
+                id,
+                dir,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.id.cmp(&b.id));
+    out
+}
+
+/// Continues, under their own ids, the sessions an earlier server left running (stopped or
+/// killed) that have an engine snapshot; the others are listed as stopped, their files
+/// downloadable.
+fn resume_earlier(state: &AppState, earlier: Vec<Earlier>) {
+    for e in earlier {
+        let snapshot = e.dir.join(pipeline::SNAPSHOT_FILE);
+        let request = read_request(&e.dir);
+        if !e.closed && snapshot.exists() {
+            if let Some(req) = request {
+                let next = crate::geometry::vggt::snapshot_next_frame(&snapshot);
+                match start_session(state, &e.id, &e.dir, &req, Some(snapshot), next) {
+                    Ok(()) => {
+                        log::info!(
+                            "session {} resumed at frame {}",
+                            e.id,
+                            next.map_or("?".into(), |n| n.to_string())
+                        );
+                        continue;
+                    }
+                    Err(err) => log::error!("session {} not resumed: {}", e.id, err.1),
+                }
+            }
         }
-        let summary = std::fs::read(e.path().join("run.json"))
+        let summary = std::fs::read(e.dir.join("run.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok())
             .unwrap_or(serde_json::Value::Null);
-        let (_, rx) = bounded::<PushedFrame>(1);
-        out.insert(
-            name.clone(),
-            Arc::new(Session {
-                id: name,
-                intrinsics: None,
-                started: Instant::now(),
-                tx: Mutex::new(None),
-                rx_drop: rx,
-                results: Arc::new(Mutex::new(VecDeque::new())),
-                received: AtomicU64::new(0),
-                dropped: AtomicU64::new(0),
-                pipeline: Mutex::new(None),
-                summary: Mutex::new(Some(summary)),
-            }),
-        );
+        lock(&state.sessions).insert(e.id.clone(), Arc::new(Session::stopped(e.id, summary)));
     }
-    out
 }

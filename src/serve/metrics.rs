@@ -1,0 +1,111 @@
+//! `GET /metrics`: Prometheus text. Per session: frames received, dropped and processed, and
+//! histograms of each stage's milliseconds (flow, geometry, fusion) and of the whole way from
+//! frame to result, over the results the session still holds.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::State;
+
+use super::{lock, Session, Shared};
+use crate::pipeline::FrameResult;
+
+/// Upper bounds of the latency histograms, milliseconds.
+const BUCKETS_MS: [f64; 10] = [
+    5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
+];
+
+/// A per-session counter.
+type Counter = fn(&Session) -> u64;
+
+/// Milliseconds of one stage in a result.
+type StageMs = fn(&FrameResult) -> f64;
+
+/// The stages timed per result.
+const STAGES: [(&str, StageMs); 4] = [
+    ("end_to_end", |r| r.latency_ms),
+    ("flow", |r| r.flow_ms),
+    ("geometry", |r| r.geometry_ms),
+    ("fusion", |r| r.fusion_ms),
+];
+
+impl Session {
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+    fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
+    }
+    pub(super) fn processed(&self) -> u64 {
+        lock(&self.results).back().map_or(0, |r| r.index + 1)
+    }
+}
+
+pub(super) async fn page(State(state): State<Shared>) -> String {
+    let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
+    let running = sessions.iter().filter(|s| s.running()).count();
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# TYPE streamrecon_sessions gauge");
+    let _ = writeln!(out, "streamrecon_sessions{{state=\"running\"}} {running}");
+    let _ = writeln!(
+        out,
+        "streamrecon_sessions{{state=\"stopped\"}} {}",
+        sessions.len() - running
+    );
+    let counters: [(&str, Counter); 3] = [
+        ("frames_received", Session::received),
+        ("frames_dropped", Session::dropped),
+        ("frames_processed", Session::processed),
+    ];
+    for (name, f) in counters {
+        let _ = writeln!(out, "# TYPE streamrecon_{name}_total counter");
+        for s in &sessions {
+            let _ = writeln!(
+                out,
+                "streamrecon_{name}_total{{session=\"{}\"}} {}",
+                s.id,
+                f(s)
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE streamrecon_latency_ms histogram");
+    for s in &sessions {
+        let ring = lock(&s.results);
+        for (stage, ms) in STAGES {
+            let labels = format!("session=\"{}\",stage=\"{stage}\"", s.id);
+            let mut counts = [0usize; BUCKETS_MS.len()];
+            let mut sum = 0.0;
+            for r in ring.iter() {
+                let v = ms(r);
+                sum += v;
+                if let Some(b) = BUCKETS_MS.iter().position(|&le| v <= le) {
+                    counts[b] += 1;
+                }
+            }
+            let mut cumulative = 0;
+            for (le, n) in BUCKETS_MS.iter().zip(counts) {
+                cumulative += n;
+                let _ = writeln!(
+                    out,
+                    "streamrecon_latency_ms_bucket{{{labels},le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "streamrecon_latency_ms_bucket{{{labels},le=\"+Inf\"}} {}",
+                ring.len()
+            );
+            let _ = writeln!(out, "streamrecon_latency_ms_sum{{{labels}}} {sum:.1}");
+            let _ = writeln!(
+                out,
+                "streamrecon_latency_ms_count{{{labels}}} {}",
+                ring.len()
+            );
+        }
+    }
+    let _ = writeln!(out, "# TYPE streamrecon_rss_mib gauge");
+    let _ = writeln!(out, "streamrecon_rss_mib {:.1}", crate::stats::rss_mib());
+    out
+}

@@ -1,0 +1,192 @@
+//! A `streamrecon serve` child process and a minimal HTTP/1.1 client, shared by the service's
+//! tests and its load benchmark.
+#![allow(dead_code)]
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+
+pub const TOKEN: &str = "test-token-0123456789";
+
+pub struct Server {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn start(data: &std::path::Path, max_sessions: usize, extra: &[&std::ffi::OsStr]) -> Server {
+    let tok = data.with_extension("token");
+    std::fs::write(&tok, TOKEN).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["serve", "--bind", "127.0.0.1:0", "--max-sessions"])
+        .arg(max_sessions.to_string())
+        .arg("--token-file")
+        .arg(&tok)
+        .arg("--data-dir")
+        .arg(data)
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let port = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    Server { child, port }
+}
+
+/// One HTTP/1.1 request; returns (status, body).
+pub fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", a.as_str())).collect();
+    http_with(port, method, path, &headers, body)
+}
+
+/// One HTTP/1.1 request with extra headers; returns (status, body).
+pub fn http_with(
+    port: u16,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let extra = headers.iter().fold(String::new(), |mut acc, (k, v)| {
+        let _ = write!(acc, "{k}: {v}\r\n");
+        acc
+    });
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
+    s.write_all(body).unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let text_end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..text_end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let mut body = resp[text_end + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    (status, body)
+}
+
+pub fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    while let Some(eol) = b.windows(2).position(|w| w == b"\r\n") {
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..eol]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            break;
+        }
+        out.extend_from_slice(&b[eol + 2..eol + 2 + n]);
+        b = &b[eol + 2 + n + 2..];
+    }
+    out
+}
+
+pub fn json(b: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(b).unwrap_or_else(|_| panic!("not JSON: {}", String::from_utf8_lossy(b)))
+}
+
+pub fn post_json(port: u16, path: &str, body: &str) -> (u16, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut resp = Vec::new();
+    s.read_to_end(&mut resp).unwrap();
+    let end = resp.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&resp[..end]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (status, resp[end + 4..].to_vec())
+}
+
+/// Starts a session; returns its id.
+pub fn create(port: u16, body: &str) -> String {
+    let (st, b) = post_json(port, "/sessions", body);
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&b));
+    json(&b)["id"].as_str().unwrap().to_string()
+}
+
+/// Pushes one encoded frame with a timestamp; returns the status and body.
+pub fn push(port: u16, id: &str, frame: &[u8], timestamp: f64) -> (u16, Vec<u8>) {
+    let auth = format!("Bearer {TOKEN}");
+    let ts = format!("{timestamp}");
+    http_with(
+        port,
+        "POST",
+        &format!("/sessions/{id}/frames"),
+        &[("Authorization", &auth), ("x-timestamp", &ts)],
+        frame,
+    )
+}
+
+/// A session's status.
+pub fn status(port: u16, id: &str) -> serde_json::Value {
+    json(&http(port, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1)
+}
+
+/// Waits until a session has processed `n` frames (panics after `secs`).
+pub fn wait_processed(port: u16, id: &str, n: u64, secs: u64) -> serde_json::Value {
+    let t0 = std::time::Instant::now();
+    loop {
+        let s = status(port, id);
+        if s["frames_processed"].as_u64().unwrap_or(0) >= n {
+            return s;
+        }
+        assert!(
+            t0.elapsed().as_secs() < secs,
+            "session {id} processed fewer than {n} frames in {secs} s: {s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// PNG bytes of an image.
+pub fn png(img: &image::RgbImage) -> Vec<u8> {
+    let mut out = Vec::new();
+    img.write_to(&mut std::io::Cursor::new(&mut out), image::ImageFormat::Png)
+        .unwrap();
+    out
+}
+
+/// Writes a synthetic native sequence with the CLI.
+pub fn synth(out: &std::path::Path, args: &[&str]) {
+    assert!(Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .arg("synth")
+        .args(args)
+        .arg("--out")
+        .arg(out)
+        .status()
+        .unwrap()
+        .success());
+}
