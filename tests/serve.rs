@@ -581,13 +581,25 @@ fn a_killed_server_resumes_its_sessions_from_their_last_snapshot() {
     let mut srv = start(&data, 2, &args);
     let p = srv.port;
     let id = create(p, r#"{"geometry": "vggt", "lossless": true}"#);
-    let flowvo = create(p, "{}");
+    let flowvo = create(p, r#"{"lossless": true}"#);
+    let seq = dir.path().join("seq");
+    synth(&seq, &["--frames", "16", "--size", "160x120"]);
     let pushed = 10u32;
     for i in 0..pushed {
         let (st, _) = push(p, &id, &png(&frame_image(96, 64, i)), f64::from(i));
         assert_eq!(st, 200);
+        let frame = std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+        assert_eq!(push(p, &flowvo, &frame, f64::from(i) / 30.0).0, 200);
     }
     wait_processed(p, &id, u64::from(pushed), 120);
+    // flowvo snapshots too (every 4 frames it has taken).
+    let flowvo_snapshot = data.join(&flowvo).join("snapshot.safetensors");
+    let t0 = std::time::Instant::now();
+    while !flowvo_snapshot.exists() {
+        assert!(t0.elapsed().as_secs() < 60, "no flowvo snapshot");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
     // SIGKILL: no drain, no final snapshot.
     srv.child.kill().unwrap();
     srv.child.wait().unwrap();
@@ -599,11 +611,27 @@ fn a_killed_server_resumes_its_sessions_from_their_last_snapshot() {
     let lost = u64::from(pushed) - resumed_at;
     eprintln!("killed after {pushed} frames; resumed at frame {resumed_at}: {lost} frames lost");
     assert!(resumed_at >= 8 && resumed_at <= u64::from(pushed), "{s}");
+    // flowvo continues as a new map segment where its last pose was.
     let sf = status(p, &flowvo);
-    assert_eq!(
-        sf["running"], false,
-        "flowvo sessions have no snapshot: {sf}"
+    assert_eq!(sf["running"], true, "{sf}");
+    let flowvo_at = sf["resumed_at"].as_u64().unwrap();
+    eprintln!("flowvo session resumed at frame {flowvo_at} of {pushed}");
+    assert!((4..=u64::from(pushed)).contains(&flowvo_at), "{sf}");
+    for i in pushed..16 {
+        let frame = std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+        assert_eq!(push(p, &flowvo, &frame, f64::from(i) / 30.0).0, 200);
+    }
+    let (st, body) = http(
+        p,
+        "DELETE",
+        &format!("/sessions/{flowvo}"),
+        Some(TOKEN),
+        b"",
     );
+    assert_eq!(st, 200);
+    let summary = json(&body)["summary"].clone();
+    assert!(summary["map_segments"].as_u64().unwrap() >= 2, "{summary}");
+    assert!(summary["error"].is_null(), "{summary}");
     for i in 0..3 {
         let (st, _) = push(p, &id, &png(&frame_image(96, 64, pushed + i)), 20.0);
         assert_eq!(st, 200);

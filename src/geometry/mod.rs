@@ -121,3 +121,35 @@ pub trait GeometryEngine: Send {
         )))
     }
 }
+
+/// The frame number an engine snapshot continues at (`None`: not a readable snapshot). Every
+/// engine's snapshot is a safetensors file with a `meta.json` byte tensor whose `owner` holds
+/// `next_source_index`.
+pub fn snapshot_next_frame(path: &std::path::Path) -> Option<u64> {
+    Some(read_snapshot_meta(path).ok()?["owner"]["next_source_index"].as_u64()?)
+}
+
+/// The `meta.json` of a snapshot file.
+fn read_snapshot_meta(path: &std::path::Path) -> Result<serde_json::Value> {
+    use crate::error::Error;
+    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+        .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
+    let meta: Vec<u8> = tensors
+        .get("meta.json")
+        .ok_or_else(|| Error::format(path, "snapshot without meta.json"))?
+        .to_vec1()
+        .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
+    serde_json::from_slice(&meta).map_err(|e| Error::format(path, format!("snapshot: {e}")))
+}
+
+/// Writes a snapshot that is only a `meta.json` (engines whose state is small).
+fn write_snapshot_meta(path: &std::path::Path, meta: &serde_json::Value) -> Result<()> {
+    let json =
+        serde_json::to_vec(meta).map_err(|e| crate::error::Error::Geometry(e.to_string()))?;
+    let n = json.len();
+    let t = candle_core::Tensor::from_vec(json, n, &candle_core::Device::Cpu)
+        .map_err(|e| crate::error::Error::Geometry(e.to_string()))?;
+    let tensors = std::collections::HashMap::from([("meta.json".to_string(), t)]);
+    crate::models::weights::save_tensors_atomic(&tensors, path)
+}

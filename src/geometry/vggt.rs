@@ -318,12 +318,3 @@ fn median_confident_flow(p: &PairFlow) -> Option<f64> {
     let (_, m, _) = mags.select_nth_unstable_by(mid, f32::total_cmp);
     Some(f64::from(*m))
 }
-
-/// The frame number a vggt snapshot continues at (`None`: not a readable snapshot).
-pub fn snapshot_next_frame(path: &Path) -> Option<u64> {
-    let bytes = std::fs::read(path).ok()?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu).ok()?;
-    let meta: Vec<u8> = tensors.get("meta.json")?.to_vec1().ok()?;
-    let meta: serde_json::Value = serde_json::from_slice(&meta).ok()?;
-    meta["owner"]["next_source_index"].as_u64()
-}

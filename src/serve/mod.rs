@@ -922,7 +922,7 @@ fn resume_earlier(state: &AppState, earlier: Vec<Earlier>) {
         let request = read_request(&e.dir);
         if !e.closed && snapshot.exists() {
             if let Some(req) = request {
-                let next = crate::geometry::vggt::snapshot_next_frame(&snapshot);
+                let next = crate::geometry::snapshot_next_frame(&snapshot);
                 match start_session(state, &e.id, &e.dir, &req, Some(snapshot), next) {
                     Ok(()) => {
                         log::info!(
