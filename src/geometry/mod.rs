@@ -126,7 +126,7 @@ pub trait GeometryEngine: Send {
 /// engine's snapshot is a safetensors file with a `meta.json` byte tensor whose `owner` holds
 /// `next_source_index`.
 pub fn snapshot_next_frame(path: &std::path::Path) -> Option<u64> {
-    Some(read_snapshot_meta(path).ok()?["owner"]["next_source_index"].as_u64()?)
+    read_snapshot_meta(path).ok()?["owner"]["next_source_index"].as_u64()
 }
 
 /// The `meta.json` of a snapshot file.
