@@ -23,9 +23,18 @@ pub fn write_atomic(
     path: &Path,
     fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
 ) -> Result<()> {
+    write_atomic_with(path, |tmp| File::create(tmp), fill)
+}
+
+/// The atomic write behind [`write_atomic`] and [`write_secret`]: `open` makes the temporary file.
+fn write_atomic_with(
+    path: &Path,
+    open: impl FnOnce(&Path) -> std::io::Result<File>,
+    fill: impl FnOnce(&mut dyn Write) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = tmp_name(path);
     let result = (|| {
-        let file = File::create(&tmp)?;
+        let file = open(&tmp)?;
         let mut w = BufWriter::with_capacity(1 << 20, file);
         fill(&mut w)?;
         let file = w
@@ -72,21 +81,15 @@ pub fn create_dir(dir: &Path) -> Result<()> {
 /// Any I/O error, naming `path`.
 pub fn write_secret(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = tmp_name(path);
-    let result = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&tmp)?;
-        file.write_all(bytes)?;
-        file.sync_data()?;
-        drop(file);
-        std::fs::rename(&tmp, path)
-    })();
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(Error::io(path, e));
-    }
-    Ok(())
+    write_atomic_with(
+        path,
+        |tmp| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(tmp)
+        },
+        |w| w.write_all(bytes),
+    )
 }
