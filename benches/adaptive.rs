@@ -7,7 +7,9 @@
 //! 3. `smooth` sequences with sensor noise (σ = 0.03): jitter that is estimation error, not
 //!    camera motion — the case a stabilizer is for; same figures as 2.
 //!
-//! `cargo bench --bench adaptive [-- FRAMES] [--stabilize-only]` (default 300).
+//! `cargo bench --bench adaptive [-- FRAMES] [--stabilize-only] [--bundle-adjust]` (default 300;
+//! `--bundle-adjust` runs case 1 with flowvo's windowed bundle adjustment, where adaptive mode
+//! also weighs each frame's observations by its novelty).
 
 use nalgebra::Vector3;
 use streamrecon::datasets::synth::{Degrade, SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
@@ -15,7 +17,7 @@ use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
 use streamrecon::frame::{Frame, Pose};
-use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVo, FlowVoConfig};
+use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVo, FlowVoConfig, WindowBaConfig};
 use streamrecon::geometry::stabilize::{StabilizeConfig, Stabilizer};
 use streamrecon::geometry::GeometryEngine;
 
@@ -105,6 +107,7 @@ fn main() {
         .find_map(|a| a.parse().ok())
         .unwrap_or(300);
     let stabilize_only = std::env::args().any(|a| a == "--stabilize-only");
+    let bundle_adjust = std::env::args().any(|a| a == "--bundle-adjust");
     let adaptive_cases: &[TrajectoryKind] = if stabilize_only {
         &[]
     } else {
@@ -125,6 +128,7 @@ fn main() {
                     seed,
                     FlowVoConfig {
                         adaptive,
+                        window_ba: bundle_adjust.then(WindowBaConfig::default),
                         ..FlowVoConfig::default()
                     },
                     0.0,
@@ -180,6 +184,26 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
         let m = pose_metrics(&gt, &stab, 1).expect("metrics");
         println!(
             "  min cutoff {min_cutoff_hz} Hz, beta {beta}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
+            m.ate_rmse,
+            (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
+            hf_energy(&stab) / hf_energy(&raw) * 100.0,
+            lag(&stab, &raw)
+        );
+    }
+    // Constant-velocity (alpha-beta) translation, One-Euro rotation at the default settings.
+    for gain in [0.6, 0.4, 0.25] {
+        let mut s = Stabilizer::new(StabilizeConfig {
+            constant_velocity_gain: Some(gain),
+            ..StabilizeConfig::default()
+        });
+        let stab: Vec<Pose> = raw
+            .iter()
+            .zip(&stamps)
+            .map(|(p, t)| s.filter(*t, p).0)
+            .collect();
+        let m = pose_metrics(&gt, &stab, 1).expect("metrics");
+        println!(
+            "  constant velocity, gain {gain}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
             m.ate_rmse,
             (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
             hf_energy(&stab) / hf_energy(&raw) * 100.0,

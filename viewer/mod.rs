@@ -7,7 +7,6 @@
 
 use std::path::PathBuf;
 
-use crate::error::{Error, Result};
 use crate::frame::{Intrinsics, Pose, RgbImage};
 
 /// Entity paths, fixed here and nowhere else.
@@ -55,79 +54,6 @@ impl RerunTarget {
     }
 }
 
-/// Logs a stream's results to rerun.
-pub struct Viewer {
-    rec: rerun::RecordingStream,
-    trajectory: Vec<[f32; 3]>,
-    /// Log the whole trajectory strip every this many frames.
-    trajectory_every: u64,
-    /// Positions kept for the strip (bounded).
-    trajectory_cap: usize,
-}
-
-/// Opens a recording for a target; `None` when no flag asked for one.
-///
-/// # Errors
-/// The .rrd cannot be created, the viewer cannot be spawned or reached.
-pub fn open(target: &RerunTarget, application: &'static str) -> Result<Option<Viewer>> {
-    if !target.is_enabled() {
-        return Ok(None);
-    }
-    let builder = rerun::RecordingStreamBuilder::new(application);
-    let rec = if let (Some(path), Some(url)) = (&target.save, &target.connect) {
-        // Both: the recording is kept on disk and shown live.
-        let file = rerun::sink::FileSink::new(path).map_err(|e| {
-            Error::Rerun(format!(
-                "cannot save the recording ({e}): {}",
-                path.display()
-            ))
-        })?;
-        let uri: rerun::external::re_uri::ProxyUri = url
-            .parse()
-            .map_err(|e| Error::Rerun(format!("not a viewer URL ({e}): {url}")))?;
-        builder
-            .set_sinks((file, rerun::sink::GrpcSink::new(uri)))
-            .map_err(|e| Error::Rerun(format!("cannot open the recording: {e}")))?
-    } else if let Some(path) = &target.save {
-        builder.save(path).map_err(|e| {
-            Error::Rerun(format!(
-                "cannot save the recording ({e}): {}",
-                path.display()
-            ))
-        })?
-    } else if let Some(url) = &target.connect {
-        builder
-            .connect_grpc_opts(url.clone())
-            .map_err(|e| Error::Rerun(format!("cannot connect to the viewer ({e}): {url}")))?
-    } else if let Some(bind) = &target.serve {
-        let (ip, port) = bind
-            .rsplit_once(':')
-            .and_then(|(ip, p)| p.parse::<u16>().ok().map(|p| (ip.to_string(), p)))
-            .ok_or_else(|| Error::Rerun(format!("--serve takes IP:PORT: {bind}")))?;
-        builder
-            .serve_grpc_opts(ip, port, rerun::ServerOptions::default())
-            .map_err(|e| Error::Rerun(format!("cannot serve the recording ({e}): {bind}")))?
-    } else {
-        builder.spawn().map_err(|e| {
-            Error::Rerun(format!(
-                "cannot spawn a viewer (is `rerun` on PATH, is there a display?): {e}"
-            ))
-        })?
-    };
-    rec.log_static("world", &rerun::ViewCoordinates::RIGHT_HAND_Y_DOWN())
-        .map_err(|e| Error::Rerun(e.to_string()))?;
-    Ok(Some(Viewer {
-        rec,
-        trajectory: Vec::new(),
-        trajectory_every: 10,
-        trajectory_cap: 5000,
-    }))
-}
-
-fn rr(e: impl std::fmt::Display) -> Error {
-    Error::Rerun(e.to_string())
-}
-
 /// What the sinks get per processed frame.
 pub struct FrameLog<'a> {
     pub index: u64,
@@ -141,133 +67,15 @@ pub struct FrameLog<'a> {
     pub colors: &'a [[u8; 3]],
 }
 
-impl Viewer {
-    fn set_time(&self, index: u64, timestamp: f64) {
-        self.rec.set_time_sequence(TIMELINE_FRAME, index as i64);
-        self.rec.set_duration_secs(TIMELINE_TIME, timestamp);
-    }
+#[cfg(feature = "rerun")]
+mod recording;
+#[cfg(feature = "rerun")]
+pub use recording::{open, Viewer};
 
-    /// Logs one frame's camera, images and points.
-    ///
-    /// # Errors
-    /// The recording stream refuses the data.
-    pub fn log_frame(&mut self, f: &FrameLog<'_>) -> Result<()> {
-        self.set_time(f.index, f.timestamp);
-        let t = f.cam_from_world.translation.vector;
-        let q = f.cam_from_world.rotation.coords;
-        self.rec
-            .log(
-                paths::CAMERA,
-                &rerun::Transform3D::from_translation_rotation(
-                    [t.x as f32, t.y as f32, t.z as f32],
-                    rerun::Quaternion::from_xyzw([q.x as f32, q.y as f32, q.z as f32, q.w as f32]),
-                )
-                .with_relation(rerun::TransformRelation::ChildFromParent),
-            )
-            .map_err(rr)?;
-        let k = f.intrinsics;
-        // rerun puts pixel centres at +0.5; ours sit at integer coordinates.
-        self.rec
-            .log(
-                paths::IMAGE,
-                &rerun::Pinhole::new([
-                    [k.fx as f32, 0.0, 0.0],
-                    [0.0, k.fy as f32, 0.0],
-                    [(k.cx + 0.5) as f32, (k.cy + 0.5) as f32, 1.0],
-                ])
-                .with_resolution([k.width as f32, k.height as f32])
-                .with_camera_xyz(rerun::components::ViewCoordinates::RDF),
-            )
-            .map_err(rr)?;
-        let (w, h) = f.image.dimensions();
-        self.rec
-            .log(
-                paths::RGB,
-                &rerun::Image::from_rgb24(f.image.as_raw().clone(), [w, h]),
-            )
-            .map_err(rr)?;
-        if let Some(d) = f.depth {
-            if d.len() == (k.width * k.height) as usize {
-                // 16-bit millimetres of engine units: half the bytes of f32, 1e-3 resolution.
-                let mm: Vec<u8> = d
-                    .iter()
-                    .flat_map(|v| ((v * 1000.0).round().clamp(0.0, 65535.0) as u16).to_le_bytes())
-                    .collect();
-                self.rec
-                    .log(
-                        paths::DEPTH,
-                        &rerun::DepthImage::from_gray16(mm, [k.width, k.height]).with_meter(1000.0),
-                    )
-                    .map_err(rr)?;
-            }
-        }
-        if let Some(fl) = f.flow_rgb {
-            let (fw, fh) = fl.dimensions();
-            self.rec
-                .log(
-                    paths::FLOW,
-                    &rerun::Image::from_rgb24(fl.as_raw().clone(), [fw, fh]),
-                )
-                .map_err(rr)?;
-        }
-        if !f.points.is_empty() {
-            self.rec
-                .log(
-                    paths::POINTS,
-                    &rerun::Points3D::new(f.points.iter().copied())
-                        .with_colors(
-                            f.colors
-                                .iter()
-                                .map(|c| rerun::Color::from_rgb(c[0], c[1], c[2])),
-                        )
-                        .with_radii([0.004f32]),
-                )
-                .map_err(rr)?;
-        }
-        let c = f.cam_from_world.inverse().translation.vector;
-        self.trajectory.push([c.x as f32, c.y as f32, c.z as f32]);
-        if self.trajectory.len() > self.trajectory_cap {
-            // Keep every other old position: bounded, still shows the whole path.
-            let half: Vec<[f32; 3]> = self.trajectory.iter().step_by(2).copied().collect();
-            self.trajectory = half;
-        }
-        if f.index.is_multiple_of(self.trajectory_every) {
-            self.rec
-                .log(
-                    paths::TRAJECTORY,
-                    &rerun::LineStrips3D::new([self.trajectory.clone()]),
-                )
-                .map_err(rr)?;
-        }
-        Ok(())
-    }
-
-    /// Logs a scalar plot value at the current time.
-    ///
-    /// # Errors
-    /// The recording stream refuses the data.
-    pub fn log_scalar(&self, path: &str, value: f64) -> Result<()> {
-        self.rec
-            .log(path, &rerun::Scalars::new([value]))
-            .map_err(rr)
-    }
-
-    /// Logs the final trajectory and flushes everything to the sink.
-    ///
-    /// # Errors
-    /// The sink cannot be flushed.
-    pub fn finish(&mut self) -> Result<()> {
-        if !self.trajectory.is_empty() {
-            self.rec
-                .log(
-                    paths::TRAJECTORY,
-                    &rerun::LineStrips3D::new([self.trajectory.clone()]),
-                )
-                .map_err(rr)?;
-        }
-        self.rec.flush_blocking().map_err(rr)
-    }
-}
+#[cfg(not(feature = "rerun"))]
+mod no_recording;
+#[cfg(not(feature = "rerun"))]
+pub use no_recording::{open, Viewer};
 
 /// The service's web page (`streamrecon serve`, `GET /`): sessions and webcam capture.
 pub const WEB_PAGE: &str = include_str!("web/index.html");

@@ -5,7 +5,9 @@
 //! rayon). With the temporal prior on (the default), both start from a constant-velocity
 //! prediction: the previous pair's flows at the same pixel, negated. (OpenCV uses an initial flow
 //! only at its coarsest scale, so the prior matters for large motions.) Confidence and occlusion
-//! come from forward–backward consistency. Grey images are made once per frame and kept.
+//! come from forward–backward consistency of the raw estimates; then each direction is refined by
+//! the other where they agree (symmetric fusion, on by default) and, optionally, by a
+//! full-resolution variational refinement. Grey images are made once per frame and kept.
 //! (OpenCV's DIS API builds its pyramids inside `calc`, so they cannot be shared between pairs.)
 
 use opencv::core::{Mat, Scalar, Vec2f, CV_32FC2, CV_8UC1};
@@ -13,6 +15,7 @@ use opencv::prelude::*;
 use opencv::video::DISOpticalFlow;
 use serde::{Deserialize, Serialize};
 
+use super::consistency::fb_check;
 use super::{FlowEngine, FlowField, PairFlow};
 use crate::error::{Error, Result};
 use crate::frame::{Frame, RgbImage};
@@ -40,6 +43,14 @@ pub struct DisConfig {
     pub preset: DisPreset,
     /// Start each estimate from the constant-velocity prediction of the previous pair.
     pub temporal_prior: bool,
+    /// Refine each direction by the other where they agree (see `consistency::fb_check`).
+    #[serde(default = "default_true")]
+    pub symmetric_fusion: bool,
+    /// Fixed-point iterations of a full-resolution variational refinement after fusion
+    /// (0 = off). DIS's presets stop at ¼ (ultrafast, fast) or ½ (medium) resolution and
+    /// upsample; this refines at every pixel, at a cost of about one extra DIS call.
+    #[serde(default)]
+    pub refine_iterations: u32,
     /// Overrides of OpenCV's preset values (None = preset's).
     pub finest_scale: Option<i32>,
     pub patch_size: Option<i32>,
@@ -53,6 +64,8 @@ impl Default for DisConfig {
         Self {
             preset: DisPreset::Fast,
             temporal_prior: true,
+            symmetric_fusion: true,
+            refine_iterations: 0,
             finest_scale: None,
             patch_size: None,
             patch_stride: None,
@@ -60,6 +73,10 @@ impl Default for DisConfig {
             variational_refinement_iterations: None,
         }
     }
+}
+
+fn default_true() -> bool {
+    true
 }
 
 struct Prev {
@@ -75,8 +92,18 @@ pub struct DisEngine {
     config: DisConfig,
     fwd: opencv::core::Ptr<DISOpticalFlow>,
     bwd: opencv::core::Ptr<DISOpticalFlow>,
+    /// Full-resolution refiners (forward, backward), when `refine_iterations` > 0.
+    refiners: Option<(Refiner, Refiner)>,
     prev: Option<Prev>,
     size: Option<(u32, u32)>,
+}
+
+type Refiner = opencv::core::Ptr<opencv::video::VariationalRefinement>;
+
+fn make_refiner(iterations: u32) -> Result<Refiner> {
+    let mut r = opencv::video::VariationalRefinement::create()?;
+    r.set_fixed_point_iterations(i32::try_from(iterations).unwrap_or(i32::MAX))?;
+    Ok(r)
 }
 
 fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
@@ -139,10 +166,10 @@ pub fn mat_from_flow(f: &FlowField) -> Result<Mat> {
 pub fn flow_from_mat(m: &Mat) -> Result<FlowField> {
     let (w, h) = (m.cols() as usize, m.rows() as usize);
     let src = m.data_typed::<Vec2f>()?;
-    let mut data = Vec::with_capacity(w * h * 2);
-    for v in src {
-        data.push(v[0]);
-        data.push(v[1]);
+    let mut data = vec![0.0f32; w * h * 2];
+    for (d, v) in data.chunks_exact_mut(2).zip(src) {
+        d[0] = v[0];
+        d[1] = v[1];
     }
     Ok(FlowField {
         width: w,
@@ -157,9 +184,18 @@ impl DisEngine {
     pub fn new(config: DisConfig) -> Result<Self> {
         // OpenCV's own pool (TBB) spins against rayon on small machines; we parallelise ourselves.
         opencv::core::set_num_threads(1)?;
+        let refiners = if config.refine_iterations > 0 {
+            Some((
+                make_refiner(config.refine_iterations)?,
+                make_refiner(config.refine_iterations)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
             fwd: make_dis(&config)?,
             bwd: make_dis(&config)?,
+            refiners,
             config,
             prev: None,
             size: None,
@@ -194,6 +230,26 @@ impl DisEngine {
             || Self::calc(fwd_dis, a, b, fwd_init),
             || Self::calc(bwd_dis, b, a, bwd_init),
         );
+        Ok((fwd?, bwd?))
+    }
+
+    /// Full-resolution variational refinement of both directions (one core each).
+    fn refine(
+        &mut self,
+        a: &Mat,
+        b: &Mat,
+        fwd: FlowField,
+        bwd: FlowField,
+    ) -> Result<(FlowField, FlowField)> {
+        let Some((rf, rb)) = &mut self.refiners else {
+            return Ok((fwd, bwd));
+        };
+        let run = |r: &mut Refiner, x: &Mat, y: &Mat, f: &FlowField| -> Result<FlowField> {
+            let mut m = mat_from_flow(f)?;
+            r.calc(x, y, &mut m)?;
+            flow_from_mat(&m)
+        };
+        let (fwd, bwd) = rayon::join(|| run(rf, a, b, &fwd), || run(rb, b, a, &bwd));
         Ok((fwd?, bwd?))
     }
 }
@@ -243,13 +299,29 @@ impl FlowEngine for DisEngine {
             None => (None, None),
         };
         let (fwd, bwd) = self.pair(&prev.grey, &grey, fwd_prior, bwd_prior)?;
+        // Confidence and occlusion are judged on the raw estimates, before they are refined by
+        // each other.
+        let fuse = self.config.symmetric_fusion;
+        let (f, b) = rayon::join(|| fb_check(&fwd, &bwd, fuse), || fb_check(&bwd, &fwd, fuse));
+        let (fwd_conf, fwd_occ, bwd_conf, bwd_occ) = (f.conf, f.occ, b.conf, b.occ);
+        let (fwd, bwd) = (f.fused.unwrap_or(fwd), b.fused.unwrap_or(bwd));
+        let (fwd, bwd) = self.refine(&prev.grey, &grey, fwd, bwd)?;
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
         let priors = self
             .config
             .temporal_prior
             .then(|| (negated(&bwd), negated(&fwd)));
-        let out = PairFlow::from_flows(prev.index, frame.index, fwd, bwd);
+        let out = PairFlow {
+            from: prev.index,
+            to: frame.index,
+            fwd,
+            bwd,
+            fwd_conf,
+            bwd_conf,
+            fwd_occ,
+            bwd_occ,
+        };
         self.prev = Some(Prev {
             index: frame.index,
             grey,

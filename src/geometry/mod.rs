@@ -9,6 +9,7 @@ pub mod novelty;
 pub mod stabilize;
 pub mod triangulate;
 pub mod vggt;
+pub mod window_ba;
 
 use serde::Serialize;
 

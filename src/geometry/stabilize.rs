@@ -30,6 +30,12 @@ pub struct StabilizeConfig {
     pub default_dt: f64,
     /// Frames in the running median of speeds.
     pub speed_window: usize,
+    /// Translation by a constant-velocity filter instead of One-Euro: the steady-state Kalman
+    /// gain α on position (β = α²/(2 − α) on velocity, critically damped). Its prediction
+    /// removes the lag of a steady motion, which One-Euro trades against smoothing. `None` =
+    /// One-Euro.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub constant_velocity_gain: Option<f64>,
 }
 
 impl Default for StabilizeConfig {
@@ -40,6 +46,7 @@ impl Default for StabilizeConfig {
             speed_cutoff_hz: 2.0,
             default_dt: 1.0 / 30.0,
             speed_window: 30,
+            constant_velocity_gain: None,
         }
     }
 }
@@ -57,6 +64,8 @@ pub struct Stabilizer {
     speed_r: f64,
     recent_t: VecDeque<f64>,
     recent_r: VecDeque<f64>,
+    /// Velocity of the constant-velocity filter (world units per second).
+    velocity: Vector3<f64>,
 }
 
 /// What the filter changed for one frame.
@@ -86,6 +95,7 @@ impl Stabilizer {
             speed_r: 0.0,
             recent_t: VecDeque::new(),
             recent_r: VecDeque::new(),
+            velocity: Vector3::zeros(),
         }
     }
 
@@ -132,7 +142,15 @@ impl Stabilizer {
             c.min_cutoff_hz * (1.0 + c.beta * rel(self.speed_r, &self.recent_r)),
             dt,
         );
-        let t: Vector3<f64> = prev.translation.vector + a_t * dp;
+        let t: Vector3<f64> = if let Some(gain) = c.constant_velocity_gain {
+            let g = gain.clamp(1e-3, 1.0);
+            let predicted = prev.translation.vector + self.velocity * dt;
+            let innovation = raw.translation.vector - predicted;
+            self.velocity += (g * g / (2.0 - g) / dt) * innovation;
+            predicted + g * innovation
+        } else {
+            prev.translation.vector + a_t * dp
+        };
         let r: UnitQuaternion<f64> = prev
             .rotation
             .try_slerp(&raw.rotation, a_r, 1e-9)
@@ -237,5 +255,32 @@ mod tests {
         // Lag at the end: how many frames behind the steady motion the output is.
         let lag_frames = (0.1 * 299.0 / 30.0 - last_out.x) / (0.1 / 30.0);
         assert!(lag_frames < 2.0, "lag {lag_frames} frames");
+    }
+
+    #[test]
+    fn constant_velocity_filter_follows_a_steady_motion_without_lag() {
+        let mut f = Stabilizer::new(StabilizeConfig {
+            constant_velocity_gain: Some(0.4),
+            ..StabilizeConfig::default()
+        });
+        let (mut raw_hf, mut out_hf) = (0.0, 0.0);
+        let mut prev: Option<(Vector3<f64>, Vector3<f64>)> = None;
+        let mut last_out = Vector3::zeros();
+        for i in 0..300 {
+            let t = f64::from(i) / 30.0;
+            let jitter = if i % 2 == 0 { 0.004 } else { -0.004 };
+            let raw = Vector3::new(0.1 * t + jitter, 0.0, 0.0);
+            let pose = Pose::from_parts(Translation3::from(raw), UnitQuaternion::identity());
+            let o = f.filter(t, &pose).0.translation.vector;
+            if let Some((pr, po)) = prev {
+                raw_hf += (raw - pr).norm_squared();
+                out_hf += (o - po).norm_squared();
+            }
+            prev = Some((raw, o));
+            last_out = o;
+        }
+        assert!(out_hf < 0.5 * raw_hf, "{out_hf} vs {raw_hf}");
+        let lag_frames = (0.1 * 299.0 / 30.0 - last_out.x).abs() / (0.1 / 30.0);
+        assert!(lag_frames < 0.5, "lag {lag_frames} frames");
     }
 }
