@@ -147,3 +147,15 @@ fn tum_reader_survives_mutations() {
         let _ = tum_from_str(&String::from_utf8_lossy(b), p);
     });
 }
+
+/// Found by `scripts/fuzz` (cargo-fuzz, pcd target): a one-byte `rgb` field was read as a 4-byte
+/// colour word and panicked.
+#[test]
+fn pcd_with_a_one_byte_colour_field_is_an_error() {
+    let mut bytes = b"VERSION 0.7\nFIELDS x y z rgb\nSIZE 4 4 4 1\nTYPE F F F U\nCOUNT 1 1 1 1\n\
+WIDTH 1\nHEIGHT 1\nPOINTS 1\nDATA binary\n"
+        .to_vec();
+    bytes.extend_from_slice(&[0u8; 13]);
+    let err = pcd_from_bytes(&bytes, Path::new("colour.pcd")).expect_err("SIZE 1 colour");
+    assert!(err.to_string().contains("colour.pcd"), "{err}");
+}

@@ -129,6 +129,10 @@ pub fn pcd_from_bytes(bytes: &[u8], path: &Path) -> Result<PointCloud> {
         return Err(bad("no x/y/z fields"));
     };
     let irgb = col("rgb").or_else(|| col("rgba"));
+    // A packed colour is a 4-byte word (found by cargo-fuzz: SIZE 1 read past the field).
+    if irgb.is_some_and(|c| fields[c].size != 4) {
+        return Err(bad("the rgb/rgba field must have SIZE 4"));
+    }
     let body = &bytes[pos..];
     // The header's count is only trusted as far as the body can hold that many points.
     let stride: usize = fields.iter().map(|f| f.size * f.count).sum();
