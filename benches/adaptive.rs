@@ -170,12 +170,9 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
         hf_energy(&raw),
         hf_energy(&gt)
     );
-    for (min_cutoff_hz, beta) in [(8.0, 1.0), (6.0, 0.5), (4.0, 1.0), (2.0, 1.0), (1.0, 0.5)] {
-        let mut s = Stabilizer::new(StabilizeConfig {
-            min_cutoff_hz,
-            beta,
-            ..StabilizeConfig::default()
-        });
+    // Filters the raw trajectory with one setting and prints its row.
+    let report = |label: String, config: StabilizeConfig| {
+        let mut s = Stabilizer::new(config);
         let stab: Vec<Pose> = raw
             .iter()
             .zip(&stamps)
@@ -183,31 +180,31 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
             .collect();
         let m = pose_metrics(&gt, &stab, 1).expect("metrics");
         println!(
-            "  min cutoff {min_cutoff_hz} Hz, beta {beta}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
+            "  {label}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
             m.ate_rmse,
             (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
             hf_energy(&stab) / hf_energy(&raw) * 100.0,
             lag(&stab, &raw)
         );
+    };
+    for (min_cutoff_hz, beta) in [(8.0, 1.0), (6.0, 0.5), (4.0, 1.0), (2.0, 1.0), (1.0, 0.5)] {
+        report(
+            format!("min cutoff {min_cutoff_hz} Hz, beta {beta}"),
+            StabilizeConfig {
+                min_cutoff_hz,
+                beta,
+                ..StabilizeConfig::default()
+            },
+        );
     }
     // Constant-velocity (alpha-beta) translation, One-Euro rotation at the default settings.
     for gain in [0.6, 0.4, 0.25] {
-        let mut s = Stabilizer::new(StabilizeConfig {
-            constant_velocity_gain: Some(gain),
-            ..StabilizeConfig::default()
-        });
-        let stab: Vec<Pose> = raw
-            .iter()
-            .zip(&stamps)
-            .map(|(p, t)| s.filter(*t, p).0)
-            .collect();
-        let m = pose_metrics(&gt, &stab, 1).expect("metrics");
-        println!(
-            "  constant velocity, gain {gain}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
-            m.ate_rmse,
-            (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
-            hf_energy(&stab) / hf_energy(&raw) * 100.0,
-            lag(&stab, &raw)
+        report(
+            format!("constant velocity, gain {gain}"),
+            StabilizeConfig {
+                constant_velocity_gain: Some(gain),
+                ..StabilizeConfig::default()
+            },
         );
     }
 }

@@ -51,19 +51,26 @@ fn frame(i: usize, img: &image::RgbImage) -> Frame {
     }
 }
 
-/// Plain OpenCV DIS, forward only, one pair at a time: (EPE, EPE noc, ms per pair).
-fn plain(seq: &Seq, preset: DisPreset) -> (f64, f64, f64) {
-    let p = match preset {
+fn opencv_preset(preset: DisPreset) -> i32 {
+    match preset {
         DisPreset::Ultrafast => opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
         DisPreset::Fast => opencv::video::DISOpticalFlow_PRESET_FAST,
         DisPreset::Medium => opencv::video::DISOpticalFlow_PRESET_MEDIUM,
-    };
-    let mut dis = opencv::video::DISOpticalFlow::create(p).expect("DIS");
-    let greys: Vec<_> = seq
-        .frames
+    }
+}
+
+fn greys(seq: &Seq) -> Vec<opencv::core::Mat> {
+    seq.frames
         .iter()
         .map(|f| grey_mat(f).expect("grey"))
-        .collect();
+        .collect()
+}
+
+/// Plain OpenCV DIS, forward only, one pair at a time: (EPE, EPE noc, ms per pair).
+fn plain(seq: &Seq, preset: DisPreset) -> (f64, f64, f64) {
+    let p = opencv_preset(preset);
+    let mut dis = opencv::video::DISOpticalFlow::create(p).expect("DIS");
+    let greys = greys(seq);
     let mut acc = FlowMetricsAcc::default();
     let mut ms = 0.0;
     for i in 0..seq.gt.len() {
@@ -85,18 +92,10 @@ const REFINE: u32 = 5;
 /// Plain OpenCV DIS in both directions, each on its own core (what the engine's confidence
 /// needs): (forward EPE, ms per pair).
 fn plain_both(seq: &Seq, preset: DisPreset) -> (f64, f64) {
-    let p = match preset {
-        DisPreset::Ultrafast => opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
-        DisPreset::Fast => opencv::video::DISOpticalFlow_PRESET_FAST,
-        DisPreset::Medium => opencv::video::DISOpticalFlow_PRESET_MEDIUM,
-    };
+    let p = opencv_preset(preset);
     let mut f = opencv::video::DISOpticalFlow::create(p).expect("DIS");
     let mut b = opencv::video::DISOpticalFlow::create(p).expect("DIS");
-    let greys: Vec<_> = seq
-        .frames
-        .iter()
-        .map(|f| grey_mat(f).expect("grey"))
-        .collect();
+    let greys = greys(seq);
     let mut acc = FlowMetricsAcc::default();
     let mut ms = 0.0;
     for i in 0..seq.gt.len() {
