@@ -18,7 +18,9 @@ use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
 use streamrecon::frame::{Frame, Pose};
 use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVo, FlowVoConfig, WindowBaConfig};
-use streamrecon::geometry::stabilize::{StabilizeConfig, Stabilizer};
+use streamrecon::geometry::stabilize::{
+    StabilizeConfig, Stabilizer, DEFAULT_CONSTANT_VELOCITY_GAIN,
+};
 use streamrecon::geometry::GeometryEngine;
 
 fn hf_energy(p: &[Pose]) -> f64 {
@@ -193,14 +195,20 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
             StabilizeConfig {
                 min_cutoff_hz,
                 beta,
+                constant_velocity_gain: None,
                 ..StabilizeConfig::default()
             },
         );
     }
     // Constant-velocity (alpha-beta) translation, One-Euro rotation at the default settings.
-    for gain in [0.6, 0.4, 0.25] {
+    for gain in [0.6, 0.5, 0.4, 0.25] {
+        let default = if (gain - DEFAULT_CONSTANT_VELOCITY_GAIN).abs() < 1e-12 {
+            " (the default)"
+        } else {
+            ""
+        };
         report(
-            format!("constant velocity, gain {gain}"),
+            format!("constant velocity, gain {gain}{default}"),
             StabilizeConfig {
                 constant_velocity_gain: Some(gain),
                 ..StabilizeConfig::default()

@@ -3,7 +3,9 @@
 //! streamed straight from the renderer (RSS at 10 % of the frames vs the end).
 //!
 //! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES [MAX_POINTS]]]` (defaults 300, 2000 and
-//! 2,000,000; the memory figure in the issues uses 10000).
+//! 2,000,000; the memory figure in the issues uses 10000; FRAMES 0 skips the speed part).
+//!
+//! Uses the binary's allocator (jemalloc), so RSS is what `streamrecon run` would show.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -21,6 +23,9 @@ use streamrecon::source::{Source, SourceOptions, SourceSpec};
 use streamrecon::stats::rss_mib;
 use streamrecon::viewer::RerunTarget;
 
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let nums: Vec<usize> = std::env::args()
         .skip(1)
@@ -29,6 +34,14 @@ fn main() {
     let frames = nums.first().copied().unwrap_or(300);
     let long = nums.get(1).copied().unwrap_or(2000);
     let cap = nums.get(2).copied().unwrap_or(2_000_000);
+    if frames > 0 {
+        speed(frames);
+    }
+    memory(long, cap);
+}
+
+/// The whole pipeline on a pre-rendered sequence, frames per second.
+fn speed(frames: usize) {
     let dir = tempfile::tempdir().expect("temp dir");
     let seq = dir.path().join("seq");
     let world = SynthWorld::new(SynthConfig {
@@ -74,8 +87,10 @@ fn main() {
             .map(|(k, v)| format!("{k} {:.1}/{:.1} ms", v.mean_ms, v.p95_ms))
             .collect::<Vec<_>>()
     );
+}
 
-    // Memory over a long stream: engines and fusion fed straight from the renderer (no files).
+/// Memory over a long stream: engines and fusion fed straight from the renderer (no files).
+fn memory(long: usize, cap: usize) {
     let world = SynthWorld::new(SynthConfig {
         scene: SceneKind::Room,
         trajectory: TrajectoryKind::Loop,
@@ -111,10 +126,11 @@ fn main() {
         }
         if (f.index + 1).is_multiple_of((long / 10).max(1)) {
             println!(
-                "  frame {:>6}: RSS {:.1} MiB, {} fused points",
+                "  frame {:>6}: RSS {:.1} MiB, {} fused points, {} map segments so far",
                 f.index + 1,
                 rss_mib(),
-                fusion.len()
+                fusion.len(),
+                vo.segments()
             );
         }
     }

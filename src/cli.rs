@@ -438,9 +438,14 @@ struct EngineFlags {
     /// reference).
     #[arg(long, default_value_t = streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW, value_name = "N")]
     camera_window: usize,
-    /// Online trajectory stabilization (causal One-Euro filter on the output poses).
+    /// Online trajectory stabilization (causal filter on the output poses: constant-velocity
+    /// translation, One-Euro rotation).
     #[arg(long, value_enum, default_value = "off")]
     stabilize: OnOff,
+    /// Gain α of the stabilizer's constant-velocity filter, in (0, 1]: lower smooths more
+    /// (0 = One-Euro translation instead).
+    #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN, value_name = "ALPHA")]
+    stabilize_gain: f64,
     /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never).
     #[arg(long, default_value_t = 0, value_name = "N")]
     snapshot_every: u64,
@@ -479,6 +484,7 @@ impl Default for EngineFlags {
             camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
             model_dtype: DtypeName::F32,
             stabilize: OnOff::Off,
+            stabilize_gain: streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN,
             memory_update: MemoryUpdateName::Uniform,
             admit_threshold: 0.1,
             novelty_gamma: 0.2,
@@ -498,6 +504,12 @@ impl EngineFlags {
         rerun: RerunTarget,
         progress: bool,
     ) -> Result<PipelineConfig> {
+        if !(0.0..=1.0).contains(&self.stabilize_gain) {
+            bail!(
+                "--stabilize-gain must be in [0, 1] (0 = One-Euro), got {}",
+                self.stabilize_gain
+            );
+        }
         let geometry = match (self.geometry, &self.weights) {
             (Some(GeometryEngineName::Flowvo) | None, None) => {
                 GeometryChoice::FlowVo(FlowVoConfig {
@@ -548,7 +560,10 @@ impl EngineFlags {
             flow,
             geometry,
             snapshot_every: self.snapshot_every,
-            stabilize: (self.stabilize == OnOff::On).then(StabilizeConfig::default),
+            stabilize: (self.stabilize == OnOff::On).then(|| StabilizeConfig {
+                constant_velocity_gain: (self.stabilize_gain > 0.0).then_some(self.stabilize_gain),
+                ..StabilizeConfig::default()
+            }),
             resume: self.resume.clone(),
             out_dir: out,
             rerun,

@@ -58,7 +58,10 @@ struct Voxel {
 /// The world cloud under construction.
 pub struct Fusion {
     config: FusionConfig,
-    voxels: HashMap<[i32; 3], Voxel>,
+    /// Keyed by voxel coordinates; foldhash, not SipHash: keys are not attacker-chosen and the
+    /// map is probed for every confident pixel of every frame. A fixed seed keeps eviction order
+    /// the same from run to run.
+    voxels: HashMap<[i32; 3], Voxel, foldhash::fast::FixedState>,
     evicted: u64,
 }
 
@@ -73,7 +76,7 @@ impl Fusion {
     pub fn new(config: FusionConfig) -> Self {
         Self {
             config,
-            voxels: HashMap::new(),
+            voxels: HashMap::default(),
             evicted: 0,
         }
     }

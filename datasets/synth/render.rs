@@ -49,7 +49,9 @@ impl Camera {
 #[inline]
 fn radiance(scene: &Scene, cam: &Camera, bins: &TileBins, x: f32, y: f32) -> ([f32; 3], f32, u16) {
     let d = cam.ray(x, y);
-    let (px, py) = (x.round().max(0.0) as usize, y.round().max(0.0) as usize);
+    // Samples lie at ≥ −1/3 px: round = floor(x + 0.5), and the cast saturates below 0 (no libm
+    // call on the baseline x86-64 target).
+    let (px, py) = ((x + 0.5) as usize, (y + 0.5) as usize);
     let px = px.min(cam.intr.width as usize - 1);
     let py = py.min(cam.intr.height as usize - 1);
     let candidates = bins.at(px, py).iter().map(|&i| i as usize);
@@ -105,9 +107,14 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
             let mut acc = [0.0f32; 3];
             for sy in 0..n {
                 for sx in 0..n {
-                    let ox = (sx as f32 + 0.5) / n as f32 - 0.5;
-                    let oy = (sy as f32 + 0.5) / n as f32 - 0.5;
-                    let (c, _, _) = radiance(scene, &cam, &bins, x + ox, y + oy);
+                    // With an odd count the middle sub-sample is the pixel centre, already cast.
+                    let c = if n % 2 == 1 && sx == n / 2 && sy == n / 2 {
+                        rgb[i]
+                    } else {
+                        let ox = (sx as f32 + 0.5) / n as f32 - 0.5;
+                        let oy = (sy as f32 + 0.5) / n as f32 - 0.5;
+                        radiance(scene, &cam, &bins, x + ox, y + oy).0
+                    };
                     for k in 0..3 {
                         acc[k] += c[k];
                     }
@@ -156,8 +163,9 @@ pub fn flow_between(
                 };
                 fr[2 * x] = (u - x as f64) as f32;
                 fr[2 * x + 1] = (v - y as f64) as f32;
-                let (xn, yn) = (u.round(), v.round());
-                if xn < 0.0 || yn < 0.0 || xn >= w as f64 || yn >= h as f64 {
+                // Nearest pixel: round(u) = floor(u + 0.5) (round(−0.5) = −1 is outside).
+                let (xn, yn) = (u + 0.5, v + 0.5);
+                if !(xn > 0.0 && yn > 0.0 && xn < w as f64 && yn < h as f64) {
                     continue;
                 }
                 let j = yn as usize * w + xn as usize;

@@ -267,7 +267,7 @@ impl Texture {
             .max(1.0)
             .log2()
             .min((self.levels.len() - 1) as f32);
-        let l0 = lod.floor() as usize;
+        let l0 = lod as usize; // lod ≥ 0: truncation is floor
         let t = lod - l0 as f32;
         let a = self.bilinear(l0, u, v);
         if t < 1e-3 || l0 + 1 >= self.levels.len() {

@@ -30,12 +30,70 @@ fn wheel() -> Vec<[f32; 3]> {
     w
 }
 
+/// `y.atan2(x)` to within 1e-5 rad (a 1/5000 of a wheel segment), exact on the axes and with
+/// atan2's signs of zero (`atan2(−0, −1) = −π`: rightward flow must stay red); about 4× faster than
+/// libm's, which was a visible share of the pipeline's CPU (one call per pixel per frame).
+#[inline]
+fn atan2_approx(y: f32, x: f32) -> f32 {
+    use std::f32::consts::{FRAC_PI_2, PI};
+    let (ax, ay) = (x.abs(), y.abs());
+    let (lo, hi) = (ax.min(ay), ax.max(ay));
+    if hi == 0.0 {
+        return y.atan2(x); // the signed zeros' cases
+    }
+    let t = lo / hi;
+    let s = t * t;
+    // Minimax polynomial for atan on [0, 1] (max error ≈ 1e-5 rad).
+    let mut r = t
+        * (0.999_977_26
+            + s * (-0.332_623_47
+                + s * (0.193_543_46 + s * (-0.116_432_87 + s * (0.052_653_32 - 0.011_721_2 * s)))));
+    if ay > ax {
+        r = FRAC_PI_2 - r;
+    }
+    if x.is_sign_negative() {
+        r = PI - r;
+    }
+    if y.is_sign_negative() {
+        -r
+    } else {
+        r
+    }
+}
+
+/// Hue table entries over the wheel: adjacent entries differ by < 1 grey level.
+const HUE_STEPS: usize = 4096;
+
+/// The wheel's fully saturated colour at `HUE_STEPS` + 1 evenly spaced hues from wheel index 0 to
+/// n − 1 (linear between wheel entries), in 8 bits.
+fn hue_table(wheel: &[[f32; 3]]) -> Vec<[u8; 3]> {
+    let last = (wheel.len() - 1) as f32;
+    (0..=HUE_STEPS)
+        .map(|j| {
+            let fk = j as f32 * last / HUE_STEPS as f32;
+            let k0 = (fk as usize).min(wheel.len() - 1);
+            let k1 = (k0 + 1) % wheel.len();
+            let f = fk - k0 as f32;
+            let mut c = [0u8; 3];
+            for (ch, out) in c.iter_mut().enumerate() {
+                *out = ((1.0 - f) * wheel[k0][ch] + f * wheel[k1][ch] + 0.5).min(255.0) as u8;
+            }
+            c
+        })
+        .collect()
+}
+
 /// Colour-codes a flow field; `max_flow` sets the magnitude of full saturation (None = the field's
 /// largest finite magnitude). Rows are coloured in parallel.
+///
+/// Per pixel: the hue from a 4096-entry table (nearest) and the saturation blend in 8.8 fixed
+/// point, within 1–2 grey levels of the float formula; the float formula per channel cost as much
+/// CPU as DIS in the live pipeline.
 pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
     use rayon::prelude::*;
     let wheel = wheel();
-    let n = wheel.len();
+    let hues = hue_table(&wheel);
+    let hue_scale = HUE_STEPS as f32 / 2.0; // a ∈ [−1, 1] → [0, HUE_STEPS]
     let max = max_flow.unwrap_or_else(|| {
         flow.data
             .par_chunks(2 * flow.width.max(1))
@@ -63,21 +121,55 @@ pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
                 }
                 let (u, v) = (u * inv_max, v * inv_max);
                 let rad = (u * u + v * v).sqrt();
-                let a = (-v).atan2(-u) / std::f32::consts::PI;
-                let fk = f32::midpoint(a, 1.0) * (n - 1) as f32;
-                let k0 = (fk as usize) % n; // fk ≥ 0: truncation is floor
-                let k1 = (k0 + 1) % n;
-                let f = fk - fk.trunc();
-                for c in 0..3 {
-                    let col = ((1.0 - f) * wheel[k0][c] + f * wheel[k1][c]) * (1.0 / 255.0);
-                    let col = if rad <= 1.0 {
-                        1.0 - rad * (1.0 - col)
-                    } else {
-                        col * 0.75
-                    };
-                    px[c] = (255.0 * col + 0.5).min(255.0) as u8;
+                let a = atan2_approx(-v, -u) / std::f32::consts::PI;
+                let j = (((a + 1.0) * hue_scale + 0.5) as i32).clamp(0, HUE_STEPS as i32);
+                let hue = hues[j as usize];
+                let mut rgb = [0u8; 3];
+                if rad <= 1.0 {
+                    // 255 − rad·(255 − hue): white at rest, the hue at full magnitude.
+                    let r = (rad * 256.0 + 0.5) as u32; // ≤ 256
+                    for (o, h) in rgb.iter_mut().zip(hue) {
+                        *o = (255 - ((r * (255 - u32::from(h)) + 128) >> 8)) as u8;
+                    }
+                } else {
+                    // Beyond the normalising magnitude: the hue, darkened.
+                    for (o, h) in rgb.iter_mut().zip(hue) {
+                        *o = ((u32::from(h) * 3 + 2) >> 2) as u8;
+                    }
                 }
+                px.copy_from_slice(&rgb);
             }
         });
     img
+}
+
+#[cfg(test)]
+mod tests {
+    use super::atan2_approx;
+
+    #[test]
+    fn atan2_approximation_matches_libm_everywhere_and_exactly_on_the_axes() {
+        let mut worst = 0.0f32;
+        for i in -50..=50 {
+            for j in -50..=50 {
+                let (y, x) = (i as f32 * 0.37, j as f32 * 0.53);
+                worst = worst.max((atan2_approx(y, x) - y.atan2(x)).abs());
+            }
+        }
+        assert!(worst < 2e-5, "worst error {worst} rad");
+        for (y, x) in [
+            (0.0, 1.0),
+            (-0.0, -1.0),
+            (0.0, -1.0),
+            (2.0, 0.0),
+            (-2.0, -0.0),
+        ] {
+            let (ours, libm) = (atan2_approx(y, x), y.atan2(x));
+            assert_eq!(
+                ours.to_bits(),
+                libm.to_bits(),
+                "atan2({y}, {x}): {ours} vs {libm}"
+            );
+        }
+    }
 }

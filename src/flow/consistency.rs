@@ -32,28 +32,63 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
     let mut conf = vec![0.0f32; w * h];
     let mut occ = vec![true; w * h];
     let mut fused = fuse.then(|| fwd.clone());
-    let fused_rows: Vec<&mut [f32]> = match &mut fused {
-        Some(f) => f.data.chunks_mut(2 * w).collect(),
-        None => Vec::new(),
-    };
+    if w < 2 || h < 2 || (bwd.width, bwd.height) != (w, h) {
+        // Degenerate or mismatched fields: nothing can be checked, everything stays occluded.
+        return FbCheck { conf, occ, fused };
+    }
+    let (xmax, ymax) = ((w - 1) as f32, (h - 1) as f32);
+    let stride = 2 * w;
+    let back = &bwd.data;
+    // Images are far smaller than 2³¹ pixels a side.
+    let (last_cell_x, last_cell_y) = ((w - 2) as i32, (h - 2) as i32);
+    // One row; the bilinear sample of `bwd` is written out here (not `FlowField::sample`) so
+    // the row loop has no calls, one division per pixel, a float column counter and i32
+    // casts (usize ↔ float conversions are instruction sequences on baseline x86-64): this
+    // pass costs about as much as DIS itself.
     let work = |y: usize, cr: &mut [f32], or: &mut [bool], mut fr: Option<&mut [f32]>| {
-        for x in 0..w {
-            let (u, v) = fwd.get(x, y);
-            let Some((bu, bv)) = bwd.sample(x as f32 + u, y as f32 + v) else {
+        let row = &fwd.data[y * stride..(y + 1) * stride];
+        let yf = y as f32;
+        let mut xf = -1.0f32;
+        for (x, ((f, c), o)) in row
+            .chunks_exact(2)
+            .zip(cr.iter_mut())
+            .zip(or.iter_mut())
+            .enumerate()
+        {
+            xf += 1.0;
+            let (u, v) = (f[0], f[1]);
+            let (tx, ty) = (xf + u, yf + v);
+            if !(tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax) {
                 continue;
-            };
+            }
+            // tx, ty ≥ 0: truncation is floor; the last column/row samples its left/top cell.
+            let x0 = (tx as i32).min(last_cell_x);
+            let y0 = (ty as i32).min(last_cell_y);
+            let (fx, fy) = (tx - x0 as f32, ty - y0 as f32);
+            let (x0, y0) = (x0 as usize, y0 as usize);
+            let i = y0 * stride + 2 * x0;
+            let (top, bottom) = (&back[i..i + 4], &back[i + stride..i + stride + 4]);
+            let (w00, w10) = ((1.0 - fx) * (1.0 - fy), fx * (1.0 - fy));
+            let (w01, w11) = ((1.0 - fx) * fy, fx * fy);
+            let bu = top[0] * w00 + top[2] * w10 + bottom[0] * w01 + bottom[2] * w11;
+            let bv = top[1] * w00 + top[3] * w10 + bottom[1] * w01 + bottom[3] * w11;
             let (eu, ev) = (u + bu, v + bv);
             let e2 = eu * eu + ev * ev;
-            let m2 = u * u + v * v + bu * bu + bv * bv;
-            let occluded = e2 > 0.01 * m2 + 0.5;
-            or[x] = occluded;
-            let sigma = 0.5 + 0.05 * (u * u + v * v).sqrt();
-            cr[x] = 1.0 / (1.0 + e2 / (2.0 * sigma * sigma));
-            if let (false, Some(row)) = (occluded, fr.as_deref_mut()) {
-                row[2 * x] = u - 0.5 * eu;
-                row[2 * x + 1] = v - 0.5 * ev;
+            let f2 = u * u + v * v;
+            let occluded = e2 > 0.01 * (f2 + bu * bu + bv * bv) + 0.5;
+            *o = occluded;
+            let sigma = 0.5 + 0.05 * f2.sqrt();
+            let two_s2 = 2.0 * sigma * sigma;
+            *c = two_s2 / (two_s2 + e2);
+            if let (false, Some(out)) = (occluded, fr.as_deref_mut()) {
+                out[2 * x] = u - 0.5 * eu;
+                out[2 * x + 1] = v - 0.5 * ev;
             }
         }
+    };
+    let fused_rows: Vec<&mut [f32]> = match &mut fused {
+        Some(f) => f.data.chunks_mut(stride).collect(),
+        None => Vec::new(),
     };
     if fuse {
         conf.par_chunks_mut(w)

@@ -16,13 +16,13 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 
-use nalgebra::{Point3, Vector3};
+use nalgebra::{Matrix3, Point3, Vector3};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::cv;
 use super::novelty::{NoveltyConfig, NoveltyMeter};
-use super::triangulate::{midpoint, midpoint_cos};
+use super::triangulate::midpoint;
 use super::window_ba::{self, Observation, Window};
 use super::{FrameGeometry, GeometryEngine, GeometryStats};
 use crate::error::{Error, Result};
@@ -182,29 +182,37 @@ impl Chain {
         (self.data[i], self.data[i + 1], self.data[i + 2])
     }
 
-    /// Bilinear sample of (Δx, Δy, confidence); `None` outside.
+    /// The bilinear cell of a sub-pixel position: (index of its top-left value, fx, fy); `None`
+    /// outside. Chains of one size share it, so it is found once per pixel for all of them.
     #[inline]
-    fn sample(&self, x: f32, y: f32) -> Option<[f32; 3]> {
+    fn cell(&self, x: f32, y: f32) -> Option<(usize, f32, f32)> {
         let (w, h) = (self.width, self.height);
         if !(x >= 0.0 && y >= 0.0 && x <= (w - 1) as f32 && y <= (h - 1) as f32) {
             return None;
         }
-        // x, y ≥ 0: truncation is floor.
-        let x0 = (x as usize).min(w.saturating_sub(2));
-        let y0 = (y as usize).min(h.saturating_sub(2));
+        // x, y ≥ 0: truncation is floor (i32 casts: usize ↔ float conversions are instruction
+        // sequences on baseline x86-64, and this runs per pixel per frame).
+        let x0 = (x as i32).min(w.saturating_sub(2) as i32);
+        let y0 = (y as i32).min(h.saturating_sub(2) as i32);
         let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-        let i00 = (y0 * w + x0) * 3;
-        let i10 = i00 + 3;
-        let i01 = i00 + w * 3;
-        let i11 = i01 + 3;
-        let d = &self.data;
+        Some(((y0 as usize * w + x0 as usize) * 3, fx, fy))
+    }
+
+    /// Bilinear sample of (Δx, Δy, confidence) in a cell from [`Chain::cell`].
+    #[inline]
+    fn sample_cell(&self, (i00, fx, fy): (usize, f32, f32)) -> [f32; 3] {
+        let row = 3 * self.width;
+        let (top, bottom) = (
+            &self.data[i00..i00 + 6],
+            &self.data[i00 + row..i00 + row + 6],
+        );
         let mut out = [0.0f32; 3];
         for k in 0..3 {
-            let top = d[i00 + k] + (d[i10 + k] - d[i00 + k]) * fx;
-            let bot = d[i01 + k] + (d[i11 + k] - d[i01 + k]) * fx;
-            out[k] = top + (bot - top) * fy;
+            let t = top[k] + (top[k + 3] - top[k]) * fx;
+            let b = bottom[k] + (bottom[k + 3] - bottom[k]) * fx;
+            out[k] = t + (b - t) * fy;
         }
-        Some(out)
+        out
     }
 
     /// Extends chains by one frame with the backward flow (t → t−1) and its confidence, in one
@@ -238,14 +246,17 @@ impl Chain {
             rows.into_par_iter()
                 .enumerate()
                 .for_each(|(y, mut row_outs)| {
+                    let (mut xf, yf) = (-1.0f32, y as f32);
                     for x in 0..w {
+                        xf += 1.0;
                         let (bu, bv) = bwd.get(x, y);
                         let bc = bwd_conf[y * w + x];
-                        let (px, py) = (x as f32 + bu, y as f32 + bv);
+                        let cell = olds.first().and_then(|o| o.cell(xf + bu, yf + bv));
                         for (old, out) in olds.iter().zip(row_outs.iter_mut()) {
                             let o = &mut out[3 * x..3 * x + 3];
-                            match old.sample(px, py) {
-                                Some([ou, ov, oc]) => {
+                            match cell {
+                                Some(cell) => {
+                                    let [ou, ov, oc] = old.sample_cell(cell);
                                     o[0] = bu + ou;
                                     o[1] = bv + ov;
                                     o[2] = bc * oc;
@@ -658,34 +669,60 @@ impl FlowVo {
         let mut depth = vec![0.0f32; w * h];
         let mut conf = vec![0.0f32; w * h];
         let theta0 = self.config.depth_angle_deg.to_radians();
-        let oc = Point3::from(cur.translation.vector);
-        let ok = Point3::from(key.translation.vector);
-        let cam_from_world = cur.inverse();
-        let (rc, rk) = (
-            cur.rotation.to_rotation_matrix(),
-            key.rotation.to_rotation_matrix(),
+        // The midpoint triangulation of `triangulate::midpoint_cos`, specialised per pixel: rays
+        // are linear maps of the pixel (world_from_cam rotation × K⁻¹, no divisions), the
+        // baseline is fixed, and only the depth is needed from the point.
+        let k_inv = Matrix3::new(
+            1.0 / k.fx,
+            0.0,
+            -k.cx / k.fx,
+            0.0,
+            1.0 / k.fy,
+            -k.cy / k.fy,
+            0.0,
+            0.0,
+            1.0,
         );
+        let ray_cur = cur.rotation.to_rotation_matrix().matrix() * k_inv;
+        let ray_key = key.rotation.to_rotation_matrix().matrix() * k_inv;
+        // Baseline (current − key centre) and the current camera's optical axis in the world.
+        let w0 = cur.translation.vector - key.translation.vector;
+        let axis = cur.rotation * Vector3::z();
+        let ray_cur_dx = ray_cur.column(0).into_owned();
         depth
             .par_chunks_mut(w)
             .zip(conf.par_chunks_mut(w))
             .enumerate()
             .for_each(|(y, (dr, cr))| {
+                let yf = y as f64;
+                let ray_cur_row = ray_cur * Vector3::new(0.0, yf, 1.0);
+                let mut xf = -1.0f64;
                 for x in 0..w {
+                    xf += 1.0;
                     let (u, v, c) = chain.get(x, y);
                     if c <= 0.05 {
                         continue;
                     }
-                    let dc = rc * Self::bearing(&k, x as f64, y as f64);
-                    let dk =
-                        rk * Self::bearing(&k, x as f64 + f64::from(u), y as f64 + f64::from(v));
-                    let Some((p, cos)) = midpoint_cos(&oc, &dc, &ok, &dk) else {
+                    let dc = ray_cur_row + ray_cur_dx * xf;
+                    let dk = ray_key * Vector3::new(xf + f64::from(u), yf + f64::from(v), 1.0);
+                    let (a, b, cc) = (dc.dot(&dc), dc.dot(&dk), dk.dot(&dk));
+                    let (d, e) = (dc.dot(&w0), dk.dot(&w0));
+                    let denom = a * cc - b * b;
+                    if denom.abs() < 1e-12 * a * cc {
                         continue;
-                    };
-                    let z = (cam_from_world * p).z;
-                    if z <= 0.0 {
+                    }
+                    let inv = 1.0 / denom;
+                    let (s, t) = ((b * e - cc * d) * inv, (a * e - b * d) * inv);
+                    if s <= 0.0 || t <= 0.0 {
+                        continue;
+                    }
+                    // Depth of the midpoint (oc + s·dc + ok + t·dk) / 2 along the optical axis.
+                    let z = 0.5 * axis.dot(&(dc * s + dk * t - w0));
+                    if z.is_nan() || z <= 0.0 {
                         continue;
                     }
                     dr[x] = z as f32;
+                    let cos = (b / (a * cc).sqrt()).clamp(-1.0, 1.0);
                     // angle² ≈ 2(1 − cos) for small angles; a rational ramp instead of 1 − exp(−a²/θ0²).
                     let a2 = 2.0 * (1.0 - cos);
                     cr[x] = (f64::from(c) * a2 / (a2 + theta0 * theta0)) as f32;

@@ -1,7 +1,10 @@
-//! Online trajectory stabilization: a causal One-Euro filter on each output pose — translation
-//! per axis, rotation by slerp — whose cutoff rises with speed, so slow jitter is smoothed and
-//! fast motion passes with little lag. Speed is measured relative to the recent median speed, so
-//! the filter does not depend on the (monocular, arbitrary) scale.
+//! Online trajectory stabilization: a causal filter on each output pose. Translation by a
+//! constant-velocity (alpha–beta) filter by default, or per axis by a One-Euro filter; rotation
+//! by a One-Euro slerp whose cutoff rises with speed, so slow jitter is smoothed and fast motion
+//! passes with little lag. Speed is measured relative to the recent median speed, so the filter
+//! does not depend on the (monocular, arbitrary) scale. On flowvo's output (`benches/adaptive.rs`)
+//! the constant-velocity filter (gain 0.6) removes 65–82 % of the trajectory's high-frequency
+//! energy with no lag and no loss of ATE; One-Euro, at the same smoothing, lags and costs ATE.
 //!
 //! `StabilizedEngine` wraps any geometry engine and filters the `world_from_cam` it outputs; depth
 //! stays in the camera frame. The correction (filtered vs raw) is reported per frame.
@@ -33,10 +36,13 @@ pub struct StabilizeConfig {
     /// Translation by a constant-velocity filter instead of One-Euro: the steady-state Kalman
     /// gain α on position (β = α²/(2 − α) on velocity, critically damped). Its prediction
     /// removes the lag of a steady motion, which One-Euro trades against smoothing. `None` =
-    /// One-Euro.
+    /// One-Euro (`min_cutoff_hz`, `beta`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub constant_velocity_gain: Option<f64>,
 }
+
+/// The constant-velocity filter's default gain α.
+pub const DEFAULT_CONSTANT_VELOCITY_GAIN: f64 = 0.6;
 
 impl Default for StabilizeConfig {
     fn default() -> Self {
@@ -46,7 +52,7 @@ impl Default for StabilizeConfig {
             speed_cutoff_hz: 2.0,
             default_dt: 1.0 / 30.0,
             speed_window: 30,
-            constant_velocity_gain: None,
+            constant_velocity_gain: Some(DEFAULT_CONSTANT_VELOCITY_GAIN),
         }
     }
 }
@@ -229,8 +235,11 @@ mod tests {
     use nalgebra::Translation3;
 
     #[test]
-    fn jitter_is_damped_and_a_steady_motion_passes_with_little_lag() {
-        let mut f = Stabilizer::new(StabilizeConfig::default());
+    fn one_euro_damps_jitter_and_a_steady_motion_passes_with_little_lag() {
+        let mut f = Stabilizer::new(StabilizeConfig {
+            constant_velocity_gain: None,
+            ..StabilizeConfig::default()
+        });
         let mut raw_hf = 0.0;
         let mut out_hf = 0.0;
         let mut prev: Option<(Vector3<f64>, Vector3<f64>)> = None;

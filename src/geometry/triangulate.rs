@@ -15,8 +15,8 @@ pub fn midpoint(
     midpoint_cos(o1, d1, o2, d2).map(|(p, cos)| (p, cos.acos()))
 }
 
-/// Like [`midpoint`], but returns the cosine of the parallax angle (no `acos`): for dense,
-/// per-pixel use.
+/// Like [`midpoint`], but returns the cosine of the parallax angle (no `acos`). (flowvo's dense
+/// depth inlines a specialised copy of this per pixel.)
 #[inline]
 pub fn midpoint_cos(
     o1: &Point3<f64>,
