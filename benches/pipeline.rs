@@ -126,10 +126,11 @@ fn memory(long: usize, cap: usize) {
         }
         if (f.index + 1).is_multiple_of((long / 10).max(1)) {
             println!(
-                "  frame {:>6}: RSS {:.1} MiB, {} fused points, {} map segments so far",
+                "  frame {:>6}: RSS {:.1} MiB, {} fused points (room for {}), {} map segments so far",
                 f.index + 1,
                 rss_mib(),
                 fusion.len(),
+                fusion.capacity(),
                 vo.segments()
             );
         }

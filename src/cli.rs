@@ -456,7 +456,8 @@ struct EngineFlags {
     /// Voxel size of the fused cloud, world units.
     #[arg(long, default_value_t = 0.01)]
     voxel: f32,
-    /// Most points kept in the fused cloud.
+    /// Most points kept in the fused cloud (once reached, the voxel map holds about 200–240 bytes
+    /// per point of this cap).
     #[arg(long, default_value_t = 2_000_000)]
     max_points: usize,
     /// Write a depth PNG every N frames (0 = never).

@@ -554,10 +554,11 @@ fn poses_through_the_api_match_ground_truth_like_a_run() {
         api_metrics.ate_rmse_over_length,
         api.len()
     );
-    // A sanity bound on this short, slow 320×240 sequence (measured 2.7 % of the path after
-    // the flow stage's symmetric fusion landed); the test's point is the next check: the
-    // service gives what `streamrecon run` gives.
-    assert!(api_metrics.ate_rmse_over_length < 0.03, "{api_metrics:?}");
+    // A sanity bound on this short, slow 320×240 sequence (2.4 m of path in 60 frames while the
+    // view turns ~2° a frame: 3.6 % of the path measured since the synthetic cameras stopped
+    // whip-panning, 2.7 % on the old paths); the test's point is the next check: the service
+    // gives what `streamrecon run` gives.
+    assert!(api_metrics.ate_rmse_over_length < 0.05, "{api_metrics:?}");
     assert!(
         api_metrics.ate_rmse <= run_metrics.ate_rmse * 1.05 + 1e-6,
         "service {api_metrics:?} vs run {run_metrics:?}"

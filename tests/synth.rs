@@ -157,3 +157,38 @@ fn native_layout_round_trips() {
         }
     }
 }
+
+#[test]
+fn smooth_and_handheld_cameras_never_whip_round() {
+    use nalgebra::Vector3;
+    use streamrecon::datasets::synth::Trajectory;
+    // The room's free box (where cameras move).
+    let (free_min, free_max) = (Vector3::new(-1.6, 1.1, -1.2), Vector3::new(1.6, 1.9, 1.2));
+    let mut worst = (0.0f64, 0u64, 0usize);
+    for kind in [TrajectoryKind::Smooth, TrajectoryKind::Handheld] {
+        for seed in 0..60 {
+            let t = Trajectory::new(kind, seed, free_min, free_max);
+            let mut prev = t.world_from_cam(0);
+            for i in 1..1000 {
+                let p = t.world_from_cam(i);
+                let turn = (prev.rotation.inverse() * p.rotation).angle().to_degrees();
+                if turn > worst.0 {
+                    worst = (turn, seed, i);
+                }
+                prev = p;
+            }
+        }
+    }
+    println!(
+        "largest turn between frames: {:.2}° (seed {}, frame {})",
+        worst.0, worst.1, worst.2
+    );
+    // A hand-held camera at 30 fps; the old look-at-a-target paths reached 150°.
+    assert!(
+        worst.0 < 5.0,
+        "camera turns {:.1}° in one frame (seed {}, frame {})",
+        worst.0,
+        worst.1,
+        worst.2
+    );
+}

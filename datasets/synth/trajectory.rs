@@ -9,7 +9,8 @@ use crate::frame::Pose;
     Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
 )]
 pub enum TrajectoryKind {
-    /// Catmull-Rom spline through random positions, looking at a moving target.
+    /// Catmull-Rom spline through random positions, the heading drifting round the scene with a
+    /// random wobble, the pitch wandering between looking down and level (no whip-pans).
     Smooth,
     /// Smooth plus high-frequency jitter.
     Handheld,
@@ -33,6 +34,13 @@ const JUMP_SKIP: f64 = 7.37;
 pub const STATIC_SEGMENT: usize = 40;
 /// Frames per loop in `loop`.
 pub const LOOP_FRAMES: usize = 300;
+/// Heading drift per control interval (radians; its sign is drawn per seed) and the random
+/// wobble on each control's heading: at most ≈ 2° of turn per frame.
+const YAW_DRIFT: f64 = 0.6;
+const YAW_WOBBLE: f64 = 0.7;
+/// Pitch range of the controls (radians; negative looks down).
+const PITCH_MIN: f64 = -0.55;
+const PITCH_MAX: f64 = 0.1;
 
 /// A trajectory in a free box of the scene, world y up, cameras in OpenCV axes.
 #[derive(Debug, Clone)]
@@ -41,8 +49,6 @@ pub struct Trajectory {
     seed: u64,
     free_min: Vector3<f64>,
     free_max: Vector3<f64>,
-    /// Targets are looked at from within the free box; they live on a larger box.
-    target_scale: f64,
 }
 
 fn unit_hash(i: i64, k: u64, seed: u64) -> f64 {
@@ -102,7 +108,6 @@ impl Trajectory {
             seed,
             free_min: free_min.cast(),
             free_max: free_max.cast(),
-            target_scale: 2.5,
         }
     }
 
@@ -130,14 +135,37 @@ impl Trajectory {
 
     fn smooth_at(&self, s: f64) -> Pose {
         let eye = self.spline(s, 0, 1.0);
-        // The target moves on its own, slower spline over a larger box.
-        let target = self.spline(s * 0.8 + 11.0, 10, self.target_scale);
-        let target = if (target - eye).norm() < 0.5 {
-            eye + Vector3::new(0.0, 0.0, 1.0)
+        // The view direction from heading/pitch splines, not by looking at a second random
+        // path: that target passed close to the eye every few hundred frames, and the camera
+        // whipped round by 20–150° in a frame (or, within 0.5 m, jumped to a fixed direction).
+        let spin = if unit_hash(0, 30, self.seed) < 0.5 {
+            -YAW_DRIFT
         } else {
-            target
+            YAW_DRIFT
         };
-        look_at(&eye, &target)
+        let yaw0 = std::f64::consts::TAU * unit_hash(0, 31, self.seed);
+        let angles = |k: i64| {
+            Vector3::new(
+                yaw0 + spin * k as f64 + YAW_WOBBLE * (2.0 * unit_hash(k, 32, self.seed) - 1.0),
+                PITCH_MIN + (PITCH_MAX - PITCH_MIN) * unit_hash(k, 33, self.seed),
+                0.0,
+            )
+        };
+        let i = s.floor() as i64;
+        let a = catmull_rom(
+            angles(i - 1),
+            angles(i),
+            angles(i + 1),
+            angles(i + 2),
+            s - s.floor(),
+        );
+        let (yaw, pitch) = (a.x, a.y.clamp(PITCH_MIN, PITCH_MAX));
+        let forward = Vector3::new(
+            pitch.cos() * yaw.sin(),
+            pitch.sin(),
+            pitch.cos() * yaw.cos(),
+        );
+        look_at(&eye, &(eye + forward))
     }
 
     /// Frames at which `jumpy` changes viewpoint abruptly (frame k is the first after a jump).
