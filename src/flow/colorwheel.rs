@@ -31,8 +31,8 @@ fn wheel() -> Vec<[f32; 3]> {
 }
 
 /// `y.atan2(x)` to within 1e-5 rad (a 1/5000 of a wheel segment), exact on the axes and with
-/// atan2's signs of zero (`atan2(−0, −1) = −π`: rightward flow must stay red); about 4× faster than
-/// libm's, which was a visible share of the pipeline's CPU (one call per pixel per frame).
+/// atan2's signs of zero (`atan2(−0, −1) = −π`: rightward flow must stay red); no libm call,
+/// which was a visible share of the pipeline's CPU (one call per pixel per frame).
 #[inline]
 fn atan2_approx(y: f32, x: f32) -> f32 {
     use std::f32::consts::{FRAC_PI_2, PI};
@@ -87,8 +87,8 @@ fn hue_table(wheel: &[[f32; 3]]) -> Vec<[u8; 3]> {
 /// largest finite magnitude). Rows are coloured in parallel.
 ///
 /// Per pixel: the hue from a 4096-entry table (nearest) and the saturation blend in 8.8 fixed
-/// point, within 1–2 grey levels of the float formula; the float formula per channel cost as much
-/// CPU as DIS in the live pipeline.
+/// point, within 1–2 grey levels of the float formula; the float formula per channel cost nearly
+/// as much CPU as DIS in the live pipeline.
 pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
     use rayon::prelude::*;
     let wheel = wheel();

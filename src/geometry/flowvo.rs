@@ -187,7 +187,7 @@ impl Chain {
     #[inline]
     fn cell(&self, x: f32, y: f32) -> Option<(usize, f32, f32)> {
         let (w, h) = (self.width, self.height);
-        if !(x >= 0.0 && y >= 0.0 && x <= (w - 1) as f32 && y <= (h - 1) as f32) {
+        if w < 2 || h < 2 || !(x >= 0.0 && y >= 0.0 && x <= (w - 1) as f32 && y <= (h - 1) as f32) {
             return None;
         }
         // x, y ≥ 0: truncation is floor (i32 casts: usize ↔ float conversions are instruction
