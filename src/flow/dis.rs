@@ -88,7 +88,7 @@ struct Prev {
     grey: Mat,
     /// Constant-velocity initial flows for the next pair (forward, backward): the pair that ended
     /// at this frame, negated (only with the temporal prior on).
-    priors: Option<(FlowField, FlowField)>,
+    priors: Option<(Mat, Mat)>,
 }
 
 /// The `dis` engine.
@@ -210,13 +210,10 @@ impl DisEngine {
         dis: &mut opencv::core::Ptr<DISOpticalFlow>,
         a: &Mat,
         b: &Mat,
-        init: Option<&FlowField>,
+        init: Option<Mat>,
     ) -> Result<FlowField> {
         // DIS starts from the input flow when it has the image's size and type (OpenCV ≥ 4.0).
-        let mut flow = match init {
-            Some(f) => mat_from_flow(f)?,
-            None => Mat::default(),
-        };
+        let mut flow = init.unwrap_or_default();
         dis.calc(a, b, &mut flow)?;
         flow_from_mat(&flow)
     }
@@ -226,10 +223,13 @@ impl DisEngine {
         &mut self,
         a: &Mat,
         b: &Mat,
-        fwd_init: Option<&FlowField>,
-        bwd_init: Option<&FlowField>,
+        priors: Option<(Mat, Mat)>,
     ) -> Result<(FlowField, FlowField)> {
         let (fwd_dis, bwd_dis) = (&mut self.fwd, &mut self.bwd);
+        let (fwd_init, bwd_init) = match priors {
+            Some((f, b)) => (Some(f), Some(b)),
+            None => (None, None),
+        };
         let (fwd, bwd) = rayon::join(
             || Self::calc(fwd_dis, a, b, fwd_init),
             || Self::calc(bwd_dis, b, a, bwd_init),
@@ -258,12 +258,19 @@ impl DisEngine {
     }
 }
 
-fn negated(f: &FlowField) -> FlowField {
-    FlowField {
-        width: f.width,
-        height: f.height,
-        data: f.data.iter().map(|v| -v).collect(),
+/// A flow field negated, straight into a CV_32FC2 matrix (the next pair's initial flow).
+fn negated_mat(f: &FlowField) -> Result<Mat> {
+    let mut m = Mat::new_rows_cols_with_default(
+        f.height as i32,
+        f.width as i32,
+        CV_32FC2,
+        Scalar::all(0.0),
+    )?;
+    let dst = m.data_typed_mut::<Vec2f>()?;
+    for (d, s) in dst.iter_mut().zip(f.data.chunks_exact(2)) {
+        *d = Vec2f::from([-s[0], -s[1]]);
     }
+    Ok(m)
 }
 
 impl FlowEngine for DisEngine {
@@ -298,11 +305,7 @@ impl FlowEngine for DisEngine {
             });
             return Ok(Vec::new());
         };
-        let (fwd_prior, bwd_prior) = match &prev.priors {
-            Some((f, b)) => (Some(f), Some(b)),
-            None => (None, None),
-        };
-        let (fwd, bwd) = self.pair(&prev.grey, &grey, fwd_prior, bwd_prior)?;
+        let (fwd, bwd) = self.pair(&prev.grey, &grey, prev.priors)?;
         // Confidence and occlusion are judged on the raw estimates, before they are refined by
         // each other.
         let fuse = self.config.symmetric_fusion;
@@ -312,10 +315,11 @@ impl FlowEngine for DisEngine {
         let (fwd, bwd) = self.refine(&prev.grey, &grey, fwd, bwd)?;
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
-        let priors = self
-            .config
-            .temporal_prior
-            .then(|| (negated(&bwd), negated(&fwd)));
+        let priors = if self.config.temporal_prior {
+            Some((negated_mat(&bwd)?, negated_mat(&fwd)?))
+        } else {
+            None
+        };
         let out = PairFlow {
             from: prev.index,
             to: frame.index,
