@@ -172,6 +172,17 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
         hf_energy(&raw),
         hf_energy(&gt)
     );
+    // Prints one smoothed trajectory's row against the raw one.
+    let row = |label: &str, stab: &[Pose]| {
+        let m = pose_metrics(&gt, stab, 1).expect("metrics");
+        println!(
+            "  {label}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
+            m.ate_rmse,
+            (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
+            hf_energy(stab) / hf_energy(&raw) * 100.0,
+            lag(stab, &raw)
+        );
+    };
     // Filters the raw trajectory with one setting and prints its row.
     let report = |label: String, config: StabilizeConfig| {
         let mut s = Stabilizer::new(config);
@@ -180,14 +191,7 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
             .zip(&stamps)
             .map(|(p, t)| s.filter(*t, p).0)
             .collect();
-        let m = pose_metrics(&gt, &stab, 1).expect("metrics");
-        println!(
-            "  {label}: ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
-            m.ate_rmse,
-            (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
-            hf_energy(&stab) / hf_energy(&raw) * 100.0,
-            lag(&stab, &raw)
-        );
+        row(&label, &stab);
     };
     for (min_cutoff_hz, beta) in [(8.0, 1.0), (6.0, 0.5), (4.0, 1.0), (2.0, 1.0), (1.0, 0.5)] {
         report(
@@ -227,12 +231,5 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
             Pose::from_parts(c.into(), raw[i].rotation)
         })
         .collect();
-    let m = pose_metrics(&gt, &centred, 1).expect("metrics");
-    println!(
-        "  centred [1,2,1]/4, 1 frame latency (bench only): ATE {:.4} ({:+.1}% vs raw), HF energy {:.1}% of raw, lag {} frames",
-        m.ate_rmse,
-        (m.ate_rmse / m_raw.ate_rmse - 1.0) * 100.0,
-        hf_energy(&centred) / hf_energy(&raw) * 100.0,
-        lag(&centred, &raw)
-    );
+    row("centred [1,2,1]/4, 1 frame latency (bench only)", &centred);
 }

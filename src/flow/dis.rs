@@ -150,6 +150,11 @@ pub fn grey_mat(img: &RgbImage) -> Result<Mat> {
 /// # Errors
 /// OpenCV allocation failure.
 pub fn mat_from_flow(f: &FlowField) -> Result<Mat> {
+    scaled_mat_from_flow(f, 1.0)
+}
+
+/// `scale` × a flow field, into a CV_32FC2 matrix (−1: the next pair's initial flow).
+fn scaled_mat_from_flow(f: &FlowField, scale: f32) -> Result<Mat> {
     let mut m = Mat::new_rows_cols_with_default(
         f.height as i32,
         f.width as i32,
@@ -158,7 +163,7 @@ pub fn mat_from_flow(f: &FlowField) -> Result<Mat> {
     )?;
     let dst = m.data_typed_mut::<Vec2f>()?;
     for (d, s) in dst.iter_mut().zip(f.data.chunks_exact(2)) {
-        *d = Vec2f::from([s[0], s[1]]);
+        *d = Vec2f::from([scale * s[0], scale * s[1]]);
     }
     Ok(m)
 }
@@ -258,21 +263,6 @@ impl DisEngine {
     }
 }
 
-/// A flow field negated, straight into a CV_32FC2 matrix (the next pair's initial flow).
-fn negated_mat(f: &FlowField) -> Result<Mat> {
-    let mut m = Mat::new_rows_cols_with_default(
-        f.height as i32,
-        f.width as i32,
-        CV_32FC2,
-        Scalar::all(0.0),
-    )?;
-    let dst = m.data_typed_mut::<Vec2f>()?;
-    for (d, s) in dst.iter_mut().zip(f.data.chunks_exact(2)) {
-        *d = Vec2f::from([-s[0], -s[1]]);
-    }
-    Ok(m)
-}
-
 impl FlowEngine for DisEngine {
     fn name(&self) -> &'static str {
         "dis"
@@ -316,7 +306,10 @@ impl FlowEngine for DisEngine {
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
         let priors = if self.config.temporal_prior {
-            Some((negated_mat(&bwd)?, negated_mat(&fwd)?))
+            Some((
+                scaled_mat_from_flow(&bwd, -1.0)?,
+                scaled_mat_from_flow(&fwd, -1.0)?,
+            ))
         } else {
             None
         };

@@ -326,8 +326,6 @@ pub struct FlowVo {
     recent_steps: VecDeque<f64>,
     /// Novelty weight of recent frames (pose-adaptive mode only), for the bundle adjustment.
     novelty_weights: BTreeMap<u64, f64>,
-    /// Windowed bundle adjustments run and the median reprojection error they left, for stats.
-    ba_runs: u64,
 }
 
 /// Steps remembered for the jump check.
@@ -381,7 +379,6 @@ impl FlowVo {
             keyframe_base: 0,
             recent_steps: VecDeque::new(),
             novelty_weights: BTreeMap::new(),
-            ba_runs: 0,
         }
     }
 
@@ -975,7 +972,6 @@ impl FlowVo {
             refined.median_px_before,
             refined.median_px_after
         );
-        self.ba_runs += 1;
         // Each window frame's correction (new · old⁻¹, world side); frames between two window
         // frames get the correction interpolated, so the recent path stays one consistent piece.
         let corrections: Vec<Pose> = frames
