@@ -7,7 +7,8 @@
 //! 3. `smooth` sequences with sensor noise (σ = 0.03): jitter that is estimation error, not
 //!    camera motion — the case a stabilizer is for; same figures as 2.
 //!
-//! `cargo bench --bench adaptive [-- FRAMES] [--stabilize-only] [--bundle-adjust]` (default 300;
+//! `cargo bench --bench adaptive [-- FRAMES] [--stabilize-only] [--seeds=N] [--bundle-adjust]`
+//! (default 300 frames, seeds 1 and 2 for cases 2 and 3;
 //! `--bundle-adjust` runs case 1 with flowvo's windowed bundle adjustment, where adaptive mode
 //! also weighs each frame's observations by its novelty).
 
@@ -19,7 +20,8 @@ use streamrecon::flow::FlowEngine;
 use streamrecon::frame::{Frame, Pose};
 use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVo, FlowVoConfig, WindowBaConfig};
 use streamrecon::geometry::stabilize::{
-    StabilizeConfig, Stabilizer, DEFAULT_CONSTANT_VELOCITY_GAIN,
+    FixedLagSmoother, StabilizeConfig, Stabilizer, DEFAULT_CONSTANT_VELOCITY_GAIN,
+    DEFAULT_LATENCY_FRAMES, DEFAULT_SMOOTHER_BLEND,
 };
 use streamrecon::geometry::GeometryEngine;
 
@@ -110,6 +112,9 @@ fn main() {
         .unwrap_or(300);
     let stabilize_only = std::env::args().any(|a| a == "--stabilize-only");
     let bundle_adjust = std::env::args().any(|a| a == "--bundle-adjust");
+    let seeds: u64 = std::env::args()
+        .find_map(|a| a.strip_prefix("--seeds=").and_then(|v| v.parse().ok()))
+        .unwrap_or(2);
     let adaptive_cases: &[TrajectoryKind] = if stabilize_only {
         &[]
     } else {
@@ -150,7 +155,7 @@ fn main() {
         (TrajectoryKind::Handheld, 0.0),
         (TrajectoryKind::Smooth, 0.03),
     ] {
-        for seed in [1u64, 2] {
+        for seed in 1..=seeds {
             stabilize_case(trajectory, noise, frames, seed);
         }
     }
@@ -200,6 +205,7 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
                 min_cutoff_hz,
                 beta,
                 constant_velocity_gain: None,
+                latency_frames: 0,
                 ..StabilizeConfig::default()
             },
         );
@@ -207,7 +213,7 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
     // Constant-velocity (alpha-beta) translation, One-Euro rotation at the default settings.
     for gain in [0.6, 0.5, 0.4, 0.25] {
         let default = if (gain - DEFAULT_CONSTANT_VELOCITY_GAIN).abs() < 1e-12 {
-            " (the default)"
+            " (the causal default)"
         } else {
             ""
         };
@@ -215,21 +221,27 @@ fn stabilize_case(trajectory: TrajectoryKind, noise: f32, frames: usize, seed: u
             format!("constant velocity, gain {gain}{default}"),
             StabilizeConfig {
                 constant_velocity_gain: Some(gain),
+                latency_frames: 0,
                 ..StabilizeConfig::default()
             },
         );
     }
-    // For comparison, not in the engine: a centred [1, 2, 1] / 4 smoother on the camera centres,
-    // one frame of latency (each output waits for the next frame), no lag.
-    let centred: Vec<Pose> = (0..raw.len())
-        .map(|i| {
-            let (a, b) = (i.saturating_sub(1), (i + 1).min(raw.len() - 1));
-            let c = (raw[a].translation.vector
-                + 2.0 * raw[i].translation.vector
-                + raw[b].translation.vector)
-                / 4.0;
-            Pose::from_parts(c.into(), raw[i].rotation)
-        })
-        .collect();
-    row("centred [1,2,1]/4, 1 frame latency (bench only)", &centred);
+    // The fixed-latency centred smoother (the default: latency 1, blend 0.8).
+    for (latency, blend) in [(1, 0.6), (1, 0.8), (1, 1.0), (2, 0.6), (2, 0.8)] {
+        let mut s = FixedLagSmoother::new(latency, blend);
+        let mut stab: Vec<Pose> = Vec::with_capacity(raw.len());
+        for p in &raw {
+            stab.extend(s.push(*p, ()).into_iter().map(|(q, _, ())| q));
+        }
+        stab.extend(s.finish().into_iter().map(|(q, _, ())| q));
+        let default = if latency == DEFAULT_LATENCY_FRAMES && blend == DEFAULT_SMOOTHER_BLEND {
+            " (the default)"
+        } else {
+            ""
+        };
+        row(
+            &format!("centred smoother, latency {latency} frames, blend {blend}{default}"),
+            &stab,
+        );
+    }
 }

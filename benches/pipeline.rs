@@ -3,7 +3,8 @@
 //! streamed straight from the renderer (RSS at 10 % of the frames vs the end).
 //!
 //! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES [MAX_POINTS]]]` (defaults 300, 2000 and
-//! 2,000,000; the memory figure in the issues uses 10000; FRAMES 0 skips the speed part).
+//! 2,000,000; the memory figure in the issues uses 10000; FRAMES 0 skips the speed part,
+//! LONG_FRAMES 0 the memory part).
 //!
 //! Uses the binary's allocator (jemalloc), so RSS is what `streamrecon run` would show.
 
@@ -37,7 +38,9 @@ fn main() {
     if frames > 0 {
         speed(frames);
     }
-    memory(long, cap);
+    if long > 0 {
+        memory(long, cap);
+    }
 }
 
 /// The whole pipeline on a pre-rendered sequence, frames per second.

@@ -439,12 +439,19 @@ struct EngineFlags {
     /// reference).
     #[arg(long, default_value_t = streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW, value_name = "N")]
     camera_window: usize,
-    /// Online trajectory stabilization (causal filter on the output poses: constant-velocity
-    /// translation, One-Euro rotation).
+    /// Online trajectory stabilization of the output poses (see --stabilize-latency).
     #[arg(long, value_enum, default_value = "off")]
     stabilize: OnOff,
-    /// Gain α of the stabilizer's constant-velocity filter, in (0, 1]: lower smooths more
-    /// (0 = One-Euro translation instead).
+    /// Frames each stabilized pose waits for: 1 or 2 = a centred smoother that sees that many
+    /// later frames; 0 = a causal filter (constant-velocity translation, One-Euro rotation),
+    /// no delay but less accurate.
+    #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_LATENCY_FRAMES, value_name = "N", value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u8).range(0..=2), usize::from))]
+    stabilize_latency: usize,
+    /// How far the centred smoother moves each pose towards its neighbours' average, in (0, 1].
+    #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_SMOOTHER_BLEND, value_name = "B")]
+    stabilize_blend: f64,
+    /// Gain α of the causal filter's constant-velocity translation (--stabilize-latency 0), in
+    /// (0, 1]: lower smooths more (0 = One-Euro translation instead).
     #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN, value_name = "ALPHA")]
     stabilize_gain: f64,
     /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never).
@@ -486,6 +493,8 @@ impl Default for EngineFlags {
             camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
             model_dtype: DtypeName::F32,
             stabilize: OnOff::Off,
+            stabilize_latency: streamrecon::geometry::stabilize::DEFAULT_LATENCY_FRAMES,
+            stabilize_blend: streamrecon::geometry::stabilize::DEFAULT_SMOOTHER_BLEND,
             stabilize_gain: streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN,
             memory_update: MemoryUpdateName::Uniform,
             admit_threshold: 0.1,
@@ -510,6 +519,12 @@ impl EngineFlags {
             bail!(
                 "--stabilize-gain must be in [0, 1] (0 = One-Euro), got {}",
                 self.stabilize_gain
+            );
+        }
+        if !(self.stabilize_blend > 0.0 && self.stabilize_blend <= 1.0) {
+            bail!(
+                "--stabilize-blend must be in (0, 1], got {}",
+                self.stabilize_blend
             );
         }
         let geometry = match (self.geometry, &self.weights) {
@@ -564,6 +579,8 @@ impl EngineFlags {
             snapshot_every: self.snapshot_every,
             stabilize: (self.stabilize == OnOff::On).then(|| StabilizeConfig {
                 constant_velocity_gain: (self.stabilize_gain > 0.0).then_some(self.stabilize_gain),
+                latency_frames: self.stabilize_latency,
+                smoother_blend: self.stabilize_blend,
                 ..StabilizeConfig::default()
             }),
             resume: self.resume.clone(),

@@ -4,7 +4,10 @@
 //!   where the flow is unconfident or occluded.
 //! - Initialisation: once the tracks' median displacement from the segment's reference frame
 //!   exceeds a parallax threshold, essential matrix + RANSAC, pose recovery and triangulation
-//!   (OpenCV calib3d). Frames seen meanwhile are held back and posed by PnP once the map exists.
+//!   (OpenCV calib3d), accepted only when the triangulated points' median ray angle reaches 2°
+//!   (a turn displaces pixels without revealing depth; maps started from less drifted in scale
+//!   on a third of our synthetic sequences, `benches/flowvo_seeds.rs`). Frames seen meanwhile
+//!   are held back and posed by PnP once the map exists.
 //! - Tracking: PnP + RANSAC against the triangulated tracks; new tracks are triangulated once their
 //!   parallax suffices. Too few inliers = tracking lost: a new map segment starts at the last pose
 //!   (scale matched to the previous segment's median depth) and is reported.
@@ -44,6 +47,14 @@ pub struct FlowVoConfig {
     pub min_track_confidence: f32,
     /// Median track displacement (fraction of the image width) needed to initialise.
     pub init_parallax: f64,
+    /// Median ray angle of the initial map's points needed to initialise, degrees: the parallax
+    /// left once the rotation is taken out (pixel displacement alone is satisfied by a turn,
+    /// which leaves the translation and so the map's shape unobservable).
+    #[serde(default = "default_init_min_angle_deg")]
+    pub init_min_angle_deg: f64,
+    /// Least ray angle of a point in the initial map, as a fraction of `min_triangulation_deg`.
+    #[serde(default = "default_init_point_angle_fraction")]
+    pub init_point_angle_fraction: f64,
     /// Frames to wait for initialisation before giving up and starting over.
     pub max_init_frames: usize,
     /// Fewest PnP inliers for a tracked pose.
@@ -115,6 +126,14 @@ impl Default for AdaptiveKeyframes {
     }
 }
 
+fn default_init_min_angle_deg() -> f64 {
+    2.0
+}
+
+fn default_init_point_angle_fraction() -> f64 {
+    1.0
+}
+
 impl Default for FlowVoConfig {
     fn default() -> Self {
         Self {
@@ -124,6 +143,8 @@ impl Default for FlowVoConfig {
             min_texture: 1.5,
             min_track_confidence: 0.1,
             init_parallax: 0.03,
+            init_min_angle_deg: default_init_min_angle_deg(),
+            init_point_angle_fraction: default_init_point_angle_fraction(),
             max_init_frames: 60,
             min_inliers: 20,
             ransac_px: 1.5,
@@ -554,17 +575,23 @@ impl FlowVo {
                 b[j],
                 2.0 * f64::from(self.config.ransac_px),
             ) {
-                if ang >= min_angle * 0.5 {
+                if ang >= min_angle * self.config.init_point_angle_fraction {
                     points.push((ti, p, ang));
                 }
             }
         }
         let n_inl = inliers.iter().filter(|&&b| b).count();
+        let mut angles: Vec<f64> = points.iter().map(|(_, _, a)| *a).collect();
+        let median_angle = median(&mut angles).unwrap_or(0.0);
         log::debug!(
-            "flowvo init try at {index}: {} tracks from {reference}, median disp {md:.1} px, {n_inl} E inliers, {} triangulated",
+            "flowvo init try at {index}: {} tracks from {reference}, median disp {md:.1} px, {n_inl} E inliers, {} triangulated, median ray angle {:.2} deg",
             idx.len(),
-            points.len()
+            points.len(),
+            median_angle.to_degrees()
         );
+        if median_angle < self.config.init_min_angle_deg.to_radians() {
+            return Ok(false);
+        }
         if points.len() < self.config.min_inliers * 2
             || points.len() * 2 < n_inl
             || (n_inl as f64) < self.config.init_inlier_fraction * idx.len() as f64
@@ -833,6 +860,11 @@ impl FlowVo {
             }
         }
         self.poses.insert(index, pose);
+        log::debug!(
+            "flowvo: frame {index}: PnP {n} inliers of {} mapped, {} tracks",
+            self.tracks.iter().filter(|t| t.point.is_some()).count(),
+            self.tracks.len()
+        );
         self.triangulate_new_tracks(index);
         let k = self.k();
         let mapped_now = self.tracks.iter().filter(|t| t.mapped_at_keyframe).count();
