@@ -101,3 +101,35 @@ fn flowvo_survives_jumps_and_reports_new_segments() {
         "the jumps at frames 60 and 120 are detected as tracking loss"
     );
 }
+
+#[test]
+fn a_pure_turn_never_starts_a_map() {
+    // Rotation about a fixed centre displaces pixels but gives no depth: initialising on it would
+    // fix a map of arbitrary shape. Every frame must still come out, untracked.
+    let world = SynthWorld::new(common::synth_config(
+        TrajectoryKind::Rotation,
+        80,
+        320,
+        240,
+        2,
+    ));
+    let mut flow = DisEngine::new(DisConfig::default()).unwrap();
+    let mut vo = FlowVo::new(FlowVoConfig::default());
+    let mut out = Vec::new();
+    for f in world.frames() {
+        let frame = Frame {
+            index: f.index as u64,
+            source_index: f.index as u64,
+            timestamp: f.timestamp,
+            image: f.image,
+            intrinsics: Some(world.intrinsics),
+            gt: None,
+        };
+        let pairs = flow.push(&frame).unwrap();
+        out.extend(vo.push(&frame, pairs.last()).unwrap());
+    }
+    out.extend(vo.flush().unwrap());
+    assert_eq!(out.len(), 80, "one geometry per frame");
+    let tracked = out.iter().filter(|g| g.stats.tracked).count();
+    assert_eq!(tracked, 0, "{tracked} frames tracked on a pure turn");
+}

@@ -137,6 +137,26 @@ fn same_seed_gives_same_bytes() {
 }
 
 #[test]
+fn skipping_the_flow_changes_nothing_else() {
+    let cfg = common::synth_config(TrajectoryKind::Handheld, 4, 96, 64, 3);
+    let without = streamrecon::datasets::synth::SynthConfig {
+        flow: false,
+        ..cfg.clone()
+    };
+    let (a, b) = (SynthWorld::new(cfg), SynthWorld::new(without));
+    let mut n = 0;
+    for (fa, fb) in a.frames().zip(b.frames()) {
+        assert!(fb.flow_fwd.is_none() && fb.flow_bwd.is_none());
+        assert_eq!(fa.flow_fwd.is_some(), fa.index < 3);
+        assert_eq!(fa.image.as_raw(), fb.image.as_raw());
+        assert_eq!(fa.view.depth, fb.view.depth);
+        assert_eq!(fa.view.world_from_cam, fb.view.world_from_cam);
+        n += 1;
+    }
+    assert_eq!(n, 4);
+}
+
+#[test]
 fn native_layout_round_trips() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = common::synth_config(TrajectoryKind::Static, 3, 64, 48, 2);

@@ -75,6 +75,14 @@ pub struct SynthConfig {
     pub hfov_deg: f64,
     pub fps: f64,
     pub degrade: Degrade,
+    /// Render the optical flow and occlusion ground truth between consecutive frames (about a
+    /// fifth of the rendering time; layouts without flow files skip it).
+    #[serde(default = "default_flow")]
+    pub flow: bool,
+}
+
+fn default_flow() -> bool {
+    true
 }
 
 impl Default for SynthConfig {
@@ -89,6 +97,7 @@ impl Default for SynthConfig {
             hfov_deg: crate::frame::DEFAULT_HFOV_DEG,
             fps: 30.0,
             degrade: Degrade::default(),
+            flow: true,
         }
     }
 }
@@ -230,6 +239,10 @@ impl Iterator for SynthFrames<'_> {
                 flow_bwd: None,
             };
             if let Some(mut prev) = self.pending.take() {
+                if !w.config.flow {
+                    self.pending = Some(frame);
+                    return Some(prev);
+                }
                 let (fwd, bwd) = rayon::join(
                     || flow_between(&prev.view, &frame.view, &w.intrinsics),
                     || flow_between(&frame.view, &prev.view, &w.intrinsics),

@@ -5,9 +5,11 @@
 //! - Initialisation: once the tracks' median displacement from the segment's reference frame
 //!   exceeds a parallax threshold, essential matrix + RANSAC, pose recovery and triangulation
 //!   (OpenCV calib3d), accepted only when the triangulated points' median ray angle reaches 2°
-//!   (a turn displaces pixels without revealing depth; maps started from less drifted in scale
-//!   on a third of our synthetic sequences, `benches/flowvo_seeds.rs`). Frames seen meanwhile
-//!   are held back and posed by PnP once the map exists.
+//!   and the parallax left after the best pure rotation between the views is at least 5 % of
+//!   that rotation (a turn displaces pixels without revealing depth, and the essential matrix
+//!   of a pure turn is arbitrary; maps started from less drifted in scale on a third of our
+//!   synthetic sequences, `benches/flowvo_seeds.rs`). Frames seen meanwhile are held back and
+//!   posed by PnP once the map exists.
 //! - Tracking: PnP + RANSAC against the triangulated tracks; new tracks are triangulated once their
 //!   parallax suffices. Too few inliers = tracking lost: a new map segment starts at the last pose
 //!   (scale matched to the previous segment's median depth) and is reported.
@@ -52,6 +54,12 @@ pub struct FlowVoConfig {
     /// which leaves the translation and so the map's shape unobservable).
     #[serde(default = "default_init_min_angle_deg")]
     pub init_min_angle_deg: f64,
+    /// Median parallax left after the best pure rotation of one view onto the other, per unit
+    /// of that rotation's angle, needed to initialise. A turn leaves none (only the tracks'
+    /// drift: ≤ 0.026 on our synthetic pure turns), whatever the essential matrix claims; the
+    /// synthetic translating paths initialise at 0.08–0.23.
+    #[serde(default = "default_init_parallax_per_turn")]
+    pub init_parallax_per_turn: f64,
     /// Least ray angle of a point in the initial map, as a fraction of `min_triangulation_deg`.
     #[serde(default = "default_init_point_angle_fraction")]
     pub init_point_angle_fraction: f64,
@@ -126,8 +134,32 @@ impl Default for AdaptiveKeyframes {
     }
 }
 
+/// Median angle (radians) between the bearings `b` and the best pure rotation of the bearings
+/// `a` (Wahba's problem, by SVD): the parallax a camera turn cannot explain; and that rotation's
+/// angle. Unlike the ray angles of a triangulation it needs no essential-matrix decomposition,
+/// which a pure turn leaves undetermined.
+fn parallax_beyond_rotation(a: &[Vector3<f64>], b: &[Vector3<f64>]) -> (f64, f64) {
+    let mut m = Matrix3::zeros();
+    for (p, q) in a.iter().zip(b) {
+        m += q.normalize() * p.normalize().transpose();
+    }
+    let svd = m.svd(true, true);
+    let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
+        return (0.0, 0.0);
+    };
+    let d = (u * v_t).determinant().signum();
+    let r = u * Matrix3::from_diagonal(&Vector3::new(1.0, 1.0, d)) * v_t;
+    let mut angles: Vec<f64> = a.iter().zip(b).map(|(p, q)| (r * p).angle(q)).collect();
+    let turn = nalgebra::Rotation3::from_matrix_unchecked(r).angle();
+    (median(&mut angles).unwrap_or(0.0), turn)
+}
+
 fn default_init_min_angle_deg() -> f64 {
     2.0
+}
+
+fn default_init_parallax_per_turn() -> f64 {
+    0.05
 }
 
 fn default_init_point_angle_fraction() -> f64 {
@@ -144,6 +176,7 @@ impl Default for FlowVoConfig {
             min_track_confidence: 0.1,
             init_parallax: 0.03,
             init_min_angle_deg: default_init_min_angle_deg(),
+            init_parallax_per_turn: default_init_parallax_per_turn(),
             init_point_angle_fraction: default_init_point_angle_fraction(),
             max_init_frames: 60,
             min_inliers: 20,
@@ -583,13 +616,30 @@ impl FlowVo {
         let n_inl = inliers.iter().filter(|&&b| b).count();
         let mut angles: Vec<f64> = points.iter().map(|(_, _, a)| *a).collect();
         let median_angle = median(&mut angles).unwrap_or(0.0);
+        let (bearings_a, bearings_b): (Vec<_>, Vec<_>) = a
+            .iter()
+            .zip(&b)
+            .zip(&inliers)
+            .filter(|(_, &inl)| inl)
+            .map(|((p, q), _)| {
+                (
+                    Self::bearing(&k, f64::from(p.0), f64::from(p.1)),
+                    Self::bearing(&k, f64::from(q.0), f64::from(q.1)),
+                )
+            })
+            .unzip();
+        let (parallax, turn) = parallax_beyond_rotation(&bearings_a, &bearings_b);
         log::debug!(
-            "flowvo init try at {index}: {} tracks from {reference}, median disp {md:.1} px, {n_inl} E inliers, {} triangulated, median ray angle {:.2} deg",
+            "flowvo init try at {index}: {} tracks from {reference}, median disp {md:.1} px, {n_inl} E inliers, {} triangulated, median ray angle {:.2} deg, parallax beyond rotation {:.3} deg, turn {:.2} deg",
             idx.len(),
             points.len(),
-            median_angle.to_degrees()
+            median_angle.to_degrees(),
+            parallax.to_degrees(),
+            turn.to_degrees()
         );
-        if median_angle < self.config.init_min_angle_deg.to_radians() {
+        if median_angle < self.config.init_min_angle_deg.to_radians()
+            || parallax < self.config.init_parallax_per_turn * turn
+        {
             return Ok(false);
         }
         if points.len() < self.config.min_inliers * 2
