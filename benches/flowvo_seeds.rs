@@ -4,9 +4,9 @@
 //! scaling), for the default configuration and the variants named on the command line.
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
-//! [--variants=default,init0,ba]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--variants=default,init0,ba,ba2,ba4]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
-//! bundle adjustment on).
+//! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames.
 
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
@@ -34,6 +34,13 @@ fn variant(name: &str) -> Option<FlowVoConfig> {
         "init0" => FlowVoConfig {
             init_min_angle_deg: 0.0,
             init_point_angle_fraction: 0.5,
+            ..d
+        },
+        "ba2" | "ba4" => FlowVoConfig {
+            window_ba: Some(WindowBaConfig {
+                fixed_frames: if name == "ba2" { 2 } else { 4 },
+                ..WindowBaConfig::default()
+            }),
             ..d
         },
         _ => return None,

@@ -90,7 +90,8 @@ pub struct FlowVoConfig {
 
 /// Windowed bundle adjustment (see `geometry::window_ba`): at each keyframe, the poses of up to
 /// `frames` recent frames, `stride` frames apart and ending at the keyframe, and the mapped
-/// points they see are refined together; the two oldest poses stay fixed (frame and scale).
+/// points they see are refined together; the `fixed_frames` oldest poses stay fixed (frame and
+/// scale).
 /// With pose-adaptive keyframes on, a frame's observations weigh 0.25 + 0.75·w_t (its novelty
 /// weight), so near-duplicate frames pull less; otherwise all weigh 1.
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
@@ -102,6 +103,16 @@ pub struct WindowBaConfig {
     pub iterations: usize,
     /// Huber threshold of the reprojection error, pixels.
     pub huber_px: f64,
+    /// Oldest window frames held fixed (≥ 2: the monocular frame and scale). Two frames 8 apart
+    /// anchor the scale on one short, noisy baseline: on hand-held seeds 1–4 and 9 that gave
+    /// ATE up to 12.6 % of the path; four fixed, up to 7.9 %; six, up to 1.6 %
+    /// (`benches/flowvo_seeds.rs --variants=ba,ba4,ba6`).
+    #[serde(default = "default_ba_fixed_frames")]
+    pub fixed_frames: usize,
+}
+
+fn default_ba_fixed_frames() -> usize {
+    6
 }
 
 impl Default for WindowBaConfig {
@@ -112,6 +123,7 @@ impl Default for WindowBaConfig {
             max_points: 2000,
             iterations: 8,
             huber_px: 1.5,
+            fixed_frames: default_ba_fixed_frames(),
         }
     }
 }
@@ -1026,7 +1038,10 @@ impl FlowVo {
         };
         let mut window = Window {
             cam_from_world: frames.iter().map(|f| self.poses[f].inverse()).collect(),
-            fixed: (0..frames.len()).map(|i| i < 2).collect(),
+            // The keyframe itself always moves.
+            fixed: (0..frames.len())
+                .map(|i| i < cfg.fixed_frames.max(2).min(frames.len() - 1))
+                .collect(),
             weight: frames.iter().map(|&f| weight(f)).collect(),
             points: Vec::with_capacity(chosen.len()),
             observations: Vec::new(),
