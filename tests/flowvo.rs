@@ -8,7 +8,7 @@ use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
 use streamrecon::frame::Frame;
-use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
+use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig, WindowBaConfig};
 use streamrecon::geometry::GeometryEngine;
 
 struct Run {
@@ -21,9 +21,20 @@ struct Run {
 }
 
 fn run(kind: TrajectoryKind, frames: usize, seed: u64, width: u32, height: u32) -> Run {
+    run_with(kind, frames, seed, width, height, FlowVoConfig::default())
+}
+
+fn run_with(
+    kind: TrajectoryKind,
+    frames: usize,
+    seed: u64,
+    width: u32,
+    height: u32,
+    config: FlowVoConfig,
+) -> Run {
     let world = SynthWorld::new(common::synth_config(kind, frames, width, height, seed));
     let mut flow = DisEngine::new(DisConfig::default()).unwrap();
-    let mut vo = FlowVo::new(FlowVoConfig::default());
+    let mut vo = FlowVo::new(config);
     let mut gt_depth = std::collections::HashMap::new();
     let mut out = Vec::new();
     for f in world.frames() {
@@ -100,6 +111,33 @@ fn flowvo_survives_jumps_and_reports_new_segments() {
         r.segments >= 2,
         "the jumps at frames 60 and 120 are detected as tracking loss"
     );
+}
+
+#[test]
+fn bundle_adjustment_keeps_a_hand_held_run_on_track() {
+    let r = run_with(
+        TrajectoryKind::Handheld,
+        150,
+        3,
+        320,
+        240,
+        FlowVoConfig {
+            window_ba: Some(WindowBaConfig::default()),
+            ..FlowVoConfig::default()
+        },
+    );
+    println!(
+        "handheld + bundle adjustment: ATE/length {:.4}, reprojection {:.3} px, tracked {}/{}, segments {}",
+        r.ate_over_length, r.reproj, r.tracked, r.frames, r.segments
+    );
+    assert_eq!(r.segments, 1, "tracking was lost");
+    assert!(r.tracked >= r.frames * 95 / 100);
+    assert!(
+        r.ate_over_length < 0.03,
+        "ATE {:.4} of the path length",
+        r.ate_over_length
+    );
+    assert!(r.reproj < 1.0, "reprojection {}", r.reproj);
 }
 
 #[test]
