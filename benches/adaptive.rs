@@ -17,7 +17,7 @@ use streamrecon::datasets::synth::{Degrade, SceneKind, SynthConfig, SynthWorld, 
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
-use streamrecon::frame::{Frame, Pose};
+use streamrecon::frame::Pose;
 use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVo, FlowVoConfig, WindowBaConfig};
 use streamrecon::geometry::stabilize::{
     FixedLagSmoother, StabilizeConfig, Stabilizer, DEFAULT_CONSTANT_VELOCITY_GAIN,
@@ -82,16 +82,8 @@ fn run_vo(
     let mut vo = FlowVo::new(config);
     let mut gt_all = Vec::new();
     let mut out = Vec::new();
-    for f in world.frames() {
-        let frame = Frame {
-            index: f.index as u64,
-            source_index: f.index as u64,
-            timestamp: f.timestamp,
-            image: f.image,
-            intrinsics: Some(world.intrinsics),
-            gt: None,
-        };
-        gt_all.push(f.view.world_from_cam);
+    for (frame, view) in world.input_frames() {
+        gt_all.push(view.world_from_cam);
         let pairs = flow.push(&frame).expect("flow");
         out.extend(vo.push(&frame, pairs.last()).expect("vo"));
     }

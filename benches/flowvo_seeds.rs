@@ -14,7 +14,7 @@ use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
-use streamrecon::frame::{Frame, Pose};
+use streamrecon::frame::Pose;
 use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig, WindowBaConfig};
 use streamrecon::geometry::GeometryEngine;
 
@@ -88,16 +88,8 @@ fn main() {
                 ..SynthConfig::default()
             });
             let mut rendered = Vec::with_capacity(frames);
-            for f in world.frames() {
-                let frame = Frame {
-                    index: f.index as u64,
-                    source_index: f.index as u64,
-                    timestamp: f.timestamp,
-                    image: f.image,
-                    intrinsics: Some(world.intrinsics),
-                    gt: None,
-                };
-                rendered.push((frame, f.view.world_from_cam, f.view.depth));
+            for (frame, view) in world.input_frames() {
+                rendered.push((frame, view.world_from_cam, view.depth));
             }
             for (vi, (name, config)) in variants.iter().enumerate() {
                 let mut flow = DisEngine::new(DisConfig::default()).expect("dis");

@@ -15,7 +15,6 @@ use std::time::Instant;
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
-use streamrecon::frame::Frame;
 use streamrecon::fusion::{Fusion, FusionConfig};
 use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
 use streamrecon::geometry::GeometryEngine;
@@ -111,26 +110,20 @@ fn memory(long: usize, cap: usize) {
     });
     let mut rss_early = 0.0;
     let t = Instant::now();
-    for f in world.frames() {
-        let frame = Frame {
-            index: f.index as u64,
-            source_index: f.index as u64,
-            timestamp: f.timestamp,
-            image: f.image,
-            intrinsics: Some(world.intrinsics),
-            gt: None,
-        };
+    for (frame, _) in world.input_frames() {
         let pairs = flow.push(&frame).expect("flow");
         for g in vo.push(&frame, pairs.last()).expect("vo") {
             fusion.integrate(&g, &frame.image);
         }
-        if f.index + 1 == long / 10 {
+        // Frames seen so far.
+        let seen = frame.index as usize + 1;
+        if seen == long / 10 {
             rss_early = rss_mib();
         }
-        if (f.index + 1).is_multiple_of((long / 10).max(1)) {
+        if seen.is_multiple_of((long / 10).max(1)) {
             println!(
                 "  frame {:>6}: RSS {:.1} MiB, {} fused points (room for {}), {} map segments so far",
-                f.index + 1,
+                seen,
                 rss_mib(),
                 fusion.len(),
                 fusion.capacity(),

@@ -2,14 +2,15 @@
 
 mod common;
 
+use std::collections::HashMap;
+
 use streamrecon::datasets::synth::{SynthWorld, TrajectoryKind};
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::pose::pose_metrics;
 use streamrecon::flow::dis::{DisConfig, DisEngine};
 use streamrecon::flow::FlowEngine;
-use streamrecon::frame::Frame;
 use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig, WindowBaConfig};
-use streamrecon::geometry::GeometryEngine;
+use streamrecon::geometry::{FrameGeometry, GeometryEngine};
 
 struct Run {
     ate_over_length: f64,
@@ -33,24 +34,7 @@ fn run_with(
     config: FlowVoConfig,
 ) -> Run {
     let world = SynthWorld::new(common::synth_config(kind, frames, width, height, seed));
-    let mut flow = DisEngine::new(DisConfig::default()).unwrap();
-    let mut vo = FlowVo::new(config);
-    let mut gt_depth = std::collections::HashMap::new();
-    let mut out = Vec::new();
-    for f in world.frames() {
-        let frame = Frame {
-            index: f.index as u64,
-            source_index: f.index as u64,
-            timestamp: f.timestamp,
-            image: f.image.clone(),
-            intrinsics: Some(world.intrinsics),
-            gt: None,
-        };
-        gt_depth.insert(f.index as u64, f.view.depth.clone());
-        let pairs = flow.push(&frame).unwrap();
-        out.extend(vo.push(&frame, pairs.last()).unwrap());
-    }
-    out.extend(vo.flush().unwrap());
+    let (out, gt_depth, segments) = geometry(&world, config);
     assert_eq!(out.len(), frames, "one geometry per frame");
     let gt: Vec<_> = out
         .iter()
@@ -79,8 +63,38 @@ fn run_with(
         reproj: reproj.get(reproj.len() / 2).copied().unwrap_or(f64::NAN),
         tracked: out.iter().filter(|g| g.stats.tracked).count(),
         frames,
-        segments: vo.segments(),
+        segments,
     }
+}
+
+/// dis + flowvo over a synthetic sequence: every geometry output, the ground-truth depth by
+/// frame index, and the number of map segments.
+fn geometry(
+    world: &SynthWorld,
+    config: FlowVoConfig,
+) -> (Vec<FrameGeometry>, HashMap<u64, Vec<f32>>, u32) {
+    let mut flow = DisEngine::new(DisConfig::default()).unwrap();
+    let mut vo = FlowVo::new(config);
+    let mut gt_depth = HashMap::new();
+    let mut out = Vec::new();
+    for (frame, view) in world.input_frames() {
+        gt_depth.insert(frame.index, view.depth);
+        let pairs = flow.push(&frame).unwrap();
+        out.extend(vo.push(&frame, pairs.last()).unwrap());
+    }
+    out.extend(vo.flush().unwrap());
+    (out, gt_depth, vo.segments())
+}
+
+/// A run that kept tracking, with a small trajectory error and sub-pixel reprojection.
+fn assert_on_track(r: &Run) {
+    assert!(r.tracked >= r.frames * 95 / 100);
+    assert!(
+        r.ate_over_length < 0.03,
+        "ATE {:.4} of the path length",
+        r.ate_over_length
+    );
+    assert!(r.reproj < 1.0, "reprojection {}", r.reproj);
 }
 
 #[test]
@@ -90,14 +104,8 @@ fn flowvo_tracks_a_smooth_sequence() {
         "smooth: ATE/length {:.4}, depth AbsRel {:.4}, median reprojection {:.3} px, tracked {}/{}, segments {}",
         r.ate_over_length, r.abs_rel, r.reproj, r.tracked, r.frames, r.segments
     );
-    assert!(r.tracked >= r.frames * 95 / 100);
-    assert!(
-        r.ate_over_length < 0.03,
-        "ATE {:.4} of the path length",
-        r.ate_over_length
-    );
+    assert_on_track(&r);
     assert!(r.abs_rel < 0.05, "depth AbsRel {}", r.abs_rel);
-    assert!(r.reproj < 1.0, "reprojection {}", r.reproj);
 }
 
 #[test]
@@ -131,13 +139,7 @@ fn bundle_adjustment_keeps_a_hand_held_run_on_track() {
         r.ate_over_length, r.reproj, r.tracked, r.frames, r.segments
     );
     assert_eq!(r.segments, 1, "tracking was lost");
-    assert!(r.tracked >= r.frames * 95 / 100);
-    assert!(
-        r.ate_over_length < 0.03,
-        "ATE {:.4} of the path length",
-        r.ate_over_length
-    );
-    assert!(r.reproj < 1.0, "reprojection {}", r.reproj);
+    assert_on_track(&r);
 }
 
 #[test]
@@ -151,22 +153,7 @@ fn a_pure_turn_never_starts_a_map() {
         240,
         2,
     ));
-    let mut flow = DisEngine::new(DisConfig::default()).unwrap();
-    let mut vo = FlowVo::new(FlowVoConfig::default());
-    let mut out = Vec::new();
-    for f in world.frames() {
-        let frame = Frame {
-            index: f.index as u64,
-            source_index: f.index as u64,
-            timestamp: f.timestamp,
-            image: f.image,
-            intrinsics: Some(world.intrinsics),
-            gt: None,
-        };
-        let pairs = flow.push(&frame).unwrap();
-        out.extend(vo.push(&frame, pairs.last()).unwrap());
-    }
-    out.extend(vo.flush().unwrap());
+    let (out, _, _) = geometry(&world, FlowVoConfig::default());
     assert_eq!(out.len(), 80, "one geometry per frame");
     let tracked = out.iter().filter(|g| g.stats.tracked).count();
     assert_eq!(tracked, 0, "{tracked} frames tracked on a pure turn");

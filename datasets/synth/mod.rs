@@ -17,7 +17,7 @@ pub use trajectory::{Trajectory, TrajectoryKind};
 
 use crate::cloud::PointCloud;
 use crate::flow::FlowField;
-use crate::frame::{Intrinsics, Pose, RgbImage};
+use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
 
 /// Optional image degradations (none by default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -197,6 +197,23 @@ impl SynthWorld {
             }
         }
         img
+    }
+
+    /// The sequence as pipeline input: each camera image as a [`Frame`] with the intrinsics
+    /// (no ground truth attached), with its rendered view (pose, depth).
+    pub fn input_frames(&self) -> impl Iterator<Item = (Frame, RenderedFrame)> + '_ {
+        let intrinsics = self.intrinsics;
+        self.frames().map(move |f| {
+            let frame = Frame {
+                index: f.index as u64,
+                source_index: f.index as u64,
+                timestamp: f.timestamp,
+                image: f.image,
+                intrinsics: Some(intrinsics),
+                gt: None,
+            };
+            (frame, f.view)
+        })
     }
 
     /// Streams the sequence frame by frame, holding at most two rendered views.

@@ -14,6 +14,27 @@ pub fn fb_consistency(fwd: &FlowField, bwd: &FlowField) -> (Vec<f32>, Vec<bool>)
     (c.conf, c.occ)
 }
 
+/// One row's working arrays in [`fb_check`], allocated once per worker, not once per row.
+struct RowScratch {
+    u: Vec<f32>,
+    v: Vec<f32>,
+    bu: Vec<f32>,
+    bv: Vec<f32>,
+    inside: Vec<u32>,
+}
+
+impl RowScratch {
+    fn new(w: usize) -> Self {
+        Self {
+            u: vec![0.0; w],
+            v: vec![0.0; w],
+            bu: vec![0.0; w],
+            bv: vec![0.0; w],
+            inside: vec![0; w],
+        }
+    }
+}
+
 /// What [`fb_check`] finds for one direction.
 pub struct FbCheck {
     pub conf: Vec<f32>,
@@ -48,14 +69,28 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
     // One row in two passes: the bilinear gathers of `bwd` (scalar: float column counter, i32
     // casts, as usize ↔ float conversions are instruction sequences on baseline x86-64), then
     // the arithmetic (its square root and division dominated when they sat between gathers).
-    let work = |y: usize, cr: &mut [f32], or: &mut [bool], fr: Option<&mut [f32]>| {
+    let work = |scratch: &mut RowScratch,
+                y: usize,
+                cr: &mut [f32],
+                or: &mut [bool],
+                fr: Option<&mut [f32]>| {
         let row = &fwd.data[y * stride..(y + 1) * stride];
         let yf = y as f32;
         // Structure of arrays for the second pass: this row's flow, bwd at its targets, and
         // an all-ones bit mask where the target is inside the image (0 outside).
-        let (mut u, mut v) = (vec![0.0f32; w], vec![0.0f32; w]);
-        let (mut bu, mut bv) = (vec![0.0f32; w], vec![0.0f32; w]);
-        let mut inside = vec![0u32; w];
+        let RowScratch {
+            u,
+            v,
+            bu,
+            bv,
+            inside,
+        } = scratch;
+        // Pixels whose target leaves the image keep these values.
+        let (u, v) = (&mut u[..w], &mut v[..w]);
+        let (bu, bv, inside) = (&mut bu[..w], &mut bv[..w], &mut inside[..w]);
+        bu.fill(0.0);
+        bv.fill(0.0);
+        inside.fill(0);
         let mut xf = -1.0f32;
         for (x, f) in row.chunks_exact(2).enumerate() {
             xf += 1.0;
@@ -95,7 +130,7 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
             bv[x] = v[x] - keep * ev;
         }
         if let Some(fr) = fr {
-            for ((out, fu), fv) in fr.chunks_exact_mut(2).zip(&bu).zip(&bv) {
+            for ((out, fu), fv) in fr.chunks_exact_mut(2).zip(bu.iter()).zip(bv.iter()) {
                 out[0] = *fu;
                 out[1] = *fv;
             }
@@ -110,12 +145,18 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
             .zip(occ.par_chunks_mut(w))
             .zip(fused_rows.into_par_iter())
             .enumerate()
-            .for_each(|(y, ((cr, or), fr))| work(y, cr, or, Some(fr)));
+            .for_each_init(
+                || RowScratch::new(w),
+                |s, (y, ((cr, or), fr))| work(s, y, cr, or, Some(fr)),
+            );
     } else {
         conf.par_chunks_mut(w)
             .zip(occ.par_chunks_mut(w))
             .enumerate()
-            .for_each(|(y, (cr, or))| work(y, cr, or, None));
+            .for_each_init(
+                || RowScratch::new(w),
+                |s, (y, (cr, or))| work(s, y, cr, or, None),
+            );
     }
     FbCheck { conf, occ, fused }
 }
