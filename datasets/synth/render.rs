@@ -8,6 +8,8 @@ use super::scene::{Scene, TileBins};
 
 /// Pixels per side of a binning tile.
 const TILE: usize = 16;
+/// Pixels per side of a block rendered together (texture cache locality).
+const BLOCK: usize = 8;
 use crate::flow::FlowField;
 use crate::frame::{Intrinsics, Pose};
 
@@ -78,16 +80,25 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
     let mut rgb = vec![[0.0f32; 3]; w * h];
     let mut depth = vec![0.0f32; w * h];
     let mut object = vec![NO_OBJECT; w * h];
-    rgb.par_chunks_mut(w)
-        .zip(depth.par_chunks_mut(w))
-        .zip(object.par_chunks_mut(w))
+    // Bands of BLOCK rows walked in BLOCK×BLOCK blocks: neighbouring rays sample neighbouring
+    // texels, so texture reads stay in cache (row order made shading memory-bound).
+    rgb.par_chunks_mut(BLOCK * w)
+        .zip(depth.par_chunks_mut(BLOCK * w))
+        .zip(object.par_chunks_mut(BLOCK * w))
         .enumerate()
-        .for_each(|(y, ((rr, dr), or))| {
-            for x in 0..w {
-                let (c, t, o) = radiance(scene, &cam, &bins, x as f32, y as f32);
-                rr[x] = c;
-                dr[x] = t;
-                or[x] = o;
+        .for_each(|(band, ((rr, dr), or))| {
+            let rows = rr.len() / w;
+            for x0 in (0..w).step_by(BLOCK) {
+                for r in 0..rows {
+                    let y = band * BLOCK + r;
+                    for x in x0..(x0 + BLOCK).min(w) {
+                        let (c, t, o) = radiance(scene, &cam, &bins, x as f32, y as f32);
+                        let i = r * w + x;
+                        rr[i] = c;
+                        dr[i] = t;
+                        or[i] = o;
+                    }
+                }
             }
         });
     // Anti-alias object edges by supersampling; texture interiors are band-limited by mipmapping.
@@ -144,6 +155,14 @@ pub fn flow_between(
 ) -> (FlowField, Vec<bool>) {
     let (w, h) = (intr.width as usize, intr.height as usize);
     let b_from_a = b.world_from_cam.inverse() * a.world_from_cam;
+    // Per pixel the point in b is z·(R·K⁻¹·(x, y, 1)) + t: the ray's x-step and each row's start
+    // are fixed, so a pixel costs a few multiply-adds instead of an unprojection and a quaternion
+    // rotation.
+    let rot = b_from_a.rotation.to_rotation_matrix().into_inner();
+    let t_b = b_from_a.translation.vector;
+    let ray_dx = rot.column(0) / intr.fx;
+    let ray_dy = rot.column(1) / intr.fy;
+    let ray_00 = rot.column(2) - ray_dx * intr.cx - ray_dy * intr.cy;
     let mut flow = FlowField::zeros(w, h);
     let mut occ = vec![true; w * h];
     flow.data
@@ -151,13 +170,13 @@ pub fn flow_between(
         .zip(occ.par_chunks_mut(w))
         .enumerate()
         .for_each(|(y, (fr, or))| {
+            let ray_row = ray_00 + ray_dy * y as f64;
             for x in 0..w {
                 let z = a.depth[y * w + x];
                 if z <= 0.0 {
                     continue;
                 }
-                let pa = intr.unproject(x as f64, y as f64, f64::from(z));
-                let pb: Point3<f64> = b_from_a * pa;
+                let pb = Point3::from((ray_row + ray_dx * x as f64) * f64::from(z) + t_b);
                 let Some((u, v)) = intr.project(&pb) else {
                     continue;
                 };
