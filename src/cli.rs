@@ -822,15 +822,24 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
         "{} frames processed ({} read, {} dropped, {} skipped) in {:.1} s: {:.1} fps, peak RSS {:.0} MiB",
         s.frames_processed, s.frames_read, s.frames_dropped, s.frames_skipped, s.wall_s, s.fps, s.peak_rss_mib
     );
-    println!(
-        "tracked {} / {} frames in {} map segment(s); median reprojection error {}; {} points",
-        s.frames_tracked,
-        s.frames_processed,
-        s.map_segments,
-        s.median_reprojection_px
-            .map_or("n/a".into(), |e| format!("{e:.2} px")),
-        s.points
-    );
+    if s.frames_tracked == 0 && s.frames_processed > 0 {
+        // The engine counts the segments it started; none of them made a map.
+        println!(
+            "tracked 0 / {} frames: no map was initialised (flowvo needs the camera to move \
+             sideways, not only turn); {} points",
+            s.frames_processed, s.points
+        );
+    } else {
+        println!(
+            "tracked {} / {} frames in {} map segment(s); median reprojection error {}; {} points",
+            s.frames_tracked,
+            s.frames_processed,
+            s.map_segments,
+            s.median_reprojection_px
+                .map_or("n/a".into(), |e| format!("{e:.2} px")),
+            s.points
+        );
+    }
     println!("outputs: {}", out.display());
 }
 
