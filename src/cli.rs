@@ -454,7 +454,7 @@ struct EngineFlags {
     /// (0, 1]: lower smooths more (0 = One-Euro translation instead).
     #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN, value_name = "ALPHA")]
     stabilize_gain: f64,
-    /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never).
+    /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never); each takes effect once the poses of every frame before it are in OUT/checkpoint.json.
     #[arg(long, default_value_t = 0, value_name = "N")]
     snapshot_every: u64,
     /// Continue a stream from a snapshot: the engine state is restored and the source's frames

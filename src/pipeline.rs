@@ -7,7 +7,7 @@
 //! properly. A stage error stops the source the same way, so nothing already produced is lost.
 
 use std::collections::{HashMap, VecDeque};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -276,6 +276,41 @@ struct Result3 {
     geometry_ms: f64,
 }
 
+/// An engine snapshot on disk that is not yet the one a resume reads. The engine writes it when
+/// it has taken frames up to `next`, but frames before `next` may still be on their way to the
+/// outputs (in channels, or held by a smoother): put in place before they are written and the
+/// process killed, a resume would skip frames whose poses no file holds.
+struct PendingSnapshot {
+    next: u64,
+    path: PathBuf,
+}
+
+impl PendingSnapshot {
+    fn path_in(dir: &Path) -> PathBuf {
+        dir.join(format!("{SNAPSHOT_FILE}.pending"))
+    }
+
+    /// Once every source frame before the pending snapshot's `next` is in the outputs
+    /// (`handled_next` ≥ `next`): writes the trajectory checkpoint, then moves the snapshot into
+    /// place, so a snapshot in place never runs ahead of the checkpoint beside it.
+    fn commit(slot: &Mutex<Option<Self>>, handled_next: u64, outputs: &RunOutputs) {
+        let Ok(mut slot) = slot.lock() else { return };
+        let Some(p) = slot.as_ref().filter(|p| p.next <= handled_next) else {
+            return;
+        };
+        let target = p.path.with_file_name(SNAPSHOT_FILE);
+        let res = outputs
+            .checkpoint()
+            .and_then(|()| std::fs::rename(&p.path, &target).map_err(|e| Error::io(&target, e)));
+        match res {
+            Ok(()) => log::debug!("snapshot at source frame {} in place", p.next),
+            // The previous snapshot and checkpoint stay in force.
+            Err(e) => log::error!("snapshot at source frame {} not put in place: {e}", p.next),
+        }
+        *slot = None;
+    }
+}
+
 fn make_flow(choice: &FlowChoice) -> Result<Box<dyn FlowEngine>> {
     Ok(match choice {
         FlowChoice::Dis(c) => Box::new(DisEngine::new(c.clone())?),
@@ -499,22 +534,46 @@ pub fn run(
         })?
     };
 
+    // Snapshots are written beside the final file and put in its place by the sink loop once
+    // every frame before the snapshot's position is in the outputs (see `PendingSnapshot`).
     let snapshot_path = config
         .out_dir
         .as_ref()
         .filter(|_| config.snapshot_every > 0)
-        .map(|d| d.join(SNAPSHOT_FILE));
+        .map(|d| PendingSnapshot::path_in(d));
+    let pending_snapshot = Arc::new(Mutex::new(None::<PendingSnapshot>));
     let snapshot_every = config.snapshot_every;
     let geometry_thread = {
         let (errors, stop) = (errors.clone(), stop.clone());
+        let pending_snapshot = pending_snapshot.clone();
         spawn("geometry", move || {
             let mut pushed = 0u64;
             let mut next_source = resume_from;
             let mut snapshot_path = snapshot_path;
-            let snapshot = |engine: &dyn GeometryEngine, next: u64, path: &mut Option<PathBuf>| {
+            // `last`: the end of the stream, after which every result reaches the outputs; before
+            // it, a snapshot still waiting for its frames is kept rather than replaced, or a
+            // sink that lags by more than the cadence would never see one put in place.
+            let snapshot = |engine: &dyn GeometryEngine,
+                            next: u64,
+                            path: &mut Option<PathBuf>,
+                            last: bool| {
                 let Some(p) = path.as_ref() else { return };
+                // Held while writing, so the sink loop never moves a half-replaced file.
+                let Ok(mut slot) = pending_snapshot.lock() else {
+                    return;
+                };
+                if slot.is_some() && !last {
+                    log::debug!("snapshot at source frame {next} skipped: the last one is pending");
+                    return;
+                }
                 match engine.snapshot(p, next) {
-                    Ok(true) => log::debug!("snapshot at source frame {next}: {}", p.display()),
+                    Ok(true) => {
+                        log::debug!("snapshot at source frame {next}: {}", p.display());
+                        *slot = Some(PendingSnapshot {
+                            next,
+                            path: p.clone(),
+                        });
+                    }
                     Ok(false) => {
                         log::warn!("the {} engine has no state to snapshot", engine.name());
                         *path = None;
@@ -569,7 +628,7 @@ pub fn run(
                     Ok(geos) => {
                         pushed += 1;
                         if snapshot_every > 0 && pushed.is_multiple_of(snapshot_every) {
-                            snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path);
+                            snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path, false);
                         }
                         if !emit(geos, &mut waiting, geo_ms) {
                             return geo_engine.segments();
@@ -589,7 +648,7 @@ pub fn run(
             }
             // A final snapshot, so an interrupted run can be continued.
             if snapshot_every > 0 && !pushed.is_multiple_of(snapshot_every) {
-                snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path);
+                snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path, true);
             }
             geo_engine.segments()
         })?
@@ -608,6 +667,8 @@ pub fn run(
     let mut sink_error: Option<Error> = None;
     let mut last_tick = Instant::now();
     let mut frames_since_tick = 0u64;
+    // Source frames before this one have reached the outputs.
+    let mut handled_next = resume_from;
     for r in &rx3 {
         let t0 = Instant::now();
         let g = &r.geometry;
@@ -664,14 +725,8 @@ pub fn run(
                 if let Err(e) = o.add_frame(g.index, g.timestamp, g.world_from_cam, depth) {
                     sink_error = Some(e);
                 }
-                // The trajectory so far, on the snapshots' cadence, for a resumed session.
-                if config.snapshot_every > 0
-                    && (o.frames() as u64).is_multiple_of(config.snapshot_every)
-                {
-                    if let Err(e) = o.checkpoint() {
-                        log::error!("trajectory checkpoint: {e}");
-                    }
-                }
+                handled_next = handled_next.max(r.frame.source_index + 1);
+                PendingSnapshot::commit(&pending_snapshot, handled_next, o);
             }
             if sink_error.is_some() {
                 stop.store(true, Ordering::SeqCst);
@@ -797,6 +852,10 @@ pub fn run(
     let _ = src_thread.join();
     let _ = flow_thread.join();
     let segments = geometry_thread.join().unwrap_or(0);
+    // Every result the engine made has been through the sinks: the last snapshot can take over.
+    if let Some(o) = outputs.as_mut() {
+        PendingSnapshot::commit(&pending_snapshot, u64::MAX, o);
+    }
     if let Some(p) = &progress {
         p.finish_and_clear();
     }
