@@ -182,19 +182,33 @@ impl SynthWorld {
             }
         }
         let gain = 1.0 + d.exposure * (std::f32::consts::TAU * i as f32 / 90.0).sin();
-        let mut rng =
-            rand_pcg::Pcg64::seed_from_u64(self.config.seed ^ (i as u64).wrapping_mul(0x9e37_79b9));
-        let noise = (d.noise > 0.0).then(|| Normal::new(0.0f32, d.noise).expect("finite sigma"));
         let (w, h) = (self.intrinsics.width, self.intrinsics.height);
         let mut img = RgbImage::new(w, h);
-        for (px, c) in img.pixels_mut().zip(&rgb) {
-            for k in 0..3 {
-                let mut v = c[k] * gain;
-                if let Some(n) = &noise {
-                    v += n.sample(&mut rng);
+        let quantise = |v: f32| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+        if d.noise > 0.0 {
+            // One generator per frame, drawn in pixel order: the same seed gives the same bytes.
+            let mut rng = rand_pcg::Pcg64::seed_from_u64(
+                self.config.seed ^ (i as u64).wrapping_mul(0x9e37_79b9),
+            );
+            let noise = Normal::new(0.0f32, d.noise).expect("finite sigma");
+            for (px, c) in img.pixels_mut().zip(&rgb) {
+                for k in 0..3 {
+                    px[k] = quantise(c[k] * gain + noise.sample(&mut rng));
                 }
-                px[k] = (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
             }
+        } else {
+            use rayon::prelude::*;
+            let row = 3 * w as usize;
+            let buf: &mut [u8] = &mut img;
+            buf.par_chunks_mut(row)
+                .zip(rgb.par_chunks(w as usize))
+                .for_each(|(out, src)| {
+                    for (px, c) in out.chunks_exact_mut(3).zip(src) {
+                        for k in 0..3 {
+                            px[k] = quantise(c[k] * gain);
+                        }
+                    }
+                });
         }
         img
     }

@@ -8,8 +8,6 @@ use super::scene::{Scene, TileBins};
 
 /// Pixels per side of a binning tile.
 const TILE: usize = 16;
-/// Pixels per side of a block rendered together (texture cache locality).
-const BLOCK: usize = 8;
 use crate::flow::FlowField;
 use crate::frame::{Intrinsics, Pose};
 
@@ -80,25 +78,16 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
     let mut rgb = vec![[0.0f32; 3]; w * h];
     let mut depth = vec![0.0f32; w * h];
     let mut object = vec![NO_OBJECT; w * h];
-    // Bands of BLOCK rows walked in BLOCK×BLOCK blocks: neighbouring rays sample neighbouring
-    // texels, so texture reads stay in cache (row order made shading memory-bound).
-    rgb.par_chunks_mut(BLOCK * w)
-        .zip(depth.par_chunks_mut(BLOCK * w))
-        .zip(object.par_chunks_mut(BLOCK * w))
+    rgb.par_chunks_mut(w)
+        .zip(depth.par_chunks_mut(w))
+        .zip(object.par_chunks_mut(w))
         .enumerate()
-        .for_each(|(band, ((rr, dr), or))| {
-            let rows = rr.len() / w;
-            for x0 in (0..w).step_by(BLOCK) {
-                for r in 0..rows {
-                    let y = band * BLOCK + r;
-                    for x in x0..(x0 + BLOCK).min(w) {
-                        let (c, t, o) = radiance(scene, &cam, &bins, x as f32, y as f32);
-                        let i = r * w + x;
-                        rr[i] = c;
-                        dr[i] = t;
-                        or[i] = o;
-                    }
-                }
+        .for_each(|(y, ((rr, dr), or))| {
+            for x in 0..w {
+                let (c, t, o) = radiance(scene, &cam, &bins, x as f32, y as f32);
+                rr[x] = c;
+                dr[x] = t;
+                or[x] = o;
             }
         });
     // Anti-alias object edges by supersampling; texture interiors are band-limited by mipmapping.
