@@ -553,18 +553,21 @@ pub fn run(
             // `last`: the end of the stream, after which every result reaches the outputs; before
             // it, a snapshot still waiting for its frames is kept rather than replaced, or a
             // sink that lags by more than the cadence would never see one put in place.
+            // Returns whether a snapshot at `next` was written.
             let snapshot = |engine: &dyn GeometryEngine,
                             next: u64,
                             path: &mut Option<PathBuf>,
                             last: bool| {
-                let Some(p) = path.as_ref() else { return };
+                let Some(p) = path.as_ref() else {
+                    return false;
+                };
                 // Held while writing, so the sink loop never moves a half-replaced file.
                 let Ok(mut slot) = pending_snapshot.lock() else {
-                    return;
+                    return false;
                 };
                 if slot.is_some() && !last {
                     log::debug!("snapshot at source frame {next} skipped: the last one is pending");
-                    return;
+                    return false;
                 }
                 match engine.snapshot(p, next) {
                     Ok(true) => {
@@ -573,6 +576,7 @@ pub fn run(
                             next,
                             path: p.clone(),
                         });
+                        return true;
                     }
                     Ok(false) => {
                         log::warn!("the {} engine has no state to snapshot", engine.name());
@@ -584,7 +588,9 @@ pub fn run(
                         stop.store(true, Ordering::SeqCst);
                     }
                 }
+                false
             };
+            let mut snapshot_at = None;
             // Frames the engine holds back (initialisation), by index.
             let mut waiting: HashMap<u64, (Frame, Instant, Option<RgbImage>, f64)> = HashMap::new();
             let emit =
@@ -627,8 +633,11 @@ pub fn run(
                 match res {
                     Ok(geos) => {
                         pushed += 1;
-                        if snapshot_every > 0 && pushed.is_multiple_of(snapshot_every) {
-                            snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path, false);
+                        if snapshot_every > 0
+                            && pushed.is_multiple_of(snapshot_every)
+                            && snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path, false)
+                        {
+                            snapshot_at = Some(next_source);
                         }
                         if !emit(geos, &mut waiting, geo_ms) {
                             return geo_engine.segments();
@@ -647,7 +656,7 @@ pub fn run(
                 Err(e) => errors.set(e),
             }
             // A final snapshot, so an interrupted run can be continued.
-            if snapshot_every > 0 && !pushed.is_multiple_of(snapshot_every) {
+            if snapshot_every > 0 && pushed > 0 && snapshot_at != Some(next_source) {
                 snapshot(geo_engine.as_ref(), next_source, &mut snapshot_path, true);
             }
             geo_engine.segments()

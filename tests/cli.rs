@@ -240,6 +240,41 @@ fn a_killed_run_resumes_from_its_snapshot_without_losing_a_frame() {
     );
 }
 
+#[test]
+fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
+    // The run ends at frame 20 between two snapshot times (every 8): its final snapshot and
+    // checkpoint must both reach frame 20 (the checkpoint used to stop at the last multiple of 8).
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        &common::synth_config(TrajectoryKind::Smooth, 40, 160, 120, 4),
+    );
+    let out = dir.path().join("out");
+    let snapshot = out.join("snapshot.safetensors");
+    let run = |extra: &[&str]| {
+        let o = common::bin()
+            .args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
+            .args(["--snapshot-every", "8"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["--max-frames", "20"]);
+    assert_eq!(
+        streamrecon::geometry::snapshot_next_frame(&snapshot),
+        Some(20)
+    );
+    run(&["--resume", snapshot.to_str().unwrap()]);
+    let traj = tum::read_tum(&out.join("trajectory.txt")).unwrap();
+    let stamps: Vec<i64> = traj
+        .iter()
+        .map(|p| (p.timestamp * 30.0).round() as i64)
+        .collect();
+    assert_eq!(stamps, (0..40).collect::<Vec<i64>>());
+}
+
 fn run_err(args: &[&str]) -> String {
     let o = common::bin().args(args).output().unwrap();
     assert!(!o.status.success(), "expected failure for {args:?}");
