@@ -228,14 +228,9 @@ fn a_killed_run_resumes_from_its_snapshot_without_losing_a_frame() {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let traj = tum::read_tum(&out.join("trajectory.txt")).unwrap();
-    let stamps: Vec<i64> = traj
-        .iter()
-        .map(|p| (p.timestamp * 30.0).round() as i64)
-        .collect();
-    let expected: Vec<i64> = (0..frames as i64).collect();
     assert_eq!(
-        stamps, expected,
+        frame_numbers(&out),
+        (0..frames as i64).collect::<Vec<_>>(),
         "every frame's pose once, in order (resumed at {next})"
     );
 }
@@ -267,12 +262,16 @@ fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
         Some(20)
     );
     run(&["--resume", snapshot.to_str().unwrap()]);
-    let traj = tum::read_tum(&out.join("trajectory.txt")).unwrap();
-    let stamps: Vec<i64> = traj
+    assert_eq!(frame_numbers(&out), (0..40).collect::<Vec<i64>>());
+}
+
+/// The frame number of each row of `trajectory.txt` (synthetic sequences run at 30 fps).
+fn frame_numbers(out: &Path) -> Vec<i64> {
+    tum::read_tum(&out.join("trajectory.txt"))
+        .unwrap()
         .iter()
         .map(|p| (p.timestamp * 30.0).round() as i64)
-        .collect();
-    assert_eq!(stamps, (0..40).collect::<Vec<i64>>());
+        .collect()
 }
 
 fn run_err(args: &[&str]) -> String {
