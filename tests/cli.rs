@@ -189,19 +189,11 @@ fn a_killed_run_resumes_from_its_snapshot_without_losing_a_frame() {
     // Snapshots at every frame with the smoother on, which always holds the newest pose back:
     // killed at any moment, the snapshot in force must not be ahead of the poses on disk.
     let frames = 150;
-    let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, frames, 160, 120, 4),
-    );
-    let out = dir.path().join("out");
+    let (_dir, seq, out) = resumable_sequence(frames);
     let snapshot = out.join("snapshot.safetensors");
     let run = |extra: &[&str]| {
-        let mut c = common::bin();
-        c.args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
-            .args(["--snapshot-every", "1", "--stabilize", "on"])
-            .args(extra);
+        let mut c = snapshot_run(&seq, &out, 1);
+        c.args(["--stabilize", "on"]).args(extra);
         c
     };
     let mut child = run(&[])
@@ -239,21 +231,10 @@ fn a_killed_run_resumes_from_its_snapshot_without_losing_a_frame() {
 fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
     // The run ends at frame 20 between two snapshot times (every 8): its final snapshot and
     // checkpoint must both reach frame 20 (the checkpoint used to stop at the last multiple of 8).
-    let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, 40, 160, 120, 4),
-    );
-    let out = dir.path().join("out");
+    let (_dir, seq, out) = resumable_sequence(40);
     let snapshot = out.join("snapshot.safetensors");
     let run = |extra: &[&str]| {
-        let o = common::bin()
-            .args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
-            .args(["--snapshot-every", "8"])
-            .args(extra)
-            .output()
-            .unwrap();
+        let o = snapshot_run(&seq, &out, 8).args(extra).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
     run(&["--max-frames", "20"]);
@@ -263,6 +244,29 @@ fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
     );
     run(&["--resume", snapshot.to_str().unwrap()]);
     assert_eq!(frame_numbers(&out), (0..40).collect::<Vec<i64>>());
+}
+
+/// A smooth 160×120 synthetic sequence of `frames` frames in a fresh folder: (the folder, the
+/// sequence, an output folder in it).
+fn resumable_sequence(
+    frames: usize,
+) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        &common::synth_config(TrajectoryKind::Smooth, frames, 160, 120, 4),
+    );
+    let out = dir.path().join("out");
+    (dir, seq, out)
+}
+
+/// `streamrecon run SEQ --out OUT --snapshot-every N`.
+fn snapshot_run(seq: &Path, out: &Path, every: u32) -> std::process::Command {
+    let mut c = common::bin();
+    c.args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .args(["--snapshot-every", &every.to_string()]);
+    c
 }
 
 /// The frame number of each row of `trajectory.txt` (synthetic sequences run at 30 fps).

@@ -112,7 +112,7 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
             inside[x] = u32::MAX;
         }
         // Branch-free over the row, so the compiler vectorises it (square root and division
-        // included); the fused flow goes to `fu`, `fv`, reusing `bu`, `bv`.
+        // included); the fused flow overwrites `bu`, `bv`.
         let (cr, or) = (&mut cr[..w], &mut or[..w]);
         for x in 0..w {
             let (eu, ev) = (u[x] + bu[x], v[x] + bv[x]);

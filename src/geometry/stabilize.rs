@@ -213,8 +213,6 @@ impl Stabilizer {
 pub struct FixedLagSmoother<T> {
     latency: usize,
     blend: f64,
-    /// Weights for each half-width h = 0..=latency (2h + 1 of them, summing to 1).
-    kernels: Vec<Vec<f64>>,
     /// Raw poses of the last `latency` items output, oldest first.
     past: VecDeque<Pose>,
     /// Items waiting for their later neighbours, with their raw poses.
@@ -222,14 +220,18 @@ pub struct FixedLagSmoother<T> {
 }
 
 /// The smoothing window of half-width `h` (2h + 1 weights summing to 1).
-fn window(h: usize) -> Vec<f64> {
-    let w: &[f64] = match h {
+fn window(h: usize) -> &'static [f64] {
+    match h {
         0 => &[1.0],
-        1 => &[1.0, 2.0, 1.0],
-        _ => &[-3.0, 12.0, 17.0, 12.0, -3.0],
-    };
-    let sum: f64 = w.iter().sum();
-    w.iter().map(|v| v / sum).collect()
+        1 => &[0.25, 0.5, 0.25],
+        _ => &[
+            -3.0 / 35.0,
+            12.0 / 35.0,
+            17.0 / 35.0,
+            12.0 / 35.0,
+            -3.0 / 35.0,
+        ],
+    }
 }
 
 impl<T> FixedLagSmoother<T> {
@@ -243,7 +245,6 @@ impl<T> FixedLagSmoother<T> {
             } else {
                 0.0
             },
-            kernels: (0..=latency).map(window).collect(),
             past: VecDeque::new(),
             pending: VecDeque::new(),
         }
@@ -273,10 +274,11 @@ impl<T> FixedLagSmoother<T> {
     fn emit_front(&mut self) -> Option<(Pose, Correction, T)> {
         let (raw, item) = self.pending.pop_front()?;
         let h = self.latency.min(self.past.len()).min(self.pending.len());
-        let kernel = &self.kernels[h];
+        let kernel = window(h);
         let n = self.past.len();
         let mut centre = Vector3::zeros();
         let mut turn = Vector3::zeros();
+        let raw_inv = raw.rotation.inverse();
         for (k, w) in kernel.iter().enumerate() {
             // k − h frames from this one.
             let p = match k.cmp(&h) {
@@ -285,7 +287,7 @@ impl<T> FixedLagSmoother<T> {
                 std::cmp::Ordering::Greater => &self.pending[k - h - 1].0,
             };
             centre += p.translation.vector * *w;
-            turn += (raw.rotation.inverse() * p.rotation).scaled_axis() * *w;
+            turn += (raw_inv * p.rotation).scaled_axis() * *w;
         }
         let t = raw.translation.vector + (centre - raw.translation.vector) * self.blend;
         let r = raw.rotation * UnitQuaternion::from_scaled_axis(turn * self.blend);
