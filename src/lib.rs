@@ -18,6 +18,7 @@ pub mod io_util;
 pub mod models;
 pub mod pipeline;
 pub mod serve;
+pub mod simd;
 pub mod sinks;
 pub mod source;
 pub mod stats;

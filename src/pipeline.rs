@@ -19,8 +19,8 @@ use crate::cloud::PointCloud;
 use crate::error::{Error, Result};
 use crate::flow::dis::{DisConfig, DisEngine};
 use crate::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
-use crate::flow::{colorwheel, FlowEngine, PairFlow};
-use crate::frame::{Frame, Intrinsics, RgbImage};
+use crate::flow::{colorwheel, FlowEngine, FlowField, PairFlow};
+use crate::frame::{Frame, Intrinsics};
 use crate::fusion::{Fusion, FusionConfig};
 use crate::geometry::flowvo::{FlowVo, FlowVoConfig};
 use crate::geometry::stabilize::{StabilizeConfig, StabilizedEngine};
@@ -271,7 +271,9 @@ struct Result3 {
     frame: Frame,
     read_at: Instant,
     geometry: FrameGeometry,
-    flow_rgb: Option<RgbImage>,
+    /// The backward flow into this frame, kept for the viewer's colour image (made on the sink
+    /// thread, which has the most slack of the three).
+    flow_bwd: Option<FlowField>,
     flow_ms: f64,
     geometry_ms: f64,
 }
@@ -592,11 +594,12 @@ pub fn run(
             };
             let mut snapshot_at = None;
             // Frames the engine holds back (initialisation), by index.
-            let mut waiting: HashMap<u64, (Frame, Instant, Option<RgbImage>, f64)> = HashMap::new();
+            let mut waiting: HashMap<u64, (Frame, Instant, Option<FlowField>, f64)> =
+                HashMap::new();
             let emit =
                 |geos: Vec<FrameGeometry>, waiting: &mut HashMap<u64, _>, geo_ms: f64| -> bool {
                     for g in geos {
-                        let Some((frame, read_at, flow_rgb, flow_ms)) = waiting.remove(&g.index)
+                        let Some((frame, read_at, flow_bwd, flow_ms)) = waiting.remove(&g.index)
                         else {
                             continue;
                         };
@@ -604,7 +607,7 @@ pub fn run(
                             frame,
                             read_at,
                             geometry: g,
-                            flow_rgb,
+                            flow_bwd,
                             flow_ms,
                             geometry_ms: geo_ms,
                         };
@@ -616,19 +619,17 @@ pub fn run(
                 };
             for msg in &rx2 {
                 let t0 = Instant::now();
-                let flow_rgb = if want_flow_rgb {
-                    msg.flow
-                        .as_ref()
-                        .map(|p| colorwheel::flow_to_rgb(&p.bwd, None))
-                } else {
-                    None
-                };
                 let res = geo_engine.push(&msg.frame, msg.flow.as_ref());
                 let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
                 next_source = msg.frame.source_index + 1;
                 waiting.insert(
                     msg.frame.index,
-                    (msg.frame, msg.read_at, flow_rgb, msg.flow_ms),
+                    (
+                        msg.frame,
+                        msg.read_at,
+                        msg.flow.filter(|_| want_flow_rgb).map(|p| p.bwd),
+                        msg.flow_ms,
+                    ),
                 );
                 match res {
                     Ok(geos) => {
@@ -708,6 +709,10 @@ pub fn run(
                 let step = (pts.points.len() / 20_000).max(1);
                 let p: Vec<[f32; 3]> = pts.points.iter().step_by(step).copied().collect();
                 let c: Vec<[u8; 3]> = pts.colors.iter().step_by(step).copied().collect();
+                let flow_rgb = r
+                    .flow_bwd
+                    .as_ref()
+                    .map(|f| colorwheel::flow_to_rgb(f, None));
                 let log = FrameLog {
                     index: g.index,
                     timestamp: g.timestamp,
@@ -715,7 +720,7 @@ pub fn run(
                     intrinsics: &g.intrinsics,
                     image: &r.frame.image,
                     depth: depth.as_deref(),
-                    flow_rgb: r.flow_rgb.as_ref(),
+                    flow_rgb: flow_rgb.as_ref(),
                     points: &p,
                     colors: &c,
                 };

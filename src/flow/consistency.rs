@@ -3,6 +3,7 @@
 use rayon::prelude::*;
 
 use super::FlowField;
+use crate::simd::{vectorized, Kernel};
 
 /// Per-pixel confidence and occlusion of `fwd`, checked against `bwd` sampled at the target.
 ///
@@ -61,81 +62,18 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
         };
     }
     let mut fused = fuse.then(|| FlowField::zeros(w, h));
-    let (xmax, ymax) = ((w - 1) as f32, (h - 1) as f32);
-    let stride = 2 * w;
-    let back = &bwd.data;
-    // Images are far smaller than 2³¹ pixels a side.
-    let (last_cell_x, last_cell_y) = ((w - 2) as i32, (h - 2) as i32);
-    // One row in two passes: the bilinear gathers of `bwd` (scalar: float column counter, i32
-    // casts, as usize ↔ float conversions are instruction sequences on baseline x86-64), then
-    // the arithmetic (its square root and division dominated when they sat between gathers).
-    let work = |scratch: &mut RowScratch,
-                y: usize,
-                cr: &mut [f32],
-                or: &mut [bool],
-                fr: Option<&mut [f32]>| {
-        let row = &fwd.data[y * stride..(y + 1) * stride];
-        let yf = y as f32;
-        // Structure of arrays for the second pass: this row's flow, bwd at its targets, and
-        // an all-ones bit mask where the target is inside the image (0 outside).
-        let RowScratch {
-            u,
-            v,
-            bu,
-            bv,
-            inside,
-        } = scratch;
-        // Pixels whose target leaves the image keep these values.
-        let (u, v) = (&mut u[..w], &mut v[..w]);
-        let (bu, bv, inside) = (&mut bu[..w], &mut bv[..w], &mut inside[..w]);
-        bu.fill(0.0);
-        bv.fill(0.0);
-        inside.fill(0);
-        let mut xf = -1.0f32;
-        for (x, f) in row.chunks_exact(2).enumerate() {
-            xf += 1.0;
-            (u[x], v[x]) = (f[0], f[1]);
-            let (tx, ty) = (xf + f[0], yf + f[1]);
-            if !(tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax) {
-                continue;
-            }
-            // tx, ty ≥ 0: truncation is floor; the last column/row samples its left/top cell.
-            let x0 = (tx as i32).min(last_cell_x);
-            let y0 = (ty as i32).min(last_cell_y);
-            let (fx, fy) = (tx - x0 as f32, ty - y0 as f32);
-            let i = y0 as usize * stride + 2 * x0 as usize;
-            let (top, bottom) = (&back[i..i + 4], &back[i + stride..i + stride + 4]);
-            let (w00, w10) = ((1.0 - fx) * (1.0 - fy), fx * (1.0 - fy));
-            let (w01, w11) = ((1.0 - fx) * fy, fx * fy);
-            bu[x] = top[0] * w00 + top[2] * w10 + bottom[0] * w01 + bottom[2] * w11;
-            bv[x] = top[1] * w00 + top[3] * w10 + bottom[1] * w01 + bottom[3] * w11;
-            inside[x] = u32::MAX;
-        }
-        // Branch-free over the row, so the compiler vectorises it (square root and division
-        // included); the fused flow overwrites `bu`, `bv`.
-        let (cr, or) = (&mut cr[..w], &mut or[..w]);
-        for x in 0..w {
-            let (eu, ev) = (u[x] + bu[x], v[x] + bv[x]);
-            let e2 = eu * eu + ev * ev;
-            let f2 = u[x] * u[x] + v[x] * v[x];
-            let disagree = e2 > 0.01 * (f2 + bu[x] * bu[x] + bv[x] * bv[x]) + 0.5;
-            let occluded = inside[x] == 0 || disagree;
-            let sigma = 0.5 + 0.05 * f2.sqrt();
-            let two_s2 = 2.0 * sigma * sigma;
-            cr[x] = f32::from_bits((two_s2 / (two_s2 + e2)).to_bits() & inside[x]);
-            or[x] = occluded;
-            // Fused: the average of both where they agree, else this direction's own.
-            let keep = if occluded { 0.0 } else { 0.5 };
-            bu[x] = u[x] - keep * eu;
-            bv[x] = v[x] - keep * ev;
-        }
-        if let Some(fr) = fr {
-            for ((out, fu), fv) in fr.chunks_exact_mut(2).zip(bu.iter()).zip(bv.iter()) {
-                out[0] = *fu;
-                out[1] = *fv;
-            }
-        }
+    let pair = Pair {
+        fwd,
+        back: &bwd.data,
+        w,
+        stride: 2 * w,
+        xmax: (w - 1) as f32,
+        ymax: (h - 1) as f32,
+        // Images are far smaller than 2³¹ pixels a side.
+        last_cell_x: (w - 2) as i32,
+        last_cell_y: (h - 2) as i32,
     };
+    let stride = pair.stride;
     let fused_rows: Vec<&mut [f32]> = match &mut fused {
         Some(f) => f.data.chunks_mut(stride).collect(),
         None => Vec::new(),
@@ -147,7 +85,16 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
             .enumerate()
             .for_each_init(
                 || RowScratch::new(w),
-                |s, (y, ((cr, or), fr))| work(s, y, cr, or, Some(fr)),
+                |s, (y, ((cr, or), fr))| {
+                    vectorized(CheckRow {
+                        pair: &pair,
+                        scratch: s,
+                        y,
+                        cr,
+                        or,
+                        fr: Some(fr),
+                    });
+                },
             );
     } else {
         conf.par_chunks_mut(w)
@@ -155,10 +102,145 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
             .enumerate()
             .for_each_init(
                 || RowScratch::new(w),
-                |s, (y, (cr, or))| work(s, y, cr, or, None),
+                |s, (y, (cr, or))| {
+                    vectorized(CheckRow {
+                        pair: &pair,
+                        scratch: s,
+                        y,
+                        cr,
+                        or,
+                        fr: None,
+                    });
+                },
             );
     }
     FbCheck { conf, occ, fused }
+}
+
+/// What every row of one [`fb_check`] call reads.
+struct Pair<'a> {
+    fwd: &'a FlowField,
+    back: &'a [f32],
+    w: usize,
+    stride: usize,
+    xmax: f32,
+    ymax: f32,
+    last_cell_x: i32,
+    last_cell_y: i32,
+}
+
+/// One row of [`fb_check`]: confidence, occlusion and optionally fused flow of row `y`.
+struct CheckRow<'a, 'b> {
+    pair: &'a Pair<'b>,
+    scratch: &'a mut RowScratch,
+    y: usize,
+    cr: &'a mut [f32],
+    or: &'a mut [bool],
+    fr: Option<&'a mut [f32]>,
+}
+
+impl Kernel for CheckRow<'_, '_> {
+    type Output = ();
+
+    /// Two passes: the bilinear gathers of `bwd` (float column counter, i32 casts, as usize ↔
+    /// float conversions are instruction sequences on baseline x86-64), then the arithmetic
+    /// (its square root and division dominated when they sat between gathers).
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        let CheckRow {
+            pair,
+            scratch,
+            y,
+            cr,
+            or,
+            fr,
+        } = self;
+        check_row(pair, scratch, y, cr, or, fr);
+    }
+}
+
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[inline(always)]
+fn check_row(
+    pair: &Pair<'_>,
+    scratch: &mut RowScratch,
+    y: usize,
+    cr: &mut [f32],
+    or: &mut [bool],
+    fr: Option<&mut [f32]>,
+) {
+    let Pair {
+        fwd,
+        back,
+        w,
+        stride,
+        xmax,
+        ymax,
+        last_cell_x,
+        last_cell_y,
+    } = *pair;
+    let row = &fwd.data[y * stride..(y + 1) * stride];
+    let yf = y as f32;
+    // Structure of arrays for the second pass: this row's flow, bwd at its targets, and
+    // an all-ones bit mask where the target is inside the image (0 outside).
+    let RowScratch {
+        u,
+        v,
+        bu,
+        bv,
+        inside,
+    } = scratch;
+    // Pixels whose target leaves the image keep these values.
+    let (u, v) = (&mut u[..w], &mut v[..w]);
+    let (bu, bv, inside) = (&mut bu[..w], &mut bv[..w], &mut inside[..w]);
+    bu.fill(0.0);
+    bv.fill(0.0);
+    inside.fill(0);
+    let mut xf = -1.0f32;
+    for (x, f) in row.chunks_exact(2).enumerate() {
+        xf += 1.0;
+        (u[x], v[x]) = (f[0], f[1]);
+        let (tx, ty) = (xf + f[0], yf + f[1]);
+        if !(tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax) {
+            continue;
+        }
+        // tx, ty ≥ 0: truncation is floor; the last column/row samples its left/top cell.
+        let x0 = (tx as i32).min(last_cell_x);
+        let y0 = (ty as i32).min(last_cell_y);
+        let (fx, fy) = (tx - x0 as f32, ty - y0 as f32);
+        let i = y0 as usize * stride + 2 * x0 as usize;
+        let (top, bottom) = (&back[i..i + 4], &back[i + stride..i + stride + 4]);
+        let (w00, w10) = ((1.0 - fx) * (1.0 - fy), fx * (1.0 - fy));
+        let (w01, w11) = ((1.0 - fx) * fy, fx * fy);
+        bu[x] = top[0] * w00 + top[2] * w10 + bottom[0] * w01 + bottom[2] * w11;
+        bv[x] = top[1] * w00 + top[3] * w10 + bottom[1] * w01 + bottom[3] * w11;
+        inside[x] = u32::MAX;
+    }
+    // Branch-free over the row, so the compiler vectorises it (square root and division
+    // included); the fused flow overwrites `bu`, `bv`.
+    let (cr, or) = (&mut cr[..w], &mut or[..w]);
+    for x in 0..w {
+        let (eu, ev) = (u[x] + bu[x], v[x] + bv[x]);
+        let e2 = eu * eu + ev * ev;
+        let f2 = u[x] * u[x] + v[x] * v[x];
+        let disagree = e2 > 0.01 * (f2 + bu[x] * bu[x] + bv[x] * bv[x]) + 0.5;
+        let occluded = inside[x] == 0 || disagree;
+        let sigma = 0.5 + 0.05 * f2.sqrt();
+        let two_s2 = 2.0 * sigma * sigma;
+        cr[x] = f32::from_bits((two_s2 / (two_s2 + e2)).to_bits() & inside[x]);
+        or[x] = occluded;
+        // Fused: the average of both where they agree, else this direction's own.
+        let keep = if occluded { 0.0 } else { 0.5 };
+        bu[x] = u[x] - keep * eu;
+        bv[x] = v[x] - keep * ev;
+    }
+    if let Some(fr) = fr {
+        for ((out, fu), fv) in fr.chunks_exact_mut(2).zip(bu.iter()).zip(bv.iter()) {
+            out[0] = *fu;
+            out[1] = *fv;
+        }
+    }
 }
 
 #[cfg(test)]

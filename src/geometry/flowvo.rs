@@ -33,6 +33,7 @@ use super::{FrameGeometry, GeometryEngine, GeometryStats};
 use crate::error::{Error, Result};
 use crate::flow::{FlowField, PairFlow};
 use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
+use crate::simd::{vectorized, Kernel};
 
 /// Parameters of `flowvo`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -242,12 +243,6 @@ impl Chain {
         }
     }
 
-    #[inline]
-    fn get(&self, x: usize, y: usize) -> (f32, f32, f32) {
-        let i = (y * self.width + x) * 3;
-        (self.data[i], self.data[i + 1], self.data[i + 2])
-    }
-
     /// The bilinear cell of a sub-pixel position: (index of its top-left value, fx, fy); `None`
     /// outside. Chains of one size share it, so it is found once per pixel for all of them.
     #[inline]
@@ -398,6 +393,105 @@ pub struct FlowVo {
 const RECENT_STEPS: usize = 15;
 /// A step this many times the recent median (and above the map's noise floor) is implausible.
 const MAX_STEP_RATIO: f64 = 6.0;
+
+/// What every row of [`FlowVo::dense_depth`] shares: rays are linear maps of the pixel
+/// (world_from_cam rotation × K⁻¹, no divisions), the baseline is fixed. Plain arrays: the
+/// loop vectorises over them, not over nalgebra's views.
+struct DepthRow {
+    /// Columns of the current frame's pixel-to-ray map.
+    cur: [[f64; 3]; 3],
+    /// Columns of the keyframe's pixel-to-ray map.
+    key: [[f64; 3]; 3],
+    /// Current − key camera centre.
+    w0: [f64; 3],
+    /// The current camera's optical axis in the world.
+    axis: [f64; 3],
+    theta0_sq: f64,
+}
+
+/// Row `y` of the dense depth: `chain` is the row of (Δx, Δy, confidence) to the keyframe.
+struct DepthRowAt<'a> {
+    row: &'a DepthRow,
+    y: usize,
+    chain: &'a [f32],
+    depth: &'a mut [f32],
+    conf: &'a mut [f32],
+}
+
+impl Kernel for DepthRowAt<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        depth_row(self.row, self.y, self.chain, self.depth, self.conf);
+    }
+}
+
+/// The midpoint triangulation of `triangulate::midpoint_cos`, specialised per pixel and written
+/// without branches (a failed test writes 0), so the compiler vectorises it. A function of its
+/// own: its slice arguments tell the compiler that they do not overlap (fields of a struct do
+/// not), which the vectorised loop needs.
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[inline(always)]
+fn depth_row(row: &DepthRow, y: usize, chain: &[f32], depth: &mut [f32], conf: &mut [f32]) {
+    {
+        let DepthRow {
+            cur: [d0, d1, d2],
+            key: [c0, c1, c2],
+            w0,
+            axis,
+            theta0_sq,
+        } = *row;
+        let yf = y as f64;
+        let dc_row = [0, 1, 2].map(|i| d0[i] * 0.0 + d1[i] * yf + d2[i]);
+        let dot = |p: &[f64; 3], q: &[f64; 3]| p[0] * q[0] + p[1] * q[1] + p[2] * q[2];
+        // Indexed, not zipped iterators: the compiler vectorises this form.
+        let w = depth.len();
+        let (chain, conf) = (&chain[..3 * w], &mut conf[..w]);
+        for x in 0..w {
+            let xf = x as f64;
+            let (u, v, c) = (
+                f64::from(chain[3 * x]),
+                f64::from(chain[3 * x + 1]),
+                f64::from(chain[3 * x + 2]),
+            );
+            let (kx, ky) = (xf + u, yf + v);
+            let dc = [
+                dc_row[0] + d0[0] * xf,
+                dc_row[1] + d0[1] * xf,
+                dc_row[2] + d0[2] * xf,
+            ];
+            let dk = [
+                c0[0] * kx + c1[0] * ky + c2[0],
+                c0[1] * kx + c1[1] * ky + c2[1],
+                c0[2] * kx + c1[2] * ky + c2[2],
+            ];
+            let (a, b, cc) = (dot(&dc, &dc), dot(&dc, &dk), dot(&dk, &dk));
+            let (d, e) = (dot(&dc, &w0), dot(&dk, &w0));
+            let denom = a * cc - b * b;
+            let inv = 1.0 / denom;
+            let (s, t) = ((b * e - cc * d) * inv, (a * e - b * d) * inv);
+            // Depth of the midpoint (oc + s·dc + ok + t·dk) / 2 along the optical axis.
+            let mid = [0, 1, 2].map(|i| dc[i] * s + dk[i] * t - w0[i]);
+            let z = 0.5 * dot(&axis, &mid);
+            let cos = (b / (a * cc).sqrt()).clamp(-1.0, 1.0);
+            // angle² ≈ 2(1 − cos) for small angles; a rational ramp instead of 1 − exp(−a²/θ0²).
+            let a2 = 2.0 * (1.0 - cos);
+            // Confident flow, rays not parallel, the point in front of both cameras (`&`, not
+            // `&&`: no branch per test).
+            #[allow(clippy::needless_bitwise_bool)]
+            let ok =
+                (c > 0.05) & (denom.abs() >= 1e-12 * a * cc) & (s > 0.0) & (t > 0.0) & (z > 0.0);
+            depth[x] = if ok { z as f32 } else { 0.0 };
+            conf[x] = if ok {
+                (c * a2 / (a2 + theta0_sq)) as f32
+            } else {
+                0.0
+            };
+        }
+    }
+}
 
 fn grey_and_gradient(img: &RgbImage) -> (Vec<f32>, Vec<f32>) {
     let (w, h) = (img.width() as usize, img.height() as usize);
@@ -774,45 +868,27 @@ impl FlowVo {
         // Baseline (current − key centre) and the current camera's optical axis in the world.
         let w0 = cur.translation.vector - key.translation.vector;
         let axis = cur.rotation * Vector3::z();
-        let ray_cur_dx = ray_cur.column(0).into_owned();
+        let columns = |m: Matrix3<f64>| [0, 1, 2].map(|j| [m[(0, j)], m[(1, j)], m[(2, j)]]);
+        let row = DepthRow {
+            cur: columns(ray_cur),
+            key: columns(ray_key),
+            w0: [w0.x, w0.y, w0.z],
+            axis: [axis.x, axis.y, axis.z],
+            theta0_sq: theta0 * theta0,
+        };
         depth
             .par_chunks_mut(w)
             .zip(conf.par_chunks_mut(w))
+            .zip(chain.data.par_chunks(3 * w))
             .enumerate()
-            .for_each(|(y, (dr, cr))| {
-                let yf = y as f64;
-                let ray_cur_row = ray_cur * Vector3::new(0.0, yf, 1.0);
-                let mut xf = -1.0f64;
-                for x in 0..w {
-                    xf += 1.0;
-                    let (u, v, c) = chain.get(x, y);
-                    if c <= 0.05 {
-                        continue;
-                    }
-                    let dc = ray_cur_row + ray_cur_dx * xf;
-                    let dk = ray_key * Vector3::new(xf + f64::from(u), yf + f64::from(v), 1.0);
-                    let (a, b, cc) = (dc.dot(&dc), dc.dot(&dk), dk.dot(&dk));
-                    let (d, e) = (dc.dot(&w0), dk.dot(&w0));
-                    let denom = a * cc - b * b;
-                    if denom.abs() < 1e-12 * a * cc {
-                        continue;
-                    }
-                    let inv = 1.0 / denom;
-                    let (s, t) = ((b * e - cc * d) * inv, (a * e - b * d) * inv);
-                    if s <= 0.0 || t <= 0.0 {
-                        continue;
-                    }
-                    // Depth of the midpoint (oc + s·dc + ok + t·dk) / 2 along the optical axis.
-                    let z = 0.5 * axis.dot(&(dc * s + dk * t - w0));
-                    if z.is_nan() || z <= 0.0 {
-                        continue;
-                    }
-                    dr[x] = z as f32;
-                    let cos = (b / (a * cc).sqrt()).clamp(-1.0, 1.0);
-                    // angle² ≈ 2(1 − cos) for small angles; a rational ramp instead of 1 − exp(−a²/θ0²).
-                    let a2 = 2.0 * (1.0 - cos);
-                    cr[x] = (f64::from(c) * a2 / (a2 + theta0 * theta0)) as f32;
-                }
+            .for_each(|(y, ((depth, conf), chain))| {
+                vectorized(DepthRowAt {
+                    row: &row,
+                    y,
+                    chain,
+                    depth,
+                    conf,
+                });
             });
         Some((depth, conf))
     }
@@ -1348,5 +1424,91 @@ impl GeometryEngine for FlowVo {
 
     fn segments(&self) -> u32 {
         self.segment + 1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::triangulate::midpoint_cos;
+    use nalgebra::{Translation3, UnitQuaternion};
+
+    #[test]
+    fn dense_depth_row_matches_the_midpoint_triangulation() {
+        // Two cameras a baseline apart and slightly turned; a chain whose offsets put some pixels
+        // behind a camera, some with parallel rays and some with low confidence.
+        let k = Intrinsics::from_hfov(64, 8, 60.0);
+        let cur = Pose::from_parts(
+            Translation3::new(0.3, -0.1, 0.05),
+            UnitQuaternion::from_euler_angles(0.02, -0.05, 0.01),
+        );
+        let key = Pose::identity();
+        let k_inv = k.matrix().try_inverse().expect("invertible");
+        let ray = |p: &Pose| p.rotation.to_rotation_matrix().into_inner() * k_inv;
+        let columns = |m: Matrix3<f64>| [0, 1, 2].map(|j| [m[(0, j)], m[(1, j)], m[(2, j)]]);
+        let w0 = cur.translation.vector - key.translation.vector;
+        let axis = cur.rotation * Vector3::z();
+        let row = DepthRow {
+            cur: columns(ray(&cur)),
+            key: columns(ray(&key)),
+            w0: [w0.x, w0.y, w0.z],
+            axis: [axis.x, axis.y, axis.z],
+            theta0_sq: 2f64.to_radians().powi(2),
+        };
+        let w = k.width as usize;
+        let y = 5;
+        let chain: Vec<f32> = (0..w)
+            .flat_map(|x| {
+                let t = x as f32;
+                [
+                    8.0 * (0.3 * t).sin() - 3.0,
+                    0.5 * (0.2 * t).cos(),
+                    (t * 0.037) % 1.0,
+                ]
+            })
+            .collect();
+        let (mut depth, mut conf) = (vec![f32::NAN; w], vec![f32::NAN; w]);
+        vectorized(DepthRowAt {
+            row: &row,
+            y,
+            chain: &chain,
+            depth: &mut depth,
+            conf: &mut conf,
+        });
+        let (mut found, mut rejected) = (0, 0);
+        for x in 0..w {
+            let (u, v, c) = (chain[3 * x], chain[3 * x + 1], chain[3 * x + 2]);
+            let d1 = ray(&cur) * Vector3::new(x as f64, y as f64, 1.0);
+            let d2 =
+                ray(&key) * Vector3::new(x as f64 + f64::from(u), y as f64 + f64::from(v), 1.0);
+            let (o1, o2) = (
+                Point3::from(cur.translation.vector),
+                Point3::from(key.translation.vector),
+            );
+            let expected = midpoint_cos(&o1, &d1, &o2, &d2)
+                .map(|(p, cos)| (axis.dot(&(p - o1)), cos))
+                .filter(|&(z, _)| c > 0.05 && z > 0.0);
+            if let Some((z, cos)) = expected {
+                found += 1;
+                assert!(
+                    (f64::from(depth[x]) - z).abs() <= 1e-5 * z,
+                    "depth at {x}: {} vs {z}",
+                    depth[x]
+                );
+                let a2 = 2.0 * (1.0 - cos);
+                let want = f64::from(c) * a2 / (a2 + row.theta0_sq);
+                assert!(
+                    (f64::from(conf[x]) - want).abs() <= 1e-6,
+                    "confidence at {x}"
+                );
+            } else {
+                rejected += 1;
+                assert_eq!((depth[x], conf[x]), (0.0, 0.0), "rejected pixel {x}");
+            }
+        }
+        assert!(
+            found > 10 && rejected > 5,
+            "{found} found, {rejected} rejected"
+        );
     }
 }

@@ -1,0 +1,34 @@
+//! Hot per-pixel loops compiled for the CPU they run on.
+//!
+//! The crate is built for baseline x86-64 (SSE2), so a loop the compiler vectorises uses 4
+//! float lanes and no gathers. [`vectorized`] runs a [`Kernel`] inside a function compiled for
+//! AVX2 + FMA (x86-64-v3) when the CPU has them, chosen at run time by `pulp`, so the same
+//! loop gets 8 lanes. Floating-point results do not change: Rust never contracts `a * b + c`
+//! into an FMA by itself.
+
+/// A loop to run through [`vectorized`]. Implementations mark `run` `#[inline(always)]`, and
+/// so does everything it calls per element: code that is not inlined into the dispatched
+/// function is compiled for the baseline (a closure is not enough, as the compiler may keep
+/// its body out of line).
+pub trait Kernel {
+    type Output;
+    fn run(self) -> Self::Output;
+}
+
+struct Dispatch<K>(K);
+
+impl<K: Kernel> pulp::WithSimd for Dispatch<K> {
+    type Output = K::Output;
+
+    #[allow(clippy::inline_always)] // the kernel must be inlined here to get the features
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, _simd: S) -> K::Output {
+        self.0.run()
+    }
+}
+
+/// Runs `kernel` compiled for the best instruction set this CPU has (see the module docs).
+#[inline]
+pub fn vectorized<K: Kernel>(kernel: K) -> K::Output {
+    pulp::Arch::new().dispatch(Dispatch(kernel))
+}
