@@ -244,6 +244,27 @@ fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
     );
     run(&["--resume", snapshot.to_str().unwrap()]);
     assert_eq!(frame_numbers(&out), (0..40).collect::<Vec<i64>>());
+    // With a stride the snapshot counts source frames and the checkpoint output frames.
+    let strided = out.with_file_name("strided");
+    let snapshot = strided.join("snapshot.safetensors");
+    let run = |extra: &[&str]| {
+        let o = snapshot_run(&seq, &strided, 3)
+            .args(["--stride", "3"])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    run(&["--max-frames", "7"]);
+    assert_eq!(
+        streamrecon::geometry::snapshot_next_frame(&snapshot),
+        Some(19)
+    );
+    run(&["--resume", snapshot.to_str().unwrap()]);
+    assert_eq!(
+        frame_numbers(&strided),
+        (0..40).step_by(3).collect::<Vec<i64>>()
+    );
 }
 
 /// A smooth 160×120 synthetic sequence of `frames` frames in a fresh folder: (the folder, the
