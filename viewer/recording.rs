@@ -1,6 +1,7 @@
 //! The rerun recording (built with the `rerun` feature, the default).
 
 use super::{paths, FrameLog, RerunTarget, TIMELINE_FRAME, TIMELINE_TIME};
+use crate::datasets::formats::depth::millimetres;
 use crate::error::{Error, Result};
 
 /// Logs a stream's results to rerun.
@@ -124,10 +125,10 @@ impl Viewer {
         if let Some(d) = f.depth {
             if d.len() == (k.width * k.height) as usize {
                 // 16-bit millimetres of engine units: half the bytes of f32, 1e-3 resolution.
-                let mm: Vec<u8> = d
-                    .iter()
-                    .flat_map(|v| ((v * 1000.0).round().clamp(0.0, 65535.0) as u16).to_le_bytes())
-                    .collect();
+                let mut mm = vec![0u8; 2 * d.len()];
+                for (o, &v) in mm.chunks_exact_mut(2).zip(d) {
+                    o.copy_from_slice(&millimetres(v).to_le_bytes());
+                }
                 self.rec
                     .log(
                         paths::DEPTH,
