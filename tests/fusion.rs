@@ -2,7 +2,9 @@
 
 use streamrecon::cloud::PointCloud;
 use streamrecon::frame::{Intrinsics, Pose};
-use streamrecon::fusion::{remove_statistical_outliers, with_normals, Fusion, FusionConfig};
+use streamrecon::fusion::{
+    remove_statistical_outliers, with_normals, without_outliers_with_normals, Fusion, FusionConfig,
+};
 use streamrecon::geometry::{FrameGeometry, GeometryStats};
 
 fn plane_frame(index: u64, z: f32, k: &Intrinsics) -> FrameGeometry {
@@ -46,7 +48,45 @@ fn outliers_are_removed_and_plane_normals_found() {
     let kept = remove_statistical_outliers(&c, 8, 2.0);
     assert_eq!(kept.len(), 400);
     let with = with_normals(kept, 8);
-    for n in with.normals.unwrap() {
+    for n in with.normals.as_ref().unwrap() {
         assert!(n[2].abs() > 0.999, "{n:?}");
+    }
+    // The final cloud's one-query version keeps the same points with the same normals.
+    let one = without_outliers_with_normals(&c, 8, 2.0);
+    assert_eq!(one.points, with.points);
+    for (a, b) in one.normals.unwrap().iter().zip(with.normals.unwrap()) {
+        let dot: f32 = (0..3).map(|i| a[i] * b[i]).sum();
+        assert!(dot.abs() > 0.999, "{a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn the_final_cloud_matches_outlier_removal_then_normals_on_a_curved_surface() {
+    // A noisy sphere cap with scattered outliers: same points kept, normals within 3°.
+    let mut pts: Vec<[f32; 3]> = Vec::new();
+    for i in 0..60 {
+        for j in 0..60 {
+            let (a, b) = (i as f32 * 0.02 - 0.6, j as f32 * 0.02 - 0.6);
+            let z = (1.0 - a * a - b * b).sqrt();
+            let wobble = 0.002 * ((i * 7 + j * 13) % 5) as f32;
+            pts.push([a, b, z + wobble]);
+        }
+    }
+    for i in 0..30 {
+        let t = i as f32;
+        pts.push([2.0 + t.sin(), -2.0 + t.cos(), 3.0 + 0.1 * t]);
+    }
+    let c = PointCloud::from_points(pts);
+    let two = with_normals(remove_statistical_outliers(&c, 12, 2.0), 12);
+    let one = without_outliers_with_normals(&c, 12, 2.0);
+    assert_eq!(one.points, two.points);
+    assert!(
+        one.len() >= 3600 && one.len() < c.len(),
+        "{} kept",
+        one.len()
+    );
+    for (a, b) in one.normals.unwrap().iter().zip(two.normals.unwrap()) {
+        let dot: f32 = (0..3).map(|i| a[i] * b[i]).sum();
+        assert!(dot.abs() > 3f32.to_radians().cos(), "{a:?} vs {b:?}");
     }
 }

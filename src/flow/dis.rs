@@ -174,12 +174,9 @@ fn scaled_mat_from_flow(f: &FlowField, scale: f32) -> Result<Mat> {
 /// The matrix is not CV_32FC2.
 pub fn flow_from_mat(m: &Mat) -> Result<FlowField> {
     let (w, h) = (m.cols() as usize, m.rows() as usize);
-    let src = m.data_typed::<Vec2f>()?;
-    let mut data = vec![0.0f32; w * h * 2];
-    for (d, v) in data.chunks_exact_mut(2).zip(src) {
-        d[0] = v[0];
-        d[1] = v[1];
-    }
+    // Collected, not zero-filled and then overwritten.
+    let pairs: Vec<[f32; 2]> = m.data_typed::<Vec2f>()?.iter().map(|v| v.0).collect();
+    let data = pairs.into_flattened();
     Ok(FlowField {
         width: w,
         height: h,
