@@ -255,27 +255,9 @@ pub fn without_outliers_with_normals(cloud: &PointCloud, k: usize, std_ratio: f3
         return with_normals(cloud.clone(), k);
     }
     let pts = &cloud.points;
-    let Ok(tree) = ImmutableKdTree::<f32, 3>::new_from_slice(pts) else {
+    let Some((neighbours, mean_d)) = neighbours_and_mean_distances(pts, k) else {
         return with_normals(cloud.clone(), k);
     };
-    let kk = NonZero::new(k + 1).expect("k + 1 > 0");
-    // Per point: the indices of its k + 1 nearest (itself first) and their mean distance.
-    let (neighbours, mean_d): (Vec<Vec<u32>>, Vec<f32>) = pts
-        .par_iter()
-        .map(|p| {
-            let nn = tree
-                .query(p)
-                .nearest_n::<SquaredEuclidean<f32>>(kk)
-                .execute();
-            let ds: Vec<f32> = nn.iter().skip(1).map(|r| r.distance.sqrt()).collect();
-            let mean = if ds.is_empty() {
-                0.0
-            } else {
-                ds.iter().sum::<f32>() / ds.len() as f32
-            };
-            (nn.iter().map(|r| r.item).collect(), mean)
-        })
-        .unzip();
     let limit = outlier_limit(&mean_d, std_ratio);
     let kept: Vec<bool> = mean_d.iter().map(|&d| f64::from(d) <= limit).collect();
     let keep: Vec<usize> = (0..pts.len()).filter(|&i| kept[i]).collect();
@@ -297,25 +279,35 @@ pub fn without_outliers_with_normals(cloud: &PointCloud, k: usize, std_ratio: f3
 
 /// Mean Euclidean distance of each point to its `k` nearest other points.
 pub fn knn_mean_distances(points: &[[f32; 3]], k: usize) -> Vec<f32> {
-    let Ok(tree) = ImmutableKdTree::<f32, 3>::new_from_slice(points) else {
-        return vec![0.0; points.len()];
-    };
+    neighbours_and_mean_distances(points, k).map_or_else(|| vec![0.0; points.len()], |(_, d)| d)
+}
+
+/// Per point: the indices of its `k` + 1 nearest points (itself first) and its mean distance to
+/// the `k` others; `None` when no k-d tree can be built.
+fn neighbours_and_mean_distances(
+    points: &[[f32; 3]],
+    k: usize,
+) -> Option<(Vec<Vec<u32>>, Vec<f32>)> {
+    let tree = ImmutableKdTree::<f32, 3>::new_from_slice(points).ok()?;
     let kk = NonZero::new(k + 1).expect("k + 1 > 0");
-    points
-        .par_iter()
-        .map(|p| {
-            let nn = tree
-                .query(p)
-                .nearest_n::<SquaredEuclidean<f32>>(kk)
-                .execute();
-            let ds: Vec<f32> = nn.iter().skip(1).map(|r| r.distance.sqrt()).collect();
-            if ds.is_empty() {
-                0.0
-            } else {
-                ds.iter().sum::<f32>() / ds.len() as f32
-            }
-        })
-        .collect()
+    Some(
+        points
+            .par_iter()
+            .map(|p| {
+                let nn = tree
+                    .query(p)
+                    .nearest_n::<SquaredEuclidean<f32>>(kk)
+                    .execute();
+                let ds: Vec<f32> = nn.iter().skip(1).map(|r| r.distance.sqrt()).collect();
+                let mean = if ds.is_empty() {
+                    0.0
+                } else {
+                    ds.iter().sum::<f32>() / ds.len() as f32
+                };
+                (nn.iter().map(|r| r.item).collect(), mean)
+            })
+            .unzip(),
+    )
 }
 
 /// Estimates normals by PCA over the `k` nearest neighbours (smallest-eigenvalue direction).
