@@ -316,19 +316,17 @@ pub fn with_normals(mut cloud: PointCloud, k: usize) -> PointCloud {
         cloud.normals = Some(vec![[0.0, 0.0, 1.0]; cloud.len()]);
         return cloud;
     }
-    let Ok(tree) = ImmutableKdTree::<f32, 3>::new_from_slice(&cloud.points) else {
+    // The k nearest, the point itself included.
+    let Some((neighbours, _)) =
+        neighbours_and_mean_distances(&cloud.points, k.min(cloud.len()).saturating_sub(1))
+    else {
         return cloud;
     };
-    let kk = NonZero::new(k.min(cloud.len())).expect("k > 0");
     let pts = &cloud.points;
-    let normals = pts
+    let normals = neighbours
         .par_iter()
-        .map(|p| {
-            let nn = tree
-                .query(p)
-                .nearest_n::<SquaredEuclidean<f32>>(kk)
-                .execute();
-            let n = pca_normal(nn.iter().map(|r| pts[r.item as usize].map(f64::from)));
+        .map(|near| {
+            let n = pca_normal(near.iter().map(|&j| pts[j as usize].map(f64::from)));
             n.map(|v| v as f32)
         })
         .collect();

@@ -271,8 +271,8 @@ struct Result3 {
     frame: Frame,
     read_at: Instant,
     geometry: FrameGeometry,
-    /// The backward flow into this frame, kept for the viewer's colour image (made on the sink
-    /// thread, which has the most slack of the three).
+    /// The backward flow into this frame, kept for the viewer's colour image (made in the sink
+    /// loop, off the geometry thread).
     flow_bwd: Option<FlowField>,
     flow_ms: f64,
     geometry_ms: f64,
@@ -310,6 +310,14 @@ impl PendingSnapshot {
             Err(e) => log::error!("snapshot at source frame {} not put in place: {e}", p.next),
         }
         *slot = None;
+    }
+}
+
+/// Runs `f` with its rayon work on `pool`, or on the global pool when there is none.
+fn on_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(p) => p.install(f),
+        None => f(),
     }
 }
 
@@ -627,10 +635,9 @@ pub fn run(
                 };
             for msg in &rx2 {
                 let t0 = Instant::now();
-                let res = match &geo_pool {
-                    Some(pool) => pool.install(|| geo_engine.push(&msg.frame, msg.flow.as_ref())),
-                    None => geo_engine.push(&msg.frame, msg.flow.as_ref()),
-                };
+                let res = on_pool(geo_pool.as_ref(), || {
+                    geo_engine.push(&msg.frame, msg.flow.as_ref())
+                });
                 let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
                 next_source = msg.frame.source_index + 1;
                 waiting.insert(
@@ -730,10 +737,10 @@ pub fn run(
                 let step = (pts.points.len() / 20_000).max(1);
                 let p: Vec<[f32; 3]> = pts.points.iter().step_by(step).copied().collect();
                 let c: Vec<[u8; 3]> = pts.colors.iter().step_by(step).copied().collect();
-                let flow_rgb = r.flow_bwd.as_ref().map(|f| match &sink_pool {
-                    Some(pool) => pool.install(|| colorwheel::flow_to_rgb(f, None)),
-                    None => colorwheel::flow_to_rgb(f, None),
-                });
+                let flow_rgb = r
+                    .flow_bwd
+                    .as_ref()
+                    .map(|f| on_pool(sink_pool.as_ref(), || colorwheel::flow_to_rgb(f, None)));
                 let log = FrameLog {
                     index: g.index,
                     timestamp: g.timestamp,

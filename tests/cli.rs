@@ -156,14 +156,7 @@ fn sigint_mid_stream_drains_and_leaves_complete_outputs() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while std::fs::read_dir(out.join("depth")).map_or(0, Iterator::count) < 20 {
-        assert!(
-            t0.elapsed() < Duration::from_mins(1),
-            "run made no progress"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_depth_files(&out, 20, Duration::from_millis(20));
     let st = std::process::Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()
@@ -201,14 +194,7 @@ fn a_killed_run_resumes_from_its_snapshot_without_losing_a_frame() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while std::fs::read_dir(out.join("depth")).map_or(0, Iterator::count) < 30 {
-        assert!(
-            t0.elapsed() < Duration::from_mins(1),
-            "run made no progress"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    wait_for_depth_files(&out, 30, Duration::from_millis(10));
     child.kill().unwrap();
     child.wait().unwrap();
     let next = streamrecon::geometry::snapshot_next_frame(&snapshot).expect("a snapshot in force");
@@ -280,6 +266,19 @@ fn resumable_sequence(
     );
     let out = dir.path().join("out");
     (dir, seq, out)
+}
+
+/// Waits until a running pipeline has written `n` depth files to `out` (one per frame), checking
+/// every `poll`; fails after a minute without them.
+fn wait_for_depth_files(out: &Path, n: usize, poll: Duration) {
+    let t0 = Instant::now();
+    while std::fs::read_dir(out.join("depth")).map_or(0, Iterator::count) < n {
+        assert!(
+            t0.elapsed() < Duration::from_mins(1),
+            "run made no progress"
+        );
+        std::thread::sleep(poll);
+    }
 }
 
 /// `streamrecon run SEQ --out OUT --snapshot-every N`.
