@@ -1,18 +1,23 @@
 //! Ray-cast rendering with exact ground truth: RGB (edge-supersampled), depth, object ids, and
 //! optical flow / occlusion between two rendered frames.
 
+// Packet code indexes several lane arrays in step and combines conditions with `&`: both
+// keep the lane loops branch-free, which is what lets them vectorise.
+#![allow(clippy::needless_range_loop, clippy::needless_bitwise_bool)]
+
 use nalgebra::{Point3, Vector3};
 use rayon::prelude::*;
 
-use super::scene::{Scene, TileBins};
-
-/// Pixels per side of a binning tile.
-const TILE: usize = 16;
+use super::scene::{Lanes, Rays, Scene, TileBins, LANES, NO_HIT};
 use crate::flow::FlowField;
 use crate::frame::{Intrinsics, Pose};
+use crate::simd::{vectorized, Kernel};
 
+/// Pixels per side of a binning tile (a multiple of [`LANES`], so a packet lies in one tile).
+const TILE: usize = 16;
+const _: () = assert!(TILE.is_multiple_of(LANES));
 /// Object id of pixels that see no surface.
-pub const NO_OBJECT: u16 = u16::MAX;
+pub const NO_OBJECT: u16 = NO_HIT;
 /// Sub-samples per side for pixels on object edges.
 const EDGE_SUPERSAMPLE: usize = 3;
 /// Relative depth tolerance of the occlusion test.
@@ -30,50 +35,145 @@ pub struct RenderedFrame {
 
 struct Camera {
     origin: Vector3<f32>,
-    rot: nalgebra::Matrix3<f32>,
-    intr: Intrinsics,
+    /// Ray direction (unnormalised, camera z = 1) of pixel (x, y) is `ray_00 + x·ray_dx + y·ray_dy`.
+    ray_00: Vector3<f32>,
+    ray_dx: Vector3<f32>,
+    ray_dy: Vector3<f32>,
+    fx: f32,
 }
 
 impl Camera {
-    #[inline]
-    fn ray(&self, x: f32, y: f32) -> Vector3<f32> {
-        let dc = Vector3::new(
-            (x - self.intr.cx as f32) / self.intr.fx as f32,
-            (y - self.intr.cy as f32) / self.intr.fy as f32,
-            1.0,
-        );
-        self.rot * dc
+    fn new(intr: &Intrinsics, world_from_cam: &Pose) -> Self {
+        let rot: nalgebra::Matrix3<f32> =
+            world_from_cam.rotation.to_rotation_matrix().matrix().cast();
+        let (fx, fy) = (intr.fx as f32, intr.fy as f32);
+        let ray_dx = rot.column(0) / fx;
+        let ray_dy = rot.column(1) / fy;
+        Self {
+            origin: world_from_cam.translation.vector.cast(),
+            ray_00: rot.column(2) - ray_dx * intr.cx as f32 - ray_dy * intr.cy as f32,
+            ray_dx,
+            ray_dy,
+            fx,
+        }
+    }
+
+    /// The rays through the points (`xs[l]`, `ys[l]`).
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
+    fn rays(&self, xs: &Lanes, ys: &Lanes) -> Rays {
+        let mut d = [[0.0; LANES]; 3];
+        for k in 0..3 {
+            for l in 0..LANES {
+                d[k][l] = self.ray_00[k] + self.ray_dx[k] * xs[l] + self.ray_dy[k] * ys[l];
+            }
+        }
+        Rays::new(self.origin, d)
     }
 }
 
-#[inline]
-fn radiance(scene: &Scene, cam: &Camera, bins: &TileBins, x: f32, y: f32) -> ([f32; 3], f32, u16) {
-    let d = cam.ray(x, y);
-    // Samples lie at ≥ −1/3 px: round = floor(x + 0.5), and the cast saturates below 0 (no libm
-    // call on the baseline x86-64 target).
-    let (px, py) = ((x + 0.5) as usize, (y + 0.5) as usize);
-    let px = px.min(cam.intr.width as usize - 1);
-    let py = py.min(cam.intr.height as usize - 1);
-    let candidates = bins.at(px, py).iter().map(|&i| i as usize);
-    match scene.intersect_among(&cam.origin, &d, 1e-4, candidates) {
-        Some(hit) => {
-            let dn = d.norm();
-            let cos = (hit.normal.dot(&d) / dn).abs().max(0.2);
-            let footprint = hit.t * dn / cam.intr.fx as f32 / cos;
-            (scene.shade(&hit, footprint), hit.t, hit.object)
+/// Colour, depth and object of each ray of a packet.
+#[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+#[inline(always)]
+fn radiance(
+    scene: &Scene,
+    cam: &Camera,
+    rays: &Rays,
+    candidates: &[u16],
+) -> ([[f32; 3]; LANES], Lanes, [u16; LANES]) {
+    let near = scene.nearest(rays, 1e-4, candidates);
+    let colour = scene.shade(rays, &near, cam.fx);
+    let mut depth = near.t;
+    for (z, &o) in depth.iter_mut().zip(&near.object) {
+        *z = if o == NO_OBJECT { 0.0 } else { *z };
+    }
+    (colour, depth, near.object)
+}
+
+/// One image row of [`render`], [`LANES`] pixels at a time.
+struct RenderRow<'a> {
+    scene: &'a Scene,
+    cam: &'a Camera,
+    bins: &'a TileBins,
+    y: usize,
+    rgb: &'a mut [[f32; 3]],
+    depth: &'a mut [f32],
+    object: &'a mut [u16],
+}
+
+impl Kernel for RenderRow<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        let w = self.rgb.len();
+        let ys = [self.y as f32; LANES];
+        for x0 in (0..w).step_by(LANES) {
+            // A last partial packet repeats the row's last pixel.
+            let mut xs: Lanes = [0.0; LANES];
+            for (l, x) in xs.iter_mut().enumerate() {
+                *x = (x0 + l).min(w - 1) as f32;
+            }
+            // Packets start at multiples of LANES, which divides TILE: one tile per packet.
+            let rays = self.cam.rays(&xs, &ys);
+            let (colour, depth, object) =
+                radiance(self.scene, self.cam, &rays, self.bins.at(x0, self.y));
+            let n = LANES.min(w - x0);
+            self.rgb[x0..x0 + n].copy_from_slice(&colour[..n]);
+            self.depth[x0..x0 + n].copy_from_slice(&depth[..n]);
+            self.object[x0..x0 + n].copy_from_slice(&object[..n]);
         }
-        None => (Scene::sky(&d), 0.0, NO_OBJECT),
+    }
+}
+
+/// The anti-aliased colour of one edge pixel: the mean of an `EDGE_SUPERSAMPLE`² grid of
+/// sub-samples, whose off-centre ones make one packet.
+struct EdgePixel<'a> {
+    scene: &'a Scene,
+    cam: &'a Camera,
+    bins: &'a TileBins,
+    x: usize,
+    y: usize,
+    centre: [f32; 3],
+}
+
+const _: () = assert!(EDGE_SUPERSAMPLE * EDGE_SUPERSAMPLE == LANES + 1);
+
+impl Kernel for EdgePixel<'_> {
+    type Output = [f32; 3];
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) -> [f32; 3] {
+        let n = EDGE_SUPERSAMPLE;
+        let offset = |s: usize| (s as f32 + 0.5) / n as f32 - 0.5;
+        // Sub-samples in row-major order, skipping the centre (already cast).
+        let sub = |l: usize| {
+            let s = if l >= LANES / 2 { l + 1 } else { l };
+            (offset(s % n), offset(s / n))
+        };
+        let (mut xs, mut ys): (Lanes, Lanes) = ([0.0; LANES], [0.0; LANES]);
+        for l in 0..LANES {
+            (xs[l], ys[l]) = (self.x as f32 + sub(l).0, self.y as f32 + sub(l).1);
+        }
+        let rays = self.cam.rays(&xs, &ys);
+        let (colour, _, _) = radiance(self.scene, self.cam, &rays, self.bins.at(self.x, self.y));
+        let mut acc = self.centre;
+        for c in colour {
+            for k in 0..3 {
+                acc[k] += c[k];
+            }
+        }
+        let s = 1.0 / (n * n) as f32;
+        [acc[0] * s, acc[1] * s, acc[2] * s]
     }
 }
 
 /// Renders the scene from `world_from_cam`.
 pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> RenderedFrame {
     let (w, h) = (intr.width as usize, intr.height as usize);
-    let cam = Camera {
-        origin: world_from_cam.translation.vector.cast(),
-        rot: world_from_cam.rotation.to_rotation_matrix().matrix().cast(),
-        intr: *intr,
-    };
+    let cam = Camera::new(intr, world_from_cam);
     let bins = scene.bin_objects(world_from_cam, intr, TILE);
     let mut rgb = vec![[0.0f32; 3]; w * h];
     let mut depth = vec![0.0f32; w * h];
@@ -82,13 +182,16 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
         .zip(depth.par_chunks_mut(w))
         .zip(object.par_chunks_mut(w))
         .enumerate()
-        .for_each(|(y, ((rr, dr), or))| {
-            for x in 0..w {
-                let (c, t, o) = radiance(scene, &cam, &bins, x as f32, y as f32);
-                rr[x] = c;
-                dr[x] = t;
-                or[x] = o;
-            }
+        .for_each(|(y, ((rgb, depth), object))| {
+            vectorized(RenderRow {
+                scene,
+                cam: &cam,
+                bins: &bins,
+                y,
+                rgb,
+                depth,
+                object,
+            });
         });
     // Anti-alias object edges by supersampling; texture interiors are band-limited by mipmapping.
     let edge = |x: usize, y: usize| {
@@ -98,30 +201,21 @@ pub fn render(scene: &Scene, intr: &Intrinsics, world_from_cam: &Pose) -> Render
             || (y > 0 && object[(y - 1) * w + x] != o)
             || (y + 1 < h && object[(y + 1) * w + x] != o)
     };
-    let edges: Vec<usize> = (0..w * h).filter(|&i| edge(i % w, i / w)).collect();
-    let n = EDGE_SUPERSAMPLE;
+    let edges: Vec<usize> = (0..h)
+        .into_par_iter()
+        .flat_map_iter(|y| (0..w).filter(move |&x| edge(x, y)).map(move |x| y * w + x))
+        .collect();
     let fixed: Vec<[f32; 3]> = edges
         .par_iter()
         .map(|&i| {
-            let (x, y) = ((i % w) as f32, (i / w) as f32);
-            let mut acc = [0.0f32; 3];
-            for sy in 0..n {
-                for sx in 0..n {
-                    // With an odd count the middle sub-sample is the pixel centre, already cast.
-                    let c = if n % 2 == 1 && sx == n / 2 && sy == n / 2 {
-                        rgb[i]
-                    } else {
-                        let ox = (sx as f32 + 0.5) / n as f32 - 0.5;
-                        let oy = (sy as f32 + 0.5) / n as f32 - 0.5;
-                        radiance(scene, &cam, &bins, x + ox, y + oy).0
-                    };
-                    for k in 0..3 {
-                        acc[k] += c[k];
-                    }
-                }
-            }
-            let s = 1.0 / (n * n) as f32;
-            [acc[0] * s, acc[1] * s, acc[2] * s]
+            vectorized(EdgePixel {
+                scene,
+                cam: &cam,
+                bins: &bins,
+                x: i % w,
+                y: i / w,
+                centre: rgb[i],
+            })
         })
         .collect();
     for (&i, c) in edges.iter().zip(fixed) {

@@ -1,10 +1,16 @@
 //! Analytic scenes for the synthetic world: a textured room or an outdoor ground plane with
 //! boxes, spheres and slanted planes, intersected exactly by ray casting.
 
+// Packet code indexes several lane arrays in step and combines conditions with `&`: both
+// keep the lane loops branch-free, which is what lets them vectorise.
+#![allow(clippy::needless_range_loop, clippy::needless_bitwise_bool)]
+
 use nalgebra::{Rotation3, Vector3};
 use rand::{Rng, SeedableRng};
 
-use super::texture::{Texture, PATTERNS};
+use rayon::prelude::*;
+
+use super::texture::{Materials, Texture, PATTERNS};
 
 type V3 = Vector3<f32>;
 
@@ -65,11 +71,15 @@ pub struct TileBins {
 
 impl TileBins {
     /// Object indices that may be hit by rays through pixel (x, y) or within half a pixel of it.
-    #[inline]
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
     pub fn at(&self, x: usize, y: usize) -> &[u16] {
         &self.bins[(y / self.tile) * self.tiles_across + x / self.tile]
     }
 }
+
+/// [`Nearest::object`] of a ray that hit nothing.
+pub const NO_HIT: u16 = u16::MAX;
 
 /// A ray hit: distance along the (unnormalised) ray, unit normal facing the ray, surface coordinates.
 #[derive(Debug, Clone, Copy)]
@@ -86,13 +96,80 @@ pub struct Hit {
 pub struct Scene {
     pub kind: SceneKind,
     pub objects: Vec<Object>,
-    pub materials: Vec<Texture>,
+    pub materials: Materials,
     /// Unit direction towards the light.
     pub light: V3,
     pub ambient: f32,
     /// Where cameras may move freely (axis-aligned box, world units).
     pub free_min: V3,
     pub free_max: V3,
+}
+
+/// Rays cast together: [`LANES`] directions (unnormalised) from one origin.
+pub const LANES: usize = 8;
+/// One value per ray of a packet.
+pub type Lanes = [f32; LANES];
+
+/// A packet of rays from a common origin.
+pub struct Rays {
+    pub origin: V3,
+    /// Direction components, one array per axis.
+    pub d: [Lanes; 3],
+    /// Squared direction lengths.
+    pub dd: Lanes,
+}
+
+impl Rays {
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
+    pub fn new(origin: V3, d: [Lanes; 3]) -> Self {
+        let mut dd = [0.0; LANES];
+        for l in 0..LANES {
+            dd[l] = d[0][l] * d[0][l] + d[1][l] * d[1][l] + d[2][l] * d[2][l];
+        }
+        Self { origin, d, dd }
+    }
+
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub fn dir(&self, l: usize) -> V3 {
+        V3::new(self.d[0][l], self.d[1][l], self.d[2][l])
+    }
+
+    /// Per ray, `a · d`.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn dot(&self, a: &V3) -> Lanes {
+        let mut out = [0.0; LANES];
+        for l in 0..LANES {
+            out[l] = a.x * self.d[0][l] + a.y * self.d[1][l] + a.z * self.d[2][l];
+        }
+        out
+    }
+}
+
+/// Per ray of a packet, the nearest hit so far.
+pub struct Nearest {
+    /// Distance along the ray (infinite: no hit).
+    pub t: Lanes,
+    pub object: [u16; LANES],
+    /// For boxes, the face's axis ×2 + 1 if its outward normal is along +axis (filled in by
+    /// the shape that won the lane; see [`Scene::surface`]).
+    aux: [u8; LANES],
+}
+
+impl Nearest {
+    /// Takes the lanes of `hit` whose `t` is nearer.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn merge(&mut self, hit: [bool; LANES], t: &Lanes, aux: [u8; LANES], object: u16) {
+        for l in 0..LANES {
+            let take = hit[l] & (t[l] < self.t[l]);
+            self.t[l] = if take { t[l] } else { self.t[l] };
+            self.object[l] = if take { object } else { self.object[l] };
+            self.aux[l] = if take { aux[l] } else { self.aux[l] };
+        }
+    }
 }
 
 impl Object {
@@ -116,51 +193,54 @@ impl Object {
         }
     }
 
-    /// Nearest hit with t in (t_min, t_max).
-    #[inline]
-    fn intersect(
-        &self,
-        o: &V3,
-        d: &V3,
-        dd: f32,
-        t_min: f32,
-        t_max: f32,
-    ) -> Option<(f32, V3, f32, f32)> {
-        if self.bound_radius.is_finite() {
-            // Distance from the bound centre to the ray line (d unnormalised).
-            let oc = self.bound_center - o;
-            let tc = oc.dot(d) / dd;
-            let closest2 = (oc - d * tc).norm_squared();
-            if closest2 > self.bound_radius * self.bound_radius {
-                return None;
-            }
+    /// Whether any ray of the packet passes through the bounding sphere.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn may_hit(&self, rays: &Rays) -> bool {
+        if !self.bound_radius.is_finite() {
+            return true;
         }
+        // Squared distance from the bound centre to each ray's line: |oc|² − (oc·d)²/|d|².
+        let oc = self.bound_center - rays.origin;
+        let ocd = rays.dot(&oc);
+        let (oc2, r2) = (oc.norm_squared(), self.bound_radius * self.bound_radius);
+        let mut any = false;
+        for l in 0..LANES {
+            any |= oc2 - ocd[l] * ocd[l] / rays.dd[l] <= r2;
+        }
+        any
+    }
+
+    /// Folds this object's hits with t > `t_min` into `best`. Branch-free per lane, so the
+    /// loops vectorise.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn intersect(&self, rays: &Rays, t_min: f32, index: u16, best: &mut Nearest) {
+        let o = &rays.origin;
+        let d = &rays.d;
+        let mut t = [f32::INFINITY; LANES];
+        let mut hit = [false; LANES];
+        let mut aux = [0u8; LANES];
         match &self.shape {
             Shape::RoomBox { min, max } => {
-                let mut t_exit = f32::INFINITY;
-                let mut axis = 0;
-                for k in 0..3 {
-                    if d[k].abs() > 1e-12 {
-                        let bound = if d[k] > 0.0 { max[k] } else { min[k] };
-                        let t = (bound - o[k]) / d[k];
-                        if t < t_exit {
-                            t_exit = t;
-                            axis = k;
-                        }
+                for l in 0..LANES {
+                    // Seen from inside: the nearest exit plane.
+                    let (mut t_exit, mut axis) = (f32::INFINITY, 0u8);
+                    for k in 0..3 {
+                        let bound = if d[k][l] > 0.0 { max[k] } else { min[k] };
+                        let tk = if d[k][l].abs() > 1e-12 {
+                            (bound - o[k]) / d[k][l]
+                        } else {
+                            f32::INFINITY
+                        };
+                        let nearer = tk < t_exit;
+                        t_exit = if nearer { tk } else { t_exit };
+                        axis = if nearer { k as u8 } else { axis };
                     }
+                    t[l] = t_exit;
+                    hit[l] = t_exit > t_min;
+                    aux[l] = 2 * axis + u8::from(d[axis as usize][l] < 0.0);
                 }
-                if !(t_exit > t_min && t_exit < t_max) {
-                    return None;
-                }
-                let p = o + d * t_exit;
-                let mut n = V3::zeros();
-                n[axis] = -d[axis].signum();
-                let (a, b) = match axis {
-                    0 => (p.z, p.y),
-                    1 => (p.x, p.z),
-                    _ => (p.x, p.y),
-                };
-                Some((t_exit, n, a, b))
             }
             Shape::Box {
                 center,
@@ -168,68 +248,51 @@ impl Object {
                 world_from_box,
             } => {
                 let lo = world_from_box.inverse_transform_vector(&(o - center));
-                let ld = world_from_box.inverse_transform_vector(d);
-                let (mut t0, mut t1) = (t_min, t_max);
-                let mut axis = 0;
-                let mut sign = 1.0;
-                for k in 0..3 {
-                    if ld[k].abs() < 1e-12 {
-                        if lo[k].abs() > half[k] {
-                            return None;
+                let m = world_from_box.matrix();
+                for l in 0..LANES {
+                    let (mut t0, mut t1) = (t_min, best.t[l]);
+                    let (mut axis, mut positive) = (0u8, false);
+                    for k in 0..3 {
+                        // Box axis k in world coordinates is column k of world_from_box.
+                        let ld = m[(0, k)] * d[0][l] + m[(1, k)] * d[1][l] + m[(2, k)] * d[2][l];
+                        let inv = 1.0 / ld;
+                        let ta = (-half[k] - lo[k]) * inv;
+                        let tb = (half[k] - lo[k]) * inv;
+                        let flip = ta > tb;
+                        let (mut near, mut far) = if flip { (tb, ta) } else { (ta, tb) };
+                        if ld.abs() < 1e-12 {
+                            // Parallel to the slab: inside it everywhere, or nowhere.
+                            near = f32::NEG_INFINITY;
+                            far = if lo[k].abs() > half[k] {
+                                f32::NEG_INFINITY
+                            } else {
+                                f32::INFINITY
+                            };
                         }
-                        continue;
+                        let later = near > t0;
+                        t0 = if later { near } else { t0 };
+                        axis = if later { k as u8 } else { axis };
+                        positive = if later { flip } else { positive };
+                        t1 = t1.min(far);
                     }
-                    let inv = 1.0 / ld[k];
-                    let mut ta = (-half[k] - lo[k]) * inv;
-                    let mut tb = (half[k] - lo[k]) * inv;
-                    let mut s = -1.0;
-                    if ta > tb {
-                        std::mem::swap(&mut ta, &mut tb);
-                        s = 1.0;
-                    }
-                    if ta > t0 {
-                        t0 = ta;
-                        axis = k;
-                        sign = s;
-                    }
-                    t1 = t1.min(tb);
-                    if t0 > t1 {
-                        return None;
-                    }
+                    t[l] = t0;
+                    hit[l] = (t0 <= t1) & (t0 > t_min);
+                    aux[l] = 2 * axis + u8::from(positive);
                 }
-                if t0 <= t_min {
-                    return None;
-                }
-                let mut ln = V3::zeros();
-                ln[axis] = sign;
-                let lp = lo + ld * t0;
-                let (a, b) = match axis {
-                    0 => (lp.z, lp.y),
-                    1 => (lp.x, lp.z),
-                    _ => (lp.x, lp.y),
-                };
-                Some((t0, world_from_box * ln, a + half.x, b + half.y))
             }
             Shape::Sphere { center, radius } => {
                 let oc = o - center;
-                let b = oc.dot(d);
+                let ocd = rays.dot(&oc);
                 let c = oc.norm_squared() - radius * radius;
-                let disc = b * b - dd * c;
-                if disc < 0.0 {
-                    return None;
+                for l in 0..LANES {
+                    let (b, dd) = (ocd[l], rays.dd[l]);
+                    let disc = b * b - dd * c;
+                    let sq = disc.max(0.0).sqrt();
+                    let near = (-b - sq) / dd;
+                    let tl = if near > t_min { near } else { (-b + sq) / dd };
+                    t[l] = tl;
+                    hit[l] = (disc >= 0.0) & (tl > t_min);
                 }
-                let sq = disc.sqrt();
-                let mut t = (-b - sq) / dd;
-                if t <= t_min {
-                    t = (-b + sq) / dd;
-                }
-                if !(t > t_min && t < t_max) {
-                    return None;
-                }
-                let n = (o + d * t - center) / *radius;
-                let su = n.z.atan2(n.x) * radius;
-                let sv = n.y * radius * 1.5;
-                Some((t, n, su, sv))
             }
             Shape::Quad {
                 center,
@@ -239,39 +302,32 @@ impl Object {
                 half_v,
             } => {
                 let n = axis_u.cross(axis_v);
-                let denom = n.dot(d);
-                if denom.abs() < 1e-9 {
-                    return None;
+                let denom = rays.dot(&n);
+                let num = n.dot(&(center - o));
+                // Hit point relative to the centre is (o − c) + d·t: project both terms.
+                let oc = o - center;
+                let (ou, ov) = (oc.dot(axis_u), oc.dot(axis_v));
+                let (du, dv) = (rays.dot(axis_u), rays.dot(axis_v));
+                for l in 0..LANES {
+                    let tl = num / denom[l];
+                    let a = ou + du[l] * tl;
+                    let b = ov + dv[l] * tl;
+                    t[l] = tl;
+                    hit[l] = (denom[l].abs() >= 1e-9)
+                        & (tl > t_min)
+                        & (a.abs() <= *half_u)
+                        & (b.abs() <= *half_v);
                 }
-                let t = n.dot(&(center - o)) / denom;
-                if !(t > t_min && t < t_max) {
-                    return None;
-                }
-                let rel = o + d * t - center;
-                let a = rel.dot(axis_u);
-                let b = rel.dot(axis_v);
-                if a.abs() > *half_u || b.abs() > *half_v {
-                    return None;
-                }
-                Some((t, if denom > 0.0 { -n } else { n }, a, b))
             }
             Shape::Ground { height } => {
-                if d.y.abs() < 1e-9 {
-                    return None;
+                for l in 0..LANES {
+                    let tl = (height - o.y) / d[1][l];
+                    t[l] = tl;
+                    hit[l] = (d[1][l].abs() >= 1e-9) & (tl > t_min);
                 }
-                let t = (height - o.y) / d.y;
-                if !(t > t_min && t < t_max) {
-                    return None;
-                }
-                let p = o + d * t;
-                Some((
-                    t,
-                    V3::new(0.0, if d.y < 0.0 { 1.0 } else { -1.0 }, 0.0),
-                    p.x,
-                    p.z,
-                ))
             }
         }
+        best.merge(hit, &t, aux, index);
     }
 }
 
@@ -280,14 +336,17 @@ impl Scene {
     pub fn new(kind: SceneKind, seed: u64) -> Self {
         let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x5eed_5cee);
         let n_materials = 10;
-        let materials: Vec<Texture> = (0..n_materials)
-            .map(|m| {
-                Texture::generate(
-                    PATTERNS[m % PATTERNS.len()],
-                    seed.wrapping_mul(31).wrapping_add(m as u64),
-                )
-            })
-            .collect();
+        let materials = Materials::new(
+            (0..n_materials)
+                .into_par_iter()
+                .map(|m| {
+                    Texture::generate(
+                        PATTERNS[m % PATTERNS.len()],
+                        seed.wrapping_mul(31).wrapping_add(m as u64),
+                    )
+                })
+                .collect(),
+        );
         let mut objects = Vec::new();
         let mat = |rng: &mut rand_pcg::Pcg64| rng.random_range(0..n_materials);
         let (free_min, free_max);
@@ -401,45 +460,88 @@ impl Scene {
         }
     }
 
-    /// Nearest hit along `o + t·d` (d unnormalised), t > `t_min`, among all objects.
-    #[inline]
-    pub fn intersect(&self, o: &V3, d: &V3, t_min: f32) -> Option<Hit> {
-        self.intersect_among(o, d, t_min, 0..self.objects.len())
-    }
-
-    /// Nearest hit among the objects with the given indices.
-    #[inline]
-    pub fn intersect_among(
-        &self,
-        o: &V3,
-        d: &V3,
-        t_min: f32,
-        candidates: impl IntoIterator<Item = usize>,
-    ) -> Option<Hit> {
-        let dd = d.norm_squared();
-        let mut best: Option<(f32, V3, f32, f32, usize)> = None;
-        let mut t_max = f32::INFINITY;
-        for i in candidates {
-            let obj = &self.objects[i];
-            if let Some((t, normal, su, sv)) = obj.intersect(o, d, dd, t_min, t_max) {
-                t_max = t;
-                best = Some((t, normal, su, sv, i));
+    /// Per ray of the packet, the nearest hit with t > `t_min` among the objects with the
+    /// given indices.
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
+    pub fn nearest(&self, rays: &Rays, t_min: f32, candidates: &[u16]) -> Nearest {
+        let mut best = Nearest {
+            t: [f32::INFINITY; LANES],
+            object: [NO_HIT; LANES],
+            aux: [0; LANES],
+        };
+        for &i in candidates {
+            let obj = &self.objects[usize::from(i)];
+            if obj.may_hit(rays) {
+                obj.intersect(rays, t_min, i, &mut best);
             }
         }
-        let (t, normal, su, sv, i) = best?;
-        let face = match self.objects[i].shape {
+        best
+    }
+
+    /// The surface at lane `l`'s nearest hit (`None` when the ray hit nothing).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    pub fn surface(&self, rays: &Rays, near: &Nearest, l: usize) -> Option<Hit> {
+        let object = near.object[l];
+        let obj = self.objects.get(usize::from(object))?;
+        let (o, d, t) = (rays.origin, rays.dir(l), near.t[l]);
+        let p = o + d * t;
+        // Box faces: axis and the sign of the outward normal, as `intersect` found them.
+        let axis = usize::from(near.aux[l] / 2);
+        let sign = if near.aux[l] % 2 == 1 { 1.0 } else { -1.0 };
+        let by_axis = |q: &V3| match axis {
+            0 => (q.z, q.y),
+            1 => (q.x, q.z),
+            _ => (q.x, q.y),
+        };
+        let mut face = 0;
+        let (normal, su, sv) = match &obj.shape {
             Shape::RoomBox { .. } => {
-                let axis = (0..3).find(|&k| normal[k] != 0.0).unwrap_or(0);
-                (axis * 2 + usize::from(normal[axis] > 0.0)) as u8
+                let mut n = V3::zeros();
+                n[axis] = sign;
+                face = (2 * axis + usize::from(sign > 0.0)) as u8;
+                let (a, b) = by_axis(&p);
+                (n, a, b)
             }
-            _ => 0,
+            Shape::Box {
+                center,
+                half,
+                world_from_box,
+            } => {
+                let lp = world_from_box.inverse_transform_vector(&(p - center));
+                let mut ln = V3::zeros();
+                ln[axis] = sign;
+                let (a, b) = by_axis(&lp);
+                (world_from_box * ln, a + half.x, b + half.y)
+            }
+            Shape::Sphere { center, radius } => {
+                let n = (p - center) / *radius;
+                (n, n.z.atan2(n.x) * radius, n.y * radius * 1.5)
+            }
+            Shape::Quad {
+                center,
+                axis_u,
+                axis_v,
+                ..
+            } => {
+                let n = axis_u.cross(axis_v);
+                let rel = p - center;
+                let facing = if n.dot(&d) > 0.0 { -n } else { n };
+                (facing, rel.dot(axis_u), rel.dot(axis_v))
+            }
+            Shape::Ground { .. } => (
+                V3::new(0.0, if d.y < 0.0 { 1.0 } else { -1.0 }, 0.0),
+                p.x,
+                p.z,
+            ),
         };
         Some(Hit {
             t,
             normal,
             su,
             sv,
-            object: i as u16,
+            object,
             face,
         })
     }
@@ -508,19 +610,43 @@ impl Scene {
         }
     }
 
-    /// Lambertian shade of a hit for a pixel footprint of `footprint` metres.
-    #[inline]
-    pub fn shade(&self, hit: &Hit, footprint: f32) -> [f32; 3] {
-        let m = self.objects[hit.object as usize].material + hit.face as usize;
-        let tex = &self.materials[m % self.materials.len()];
-        let albedo = tex.sample(hit.su, hit.sv, footprint);
-        let diffuse = hit.normal.dot(&self.light).max(0.0);
-        let k = self.ambient + (1.0 - self.ambient) * diffuse;
-        [albedo[0] * k, albedo[1] * k, albedo[2] * k]
+    /// Colours of a packet's nearest hits: Lambertian shading of the surface textures,
+    /// filtered for each pixel's footprint (`fx`: the focal length in pixels); sky where a ray
+    /// hit nothing.
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
+    pub fn shade(&self, rays: &Rays, near: &Nearest, fx: f32) -> [[f32; 3]; LANES] {
+        let mut material = [0u32; LANES];
+        let (mut su, mut sv) = ([0.0; LANES], [0.0; LANES]);
+        let (mut footprint, mut light) = ([1.0; LANES], [0.0; LANES]);
+        for l in 0..LANES {
+            let Some(hit) = self.surface(rays, near, l) else {
+                continue;
+            };
+            let d = rays.dir(l);
+            let dn = rays.dd[l].sqrt();
+            let cos = (hit.normal.dot(&d) / dn).abs().max(0.2);
+            footprint[l] = hit.t * dn / fx / cos;
+            let m = self.objects[usize::from(hit.object)].material + usize::from(hit.face);
+            material[l] = (m % self.materials.len().max(1)) as u32;
+            (su[l], sv[l]) = (hit.su, hit.sv);
+            light[l] = self.ambient + (1.0 - self.ambient) * hit.normal.dot(&self.light).max(0.0);
+        }
+        let albedo = self.materials.sample(&material, &su, &sv, &footprint);
+        let mut out = [[0.0; 3]; LANES];
+        for (l, o) in out.iter_mut().enumerate() {
+            *o = if near.object[l] == NO_HIT {
+                Self::sky(&rays.dir(l))
+            } else {
+                [0, 1, 2].map(|k| albedo[k][l] * light[l])
+            };
+        }
+        out
     }
 
     /// Sky colour for rays that hit nothing (outdoor scenes).
-    #[inline]
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
     pub fn sky(d: &V3) -> [f32; 3] {
         let up = (d.y / d.norm()).clamp(-1.0, 1.0);
         let t = 0.5 + 0.5 * up;

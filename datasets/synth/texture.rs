@@ -4,7 +4,13 @@
 //! pixel's footprint on the surface, so distant surfaces are band-limited (no aliasing) at the cost
 //! of four texel reads per level.
 
+// Packet code indexes several lane arrays in step and combines conditions with `&`: both
+// keep the lane loops branch-free, which is what lets them vectorise.
+#![allow(clippy::needless_range_loop, clippy::needless_bitwise_bool)]
+
 use rand::{Rng, SeedableRng};
+
+use super::scene::{Lanes, LANES};
 
 /// Texels per tile side.
 const TILE: usize = 512;
@@ -39,17 +45,6 @@ pub struct Texture {
     levels: Vec<Vec<[u8; 4]>>,
     /// Mean luminance (the 1×1 mip level).
     mean: f32,
-}
-
-/// `floor` without a libm call (the baseline x86-64 target has no SSE4.1 `roundss`).
-#[inline]
-fn fast_floor(x: f32) -> f32 {
-    let i = x as i64 as f32;
-    if i > x {
-        i - 1.0
-    } else {
-        i
-    }
 }
 
 #[inline]
@@ -189,95 +184,160 @@ impl Texture {
             .collect();
         Self { levels, mean }
     }
+}
 
-    #[inline]
-    fn bilinear(&self, level: usize, u: f32, v: f32) -> [f32; 3] {
-        let size = TILE >> level;
-        // Sizes are powers of two: wrap with a mask, not a division.
-        let mask = size as i64 - 1;
-        let tex = &self.levels[level];
-        let x = u * size as f32 - 0.5;
-        let y = v * size as f32 - 0.5;
-        let (xf, yf) = (fast_floor(x), fast_floor(y));
-        let (fx, fy) = (x - xf, y - yf);
-        let x0 = ((xf as i64) & mask) as usize;
-        let y0 = ((yf as i64) & mask) as usize;
-        let x1 = ((xf as i64 + 1) & mask) as usize;
-        let y1 = ((yf as i64 + 1) & mask) as usize;
-        let (a, b, c, d) = (
-            tex[y0 * size + x0],
-            tex[y0 * size + x1],
-            tex[y1 * size + x0],
-            tex[y1 * size + x1],
-        );
-        let mut out = [0.0; 3];
-        for k in 0..3 {
-            let (a, b, c, d) = (
-                f32::from(a[k]),
-                f32::from(b[k]),
-                f32::from(c[k]),
-                f32::from(d[k]),
-            );
-            let top = a + (b - a) * fx;
-            let bot = c + (d - c) * fx;
-            out[k] = (top + (bot - top) * fy) * (1.0 / 255.0);
+/// Mip levels per texture.
+const LEVELS: u32 = TILE.trailing_zeros() + 1;
+
+/// Lanes of texel indices.
+type Indices = [u32; LANES];
+
+/// Every material's mip levels in one texel array (RGB bytes of a `u32`, level after level,
+/// material after material), sampled a packet of [`LANES`] surface points at a time: the
+/// coordinate and filter arithmetic runs across lanes, only the texel reads are per lane.
+pub struct Materials {
+    texels: Vec<u32>,
+    means: Vec<f32>,
+}
+
+/// First texel of `level` within a texture: the sizes of the levels before it,
+/// Σₖ₍₌₀…level−1₎ 4^(LEVELS−1−k) = (4^LEVELS − 4^(LEVELS−level)) / 3.
+#[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+#[inline(always)]
+fn level_offset(level: u32) -> u32 {
+    ((1 << (2 * LEVELS)) - (1 << (2 * (LEVELS - level)))) / 3
+}
+
+impl Materials {
+    pub fn new(textures: Vec<Texture>) -> Self {
+        let means = textures.iter().map(|t| t.mean).collect();
+        let texels = textures
+            .into_iter()
+            .flat_map(|t| t.levels.into_iter().flatten())
+            .map(u32::from_le_bytes)
+            .collect();
+        Self { texels, means }
+    }
+
+    pub fn len(&self) -> usize {
+        self.means.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.means.is_empty()
+    }
+
+    /// Colour of material `material[l]` at surface coordinates (metres) for a pixel footprint
+    /// of `footprint[l]` metres: the base layer, trilinear between mip levels, modulated by a
+    /// detail layer at `DETAIL_SCALE`× the frequency (nearest mip level, where popping is
+    /// invisible), so surfaces seen close up stay textured and far ones do not alias.
+    /// Materials out of range read as black.
+    #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
+    #[inline(always)]
+    pub fn sample(
+        &self,
+        material: &Indices,
+        su: &Lanes,
+        sv: &Lanes,
+        footprint: &Lanes,
+    ) -> [Lanes; 3] {
+        let texel = TILE_METRES / TILE as f32;
+        let per_texture = level_offset(LEVELS);
+        let (mut u, mut v, mut base) = ([0.0; LANES], [0.0; LANES], [0; LANES]);
+        let (mut level0, mut level1, mut blend) = ([0; LANES], [0; LANES], [0.0; LANES]);
+        let (mut du, mut dv, mut detail_level) = ([0.0; LANES], [0.0; LANES], [0; LANES]);
+        for l in 0..LANES {
+            u[l] = su[l] / TILE_METRES;
+            v[l] = sv[l] / TILE_METRES;
+            base[l] = material[l].wrapping_mul(per_texture);
+            let lod = log2_at_least_one(footprint[l] / texel).min((LEVELS - 1) as f32);
+            let l0 = lod as u32; // lod ≥ 0: truncation is floor
+            level0[l] = l0;
+            level1[l] = (l0 + 1).min(LEVELS - 1);
+            blend[l] = lod - l0 as f32;
+            du[l] = (su[l] * DETAIL_SCALE + 0.37) / TILE_METRES;
+            dv[l] = (sv[l] * DETAIL_SCALE + 0.71) / TILE_METRES;
+            // Nearest level: round(log2(ratio)) from the float's exponent.
+            let ratio = (footprint[l] * DETAIL_SCALE / texel).max(1.0);
+            detail_level[l] =
+                (((ratio * std::f32::consts::SQRT_2).to_bits() >> 23) - 127).min(LEVELS - 1);
+        }
+        let a = self.bilinear(&base, &level0, &u, &v);
+        let b = self.bilinear(&base, &level1, &u, &v);
+        let d = self.bilinear(&base, &detail_level, &du, &dv);
+        let mut mean = [0.0; LANES];
+        for l in 0..LANES {
+            mean[l] = self.means.get(material[l] as usize).copied().unwrap_or(0.0);
+        }
+        let mut out = [[0.0; LANES]; 3];
+        for l in 0..LANES {
+            let lum = (d[0][l] + d[1][l] + d[2][l]) / 3.0;
+            let m = 1.0 + DETAIL_GAIN * (lum - mean[l]);
+            for k in 0..3 {
+                let c = a[k][l] + (b[k][l] - a[k][l]) * blend[l];
+                out[k][l] = (c * m).clamp(0.0, 1.0);
+            }
         }
         out
     }
 
-    /// Colour at surface coordinates (metres) for a pixel footprint of `footprint` metres: the
-    /// base layer modulated by a detail layer at `DETAIL_SCALE`× the frequency, so surfaces seen
-    /// close up stay textured; both layers are mip-filtered, so far surfaces do not alias.
-    #[inline]
-    pub fn sample(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
-        let base = self.sample_layer(su, sv, footprint);
-        let d = self.sample_nearest_level(
-            su * DETAIL_SCALE + 0.37,
-            sv * DETAIL_SCALE + 0.71,
-            footprint * DETAIL_SCALE,
-        );
-        let m = 1.0 + DETAIL_GAIN * ((d[0] + d[1] + d[2]) / 3.0 - self.mean);
-        [
-            (base[0] * m).clamp(0.0, 1.0),
-            (base[1] * m).clamp(0.0, 1.0),
-            (base[2] * m).clamp(0.0, 1.0),
-        ]
-    }
-
-    /// One bilinear lookup at the nearest mip level (for the detail layer, where popping is invisible).
-    #[inline]
-    fn sample_nearest_level(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
-        let texel = TILE_METRES / TILE as f32;
-        let ratio = (footprint / texel).max(1.0);
-        // Level = round(log2(ratio)) from the float's exponent, no libm call.
-        let level = ((ratio * std::f32::consts::SQRT_2).to_bits() >> 23) as usize - 127;
-        self.bilinear(
-            level.min(self.levels.len() - 1),
-            su / TILE_METRES,
-            sv / TILE_METRES,
-        )
-    }
-
-    #[inline]
-    fn sample_layer(&self, su: f32, sv: f32, footprint: f32) -> [f32; 3] {
-        let u = su / TILE_METRES;
-        let v = sv / TILE_METRES;
-        let texel = TILE_METRES / TILE as f32;
-        let lod = (footprint / texel)
-            .max(1.0)
-            .log2()
-            .min((self.levels.len() - 1) as f32);
-        let l0 = lod as usize; // lod ≥ 0: truncation is floor
-        let t = lod - l0 as f32;
-        let a = self.bilinear(l0, u, v);
-        if t < 1e-3 || l0 + 1 >= self.levels.len() {
-            return a;
+    /// Bilinear lookups, one per lane, at mip `level[l]` of the texture starting at `base[l]`;
+    /// (u, v) wrap (textures tile).
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn bilinear(&self, base: &Indices, level: &Indices, u: &Lanes, v: &Lanes) -> [Lanes; 3] {
+        let mut corners = [[0u32; LANES]; 4];
+        let (mut fx, mut fy) = ([0.0; LANES], [0.0; LANES]);
+        for l in 0..LANES {
+            let shift = LEVELS - 1 - level[l];
+            let size = 1u32 << shift;
+            let x = u[l] * size as f32 - 0.5;
+            let y = v[l] * size as f32 - 0.5;
+            let (xf, yf) = (x.floor(), y.floor());
+            fx[l] = x - xf;
+            fy[l] = y - yf;
+            // Sizes are powers of two: wrap with a mask (two's complement wraps negatives).
+            let mask = size - 1;
+            let (xi, yi) = (xf as i32 as u32, yf as i32 as u32);
+            let (x0, x1) = (xi & mask, xi.wrapping_add(1) & mask);
+            let (y0, y1) = ((yi & mask) << shift, (yi.wrapping_add(1) & mask) << shift);
+            let first = base[l].wrapping_add(level_offset(level[l]));
+            corners[0][l] = first + y0 + x0;
+            corners[1][l] = first + y0 + x1;
+            corners[2][l] = first + y1 + x0;
+            corners[3][l] = first + y1 + x1;
         }
-        let b = self.bilinear(l0 + 1, u, v);
-        [
-            a[0] + (b[0] - a[0]) * t,
-            a[1] + (b[1] - a[1]) * t,
-            a[2] + (b[2] - a[2]) * t,
-        ]
+        let mut texels = [[0u32; LANES]; 4];
+        for (c, i) in texels.iter_mut().zip(&corners) {
+            for l in 0..LANES {
+                c[l] = self.texels.get(i[l] as usize).copied().unwrap_or(0);
+            }
+        }
+        let mut out = [[0.0; LANES]; 3];
+        for (k, o) in out.iter_mut().enumerate() {
+            let channel = |t: u32| ((t >> (8 * k)) & 0xff) as f32;
+            for l in 0..LANES {
+                let [a, b, c, d] = [0, 1, 2, 3].map(|j| channel(texels[j][l]));
+                let top = a + (b - a) * fx[l];
+                let bot = c + (d - c) * fx[l];
+                o[l] = (top + (bot - top) * fy[l]) * (1.0 / 255.0);
+            }
+        }
+        out
     }
+}
+
+/// log2(max(x, 1)) to within 2e-5, without a libm call (so it vectorises): the float's
+/// exponent plus a polynomial in its mantissa.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn log2_at_least_one(x: f32) -> f32 {
+    let bits = x.max(1.0).to_bits();
+    let exponent = ((bits >> 23) - 127) as f32;
+    let m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000) - 1.0;
+    // Near-minimax fit of log2(1 + m) on [0, 1), error 1.5e-5.
+    let p = m
+        * (1.441_966
+            + m * (-0.709_666_3 + m * (0.417_608_8 + m * (-0.196_288_2 + m * 0.046_394_19))));
+    exponent + p
 }
