@@ -10,11 +10,13 @@ use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, Trajector
 use streamrecon::stats::rss_mib;
 
 fn breakdown() {
+    let t = Instant::now();
     let world = SynthWorld::new(SynthConfig {
         trajectory: TrajectoryKind::Handheld,
         frames: 20,
         ..SynthConfig::default()
     });
+    let setup = t.elapsed().as_secs_f64();
     let (mut tv, mut tc, mut tf) = (0.0, 0.0, 0.0);
     let mut prev = None;
     for i in 0..20 {
@@ -36,7 +38,8 @@ fn breakdown() {
         prev = Some(v);
     }
     println!(
-        "per frame: view {:.1} ms, camera image {:.1} ms, one flow {:.1} ms",
+        "scene setup (textures) {:.0} ms; per frame: view {:.1} ms, camera image {:.1} ms, one flow {:.1} ms",
+        setup * 1000.0,
         tv * 50.0,
         tc * 50.0,
         tf * 1000.0 / 19.0

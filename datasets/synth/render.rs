@@ -5,7 +5,7 @@
 // keep the lane loops branch-free, which is what lets them vectorise.
 #![allow(clippy::needless_range_loop, clippy::needless_bitwise_bool)]
 
-use nalgebra::{Point3, Vector3};
+use nalgebra::Vector3;
 use rayon::prelude::*;
 
 use super::scene::{Lanes, Rays, Scene, TileBins, LANES, NO_HIT};
@@ -82,7 +82,7 @@ fn radiance(
     candidates: &[u16],
 ) -> ([[f32; 3]; LANES], Lanes, [u16; LANES]) {
     let near = scene.nearest(rays, 1e-4, candidates);
-    let colour = scene.shade(rays, &near, cam.fx);
+    let colour = scene.shade(rays, &near, candidates, cam.fx);
     let mut depth = near.t;
     for (z, &o) in depth.iter_mut().zip(&near.object) {
         *z = if o == NO_OBJECT { 0.0 } else { *z };
@@ -242,40 +242,118 @@ pub fn flow_between(
     // are fixed, so a pixel costs a few multiply-adds instead of an unprojection and a quaternion
     // rotation.
     let rot = b_from_a.rotation.to_rotation_matrix().into_inner();
-    let t_b = b_from_a.translation.vector;
     let ray_dx = rot.column(0) / intr.fx;
     let ray_dy = rot.column(1) / intr.fy;
-    let ray_00 = rot.column(2) - ray_dx * intr.cx - ray_dy * intr.cy;
+    let geometry = FlowGeometry {
+        ray_00: rot.column(2) - ray_dx * intr.cx - ray_dy * intr.cy,
+        ray_dx,
+        ray_dy,
+        t_b: b_from_a.translation.vector,
+        intr: *intr,
+        a,
+        b,
+    };
     let mut flow = FlowField::zeros(w, h);
     let mut occ = vec![true; w * h];
     flow.data
         .par_chunks_mut(2 * w)
         .zip(occ.par_chunks_mut(w))
         .enumerate()
-        .for_each(|(y, (fr, or))| {
-            let ray_row = ray_00 + ray_dy * y as f64;
-            for x in 0..w {
-                let z = a.depth[y * w + x];
-                if z <= 0.0 {
-                    continue;
-                }
-                let pb = Point3::from((ray_row + ray_dx * x as f64) * f64::from(z) + t_b);
-                let Some((u, v)) = intr.project(&pb) else {
-                    continue;
-                };
-                fr[2 * x] = (u - x as f64) as f32;
-                fr[2 * x + 1] = (v - y as f64) as f32;
-                // Nearest pixel: round(u) = floor(u + 0.5) (round(−0.5) = −1 is outside).
-                let (xn, yn) = (u + 0.5, v + 0.5);
-                if !(xn > 0.0 && yn > 0.0 && xn < w as f64 && yn < h as f64) {
-                    continue;
-                }
-                let j = yn as usize * w + xn as usize;
-                let same_surface = b.object[j] == a.object[y * w + x];
-                let zb = f64::from(b.depth[j]);
-                or[x] =
-                    !(same_surface && zb > 0.0 && (pb.z - zb).abs() <= OCCLUSION_DEPTH_TOL * zb);
-            }
-        });
+        .for_each_init(
+            || (vec![0.0; w], vec![u32::MAX; w]),
+            |(zb, target), (y, (flow, occluded))| {
+                vectorized(FlowRow {
+                    geometry: &geometry,
+                    y,
+                    flow,
+                    occluded,
+                    zb,
+                    target,
+                });
+            },
+        );
     (flow, occ)
+}
+
+/// What every row of one [`flow_between`] call reads.
+struct FlowGeometry<'a> {
+    ray_00: Vector3<f64>,
+    ray_dx: Vector3<f64>,
+    ray_dy: Vector3<f64>,
+    t_b: Vector3<f64>,
+    intr: Intrinsics,
+    a: &'a RenderedFrame,
+    b: &'a RenderedFrame,
+}
+
+/// One row of [`flow_between`], in two passes: the projections (vectorised), then the
+/// occlusion test's reads of view `b` at the nearest pixels.
+struct FlowRow<'a> {
+    geometry: &'a FlowGeometry<'a>,
+    y: usize,
+    flow: &'a mut [f32],
+    occluded: &'a mut [bool],
+    /// Per pixel: depth of its point in b, and b's nearest pixel (`u32::MAX`: none).
+    zb: &'a mut [f64],
+    target: &'a mut [u32],
+}
+
+impl Kernel for FlowRow<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        let FlowGeometry {
+            ray_00,
+            ray_dx,
+            ray_dy,
+            t_b,
+            intr,
+            a,
+            b,
+        } = self.geometry;
+        let (w, h) = (intr.width as usize, intr.height as usize);
+        let y = self.y;
+        let ray_row = ray_00 + ray_dy * y as f64;
+        let depth = &a.depth[y * w..(y + 1) * w];
+        let (flow, zb, target) = (&mut *self.flow, &mut *self.zb, &mut *self.target);
+        // Component-wise scalars, so the loop vectorises across pixels.
+        let ([r0, r1, r2], [dx0, dx1, dx2]) = (ray_row.into(), (*ray_dx).into());
+        let [t0, t1, t2]: [f64; 3] = (*t_b).into();
+        let (fx, fy, cx, cy) = (intr.fx, intr.fy, intr.cx, intr.cy);
+        let (wf, hf) = (w as f64, h as f64);
+        // Exact lengths up front, so the loop has no bounds checks (which stop vectorisation).
+        let (flow, zb, target) = (&mut flow[..2 * w], &mut zb[..w], &mut target[..w]);
+        for x in 0..w {
+            let (z, xf) = (f64::from(depth[x]), x as f64);
+            let px = (r0 + dx0 * xf) * z + t0;
+            let py = (r1 + dx1 * xf) * z + t1;
+            let pz = (r2 + dx2 * xf) * z + t2;
+            let seen = (z > 0.0) & (pz > 1e-9);
+            let u = fx * px / pz + cx;
+            let v = fy * py / pz + cy;
+            flow[2 * x] = if seen { (u - xf) as f32 } else { 0.0 };
+            flow[2 * x + 1] = if seen { (v - y as f64) as f32 } else { 0.0 };
+            // Nearest pixel: round(u) = floor(u + 0.5) (round(−0.5) = −1 is outside).
+            let (xn, yn) = (u + 0.5, v + 0.5);
+            let inside = seen & (xn > 0.0) & (yn > 0.0) & (xn < wf) & (yn < hf);
+            // i32, not usize: AVX2 converts floats to 32-bit integers only. Off-image points
+            // give garbage here, dropped by `inside`.
+            let j = (yn as i32).wrapping_mul(w as i32).wrapping_add(xn as i32) as u32;
+            target[x] = if inside { j } else { u32::MAX };
+            zb[x] = pz;
+        }
+        let object = &a.object[y * w..(y + 1) * w];
+        for x in 0..w {
+            let j = target[x] as usize;
+            let (Some(&ob), Some(&db)) = (b.object.get(j), b.depth.get(j)) else {
+                continue;
+            };
+            let zb_seen = f64::from(db);
+            self.occluded[x] = !(ob == object[x]
+                && zb_seen > 0.0
+                && (zb[x] - zb_seen).abs() <= OCCLUSION_DEPTH_TOL * zb_seen);
+        }
+    }
 }

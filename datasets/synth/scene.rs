@@ -57,6 +57,9 @@ pub enum Shape {
 pub struct Object {
     pub shape: Shape,
     pub material: usize,
+    /// Material index per face (the room box's six faces each have their own; other shapes
+    /// use the first), reduced modulo the scene's material count.
+    face_material: [u32; 6],
     /// Bounding sphere for a cheap miss test (radius infinite for unbounded shapes).
     bound_center: V3,
     bound_radius: f32,
@@ -80,18 +83,6 @@ impl TileBins {
 
 /// [`Nearest::object`] of a ray that hit nothing.
 pub const NO_HIT: u16 = u16::MAX;
-
-/// A ray hit: distance along the (unnormalised) ray, unit normal facing the ray, surface coordinates.
-#[derive(Debug, Clone, Copy)]
-pub struct Hit {
-    pub t: f32,
-    pub normal: V3,
-    pub su: f32,
-    pub sv: f32,
-    pub object: u16,
-    /// Face of the room box (each face has its own material), 0 elsewhere.
-    pub face: u8,
-}
 
 pub struct Scene {
     pub kind: SceneKind,
@@ -188,6 +179,7 @@ impl Object {
         Self {
             shape,
             material,
+            face_material: [0; 6],
             bound_center: c,
             bound_radius: r,
         }
@@ -200,19 +192,19 @@ impl Object {
         if !self.bound_radius.is_finite() {
             return true;
         }
-        // Squared distance from the bound centre to each ray's line: |oc|² − (oc·d)²/|d|².
+        // Squared distance from the bound centre to a ray's line is |oc|² − (oc·d)²/|d|².
         let oc = self.bound_center - rays.origin;
         let ocd = rays.dot(&oc);
         let (oc2, r2) = (oc.norm_squared(), self.bound_radius * self.bound_radius);
         let mut any = false;
         for l in 0..LANES {
-            any |= oc2 - ocd[l] * ocd[l] / rays.dd[l] <= r2;
+            any |= (oc2 - r2) * rays.dd[l] <= ocd[l] * ocd[l];
         }
         any
     }
 
-    /// Folds this object's hits with t > `t_min` into `best`. Branch-free per lane, so the
-    /// loops vectorise.
+    /// Folds this object's hits with t > `t_min` into `best`. Branch-free, lanes innermost,
+    /// so the loops vectorise.
     #[allow(clippy::inline_always)]
     #[inline(always)]
     fn intersect(&self, rays: &Rays, t_min: f32, index: u16, best: &mut Nearest) {
@@ -223,23 +215,25 @@ impl Object {
         let mut aux = [0u8; LANES];
         match &self.shape {
             Shape::RoomBox { min, max } => {
-                for l in 0..LANES {
-                    // Seen from inside: the nearest exit plane.
-                    let (mut t_exit, mut axis) = (f32::INFINITY, 0u8);
-                    for k in 0..3 {
-                        let bound = if d[k][l] > 0.0 { max[k] } else { min[k] };
-                        let tk = if d[k][l].abs() > 1e-12 {
-                            (bound - o[k]) / d[k][l]
+                // Seen from inside: the nearest exit plane.
+                for k in 0..3 {
+                    let (to_max, to_min) = (max[k] - o[k], min[k] - o[k]);
+                    for l in 0..LANES {
+                        let dk = d[k][l];
+                        let tk = if dk.abs() > 1e-12 {
+                            (if dk > 0.0 { to_max } else { to_min }) / dk
                         } else {
                             f32::INFINITY
                         };
-                        let nearer = tk < t_exit;
-                        t_exit = if nearer { tk } else { t_exit };
-                        axis = if nearer { k as u8 } else { axis };
+                        let nearer = tk < t[l];
+                        t[l] = if nearer { tk } else { t[l] };
+                        // The inward normal points along +axis when the ray runs along −axis.
+                        let face = 2 * k as u8 + u8::from(dk < 0.0);
+                        aux[l] = if nearer { face } else { aux[l] };
                     }
-                    t[l] = t_exit;
-                    hit[l] = t_exit > t_min;
-                    aux[l] = 2 * axis + u8::from(d[axis as usize][l] < 0.0);
+                }
+                for l in 0..LANES {
+                    hit[l] = t[l] > t_min;
                 }
             }
             Shape::Box {
@@ -249,35 +243,36 @@ impl Object {
             } => {
                 let lo = world_from_box.inverse_transform_vector(&(o - center));
                 let m = world_from_box.matrix();
-                for l in 0..LANES {
-                    let (mut t0, mut t1) = (t_min, best.t[l]);
-                    let (mut axis, mut positive) = (0u8, false);
-                    for k in 0..3 {
-                        // Box axis k in world coordinates is column k of world_from_box.
-                        let ld = m[(0, k)] * d[0][l] + m[(1, k)] * d[1][l] + m[(2, k)] * d[2][l];
-                        let inv = 1.0 / ld;
-                        let ta = (-half[k] - lo[k]) * inv;
-                        let tb = (half[k] - lo[k]) * inv;
+                let (mut t0, mut t1) = ([t_min; LANES], best.t);
+                for k in 0..3 {
+                    // Box axis k in world coordinates is column k of world_from_box.
+                    let axis = m.column(k);
+                    let (to_lo, to_hi) = (-half[k] - lo[k], half[k] - lo[k]);
+                    let outside = lo[k].abs() > half[k];
+                    for l in 0..LANES {
+                        let ld = axis[0] * d[0][l] + axis[1] * d[1][l] + axis[2] * d[2][l];
+                        let (ta, tb) = (to_lo / ld, to_hi / ld);
                         let flip = ta > tb;
                         let (mut near, mut far) = if flip { (tb, ta) } else { (ta, tb) };
                         if ld.abs() < 1e-12 {
                             // Parallel to the slab: inside it everywhere, or nowhere.
                             near = f32::NEG_INFINITY;
-                            far = if lo[k].abs() > half[k] {
+                            far = if outside {
                                 f32::NEG_INFINITY
                             } else {
                                 f32::INFINITY
                             };
                         }
-                        let later = near > t0;
-                        t0 = if later { near } else { t0 };
-                        axis = if later { k as u8 } else { axis };
-                        positive = if later { flip } else { positive };
-                        t1 = t1.min(far);
+                        let later = near > t0[l];
+                        t0[l] = if later { near } else { t0[l] };
+                        let face = 2 * k as u8 + u8::from(flip);
+                        aux[l] = if later { face } else { aux[l] };
+                        t1[l] = t1[l].min(far);
                     }
-                    t[l] = t0;
-                    hit[l] = (t0 <= t1) & (t0 > t_min);
-                    aux[l] = 2 * axis + u8::from(positive);
+                }
+                for l in 0..LANES {
+                    t[l] = t0[l];
+                    hit[l] = (t0[l] <= t1[l]) & (t0[l] > t_min);
                 }
             }
             Shape::Sphere { center, radius } => {
@@ -328,6 +323,147 @@ impl Object {
             }
         }
         best.merge(hit, &t, aux, index);
+    }
+
+    /// Writes the surface (normal facing the ray, texture coordinates, material) of the lanes
+    /// whose nearest hit is this object, object `index`.
+    #[allow(clippy::inline_always)]
+    #[inline(always)]
+    fn surface(&self, rays: &Rays, near: &Nearest, index: u16, out: &mut Surfaces) {
+        let o = &rays.origin;
+        let d = &rays.d;
+        let t = &near.t;
+        // Hit points.
+        let mut p = [[0.0; LANES]; 3];
+        for k in 0..3 {
+            for l in 0..LANES {
+                p[k][l] = o[k] + d[k][l] * t[l];
+            }
+        }
+        let mut normal = [[0.0; LANES]; 3];
+        let (mut su, mut sv) = ([0.0; LANES], [0.0; LANES]);
+        let mut material = [self.face_material[0]; LANES];
+        // Texture coordinates on an axis-aligned face: (z, y), (x, z) or (x, y) by axis.
+        let on_face = |q: &[Lanes; 3], axis: u8, l: usize| match axis {
+            0 => (q[2][l], q[1][l]),
+            1 => (q[0][l], q[2][l]),
+            _ => (q[0][l], q[1][l]),
+        };
+        match &self.shape {
+            Shape::RoomBox { .. } => {
+                for l in 0..LANES {
+                    let (axis, positive) = (near.aux[l] / 2, near.aux[l] % 2 == 1);
+                    for k in 0..3 {
+                        let along = (k as u8 == axis) as u8 as f32;
+                        normal[k][l] = if positive { along } else { -along };
+                    }
+                    (su[l], sv[l]) = on_face(&p, axis, l);
+                    material[l] = self.face_material[usize::from(near.aux[l] % 6)];
+                }
+            }
+            Shape::Box {
+                center,
+                half,
+                world_from_box,
+            } => {
+                let m = world_from_box.matrix();
+                // Hit points in box coordinates.
+                let pc = [
+                    p[0].map(|v| v - center.x),
+                    p[1].map(|v| v - center.y),
+                    p[2].map(|v| v - center.z),
+                ];
+                let mut lp = [[0.0; LANES]; 3];
+                for k in 0..3 {
+                    for l in 0..LANES {
+                        lp[k][l] =
+                            m[(0, k)] * pc[0][l] + m[(1, k)] * pc[1][l] + m[(2, k)] * pc[2][l];
+                    }
+                }
+                for l in 0..LANES {
+                    let (axis, positive) = (near.aux[l] / 2, near.aux[l] % 2 == 1);
+                    let sign = if positive { 1.0 } else { -1.0 };
+                    for j in 0..3 {
+                        normal[j][l] = sign * m[(j, usize::from(axis.min(2)))];
+                    }
+                    let (a, b) = on_face(&lp, axis, l);
+                    (su[l], sv[l]) = (a + half.x, b + half.y);
+                }
+            }
+            Shape::Sphere { center, radius } => {
+                for l in 0..LANES {
+                    let n = [0, 1, 2].map(|k| (p[k][l] - center[k]) / radius);
+                    for k in 0..3 {
+                        normal[k][l] = n[k];
+                    }
+                    su[l] = atan2(n[2], n[0]) * radius;
+                    sv[l] = n[1] * radius * 1.5;
+                }
+            }
+            Shape::Quad {
+                center,
+                axis_u,
+                axis_v,
+                ..
+            } => {
+                let n = axis_u.cross(axis_v);
+                let facing = rays.dot(&n);
+                for l in 0..LANES {
+                    let sign = if facing[l] > 0.0 { -1.0 } else { 1.0 };
+                    let rel = [0, 1, 2].map(|k| p[k][l] - center[k]);
+                    for k in 0..3 {
+                        normal[k][l] = sign * n[k];
+                    }
+                    su[l] = rel[0] * axis_u.x + rel[1] * axis_u.y + rel[2] * axis_u.z;
+                    sv[l] = rel[0] * axis_v.x + rel[1] * axis_v.y + rel[2] * axis_v.z;
+                }
+            }
+            Shape::Ground { .. } => {
+                for l in 0..LANES {
+                    normal[1][l] = if d[1][l] < 0.0 { 1.0 } else { -1.0 };
+                    (su[l], sv[l]) = (p[0][l], p[2][l]);
+                }
+            }
+        }
+        for l in 0..LANES {
+            let mine = near.object[l] == index;
+            for k in 0..3 {
+                out.normal[k][l] = if mine { normal[k][l] } else { out.normal[k][l] };
+            }
+            out.su[l] = if mine { su[l] } else { out.su[l] };
+            out.sv[l] = if mine { sv[l] } else { out.sv[l] };
+            out.material[l] = if mine { material[l] } else { out.material[l] };
+        }
+    }
+}
+
+/// Per ray of a packet, the surface at its nearest hit (zeros where it hit nothing).
+#[derive(Default)]
+struct Surfaces {
+    normal: [Lanes; 3],
+    su: Lanes,
+    sv: Lanes,
+    material: [u32; LANES],
+}
+
+/// atan2(y, x) to within about 1e-5 rad, without a libm call (so it vectorises).
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn atan2(y: f32, x: f32) -> f32 {
+    let (ax, ay) = (x.abs(), y.abs());
+    let a = ax.min(ay) / ax.max(ay).max(f32::MIN_POSITIVE);
+    let s = a * a;
+    let r = ((-0.046_496_474 * s + 0.159_314_22) * s - 0.327_622_76) * s * a + a;
+    let r = if ay > ax {
+        std::f32::consts::FRAC_PI_2 - r
+    } else {
+        r
+    };
+    let r = if x < 0.0 { std::f32::consts::PI - r } else { r };
+    if y < 0.0 {
+        -r
+    } else {
+        r
     }
 }
 
@@ -449,6 +585,10 @@ impl Scene {
                 }
             }
         }
+        for obj in &mut objects {
+            obj.face_material =
+                std::array::from_fn(|face| ((obj.material + face) % n_materials) as u32);
+        }
         Self {
             kind,
             objects,
@@ -477,73 +617,6 @@ impl Scene {
             }
         }
         best
-    }
-
-    /// The surface at lane `l`'s nearest hit (`None` when the ray hit nothing).
-    #[allow(clippy::inline_always)]
-    #[inline(always)]
-    pub fn surface(&self, rays: &Rays, near: &Nearest, l: usize) -> Option<Hit> {
-        let object = near.object[l];
-        let obj = self.objects.get(usize::from(object))?;
-        let (o, d, t) = (rays.origin, rays.dir(l), near.t[l]);
-        let p = o + d * t;
-        // Box faces: axis and the sign of the outward normal, as `intersect` found them.
-        let axis = usize::from(near.aux[l] / 2);
-        let sign = if near.aux[l] % 2 == 1 { 1.0 } else { -1.0 };
-        let by_axis = |q: &V3| match axis {
-            0 => (q.z, q.y),
-            1 => (q.x, q.z),
-            _ => (q.x, q.y),
-        };
-        let mut face = 0;
-        let (normal, su, sv) = match &obj.shape {
-            Shape::RoomBox { .. } => {
-                let mut n = V3::zeros();
-                n[axis] = sign;
-                face = (2 * axis + usize::from(sign > 0.0)) as u8;
-                let (a, b) = by_axis(&p);
-                (n, a, b)
-            }
-            Shape::Box {
-                center,
-                half,
-                world_from_box,
-            } => {
-                let lp = world_from_box.inverse_transform_vector(&(p - center));
-                let mut ln = V3::zeros();
-                ln[axis] = sign;
-                let (a, b) = by_axis(&lp);
-                (world_from_box * ln, a + half.x, b + half.y)
-            }
-            Shape::Sphere { center, radius } => {
-                let n = (p - center) / *radius;
-                (n, n.z.atan2(n.x) * radius, n.y * radius * 1.5)
-            }
-            Shape::Quad {
-                center,
-                axis_u,
-                axis_v,
-                ..
-            } => {
-                let n = axis_u.cross(axis_v);
-                let rel = p - center;
-                let facing = if n.dot(&d) > 0.0 { -n } else { n };
-                (facing, rel.dot(axis_u), rel.dot(axis_v))
-            }
-            Shape::Ground { .. } => (
-                V3::new(0.0, if d.y < 0.0 { 1.0 } else { -1.0 }, 0.0),
-                p.x,
-                p.z,
-            ),
-        };
-        Some(Hit {
-            t,
-            normal,
-            su,
-            sv,
-            object,
-            face,
-        })
     }
 
     /// For each `tile`×`tile` pixel block of a view, the objects whose bounding sphere may cover it
@@ -610,29 +683,37 @@ impl Scene {
         }
     }
 
-    /// Colours of a packet's nearest hits: Lambertian shading of the surface textures,
-    /// filtered for each pixel's footprint (`fx`: the focal length in pixels); sky where a ray
-    /// hit nothing.
+    /// Colours of a packet's nearest hits among `candidates`: Lambertian shading of the
+    /// surface textures, filtered for each pixel's footprint (`fx`: the focal length in pixels);
+    /// sky where a ray hit nothing.
     #[allow(clippy::inline_always)] // per-pixel code of the dispatched render kernels
     #[inline(always)]
-    pub fn shade(&self, rays: &Rays, near: &Nearest, fx: f32) -> [[f32; 3]; LANES] {
-        let mut material = [0u32; LANES];
-        let (mut su, mut sv) = ([0.0; LANES], [0.0; LANES]);
-        let (mut footprint, mut light) = ([1.0; LANES], [0.0; LANES]);
-        for l in 0..LANES {
-            let Some(hit) = self.surface(rays, near, l) else {
-                continue;
-            };
-            let d = rays.dir(l);
-            let dn = rays.dd[l].sqrt();
-            let cos = (hit.normal.dot(&d) / dn).abs().max(0.2);
-            footprint[l] = hit.t * dn / fx / cos;
-            let m = self.objects[usize::from(hit.object)].material + usize::from(hit.face);
-            material[l] = (m % self.materials.len().max(1)) as u32;
-            (su[l], sv[l]) = (hit.su, hit.sv);
-            light[l] = self.ambient + (1.0 - self.ambient) * hit.normal.dot(&self.light).max(0.0);
+    pub fn shade(
+        &self,
+        rays: &Rays,
+        near: &Nearest,
+        candidates: &[u16],
+        fx: f32,
+    ) -> [[f32; 3]; LANES] {
+        let mut surf = Surfaces::default();
+        for &i in candidates {
+            if near.object.contains(&i) {
+                self.objects[usize::from(i)].surface(rays, near, i, &mut surf);
+            }
         }
-        let albedo = self.materials.sample(&material, &su, &sv, &footprint);
+        let (mut footprint, mut light) = ([0.0; LANES], [0.0; LANES]);
+        for l in 0..LANES {
+            let n = [surf.normal[0][l], surf.normal[1][l], surf.normal[2][l]];
+            let dn = rays.dd[l].sqrt();
+            let nd = n[0] * rays.d[0][l] + n[1] * rays.d[1][l] + n[2] * rays.d[2][l];
+            let cos = (nd / dn).abs().max(0.2);
+            footprint[l] = near.t[l] * dn / fx / cos;
+            let nl = n[0] * self.light.x + n[1] * self.light.y + n[2] * self.light.z;
+            light[l] = self.ambient + (1.0 - self.ambient) * nl.max(0.0);
+        }
+        let albedo = self
+            .materials
+            .sample(&surf.material, &surf.su, &surf.sv, &footprint);
         let mut out = [[0.0; 3]; LANES];
         for (l, o) in out.iter_mut().enumerate() {
             *o = if near.object[l] == NO_HIT {

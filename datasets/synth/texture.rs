@@ -47,7 +47,8 @@ pub struct Texture {
     mean: f32,
 }
 
-#[inline]
+#[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
+#[inline(always)]
 fn hash(x: u32, y: u32, seed: u32) -> f32 {
     let mut h =
         x.wrapping_mul(0x8da6_b343) ^ y.wrapping_mul(0xd816_3841) ^ seed.wrapping_mul(0xcb1a_b31f);
@@ -57,19 +58,24 @@ fn hash(x: u32, y: u32, seed: u32) -> f32 {
     (h & 0x00ff_ffff) as f32 / 16_777_216.0
 }
 
-/// Tileable value noise with `cells` lattice cells across the tile; (u, v) in [0, 1).
-#[inline]
+/// Tileable value noise with `cells` lattice cells across the tile (a power of two); (u, v)
+/// in [0, 1).
+#[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
+#[inline(always)]
 fn value_noise(u: f32, v: f32, cells: u32, seed: u32) -> f32 {
+    debug_assert!(cells.is_power_of_two());
+    // Wrapping with a mask: `rem_euclid` by a run-time divisor was an integer division.
+    let mask = cells as i64 - 1;
     let x = u * cells as f32;
     let y = v * cells as f32;
     let (xi, yi) = (x.floor(), y.floor());
     let (fx, fy) = (x - xi, y - yi);
     let sx = fx * fx * (3.0 - 2.0 * fx);
     let sy = fy * fy * (3.0 - 2.0 * fy);
-    let x0 = (xi as i64).rem_euclid(i64::from(cells)) as u32;
-    let y0 = (yi as i64).rem_euclid(i64::from(cells)) as u32;
-    let x1 = (x0 + 1) % cells;
-    let y1 = (y0 + 1) % cells;
+    let x0 = (xi as i64 & mask) as u32;
+    let y0 = (yi as i64 & mask) as u32;
+    let x1 = (x0 + 1) & mask as u32;
+    let y1 = (y0 + 1) & mask as u32;
     let a = hash(x0, y0, seed);
     let b = hash(x1, y0, seed);
     let c = hash(x0, y1, seed);
@@ -80,6 +86,8 @@ fn value_noise(u: f32, v: f32, cells: u32, seed: u32) -> f32 {
 }
 
 /// Fractal sum of value noise over `octaves` octaves starting at `cells` cells per tile, in [0, 1].
+#[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
+#[inline(always)]
 fn fbm(u: f32, v: f32, cells: u32, octaves: u32, seed: u32) -> f32 {
     let (mut sum, mut amp, mut norm, mut c) = (0.0, 1.0, 0.0, cells);
     for o in 0..octaves {
@@ -91,6 +99,8 @@ fn fbm(u: f32, v: f32, cells: u32, octaves: u32, seed: u32) -> f32 {
     sum / norm
 }
 
+#[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
+#[inline(always)]
 fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
     [
         a[0] + (b[0] - a[0]) * t,
@@ -99,19 +109,25 @@ fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
     ]
 }
 
-impl Texture {
-    /// Generates a texture of `pattern` with colours drawn from `seed`.
-    pub fn generate(pattern: Pattern, seed: u64) -> Self {
-        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
-        let mut colour = || -> [f32; 3] {
-            [
-                rng.random_range(0.1..0.95),
-                rng.random_range(0.1..0.95),
-                rng.random_range(0.1..0.95),
-            ]
-        };
-        let (c0, c1, c2) = (colour(), colour(), colour());
-        let s = seed as u32;
+/// The finest level of a texture, generated texel by texel (compiled for the CPU it runs on:
+/// `floor` is an instruction there, a libm call on baseline x86-64).
+struct BaseLevel {
+    pattern: Pattern,
+    colours: [[f32; 3]; 3],
+    seed: u32,
+}
+
+impl crate::simd::Kernel for BaseLevel {
+    type Output = Vec<[f32; 3]>;
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) -> Vec<[f32; 3]> {
+        let BaseLevel {
+            pattern,
+            colours: [c0, c1, c2],
+            seed: s,
+        } = self;
         let mut base = vec![[0.0f32; 3]; TILE * TILE];
         for y in 0..TILE {
             for x in 0..TILE {
@@ -150,6 +166,27 @@ impl Texture {
                 ];
             }
         }
+        base
+    }
+}
+
+impl Texture {
+    /// Generates a texture of `pattern` with colours drawn from `seed`.
+    pub fn generate(pattern: Pattern, seed: u64) -> Self {
+        let mut rng = rand_pcg::Pcg64::seed_from_u64(seed);
+        let mut colour = || -> [f32; 3] {
+            [
+                rng.random_range(0.1..0.95),
+                rng.random_range(0.1..0.95),
+                rng.random_range(0.1..0.95),
+            ]
+        };
+        let (c0, c1, c2) = (colour(), colour(), colour());
+        let base = crate::simd::vectorized(BaseLevel {
+            pattern,
+            colours: [c0, c1, c2],
+            seed: seed as u32,
+        });
         let mut levels = vec![base];
         let mut size = TILE;
         while size > 1 {
