@@ -368,11 +368,12 @@ impl Object {
             } => {
                 let m = world_from_box.matrix();
                 // Hit points in box coordinates.
-                let pc = [
-                    p[0].map(|v| v - center.x),
-                    p[1].map(|v| v - center.y),
-                    p[2].map(|v| v - center.z),
-                ];
+                let mut pc = p;
+                for k in 0..3 {
+                    for l in 0..LANES {
+                        pc[k][l] -= center[k];
+                    }
+                }
                 let mut lp = [[0.0; LANES]; 3];
                 for k in 0..3 {
                     for l in 0..LANES {
@@ -392,8 +393,9 @@ impl Object {
             }
             Shape::Sphere { center, radius } => {
                 for l in 0..LANES {
-                    let n = [0, 1, 2].map(|k| (p[k][l] - center[k]) / radius);
+                    let mut n = [0.0; 3];
                     for k in 0..3 {
+                        n[k] = (p[k][l] - center[k]) / radius;
                         normal[k][l] = n[k];
                     }
                     su[l] = atan2(n[2], n[0]) * radius;
@@ -410,7 +412,7 @@ impl Object {
                 let facing = rays.dot(&n);
                 for l in 0..LANES {
                     let sign = if facing[l] > 0.0 { -1.0 } else { 1.0 };
-                    let rel = [0, 1, 2].map(|k| p[k][l] - center[k]);
+                    let rel = [p[0][l] - center.x, p[1][l] - center.y, p[2][l] - center.z];
                     for k in 0..3 {
                         normal[k][l] = sign * n[k];
                     }
@@ -719,7 +721,12 @@ impl Scene {
             *o = if near.object[l] == NO_HIT {
                 Self::sky(&rays.dir(l))
             } else {
-                [0, 1, 2].map(|k| albedo[k][l] * light[l])
+                // Not `array::map`: its closure may be compiled out of line.
+                [
+                    albedo[0][l] * light[l],
+                    albedo[1][l] * light[l],
+                    albedo[2][l] * light[l],
+                ]
             };
         }
         out

@@ -47,56 +47,69 @@ pub struct Texture {
     mean: f32,
 }
 
+/// Lattice hash constants: the hash of cell (x, y) is `finish(x·HASH_X ^ y·HASH_Y ^ seed·HASH_SEED)`.
+const HASH_X: u32 = 0x8da6_b343;
+const HASH_Y: u32 = 0xd816_3841;
+const HASH_SEED: u32 = 0xcb1a_b31f;
+
+/// The last mixing steps of the lattice hash, to a value in [0, 1).
 #[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
 #[inline(always)]
-fn hash(x: u32, y: u32, seed: u32) -> f32 {
-    let mut h =
-        x.wrapping_mul(0x8da6_b343) ^ y.wrapping_mul(0xd816_3841) ^ seed.wrapping_mul(0xcb1a_b31f);
+fn finish(mut h: u32) -> f32 {
     h ^= h >> 13;
     h = h.wrapping_mul(0x5bd1_e995);
     h ^= h >> 15;
-    (h & 0x00ff_ffff) as f32 / 16_777_216.0
+    // Exact: the value has 24 bits (and i32 → f32 converts in one instruction, u32 does not).
+    (h & 0x00ff_ffff) as i32 as f32 * (1.0 / 16_777_216.0)
 }
 
-/// Tileable value noise with `cells` lattice cells across the tile (a power of two); (u, v)
-/// in [0, 1).
-#[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
+/// One row (v in [0, 1) fixed) of tileable fractal value noise: the sum over `octaves`
+/// octaves, starting at `cells` lattice cells across the tile (a power of two) and doubling,
+/// with amplitudes falling by 0.55, normalised to [0, 1]. The row is the inner loop, so it
+/// vectorises.
+#[allow(clippy::inline_always)] // per-row code of `BaseLevel`
 #[inline(always)]
-fn value_noise(u: f32, v: f32, cells: u32, seed: u32) -> f32 {
+fn fbm_row(v: f32, cells: u32, octaves: u32, seed: u32) -> [f32; TILE] {
     debug_assert!(cells.is_power_of_two());
-    // Wrapping with a mask: `rem_euclid` by a run-time divisor was an integer division.
-    let mask = cells as i64 - 1;
-    let x = u * cells as f32;
-    let y = v * cells as f32;
-    let (xi, yi) = (x.floor(), y.floor());
-    let (fx, fy) = (x - xi, y - yi);
-    let sx = fx * fx * (3.0 - 2.0 * fx);
-    let sy = fy * fy * (3.0 - 2.0 * fy);
-    let x0 = (xi as i64 & mask) as u32;
-    let y0 = (yi as i64 & mask) as u32;
-    let x1 = (x0 + 1) & mask as u32;
-    let y1 = (y0 + 1) & mask as u32;
-    let a = hash(x0, y0, seed);
-    let b = hash(x1, y0, seed);
-    let c = hash(x0, y1, seed);
-    let d = hash(x1, y1, seed);
-    let top = a + (b - a) * sx;
-    let bot = c + (d - c) * sx;
-    top + (bot - top) * sy
-}
-
-/// Fractal sum of value noise over `octaves` octaves starting at `cells` cells per tile, in [0, 1].
-#[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
-#[inline(always)]
-fn fbm(u: f32, v: f32, cells: u32, octaves: u32, seed: u32) -> f32 {
-    let (mut sum, mut amp, mut norm, mut c) = (0.0, 1.0, 0.0, cells);
+    let mut sum = [0.0f32; TILE];
+    let (mut amp, mut norm, mut c) = (1.0f32, 0.0f32, cells);
     for o in 0..octaves {
-        sum += amp * value_noise(u, v, c, seed.wrapping_add(o * 7919));
+        let seed_part = seed.wrapping_add(o * 7919).wrapping_mul(HASH_SEED);
+        // Wrapping with a mask (the cell counts are powers of two).
+        let mask = c - 1;
+        let y = v * c as f32;
+        let yi = y.floor();
+        let fy = y - yi;
+        let sy = fy * fy * (3.0 - 2.0 * fy);
+        let y0 = yi as u32 & mask;
+        let y1 = (y0 + 1) & mask;
+        let (row0, row1) = (
+            y0.wrapping_mul(HASH_Y) ^ seed_part,
+            y1.wrapping_mul(HASH_Y) ^ seed_part,
+        );
+        for (x, acc) in sum.iter_mut().enumerate() {
+            let u = (x as f32 + 0.5) / TILE as f32;
+            let xx = u * c as f32;
+            let xi = xx.floor();
+            let fx = xx - xi;
+            let sx = fx * fx * (3.0 - 2.0 * fx);
+            let x0 = xi as i32 as u32 & mask;
+            let x1 = (x0 + 1) & mask;
+            let (h0, h1) = (x0.wrapping_mul(HASH_X), x1.wrapping_mul(HASH_X));
+            let (a, b) = (finish(h0 ^ row0), finish(h1 ^ row0));
+            let (cc, d) = (finish(h0 ^ row1), finish(h1 ^ row1));
+            let top = a + (b - a) * sx;
+            let bot = cc + (d - cc) * sx;
+            *acc += amp * (top + (bot - top) * sy);
+        }
         norm += amp;
         amp *= 0.55;
         c *= 2;
     }
-    sum / norm
+    for acc in &mut sum {
+        *acc /= norm;
+    }
+    sum
 }
 
 #[allow(clippy::inline_always)] // per-texel code of `BaseLevel`
@@ -109,7 +122,7 @@ fn mix(a: [f32; 3], b: [f32; 3], t: f32) -> [f32; 3] {
     ]
 }
 
-/// The finest level of a texture, generated texel by texel (compiled for the CPU it runs on:
+/// The finest level of a texture, generated row by row (compiled for the CPU it runs on:
 /// `floor` is an instruction there, a libm call on baseline x86-64).
 struct BaseLevel {
     pattern: Pattern,
@@ -129,37 +142,43 @@ impl crate::simd::Kernel for BaseLevel {
             seed: s,
         } = self;
         let mut base = vec![[0.0f32; 3]; TILE * TILE];
-        for y in 0..TILE {
-            for x in 0..TILE {
+        for (y, row) in base.chunks_exact_mut(TILE).enumerate() {
+            let v = (y as f32 + 0.5) / TILE as f32;
+            // Fine detail everywhere so no surface is textureless.
+            let fine = fbm_row(v, 16, 5, s ^ 0x55);
+            let noise = match pattern {
+                Pattern::Noise => fbm_row(v, 4, 6, s),
+                Pattern::Stripes => fbm_row(v, 4, 3, s),
+                Pattern::Checker => fbm_row(v, 8, 3, s),
+                Pattern::Gradient => fbm_row(v, 8, 4, s),
+                Pattern::Marble => fbm_row(v, 4, 5, s),
+            };
+            for (x, texel) in row.iter_mut().enumerate() {
                 let u = (x as f32 + 0.5) / TILE as f32;
-                let v = (y as f32 + 0.5) / TILE as f32;
-                // Fine detail everywhere so no surface is textureless.
-                let fine = fbm(u, v, 16, 5, s ^ 0x55);
+                let w = noise[x];
                 let c = match pattern {
-                    Pattern::Noise => mix(c0, c1, fbm(u, v, 4, 6, s)),
+                    Pattern::Noise => mix(c0, c1, w),
                     Pattern::Stripes => {
-                        let w = fbm(u, v, 4, 3, s);
                         let t = 0.5 + 0.5 * (std::f32::consts::TAU * (6.0 * u + 1.5 * w)).sin();
                         mix(c0, c1, t)
                     }
                     Pattern::Checker => {
                         let k = ((u * 8.0) as u32 + (v * 8.0) as u32) % 2;
                         let t = if k == 0 { 0.2 } else { 0.8 };
-                        mix(c0, c1, t + 0.2 * (fbm(u, v, 8, 3, s) - 0.5))
+                        mix(c0, c1, t + 0.2 * (w - 0.5))
                     }
                     Pattern::Gradient => {
                         let g = 0.5 - 0.5 * (std::f32::consts::TAU * u).cos();
-                        mix(mix(c0, c1, g), c2, 0.6 * fbm(u, v, 8, 4, s))
+                        mix(mix(c0, c1, g), c2, 0.6 * w)
                     }
                     Pattern::Marble => {
-                        let w = fbm(u, v, 4, 5, s);
                         let t =
                             0.5 + 0.5 * (std::f32::consts::TAU * (3.0 * (u + v) + 4.0 * w)).sin();
                         mix(mix(c0, c2, t), c1, 0.3 * w)
                     }
                 };
-                let m = 0.75 + 0.5 * fine;
-                base[y * TILE + x] = [
+                let m = 0.75 + 0.5 * fine[x];
+                *texel = [
                     (c[0] * m).min(1.0),
                     (c[1] * m).min(1.0),
                     (c[2] * m).min(1.0),
@@ -335,7 +354,9 @@ impl Materials {
             fy[l] = y - yf;
             // Sizes are powers of two: wrap with a mask (two's complement wraps negatives).
             let mask = size - 1;
-            let (xi, yi) = (xf as i32 as u32, yf as i32 as u32);
+            // Larger coordinates than `magic_int` takes occur only at the coarsest levels, where
+            // the mask leaves few bits, so their texel is as good.
+            let (xi, yi) = (magic_int(xf), magic_int(yf));
             let (x0, x1) = (xi & mask, xi.wrapping_add(1) & mask);
             let (y0, y1) = ((yi & mask) << shift, (yi.wrapping_add(1) & mask) << shift);
             let first = base[l].wrapping_add(level_offset(level[l]));
@@ -352,9 +373,10 @@ impl Materials {
         }
         let mut out = [[0.0; LANES]; 3];
         for (k, o) in out.iter_mut().enumerate() {
-            let channel = |t: u32| ((t >> (8 * k)) & 0xff) as f32;
             for l in 0..LANES {
-                let [a, b, c, d] = [0, 1, 2, 3].map(|j| channel(texels[j][l]));
+                // Not `array::map`: its closure may be compiled out of line.
+                let channel = |j: usize| ((texels[j][l] >> (8 * k)) & 0xff) as f32;
+                let (a, b, c, d) = (channel(0), channel(1), channel(2), channel(3));
                 let top = a + (b - a) * fx[l];
                 let bot = c + (d - c) * fx[l];
                 o[l] = (top + (bot - top) * fy[l]) * (1.0 / 255.0);
@@ -362,6 +384,14 @@ impl Materials {
         }
         out
     }
+}
+
+/// A `u32` whose low bits are those of the integral float `n` (two's complement), for
+/// |n| < 2²² (garbage beyond), without the fix-ups of a saturating conversion.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn magic_int(n: f32) -> u32 {
+    (n + 12_582_912.0).to_bits()
 }
 
 /// log2(max(x, 1)) to within 2e-5, without a libm call (so it vectorises): the float's
