@@ -3,7 +3,7 @@
 //! - Tracks: one point per grid cell on textured pixels, advanced by the forward flow and killed
 //!   where the flow is unconfident or occluded.
 //! - Initialisation: once the tracks' median displacement from the segment's reference frame
-//!   exceeds a parallax threshold, essential matrix + RANSAC, pose recovery and triangulation
+//!   exceeds a parallax threshold, essential matrix (MAGSAC++), pose recovery and triangulation
 //!   (OpenCV calib3d), accepted only when the triangulated points' median ray angle reaches 2°
 //!   and the parallax left after the best pure rotation between the views is at least 5 % of
 //!   that rotation (a turn displaces pixels without revealing depth, and the essential matrix
