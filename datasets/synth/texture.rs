@@ -275,14 +275,6 @@ impl Materials {
         Self { texels, means }
     }
 
-    pub fn len(&self) -> usize {
-        self.means.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.means.is_empty()
-    }
-
     /// Colour of material `material[l]` at surface coordinates (metres) for a pixel footprint
     /// of `footprint[l]` metres: the base layer, trilinear between mip levels, modulated by a
     /// detail layer at `DETAIL_SCALE`× the frequency (nearest mip level, where popping is
