@@ -102,6 +102,34 @@ impl Default for SynthConfig {
     }
 }
 
+/// One image row to u8: `linear · gain`, clamped to [0, 1], times 255, rounded (flat RGB, so
+/// the loop vectorises).
+struct QuantiseRow<'a> {
+    linear: &'a [f32],
+    gain: f32,
+    out: &'a mut [u8],
+}
+
+impl crate::simd::Kernel for QuantiseRow<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        quantise_row(self.linear, self.gain, self.out);
+    }
+}
+
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[inline(always)]
+fn quantise_row(linear: &[f32], gain: f32, out: &mut [u8]) {
+    let n = linear.len().min(out.len());
+    let (linear, out) = (&linear[..n], &mut out[..n]);
+    for i in 0..n {
+        out[i] = ((linear[i] * gain).clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+    }
+}
+
 /// A frame with everything the ground truth holds.
 pub struct SynthFrame {
     pub index: usize,
@@ -205,11 +233,11 @@ impl SynthWorld {
             buf.par_chunks_mut(row)
                 .zip(rgb.par_chunks(w as usize))
                 .for_each(|(out, src)| {
-                    for (px, c) in out.chunks_exact_mut(3).zip(src) {
-                        for k in 0..3 {
-                            px[k] = quantise(c[k] * gain);
-                        }
-                    }
+                    crate::simd::vectorized(QuantiseRow {
+                        linear: src.as_flattened(),
+                        gain,
+                        out,
+                    });
                 });
         }
         img

@@ -260,15 +260,19 @@ pub fn flow_between(
         .zip(occ.par_chunks_mut(w))
         .enumerate()
         .for_each_init(
-            || (vec![0.0; w], vec![u32::MAX; w]),
-            |(zb, target), (y, (flow, occluded))| {
+            || Scratch {
+                du: vec![0.0; w],
+                dv: vec![0.0; w],
+                zb: vec![0.0; w],
+                target: vec![u32::MAX; w],
+            },
+            |scratch, (y, (flow, occluded))| {
                 vectorized(FlowRow {
                     geometry: &geometry,
                     y,
                     flow,
                     occluded,
-                    zb,
-                    target,
+                    scratch,
                 });
             },
         );
@@ -293,9 +297,80 @@ struct FlowRow<'a> {
     y: usize,
     flow: &'a mut [f32],
     occluded: &'a mut [bool],
-    /// Per pixel: depth of its point in b, and b's nearest pixel (`u32::MAX`: none).
-    zb: &'a mut [f64],
-    target: &'a mut [u32],
+    scratch: &'a mut Scratch,
+}
+
+/// Per-pixel values of one row, between [`project_row`] and the occlusion test.
+struct Scratch {
+    /// Flow components.
+    du: Vec<f32>,
+    dv: Vec<f32>,
+    /// Depth of the pixel's point in b, and b's nearest pixel (`u32::MAX`: none).
+    zb: Vec<f64>,
+    target: Vec<u32>,
+}
+
+/// What [`project_row`] needs of a row: the ray of pixel (x, y) in b's frame is
+/// `ray_row + x·ray_dx`, b's point `z·ray + t_b`; `k` = (fx, fy, cx, cy).
+struct RowProjection {
+    ray_row: [f64; 3],
+    ray_dx: [f64; 3],
+    t_b: [f64; 3],
+    k: [f64; 4],
+    size: (usize, usize),
+    y: usize,
+}
+
+/// Projects one row of view a's pixels into view b: flow, depth in b and nearest pixel.
+/// Slices as arguments and plain indexed loops, so the loop vectorises (reached through struct
+/// fields, the slices may alias as far as the compiler knows).
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[inline(always)]
+fn project_row(
+    row: &RowProjection,
+    depth: &[f32],
+    du: &mut [f32],
+    dv: &mut [f32],
+    zb: &mut [f64],
+    target: &mut [u32],
+) {
+    let RowProjection {
+        ray_row: [r0, r1, r2],
+        ray_dx: [dx0, dx1, dx2],
+        t_b: [t0, t1, t2],
+        k: [fx, fy, cx, cy],
+        size: (w, h),
+        y,
+    } = *row;
+    let (wf, hf, yf) = (w as f64, h as f64, y as f64);
+    // Exact lengths up front, so the loop has no bounds checks (which stop vectorisation).
+    let n = w.min(depth.len());
+    let (depth, du, dv, zb, target) = (
+        &depth[..n],
+        &mut du[..n],
+        &mut dv[..n],
+        &mut zb[..n],
+        &mut target[..n],
+    );
+    for x in 0..n {
+        let (z, xf) = (f64::from(depth[x]), x as f64);
+        let px = (r0 + dx0 * xf) * z + t0;
+        let py = (r1 + dx1 * xf) * z + t1;
+        let pz = (r2 + dx2 * xf) * z + t2;
+        let seen = (z > 0.0) & (pz > 1e-9);
+        let u = fx * px / pz + cx;
+        let v = fy * py / pz + cy;
+        du[x] = if seen { (u - xf) as f32 } else { 0.0 };
+        dv[x] = if seen { (v - yf) as f32 } else { 0.0 };
+        // Nearest pixel: round(u) = floor(u + 0.5) (round(−0.5) = −1 is outside).
+        let (xn, yn) = (u + 0.5, v + 0.5);
+        let inside = seen & (xn > 0.0) & (yn > 0.0) & (xn < wf) & (yn < hf);
+        // i32, not usize: AVX2 converts floats to 32-bit integers only. Off-image points
+        // give garbage here, dropped by `inside`.
+        let j = (yn as i32).wrapping_mul(w as i32).wrapping_add(xn as i32) as u32;
+        target[x] = if inside { j } else { u32::MAX };
+        zb[x] = pz;
+    }
 }
 
 impl Kernel for FlowRow<'_> {
@@ -317,32 +392,20 @@ impl Kernel for FlowRow<'_> {
         let y = self.y;
         let ray_row = ray_00 + ray_dy * y as f64;
         let depth = &a.depth[y * w..(y + 1) * w];
-        let (flow, zb, target) = (&mut *self.flow, &mut *self.zb, &mut *self.target);
+        let Scratch { du, dv, zb, target } = self.scratch;
         // Component-wise scalars, so the loop vectorises across pixels.
         let ([r0, r1, r2], [dx0, dx1, dx2]) = (ray_row.into(), (*ray_dx).into());
-        let [t0, t1, t2]: [f64; 3] = (*t_b).into();
-        let (fx, fy, cx, cy) = (intr.fx, intr.fy, intr.cx, intr.cy);
-        let (wf, hf) = (w as f64, h as f64);
-        // Exact lengths up front, so the loop has no bounds checks (which stop vectorisation).
-        let (flow, zb, target) = (&mut flow[..2 * w], &mut zb[..w], &mut target[..w]);
-        for x in 0..w {
-            let (z, xf) = (f64::from(depth[x]), x as f64);
-            let px = (r0 + dx0 * xf) * z + t0;
-            let py = (r1 + dx1 * xf) * z + t1;
-            let pz = (r2 + dx2 * xf) * z + t2;
-            let seen = (z > 0.0) & (pz > 1e-9);
-            let u = fx * px / pz + cx;
-            let v = fy * py / pz + cy;
-            flow[2 * x] = if seen { (u - xf) as f32 } else { 0.0 };
-            flow[2 * x + 1] = if seen { (v - y as f64) as f32 } else { 0.0 };
-            // Nearest pixel: round(u) = floor(u + 0.5) (round(−0.5) = −1 is outside).
-            let (xn, yn) = (u + 0.5, v + 0.5);
-            let inside = seen & (xn > 0.0) & (yn > 0.0) & (xn < wf) & (yn < hf);
-            // i32, not usize: AVX2 converts floats to 32-bit integers only. Off-image points
-            // give garbage here, dropped by `inside`.
-            let j = (yn as i32).wrapping_mul(w as i32).wrapping_add(xn as i32) as u32;
-            target[x] = if inside { j } else { u32::MAX };
-            zb[x] = pz;
+        let row = RowProjection {
+            ray_row: [r0, r1, r2],
+            ray_dx: [dx0, dx1, dx2],
+            t_b: (*t_b).into(),
+            k: [intr.fx, intr.fy, intr.cx, intr.cy],
+            size: (w, h),
+            y,
+        };
+        project_row(&row, depth, du, dv, zb, target);
+        for ((f, &u), &v) in self.flow.chunks_exact_mut(2).zip(&*du).zip(&*dv) {
+            f.copy_from_slice(&[u, v]);
         }
         let object = &a.object[y * w..(y + 1) * w];
         for x in 0..w {
