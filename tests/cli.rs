@@ -218,35 +218,31 @@ fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
     // The run ends at frame 20 between two snapshot times (every 8): its final snapshot and
     // checkpoint must both reach frame 20 (the checkpoint used to stop at the last multiple of 8).
     let (_dir, seq, out) = resumable_sequence(40);
-    let snapshot = out.join("snapshot.safetensors");
-    let run = |extra: &[&str]| {
-        let o = snapshot_run(&seq, &out, 8).args(extra).output().unwrap();
+    let run = |out: &Path, every: u32, extra: &[&str]| {
+        let o = snapshot_run(&seq, out, every).args(extra).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
-    run(&["--max-frames", "20"]);
+    let snapshot = out.join("snapshot.safetensors");
+    run(&out, 8, &["--max-frames", "20"]);
     assert_eq!(
         streamrecon::geometry::snapshot_next_frame(&snapshot),
         Some(20)
     );
-    run(&["--resume", snapshot.to_str().unwrap()]);
+    run(&out, 8, &["--resume", snapshot.to_str().unwrap()]);
     assert_eq!(frame_numbers(&out), (0..40).collect::<Vec<i64>>());
     // With a stride the snapshot counts source frames and the checkpoint output frames.
     let strided = out.with_file_name("strided");
     let snapshot = strided.join("snapshot.safetensors");
-    let run = |extra: &[&str]| {
-        let o = snapshot_run(&seq, &strided, 3)
-            .args(["--stride", "3"])
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
-    run(&["--max-frames", "7"]);
+    run(&strided, 3, &["--stride", "3", "--max-frames", "7"]);
     assert_eq!(
         streamrecon::geometry::snapshot_next_frame(&snapshot),
         Some(19)
     );
-    run(&["--resume", snapshot.to_str().unwrap()]);
+    run(
+        &strided,
+        3,
+        &["--stride", "3", "--resume", snapshot.to_str().unwrap()],
+    );
     assert_eq!(
         frame_numbers(&strided),
         (0..40).step_by(3).collect::<Vec<i64>>()

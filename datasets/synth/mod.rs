@@ -126,8 +126,15 @@ fn quantise_row(linear: &[f32], gain: f32, out: &mut [u8]) {
     let n = linear.len().min(out.len());
     let (linear, out) = (&linear[..n], &mut out[..n]);
     for i in 0..n {
-        out[i] = ((linear[i] * gain).clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+        out[i] = quantise(linear[i] * gain);
     }
+}
+
+/// Linear [0, 1] to 8 bits, rounded (clamped outside).
+#[allow(clippy::inline_always)] // per-pixel code of `QuantiseRow`
+#[inline(always)]
+fn quantise(v: f32) -> u8 {
+    (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8
 }
 
 /// A frame with everything the ground truth holds.
@@ -214,7 +221,6 @@ impl SynthWorld {
         let gain = 1.0 + d.exposure * (std::f32::consts::TAU * i as f32 / 90.0).sin();
         let (w, h) = (self.intrinsics.width, self.intrinsics.height);
         let mut img = RgbImage::new(w, h);
-        let quantise = |v: f32| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
         if d.noise > 0.0 {
             // One generator per frame, drawn in pixel order: the same seed gives the same bytes.
             let mut rng = rand_pcg::Pcg64::seed_from_u64(

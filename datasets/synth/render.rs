@@ -8,7 +8,7 @@
 use nalgebra::Vector3;
 use rayon::prelude::*;
 
-use super::scene::{Lanes, Rays, Scene, TileBins, LANES, NO_HIT};
+use super::scene::{Lanes, Rays, Scene, TileBins, LANES};
 use crate::flow::FlowField;
 use crate::frame::{Intrinsics, Pose};
 use crate::simd::{vectorized, Kernel};
@@ -16,8 +16,8 @@ use crate::simd::{vectorized, Kernel};
 /// Pixels per side of a binning tile (a multiple of [`LANES`], so a packet lies in one tile).
 const TILE: usize = 16;
 const _: () = assert!(TILE.is_multiple_of(LANES));
-/// Object id of pixels that see no surface.
-pub const NO_OBJECT: u16 = NO_HIT;
+/// Object id of pixels (and packet rays) that see no surface.
+pub const NO_OBJECT: u16 = u16::MAX;
 /// Sub-samples per side for pixels on object edges.
 const EDGE_SUPERSAMPLE: usize = 3;
 /// Relative depth tolerance of the occlusion test.
@@ -244,12 +244,16 @@ pub fn flow_between(
     let rot = b_from_a.rotation.to_rotation_matrix().into_inner();
     let ray_dx = rot.column(0) / intr.fx;
     let ray_dy = rot.column(1) / intr.fy;
+    let ray_00 = rot.column(2) - ray_dx * intr.cx - ray_dy * intr.cy;
     let geometry = FlowGeometry {
-        ray_00: rot.column(2) - ray_dx * intr.cx - ray_dy * intr.cy,
-        ray_dx,
-        ray_dy,
-        t_b: b_from_a.translation.vector,
-        intr: *intr,
+        projection: Projection {
+            ray_00: ray_00.into(),
+            ray_dx: ray_dx.into(),
+            ray_dy: ray_dy.into(),
+            t_b: b_from_a.translation.vector.into(),
+            k: [intr.fx, intr.fy, intr.cx, intr.cy],
+            size: (w, h),
+        },
         a,
         b,
     };
@@ -281,11 +285,7 @@ pub fn flow_between(
 
 /// What every row of one [`flow_between`] call reads.
 struct FlowGeometry<'a> {
-    ray_00: Vector3<f64>,
-    ray_dx: Vector3<f64>,
-    ray_dy: Vector3<f64>,
-    t_b: Vector3<f64>,
-    intr: Intrinsics,
+    projection: Projection,
     a: &'a RenderedFrame,
     b: &'a RenderedFrame,
 }
@@ -310,15 +310,16 @@ struct Scratch {
     target: Vec<u32>,
 }
 
-/// What [`project_row`] needs of a row: the ray of pixel (x, y) in b's frame is
-/// `ray_row + x·ray_dx`, b's point `z·ray + t_b`; `k` = (fx, fy, cx, cy).
-struct RowProjection {
-    ray_row: [f64; 3],
+/// Pixel (x, y) of view a at depth z lies at `z·(ray_00 + x·ray_dx + y·ray_dy) + t_b` in view
+/// b's frame (component-wise arrays, so [`project_row`]'s loop vectorises); `k` = (fx, fy, cx,
+/// cy), `size` = (width, height).
+struct Projection {
+    ray_00: [f64; 3],
     ray_dx: [f64; 3],
+    ray_dy: [f64; 3],
     t_b: [f64; 3],
     k: [f64; 4],
     size: (usize, usize),
-    y: usize,
 }
 
 /// Projects one row of view a's pixels into view b: flow, depth in b and nearest pixel.
@@ -327,22 +328,24 @@ struct RowProjection {
 #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
 #[inline(always)]
 fn project_row(
-    row: &RowProjection,
+    projection: &Projection,
+    y: usize,
     depth: &[f32],
     du: &mut [f32],
     dv: &mut [f32],
     zb: &mut [f64],
     target: &mut [u32],
 ) {
-    let RowProjection {
-        ray_row: [r0, r1, r2],
+    let Projection {
+        ray_00,
         ray_dx: [dx0, dx1, dx2],
+        ray_dy,
         t_b: [t0, t1, t2],
         k: [fx, fy, cx, cy],
         size: (w, h),
-        y,
-    } = *row;
+    } = *projection;
     let (wf, hf, yf) = (w as f64, h as f64, y as f64);
+    let [r0, r1, r2] = [0, 1, 2].map(|k| ray_00[k] + ray_dy[k] * yf);
     // Exact lengths up front, so the loop has no bounds checks (which stop vectorisation).
     let n = w.min(depth.len());
     let (depth, du, dv, zb, target) = (
@@ -379,31 +382,11 @@ impl Kernel for FlowRow<'_> {
     #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
     #[inline(always)]
     fn run(self) {
-        let FlowGeometry {
-            ray_00,
-            ray_dx,
-            ray_dy,
-            t_b,
-            intr,
-            a,
-            b,
-        } = self.geometry;
-        let (w, h) = (intr.width as usize, intr.height as usize);
-        let y = self.y;
-        let ray_row = ray_00 + ray_dy * y as f64;
+        let FlowGeometry { projection, a, b } = self.geometry;
+        let (w, y) = (projection.size.0, self.y);
         let depth = &a.depth[y * w..(y + 1) * w];
         let Scratch { du, dv, zb, target } = self.scratch;
-        // Component-wise scalars, so the loop vectorises across pixels.
-        let ([r0, r1, r2], [dx0, dx1, dx2]) = (ray_row.into(), (*ray_dx).into());
-        let row = RowProjection {
-            ray_row: [r0, r1, r2],
-            ray_dx: [dx0, dx1, dx2],
-            t_b: (*t_b).into(),
-            k: [intr.fx, intr.fy, intr.cx, intr.cy],
-            size: (w, h),
-            y,
-        };
-        project_row(&row, depth, du, dv, zb, target);
+        project_row(projection, y, depth, du, dv, zb, target);
         for ((f, &u), &v) in self.flow.chunks_exact_mut(2).zip(&*du).zip(&*dv) {
             f.copy_from_slice(&[u, v]);
         }

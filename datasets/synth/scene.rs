@@ -10,6 +10,7 @@ use rand::{Rng, SeedableRng};
 
 use rayon::prelude::*;
 
+use super::render::NO_OBJECT;
 use super::texture::{Materials, Texture, PATTERNS};
 
 type V3 = Vector3<f32>;
@@ -80,9 +81,6 @@ impl TileBins {
         &self.bins[(y / self.tile) * self.tiles_across + x / self.tile]
     }
 }
-
-/// [`Nearest::object`] of a ray that hit nothing.
-pub const NO_HIT: u16 = u16::MAX;
 
 pub struct Scene {
     pub kind: SceneKind,
@@ -609,7 +607,7 @@ impl Scene {
     pub fn nearest(&self, rays: &Rays, t_min: f32, candidates: &[u16]) -> Nearest {
         let mut best = Nearest {
             t: [f32::INFINITY; LANES],
-            object: [NO_HIT; LANES],
+            object: [NO_OBJECT; LANES],
             aux: [0; LANES],
         };
         for &i in candidates {
@@ -718,7 +716,7 @@ impl Scene {
             .sample(&surf.material, &surf.su, &surf.sv, &footprint);
         let mut out = [[0.0; 3]; LANES];
         for (l, o) in out.iter_mut().enumerate() {
-            *o = if near.object[l] == NO_HIT {
+            *o = if near.object[l] == NO_OBJECT {
                 Self::sky(&rays.dir(l))
             } else {
                 // Not `array::map`: its closure may be compiled out of line.

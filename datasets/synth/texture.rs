@@ -41,8 +41,8 @@ const DETAIL_GAIN: f32 = 1.2;
 
 /// A mipmapped RGB texture, level 0 = `TILE`×`TILE`.
 pub struct Texture {
-    /// RGB in 1/255 steps, padded to 4 bytes per texel.
-    levels: Vec<Vec<[u8; 4]>>,
+    /// RGB in 1/255 steps, the bytes of a little-endian `u32` per texel (the fourth is 0).
+    levels: Vec<Vec<u32>>,
     /// Mean luminance (the 1×1 mip level).
     mean: f32,
 }
@@ -229,12 +229,12 @@ impl Texture {
         }
         let top = levels.last().expect("at least one level")[0];
         let mean = (top[0] + top[1] + top[2]) / 3.0;
-        let q = |v: f32| (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8;
+        let q = super::quantise;
         let levels = levels
             .into_iter()
             .map(|l| {
                 l.into_iter()
-                    .map(|c| [q(c[0]), q(c[1]), q(c[2]), 0])
+                    .map(|c| u32::from_le_bytes([q(c[0]), q(c[1]), q(c[2]), 0]))
                     .collect()
             })
             .collect();
@@ -270,7 +270,6 @@ impl Materials {
         let texels = textures
             .into_iter()
             .flat_map(|t| t.levels.into_iter().flatten())
-            .map(u32::from_le_bytes)
             .collect();
         Self { texels, means }
     }
