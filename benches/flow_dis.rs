@@ -14,7 +14,10 @@ use streamrecon::frame::Frame;
 
 struct Seq {
     frames: Vec<image::RgbImage>,
+    /// Forward ground truth of pair i (frame i → i + 1) and its occlusion.
     gt: Vec<(FlowField, Vec<bool>)>,
+    /// Backward ground truth of pair i (frame i + 1 → i).
+    gt_bwd: Vec<(FlowField, Vec<bool>)>,
 }
 
 fn sequence(traj: TrajectoryKind, frames: usize, w: u32, h: u32) -> Seq {
@@ -30,11 +33,15 @@ fn sequence(traj: TrajectoryKind, frames: usize, w: u32, h: u32) -> Seq {
     let mut s = Seq {
         frames: Vec::new(),
         gt: Vec::new(),
+        gt_bwd: Vec::new(),
     };
     for f in world.frames() {
         s.frames.push(f.image);
         if let Some(g) = f.flow_fwd {
             s.gt.push(g);
+        }
+        if let Some(g) = f.flow_bwd {
+            s.gt_bwd.push(g);
         }
     }
     s
@@ -59,84 +66,102 @@ fn opencv_preset(preset: DisPreset) -> i32 {
     }
 }
 
-fn greys(seq: &Seq) -> Vec<opencv::core::Mat> {
-    seq.frames
-        .iter()
-        .map(|f| grey_mat(f).expect("grey"))
-        .collect()
-}
-
-/// Plain OpenCV DIS, forward only, one pair at a time: (EPE, EPE noc, ms per pair).
-fn plain(seq: &Seq, preset: DisPreset) -> (f64, f64, f64) {
-    let p = opencv_preset(preset);
-    let mut dis = opencv::video::DISOpticalFlow::create(p).expect("DIS");
-    let greys = greys(seq);
+/// Plain two-frame OpenCV DIS, forward only, one pair at a time, on `threads` of OpenCV's own
+/// threads: (EPE, ms per pair). Timed from the RGB frame, grey conversion included, as the
+/// engine is.
+fn plain(seq: &Seq, preset: DisPreset, threads: i32) -> (f64, f64) {
+    opencv::core::set_num_threads(threads).expect("threads");
+    let mut dis = opencv::video::DISOpticalFlow::create(opencv_preset(preset)).expect("DIS");
     let mut acc = FlowMetricsAcc::default();
     let mut ms = 0.0;
+    let mut prev = grey_mat(&seq.frames[0]).expect("grey");
     for i in 0..seq.gt.len() {
         let t = Instant::now();
+        let next = grey_mat(&seq.frames[i + 1]).expect("grey");
         let mut flow = opencv::core::Mat::default();
-        dis.calc(&greys[i], &greys[i + 1], &mut flow).expect("calc");
+        dis.calc(&prev, &next, &mut flow).expect("calc");
         ms += t.elapsed().as_secs_f64() * 1e3;
         let f = flow_from_mat(&flow).expect("flow");
         acc.add(&seq.gt[i].0, &f, None, Some(&seq.gt[i].1))
             .expect("metrics");
-    }
-    let m = acc.finish();
-    (m.epe, m.epe_noc, ms / seq.gt.len() as f64)
-}
-
-/// Iterations of the engine's optional full-resolution refinement measured here.
-const REFINE: u32 = 5;
-
-/// Plain OpenCV DIS in both directions, each on its own core (what the engine's confidence
-/// needs): (forward EPE, ms per pair).
-fn plain_both(seq: &Seq, preset: DisPreset) -> (f64, f64) {
-    let p = opencv_preset(preset);
-    let mut f = opencv::video::DISOpticalFlow::create(p).expect("DIS");
-    let mut b = opencv::video::DISOpticalFlow::create(p).expect("DIS");
-    let greys = greys(seq);
-    let mut acc = FlowMetricsAcc::default();
-    let mut ms = 0.0;
-    for i in 0..seq.gt.len() {
-        let t = Instant::now();
-        let (mut ff, mut bf) = (opencv::core::Mat::default(), opencv::core::Mat::default());
-        rayon::join(
-            || f.calc(&greys[i], &greys[i + 1], &mut ff).expect("calc"),
-            || b.calc(&greys[i + 1], &greys[i], &mut bf).expect("calc"),
-        );
-        ms += t.elapsed().as_secs_f64() * 1e3;
-        let fl = flow_from_mat(&ff).expect("flow");
-        acc.add(&seq.gt[i].0, &fl, None, Some(&seq.gt[i].1))
-            .expect("metrics");
+        prev = next;
     }
     (acc.finish().epe, ms / seq.gt.len() as f64)
 }
 
-/// The engine (forward + backward + confidence): (EPE, EPE noc, ms per frame).
-fn engine(seq: &Seq, preset: DisPreset, prior: bool, fusion: bool, refine: u32) -> (f64, f64, f64) {
-    let mut e = DisEngine::new(DisConfig {
-        preset,
-        temporal_prior: prior,
-        symmetric_fusion: fusion,
-        refine_iterations: refine,
-        ..DisConfig::default()
-    })
-    .expect("engine");
-    let mut acc = FlowMetricsAcc::default();
+/// Plain OpenCV DIS in both directions, each on its own core (the outputs the engine gives):
+/// ms per pair.
+fn plain_both(seq: &Seq, preset: DisPreset) -> f64 {
+    opencv::core::set_num_threads(1).expect("threads");
+    let p = opencv_preset(preset);
+    let mut f = opencv::video::DISOpticalFlow::create(p).expect("DIS");
+    let mut b = opencv::video::DISOpticalFlow::create(p).expect("DIS");
     let mut ms = 0.0;
+    let mut prev = grey_mat(&seq.frames[0]).expect("grey");
+    for i in 0..seq.gt.len() {
+        let t = Instant::now();
+        let next = grey_mat(&seq.frames[i + 1]).expect("grey");
+        let (mut ff, mut bf) = (opencv::core::Mat::default(), opencv::core::Mat::default());
+        rayon::join(
+            || f.calc(&prev, &next, &mut ff).expect("calc"),
+            || b.calc(&next, &prev, &mut bf).expect("calc"),
+        );
+        ms += t.elapsed().as_secs_f64() * 1e3;
+        prev = next;
+    }
+    ms / seq.gt.len() as f64
+}
+
+struct EngineRun {
+    epe: f64,
+    epe_noc: f64,
+    epe_occ: f64,
+    bwd_epe: f64,
+    ms: f64,
+}
+
+/// The engine (forward + backward + confidence), every pair it returns scored against the
+/// ground truth, flush included.
+fn engine(seq: &Seq, config: DisConfig) -> EngineRun {
+    let mut e = DisEngine::new(config).expect("engine");
+    let mut acc = FlowMetricsAcc::default();
+    let mut acc_bwd = FlowMetricsAcc::default();
+    let mut ms = 0.0;
+    let mut score = |pairs: Vec<streamrecon::flow::PairFlow>| {
+        for p in pairs {
+            let (g, gb) = (&seq.gt[p.from as usize], &seq.gt_bwd[p.from as usize]);
+            acc.add(&g.0, &p.fwd, None, Some(&g.1)).expect("metrics");
+            acc_bwd
+                .add(&gb.0, &p.bwd, None, Some(&gb.1))
+                .expect("metrics");
+        }
+    };
     for (i, img) in seq.frames.iter().enumerate() {
         let fr = frame(i, img);
         let t = Instant::now();
         let pairs = e.push(&fr).expect("push");
         ms += t.elapsed().as_secs_f64() * 1e3;
-        for p in pairs {
-            let g = &seq.gt[p.from as usize];
-            acc.add(&g.0, &p.fwd, None, Some(&g.1)).expect("metrics");
-        }
+        score(pairs);
     }
+    let t = Instant::now();
+    let pairs = e.flush().expect("flush");
+    ms += t.elapsed().as_secs_f64() * 1e3;
+    score(pairs);
     let m = acc.finish();
-    (m.epe, m.epe_noc, ms / (seq.frames.len() - 1) as f64)
+    EngineRun {
+        epe: m.epe,
+        epe_noc: m.epe_noc,
+        epe_occ: m.epe_occ,
+        bwd_epe: acc_bwd.finish().epe,
+        ms: ms / (seq.frames.len() - 1) as f64,
+    }
+}
+
+fn config(preset: DisPreset) -> DisConfig {
+    DisConfig {
+        preset,
+        ..DisConfig::default()
+    }
 }
 
 fn main() {
@@ -147,32 +172,76 @@ fn main() {
     for traj in [TrajectoryKind::Smooth, TrajectoryKind::Handheld] {
         let seq = sequence(traj, frames, 640, 480);
         for preset in [DisPreset::Ultrafast, DisPreset::Fast, DisPreset::Medium] {
-            let (pe, pn, pt) = plain(&seq, preset);
-            let (pbe, pbt) = plain_both(&seq, preset);
-            let (ee, en, et) = engine(&seq, preset, true, true, 0);
-            let (re, rn, rt) = engine(&seq, preset, true, true, REFINE);
-            let (ue, un, ut) = engine(&seq, preset, true, false, 0);
-            let (be, bn, bt) = engine(&seq, preset, false, false, 0);
+            let (pe, pt2) = plain(&seq, preset, 2);
+            let (_, pt1) = plain(&seq, preset, 1);
+            let pbt = plain_both(&seq, preset);
+            let d = engine(&seq, config(preset));
+            let ahead = engine(
+                &seq,
+                DisConfig {
+                    look_ahead: true,
+                    ..config(preset)
+                },
+            );
+            let no_fill = engine(
+                &seq,
+                DisConfig {
+                    temporal_fill: false,
+                    ..config(preset)
+                },
+            );
+            let no_refine = engine(
+                &seq,
+                DisConfig {
+                    refine_iterations: 0,
+                    ..config(preset)
+                },
+            );
+            let bare = engine(
+                &seq,
+                DisConfig {
+                    refine_iterations: 0,
+                    temporal_fill: false,
+                    symmetric_fusion: false,
+                    temporal_prior: false,
+                    ..config(preset)
+                },
+            );
             println!(
-                "{traj:?} 640x480 {preset:?}: plain DIS fwd EPE {pe:.3} (noc {pn:.3}) {pt:.1} ms, fwd+bwd on 2 cores {pbt:.1} ms (EPE {pbe:.3})\n  \
-                 engine default (prior+fusion) EPE {ee:.3} (noc {en:.3}) {et:.1} ms: EPE ratio {:.3}, time ratio {:.2} (vs fwd+bwd {:.2})\n  \
-                 engine + refine {REFINE} EPE {re:.3} (noc {rn:.3}) {rt:.1} ms: EPE ratio {:.3}, time ratio {:.2} (vs fwd+bwd {:.2})\n  \
-                 prior only EPE {ue:.3} (noc {un:.3}) {ut:.1} ms | neither EPE {be:.3} (noc {bn:.3}) {bt:.1} ms",
-                ee / pe,
-                et / pt,
-                et / pbt,
-                re / pe,
-                rt / pt,
-                rt / pbt,
+                "{traj:?} 640x480 {preset:?}: plain DIS forward EPE {pe:.3}; {pt2:.1} ms on OpenCV's 2 threads, {pt1:.1} ms on 1; forward+backward on 2 cores {pbt:.1} ms\n  \
+                 engine default: EPE {:.3} (noc {:.3}, occluded {:.3}), backward EPE {:.3}, {:.1} ms: EPE ratio {:.3}; time ratio {:.2} vs plain on 2 threads, {:.2} vs 1, {:.2} vs forward+backward\n  \
+                 look-ahead: EPE {:.3}, backward EPE {:.3}, {:.1} ms | no temporal fill: EPE {:.3}, {:.1} ms | no refinement: EPE {:.3}, {:.1} ms | bare (no prior, fusion, refinement, fill): EPE {:.3}, {:.1} ms",
+                d.epe, d.epe_noc, d.epe_occ, d.bwd_epe, d.ms,
+                d.epe / pe,
+                d.ms / pt2,
+                d.ms / pt1,
+                d.ms / pbt,
+                ahead.epe, ahead.bwd_epe, ahead.ms,
+                no_fill.epe, no_fill.ms,
+                no_refine.epe, no_refine.ms,
+                bare.epe, bare.ms,
             );
         }
     }
     for (w, h) in [(640, 480), (1024, 436)] {
         let seq = sequence(TrajectoryKind::Smooth, frames.min(30), w, h);
         for preset in [DisPreset::Ultrafast, DisPreset::Fast, DisPreset::Medium] {
-            let (_, _, t) = engine(&seq, preset, true, true, 0);
-            let (_, _, tr) = engine(&seq, preset, true, true, REFINE);
-            println!("throughput {w}x{h} {preset:?}: {t:.1} ms per frame (fwd+bwd+confidence) = {:.1} frames/s; with refine {REFINE}: {tr:.1} ms = {:.1} frames/s", 1e3 / t, 1e3 / tr);
+            let d = engine(&seq, config(preset));
+            let bare = engine(
+                &seq,
+                DisConfig {
+                    refine_iterations: 0,
+                    temporal_fill: false,
+                    ..config(preset)
+                },
+            );
+            println!(
+                "throughput {w}x{h} {preset:?}: {:.1} ms per frame (forward + backward + confidence) = {:.1} frames/s; without refinement and fill {:.1} ms = {:.1} frames/s",
+                d.ms,
+                1e3 / d.ms,
+                bare.ms,
+                1e3 / bare.ms
+            );
         }
     }
 }

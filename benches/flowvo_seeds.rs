@@ -4,7 +4,7 @@
 //! scaling), for the default configuration and the variants named on the command line.
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
-//! [--variants=default,init0,ba,ba2,ba4]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames.
@@ -77,6 +77,14 @@ fn main() {
         .split(',')
         .filter_map(|v| variant(v).map(|c| (v.to_string(), c)))
         .collect();
+    // The flow engine's refinement and temporal fill (on by default).
+    let flow_config = DisConfig {
+        refine_iterations: arg("--flow-refine=", &args)
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(DisConfig::default().refine_iterations),
+        temporal_fill: !args.iter().any(|a| a == "--no-fill"),
+        ..DisConfig::default()
+    };
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
     for &trajectory in &trajectories {
         for &seed in &seeds {
@@ -92,7 +100,7 @@ fn main() {
                 rendered.push((frame, view.world_from_cam, view.depth));
             }
             for (vi, (name, config)) in variants.iter().enumerate() {
-                let mut flow = DisEngine::new(DisConfig::default()).expect("dis");
+                let mut flow = DisEngine::new(flow_config.clone()).expect("dis");
                 let mut vo = FlowVo::new(config.clone());
                 let mut out = Vec::new();
                 for (frame, _, _) in &rendered {

@@ -2,9 +2,9 @@
 //! file, on a pre-rendered synthetic 640×480 sequence; then RSS over a long `loop` sequence
 //! streamed straight from the renderer (RSS at 10 % of the frames vs the end).
 //!
-//! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES [MAX_POINTS]]]` (defaults 300, 2000 and
-//! 2,000,000; the memory figure in the issues uses 10000; FRAMES 0 skips the speed part,
-//! LONG_FRAMES 0 the memory part).
+//! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES [MAX_POINTS [FLOW_REFINE]]]]` (defaults
+//! 300, 2000, 2,000,000 and the flow engine's default refinement steps; the memory figure in the
+//! issues uses 10000; FRAMES 0 skips the speed part, LONG_FRAMES 0 the memory part).
 //!
 //! Uses the binary's allocator (jemalloc), so RSS is what `streamrecon run` would show.
 
@@ -18,7 +18,7 @@ use streamrecon::flow::FlowEngine;
 use streamrecon::fusion::{Fusion, FusionConfig};
 use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
 use streamrecon::geometry::GeometryEngine;
-use streamrecon::pipeline::{self, PipelineConfig};
+use streamrecon::pipeline::{self, FlowChoice, PipelineConfig};
 use streamrecon::source::{Source, SourceOptions, SourceSpec};
 use streamrecon::stats::rss_mib;
 use streamrecon::viewer::RerunTarget;
@@ -34,8 +34,13 @@ fn main() {
     let frames = nums.first().copied().unwrap_or(300);
     let long = nums.get(1).copied().unwrap_or(2000);
     let cap = nums.get(2).copied().unwrap_or(2_000_000);
+    let refine = nums
+        .get(3)
+        .map_or(DisConfig::default().refine_iterations, |&n| {
+            u32::try_from(n).unwrap_or(u32::MAX)
+        });
     if frames > 0 {
-        speed(frames);
+        speed(frames, refine);
     }
     if long > 0 {
         memory(long, cap);
@@ -43,7 +48,7 @@ fn main() {
 }
 
 /// The whole pipeline on a pre-rendered sequence, frames per second.
-fn speed(frames: usize) {
+fn speed(frames: usize, refine: u32) {
     let dir = tempfile::tempdir().expect("temp dir");
     let seq = dir.path().join("seq");
     let world = SynthWorld::new(SynthConfig {
@@ -70,6 +75,10 @@ fn speed(frames: usize) {
             save: Some(out.join("rec.rrd")),
             ..RerunTarget::default()
         },
+        flow: FlowChoice::Dis(DisConfig {
+            refine_iterations: refine,
+            ..DisConfig::default()
+        }),
         ..PipelineConfig::default()
     };
     let source = Source::open(
@@ -81,7 +90,7 @@ fn speed(frames: usize) {
     let o = pipeline::run(source, &config, &Arc::new(AtomicBool::new(false))).expect("run");
     let dt = t.elapsed().as_secs_f64();
     println!(
-        "pipeline 640x480 ({frames} frames, files + .rrd): {:.1} frames/s end to end; stages {:?}",
+        "pipeline 640x480 ({frames} frames, files + .rrd, flow refinement steps {refine}): {:.1} frames/s end to end; stages {:?}",
         frames as f64 / dt,
         o.summary
             .stages

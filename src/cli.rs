@@ -384,6 +384,56 @@ enum GeometryEngineName {
     Vggt,
 }
 
+/// Options of the `dis` flow engine shared by `run` and `flow` (the preset is not: their
+/// defaults differ).
+#[derive(Args, Clone)]
+struct DisFlags {
+    /// Plain two-frame DIS (no temporal prior).
+    #[arg(long)]
+    no_temporal_prior: bool,
+    /// Keep DIS's two directions as they come (no refinement of each by the other).
+    #[arg(long)]
+    no_symmetric_fusion: bool,
+    /// Full-resolution Lucas–Kanade steps after DIS (0 = off). One step halves DIS's error on
+    /// our synthetic sequences; a second fits image noise.
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    flow_refine: u32,
+    /// Keep the forward flow's inconsistent pixels as DIS gives them (no filling from the
+    /// previous pair).
+    #[arg(long)]
+    no_temporal_fill: bool,
+    /// Wait for frame t+1 before returning the flows between t−1 and t, to fill the backward
+    /// flow's inconsistent pixels from the next pair (one frame of latency).
+    #[arg(long)]
+    flow_look_ahead: bool,
+}
+
+impl Default for DisFlags {
+    fn default() -> Self {
+        Self {
+            no_temporal_prior: false,
+            no_symmetric_fusion: false,
+            flow_refine: 1,
+            no_temporal_fill: false,
+            flow_look_ahead: false,
+        }
+    }
+}
+
+impl DisFlags {
+    fn config(&self, preset: DisPreset) -> DisConfig {
+        DisConfig {
+            preset,
+            temporal_prior: !self.no_temporal_prior,
+            symmetric_fusion: !self.no_symmetric_fusion,
+            refine_iterations: self.flow_refine,
+            temporal_fill: !self.no_temporal_fill,
+            look_ahead: self.flow_look_ahead,
+            ..DisConfig::default()
+        }
+    }
+}
+
 #[derive(Args, Clone)]
 struct EngineFlags {
     /// Flow engine.
@@ -393,16 +443,8 @@ struct EngineFlags {
     /// synthetic sequences, at a third of the flow time).
     #[arg(long, value_enum, default_value = "ultrafast")]
     preset: DisPreset,
-    /// Plain two-frame DIS (no temporal prior).
-    #[arg(long)]
-    no_temporal_prior: bool,
-    /// Keep DIS's two directions as they come (no refinement of each by the other).
-    #[arg(long)]
-    no_symmetric_fusion: bool,
-    /// Full-resolution variational refinement of DIS flows, fixed-point iterations (0 = off;
-    /// more accurate, about one more DIS call per frame).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    flow_refine: u32,
+    #[command(flatten)]
+    dis: DisFlags,
     #[command(flatten)]
     videoflow: VideoFlowFlags,
     /// Geometry engine [default: vggt when --weights is given, else flowvo].
@@ -478,9 +520,7 @@ impl Default for EngineFlags {
         Self {
             flow: FlowEngineName::Dis,
             preset: DisPreset::Ultrafast,
-            no_temporal_prior: false,
-            no_symmetric_fusion: false,
-            flow_refine: 0,
+            dis: DisFlags::default(),
             bundle_adjust: false,
             videoflow: VideoFlowFlags {
                 flow_window: streamrecon::flow::videoflow::DEFAULT_WINDOW,
@@ -564,13 +604,7 @@ impl EngineFlags {
             }
         };
         let flow = match self.flow {
-            FlowEngineName::Dis => FlowChoice::Dis(DisConfig {
-                preset: self.preset,
-                temporal_prior: !self.no_temporal_prior,
-                symmetric_fusion: !self.no_symmetric_fusion,
-                refine_iterations: self.flow_refine,
-                ..DisConfig::default()
-            }),
+            FlowEngineName::Dis => FlowChoice::Dis(self.dis.config(self.preset)),
             FlowEngineName::Videoflow => FlowChoice::VideoFlow(self.videoflow.engine_config()?),
         };
         let mut config = PipelineConfig {
@@ -690,16 +724,8 @@ struct FlowArgs {
     /// `ultrafast`, which serves the geometry better).
     #[arg(long, value_enum, default_value = "fast")]
     preset: DisPreset,
-    /// Plain two-frame DIS (no temporal prior).
-    #[arg(long)]
-    no_temporal_prior: bool,
-    /// Keep DIS's two directions as they come (no refinement of each by the other).
-    #[arg(long)]
-    no_symmetric_fusion: bool,
-    /// Full-resolution variational refinement of DIS flows, fixed-point iterations (0 = off;
-    /// more accurate, about one more DIS call per frame).
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    flow_refine: u32,
+    #[command(flatten)]
+    dis: DisFlags,
     #[command(flatten)]
     videoflow: VideoFlowFlags,
     /// Also write backward flows to OUT/bwd/.
@@ -1024,13 +1050,7 @@ fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
     let spec = SourceSpec::parse(&a.source)?;
     let mut source = Source::open(&spec, a.source_flags.options())?;
     let mut engine: Box<dyn FlowEngine> = match a.engine {
-        FlowEngineName::Dis => Box::new(DisEngine::new(DisConfig {
-            preset: a.preset,
-            temporal_prior: !a.no_temporal_prior,
-            symmetric_fusion: !a.no_symmetric_fusion,
-            refine_iterations: a.flow_refine,
-            ..DisConfig::default()
-        })?),
+        FlowEngineName::Dis => Box::new(DisEngine::new(a.dis.config(a.preset))?),
         FlowEngineName::Videoflow => Box::new(VideoFlowEngine::new(&a.videoflow.engine_config()?)?),
     };
     streamrecon::io_util::create_dir(&a.out)?;

@@ -32,3 +32,24 @@ impl<K: Kernel> pulp::WithSimd for Dispatch<K> {
 pub fn vectorized<K: Kernel>(kernel: K) -> K::Output {
     pulp::Arch::new().dispatch(Dispatch(kernel))
 }
+
+/// An integral float `n`, |n| < 2²², as its two's-complement `u32`, without the fix-ups of a
+/// saturating `as` conversion (which keep a loop's float → int conversions from vectorising
+/// well). Out of that range the result is garbage, not undefined.
+#[allow(clippy::inline_always)] // inlined into dispatched kernels
+#[inline(always)]
+#[must_use]
+pub fn small_int(n: f32) -> u32 {
+    // n + 1.5·2²³ has an ulp of 1, so its bits are those of 1.5·2²³ plus n.
+    (n + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn small_int_is_exact_across_its_range() {
+        for n in [-4_194_303i32, -70_000, -1, 0, 1, 639, 4_194_303] {
+            assert_eq!(super::small_int(n as f32), n as u32, "{n}");
+        }
+    }
+}

@@ -11,6 +11,7 @@
 use rand::{Rng, SeedableRng};
 
 use super::scene::{Lanes, LANES};
+use crate::simd::small_int;
 
 /// Texels per tile side.
 const TILE: usize = 512;
@@ -345,9 +346,9 @@ impl Materials {
             fy[l] = y - yf;
             // Sizes are powers of two: wrap with a mask (two's complement wraps negatives).
             let mask = size - 1;
-            // Larger coordinates than `magic_int` takes occur only at the coarsest levels, where
+            // Larger coordinates than `small_int` takes occur only at the coarsest levels, where
             // the mask leaves few bits, so their texel is as good.
-            let (xi, yi) = (magic_int(xf), magic_int(yf));
+            let (xi, yi) = (small_int(xf), small_int(yf));
             let (x0, x1) = (xi & mask, xi.wrapping_add(1) & mask);
             let (y0, y1) = ((yi & mask) << shift, (yi.wrapping_add(1) & mask) << shift);
             let first = base[l].wrapping_add(level_offset(level[l]));
@@ -375,14 +376,6 @@ impl Materials {
         }
         out
     }
-}
-
-/// A `u32` whose low bits are those of the integral float `n` (two's complement), for
-/// |n| < 2²² (garbage beyond), without the fix-ups of a saturating conversion.
-#[allow(clippy::inline_always)]
-#[inline(always)]
-fn magic_int(n: f32) -> u32 {
-    (n + 12_582_912.0).to_bits()
 }
 
 /// log2(max(x, 1)) to within 2e-5, without a libm call (so it vectorises): the float's

@@ -3,7 +3,7 @@
 use rayon::prelude::*;
 
 use super::FlowField;
-use crate::simd::{vectorized, Kernel};
+use crate::simd::{small_int, vectorized, Kernel};
 
 /// Per-pixel confidence and occlusion of `fwd`, checked against `bwd` sampled at the target.
 ///
@@ -22,6 +22,12 @@ struct RowScratch {
     bu: Vec<f32>,
     bv: Vec<f32>,
     inside: Vec<u32>,
+    /// Index in `bwd` of each target's cell, and the bilinear weights' fractions.
+    cell: Vec<u32>,
+    fx: Vec<f32>,
+    fy: Vec<f32>,
+    /// `bwd` at the cell's four corners, (u, v) each: 00, 10, 01, 11.
+    corners: [Vec<f32>; 8],
 }
 
 impl RowScratch {
@@ -32,6 +38,10 @@ impl RowScratch {
             bu: vec![0.0; w],
             bv: vec![0.0; w],
             inside: vec![0; w],
+            cell: vec![0; w],
+            fx: vec![0.0; w],
+            fy: vec![0.0; w],
+            corners: std::array::from_fn(|_| vec![0.0; w]),
         }
     }
 }
@@ -69,9 +79,8 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
         stride: 2 * w,
         xmax: (w - 1) as f32,
         ymax: (h - 1) as f32,
-        // Images are far smaller than 2³¹ pixels a side.
-        last_cell_x: (w - 2) as i32,
-        last_cell_y: (h - 2) as i32,
+        last_cell_x: (w - 2) as f32,
+        last_cell_y: (h - 2) as f32,
     };
     let stride = pair.stride;
     let fused_rows: Vec<&mut [f32]> = match &mut fused {
@@ -125,8 +134,8 @@ struct Pair<'a> {
     stride: usize,
     xmax: f32,
     ymax: f32,
-    last_cell_x: i32,
-    last_cell_y: i32,
+    last_cell_x: f32,
+    last_cell_y: f32,
 }
 
 /// One row of [`fb_check`]: confidence, occlusion and optionally fused flow of row `y`.
@@ -182,40 +191,62 @@ fn check_row(
     } = *pair;
     let row = &fwd.data[y * stride..(y + 1) * stride];
     let yf = y as f32;
-    // Structure of arrays for the second pass: this row's flow, bwd at its targets, and
-    // an all-ones bit mask where the target is inside the image (0 outside).
+    // Structure of arrays: this row's flow, its targets' cells and weights, bwd at the cells'
+    // corners, then bwd at the targets and an all-ones bit mask where the target is inside
+    // the image (0 outside).
     let RowScratch {
         u,
         v,
         bu,
         bv,
         inside,
+        cell,
+        fx,
+        fy,
+        corners,
     } = scratch;
-    // Pixels whose target leaves the image keep these values.
     let (u, v) = (&mut u[..w], &mut v[..w]);
     let (bu, bv, inside) = (&mut bu[..w], &mut bv[..w], &mut inside[..w]);
-    bu.fill(0.0);
-    bv.fill(0.0);
-    inside.fill(0);
-    let mut xf = -1.0f32;
-    for (x, f) in row.chunks_exact(2).enumerate() {
-        xf += 1.0;
-        (u[x], v[x]) = (f[0], f[1]);
-        let (tx, ty) = (xf + f[0], yf + f[1]);
-        if !(tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax) {
-            continue;
-        }
-        // tx, ty ≥ 0: truncation is floor; the last column/row samples its left/top cell.
-        let x0 = (tx as i32).min(last_cell_x);
-        let y0 = (ty as i32).min(last_cell_y);
-        let (fx, fy) = (tx - x0 as f32, ty - y0 as f32);
-        let i = y0 as usize * stride + 2 * x0 as usize;
-        let (top, bottom) = (&back[i..i + 4], &back[i + stride..i + stride + 4]);
-        let (w00, w10) = ((1.0 - fx) * (1.0 - fy), fx * (1.0 - fy));
-        let (w01, w11) = ((1.0 - fx) * fy, fx * fy);
-        bu[x] = top[0] * w00 + top[2] * w10 + bottom[0] * w01 + bottom[2] * w11;
-        bv[x] = top[1] * w00 + top[3] * w10 + bottom[1] * w01 + bottom[3] * w11;
-        inside[x] = u32::MAX;
+    let (cell, fx, fy) = (&mut cell[..w], &mut fx[..w], &mut fy[..w]);
+    // Images are far smaller than 2²² pixels a side.
+    let stride_u = stride as u32;
+    // Targets: branch-free, so the float → int conversions vectorise.
+    for ((u, v), f) in u.iter_mut().zip(v.iter_mut()).zip(row.chunks_exact(2)) {
+        (*u, *v) = (f[0], f[1]);
+    }
+    for x in 0..w {
+        let (tx, ty) = (x as i32 as f32 + u[x], yf + v[x]);
+        let ok = tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax;
+        inside[x] = if ok { u32::MAX } else { 0 };
+        // Outside (or NaN) reads cell 0 and is masked out below.
+        let (tx, ty) = if ok { (tx, ty) } else { (0.0, 0.0) };
+        // The last column/row samples its left/top cell.
+        let x0 = tx.floor().min(last_cell_x);
+        let y0 = ty.floor().min(last_cell_y);
+        (fx[x], fy[x]) = (tx - x0, ty - y0);
+        cell[x] = small_int(y0) * stride_u + 2 * small_int(x0);
+    }
+    // The reads, a pixel at a time.
+    let [u00, v00, u10, v10, u01, v01, u11, v11] = corners;
+    let (u00, v00, u10, v10) = (&mut u00[..w], &mut v00[..w], &mut u10[..w], &mut v10[..w]);
+    let (u01, v01, u11, v11) = (&mut u01[..w], &mut v01[..w], &mut u11[..w], &mut v11[..w]);
+    for x in 0..w {
+        // One bounds check for the eight values.
+        let i = cell[x] as usize;
+        let c = &back[i..i + stride + 4];
+        (u00[x], v00[x], u10[x], v10[x]) = (c[0], c[1], c[2], c[3]);
+        (u01[x], v01[x], u11[x], v11[x]) = (c[stride], c[stride + 1], c[stride + 2], c[stride + 3]);
+    }
+    for x in 0..w {
+        let (gx, gy) = (fx[x], fy[x]);
+        let (w00, w10) = ((1.0 - gx) * (1.0 - gy), gx * (1.0 - gy));
+        let (w01, w11) = ((1.0 - gx) * gy, gx * gy);
+        let keep = inside[x] != 0;
+        let su = u00[x] * w00 + u10[x] * w10 + u01[x] * w01 + u11[x] * w11;
+        let sv = v00[x] * w00 + v10[x] * w10 + v01[x] * w01 + v11[x] * w11;
+        // Pixels whose target leaves the image get 0 (as before the reads).
+        bu[x] = if keep { su } else { 0.0 };
+        bv[x] = if keep { sv } else { 0.0 };
     }
     // Branch-free over the row, so the compiler vectorises it (square root and division
     // included); the fused flow overwrites `bu`, `bv`.

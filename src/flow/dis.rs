@@ -4,11 +4,19 @@
 //! concurrently (one core each; OpenCV's own thread pool is switched off because it spins against
 //! rayon). With the temporal prior on (the default), both start from a constant-velocity
 //! prediction: the previous pair's flows at the same pixel, negated. (OpenCV uses an initial flow
-//! only at its coarsest scale, so the prior matters for large motions.) Confidence and occlusion
-//! come from forward–backward consistency of the raw estimates; then each direction is refined by
-//! the other where they agree (symmetric fusion, on by default) and, optionally, by a
-//! full-resolution variational refinement. Grey images are made once per frame and kept.
-//! (OpenCV's DIS API builds its pyramids inside `calc`, so they cannot be shared between pairs.)
+//! only at its coarsest scale, so the prior matters for large motions.) Then, by default:
+//! 1. each direction is refined at full resolution by a windowed Lucas–Kanade step
+//!    (`refine.rs`), from gradients and structure tensors made once per frame and used by both
+//!    pairs the frame is in;
+//! 2. confidence and occlusion come from forward–backward consistency, and each direction is
+//!    refined by the other where they agree (symmetric fusion);
+//! 3. the forward flow's inconsistent pixels are filled from the previous pair's backward flow,
+//!    corrected for the change of camera motion (`temporal.rs`). With the one-frame look-ahead,
+//!    the backward flow's are filled likewise from the next pair's forward flow, and each pair
+//!    is returned one frame later.
+//!
+//! Grey images are made once per frame and kept. (OpenCV's DIS API builds its pyramids inside
+//! `calc`, so those cannot be shared between pairs.)
 
 use opencv::core::{Mat, Scalar, Vec2f, CV_32FC2, CV_8UC1};
 use opencv::prelude::*;
@@ -16,6 +24,8 @@ use opencv::video::DISOpticalFlow;
 use serde::{Deserialize, Serialize};
 
 use super::consistency::fb_check;
+use super::refine::{FrameTensor, Refiner};
+use super::temporal::fill_inconsistent;
 use super::{FlowEngine, FlowField, PairFlow};
 use crate::error::{Error, Result};
 use crate::frame::{Frame, RgbImage};
@@ -46,11 +56,24 @@ pub struct DisConfig {
     /// Refine each direction by the other where they agree (see `consistency::fb_check`).
     #[serde(default = "default_true")]
     pub symmetric_fusion: bool,
-    /// Fixed-point iterations of a full-resolution variational refinement after fusion
-    /// (0 = off). DIS's presets stop at ¼ (ultrafast, fast) or ½ (medium) resolution and
-    /// upsample; this refines at every pixel, at a cost of about one extra DIS call.
-    #[serde(default)]
+    /// Full-resolution windowed Lucas–Kanade steps after DIS (0 = off). DIS's presets stop at
+    /// ¼ (ultrafast, fast) or ½ (medium) resolution and upsample; this refines every pixel.
+    /// One step is best: a second one fits image noise (see `benches/flow_dis.rs`).
+    #[serde(default = "default_refine_iterations")]
     pub refine_iterations: u32,
+    /// Half-size of the refinement's window (pixels).
+    #[serde(default = "default_refine_radius")]
+    pub refine_radius: usize,
+    /// Damping of the refinement where texture is weak (grey levels² per window pixel).
+    #[serde(default = "default_refine_lambda")]
+    pub refine_lambda: f32,
+    /// Fill the forward flow's inconsistent pixels from the previous pair (see `temporal.rs`).
+    #[serde(default = "default_true")]
+    pub temporal_fill: bool,
+    /// Hold each pair until the next frame and fill its backward flow's inconsistent pixels from
+    /// the next pair's forward flow: one frame of latency.
+    #[serde(default)]
+    pub look_ahead: bool,
     /// Overrides of OpenCV's preset values (None = preset's).
     pub finest_scale: Option<i32>,
     pub patch_size: Option<i32>,
@@ -69,7 +92,11 @@ impl Default for DisConfig {
             preset: DisPreset::Ultrafast,
             temporal_prior: true,
             symmetric_fusion: true,
-            refine_iterations: 0,
+            refine_iterations: default_refine_iterations(),
+            refine_radius: default_refine_radius(),
+            refine_lambda: default_refine_lambda(),
+            temporal_fill: true,
+            look_ahead: false,
             finest_scale: None,
             patch_size: None,
             patch_stride: None,
@@ -83,12 +110,28 @@ fn default_true() -> bool {
     true
 }
 
+fn default_refine_iterations() -> u32 {
+    1
+}
+
+fn default_refine_radius() -> usize {
+    6
+}
+
+fn default_refine_lambda() -> f32 {
+    0.3
+}
+
 struct Prev {
     index: u64,
     grey: Mat,
+    /// Gradients and structure tensor, when refining.
+    tensor: Option<FrameTensor>,
     /// Constant-velocity initial flows for the next pair (forward, backward): the pair that ended
     /// at this frame, negated (only with the temporal prior on).
     priors: Option<(Mat, Mat)>,
+    /// The backward flow of the pair that ended at this frame (causal temporal fill).
+    bwd: Option<FlowField>,
 }
 
 /// The `dis` engine.
@@ -96,18 +139,14 @@ pub struct DisEngine {
     config: DisConfig,
     fwd: opencv::core::Ptr<DISOpticalFlow>,
     bwd: opencv::core::Ptr<DISOpticalFlow>,
-    /// Full-resolution refiners (forward, backward), when `refine_iterations` > 0.
-    refiners: Option<(Refiner, Refiner)>,
+    /// Full-resolution refinement of each direction (forward, backward).
+    refiners: (Refiner, Refiner),
+    /// A spent frame tensor whose buffers the next frame reuses.
+    spare: Option<FrameTensor>,
     prev: Option<Prev>,
+    /// With the look-ahead: the last pair, waiting for the next one.
+    pending: Option<PairFlow>,
     size: Option<(u32, u32)>,
-}
-
-type Refiner = opencv::core::Ptr<opencv::video::VariationalRefinement>;
-
-fn make_refiner(iterations: u32) -> Result<Refiner> {
-    let mut r = opencv::video::VariationalRefinement::create()?;
-    r.set_fixed_point_iterations(i32::try_from(iterations).unwrap_or(i32::MAX))?;
-    Ok(r)
 }
 
 fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
@@ -190,20 +229,17 @@ impl DisEngine {
     pub fn new(config: DisConfig) -> Result<Self> {
         // OpenCV's own pool (TBB) spins against rayon on small machines; we parallelise ourselves.
         opencv::core::set_num_threads(1)?;
-        let refiners = if config.refine_iterations > 0 {
-            Some((
-                make_refiner(config.refine_iterations)?,
-                make_refiner(config.refine_iterations)?,
-            ))
-        } else {
-            None
-        };
         Ok(Self {
             fwd: make_dis(&config)?,
             bwd: make_dis(&config)?,
-            refiners,
+            refiners: (
+                Refiner::new(config.refine_iterations, config.refine_lambda),
+                Refiner::new(config.refine_iterations, config.refine_lambda),
+            ),
+            spare: None,
             config,
             prev: None,
+            pending: None,
             size: None,
         })
     }
@@ -220,42 +256,36 @@ impl DisEngine {
         flow_from_mat(&flow)
     }
 
-    /// Flow between two grey images, both directions at once (one core each), with optional priors.
+    /// Flow between two grey frames, both directions at once (one core each), with optional
+    /// priors, each refined when both frames have tensors.
     fn pair(
         &mut self,
-        a: &Mat,
-        b: &Mat,
+        a: (&Mat, Option<&FrameTensor>),
+        b: (&Mat, Option<&FrameTensor>),
         priors: Option<(Mat, Mat)>,
     ) -> Result<(FlowField, FlowField)> {
         let (fwd_dis, bwd_dis) = (&mut self.fwd, &mut self.bwd);
+        let (fwd_ref, bwd_ref) = (&mut self.refiners.0, &mut self.refiners.1);
         let (fwd_init, bwd_init) = match priors {
             Some((f, b)) => (Some(f), Some(b)),
             None => (None, None),
         };
+        let one = |dis: &mut opencv::core::Ptr<DISOpticalFlow>,
+                   refiner: &mut Refiner,
+                   from: (&Mat, Option<&FrameTensor>),
+                   to: (&Mat, Option<&FrameTensor>),
+                   init: Option<Mat>|
+         -> Result<FlowField> {
+            let mut flow = Self::calc(dis, from.0, to.0, init)?;
+            if let (Some(s), Some(t)) = (from.1, to.1) {
+                refiner.refine(s, t, &mut flow);
+            }
+            Ok(flow)
+        };
         let (fwd, bwd) = rayon::join(
-            || Self::calc(fwd_dis, a, b, fwd_init),
-            || Self::calc(bwd_dis, b, a, bwd_init),
+            || one(fwd_dis, fwd_ref, a, b, fwd_init),
+            || one(bwd_dis, bwd_ref, b, a, bwd_init),
         );
-        Ok((fwd?, bwd?))
-    }
-
-    /// Full-resolution variational refinement of both directions (one core each).
-    fn refine(
-        &mut self,
-        a: &Mat,
-        b: &Mat,
-        fwd: FlowField,
-        bwd: FlowField,
-    ) -> Result<(FlowField, FlowField)> {
-        let Some((rf, rb)) = &mut self.refiners else {
-            return Ok((fwd, bwd));
-        };
-        let run = |r: &mut Refiner, x: &Mat, y: &Mat, f: &FlowField| -> Result<FlowField> {
-            let mut m = mat_from_flow(f)?;
-            r.calc(x, y, &mut m)?;
-            flow_from_mat(&m)
-        };
-        let (fwd, bwd) = rayon::join(|| run(rf, a, b, &fwd), || run(rb, b, a, &bwd));
         Ok((fwd?, bwd?))
     }
 }
@@ -284,33 +314,72 @@ impl FlowEngine for DisEngine {
             self.size = Some(size);
         }
         let grey = grey_mat(&frame.image)?;
+        let tensor = if self.config.refine_iterations > 0 {
+            let (w, h) = (size.0 as usize, size.1 as usize);
+            Some(match self.spare.take() {
+                Some(mut t) => {
+                    t.recompute(grey.data_bytes()?, w, h);
+                    t
+                }
+                None => FrameTensor::new(grey.data_bytes()?, w, h, self.config.refine_radius),
+            })
+        } else {
+            None
+        };
         let Some(prev) = self.prev.take() else {
             self.prev = Some(Prev {
                 index: frame.index,
                 grey,
+                tensor,
                 priors: None,
+                bwd: None,
             });
             return Ok(Vec::new());
         };
-        let (fwd, bwd) = self.pair(&prev.grey, &grey, prev.priors)?;
-        // Confidence and occlusion are judged on the raw estimates, before they are refined by
-        // each other.
+        let (fwd, bwd) = self.pair(
+            (&prev.grey, prev.tensor.as_ref()),
+            (&grey, tensor.as_ref()),
+            prev.priors,
+        )?;
+        // Confidence and occlusion are judged before the two directions refine each other.
         let fuse = self.config.symmetric_fusion;
         let (f, b) = rayon::join(|| fb_check(&fwd, &bwd, fuse), || fb_check(&bwd, &fwd, fuse));
         let (fwd_conf, fwd_occ, bwd_conf, bwd_occ) = (f.conf, f.occ, b.conf, b.occ);
-        let (fwd, bwd) = (f.fused.unwrap_or(fwd), b.fused.unwrap_or(bwd));
-        let (fwd, bwd) = self.refine(&prev.grey, &grey, fwd, bwd)?;
+        let (mut fwd, bwd) = (f.fused.unwrap_or(fwd), b.fused.unwrap_or(bwd));
+        let (temporal_fill, temporal_prior) =
+            (self.config.temporal_fill, self.config.temporal_prior);
+        let keep_bwd = temporal_fill && !self.config.look_ahead;
+        let mut pending = self.pending.take();
+        // The previous pair's backward flow, on this pair's source grid.
+        let before = pending.as_ref().map(|p| &p.bwd).or(prev.bwd.as_ref());
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
-        let priors = if self.config.temporal_prior {
-            Some((
-                scaled_mat_from_flow(&bwd, -1.0)?,
-                scaled_mat_from_flow(&fwd, -1.0)?,
-            ))
-        } else {
-            None
-        };
-        let out = PairFlow {
+        // The forward side is filled first; the backward side meanwhile on the other core.
+        let (fwd_side, bwd_side) = rayon::join(
+            || -> Result<Option<Mat>> {
+                if let (true, Some(before)) = (temporal_fill, before) {
+                    fill_inconsistent(&mut fwd, &fwd_occ, &fwd_conf, before);
+                }
+                temporal_prior
+                    .then(|| scaled_mat_from_flow(&fwd, -1.0))
+                    .transpose()
+            },
+            || -> Result<(Option<Mat>, Option<FlowField>)> {
+                let prior = temporal_prior
+                    .then(|| scaled_mat_from_flow(&bwd, -1.0))
+                    .transpose()?;
+                Ok((prior, keep_bwd.then(|| bwd.clone())))
+            },
+        );
+        let (fwd_prior, (bwd_prior, kept_bwd)) = (fwd_side?, bwd_side?);
+        let priors = bwd_prior.zip(fwd_prior);
+        let mut out = Vec::new();
+        if let Some(mut pending) = pending.take() {
+            // Its backward flow is on this pair's source grid too.
+            fill_inconsistent(&mut pending.bwd, &pending.bwd_occ, &pending.bwd_conf, &fwd);
+            out.push(pending);
+        }
+        let pair = PairFlow {
             from: prev.index,
             to: frame.index,
             fwd,
@@ -320,16 +389,35 @@ impl FlowEngine for DisEngine {
             fwd_occ,
             bwd_occ,
         };
+        if self.config.look_ahead {
+            self.pending = Some(pair);
+        } else {
+            out.push(pair);
+        }
+        self.spare = prev.tensor;
         self.prev = Some(Prev {
             index: frame.index,
             grey,
+            tensor,
             priors,
+            bwd: kept_bwd,
         });
-        Ok(vec![out])
+        Ok(out)
+    }
+
+    fn flush(&mut self) -> Result<Vec<PairFlow>> {
+        Ok(self.pending.take().into_iter().collect())
     }
 
     fn reset(&mut self) {
         self.prev = None;
+        self.pending = None;
         self.size = None;
+        // OpenCV's DIS keeps something of an initial flow it was given: after one, its next
+        // estimate without one differs from a fresh instance's. A new stream gets new ones
+        // (if that fails, the old ones still give flows).
+        if let (Ok(f), Ok(b)) = (make_dis(&self.config), make_dis(&self.config)) {
+            (self.fwd, self.bwd) = (f, b);
+        }
     }
 }

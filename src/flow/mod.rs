@@ -10,6 +10,8 @@ pub mod consistency;
 pub mod dis;
 mod field;
 pub mod metrics;
+pub mod refine;
+pub mod temporal;
 pub mod videoflow;
 
 pub use field::{bilinear1, bilinear2, FlowField};
