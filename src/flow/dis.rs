@@ -184,14 +184,6 @@ pub fn grey_mat(img: &RgbImage) -> Result<Mat> {
     Ok(m)
 }
 
-/// Copies a flow field into a CV_32FC2 matrix.
-///
-/// # Errors
-/// OpenCV allocation failure.
-pub fn mat_from_flow(f: &FlowField) -> Result<Mat> {
-    scaled_mat_from_flow(f, 1.0)
-}
-
 /// `scale` × a flow field, into a CV_32FC2 matrix (−1: the next pair's initial flow).
 fn scaled_mat_from_flow(f: &FlowField, scale: f32) -> Result<Mat> {
     let mut m = Mat::new_rows_cols_with_default(

@@ -220,7 +220,7 @@ impl Kernel for GradientRow<'_> {
 }
 
 /// `dst` = sum of `src` over the (2r+1)² window around each pixel, clipped at the borders.
-pub fn box_sum(src: &[f32], dst: &mut [f32], w: usize, h: usize, r: usize) {
+fn box_sum(src: &[f32], dst: &mut [f32], w: usize, h: usize, r: usize) {
     // Vertical running sums in f64 (exact enough that adding and dropping rows leaves no drift)
     // over bands of rows, one per worker, each band starting its sums afresh; then each row's
     // horizontal window sums, in f32 from the row itself.
