@@ -2,8 +2,9 @@
 
 use rayon::prelude::*;
 
+use super::field::TargetCells;
 use super::FlowField;
-use crate::simd::{small_int, vectorized, Kernel};
+use crate::simd::{vectorized, Kernel};
 
 /// Per-pixel confidence and occlusion of `fwd`, checked against `bwd` sampled at the target.
 ///
@@ -21,11 +22,8 @@ struct RowScratch {
     v: Vec<f32>,
     bu: Vec<f32>,
     bv: Vec<f32>,
-    inside: Vec<u32>,
-    /// Index in `bwd` of each target's cell, and the bilinear weights' fractions.
-    cell: Vec<u32>,
-    fx: Vec<f32>,
-    fy: Vec<f32>,
+    /// Each target's cell in `bwd`, weights and inside mask.
+    targets: TargetCells,
     /// `bwd` at the cell's four corners, (u, v) each: 00, 10, 01, 11.
     corners: [Vec<f32>; 8],
 }
@@ -37,10 +35,7 @@ impl RowScratch {
             v: vec![0.0; w],
             bu: vec![0.0; w],
             bv: vec![0.0; w],
-            inside: vec![0; w],
-            cell: vec![0; w],
-            fx: vec![0.0; w],
-            fy: vec![0.0; w],
+            targets: TargetCells::new(w),
             corners: std::array::from_fn(|_| vec![0.0; w]),
         }
     }
@@ -77,10 +72,7 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
         back: &bwd.data,
         w,
         stride: 2 * w,
-        xmax: (w - 1) as f32,
-        ymax: (h - 1) as f32,
-        last_cell_x: (w - 2) as f32,
-        last_cell_y: (h - 2) as f32,
+        h,
     };
     let stride = pair.stride;
     let fused_rows: Vec<&mut [f32]> = match &mut fused {
@@ -132,10 +124,7 @@ struct Pair<'a> {
     back: &'a [f32],
     w: usize,
     stride: usize,
-    xmax: f32,
-    ymax: f32,
-    last_cell_x: f32,
-    last_cell_y: f32,
+    h: usize,
 }
 
 /// One row of [`fb_check`]: confidence, occlusion and optionally fused flow of row `y`.
@@ -184,48 +173,34 @@ fn check_row(
         back,
         w,
         stride,
-        xmax,
-        ymax,
-        last_cell_x,
-        last_cell_y,
+        h,
     } = *pair;
     let row = &fwd.data[y * stride..(y + 1) * stride];
-    let yf = y as f32;
     // Structure of arrays: this row's flow, its targets' cells and weights, bwd at the cells'
-    // corners, then bwd at the targets and an all-ones bit mask where the target is inside
-    // the image (0 outside).
+    // corners, then bwd at the targets.
     let RowScratch {
         u,
         v,
         bu,
         bv,
-        inside,
-        cell,
-        fx,
-        fy,
+        targets,
         corners,
     } = scratch;
     let (u, v) = (&mut u[..w], &mut v[..w]);
-    let (bu, bv, inside) = (&mut bu[..w], &mut bv[..w], &mut inside[..w]);
-    let (cell, fx, fy) = (&mut cell[..w], &mut fx[..w], &mut fy[..w]);
-    // Images are far smaller than 2²² pixels a side.
-    let stride_u = stride as u32;
-    // Targets: branch-free, so the float → int conversions vectorise.
+    let (bu, bv) = (&mut bu[..w], &mut bv[..w]);
+    // Split out in a loop of its own: interleaved loads mixed into the arithmetic below kept
+    // it scalar.
     for ((u, v), f) in u.iter_mut().zip(v.iter_mut()).zip(row.chunks_exact(2)) {
         (*u, *v) = (f[0], f[1]);
     }
-    for x in 0..w {
-        let (tx, ty) = (x as i32 as f32 + u[x], yf + v[x]);
-        let ok = tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax;
-        inside[x] = if ok { u32::MAX } else { 0 };
-        // Outside (or NaN) reads cell 0 and is masked out below.
-        let (tx, ty) = if ok { (tx, ty) } else { (0.0, 0.0) };
-        // The last column/row samples its left/top cell.
-        let x0 = tx.floor().min(last_cell_x);
-        let y0 = ty.floor().min(last_cell_y);
-        (fx[x], fy[x]) = (tx - x0, ty - y0);
-        cell[x] = small_int(y0) * stride_u + 2 * small_int(x0);
-    }
+    targets.fill(row, y, (w, h), 2);
+    let TargetCells {
+        cell,
+        fx,
+        fy,
+        inside,
+    } = targets;
+    let (cell, fx, fy, inside) = (&cell[..w], &fx[..w], &fy[..w], &inside[..w]);
     // The reads, a pixel at a time.
     let [u00, v00, u10, v10, u01, v01, u11, v11] = corners;
     let (u00, v00, u10, v10) = (&mut u00[..w], &mut v00[..w], &mut u10[..w], &mut v10[..w]);

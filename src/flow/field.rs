@@ -1,5 +1,7 @@
 //! Dense 2D flow fields.
 
+use crate::simd::small_int;
+
 /// Dense flow, row-major, interleaved (u, v) in pixels; `u` along x.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FlowField {
@@ -83,4 +85,59 @@ pub fn bilinear1(data: &[f32], width: usize, height: usize, x: f32, y: f32) -> O
             + at(x0, y1) * (1.0 - fx) * fy
             + at(x1, y1) * fx * fy,
     )
+}
+
+/// Where the pixels of one image row land under a flow, for bilinear reads of another field:
+/// each target's cell (the index of its top-left value), the fractions for the weights, and an
+/// all-ones mask where the target is inside the image (0 outside, where the cell is 0 and the
+/// value read must be masked out). Buffers are kept between rows.
+pub(crate) struct TargetCells {
+    pub cell: Vec<u32>,
+    pub fx: Vec<f32>,
+    pub fy: Vec<f32>,
+    pub inside: Vec<u32>,
+}
+
+impl TargetCells {
+    pub fn new(w: usize) -> Self {
+        Self {
+            cell: vec![0; w],
+            fx: vec![0.0; w],
+            fy: vec![0.0; w],
+            inside: vec![0; w],
+        }
+    }
+
+    /// Fills the cells of row `y` of a `w` × `h` image (≥ 2 × 2) moved by `flow_row` (that
+    /// row of an interleaved flow), for a field of `channels` values per pixel. Branch-free, so it vectorises inside a dispatched
+    /// kernel: the float → int conversions go through [`small_int`] (a saturating `as` keeps
+    /// the loop scalar), the column counter through i32 (AVX2 has no u32 → f32).
+    #[allow(clippy::inline_always)] // inlined into dispatched kernels (`crate::simd`)
+    #[inline(always)]
+    pub fn fill(&mut self, flow_row: &[f32], y: usize, (w, h): (usize, usize), channels: u32) {
+        let (xmax, ymax) = ((w - 1) as f32, (h - 1) as f32);
+        let (last_x, last_y) = ((w - 2) as f32, (h - 2) as f32);
+        let yf = y as f32;
+        // Images are far smaller than 2²² pixels a side.
+        let stride = w as u32 * channels;
+        let fl = &flow_row[..2 * w];
+        let (cell, fx, fy, inside) = (
+            &mut self.cell[..w],
+            &mut self.fx[..w],
+            &mut self.fy[..w],
+            &mut self.inside[..w],
+        );
+        for x in 0..w {
+            let (tx, ty) = (x as i32 as f32 + fl[2 * x], yf + fl[2 * x + 1]);
+            let ok = tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax;
+            inside[x] = if ok { u32::MAX } else { 0 };
+            // Outside (or NaN) reads cell 0 and is masked out by the caller.
+            let (tx, ty) = if ok { (tx, ty) } else { (0.0, 0.0) };
+            // The last column/row samples its left/top cell.
+            let x0 = tx.floor().min(last_x);
+            let y0 = ty.floor().min(last_y);
+            (fx[x], fy[x]) = (tx - x0, ty - y0);
+            cell[x] = small_int(y0) * stride + channels * small_int(x0);
+        }
+    }
 }

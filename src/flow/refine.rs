@@ -16,8 +16,9 @@
 
 use rayon::prelude::*;
 
+use super::field::TargetCells;
 use super::FlowField;
-use crate::simd::{small_int, vectorized, Kernel};
+use crate::simd::{vectorized, Kernel};
 
 /// A grey frame with what refinement needs of it: the lightly smoothed image, its gradients and
 /// their windowed products (sums over the window, not means). Its buffers are reused when it
@@ -451,13 +452,8 @@ impl Kernel for Residual<'_> {
             ey,
         } = self;
         let (w, h) = (src.width, src.height);
-        let (xmax, ymax) = ((w - 1) as f32, (h - 1) as f32);
-        let (last_x, last_y) = ((w - 2) as f32, (h - 2) as f32);
-        // Images are far smaller than 2²² pixels a side.
-        let wi = w as u32;
         let img = &dst.grey;
-        let mut cell = vec![0u32; w];
-        let (mut fx, mut fy, mut inside) = (vec![0.0f32; w], vec![0.0f32; w], vec![0.0f32; w]);
+        let mut targets = TargetCells::new(w);
         // The four texels of each pixel's cell, one array per corner (vectorised reads below).
         let mut texels = [
             vec![0.0f32; w],
@@ -466,23 +462,14 @@ impl Kernel for Residual<'_> {
             vec![0.0f32; w],
         ];
         for y in 0..h {
-            let yf = y as f32;
-            let fl = &flow[2 * y * w..2 * (y + 1) * w];
-            let (cell, fx, fy, inside) =
-                (&mut cell[..w], &mut fx[..w], &mut fy[..w], &mut inside[..w]);
-            for x in 0..w {
-                let (tx, ty) = (x as i32 as f32 + fl[2 * x], yf + fl[2 * x + 1]);
-                let ok = tx >= 0.0 && ty >= 0.0 && tx <= xmax && ty <= ymax;
-                inside[x] = if ok { 1.0 } else { 0.0 };
-                // Outside (or NaN) reads cell 0 and is weighted out below.
-                let (tx, ty) = if ok { (tx, ty) } else { (0.0, 0.0) };
-                // The last column/row samples its left/top cell.
-                let x0 = tx.floor().min(last_x);
-                let y0 = ty.floor().min(last_y);
-                fx[x] = tx - x0;
-                fy[x] = ty - y0;
-                cell[x] = small_int(y0) * wi + small_int(x0);
-            }
+            targets.fill(&flow[2 * y * w..2 * (y + 1) * w], y, (w, h), 1);
+            let TargetCells {
+                cell,
+                fx,
+                fy,
+                inside,
+            } = &targets;
+            let (cell, fx, fy, inside) = (&cell[..w], &fx[..w], &fy[..w], &inside[..w]);
             let [t00, t10, t01, t11] = &mut texels;
             let (t00, t10, t01, t11) = (&mut t00[..w], &mut t10[..w], &mut t01[..w], &mut t11[..w]);
             for x in 0..w {
@@ -501,7 +488,9 @@ impl Kernel for Residual<'_> {
             for x in 0..w {
                 let top = t00[x] + fx[x] * (t10[x] - t00[x]);
                 let bottom = t01[x] + fx[x] * (t11[x] - t01[x]);
-                let e = inside[x] * (top + fy[x] * (bottom - top) - g[x]);
+                // Outside, the cell read was a stand-in: weight it out.
+                let keep = if inside[x] != 0 { 1.0 } else { 0.0 };
+                let e = keep * (top + fy[x] * (bottom - top) - g[x]);
                 ex[x] = gx[x] * e;
                 ey[x] = gy[x] * e;
             }
