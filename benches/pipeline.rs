@@ -3,7 +3,7 @@
 //! streamed straight from the renderer (RSS at 10 % of the frames vs the end).
 //!
 //! `cargo bench --bench pipeline [-- FRAMES [LONG_FRAMES [MAX_POINTS [FLOW_REFINE]]]]` (defaults
-//! 300, 2000, 2,000,000 and the flow engine's default refinement steps; the memory figure in the
+//! 300, 2000, the fusion cap's default and the flow engine's default refinement steps; the memory figure in the
 //! issues uses 10000; FRAMES 0 skips the speed part, LONG_FRAMES 0 the memory part).
 //!
 //! Uses the binary's allocator (jemalloc), so RSS is what `streamrecon run` would show.
@@ -33,7 +33,10 @@ fn main() {
         .collect();
     let frames = nums.first().copied().unwrap_or(300);
     let long = nums.get(1).copied().unwrap_or(2000);
-    let cap = nums.get(2).copied().unwrap_or(2_000_000);
+    let cap = nums
+        .get(2)
+        .copied()
+        .unwrap_or(FusionConfig::default().max_points);
     let refine = nums
         .get(3)
         .map_or(DisConfig::default().refine_iterations, |&n| {
@@ -131,11 +134,11 @@ fn memory(long: usize, cap: usize) {
         }
         if seen.is_multiple_of((long / 10).max(1)) {
             println!(
-                "  frame {:>6}: RSS {:.1} MiB, {} fused points (room for {}), {} map segments so far",
+                "  frame {:>6}: RSS {:.1} MiB, {} fused points (table {:.1} MiB), {} map segments so far",
                 seen,
                 rss_mib(),
                 fusion.len(),
-                fusion.capacity(),
+                fusion.table_bytes() as f64 / (1024.0 * 1024.0),
                 vo.segments()
             );
         }

@@ -5,7 +5,7 @@
 //! past it, the least useful voxels (least evidence, longest unseen) are evicted. The final cloud
 //! gets statistical outlier removal and normals, both from k-nearest neighbours (kiddo).
 
-use std::collections::HashMap;
+use hashbrown::HashMap;
 use std::num::NonZero;
 
 use kiddo::{ImmutableKdTree, SquaredEuclidean};
@@ -26,8 +26,9 @@ pub struct FusionConfig {
     pub min_confidence: f32,
     /// Use every n-th pixel in x and y.
     pub pixel_stride: usize,
-    /// Most voxels kept (bounded memory: once reached, the map holds about 200–240 bytes per
-    /// voxel of the cap).
+    /// Most voxels kept. Bounded memory: the table is sized at the first frame for the cap plus
+    /// a frame's pixels, at 2.3–4.6 buckets a voxel (a power of two) of 45 bytes; at the default
+    /// 1.5 M and frames up to 1280×720, 4 Mi buckets, 189 MiB.
     pub max_points: usize,
     /// Neighbours for outlier removal and normals.
     pub neighbours: usize,
@@ -41,7 +42,7 @@ impl Default for FusionConfig {
             voxel: 0.01,
             min_confidence: 0.5,
             pixel_stride: 2,
-            max_points: 2_000_000,
+            max_points: 1_500_000,
             neighbours: 16,
             outlier_std_ratio: 2.0,
         }
@@ -53,7 +54,9 @@ struct Voxel {
     pos: [f32; 3],
     color: [f32; 3],
     weight: f32,
-    last_seen: u64,
+    /// Frame index, wrapped to 32 bits: with the key, 44 bytes a voxel instead of 56; only
+    /// differences matter (eviction's age), and 2^32 frames are 4.5 years at 30 frames/s.
+    last_seen: u32,
 }
 
 /// The world cloud under construction.
@@ -63,6 +66,8 @@ pub struct Fusion {
     /// map is probed for every confident pixel of every frame. A fixed seed keeps eviction order
     /// the same from run to run.
     voxels: HashMap<[i32; 3], Voxel, foldhash::fast::FixedState>,
+    /// The most voxels `voxels` was sized for (`size_table`).
+    sized_for: usize,
     evicted: u64,
 }
 
@@ -77,7 +82,8 @@ impl Fusion {
     pub fn new(config: FusionConfig) -> Self {
         Self {
             config,
-            voxels: HashMap::default(),
+            voxels: HashMap::with_hasher(foldhash::fast::FixedState::default()),
+            sized_for: 0,
             evicted: 0,
         }
     }
@@ -86,9 +92,9 @@ impl Fusion {
         self.voxels.len()
     }
 
-    /// Voxels the map has room for without growing (memory benchmarks).
-    pub fn capacity(&self) -> usize {
-        self.voxels.capacity()
+    /// Bytes the voxel table holds (memory benchmarks and tests).
+    pub fn table_bytes(&self) -> usize {
+        self.voxels.allocation_size()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,6 +117,9 @@ impl Fusion {
             return FramePoints::default();
         }
         let s = self.config.pixel_stride.max(1);
+        self.size_table(w.div_ceil(s) * h.div_ceil(s));
+        // Wrapped (see `Voxel::last_seen`).
+        let now = geom.index as u32;
         let inv = 1.0 / self.config.voxel;
         let mut out = FramePoints::default();
         for y in (0..h).step_by(s) {
@@ -133,7 +142,7 @@ impl Fusion {
                     pos: [0.0; 3],
                     color: [0.0; 3],
                     weight: 0.0,
-                    last_seen: geom.index,
+                    last_seen: now,
                 });
                 let nw = v.weight + c;
                 for k in 0..3 {
@@ -141,30 +150,43 @@ impl Fusion {
                     v.color[k] = (v.color[k] * v.weight + col[k] * c) / nw;
                 }
                 v.weight = nw;
-                v.last_seen = geom.index;
+                v.last_seen = now;
                 out.points.push(p);
                 out.colors.push(rgb);
             }
         }
-        self.enforce_cap(geom.index);
+        self.enforce_cap(now);
         out
     }
 
+    /// Sizes the table, once, for the most voxels it will ever hold: the cap plus one frame
+    /// of new ones, the point at which `enforce_cap` evicts.
+    ///
+    /// Evictions leave tombstones, and a table that runs out of room rehashes in place only
+    /// while at most 7/16 full (half its capacity); fuller, it doubles, at a random later frame
+    /// (seen in benches/pipeline.rs and `the_voxel_table_never_grows` in tests/fusion.rs). So it
+    /// gets that much room from the start: its memory is then the same from the first frame to
+    /// the last, and a stream that outgrows the machine fails at once, not hours in.
+    fn size_table(&mut self, frame_voxels: usize) {
+        let most = self.config.max_points.max(1).saturating_add(frame_voxels);
+        if most > self.sized_for {
+            let room = most.saturating_mul(2);
+            self.voxels.reserve(room.saturating_sub(self.voxels.len()));
+            self.sized_for = most;
+        }
+    }
+
     /// Evicts a tenth of the cap once it is exceeded: lowest weight, discounted by time unseen.
-    fn enforce_cap(&mut self, now: u64) {
+    fn enforce_cap(&mut self, now: u32) {
         let cap = self.config.max_points.max(1);
         if self.voxels.len() <= cap {
             return;
         }
-        // Evictions leave tombstones, which the table clears in place only while it is at most
-        // half full; otherwise it doubles, at a random later frame (+30 MiB at 300 k points, seen
-        // in benches/pipeline.rs). Size it for that once, when eviction starts, so memory is
-        // flat from then on.
-        if self.voxels.capacity() < 2 * cap {
-            self.voxels.reserve(2 * cap - self.voxels.len());
-        }
         let target = cap - cap / 10;
-        let score = |v: &Voxel| v.weight / (1.0 + (now.saturating_sub(v.last_seen)) as f32 / 100.0);
+        // Frames since last seen; across the 32-bit wrap too, and 0 for a frame integrated out
+        // of order.
+        let age = |v: &Voxel| (now.wrapping_sub(v.last_seen) as i32).max(0);
+        let score = |v: &Voxel| v.weight / (1.0 + age(v) as f32 / 100.0);
         let mut scores: Vec<f32> = self.voxels.values().map(score).collect();
         let drop = self.voxels.len() - target;
         let (_, &mut threshold, _) = scores.select_nth_unstable_by(drop, f32::total_cmp);

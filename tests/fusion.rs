@@ -39,6 +39,30 @@ fn the_cloud_stays_under_its_cap_on_an_endless_stream() {
 }
 
 #[test]
+fn the_voxel_table_never_grows() {
+    // Frames add a few percent of the cap, as a 640x480 frame does to the default; evictions
+    // then go on for hundreds of frames.
+    let k = Intrinsics::from_hfov(64, 48, 60.0);
+    let mut fusion = Fusion::new(FusionConfig {
+        voxel: 0.01,
+        max_points: 8000,
+        pixel_stride: 2,
+        ..FusionConfig::default()
+    });
+    let img = image::RgbImage::new(64, 48);
+    let mut sized: Option<usize> = None;
+    for i in 0..600 {
+        fusion.integrate(&plane_frame(i, 2.0, &k), &img);
+        let c = *sized.get_or_insert(fusion.table_bytes());
+        assert_eq!(fusion.table_bytes(), c, "frame {i}: the table grew");
+    }
+    assert!(fusion.evicted() > 50 * 800, "{} evicted", fusion.evicted());
+    // (8000 + 768 voxels)·2 of room, rounded up to a power of two: 32768 buckets of 44 bytes and
+    // a control byte.
+    assert!(sized.unwrap() < 32768 * 46, "{sized:?} bytes");
+}
+
+#[test]
 fn outliers_are_removed_and_plane_normals_found() {
     let mut pts: Vec<[f32; 3]> = (0..400)
         .map(|i| [(i % 20) as f32 * 0.01, (i / 20) as f32 * 0.01, 0.0])
