@@ -20,7 +20,7 @@ use streamrecon::geometry::flowvo::{FlowVo, FlowVoConfig};
 use streamrecon::geometry::GeometryEngine;
 use streamrecon::pipeline::{self, FlowChoice, PipelineConfig};
 use streamrecon::source::{Source, SourceOptions, SourceSpec};
-use streamrecon::stats::rss_mib;
+use streamrecon::stats::{process_cpu_seconds, rss_mib};
 use streamrecon::viewer::RerunTarget;
 
 #[global_allocator]
@@ -89,12 +89,15 @@ fn speed(frames: usize, refine: u32) {
         SourceOptions::default(),
     )
     .expect("source");
-    let t = Instant::now();
+    let (t, cpu) = (Instant::now(), process_cpu_seconds());
     let o = pipeline::run(source, &config, &Arc::new(AtomicBool::new(false))).expect("run");
     let dt = t.elapsed().as_secs_f64();
+    let cpu_ms = 1e3 * (process_cpu_seconds() - cpu) / frames as f64;
     println!(
-        "pipeline 640x480 ({frames} frames, files + .rrd, flow refinement steps {refine}): {:.1} frames/s end to end; stages {:?}",
+        "pipeline 640x480 ({frames} frames, files + .rrd, flow refinement steps {refine}): {:.1} frames/s end to end; {cpu_ms:.1} CPU-ms a frame (all threads; {:.1} frames/s at most on {} cores); stages {:?}",
         frames as f64 / dt,
+        1e3 * std::thread::available_parallelism().map_or(1, usize::from) as f64 / cpu_ms,
+        std::thread::available_parallelism().map_or(1, usize::from),
         o.summary
             .stages
             .iter()

@@ -19,7 +19,7 @@ use crate::cloud::PointCloud;
 use crate::error::{Error, Result};
 use crate::flow::dis::{DisConfig, DisEngine};
 use crate::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
-use crate::flow::{colorwheel, FlowEngine, FlowField, PairFlow};
+use crate::flow::{FlowEngine, FlowField, PairFlow};
 use crate::frame::{Frame, Intrinsics};
 use crate::fusion::{Fusion, FusionConfig};
 use crate::geometry::flowvo::{FlowVo, FlowVoConfig};
@@ -29,7 +29,7 @@ use crate::geometry::{FrameGeometry, GeometryEngine, GeometryStats, MemoryReadou
 use crate::sinks::files::{IntrinsicsReport, RunOutputs};
 use crate::source::{Source, SourceItem};
 use crate::stats::{peak_rss_mib, rss_mib, Timing, TimingSummary};
-use crate::viewer::{self, paths, FrameLog, RerunTarget};
+use crate::viewer::{self, paths, FrameLog, RerunTarget, ViewImages};
 
 /// Flow engines.
 #[derive(Debug, Clone, Serialize)]
@@ -697,18 +697,30 @@ pub fn run(
     let mut frames_since_tick = 0u64;
     // Source frames before this one have reached the outputs.
     let mut handled_next = resume_from;
-    // The viewer's flow colour image is made on a one-thread pool of its own: on the shared
-    // rayon pool its rows queued behind the flow stage's DIS calls, and the sink stage took
-    // 30 ms a frame instead of 18 (pipeline bench; throughput the same, latency lower).
-    let sink_pool = viewer.as_ref().and_then(|_| {
+    // The viewer's images (flow colours, JPEG) are made on a one-thread pool of their own,
+    // while this thread fuses: on the shared rayon pool the colour rows queued behind the flow
+    // stage's DIS calls, and the sink stage took 30 ms a frame instead of 18 (pipeline bench).
+    let image_pool = viewer.as_ref().and_then(|_| {
         rayon::ThreadPoolBuilder::new()
             .num_threads(1)
-            .thread_name(|_| "flow-colour".into())
+            .thread_name(|_| "viewer-images".into())
             .build()
             .ok()
     });
-    for r in &rx3 {
+    for mut r in &rx3 {
         let t0 = Instant::now();
+        let images = viewer.as_ref().map(|_| {
+            let (image, flow) = (r.frame.image.clone(), r.flow_bwd.take());
+            let (tx, rx) = bounded(1);
+            let job = move || {
+                let _ = tx.send(ViewImages::encode(&image, flow.as_ref()));
+            };
+            match image_pool.as_ref() {
+                Some(pool) => pool.spawn(job),
+                None => job(),
+            }
+            rx
+        });
         let g = &r.geometry;
         model_k.get_or_insert(g.intrinsics);
         let pts = fusion.integrate(g, &r.frame.image);
@@ -732,23 +744,30 @@ pub fn run(
             _ => None,
         };
         if sink_error.is_none() {
-            if let Some(v) = viewer.as_mut() {
+            let images = images.map(|rx| {
+                rx.recv()
+                    .unwrap_or_else(|_| Err(Error::Rerun("viewer image thread stopped".into())))
+            });
+            let images = match images {
+                Some(Ok(i)) => Some(i),
+                Some(Err(e)) => {
+                    sink_error = Some(e);
+                    None
+                }
+                None => None,
+            };
+            if let (Some(v), Some(images)) = (viewer.as_mut(), images) {
                 // Decimate what the viewer gets per frame.
                 let step = (pts.points.len() / 20_000).max(1);
                 let p: Vec<[f32; 3]> = pts.points.iter().step_by(step).copied().collect();
                 let c: Vec<[u8; 3]> = pts.colors.iter().step_by(step).copied().collect();
-                let flow_rgb = r
-                    .flow_bwd
-                    .as_ref()
-                    .map(|f| on_pool(sink_pool.as_ref(), || colorwheel::flow_to_rgb(f, None)));
                 let log = FrameLog {
                     index: g.index,
                     timestamp: g.timestamp,
                     cam_from_world: g.cam_from_world(),
                     intrinsics: &g.intrinsics,
-                    image: &r.frame.image,
+                    images: &images,
                     depth: depth.as_deref(),
-                    flow_rgb: flow_rgb.as_ref(),
                     points: &p,
                     colors: &c,
                 };

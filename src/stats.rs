@@ -96,6 +96,27 @@ pub fn rss_mib() -> f64 {
     proc_status_kib("VmRSS:").map_or(0.0, |k| k as f64 / 1024.0)
 }
 
+/// CPU time this process has used, user + system, all threads, in seconds (0 where /proc is
+/// unavailable). With a machine's core count it bounds throughput: on 2 cores, a pipeline
+/// that needs c CPU-seconds a frame cannot exceed 2/c frames a second (benchmarks).
+pub fn process_cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // Fields after the parenthesised command name (which may hold spaces): utime and stime
+    // are the 12th and 13th, in USER_HZ ticks (100 a second in Linux's user ABI).
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let ticks: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    ticks.iter().sum::<f64>() / 100.0
+}
+
 /// Peak resident memory, MiB (0 where /proc is unavailable).
 pub fn peak_rss_mib() -> f64 {
     proc_status_kib("VmHWM:").map_or(0.0, |k| k as f64 / 1024.0)

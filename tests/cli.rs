@@ -132,6 +132,13 @@ fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
             "entity {entity} missing from the recording"
         );
     }
+    // Frame and flow images go in as JPEG, not raw (1.8 MB a frame raw).
+    for column in [
+        "/world/camera/image/rgb@EncodedImage:blob",
+        "/world/camera/image/flow@EncodedImage:blob",
+    ] {
+        assert!(text.contains(column), "{column} missing from the recording");
+    }
 }
 
 #[test]

@@ -73,6 +73,11 @@ pub fn open(target: &RerunTarget, application: &'static str) -> Result<Option<Vi
     }))
 }
 
+fn jpeg(bytes: &[u8]) -> rerun::EncodedImage {
+    rerun::EncodedImage::from_file_contents(bytes.to_vec())
+        .with_media_type(rerun::components::MediaType::JPEG)
+}
+
 fn rr(e: impl std::fmt::Display) -> Error {
     Error::Rerun(e.to_string())
 }
@@ -115,13 +120,7 @@ impl Viewer {
                 .with_camera_xyz(rerun::components::ViewCoordinates::RDF),
             )
             .map_err(rr)?;
-        let (w, h) = f.image.dimensions();
-        self.rec
-            .log(
-                paths::RGB,
-                &rerun::Image::from_rgb24(f.image.as_raw().clone(), [w, h]),
-            )
-            .map_err(rr)?;
+        self.rec.log(paths::RGB, &jpeg(&f.images.rgb)).map_err(rr)?;
         if let Some(d) = f.depth {
             if d.len() == (k.width * k.height) as usize {
                 // 16-bit millimetres of engine units: half the bytes of f32, 1e-3 resolution.
@@ -137,14 +136,8 @@ impl Viewer {
                     .map_err(rr)?;
             }
         }
-        if let Some(fl) = f.flow_rgb {
-            let (fw, fh) = fl.dimensions();
-            self.rec
-                .log(
-                    paths::FLOW,
-                    &rerun::Image::from_rgb24(fl.as_raw().clone(), [fw, fh]),
-                )
-                .map_err(rr)?;
+        if let Some(fl) = &f.images.flow {
+            self.rec.log(paths::FLOW, &jpeg(fl)).map_err(rr)?;
         }
         if !f.points.is_empty() {
             self.rec
