@@ -121,39 +121,53 @@ impl Fusion {
         // Wrapped (see `Voxel::last_seen`).
         let now = geom.index as u32;
         let inv = 1.0 / self.config.voxel;
+        // Two passes: the points (arithmetic), then the voxel updates. Kept apart, the update
+        // loop is small enough for the CPU to overlap its cache misses into the table.
         let mut out = FramePoints::default();
+        let mut weights = Vec::new();
+        let rot = geom
+            .world_from_cam
+            .rotation
+            .to_rotation_matrix()
+            .into_inner();
+        let t = geom.world_from_cam.translation.vector;
+        let (ifx, ify) = (1.0 / intr.fx, 1.0 / intr.fy);
         for y in (0..h).step_by(s) {
+            let yn = (y as f64 - intr.cy) * ify;
             for x in (0..w).step_by(s) {
                 let i = y * w + x;
                 let (z, c) = (depth[i], conf[i]);
                 if !(z > 0.0 && z.is_finite() && c >= self.config.min_confidence) {
                     continue;
                 }
-                let p = geom.world_from_cam * intr.unproject(x as f64, y as f64, f64::from(z));
-                let p = [p.x as f32, p.y as f32, p.z as f32];
-                let key = [
-                    (p[0] * inv).floor() as i32,
-                    (p[1] * inv).floor() as i32,
-                    (p[2] * inv).floor() as i32,
-                ];
-                let rgb = image.get_pixel(x as u32, y as u32).0;
-                let col = [f32::from(rgb[0]), f32::from(rgb[1]), f32::from(rgb[2])];
-                let v = self.voxels.entry(key).or_insert(Voxel {
-                    pos: [0.0; 3],
-                    color: [0.0; 3],
-                    weight: 0.0,
-                    last_seen: now,
-                });
-                let nw = v.weight + c;
-                for k in 0..3 {
-                    v.pos[k] = (v.pos[k] * v.weight + p[k] * c) / nw;
-                    v.color[k] = (v.color[k] * v.weight + col[k] * c) / nw;
-                }
-                v.weight = nw;
-                v.last_seen = now;
-                out.points.push(p);
-                out.colors.push(rgb);
+                let z = f64::from(z);
+                let p = rot * nalgebra::Vector3::new((x as f64 - intr.cx) * ifx * z, yn * z, z) + t;
+                out.points.push([p.x as f32, p.y as f32, p.z as f32]);
+                out.colors.push(image.get_pixel(x as u32, y as u32).0);
+                weights.push(c);
             }
+        }
+        for ((p, rgb), &c) in out.points.iter().zip(&out.colors).zip(&weights) {
+            let key = [
+                (p[0] * inv).floor() as i32,
+                (p[1] * inv).floor() as i32,
+                (p[2] * inv).floor() as i32,
+            ];
+            let col = [f32::from(rgb[0]), f32::from(rgb[1]), f32::from(rgb[2])];
+            let v = self.voxels.entry(key).or_insert(Voxel {
+                pos: [0.0; 3],
+                color: [0.0; 3],
+                weight: 0.0,
+                last_seen: now,
+            });
+            let nw = v.weight + c;
+            let r = 1.0 / nw;
+            for k in 0..3 {
+                v.pos[k] = (v.pos[k] * v.weight + p[k] * c) * r;
+                v.color[k] = (v.color[k] * v.weight + col[k] * c) * r;
+            }
+            v.weight = nw;
+            v.last_seen = now;
         }
         self.enforce_cap(now);
         out
