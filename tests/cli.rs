@@ -31,6 +31,12 @@ fn check_outputs(out: &Path, frames: usize) -> serde_json::Value {
     let run: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
     assert_eq!(run["frames_processed"].as_u64().unwrap() as usize, frames);
+    // The streaming rate leaves out start-up and the final cloud, so it is the higher one.
+    let (fps, streaming) = (
+        run["fps"].as_f64().unwrap(),
+        run["streaming_fps"].as_f64().unwrap(),
+    );
+    assert!(fps > 0.0 && streaming >= fps, "{fps} vs {streaming}");
     // No temporary file is left behind.
     for e in walk(out) {
         assert!(
