@@ -507,7 +507,7 @@ struct EngineFlags {
     #[arg(long, default_value_t = 0.01)]
     voxel: f32,
     /// Most points kept in the fused cloud. Its voxel map takes about 90–200 bytes per point of
-    /// this cap from the first frame on (189 MiB at the default and frames up to 1280×720).
+    /// this cap from the first frame on (180 MiB at the default and frames up to 1280×720).
     #[arg(long, default_value_t = streamrecon::fusion::FusionConfig::default().max_points)]
     max_points: usize,
     /// Write a depth PNG every N frames (0 = never).

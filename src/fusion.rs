@@ -28,7 +28,7 @@ pub struct FusionConfig {
     pub pixel_stride: usize,
     /// Most voxels kept. Bounded memory: the table is sized at the first frame for the cap plus
     /// a frame's pixels, at 2.3–4.6 buckets a voxel (a power of two) of 45 bytes; at the default
-    /// 1.5 M and frames up to 1280×720, 4 Mi buckets, 189 MiB.
+    /// 1.5 M and frames up to 1280×720, 4 Mi buckets, 180 MiB.
     pub max_points: usize,
     /// Neighbours for outlier removal and normals.
     pub neighbours: usize,
@@ -185,7 +185,15 @@ impl Fusion {
         let most = self.config.max_points.max(1).saturating_add(frame_voxels);
         if most > self.sized_for {
             let room = most.saturating_mul(2);
-            self.voxels.reserve(room.saturating_sub(self.voxels.len()));
+            // A cap beyond this machine's memory: the table grows as the cloud does instead.
+            if let Err(e) = self
+                .voxels
+                .try_reserve(room.saturating_sub(self.voxels.len()))
+            {
+                log::warn!(
+                    "fusion: no memory for a table of {room} voxels ({e:?}); it will grow as needed"
+                );
+            }
             self.sized_for = most;
         }
     }

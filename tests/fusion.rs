@@ -63,6 +63,22 @@ fn the_voxel_table_never_grows() {
 }
 
 #[test]
+fn a_cap_beyond_memory_leaves_the_table_to_grow() {
+    let k = Intrinsics::from_hfov(64, 48, 60.0);
+    for max_points in [usize::MAX, usize::MAX / 64] {
+        let mut fusion = Fusion::new(FusionConfig {
+            max_points,
+            ..FusionConfig::default()
+        });
+        let img = image::RgbImage::new(64, 48);
+        for i in 0..3 {
+            fusion.integrate(&plane_frame(i, 2.0, &k), &img);
+        }
+        assert!(!fusion.is_empty() && fusion.evicted() == 0);
+    }
+}
+
+#[test]
 fn outliers_are_removed_and_plane_normals_found() {
     let mut pts: Vec<[f32; 3]> = (0..400)
         .map(|i| [(i % 20) as f32 * 0.01, (i / 20) as f32 * 0.01, 0.0])
