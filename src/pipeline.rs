@@ -716,7 +716,8 @@ pub fn run(
     let (mut first_read, mut last_out): (Option<Instant>, Option<Instant>) = (None, None);
     for mut r in &rx3 {
         let t0 = Instant::now();
-        let images = viewer.as_ref().map(|_| {
+        // (Not once the sinks have failed: nothing would log them.)
+        let images = viewer.as_ref().filter(|_| sink_error.is_none()).map(|_| {
             let (image, flow) = (r.frame.image.clone(), r.flow_bwd.take());
             let (tx, rx) = bounded(1);
             let job = move || {
