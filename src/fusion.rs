@@ -178,7 +178,8 @@ impl Fusion {
     ///
     /// Evictions leave tombstones, and a table that runs out of room rehashes in place only
     /// while at most 7/16 full (half its capacity); fuller, it doubles, at a random later frame
-    /// (seen in benches/pipeline.rs and `the_voxel_table_never_grows` in tests/fusion.rs). So it
+    /// (seen in benches/pipeline.rs, and at frame 250 of `the_voxel_table_never_grows` in
+    /// tests/fusion.rs when the table was sized only as eviction began). So it
     /// gets that much room from the start: its memory is then the same from the first frame to
     /// the last, and a stream that outgrows the machine fails at once, not hours in.
     fn size_table(&mut self, frame_voxels: usize) {
