@@ -406,6 +406,23 @@ struct DisFlags {
     /// flow's inconsistent pixels from the next pair (one frame of latency).
     #[arg(long)]
     flow_look_ahead: bool,
+    /// DIS's finest pyramid level, 0 = full resolution [default: the preset's; 2 for `medium`
+    /// with --flow-refine, whose full-resolution step does the last octave].
+    #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(0..=8))]
+    dis_finest_scale: Option<i32>,
+    /// DIS's patch size in pixels [default: the preset's: 8, or 12 for `medium`].
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i32).range(3..=64))]
+    dis_patch_size: Option<i32>,
+    /// DIS's patch stride in pixels, below the patch size [default: the preset's].
+    #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i32).range(1..=63))]
+    dis_patch_stride: Option<i32>,
+    /// DIS's gradient-descent iterations per patch [default: the preset's: 16, or 25 for `medium`].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
+    dis_iterations: Option<i32>,
+    /// DIS's variational refinement iterations per level [default: the preset's: 0 for
+    /// `ultrafast`, else 5].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(0..=1000))]
+    dis_variational_iterations: Option<i32>,
 }
 
 impl Default for DisFlags {
@@ -416,6 +433,11 @@ impl Default for DisFlags {
             flow_refine: 1,
             no_temporal_fill: false,
             flow_look_ahead: false,
+            dis_finest_scale: None,
+            dis_patch_size: None,
+            dis_patch_stride: None,
+            dis_iterations: None,
+            dis_variational_iterations: None,
         }
     }
 }
@@ -429,6 +451,11 @@ impl DisFlags {
             refine_iterations: self.flow_refine,
             temporal_fill: !self.no_temporal_fill,
             look_ahead: self.flow_look_ahead,
+            finest_scale: self.dis_finest_scale,
+            patch_size: self.dis_patch_size,
+            patch_stride: self.dis_patch_stride,
+            gradient_descent_iterations: self.dis_iterations,
+            variational_refinement_iterations: self.dis_variational_iterations,
             ..DisConfig::default()
         }
     }
@@ -720,9 +747,9 @@ struct FlowArgs {
     format: FlowFormat,
     #[arg(long, value_enum, default_value = "dis")]
     engine: FlowEngineName,
-    /// DIS preset (`fast` here: a lower flow EPE than `ultrafast`; `run` defaults to
-    /// `ultrafast`, which serves the geometry better).
-    #[arg(long, value_enum, default_value = "fast")]
+    /// DIS preset (`medium` here: with refinement, the lowest flow EPE at about `fast`'s time;
+    /// `run` defaults to `ultrafast`, which serves the geometry better).
+    #[arg(long, value_enum, default_value = "medium")]
     preset: DisPreset,
     #[command(flatten)]
     dis: DisFlags,

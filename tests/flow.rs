@@ -241,3 +241,45 @@ fn colour_wheel_has_the_standard_hues() {
         "leftward flow is cyan-green: {left:?}"
     );
 }
+
+#[test]
+fn dis_parameters_override_the_preset_and_bad_ones_are_refused() {
+    let world = SynthWorld::new(common::synth_config(
+        TrajectoryKind::Handheld,
+        3,
+        160,
+        120,
+        5,
+    ));
+    let frames: Vec<Frame> = world
+        .frames()
+        .map(|f| frame(f.index as u64, f.image))
+        .collect();
+    let flows = |config: DisConfig| -> Vec<f32> {
+        let mut e = DisEngine::new(config).unwrap();
+        frames
+            .iter()
+            .flat_map(|f| e.push(f).unwrap())
+            .flat_map(|p| p.fwd.data)
+            .collect()
+    };
+    let medium = |finest_scale| DisConfig {
+        preset: DisPreset::Medium,
+        finest_scale,
+        ..DisConfig::default()
+    };
+    // With refinement, `medium` stops DIS at ¼ resolution unless told otherwise.
+    let default = flows(medium(None));
+    assert!(!default.is_empty());
+    assert_eq!(default, flows(medium(Some(2))));
+    assert_ne!(default, flows(medium(Some(1))));
+    // A stride that leaves gaps between patches is refused, naming both values.
+    let Err(e) = DisEngine::new(DisConfig {
+        patch_stride: Some(8),
+        ..DisConfig::default()
+    }) else {
+        panic!("a stride of the patch size was accepted");
+    };
+    let e = e.to_string();
+    assert!(e.contains("stride 8") && e.contains("patch size 8"), "{e}");
+}

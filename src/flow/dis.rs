@@ -7,7 +7,8 @@
 //! only at its coarsest scale, so the prior matters for large motions.) Then, by default:
 //! 1. each direction is refined at full resolution by a windowed Lucas–Kanade step
 //!    (`refine.rs`), from gradients and structure tensors made once per frame and used by both
-//!    pairs the frame is in;
+//!    pairs the frame is in (with it on, `medium` stops DIS at ¼ resolution like the other
+//!    presets, not at its own ½: the refinement does the last octave);
 //! 2. confidence and occlusion come from forward–backward consistency, and each direction is
 //!    refined by the other where they agree (symmetric fusion);
 //! 3. the forward flow's inconsistent pixels are filled from the previous pair's backward flow,
@@ -74,7 +75,8 @@ pub struct DisConfig {
     /// the next pair's forward flow: one frame of latency.
     #[serde(default)]
     pub look_ahead: bool,
-    /// Overrides of OpenCV's preset values (None = preset's).
+    /// Overrides of OpenCV's preset values (None = the preset's; with refinement on, `medium`'s
+    /// finest scale is 2, see [`finest_scale`]).
     pub finest_scale: Option<i32>,
     pub patch_size: Option<i32>,
     pub patch_stride: Option<i32>,
@@ -85,8 +87,8 @@ pub struct DisConfig {
 impl Default for DisConfig {
     /// `ultrafast`: in the whole pipeline it gave flowvo a lower ATE (0.18–0.44 % of the path vs
     /// 0.24–0.94 % with `fast`) and depth AbsRel (0.007–0.017 vs 0.009–0.028) on four 300-frame
-    /// synthetic sequences, at a third of DIS's time; `fast` has the lower flow EPE alone (see
-    /// `benches/flow_dis.rs`), so `streamrecon flow` keeps it.
+    /// synthetic sequences, at a third of DIS's time; `medium` has the lowest flow EPE alone (see
+    /// `benches/flow_dis.rs`), so `streamrecon flow` uses it.
     fn default() -> Self {
         Self {
             preset: DisPreset::Ultrafast,
@@ -149,9 +151,22 @@ pub struct DisEngine {
     size: Option<(u32, u32)>,
 }
 
+/// DIS's finest pyramid level when the preset's is not overridden: with full-resolution
+/// refinement on, `medium` stops at ¼ resolution like the other presets (its own is ½), since
+/// the refinement does the last octave. That halves `medium`'s time for a small part of its
+/// accuracy (see `benches/flow_dis.rs`).
+fn finest_scale(c: &DisConfig) -> Option<i32> {
+    c.finest_scale
+        .or((c.preset == DisPreset::Medium && c.refine_iterations > 0)
+            .then_some(MEDIUM_REFINED_FINEST))
+}
+
+/// See [`finest_scale`].
+const MEDIUM_REFINED_FINEST: i32 = 2;
+
 fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
     let mut d = DISOpticalFlow::create(c.preset.opencv())?;
-    if let Some(v) = c.finest_scale {
+    if let Some(v) = finest_scale(c) {
         d.set_finest_scale(v)?;
     }
     if let Some(v) = c.patch_size {
@@ -165,6 +180,12 @@ fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
     }
     if let Some(v) = c.variational_refinement_iterations {
         d.set_variational_refinement_iterations(v)?;
+    }
+    let (size, stride) = (d.get_patch_size()?, d.get_patch_stride()?);
+    if stride < 1 || stride >= size {
+        return Err(Error::Flow(format!(
+            "DIS patch stride {stride} must be at least 1 and below the patch size {size}"
+        )));
     }
     Ok(d)
 }
