@@ -11,7 +11,8 @@ use opencv::core::{Mat, Vec3b, Vector};
 use opencv::prelude::*;
 
 use crate::error::Result;
-use crate::flow::{colorwheel, FlowField};
+use crate::flow::colorwheel::{self, ChannelOrder};
+use crate::flow::FlowField;
 use crate::frame::{Intrinsics, Pose, RgbImage};
 
 /// Entity paths, fixed here and nowhere else.
@@ -92,24 +93,26 @@ impl ViewImages {
     /// # Errors
     /// OpenCV cannot encode (an empty image).
     pub fn encode(image: &RgbImage, flow: Option<&FlowField>) -> Result<Self> {
-        let mut bgr = Vec::new();
-        let rgb = jpeg_from_rgb(image, &mut bgr)?;
+        let (w, h) = (image.width() as usize, image.height() as usize);
+        let mut bgr = vec![0; image.as_raw().len()];
+        for (d, s) in bgr.chunks_exact_mut(3).zip(image.as_raw().chunks_exact(3)) {
+            (d[0], d[1], d[2]) = (s[2], s[1], s[0]);
+        }
+        let rgb = jpeg_from_bgr(&bgr, w, h)?;
         let flow = match flow {
-            Some(f) => Some(jpeg_from_rgb(&colorwheel::flow_to_rgb(f, None), &mut bgr)?),
+            Some(f) => {
+                colorwheel::flow_to_bytes(f, None, ChannelOrder::Bgr, &mut bgr);
+                Some(jpeg_from_bgr(&bgr, f.width, f.height)?)
+            }
             None => None,
         };
         Ok(Self { rgb, flow })
     }
 }
 
-/// JPEG bytes of an RGB image; `bgr` is scratch (OpenCV wants BGR).
-fn jpeg_from_rgb(image: &RgbImage, bgr: &mut Vec<u8>) -> Result<Vec<u8>> {
-    bgr.resize(image.as_raw().len(), 0);
-    for (d, s) in bgr.chunks_exact_mut(3).zip(image.as_raw().chunks_exact(3)) {
-        (d[0], d[1], d[2]) = (s[2], s[1], s[0]);
-    }
-    let m =
-        Mat::new_rows_cols_with_bytes::<Vec3b>(image.height() as i32, image.width() as i32, bgr)?;
+/// JPEG bytes of a `w` × `h` BGR image (OpenCV's order).
+fn jpeg_from_bgr(bgr: &[u8], w: usize, h: usize) -> Result<Vec<u8>> {
+    let m = Mat::new_rows_cols_with_bytes::<Vec3b>(h as i32, w as i32, bgr)?;
     let mut out = Vector::<u8>::new();
     let params = Vector::from_slice(&[opencv::imgcodecs::IMWRITE_JPEG_QUALITY, JPEG_QUALITY]);
     opencv::imgcodecs::imencode(".jpg", &m, &mut out, &params)?;

@@ -2,6 +2,7 @@
 
 use super::FlowField;
 use crate::frame::RgbImage;
+use crate::simd::{small_int, vectorized, Kernel};
 
 /// Hue segments of the wheel: red-yellow, yellow-green, green-cyan, cyan-blue, blue-magenta, magenta-red.
 const SEGMENTS: [usize; 6] = [15, 6, 4, 11, 13, 6];
@@ -134,53 +135,166 @@ fn colour_table() -> &'static [[u8; 3]] {
     })
 }
 
+/// Byte order of a colour-coded flow image.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChannelOrder {
+    Rgb,
+    /// OpenCV's order (its encoders take BGR).
+    Bgr,
+}
+
 /// Colour-codes a flow field; `max_flow` sets the magnitude of full saturation (None = the field's
-/// largest finite magnitude). Rows are coloured in parallel.
+/// largest finite magnitude). See [`flow_to_bytes`].
+pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
+    let mut img = RgbImage::new(flow.width as u32, flow.height as u32);
+    colour_rows(flow, max_flow, ChannelOrder::Rgb, &mut img);
+    img
+}
+
+/// Colour-codes a flow field into `out` (3 bytes a pixel in `order`, row-major; resized to fit).
+/// Rows are coloured in parallel.
 ///
 /// Per pixel: the nearest entry of a table of [`colour_of`] on a grid of 1/255 of the
 /// normalising magnitude (within 1–2 grey levels of the exact formula); flows at or beyond
 /// 0.995 of the magnitude take the formula.
-pub fn flow_to_rgb(flow: &FlowField, max_flow: Option<f32>) -> RgbImage {
+pub fn flow_to_bytes(
+    flow: &FlowField,
+    max_flow: Option<f32>,
+    order: ChannelOrder,
+    out: &mut Vec<u8>,
+) {
+    // Every byte is overwritten.
+    out.resize(3 * flow.width * flow.height, 0);
+    colour_rows(flow, max_flow, order, out);
+}
+
+fn colour_rows(flow: &FlowField, max_flow: Option<f32>, order: ChannelOrder, buf: &mut [u8]) {
     use rayon::prelude::*;
-    let (table, hues) = (colour_table(), hues());
     let max = max_flow.unwrap_or_else(|| {
         flow.data
             .par_chunks(2 * flow.width.max(1))
-            .map(|row| {
-                row.chunks_exact(2)
-                    .map(|c| c[0] * c[0] + c[1] * c[1])
-                    .filter(|m| m.is_finite())
-                    .fold(0.0f32, f32::max)
-            })
+            .map(|row| vectorized(LargestSquare { row }))
             .reduce(|| 0.0, f32::max)
             .sqrt()
     });
     let inv_max = if max > 1e-6 { 1.0 / max } else { 1.0 };
-    let mut img = RgbImage::new(flow.width as u32, flow.height as u32);
-    let w = flow.width;
-    let buf: &mut [u8] = &mut img;
-    let steps = LUT_STEPS as f32;
-    buf.par_chunks_mut(3 * w.max(1))
-        .zip(flow.data.par_chunks(2 * w.max(1)))
-        .for_each(|(out, row)| {
-            for (px, uv) in out.chunks_exact_mut(3).zip(row.chunks_exact(2)) {
+    let w = flow.width.max(1);
+    let (table, hues) = (colour_table(), hues());
+    buf.par_chunks_mut(3 * w)
+        .zip(flow.data.par_chunks(2 * w))
+        .for_each_init(
+            || vec![0u32; w],
+            |cells, (out, row)| {
+                vectorized(WheelRow {
+                    row,
+                    out,
+                    cells,
+                    inv_max,
+                    table,
+                    hues,
+                    order,
+                });
+            },
+        );
+}
+
+/// The largest finite squared magnitude of a row of flow (0 if none).
+struct LargestSquare<'a> {
+    row: &'a [f32],
+}
+
+impl Kernel for LargestSquare<'_> {
+    type Output = f32;
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) -> f32 {
+        // Eight running maxima, one per lane: a single one would be a serial chain.
+        let mut lanes = [0.0f32; 8];
+        let mut chunks = self.row.chunks_exact(16);
+        for c in &mut chunks {
+            for (k, m) in lanes.iter_mut().enumerate() {
+                let s = c[2 * k] * c[2 * k] + c[2 * k + 1] * c[2 * k + 1];
+                // Non-finite squares lose every comparison (NaN compares false).
+                if s > *m && s < f32::INFINITY {
+                    *m = s;
+                }
+            }
+        }
+        let rest = chunks.remainder().chunks_exact(2);
+        let tail = rest
+            .map(|c| c[0] * c[0] + c[1] * c[1])
+            .filter(|s| s.is_finite())
+            .fold(0.0f32, f32::max);
+        lanes.into_iter().fold(tail, f32::max)
+    }
+}
+
+/// One row of [`colour_rows`]: table cells (vectorised), then the table reads.
+struct WheelRow<'a> {
+    row: &'a [f32],
+    out: &'a mut [u8],
+    /// Each pixel's table entry, or `FAR` for the formula.
+    cells: &'a mut [u32],
+    inv_max: f32,
+    table: &'a [[u8; 3]],
+    hues: &'a [[u8; 3]],
+    order: ChannelOrder,
+}
+
+/// A pixel whose colour the table does not hold (see [`colour_rows`]).
+const FAR: u32 = u32::MAX;
+
+impl Kernel for WheelRow<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        let WheelRow {
+            row,
+            out,
+            cells,
+            inv_max,
+            table,
+            hues,
+            order,
+        } = self;
+        let w = (row.len() / 2).min(out.len() / 3).min(cells.len());
+        let (row, out, cells) = (&row[..2 * w], &mut out[..3 * w], &mut cells[..w]);
+        let steps = LUT_STEPS as f32;
+        for (c, uv) in cells.iter_mut().zip(row.chunks_exact(2)) {
+            let (u, v) = (uv[0] * inv_max, uv[1] * inv_max);
+            // Inside radius 0.995 the nearest entry (≤ 0.003 away) is inside radius 1 too,
+            // so no pixel flips between the blend and the darkened hue. NaN is not near.
+            let near = u * u + v * v < 0.99;
+            // Both in [0, 2·LUT_STEPS] when near, rounded to the nearest entry.
+            let iu = small_int((u + 1.0) * steps);
+            let iv = small_int((v + 1.0) * steps);
+            let cell = iv.wrapping_mul(LUT_SIDE as u32).wrapping_add(iu);
+            *c = if near { cell } else { FAR };
+        }
+        for ((px, &c), uv) in out
+            .chunks_exact_mut(3)
+            .zip(cells.iter())
+            .zip(row.chunks_exact(2))
+        {
+            let rgb = if c == FAR {
                 let (u, v) = (uv[0] * inv_max, uv[1] * inv_max);
-                // Inside radius 0.995 the nearest entry (≤ 0.003 away) is inside radius 1 too,
-                // so no pixel flips between the blend and the darkened hue.
-                let rgb = if u * u + v * v < 0.99 {
-                    // Both in [0, 2·LUT_STEPS + 0.5]: truncation rounds to the nearest entry.
-                    let iu = ((u + 1.0) * steps + 0.5) as usize;
-                    let iv = ((v + 1.0) * steps + 0.5) as usize;
-                    table[iv * LUT_SIDE + iu]
-                } else if u.is_finite() && v.is_finite() {
+                if u.is_finite() && v.is_finite() {
                     colour_of(u, v, hues)
                 } else {
                     [0, 0, 0]
-                };
-                px.copy_from_slice(&rgb);
+                }
+            } else {
+                table[c as usize]
+            };
+            match order {
+                ChannelOrder::Rgb => px.copy_from_slice(&rgb),
+                ChannelOrder::Bgr => px.copy_from_slice(&[rgb[2], rgb[1], rgb[0]]),
             }
-        });
-    img
+        }
+    }
 }
 
 #[cfg(test)]
@@ -239,5 +353,32 @@ mod tests {
         }
         assert!(worst <= 2, "worst difference {worst} grey levels");
         assert_eq!(img.get_pixel(0, 0).0, [0, 0, 0], "non-finite flow is black");
+    }
+    #[test]
+    fn normalising_magnitude_skips_non_finite_flow_and_bgr_is_rgb_swapped() {
+        use super::{flow_to_bytes, flow_to_rgb, ChannelOrder};
+        // 37 wide: rows have whole chunks of 8 pixels and a remainder.
+        let mut f = crate::flow::FlowField::zeros(37, 3);
+        for y in 0..3 {
+            for x in 0..37 {
+                f.set(x, y, 0.1 * x as f32, -0.05 * y as f32);
+            }
+        }
+        f.set(3, 0, f32::INFINITY, 0.0);
+        f.set(36, 1, f32::NAN, 1.0);
+        // The largest finite magnitude, in a row's remainder.
+        f.set(35, 2, 6.0, 8.0);
+        let auto = flow_to_rgb(&f, None);
+        assert_eq!(auto, flow_to_rgb(&f, Some(10.0)));
+        // ...and in a chunk.
+        f.set(35, 2, 0.0, 0.0);
+        f.set(9, 1, -8.0, 6.0);
+        assert_eq!(flow_to_rgb(&f, None), flow_to_rgb(&f, Some(10.0)));
+        let mut bgr = Vec::new();
+        flow_to_bytes(&f, None, ChannelOrder::Bgr, &mut bgr);
+        let rgb = flow_to_rgb(&f, None);
+        for (b, r) in bgr.chunks_exact(3).zip(rgb.as_raw().chunks_exact(3)) {
+            assert_eq!([b[2], b[1], b[0]], [r[0], r[1], r[2]]);
+        }
     }
 }
