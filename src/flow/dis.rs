@@ -19,7 +19,7 @@
 //! Grey images are made once per frame and kept. (OpenCV's DIS API builds its pyramids inside
 //! `calc`, so those cannot be shared between pairs.)
 
-use opencv::core::{Mat, Scalar, Vec2f, CV_32FC2, CV_8UC1};
+use opencv::core::{Mat, Scalar, Vec2f, CV_8UC1};
 use opencv::prelude::*;
 use opencv::video::DISOpticalFlow;
 use serde::{Deserialize, Serialize};
@@ -131,7 +131,7 @@ struct Prev {
     tensor: Option<FrameTensor>,
     /// Constant-velocity initial flows for the next pair (forward, backward): the pair that ended
     /// at this frame, negated (only with the temporal prior on).
-    priors: Option<(Mat, Mat)>,
+    priors: Option<(FlowField, FlowField)>,
     /// The backward flow of the pair that ended at this frame (causal temporal fill).
     bwd: Option<FlowField>,
 }
@@ -205,19 +205,13 @@ pub fn grey_mat(img: &RgbImage) -> Result<Mat> {
     Ok(m)
 }
 
-/// `scale` × a flow field, into a CV_32FC2 matrix (−1: the next pair's initial flow).
-fn scaled_mat_from_flow(f: &FlowField, scale: f32) -> Result<Mat> {
-    let mut m = Mat::new_rows_cols_with_default(
-        f.height as i32,
-        f.width as i32,
-        CV_32FC2,
-        Scalar::all(0.0),
-    )?;
-    let dst = m.data_typed_mut::<Vec2f>()?;
-    for (d, s) in dst.iter_mut().zip(f.data.chunks_exact(2)) {
-        *d = Vec2f::from([scale * s[0], scale * s[1]]);
+/// A flow field negated (the next pair's initial flow in the opposite direction).
+fn negated(f: &FlowField) -> FlowField {
+    FlowField {
+        width: f.width,
+        height: f.height,
+        data: f.data.iter().map(|v| -v).collect(),
     }
-    Ok(m)
 }
 
 /// Copies a CV_32FC2 matrix into a flow field.
@@ -261,12 +255,30 @@ impl DisEngine {
         dis: &mut opencv::core::Ptr<DISOpticalFlow>,
         a: &Mat,
         b: &Mat,
-        init: Option<Mat>,
+        init: Option<FlowField>,
     ) -> Result<FlowField> {
-        // DIS starts from the input flow when it has the image's size and type (OpenCV ≥ 4.0).
-        let mut flow = init.unwrap_or_default();
-        dis.calc(a, b, &mut flow)?;
-        flow_from_mat(&flow)
+        let (w, h) = (a.cols(), a.rows());
+        match init {
+            // DIS starts from the input flow when it has the image's size and type (OpenCV ≥ 4.0),
+            // and writes its estimate over it: the prior's buffer becomes the flow, uncopied.
+            Some(mut flow) if (flow.width, flow.height) == (w as usize, h as usize) => {
+                let bytes: &mut [u8] = bytemuck::cast_slice_mut(&mut flow.data);
+                let mut m = Mat::new_rows_cols_with_bytes_mut::<Vec2f>(h, w, bytes)?;
+                let before = m.data();
+                dis.calc(a, b, &mut m)?;
+                if m.data() != before {
+                    // OpenCV reallocated instead (not expected): take its result.
+                    return flow_from_mat(&m.try_clone()?);
+                }
+                drop(m);
+                Ok(flow)
+            }
+            _ => {
+                let mut flow = Mat::default();
+                dis.calc(a, b, &mut flow)?;
+                flow_from_mat(&flow)
+            }
+        }
     }
 
     /// Flow between two grey frames, both directions at once (one core each), with optional
@@ -275,7 +287,7 @@ impl DisEngine {
         &mut self,
         a: (&Mat, Option<&FrameTensor>),
         b: (&Mat, Option<&FrameTensor>),
-        priors: Option<(Mat, Mat)>,
+        priors: Option<(FlowField, FlowField)>,
     ) -> Result<(FlowField, FlowField)> {
         let (fwd_dis, bwd_dis) = (&mut self.fwd, &mut self.bwd);
         let (fwd_ref, bwd_ref) = (&mut self.refiners.0, &mut self.refiners.1);
@@ -287,7 +299,7 @@ impl DisEngine {
                    refiner: &mut Refiner,
                    from: (&Mat, Option<&FrameTensor>),
                    to: (&Mat, Option<&FrameTensor>),
-                   init: Option<Mat>|
+                   init: Option<FlowField>|
          -> Result<FlowField> {
             let mut flow = Self::calc(dis, from.0, to.0, init)?;
             if let (Some(s), Some(t)) = (from.1, to.1) {
@@ -368,23 +380,20 @@ impl FlowEngine for DisEngine {
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
         // The forward side is filled first; the backward side meanwhile on the other core.
-        let (fwd_side, bwd_side) = rayon::join(
-            || -> Result<Option<Mat>> {
+        let (fwd_prior, (bwd_prior, kept_bwd)) = rayon::join(
+            || {
                 if let (true, Some(before)) = (temporal_fill, before) {
                     fill_inconsistent(&mut fwd, &fwd_occ, &fwd_conf, before);
                 }
-                temporal_prior
-                    .then(|| scaled_mat_from_flow(&fwd, -1.0))
-                    .transpose()
+                temporal_prior.then(|| negated(&fwd))
             },
-            || -> Result<(Option<Mat>, Option<FlowField>)> {
-                let prior = temporal_prior
-                    .then(|| scaled_mat_from_flow(&bwd, -1.0))
-                    .transpose()?;
-                Ok((prior, keep_bwd.then(|| bwd.clone())))
+            || {
+                (
+                    temporal_prior.then(|| negated(&bwd)),
+                    keep_bwd.then(|| bwd.clone()),
+                )
             },
         );
-        let (fwd_prior, (bwd_prior, kept_bwd)) = (fwd_side?, bwd_side?);
         let priors = bwd_prior.zip(fwd_prior);
         let mut out = Vec::new();
         if let Some(mut pending) = pending.take() {
