@@ -30,6 +30,7 @@ use super::temporal::fill_inconsistent;
 use super::{FlowEngine, FlowField, PairFlow};
 use crate::error::{Error, Result};
 use crate::frame::{Frame, RgbImage};
+use crate::simd::{vectorized, Kernel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum DisPreset {
@@ -198,11 +199,31 @@ pub fn grey_mat(img: &RgbImage) -> Result<Mat> {
     let (w, h) = (img.width() as i32, img.height() as i32);
     let mut m = Mat::new_rows_cols_with_default(h, w, CV_8UC1, Scalar::all(0.0))?;
     let dst = m.data_bytes_mut()?;
-    for (d, p) in dst.iter_mut().zip(img.pixels()) {
-        *d = ((77 * u32::from(p[0]) + 150 * u32::from(p[1]) + 29 * u32::from(p[2]) + 128) >> 8)
-            as u8;
-    }
+    vectorized(Luma {
+        rgb: img.as_raw(),
+        dst,
+    });
     Ok(m)
+}
+
+/// `dst` = luma of interleaved RGB bytes, (77 R + 150 G + 29 B + 128) / 256.
+struct Luma<'a> {
+    rgb: &'a [u8],
+    dst: &'a mut [u8],
+}
+
+impl Kernel for Luma<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        for (d, p) in self.dst.iter_mut().zip(self.rgb.chunks_exact(3)) {
+            // At most 65,408: u16 arithmetic, twice the lanes of u32.
+            let sum = 77 * u16::from(p[0]) + 150 * u16::from(p[1]) + 29 * u16::from(p[2]) + 128;
+            *d = (sum >> 8) as u8;
+        }
+    }
 }
 
 /// A flow field negated (the next pair's initial flow in the opposite direction).
@@ -441,5 +462,33 @@ impl FlowEngine for DisEngine {
         if let (Ok(f), Ok(b)) = (make_dis(&self.config), make_dis(&self.config)) {
             (self.fwd, self.bwd) = (f, b);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn grey_is_the_rounded_luma_of_every_pixel() {
+        use opencv::prelude::*;
+        // 37 × 5: whole vector blocks and a remainder; every channel's extremes.
+        let img = crate::frame::RgbImage::from_fn(37, 5, |x, y| {
+            let v = |k: u32| ((x * 53 + y * 97 + k * 31) % 256) as u8;
+            match (x + y) % 4 {
+                0 => image::Rgb([255, 255, 255]),
+                1 => image::Rgb([0, 0, 0]),
+                _ => image::Rgb([v(0), v(1), v(2)]),
+            }
+        });
+        let m = super::grey_mat(&img).expect("grey");
+        let got = m.data_bytes().expect("bytes");
+        for (g, p) in got.iter().zip(img.pixels()) {
+            let [r, gr, b] = p.0.map(u32::from);
+            assert_eq!(
+                u32::from(*g),
+                (77 * r + 150 * gr + 29 * b + 128) >> 8,
+                "{p:?}"
+            );
+        }
+        assert_eq!(got.len(), 37 * 5);
     }
 }
