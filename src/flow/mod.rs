@@ -14,6 +14,7 @@ pub mod refine;
 pub mod temporal;
 pub mod videoflow;
 
+pub(crate) use field::TargetCells;
 pub use field::{bilinear1, bilinear2, FlowField};
 
 use crate::error::Result;

@@ -31,7 +31,7 @@ use super::triangulate::midpoint;
 use super::window_ba::{self, Observation, Window};
 use super::{FrameGeometry, GeometryEngine, GeometryStats};
 use crate::error::{Error, Result};
-use crate::flow::{FlowField, PairFlow};
+use crate::flow::{FlowField, PairFlow, TargetCells};
 use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
 use crate::simd::{vectorized, Kernel};
 
@@ -205,6 +205,76 @@ impl Default for FlowVoConfig {
     }
 }
 
+/// One row of [`Chain::advance_all`]: where the row's pixels land under the backward flow
+/// (vectorised), then each chain sampled there.
+struct AdvanceRow<'a, 'b> {
+    /// The row of the backward flow (interleaved) and of its confidence.
+    flow: &'a [f32],
+    conf: &'a [f32],
+    y: usize,
+    size: (usize, usize),
+    /// The chains' previous states, and this row of their new ones.
+    olds: &'a [&'a [f32]],
+    outs: &'a mut [&'b mut [f32]],
+    targets: &'a mut TargetCells,
+}
+
+impl Kernel for AdvanceRow<'_, '_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[inline(always)]
+    fn run(self) {
+        let AdvanceRow {
+            flow,
+            conf,
+            y,
+            size,
+            olds,
+            outs,
+            targets,
+        } = self;
+        let w = size.0;
+        targets.fill(flow, y, size, 3);
+        let TargetCells {
+            cell,
+            fx,
+            fy,
+            inside,
+        } = targets;
+        let (cell, fx, fy, inside) = (&cell[..w], &fx[..w], &fy[..w], &inside[..w]);
+        let (flow, conf) = (&flow[..2 * w], &conf[..w]);
+        let row = 3 * w;
+        for (old, out) in olds.iter().zip(outs.iter_mut()) {
+            let out = &mut out[..3 * w];
+            for x in 0..w {
+                let o = &mut out[3 * x..3 * x + 3];
+                // Outside, the cell is 0 (a valid read) and the values are masked to 0.
+                let [ou, ov, oc] = sample_cell(old, row, cell[x] as usize, fx[x], fy[x]);
+                let keep = inside[x] != 0;
+                o[0] = if keep { flow[2 * x] + ou } else { 0.0 };
+                o[1] = if keep { flow[2 * x + 1] + ov } else { 0.0 };
+                o[2] = if keep { conf[x] * oc } else { 0.0 };
+            }
+        }
+    }
+}
+
+/// Bilinear sample of (Δx, Δy, confidence) of a chain's `data` in the cell whose top-left
+/// value is at `i00` (`row` values a row).
+#[allow(clippy::inline_always)] // inlined into dispatched kernels (`crate::simd`)
+#[inline(always)]
+fn sample_cell(data: &[f32], row: usize, i00: usize, fx: f32, fy: f32) -> [f32; 3] {
+    let (top, bottom) = (&data[i00..i00 + 6], &data[i00 + row..i00 + row + 6]);
+    let mut out = [0.0f32; 3];
+    for k in 0..3 {
+        let t = top[k] + (top[k + 3] - top[k]) * fx;
+        let b = bottom[k] + (bottom[k + 3] - bottom[k]) * fx;
+        out[k] = t + (b - t) * fy;
+    }
+    out
+}
+
 struct Track {
     x: f32,
     y: f32,
@@ -243,39 +313,6 @@ impl Chain {
         }
     }
 
-    /// The bilinear cell of a sub-pixel position: (index of its top-left value, fx, fy); `None`
-    /// outside. Chains of one size share it, so it is found once per pixel for all of them.
-    #[inline]
-    fn cell(&self, x: f32, y: f32) -> Option<(usize, f32, f32)> {
-        let (w, h) = (self.width, self.height);
-        if w < 2 || h < 2 || !(x >= 0.0 && y >= 0.0 && x <= (w - 1) as f32 && y <= (h - 1) as f32) {
-            return None;
-        }
-        // x, y ≥ 0: truncation is floor (i32 casts: usize ↔ float conversions are instruction
-        // sequences on baseline x86-64, and this runs per pixel per frame).
-        let x0 = (x as i32).min(w.saturating_sub(2) as i32);
-        let y0 = (y as i32).min(h.saturating_sub(2) as i32);
-        let (fx, fy) = (x - x0 as f32, y - y0 as f32);
-        Some(((y0 as usize * w + x0 as usize) * 3, fx, fy))
-    }
-
-    /// Bilinear sample of (Δx, Δy, confidence) in a cell from [`Chain::cell`].
-    #[inline]
-    fn sample_cell(&self, (i00, fx, fy): (usize, f32, f32)) -> [f32; 3] {
-        let row = 3 * self.width;
-        let (top, bottom) = (
-            &self.data[i00..i00 + 6],
-            &self.data[i00 + row..i00 + row + 6],
-        );
-        let mut out = [0.0f32; 3];
-        for k in 0..3 {
-            let t = top[k] + (top[k + 3] - top[k]) * fx;
-            let b = bottom[k] + (bottom[k + 3] - bottom[k]) * fx;
-            out[k] = t + (b - t) * fy;
-        }
-        out
-    }
-
     /// Extends chains by one frame with the backward flow (t → t−1) and its confidence, in one
     /// pass over the flow for all of them.
     fn advance_all(chains: &mut [&mut Chain], bwd: &FlowField, bwd_conf: &[f32]) {
@@ -304,29 +341,24 @@ impl Chain {
                     .map(|_| per_chain.iter_mut().filter_map(Iterator::next).collect())
                     .collect()
             };
-            rows.into_par_iter()
-                .enumerate()
-                .for_each(|(y, mut row_outs)| {
-                    let (mut xf, yf) = (-1.0f32, y as f32);
-                    for x in 0..w {
-                        xf += 1.0;
-                        let (bu, bv) = bwd.get(x, y);
-                        let bc = bwd_conf[y * w + x];
-                        let cell = olds.first().and_then(|o| o.cell(xf + bu, yf + bv));
-                        for (old, out) in olds.iter().zip(row_outs.iter_mut()) {
-                            let o = &mut out[3 * x..3 * x + 3];
-                            match cell {
-                                Some(cell) => {
-                                    let [ou, ov, oc] = old.sample_cell(cell);
-                                    o[0] = bu + ou;
-                                    o[1] = bv + ov;
-                                    o[2] = bc * oc;
-                                }
-                                None => o.copy_from_slice(&[0.0, 0.0, 0.0]),
-                            }
-                        }
-                    }
-                });
+            let h = bwd.height;
+            if w >= 2 && h >= 2 {
+                let old_data: Vec<&[f32]> = olds.iter().map(|o| o.data.as_slice()).collect();
+                rows.into_par_iter().enumerate().for_each_init(
+                    || TargetCells::new(w),
+                    |targets, (y, mut row_outs)| {
+                        vectorized(AdvanceRow {
+                            flow: &bwd.data[2 * w * y..2 * w * (y + 1)],
+                            conf: &bwd_conf[w * y..w * (y + 1)],
+                            y,
+                            size: (w, h),
+                            olds: &old_data,
+                            outs: &mut row_outs,
+                            targets,
+                        });
+                    },
+                );
+            }
         }
         for (c, old) in chains.iter_mut().zip(olds) {
             c.scratch = old.data;
@@ -1503,5 +1535,73 @@ mod tests {
             found > 10 && rejected > 5,
             "{found} found, {rejected} rejected"
         );
+    }
+
+    #[test]
+    fn chains_advance_by_bilinear_composition_and_zero_outside() {
+        // 23 × 17: rows of several vector blocks and a remainder; targets leave the image on
+        // every side, and one flow value is NaN.
+        let (w, h) = (23usize, 17usize);
+        let mut bwd = FlowField::zeros(w, h);
+        for y in 0..h {
+            for x in 0..w {
+                let (xf, yf) = (x as f32, y as f32);
+                bwd.set(
+                    x,
+                    y,
+                    3.0 * (0.4 * xf + 0.2 * yf).sin(),
+                    2.5 * (0.3 * xf - 0.5 * yf).cos(),
+                );
+            }
+        }
+        bwd.set(7, 4, f32::NAN, 0.0);
+        let conf: Vec<f32> = (0..w * h).map(|i| (i % 11) as f32 / 10.0).collect();
+        let mut chains = [Chain::new(3, w, h), Chain::new(5, w, h)];
+        for (k, c) in chains.iter_mut().enumerate() {
+            for (i, v) in c.data.iter_mut().enumerate() {
+                *v = ((i * (7 + k)) % 13) as f32 * 0.37 - 2.0;
+            }
+        }
+        let olds: Vec<Vec<f32>> = chains.iter().map(|c| c.data.clone()).collect();
+        let [a, b] = &mut chains;
+        Chain::advance_all(&mut [a, b], &bwd, &conf);
+        for (c, old) in chains.iter().zip(&olds) {
+            for y in 0..h {
+                for x in 0..w {
+                    let (bu, bv) = bwd.get(x, y);
+                    let (tx, ty) = (x as f32 + bu, y as f32 + bv);
+                    let inside =
+                        tx >= 0.0 && ty >= 0.0 && tx <= (w - 1) as f32 && ty <= (h - 1) as f32;
+                    let want = if inside {
+                        let (x0, y0) = (
+                            tx.floor().min((w - 2) as f32),
+                            ty.floor().min((h - 2) as f32),
+                        );
+                        let (fx, fy) = (tx - x0, ty - y0);
+                        let at = |xx: f32, yy: f32, k: usize| {
+                            old[3 * (yy as usize * w + xx as usize) + k]
+                        };
+                        let s: Vec<f32> = (0..3)
+                            .map(|k| {
+                                let t = at(x0, y0, k) + (at(x0 + 1.0, y0, k) - at(x0, y0, k)) * fx;
+                                let b = at(x0, y0 + 1.0, k)
+                                    + (at(x0 + 1.0, y0 + 1.0, k) - at(x0, y0 + 1.0, k)) * fx;
+                                t + (b - t) * fy
+                            })
+                            .collect();
+                        [bu + s[0], bv + s[1], conf[y * w + x] * s[2]]
+                    } else {
+                        [0.0; 3]
+                    };
+                    let i = 3 * (y * w + x);
+                    let got = [c.data[i], c.data[i + 1], c.data[i + 2]];
+                    assert_eq!(
+                        got.map(f32::to_bits),
+                        want.map(f32::to_bits),
+                        "at {x},{y}: {got:?} vs {want:?}"
+                    );
+                }
+            }
+        }
     }
 }
