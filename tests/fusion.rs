@@ -130,3 +130,79 @@ fn the_final_cloud_matches_outlier_removal_then_normals_on_a_curved_surface() {
         assert!(dot.abs() > 3f32.to_radians().cos(), "{a:?} vs {b:?}");
     }
 }
+
+#[test]
+fn each_voxel_is_the_confidence_weighted_mean_of_its_points() {
+    // A tilted plane, varying confidence and colour, voxels far larger than a pixel's footprint
+    // (runs of neighbouring pixels share one), over two frames seen from two places.
+    let k = Intrinsics::from_hfov(40, 30, 60.0);
+    let mut fusion = Fusion::new(FusionConfig {
+        voxel: 0.2,
+        pixel_stride: 1,
+        min_confidence: 0.0,
+        ..FusionConfig::default()
+    });
+    let img = image::RgbImage::from_fn(40, 30, |x, y| {
+        image::Rgb([(x * 6) as u8, (y * 8) as u8, 90])
+    });
+    let mut sums: std::collections::HashMap<[i32; 3], ([f64; 3], [f64; 3], f64)> =
+        std::collections::HashMap::new();
+    for i in 0..2 {
+        let mut g = plane_frame(i, 2.0, &k);
+        let (w, h) = (40usize, 30usize);
+        g.depth = Some(
+            (0..w * h)
+                .map(|p| 1.5 + 0.02 * (p % w) as f32 + 0.01 * (p / w) as f32)
+                .collect(),
+        );
+        g.confidence = Some(
+            (0..w * h)
+                .map(|p| 0.2 + 0.1 * ((p * 7) % 9) as f32)
+                .collect(),
+        );
+        let conf = g.confidence.clone().unwrap_or_default();
+        let pts = fusion.integrate(&g, &img);
+        assert_eq!(pts.points.len(), w * h);
+        for ((p, c), &wt) in pts.points.iter().zip(&pts.colors).zip(&conf) {
+            let key = p.map(|v| (v * (1.0 / 0.2f32)).floor() as i32);
+            let e = sums.entry(key).or_default();
+            for d in 0..3 {
+                e.0[d] += f64::from(p[d] * wt);
+                e.1[d] += f64::from(c[d]) * f64::from(wt);
+            }
+            e.2 += f64::from(wt);
+        }
+    }
+    let cloud = fusion.cloud();
+    let mut keys: Vec<_> = sums.keys().copied().collect();
+    keys.sort_unstable();
+    assert_eq!(cloud.points.len(), keys.len());
+    assert!(
+        keys.len() < 40 * 30 / 4,
+        "{} voxels: runs too short to test",
+        keys.len()
+    );
+    let (colors, weights) = (
+        cloud.colors.unwrap_or_default(),
+        cloud.confidence.unwrap_or_default(),
+    );
+    for (i, key) in keys.iter().enumerate() {
+        let (p, c, wt) = sums[key];
+        for d in 0..3 {
+            let want = p[d] / wt;
+            assert!(
+                (f64::from(cloud.points[i][d]) - want).abs() < 1e-5,
+                "{key:?}: {:?} vs {want}",
+                cloud.points[i]
+            );
+            assert!(
+                (f64::from(colors[i][d]) - c[d] / wt).abs() <= 0.5 + 1e-3,
+                "{key:?} colour"
+            );
+        }
+        assert!(
+            (f64::from(weights[i]) - wt).abs() < 1e-4 * wt,
+            "{key:?} weight"
+        );
+    }
+}
