@@ -1,7 +1,7 @@
 //! The rerun recording (built with the `rerun` feature, the default).
 
 use super::{paths, FrameLog, RerunTarget, TIMELINE_FRAME, TIMELINE_TIME};
-use crate::datasets::formats::depth::millimetres;
+use crate::datasets::formats::depth::depth_millimetres;
 use crate::error::{Error, Result};
 
 /// Logs a stream's results to rerun.
@@ -124,10 +124,9 @@ impl Viewer {
         if let Some(d) = f.depth {
             if d.len() == (k.width * k.height) as usize {
                 // 16-bit millimetres of engine units: half the bytes of f32, 1e-3 resolution.
-                let mut mm = vec![0u8; 2 * d.len()];
-                for (o, &v) in mm.chunks_exact_mut(2).zip(d) {
-                    o.copy_from_slice(&millimetres(v).to_le_bytes());
-                }
+                let mut mm = Vec::new();
+                depth_millimetres(d, &mut mm);
+                let mm: Vec<u8> = mm.iter().flat_map(|v| v.to_le_bytes()).collect();
                 self.rec
                     .log(
                         paths::DEPTH,

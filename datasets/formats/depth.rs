@@ -23,21 +23,27 @@ pub fn millimetres(metres: f32) -> u16 {
     (f64::from(metres * 1000.0) + 0.5) as u16
 }
 
+/// Depth (metres) in 16-bit millimetres ([`millimetres`]), 0 where there is no surface
+/// (not finite, or not positive), into `out` (resized to fit): what the PNG files and the
+/// viewer store.
+pub fn depth_millimetres(data: &[f32], out: &mut Vec<u16>) {
+    out.clear();
+    out.extend(data.iter().map(|&d| {
+        if d.is_finite() && d > 0.0 {
+            millimetres(d)
+        } else {
+            0
+        }
+    }));
+}
+
 /// Encodes depth (metres) as 16-bit PNG bytes in millimetres, saturating at 65.535 m.
 ///
 /// # Panics
 /// Only if `data` does not match `width`×`height` (a bug).
 pub fn depth_png_bytes(width: usize, height: usize, data: &[f32]) -> Vec<u8> {
-    let mm: Vec<u16> = data
-        .iter()
-        .map(|&d| {
-            if d.is_finite() && d > 0.0 {
-                millimetres(d)
-            } else {
-                0
-            }
-        })
-        .collect();
+    let mut mm = Vec::new();
+    depth_millimetres(data, &mut mm);
     let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width as u32, height as u32, mm)
         .expect("depth buffer matches its size");
     crate::datasets::native::png_bytes(&img)
@@ -114,7 +120,7 @@ pub fn read_depth_npy(path: &Path) -> Result<DepthMap> {
 
 #[cfg(test)]
 mod tests {
-    use super::millimetres;
+    use super::{depth_millimetres, millimetres};
 
     #[test]
     fn millimetres_equal_rounding_and_clamping() {
@@ -140,5 +146,40 @@ mod tests {
             assert_eq!(millimetres(m), reference(m), "{m} m");
         }
         assert!(checked > 500_000);
+    }
+
+    #[test]
+    fn depth_maps_convert_as_millimetres_with_no_surface_as_zero() {
+        // Every half-millimetre boundary to 70 m with its float neighbours, and the values
+        // that are no surface.
+        let mut depth: Vec<f32> = (0..140_000u32)
+            .flat_map(|k| {
+                let half = (k as f32 + 0.5) / 1000.0;
+                [half, half.next_down(), half.next_up()]
+            })
+            .collect();
+        depth.extend([
+            -1.0,
+            -0.0,
+            0.0,
+            f32::NAN,
+            f32::INFINITY,
+            f32::NEG_INFINITY,
+            1e9,
+            f32::MAX,
+            1e-9,
+        ]);
+        let mut got = Vec::new();
+        depth_millimetres(&depth, &mut got);
+        assert_eq!(got.len(), depth.len());
+        for (&d, &g) in depth.iter().zip(&got) {
+            let want = if d.is_finite() && d > 0.0 {
+                millimetres(d)
+            } else {
+                0
+            };
+            assert_eq!(g, want, "{d} m");
+        }
+        assert_eq!(got[got.len() - 5..], [0, 0, 65_535, 65_535, 0]);
     }
 }
