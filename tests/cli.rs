@@ -519,3 +519,75 @@ fn stream_urls_are_read_as_live_sources() {
     );
     check_outputs(&out, processed as usize);
 }
+
+#[test]
+fn flow_writes_every_pair_in_each_format_and_eval_scores_them() {
+    use streamrecon::datasets::formats::{flo, kitti_flow};
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        &common::synth_config(TrajectoryKind::Smooth, 6, 160, 120, 4),
+    );
+    let flows = dir.path().join("flo");
+    let (s, f) = (seq.to_str().unwrap(), flows.to_str().unwrap());
+    let o = common::bin()
+        .args(["flow", s, "--out", f, "--backward"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Pair i goes from frame i to i + 1; its backward flow is named after frame i + 1.
+    for i in 0..5 {
+        let fwd = flo::read_flo(&flows.join(format!("{i:06}.flo"))).unwrap();
+        let bwd = flo::read_flo(&flows.join(format!("bwd/{:06}.flo", i + 1))).unwrap();
+        assert_eq!(
+            (fwd.width, fwd.height, bwd.width, bwd.height),
+            (160, 120, 160, 120)
+        );
+    }
+    assert!(!flows.join("000005.flo").exists() && !flows.join("bwd/000000.flo").exists());
+    let gt = seq.join("flow_fwd");
+    let o = common::bin()
+        .args(["eval", "flow", "--gt", gt.to_str().unwrap(), "--pred", f])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["frames"], 5);
+    let epe = report["metrics"]["epe"].as_f64().unwrap();
+    assert!(epe > 0.0 && epe < 0.5, "EPE {epe}");
+    // KITTI 16-bit PNGs and colour-wheel PNGs, one per pair.
+    for format in ["kitti", "png"] {
+        let out = dir.path().join(format);
+        let o = common::bin()
+            .args([
+                "flow",
+                s,
+                "--out",
+                out.to_str().unwrap(),
+                "--format",
+                format,
+            ])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(std::fs::read_dir(&out).unwrap().count(), 5, "{format}");
+    }
+    let k = kitti_flow::read_kitti_flow(&dir.path().join("kitti/000000.png")).unwrap();
+    assert_eq!((k.flow.width, k.flow.height), (160, 120));
+    // DIS parameters reach the engine; a stride that leaves gaps between patches is refused.
+    let e = run_err(&[
+        "flow",
+        s,
+        "--out",
+        f,
+        "--dis-patch-size",
+        "10",
+        "--dis-patch-stride",
+        "10",
+    ]);
+    assert!(
+        e.contains("stride 10") && e.contains("patch size 10"),
+        "{e}"
+    );
+}
