@@ -282,4 +282,25 @@ fn dis_parameters_override_the_preset_and_bad_ones_are_refused() {
     };
     let e = e.to_string();
     assert!(e.contains("stride 8") && e.contains("patch size 8"), "{e}");
+    // A patch larger than the frames: OpenCV refuses, and the error says where and with what.
+    let mut big = DisEngine::new(DisConfig {
+        patch_size: Some(64),
+        ..DisConfig::default()
+    })
+    .unwrap();
+    let small = |i| {
+        frame(
+            i,
+            image::RgbImage::from_pixel(32, 24, image::Rgb([90, 120, 30])),
+        )
+    };
+    assert!(big.push(&small(0)).unwrap().is_empty());
+    let e = big
+        .push(&small(1))
+        .expect_err("a 64-pixel patch on 32x24 frames")
+        .to_string();
+    assert!(
+        e.contains("frames 0 and 1") && e.contains("32x24, patch size 64"),
+        "{e}"
+    );
 }

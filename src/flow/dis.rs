@@ -382,11 +382,20 @@ impl FlowEngine for DisEngine {
             });
             return Ok(Vec::new());
         };
-        let (fwd, bwd) = self.pair(
-            (&prev.grey, prev.tensor.as_ref()),
-            (&grey, tensor.as_ref()),
-            prev.priors,
-        )?;
+        let (fwd, bwd) = self
+            .pair(
+                (&prev.grey, prev.tensor.as_ref()),
+                (&grey, tensor.as_ref()),
+                prev.priors,
+            )
+            .map_err(|e| {
+                // OpenCV's message does not say which frames, or which parameter, it means.
+                let patch = self.fwd.get_patch_size().unwrap_or_default();
+                Error::Flow(format!(
+                    "DIS between frames {} and {} ({}x{}, patch size {patch}): {e}",
+                    prev.index, frame.index, size.0, size.1
+                ))
+            })?;
         // Confidence and occlusion are judged before the two directions refine each other.
         let fuse = self.config.symmetric_fusion;
         let (f, b) = rayon::join(|| fb_check(&fwd, &bwd, fuse), || fb_check(&bwd, &fwd, fuse));
