@@ -290,7 +290,7 @@ impl NativeDataset {
         let p = &self.rgb[i];
         let image = image::open(p)
             .map_err(|e| Error::format(p, format!("image: {e}")))?
-            .to_rgb8();
+            .into_rgb8();
         let pose = self.poses[i];
         Ok(Frame {
             index: i as u64,

@@ -563,7 +563,7 @@ impl RawSource for FolderSource {
         self.next += 1;
         Some(match image::open(&p) {
             Ok(img) => Ok(RawFrame {
-                image: img.to_rgb8(),
+                image: img.into_rgb8(),
                 timestamp: None,
                 intrinsics: None,
                 gt: None,
@@ -690,7 +690,7 @@ impl RawSource for BenchmarkSource {
         let f = self.frames.get(self.next)?.clone();
         self.next += 1;
         let image = match image::open(&f.rgb) {
-            Ok(i) => i.to_rgb8(),
+            Ok(i) => i.into_rgb8(),
             Err(e) => {
                 return Some(Err(Error::format(
                     &f.rgb,

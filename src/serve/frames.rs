@@ -65,7 +65,7 @@ pub fn decode_encoded(bytes: &[u8]) -> Result<RgbImage, FrameError> {
     let image = reader
         .decode()
         .map_err(|e| FrameError(format!("frame of {w}x{h} does not decode: {e}")))?;
-    Ok(image.to_rgb8())
+    Ok(image.into_rgb8())
 }
 
 /// A raw frame: `width × height × 3` bytes, row-major RGB.
