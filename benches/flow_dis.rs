@@ -15,6 +15,11 @@ use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{FlowEngine, FlowField};
 use streamrecon::frame::Frame;
 
+// The binary's allocator (jemalloc, configured in .cargo/config.toml), so the engine's times
+// include what its per-frame buffers cost in `streamrecon flow` and `run`.
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 struct Seq {
     frames: Vec<image::RgbImage>,
     /// Forward ground truth of pair i (frame i → i + 1) and its occlusion.
