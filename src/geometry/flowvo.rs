@@ -291,8 +291,7 @@ struct Track {
 /// stored interleaved per pixel as (Δx, Δy, confidence) so one bilinear lookup reads all three.
 struct Chain {
     key: u64,
-    width: usize,
-    height: usize,
+    /// Row-major at the frames' size (the flow's, when it advances).
     data: Vec<f32>,
     /// The next state is written here, then swapped in (no allocation per frame).
     scratch: Vec<f32>,
@@ -306,8 +305,6 @@ impl Chain {
         }
         Self {
             key,
-            width: w,
-            height: h,
             scratch: vec![0.0; data.len()],
             data,
         }
@@ -316,52 +313,48 @@ impl Chain {
     /// Extends chains by one frame with the backward flow (t → t−1) and its confidence, in one
     /// pass over the flow for all of them.
     fn advance_all(chains: &mut [&mut Chain], bwd: &FlowField, bwd_conf: &[f32]) {
-        let w = bwd.width;
+        let (w, h) = (bwd.width, bwd.height);
         for c in chains.iter_mut() {
             std::mem::swap(&mut c.data, &mut c.scratch);
         }
         // `scratch` now holds the previous state; `data` receives the new one.
-        let olds: Vec<Chain> = chains
+        let olds: Vec<Vec<f32>> = chains
             .iter_mut()
-            .map(|c| Chain {
-                key: c.key,
-                width: c.width,
-                height: c.height,
-                data: std::mem::take(&mut c.scratch),
-                scratch: Vec::new(),
-            })
+            .map(|c| std::mem::take(&mut c.scratch))
             .collect();
-        {
+        if w < 2 || h < 2 {
+            // No cell to sample: every pixel's target is outside.
+            for c in chains.iter_mut() {
+                c.data.fill(0.0);
+            }
+        } else {
+            let old_data: Vec<&[f32]> = olds.iter().map(Vec::as_slice).collect();
             let mut outs: Vec<&mut [f32]> =
                 chains.iter_mut().map(|c| c.data.as_mut_slice()).collect();
             let rows: Vec<Vec<&mut [f32]>> = {
                 let mut per_chain: Vec<std::slice::ChunksMut<'_, f32>> =
                     outs.iter_mut().map(|o| o.chunks_mut(3 * w)).collect();
-                (0..bwd.height)
+                (0..h)
                     .map(|_| per_chain.iter_mut().filter_map(Iterator::next).collect())
                     .collect()
             };
-            let h = bwd.height;
-            if w >= 2 && h >= 2 {
-                let old_data: Vec<&[f32]> = olds.iter().map(|o| o.data.as_slice()).collect();
-                rows.into_par_iter().enumerate().for_each_init(
-                    || TargetCells::new(w),
-                    |targets, (y, mut row_outs)| {
-                        vectorized(AdvanceRow {
-                            flow: &bwd.data[2 * w * y..2 * w * (y + 1)],
-                            conf: &bwd_conf[w * y..w * (y + 1)],
-                            y,
-                            size: (w, h),
-                            olds: &old_data,
-                            outs: &mut row_outs,
-                            targets,
-                        });
-                    },
-                );
-            }
+            rows.into_par_iter().enumerate().for_each_init(
+                || TargetCells::new(w),
+                |targets, (y, mut row_outs)| {
+                    vectorized(AdvanceRow {
+                        flow: &bwd.data[2 * w * y..2 * w * (y + 1)],
+                        conf: &bwd_conf[w * y..w * (y + 1)],
+                        y,
+                        size: (w, h),
+                        olds: &old_data,
+                        outs: &mut row_outs,
+                        targets,
+                    });
+                },
+            );
         }
         for (c, old) in chains.iter_mut().zip(olds) {
-            c.scratch = old.data;
+            c.scratch = old;
         }
     }
 
@@ -1602,6 +1595,12 @@ mod tests {
                     );
                 }
             }
+        }
+        // A frame one pixel wide has no cell to sample: everything is outside.
+        let mut thin = Chain::new(0, 1, 4);
+        for _ in 0..2 {
+            Chain::advance_all(&mut [&mut thin], &FlowField::zeros(1, 4), &[1.0; 4]);
+            assert!(thin.data.iter().all(|v| *v == 0.0), "{:?}", thin.data);
         }
     }
 }
