@@ -24,10 +24,11 @@ pub fn frame_name(i: usize, ext: &str) -> String {
 ///
 /// # Panics
 /// Never for in-memory output.
-pub fn png_bytes<P>(img: &image::ImageBuffer<P, Vec<P::Subpixel>>) -> Vec<u8>
+pub fn png_bytes<P, C>(img: &image::ImageBuffer<P, C>) -> Vec<u8>
 where
     P: image::PixelWithColorType,
     [P::Subpixel]: image::EncodableLayout,
+    C: std::ops::Deref<Target = [P::Subpixel]>,
 {
     let mut out = Vec::new();
     let enc = image::codecs::png::PngEncoder::new_with_quality(

@@ -16,6 +16,7 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use serde::Serialize;
 
 use crate::cloud::PointCloud;
+use crate::datasets::formats::depth::{depth_millimetres, surface_millimetres};
 use crate::error::{Error, Result};
 use crate::flow::dis::{DisConfig, DisEngine};
 use crate::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
@@ -236,11 +237,18 @@ pub struct TrajectoryEntry {
     pub stats: GeometryStats,
 }
 
-/// Every `stride`-th pixel of a depth map at the model resolution of `k`.
-fn sample_depth(depth: &[f32], k: &Intrinsics, stride: u32) -> DepthSample {
+/// Every `stride`-th pixel of a depth map at the model resolution of `k`; 0 where the
+/// confidence, if given, is under `min_confidence`.
+fn sample_depth(
+    depth: &[f32],
+    confidence: Option<&[f32]>,
+    min_confidence: f32,
+    k: &Intrinsics,
+    stride: u32,
+) -> DepthSample {
     let (w, h) = (k.width as usize, k.height as usize);
     let s = stride as usize;
-    if depth.len() != w * h {
+    if depth.len() != w * h || confidence.is_some_and(|c| c.len() != w * h) {
         return DepthSample {
             width: 0,
             height: 0,
@@ -250,7 +258,15 @@ fn sample_depth(depth: &[f32], k: &Intrinsics, stride: u32) -> DepthSample {
     }
     let metres = (0..h)
         .step_by(s)
-        .flat_map(|y| (0..w).step_by(s).map(move |x| depth[y * w + x]))
+        .flat_map(|y| {
+            (0..w).step_by(s).map(move |x| {
+                let i = y * w + x;
+                match confidence {
+                    Some(c) if c[i] < min_confidence => 0.0,
+                    _ => depth[i],
+                }
+            })
+        })
         .collect();
     DepthSample {
         width: w.div_ceil(s) as u32,
@@ -734,21 +750,22 @@ pub fn run(
         let pts = fusion.integrate(g, &r.frame.image);
         let fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
-        // Depth shown and written only where it is confident (0 = unknown).
-        let depth: Option<Vec<f32>> = match (&g.depth, &g.confidence) {
+        // Depth shown and written only where it is confident (0 = unknown), in millimetres,
+        // converted once for the viewer and the files.
+        let depth_mm: Option<Vec<u16>> = match (&g.depth, &g.confidence) {
             (Some(d), Some(c)) => Some(
                 d.iter()
                     .zip(c)
                     .map(|(&d, &c)| {
                         if c >= config.fusion.min_confidence {
-                            d
+                            surface_millimetres(d)
                         } else {
-                            0.0
+                            0
                         }
                     })
                     .collect(),
             ),
-            (Some(d), None) => Some(d.clone()),
+            (Some(d), None) => Some(depth_millimetres(d)),
             _ => None,
         };
         if sink_error.is_none() {
@@ -775,7 +792,7 @@ pub fn run(
                     cam_from_world: g.cam_from_world(),
                     intrinsics: &g.intrinsics,
                     images: &images,
-                    depth: depth.as_deref(),
+                    depth_mm: depth_mm.as_deref(),
                     points: &p,
                     colors: &c,
                 };
@@ -790,7 +807,7 @@ pub fn run(
                 }
             }
             if let Some(o) = outputs.as_mut() {
-                let depth = depth.as_deref().map(|d| (d, &g.intrinsics));
+                let depth = depth_mm.as_deref().map(|d| (d, &g.intrinsics));
                 if let Err(e) = o.add_frame(g.index, g.timestamp, g.world_from_cam, depth) {
                     sink_error = Some(e);
                 }
@@ -847,8 +864,14 @@ pub fn run(
             let t = g.world_from_cam.translation.vector;
             let detail = config.result_detail;
             let step = pts.points.len().div_ceil(detail.points.max(1)).max(1);
-            let depth = match (depth.as_deref(), detail.depth_stride) {
-                (Some(d), s) if s > 0 => Some(sample_depth(d, &g.intrinsics, s)),
+            let depth = match (g.depth.as_deref(), detail.depth_stride) {
+                (Some(d), s) if s > 0 => Some(sample_depth(
+                    d,
+                    g.confidence.as_deref(),
+                    config.fusion.min_confidence,
+                    &g.intrinsics,
+                    s,
+                )),
                 _ => None,
             };
             let _ = tx.try_send(FrameResult {

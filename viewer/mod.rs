@@ -67,7 +67,8 @@ pub struct FrameLog<'a> {
     pub cam_from_world: Pose,
     pub intrinsics: &'a Intrinsics,
     pub images: &'a ViewImages,
-    pub depth: Option<&'a [f32]>,
+    /// Depth in millimetres, 0 = unknown (`datasets::formats::depth::depth_millimetres`).
+    pub depth_mm: Option<&'a [u16]>,
     pub points: &'a [[f32; 3]],
     pub colors: &'a [[u8; 3]],
 }

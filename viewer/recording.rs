@@ -1,7 +1,6 @@
 //! The rerun recording (built with the `rerun` feature, the default).
 
 use super::{paths, FrameLog, RerunTarget, TIMELINE_FRAME, TIMELINE_TIME};
-use crate::datasets::formats::depth::depth_millimetres;
 use crate::error::{Error, Result};
 
 /// Logs a stream's results to rerun.
@@ -121,11 +120,9 @@ impl Viewer {
             )
             .map_err(rr)?;
         self.rec.log(paths::RGB, &jpeg(&f.images.rgb)).map_err(rr)?;
-        if let Some(d) = f.depth {
-            if d.len() == (k.width * k.height) as usize {
+        if let Some(mm) = f.depth_mm {
+            if mm.len() == (k.width * k.height) as usize {
                 // 16-bit millimetres of engine units: half the bytes of f32, 1e-3 resolution.
-                let mut mm = Vec::new();
-                depth_millimetres(d, &mut mm);
                 let mm: Vec<u8> = mm.iter().flat_map(|v| v.to_le_bytes()).collect();
                 self.rec
                     .log(

@@ -23,27 +23,28 @@ pub fn millimetres(metres: f32) -> u16 {
     (f64::from(metres * 1000.0) + 0.5) as u16
 }
 
-/// Depth (metres) in 16-bit millimetres ([`millimetres`]), 0 where there is no surface
-/// (not finite, or not positive), into `out` (resized to fit): what the PNG files and the
-/// viewer store.
-pub fn depth_millimetres(data: &[f32], out: &mut Vec<u16>) {
-    out.clear();
-    out.extend(data.iter().map(|&d| {
-        if d.is_finite() && d > 0.0 {
-            millimetres(d)
-        } else {
-            0
-        }
-    }));
+/// `metres` in 16-bit millimetres ([`millimetres`]), 0 where there is no surface (not finite,
+/// or not positive): what the PNG files and the viewer store.
+#[inline]
+pub fn surface_millimetres(metres: f32) -> u16 {
+    if metres.is_finite() && metres > 0.0 {
+        millimetres(metres)
+    } else {
+        0
+    }
 }
 
-/// Encodes depth (metres) as 16-bit PNG bytes in millimetres, saturating at 65.535 m.
+/// A depth map (metres) in 16-bit millimetres ([`surface_millimetres`]).
+pub fn depth_millimetres(data: &[f32]) -> Vec<u16> {
+    data.iter().map(|&d| surface_millimetres(d)).collect()
+}
+
+/// Encodes a depth map in millimetres ([`depth_millimetres`]) as 16-bit PNG bytes (saturated
+/// at 65.535 m).
 ///
 /// # Panics
-/// Only if `data` does not match `width`×`height` (a bug).
-pub fn depth_png_bytes(width: usize, height: usize, data: &[f32]) -> Vec<u8> {
-    let mut mm = Vec::new();
-    depth_millimetres(data, &mut mm);
+/// Only if `mm` does not match `width`×`height` (a bug).
+pub fn millimetre_png_bytes(width: usize, height: usize, mm: &[u16]) -> Vec<u8> {
     let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width as u32, height as u32, mm)
         .expect("depth buffer matches its size");
     crate::datasets::native::png_bytes(&img)
@@ -54,7 +55,15 @@ pub fn depth_png_bytes(width: usize, height: usize, data: &[f32]) -> Vec<u8> {
 /// # Errors
 /// I/O errors, naming `path`.
 pub fn write_depth_png(path: &Path, width: usize, height: usize, data: &[f32]) -> Result<()> {
-    let bytes = depth_png_bytes(width, height, data);
+    write_millimetre_png(path, width, height, &depth_millimetres(data))
+}
+
+/// [`write_depth_png`] of a depth map already in millimetres.
+///
+/// # Errors
+/// I/O errors, naming `path`.
+pub fn write_millimetre_png(path: &Path, width: usize, height: usize, mm: &[u16]) -> Result<()> {
+    let bytes = millimetre_png_bytes(width, height, mm);
     write_atomic(path, |w| w.write_all(&bytes))
 }
 
@@ -169,8 +178,7 @@ mod tests {
             f32::MAX,
             1e-9,
         ]);
-        let mut got = Vec::new();
-        depth_millimetres(&depth, &mut got);
+        let got = depth_millimetres(&depth);
         assert_eq!(got.len(), depth.len());
         for (&d, &g) in depth.iter().zip(&got) {
             let want = if d.is_finite() && d > 0.0 {

@@ -82,17 +82,17 @@ impl RunOutputs {
         index: u64,
         timestamp: f64,
         world_from_cam: Pose,
-        depth_m: Option<(&[f32], &Intrinsics)>,
+        depth_mm: Option<(&[u16], &Intrinsics)>,
     ) -> Result<()> {
         self.poses.push(Posed {
             index,
             timestamp,
             world_from_cam,
         });
-        if let Some((d, k)) = depth_m {
+        if let Some((mm, k)) = depth_mm {
             if self.depth_every > 0 && index.is_multiple_of(self.depth_every) {
                 let p = self.dir.join("depth").join(format!("{index:06}.png"));
-                depth::write_depth_png(&p, k.width as usize, k.height as usize, d)?;
+                depth::write_millimetre_png(&p, k.width as usize, k.height as usize, mm)?;
             }
         }
         Ok(())
