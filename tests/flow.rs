@@ -134,6 +134,122 @@ fn refinement_and_temporal_fill_beat_plain_dis() {
     assert!(ours.epe < 0.75 * plain.epe, "{plain:?} vs {ours:?}");
 }
 
+/// Plain two-frame OpenCV DIS from `a` to `b`, as OpenCV defines `preset`.
+fn plain_dis(preset: i32, a: &Frame, b: &Frame) -> FlowField {
+    use streamrecon::flow::dis::{flow_from_mat, grey_mat};
+    let mut dis = opencv::video::DISOpticalFlow::create(preset).unwrap();
+    let mut m = opencv::core::Mat::default();
+    let (a, b) = (grey_mat(&a.image).unwrap(), grey_mat(&b.image).unwrap());
+    opencv::prelude::DenseOpticalFlowTrait::calc(&mut dis, &a, &b, &mut m).unwrap();
+    flow_from_mat(&m).unwrap()
+}
+
+#[test]
+fn without_its_multi_frame_steps_the_engine_is_opencv_dis_exactly() {
+    // The engine gives DIS images already at its finest level, made once per frame, and
+    // upsamples DIS's flow itself: with prior, fusion, refinement and fill off, both directions
+    // must be OpenCV's own, bit for bit. 330×250 is not a multiple of 4 (DIS works at 82×62).
+    let (frames, _, _) = synthetic(3, 330, 250);
+    for (preset, opencv_preset) in [
+        (
+            DisPreset::Ultrafast,
+            opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
+        ),
+        (DisPreset::Fast, opencv::video::DISOpticalFlow_PRESET_FAST),
+    ] {
+        let mut engine = DisEngine::new(DisConfig {
+            preset,
+            temporal_prior: false,
+            symmetric_fusion: false,
+            refine_iterations: 0,
+            temporal_fill: false,
+            ..DisConfig::default()
+        })
+        .unwrap();
+        let pairs = all_pairs(&mut engine, &frames);
+        assert_eq!(pairs.len(), 2);
+        for p in pairs {
+            let (a, b) = (&frames[p.from as usize], &frames[p.to as usize]);
+            assert_eq!(p.fwd, plain_dis(opencv_preset, a, b), "{preset:?} forward");
+            assert_eq!(p.bwd, plain_dis(opencv_preset, b, a), "{preset:?} backward");
+            assert_eq!((p.fwd_conf.len(), p.bwd_occ.len()), (330 * 250, 330 * 250));
+        }
+    }
+}
+
+#[test]
+fn at_dis_resolution_the_multi_frame_steps_still_beat_plain_dis() {
+    // Without the full-resolution refinement, the engine checks, fuses and fills on DIS's own
+    // ¼-resolution grid and upsamples only its results.
+    let (frames, gt, gt_bwd) = synthetic(8, 320, 240);
+    let mut engine = DisEngine::new(DisConfig {
+        refine_iterations: 0,
+        ..DisConfig::default()
+    })
+    .unwrap();
+    let (mut plain, mut ours, mut ours_bwd) = (
+        FlowMetricsAcc::default(),
+        FlowMetricsAcc::default(),
+        FlowMetricsAcc::default(),
+    );
+    let mut occluded = 0;
+    for p in all_pairs(&mut engine, &frames) {
+        let i = p.from as usize;
+        let (a, b) = (&frames[i], &frames[i + 1]);
+        let ultrafast = opencv::video::DISOpticalFlow_PRESET_ULTRAFAST;
+        plain
+            .add(&gt[i].0, &plain_dis(ultrafast, a, b), None, Some(&gt[i].1))
+            .unwrap();
+        ours.add(&gt[i].0, &p.fwd, None, Some(&gt[i].1)).unwrap();
+        ours_bwd
+            .add(&gt_bwd[i].0, &p.bwd, None, Some(&gt_bwd[i].1))
+            .unwrap();
+        assert_eq!((p.fwd.width, p.fwd.height), (320, 240));
+        assert!(p.fwd_conf.iter().all(|c| (0.0..=1.0).contains(c)));
+        occluded += p.fwd_occ.iter().filter(|o| **o).count();
+    }
+    let (plain, ours, ours_bwd) = (plain.finish(), ours.finish(), ours_bwd.finish());
+    println!(
+        "plain DIS EPE {:.3}, engine at DIS resolution {:.3} (backward {:.3})",
+        plain.epe, ours.epe, ours_bwd.epe
+    );
+    assert!(ours.epe < 0.9 * plain.epe, "{plain:?} vs {ours:?}");
+    assert!(ours_bwd.epe < plain.epe, "{plain:?} vs {ours_bwd:?}");
+    // The camera moves: some pixels leave the image, and are marked.
+    assert!(occluded > 0);
+    // With the look-ahead, the held pair is upsampled when it is returned, flush included.
+    let mut engine = DisEngine::new(DisConfig {
+        refine_iterations: 0,
+        look_ahead: true,
+        ..DisConfig::default()
+    })
+    .unwrap();
+    let pairs = all_pairs(&mut engine, &frames);
+    assert_eq!(pairs.len(), frames.len() - 1);
+    for p in pairs {
+        assert_eq!(
+            (p.bwd.width, p.bwd.height, p.bwd_occ.len()),
+            (320, 240, 320 * 240)
+        );
+    }
+}
+
+#[test]
+fn frames_below_a_patch_at_dis_resolution_are_refused_by_name() {
+    // 40×28 at ¼ resolution is 10×7, under the 8-pixel patch: an error naming the frames, not
+    // an OpenCV failure (its pyramid would have no level).
+    let mut engine = DisEngine::new(DisConfig::default()).unwrap();
+    let img = |i: u32| {
+        image::RgbImage::from_fn(40, 28, |x, y| image::Rgb([(x * 5 + y * 3 + i) as u8; 3]))
+    };
+    assert!(engine.push(&frame(0, img(0))).unwrap().is_empty());
+    let e = engine.push(&frame(1, img(1))).unwrap_err().to_string();
+    assert!(
+        e.contains("frames 0 and 1") && e.contains("40x28") && e.contains("10x7"),
+        "{e}"
+    );
+}
+
 #[test]
 fn look_ahead_returns_every_pair_a_frame_later_with_a_better_backward_flow() {
     let (frames, _, gt_bwd) = synthetic(7, 320, 240);

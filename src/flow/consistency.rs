@@ -12,7 +12,7 @@ use crate::simd::{vectorized, Kernel};
 /// leaves the image; confidence = 1 / (1 + |f + b|² / (2σ²)) with σ = 0.5 + 0.05 |f| (a Cauchy
 /// kernel: as selective as a Gaussian near zero, no `exp` per pixel).
 pub fn fb_consistency(fwd: &FlowField, bwd: &FlowField) -> (Vec<f32>, Vec<bool>) {
-    let c = fb_check(fwd, bwd, false);
+    let c = fb_check(fwd, bwd, false, 1);
     (c.conf, c.occ)
 }
 
@@ -54,7 +54,11 @@ pub struct FbCheck {
 /// unchanged. DIS's errors in the two directions are partly independent, so on visible pixels
 /// the average is closer to the true motion than either; occluded pixels keep their own
 /// estimate. Confidence and occlusion are judged on the flows as given.
-pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
+///
+/// The flows may be on a coarser grid than the frames, each of their pixels `grid` frame pixels
+/// a side (DIS's own resolution): the tolerances stay in frame pixels, so a check there judges
+/// as one on the flows upsampled would.
+pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> FbCheck {
     let (w, h) = (fwd.width, fwd.height);
     let mut conf = vec![0.0f32; w * h];
     let mut occ = vec![true; w * h];
@@ -67,12 +71,15 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
         };
     }
     let mut fused = fuse.then(|| FlowField::zeros(w, h));
+    let grid = grid.max(1) as f32;
     let pair = Pair {
         fwd,
         back: &bwd.data,
         w,
         stride: 2 * w,
         h,
+        slack2: SLACK2 / (grid * grid),
+        sigma0: SIGMA0 / grid,
     };
     let stride = pair.stride;
     let fused_rows: Vec<&mut [f32]> = match &mut fused {
@@ -118,6 +125,11 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool) -> FbCheck {
     FbCheck { conf, occ, fused }
 }
 
+/// The occlusion test's absolute slack, frame pixels².
+const SLACK2: f32 = 0.5;
+/// The confidence kernel's width at zero flow, frame pixels.
+const SIGMA0: f32 = 0.5;
+
 /// What every row of one [`fb_check`] call reads.
 struct Pair<'a> {
     fwd: &'a FlowField,
@@ -125,6 +137,9 @@ struct Pair<'a> {
     w: usize,
     stride: usize,
     h: usize,
+    /// [`SLACK2`] and [`SIGMA0`] in the flows' pixels.
+    slack2: f32,
+    sigma0: f32,
 }
 
 /// One row of [`fb_check`]: confidence, occlusion and optionally fused flow of row `y`.
@@ -174,6 +189,8 @@ fn check_row(
         w,
         stride,
         h,
+        slack2,
+        sigma0,
     } = *pair;
     let row = &fwd.data[y * stride..(y + 1) * stride];
     // Structure of arrays: this row's flow, its targets' cells and weights, bwd at the cells'
@@ -230,9 +247,9 @@ fn check_row(
         let (eu, ev) = (u[x] + bu[x], v[x] + bv[x]);
         let e2 = eu * eu + ev * ev;
         let f2 = u[x] * u[x] + v[x] * v[x];
-        let disagree = e2 > 0.01 * (f2 + bu[x] * bu[x] + bv[x] * bv[x]) + 0.5;
+        let disagree = e2 > 0.01 * (f2 + bu[x] * bu[x] + bv[x] * bv[x]) + slack2;
         let occluded = inside[x] == 0 || disagree;
-        let sigma = 0.5 + 0.05 * f2.sqrt();
+        let sigma = sigma0 + 0.05 * f2.sqrt();
         let two_s2 = 2.0 * sigma * sigma;
         cr[x] = f32::from_bits((two_s2 / (two_s2 + e2)).to_bits() & inside[x]);
         or[x] = occluded;
@@ -268,7 +285,7 @@ mod tests {
         // off in v: the fused forward flow is the average, (2.1, 1.05) → error halved in u.
         let fwd = uniform(32, 24, 2.2, 1.0);
         let bwd = uniform(32, 24, -2.0, -1.1);
-        let fuse = |f, b| fb_check(f, b, true).fused.expect("asked for");
+        let fuse = |f, b| fb_check(f, b, true, 1).fused.expect("asked for");
         let fused = fuse(&fwd, &bwd);
         let (u, v) = fused.get(5, 5);
         assert!((u - 2.1).abs() < 1e-5 && (v - 1.05).abs() < 1e-5, "{u} {v}");
@@ -281,6 +298,14 @@ mod tests {
 
     #[test]
     fn matches_the_per_pixel_definition_exactly() {
+        for grid in [1, 4] {
+            matches_the_definition_on(grid);
+        }
+    }
+
+    /// Flows on a grid of `grid` frame pixels a side: tolerances in frame pixels.
+    fn matches_the_definition_on(grid: usize) {
+        let g = grid as f32;
         // A wavy flow whose targets leave the image on all sides, and a backward flow that
         // agrees in some places and not in others.
         let (w, h) = (37, 23);
@@ -297,7 +322,7 @@ mod tests {
             }
         }
         fwd.data[2 * (5 * w + 7)] = f32::NAN;
-        let got = fb_check(&fwd, &bwd, true);
+        let got = fb_check(&fwd, &bwd, true, grid);
         let fused = got.fused.expect("asked for");
         let (mut inside, mut agree) = (0, 0);
         for y in 0..h {
@@ -311,8 +336,8 @@ mod tests {
                         let (eu, ev) = (u + bu, v + bv);
                         let e2 = eu * eu + ev * ev;
                         let f2 = u * u + v * v;
-                        let occluded = e2 > 0.01 * (f2 + bu * bu + bv * bv) + 0.5;
-                        let sigma = 0.5 + 0.05 * f2.sqrt();
+                        let occluded = e2 > 0.01 * (f2 + bu * bu + bv * bv) + 0.5 / (g * g);
+                        let sigma = 0.5 / g + 0.05 * f2.sqrt();
                         let two_s2 = 2.0 * sigma * sigma;
                         let (fu, fv) = if occluded {
                             (u, v)

@@ -1,11 +1,17 @@
 //! Engine `dis`: OpenCV's DIS optical flow made multi-frame.
 //!
+//! Each frame's grey image is made once and brought to DIS's finest level (¼ resolution for
+//! every preset but `medium`) by the same area resize OpenCV's pyramid starts with; DIS is then
+//! run on those small images with its finest scale set to 0, which gives exactly its own flow
+//! before its last step, the upsampling. (Before, each `calc` resized both full images again;
+//! the coarser levels are still built inside DIS, from the small images, where they cost little.)
+//!
 //! For each new frame t, forward flow (t−1 → t) and backward flow (t → t−1) are computed by DIS,
 //! concurrently (one core each; OpenCV's own thread pool is switched off because it spins against
 //! rayon). With the temporal prior on (the default), both start from a constant-velocity
-//! prediction: the previous pair's flows at the same pixel, negated. (OpenCV uses an initial flow
-//! only at its coarsest scale, so the prior matters for large motions.) Then, by default:
-//! 1. each direction is refined at full resolution by a windowed Lucas–Kanade step
+//! prediction: the previous pair's flows at the same pixel, negated (OpenCV tries it as a
+//! candidate for every patch, at every level). Then, by default:
+//! 1. each direction is upsampled and refined at full resolution by a windowed Lucas–Kanade step
 //!    (`refine.rs`), from gradients and structure tensors made once per frame and used by both
 //!    pairs the frame is in (with it on, `medium` stops DIS at ¼ resolution like the other
 //!    presets, not at its own ½: the refinement does the last octave);
@@ -16,10 +22,12 @@
 //!    the backward flow's are filled likewise from the next pair's forward flow, and each pair
 //!    is returned one frame later.
 //!
-//! Grey images are made once per frame and kept. (OpenCV's DIS API builds its pyramids inside
-//! `calc`, so those cannot be shared between pairs.)
+//! Without the refinement, steps 2 and 3 work on DIS's own grid, with their tolerances in frame
+//! pixels, and only the results (flows, confidence, occlusion) are upsampled: a sixteenth of the
+//! pixels at ¼ resolution.
 
-use opencv::core::{Mat, Scalar, Vec2f, CV_8UC1};
+use opencv::core::{DataType, Mat, Scalar, Size, ToInputArray, Vec2f, CV_8UC1};
+use opencv::imgproc::{resize, INTER_AREA, INTER_LINEAR};
 use opencv::prelude::*;
 use opencv::video::DISOpticalFlow;
 use serde::{Deserialize, Serialize};
@@ -127,13 +135,15 @@ fn default_refine_lambda() -> f32 {
 
 struct Prev {
     index: u64,
-    grey: Mat,
+    /// The grey image at DIS's finest level: what DIS is given.
+    dis_grey: Mat,
     /// Gradients and structure tensor, when refining.
     tensor: Option<FrameTensor>,
-    /// Constant-velocity initial flows for the next pair (forward, backward): the pair that ended
-    /// at this frame, negated (only with the temporal prior on).
+    /// Constant-velocity initial flows for the next pair (forward, backward), on DIS's grid: the
+    /// pair that ended at this frame, negated (only with the temporal prior on).
     priors: Option<(FlowField, FlowField)>,
-    /// The backward flow of the pair that ended at this frame (causal temporal fill).
+    /// The backward flow of the pair that ended at this frame, on the working grid (causal
+    /// temporal fill).
     bwd: Option<FlowField>,
 }
 
@@ -142,12 +152,14 @@ pub struct DisEngine {
     config: DisConfig,
     fwd: opencv::core::Ptr<DISOpticalFlow>,
     bwd: opencv::core::Ptr<DISOpticalFlow>,
+    /// DIS's finest level: each of its flow pixels is 2^shift frame pixels a side.
+    shift: u32,
     /// Full-resolution refinement of each direction (forward, backward).
     refiners: (Refiner, Refiner),
     /// A spent frame tensor whose buffers the next frame reuses.
     spare: Option<FrameTensor>,
     prev: Option<Prev>,
-    /// With the look-ahead: the last pair, waiting for the next one.
+    /// With the look-ahead: the last pair (on the working grid), waiting for the next one.
     pending: Option<PairFlow>,
     size: Option<(u32, u32)>,
 }
@@ -165,7 +177,15 @@ fn finest_scale(c: &DisConfig) -> Option<i32> {
 /// See [`finest_scale`].
 const MEDIUM_REFINED_FINEST: i32 = 2;
 
-fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
+/// The coarsest finest level DIS may be given (the CLI's limit too).
+const MAX_SHIFT: u32 = 8;
+
+/// A DIS instance and its finest level. The engine hands DIS grey images already at that level
+/// (made once per frame, where DIS would make them in every call, for both its images) and sets
+/// DIS's own finest scale to 0: OpenCV's pyramid starts with an area resize of the full image
+/// to that level, so the flow is exactly DIS's own before its last step, the upsampling, which
+/// the engine does where it needs it.
+fn make_dis(c: &DisConfig) -> Result<(opencv::core::Ptr<DISOpticalFlow>, u32)> {
     let mut d = DISOpticalFlow::create(c.preset.opencv())?;
     if let Some(v) = finest_scale(c) {
         d.set_finest_scale(v)?;
@@ -188,7 +208,120 @@ fn make_dis(c: &DisConfig) -> Result<opencv::core::Ptr<DISOpticalFlow>> {
             "DIS patch stride {stride} must be at least 1 and below the patch size {size}"
         )));
     }
-    Ok(d)
+    let finest = d.get_finest_scale()?;
+    let shift = u32::try_from(finest)
+        .ok()
+        .filter(|s| *s <= MAX_SHIFT)
+        .ok_or_else(|| {
+            Error::Flow(format!(
+                "DIS finest scale {finest} must be between 0 and {MAX_SHIFT}"
+            ))
+        })?;
+    d.set_finest_scale(0)?;
+    Ok((d, shift))
+}
+
+/// `grey` at DIS's finest level, made as OpenCV's pyramid makes it: an area resize to
+/// ⌊w / 2^shift⌋ × ⌊h / 2^shift⌋.
+fn level_grey(grey: Mat, shift: u32) -> Result<Mat> {
+    if shift == 0 {
+        return Ok(grey);
+    }
+    let size = Size::new(grey.cols() >> shift, grey.rows() >> shift);
+    if size.width < 1 || size.height < 1 {
+        // Left to `DisEngine::calc`, which names the frames.
+        return Ok(Mat::default());
+    }
+    let mut out = Mat::default();
+    resize(&grey, &mut out, size, 0.0, 0.0, INTER_AREA)?;
+    Ok(out)
+}
+
+/// OpenCV's bilinear resize of `src` into `dst`, the bytes of a `w` × `h` matrix of `T`.
+fn resize_into<T: DataType>(
+    src: &impl ToInputArray,
+    dst: &mut [u8],
+    w: usize,
+    h: usize,
+) -> Result<()> {
+    let mut m = Mat::new_rows_cols_with_bytes_mut::<T>(h as i32, w as i32, dst)?;
+    let before = m.data();
+    resize(
+        src,
+        &mut m,
+        Size::new(w as i32, h as i32),
+        0.0,
+        0.0,
+        INTER_LINEAR,
+    )?;
+    if m.data() == before {
+        return Ok(());
+    }
+    // OpenCV reallocated instead (not expected): copy its result.
+    let out = m.try_clone()?;
+    drop(m);
+    dst.copy_from_slice(out.data_bytes()?);
+    Ok(())
+}
+
+/// `f` resized to `w` × `h` (OpenCV's bilinear resize) and scaled by `k`: DIS's own last step
+/// when upsampling, and a prior for DIS from a full-resolution flow when downsampling (what DIS
+/// does itself with an initial flow of the images' size).
+fn resized_flow(f: &FlowField, (w, h): (usize, usize), k: f32) -> Result<FlowField> {
+    let mut out = FlowField::zeros(w, h);
+    let src = Mat::new_rows_cols_with_bytes::<Vec2f>(
+        f.height as i32,
+        f.width as i32,
+        bytemuck::cast_slice(&f.data),
+    )?;
+    resize_into::<Vec2f>(&src, bytemuck::cast_slice_mut(&mut out.data), w, h)?;
+    for v in &mut out.data {
+        *v *= k;
+    }
+    Ok(out)
+}
+
+/// The next pair's initial flow from this pair's flow in the opposite direction, on a grid
+/// `down` levels finer than DIS's: negated, on DIS's grid of `dis_size`.
+fn prior_from(f: &FlowField, down: u32, dis_size: (usize, usize)) -> Result<FlowField> {
+    if down == 0 {
+        Ok(negated(f))
+    } else {
+        resized_flow(f, dis_size, -1.0 / (1u32 << down) as f32)
+    }
+}
+
+/// Confidence on a coarser `sw` × `sh` grid, bilinearly on `w` × `h`.
+fn upsampled_conf(c: &[f32], (sw, sh): (usize, usize), (w, h): (usize, usize)) -> Result<Vec<f32>> {
+    let mut out = vec![0.0f32; w * h];
+    let src = Mat::new_rows_cols_with_data::<f32>(sh as i32, sw as i32, c)?;
+    resize_into::<f32>(&src, bytemuck::cast_slice_mut(&mut out), w, h)?;
+    Ok(out)
+}
+
+/// Occlusion on a `2^shift` times coarser `sw` × `sh` grid, nearest cell, on `w` × `h`.
+fn upsampled_occ(
+    o: &[bool],
+    (sw, sh): (usize, usize),
+    (w, h): (usize, usize),
+    shift: u32,
+) -> Vec<bool> {
+    let k = 1usize << shift;
+    let mut out = Vec::with_capacity(w * h);
+    let mut row = Vec::with_capacity(w.max(sw * k));
+    for y in 0..h {
+        if y % k == 0 && (y >> shift) < sh {
+            // A new coarse row; past the last one, the last is repeated.
+            let coarse = &o[(y >> shift) * sw..][..sw];
+            row.clear();
+            for &v in coarse {
+                row.extend(std::iter::repeat_n(v, k));
+            }
+            row.resize(w, coarse[sw - 1]);
+        }
+        out.extend_from_slice(&row[..w]);
+    }
+    out
 }
 
 /// Luma of an RGB image as an 8-bit OpenCV matrix.
@@ -253,13 +386,15 @@ pub fn flow_from_mat(m: &Mat) -> Result<FlowField> {
 
 impl DisEngine {
     /// # Errors
-    /// OpenCV cannot create the DIS instances.
+    /// OpenCV cannot create the DIS instances, or a parameter is out of range.
     pub fn new(config: DisConfig) -> Result<Self> {
         // OpenCV's own pool (TBB) spins against rayon on small machines; we parallelise ourselves.
         opencv::core::set_num_threads(1)?;
+        let ((fwd, shift), (bwd, _)) = (make_dis(&config)?, make_dis(&config)?);
         Ok(Self {
-            fwd: make_dis(&config)?,
-            bwd: make_dis(&config)?,
+            fwd,
+            bwd,
+            shift,
             refiners: (
                 Refiner::new(config.refine_iterations, config.refine_lambda),
                 Refiner::new(config.refine_iterations, config.refine_lambda),
@@ -272,6 +407,16 @@ impl DisEngine {
         })
     }
 
+    /// The grid the engine checks, fuses and fills on, as a shift from the frame's: the frame's
+    /// own when refining (the refinement works there), else DIS's, upsampling only the results.
+    fn work_shift(&self) -> u32 {
+        if self.config.refine_iterations > 0 {
+            0
+        } else {
+            self.shift
+        }
+    }
+
     fn calc(
         dis: &mut opencv::core::Ptr<DISOpticalFlow>,
         a: &Mat,
@@ -279,6 +424,13 @@ impl DisEngine {
         init: Option<FlowField>,
     ) -> Result<FlowField> {
         let (w, h) = (a.cols(), a.rows());
+        let patch = dis.get_patch_size()?;
+        if w.min(h) < patch {
+            // OpenCV's pyramid would have no level (it may not say so, or crash).
+            return Err(Error::Flow(format!(
+                "at DIS's finest scale the frames are {w}x{h}, less than a patch a side"
+            )));
+        }
         match init {
             // DIS starts from the input flow when it has the image's size and type (OpenCV ≥ 4.0),
             // and writes its estimate over it: the prior's buffer becomes the flow, uncopied.
@@ -302,8 +454,9 @@ impl DisEngine {
         }
     }
 
-    /// Flow between two grey frames, both directions at once (one core each), with optional
-    /// priors, each refined when both frames have tensors.
+    /// Flow between two frames, both directions at once (one core each), with optional priors on
+    /// DIS's grid, on the working grid: each direction upsampled and refined when both frames
+    /// have tensors.
     fn pair(
         &mut self,
         a: (&Mat, Option<&FrameTensor>),
@@ -316,16 +469,24 @@ impl DisEngine {
             Some((f, b)) => (Some(f), Some(b)),
             None => (None, None),
         };
+        let (size, shift) = (self.size.unwrap_or_default(), self.shift);
         let one = |dis: &mut opencv::core::Ptr<DISOpticalFlow>,
                    refiner: &mut Refiner,
                    from: (&Mat, Option<&FrameTensor>),
                    to: (&Mat, Option<&FrameTensor>),
                    init: Option<FlowField>|
          -> Result<FlowField> {
-            let mut flow = Self::calc(dis, from.0, to.0, init)?;
-            if let (Some(s), Some(t)) = (from.1, to.1) {
-                refiner.refine(s, t, &mut flow);
-            }
+            let flow = Self::calc(dis, from.0, to.0, init)?;
+            let (Some(s), Some(t)) = (from.1, to.1) else {
+                return Ok(flow);
+            };
+            let full = (size.0 as usize, size.1 as usize);
+            let mut flow = if shift == 0 {
+                flow
+            } else {
+                resized_flow(&flow, full, (1u32 << shift) as f32)?
+            };
+            refiner.refine(s, t, &mut flow);
             Ok(flow)
         };
         let (fwd, bwd) = rayon::join(
@@ -333,6 +494,39 @@ impl DisEngine {
             || one(bwd_dis, bwd_ref, b, a, bwd_init),
         );
         Ok((fwd?, bwd?))
+    }
+
+    /// A pair on the working grid, on the frame's.
+    fn on_frame_grid(&self, p: PairFlow) -> Result<PairFlow> {
+        let shift = self.work_shift();
+        let Some((w, h)) = self.size.filter(|_| shift > 0) else {
+            return Ok(p);
+        };
+        let full = (w as usize, h as usize);
+        let small = (p.fwd.width, p.fwd.height);
+        let k = (1u32 << shift) as f32;
+        let one = |f: &FlowField, c: &[f32], o: &[bool]| -> Result<_> {
+            Ok((
+                resized_flow(f, full, k)?,
+                upsampled_conf(c, small, full)?,
+                upsampled_occ(o, small, full, shift),
+            ))
+        };
+        let (f, b) = rayon::join(
+            || one(&p.fwd, &p.fwd_conf, &p.fwd_occ),
+            || one(&p.bwd, &p.bwd_conf, &p.bwd_occ),
+        );
+        let ((fwd, fwd_conf, fwd_occ), (bwd, bwd_conf, bwd_occ)) = (f?, b?);
+        Ok(PairFlow {
+            from: p.from,
+            to: p.to,
+            fwd,
+            bwd,
+            fwd_conf,
+            bwd_conf,
+            fwd_occ,
+            bwd_occ,
+        })
     }
 }
 
@@ -372,10 +566,11 @@ impl FlowEngine for DisEngine {
         } else {
             None
         };
+        let dis_grey = level_grey(grey, self.shift)?;
         let Some(prev) = self.prev.take() else {
             self.prev = Some(Prev {
                 index: frame.index,
-                grey,
+                dis_grey,
                 tensor,
                 priors: None,
                 bwd: None,
@@ -384,8 +579,8 @@ impl FlowEngine for DisEngine {
         };
         let (fwd, bwd) = self
             .pair(
-                (&prev.grey, prev.tensor.as_ref()),
-                (&grey, tensor.as_ref()),
+                (&prev.dis_grey, prev.tensor.as_ref()),
+                (&dis_grey, tensor.as_ref()),
                 prev.priors,
             )
             .map_err(|e| {
@@ -398,7 +593,11 @@ impl FlowEngine for DisEngine {
             })?;
         // Confidence and occlusion are judged before the two directions refine each other.
         let fuse = self.config.symmetric_fusion;
-        let (f, b) = rayon::join(|| fb_check(&fwd, &bwd, fuse), || fb_check(&bwd, &fwd, fuse));
+        let grid = 1usize << self.work_shift();
+        let (f, b) = rayon::join(
+            || fb_check(&fwd, &bwd, fuse, grid),
+            || fb_check(&bwd, &fwd, fuse, grid),
+        );
         let (fwd_conf, fwd_occ, bwd_conf, bwd_occ) = (f.conf, f.occ, b.conf, b.occ);
         let (mut fwd, bwd) = (f.fused.unwrap_or(fwd), b.fused.unwrap_or(bwd));
         let (temporal_fill, temporal_prior) =
@@ -410,26 +609,38 @@ impl FlowEngine for DisEngine {
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
         // The forward side is filled first; the backward side meanwhile on the other core.
+        let dis_size = (dis_grey.cols() as usize, dis_grey.rows() as usize);
+        let down = self.shift - self.work_shift();
         let (fwd_prior, (bwd_prior, kept_bwd)) = rayon::join(
             || {
                 if let (true, Some(before)) = (temporal_fill, before) {
-                    fill_inconsistent(&mut fwd, &fwd_occ, &fwd_conf, before);
+                    fill_inconsistent(&mut fwd, &fwd_occ, &fwd_conf, before, grid);
                 }
-                temporal_prior.then(|| negated(&fwd))
+                temporal_prior
+                    .then(|| prior_from(&fwd, down, dis_size))
+                    .transpose()
             },
             || {
                 (
-                    temporal_prior.then(|| negated(&bwd)),
+                    temporal_prior
+                        .then(|| prior_from(&bwd, down, dis_size))
+                        .transpose(),
                     keep_bwd.then(|| bwd.clone()),
                 )
             },
         );
-        let priors = bwd_prior.zip(fwd_prior);
+        let priors = bwd_prior?.zip(fwd_prior?);
         let mut out = Vec::new();
         if let Some(mut pending) = pending.take() {
             // Its backward flow is on this pair's source grid too.
-            fill_inconsistent(&mut pending.bwd, &pending.bwd_occ, &pending.bwd_conf, &fwd);
-            out.push(pending);
+            fill_inconsistent(
+                &mut pending.bwd,
+                &pending.bwd_occ,
+                &pending.bwd_conf,
+                &fwd,
+                grid,
+            );
+            out.push(self.on_frame_grid(pending)?);
         }
         let pair = PairFlow {
             from: prev.index,
@@ -444,12 +655,12 @@ impl FlowEngine for DisEngine {
         if self.config.look_ahead {
             self.pending = Some(pair);
         } else {
-            out.push(pair);
+            out.push(self.on_frame_grid(pair)?);
         }
         self.spare = prev.tensor;
         self.prev = Some(Prev {
             index: frame.index,
-            grey,
+            dis_grey,
             tensor,
             priors,
             bwd: kept_bwd,
@@ -458,7 +669,11 @@ impl FlowEngine for DisEngine {
     }
 
     fn flush(&mut self) -> Result<Vec<PairFlow>> {
-        Ok(self.pending.take().into_iter().collect())
+        self.pending
+            .take()
+            .map(|p| self.on_frame_grid(p))
+            .into_iter()
+            .collect()
     }
 
     fn reset(&mut self) {
@@ -468,7 +683,7 @@ impl FlowEngine for DisEngine {
         // OpenCV's DIS keeps something of an initial flow it was given: after one, its next
         // estimate without one differs from a fresh instance's. A new stream gets new ones
         // (if that fails, the old ones still give flows).
-        if let (Ok(f), Ok(b)) = (make_dis(&self.config), make_dis(&self.config)) {
+        if let (Ok((f, _)), Ok((b, _))) = (make_dis(&self.config), make_dis(&self.config)) {
             (self.fwd, self.bwd) = (f, b);
         }
     }
@@ -476,6 +691,21 @@ impl FlowEngine for DisEngine {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn occlusion_is_upsampled_from_the_nearest_coarse_pixel() {
+        // 3 × 2 coarse pixels at ¼ resolution onto 13 × 9: the frame's last column and row lie
+        // past the coarse grid's (⌊13 / 4⌋ = 3) and repeat its last.
+        let coarse = [true, false, true, false, false, true];
+        let got = super::upsampled_occ(&coarse, (3, 2), (13, 9), 2);
+        assert_eq!(got.len(), 13 * 9);
+        for y in 0..9 {
+            for x in 0..13 {
+                let want = coarse[(y / 4).min(1) * 3 + (x / 4).min(2)];
+                assert_eq!(got[y * 13 + x], want, "{x},{y}");
+            }
+        }
+    }
+
     #[test]
     fn grey_is_the_rounded_luma_of_every_pixel() {
         use opencv::prelude::*;

@@ -12,12 +12,15 @@ use nalgebra::{SMatrix, SVector};
 
 use super::FlowField;
 
-/// Pixel stride of the samples the correction is fitted on.
+/// Stride of the samples the correction is fitted on, on the frame's grid.
 const SAMPLE_STRIDE: usize = 4;
+/// The same on a grid coarser than the frame's, in its pixels: a few thousand samples pin the
+/// six coefficients, and every pixel of a ¼-resolution grid would cost as much as the fill.
+const COARSE_SAMPLE_STRIDE: usize = 2;
 /// Consistent samples needed for a fit.
 const MIN_SAMPLES: usize = 64;
-/// A prediction whose corrected form misses the consistent pixels by more than this RMS (px) is
-/// not used: a cut, a jump, or motion the quadratic cannot describe.
+/// A prediction whose corrected form misses the consistent pixels by more than this RMS (frame
+/// pixels) is not used: a cut, a jump, or motion the quadratic cannot describe.
 const MAX_FIT_RMS: f64 = 1.0;
 
 /// What [`fill_inconsistent`] did.
@@ -25,7 +28,7 @@ const MAX_FIT_RMS: f64 = 1.0;
 pub struct Fill {
     /// Pixels replaced.
     pub filled: usize,
-    /// RMS (px) of the corrected prediction on the consistent samples.
+    /// RMS of the corrected prediction on the consistent samples, in the flow's pixels.
     pub fit_rms: f64,
 }
 
@@ -39,13 +42,16 @@ fn basis(x: usize, y: usize, sx: f64, sy: f64) -> SVector<f64, 6> {
 /// in the opposite direction in time) plus a fitted quadratic correction. Fits on pixels not
 /// marked, with `conf` ≥ 0.5. Returns `None`, leaving `flow` unchanged, when the fields differ
 /// in size, too few pixels are consistent, or the corrected prediction misses them by more
-/// than 1 px RMS.
+/// than 1 px RMS. The flows may be on a coarser grid than the frames, each of their pixels
+/// `grid` frame pixels a side: the samples and the RMS limit stay in frame pixels.
 pub fn fill_inconsistent(
     flow: &mut FlowField,
     inconsistent: &[bool],
     conf: &[f32],
     opposite: &FlowField,
+    grid: usize,
 ) -> Option<Fill> {
+    let grid = grid.max(1);
     let (w, h) = (flow.width, flow.height);
     let n = w * h;
     if (opposite.width, opposite.height) != (w, h) || inconsistent.len() != n || conf.len() != n {
@@ -56,8 +62,13 @@ pub fn fill_inconsistent(
     let mut rhs_u = SVector::<f64, 6>::zeros();
     let mut rhs_v = SVector::<f64, 6>::zeros();
     let mut samples = Vec::new();
-    for y in (0..h).step_by(SAMPLE_STRIDE) {
-        for x in (0..w).step_by(SAMPLE_STRIDE) {
+    let step = if grid == 1 {
+        SAMPLE_STRIDE
+    } else {
+        COARSE_SAMPLE_STRIDE
+    };
+    for y in (0..h).step_by(step) {
+        for x in (0..w).step_by(step) {
             let i = y * w + x;
             if inconsistent[i] || conf[i] < 0.5 {
                 continue;
@@ -87,7 +98,7 @@ pub fn fill_inconsistent(
         .sum();
     let fit_rms = (sq / samples.len() as f64).sqrt();
     // A NaN RMS is refused too.
-    if fit_rms.is_nan() || fit_rms > MAX_FIT_RMS {
+    if fit_rms.is_nan() || fit_rms > MAX_FIT_RMS / grid as f64 {
         return None;
     }
     let mut filled = 0;
@@ -146,7 +157,7 @@ mod tests {
             }
         }
         let conf = vec![1.0; w * h];
-        let fill = fill_inconsistent(&mut flow, &bad, &conf, &opposite).expect("fits");
+        let fill = fill_inconsistent(&mut flow, &bad, &conf, &opposite, 1).expect("fits");
         assert_eq!(fill.filled, 150);
         assert!(fill.fit_rms < 1e-3, "{fill:?}");
         for (a, b) in flow.data.iter().zip(&truth.data) {
@@ -158,7 +169,7 @@ mod tests {
             *v = ((i * 7919) % 13) as f32 - 6.0;
         }
         let before = flow.clone();
-        assert!(fill_inconsistent(&mut flow, &bad, &conf, &noise).is_none());
+        assert!(fill_inconsistent(&mut flow, &bad, &conf, &noise, 1).is_none());
         assert_eq!(flow, before);
     }
 }
