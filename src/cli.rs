@@ -410,13 +410,15 @@ struct DisFlags {
     /// with --flow-refine, whose full-resolution step does the last octave].
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(0..=8))]
     dis_finest_scale: Option<i32>,
-    /// DIS's patch size in pixels [default: the preset's: 8, or 12 for `medium`].
+    /// DIS's patch size in pixels [default: the preset's, 8 for all three].
     #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i32).range(3..=64))]
     dis_patch_size: Option<i32>,
-    /// DIS's patch stride in pixels, below the patch size [default: the preset's].
+    /// DIS's patch stride in pixels, below the patch size [default: the preset's: 4, or 3 for
+    /// `medium`].
     #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i32).range(1..=63))]
     dis_patch_stride: Option<i32>,
-    /// DIS's gradient-descent iterations per patch [default: the preset's: 16, or 25 for `medium`].
+    /// DIS's gradient-descent iterations per patch [default: the preset's: 12 for `ultrafast`, 16
+    /// for `fast`, 25 for `medium`].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(i32).range(1..=1000))]
     dis_iterations: Option<i32>,
     /// DIS's variational refinement iterations per level [default: the preset's: 0 for
