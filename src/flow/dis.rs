@@ -497,7 +497,7 @@ impl DisEngine {
     }
 
     /// A pair on the working grid, on the frame's.
-    fn on_frame_grid(&self, p: PairFlow) -> Result<PairFlow> {
+    fn on_frame_grid(&self, mut p: PairFlow) -> Result<PairFlow> {
         let shift = self.work_shift();
         let Some((w, h)) = self.size.filter(|_| shift > 0) else {
             return Ok(p);
@@ -516,17 +516,9 @@ impl DisEngine {
             || one(&p.fwd, &p.fwd_conf, &p.fwd_occ),
             || one(&p.bwd, &p.bwd_conf, &p.bwd_occ),
         );
-        let ((fwd, fwd_conf, fwd_occ), (bwd, bwd_conf, bwd_occ)) = (f?, b?);
-        Ok(PairFlow {
-            from: p.from,
-            to: p.to,
-            fwd,
-            bwd,
-            fwd_conf,
-            bwd_conf,
-            fwd_occ,
-            bwd_occ,
-        })
+        (p.fwd, p.fwd_conf, p.fwd_occ) = f?;
+        (p.bwd, p.bwd_conf, p.bwd_occ) = b?;
+        Ok(p)
     }
 }
 
