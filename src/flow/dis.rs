@@ -3,8 +3,9 @@
 //! Each frame's grey image is made once and brought to DIS's finest level (¼ resolution for
 //! every preset but `medium`) by the same area resize OpenCV's pyramid starts with; DIS is then
 //! run on those small images with its finest scale set to 0, which gives exactly its own flow
-//! before its last step, the upsampling. (Before, each `calc` resized both full images again;
-//! the coarser levels are still built inside DIS, from the small images, where they cost little.)
+//! before its last step, the upsampling. (Given full images, every `calc` would resize both:
+//! four resizes of each frame. The coarser levels are still built inside DIS, from the small
+//! images, where they cost little.)
 //!
 //! For each new frame t, forward flow (t−1 → t) and backward flow (t → t−1) are computed by DIS,
 //! concurrently (one core each; OpenCV's own thread pool is switched off because it spins against
