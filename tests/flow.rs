@@ -235,19 +235,31 @@ fn at_dis_resolution_the_multi_frame_steps_still_beat_plain_dis() {
 }
 
 #[test]
-fn frames_below_a_patch_at_dis_resolution_are_refused_by_name() {
-    // 40×28 at ¼ resolution is 10×7, under the 8-pixel patch: an error naming the frames, not
-    // an OpenCV failure (its pyramid would have no level).
-    let mut engine = DisEngine::new(DisConfig::default()).unwrap();
-    let img = |i: u32| {
-        image::RgbImage::from_fn(40, 28, |x, y| image::Rgb([(x * 5 + y * 3 + i) as u8; 3]))
-    };
-    assert!(engine.push(&frame(0, img(0))).unwrap().is_empty());
-    let e = engine.push(&frame(1, img(1))).unwrap_err().to_string();
-    assert!(
-        e.contains("frames 0 and 1") && e.contains("40x28") && e.contains("10x7"),
-        "{e}"
-    );
+fn tiny_frames_get_their_flow_from_a_finer_dis_level() {
+    // 40×30 at ¼ resolution is 10×7, under DIS's 8-pixel patch (OpenCV's pyramid would have no
+    // level there): DIS runs at ½ resolution instead, with and without the refinement.
+    let (frames, gt, _) = synthetic(4, 40, 30);
+    for refine_iterations in [0, 1] {
+        let mut engine = DisEngine::new(DisConfig {
+            refine_iterations,
+            ..DisConfig::default()
+        })
+        .unwrap();
+        let mut acc = FlowMetricsAcc::default();
+        let pairs = all_pairs(&mut engine, &frames);
+        assert_eq!(pairs.len(), 3);
+        for p in pairs {
+            assert_eq!(
+                (p.fwd.width, p.fwd.height, p.bwd_conf.len()),
+                (40, 30, 40 * 30)
+            );
+            let g = &gt[p.from as usize];
+            acc.add(&g.0, &p.fwd, None, Some(&g.1)).unwrap();
+        }
+        let m = acc.finish();
+        println!("40x30, refinement {refine_iterations}: EPE {:.3}", m.epe);
+        assert!(m.epe < 0.5, "refinement {refine_iterations}: {m:?}");
+    }
 }
 
 #[test]

@@ -153,7 +153,10 @@ pub struct DisEngine {
     config: DisConfig,
     fwd: opencv::core::Ptr<DISOpticalFlow>,
     bwd: opencv::core::Ptr<DISOpticalFlow>,
-    /// DIS's finest level: each of its flow pixels is 2^shift frame pixels a side.
+    /// DIS's finest level as the preset (or an override) sets it.
+    preset_shift: u32,
+    /// DIS's finest level for this stream (each of its flow pixels is 2^shift frame pixels a
+    /// side): the preset's, or finer for frames so small that it would have no pyramid there.
     shift: u32,
     /// Full-resolution refinement of each direction (forward, backward).
     refiners: (Refiner, Refiner),
@@ -220,6 +223,23 @@ fn make_dis(c: &DisConfig) -> Result<(opencv::core::Ptr<DISOpticalFlow>, u32)> {
         })?;
     d.set_finest_scale(0)?;
     Ok((d, shift))
+}
+
+/// Whether DIS has a pyramid for `w` × `h` images and `patch`-pixel patches: OpenCV's coarsest
+/// level must not be below its finest (else it indexes past its own pyramid), which takes a
+/// patch on the short side and more than √2 patches on the long one.
+fn dis_fits(w: i32, h: i32, patch: i32) -> bool {
+    w.min(h) >= patch && f64::from(w.max(h)) > f64::from(patch) * std::f64::consts::SQRT_2
+}
+
+/// The finest level, at most `shift`, at which DIS fits `w` × `h` frames (see [`dis_fits`]);
+/// `shift` itself where none does (DIS is then refused by name, see `DisEngine::calc`).
+fn fitting_shift((w, h): (u32, u32), shift: u32, patch: i32) -> u32 {
+    let side = |v: u32, s: u32| i32::try_from(v >> s).unwrap_or(i32::MAX);
+    (0..=shift)
+        .rev()
+        .find(|&s| dis_fits(side(w, s), side(h, s), patch))
+        .unwrap_or(shift)
 }
 
 /// `grey` at DIS's finest level, made as OpenCV's pyramid makes it: an area resize to
@@ -395,6 +415,7 @@ impl DisEngine {
         Ok(Self {
             fwd,
             bwd,
+            preset_shift: shift,
             shift,
             refiners: (
                 Refiner::new(config.refine_iterations, config.refine_lambda),
@@ -425,11 +446,10 @@ impl DisEngine {
         init: Option<FlowField>,
     ) -> Result<FlowField> {
         let (w, h) = (a.cols(), a.rows());
-        let patch = dis.get_patch_size()?;
-        if w.min(h) < patch {
+        if !dis_fits(w, h, dis.get_patch_size()?) {
             // OpenCV's pyramid would have no level (it may not say so, or crash).
             return Err(Error::Flow(format!(
-                "at DIS's finest scale the frames are {w}x{h}, less than a patch a side"
+                "at DIS's finest scale the frames are {w}x{h}, too small for its patches"
             )));
         }
         match init {
@@ -544,6 +564,7 @@ impl FlowEngine for DisEngine {
                     size.0, size.1
                 )));
             }
+            self.shift = fitting_shift(size, self.preset_shift, self.fwd.get_patch_size()?);
             self.size = Some(size);
         }
         let grey = grey_mat(&frame.image)?;
@@ -673,6 +694,7 @@ impl FlowEngine for DisEngine {
         self.prev = None;
         self.pending = None;
         self.size = None;
+        self.shift = self.preset_shift;
         // OpenCV's DIS keeps something of an initial flow it was given: after one, its next
         // estimate without one differs from a fresh instance's. A new stream gets new ones
         // (if that fails, the old ones still give flows).
