@@ -11,7 +11,9 @@ use std::time::Instant;
 
 use opencv::prelude::*;
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
-use streamrecon::flow::dis::{flow_from_mat, grey_mat, DisConfig, DisEngine, DisPreset};
+use streamrecon::flow::dis::{
+    flow_from_mat, grey_mat, DisBackend, DisConfig, DisEngine, DisPreset,
+};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{FlowEngine, FlowField};
 use streamrecon::frame::Frame;
@@ -206,6 +208,14 @@ fn main() {
                     ..config(preset)
                 },
             );
+            let no_refine_cv = engine(
+                &seq,
+                DisConfig {
+                    refine_iterations: 0,
+                    backend: DisBackend::Opencv,
+                    ..config(preset)
+                },
+            );
             let bare = engine(
                 &seq,
                 DisConfig {
@@ -216,19 +226,34 @@ fn main() {
                     ..config(preset)
                 },
             );
+            let bare_cv = engine(
+                &seq,
+                DisConfig {
+                    backend: DisBackend::Opencv,
+                    refine_iterations: 0,
+                    temporal_fill: false,
+                    symmetric_fusion: false,
+                    temporal_prior: false,
+                    ..config(preset)
+                },
+            );
             println!(
                 "{traj:?} 640x480 {preset:?}: plain DIS forward EPE {pe:.3}; {pt2:.1} ms on OpenCV's 2 threads, {pt1:.1} ms on 1; forward+backward on 2 cores {pbt:.1} ms\n  \
                  engine default: EPE {:.3} (noc {:.3}, occluded {:.3}), backward EPE {:.3}, {:.1} ms: EPE ratio {:.3}; time ratio {:.2} vs plain on 2 threads, {:.2} vs 1, {:.2} vs forward+backward\n  \
-                 look-ahead: EPE {:.3}, backward EPE {:.3}, {:.1} ms | no temporal fill: EPE {:.3}, {:.1} ms | no refinement: EPE {:.3}, {:.1} ms | bare (no prior, fusion, refinement, fill): EPE {:.3}, {:.1} ms",
+                 no refinement: EPE {:.3} (ratio {:.3}), backward EPE {:.3}, {:.2} ms: time ratio {:.2} vs plain on 2 threads, {:.2} vs forward+backward | on OpenCV's DIS: EPE {:.3}, {:.2} ms\n  \
+                 look-ahead: EPE {:.3}, backward EPE {:.3}, {:.1} ms | no temporal fill: EPE {:.3}, {:.1} ms | bare (no prior, fusion, refinement, fill): EPE {:.3}, {:.2} ms; on OpenCV's DIS EPE {:.3}, {:.2} ms",
                 d.epe, d.epe_noc, d.epe_occ, d.bwd_epe, d.ms,
                 d.epe / pe,
                 d.ms / pt2,
                 d.ms / pt1,
                 d.ms / pbt,
+                no_refine.epe, no_refine.epe / pe, no_refine.bwd_epe, no_refine.ms,
+                no_refine.ms / pt2, no_refine.ms / pbt,
+                no_refine_cv.epe, no_refine_cv.ms,
                 ahead.epe, ahead.bwd_epe, ahead.ms,
                 no_fill.epe, no_fill.ms,
-                no_refine.epe, no_refine.ms,
                 bare.epe, bare.ms,
+                bare_cv.epe, bare_cv.ms,
             );
         }
     }

@@ -19,7 +19,7 @@ use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::long3d;
 use streamrecon::eval::plot::{plot, Series};
 use streamrecon::eval::pose::pose_metrics;
-use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
+use streamrecon::flow::dis::{DisBackend, DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon::flow::{colorwheel, FlowEngine};
@@ -410,6 +410,11 @@ struct DisFlags {
     /// with --flow-refine, whose full-resolution step does the last octave].
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(0..=8))]
     dis_finest_scale: Option<i32>,
+    /// Which DIS computes the flows: `native` is OpenCV's algorithm with each frame's pyramid,
+    /// gradients and patch tensors made once (for 8-pixel patches; other sizes run on
+    /// OpenCV's), `opencv` is OpenCV's `DISOpticalFlow` itself.
+    #[arg(long, value_enum, default_value = "native")]
+    dis_backend: DisBackend,
     /// DIS's patch size in pixels [default: the preset's, 8 for all three].
     #[arg(long, value_name = "PX", value_parser = clap::value_parser!(i32).range(3..=64))]
     dis_patch_size: Option<i32>,
@@ -436,6 +441,7 @@ impl Default for DisFlags {
             no_temporal_fill: false,
             flow_look_ahead: false,
             dis_finest_scale: None,
+            dis_backend: DisBackend::Native,
             dis_patch_size: None,
             dis_patch_stride: None,
             dis_iterations: None,
@@ -454,6 +460,7 @@ impl DisFlags {
             temporal_fill: !self.no_temporal_fill,
             look_ahead: self.flow_look_ahead,
             finest_scale: self.dis_finest_scale,
+            backend: self.dis_backend,
             patch_size: self.dis_patch_size,
             patch_stride: self.dis_patch_stride,
             gradient_descent_iterations: self.dis_iterations,

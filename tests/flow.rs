@@ -3,7 +3,7 @@
 mod common;
 
 use streamrecon::datasets::synth::{SynthWorld, TrajectoryKind};
-use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
+use streamrecon::flow::dis::{DisBackend, DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::{flow_metrics, FlowMetricsAcc};
 use streamrecon::flow::{colorwheel, FlowEngine, FlowField};
 use streamrecon::frame::Frame;
@@ -144,6 +144,17 @@ fn plain_dis(preset: i32, a: &Frame, b: &Frame) -> FlowField {
     flow_from_mat(&m).unwrap()
 }
 
+/// The engine with none of its multi-frame steps: DIS alone.
+fn bare() -> DisConfig {
+    DisConfig {
+        temporal_prior: false,
+        symmetric_fusion: false,
+        refine_iterations: 0,
+        temporal_fill: false,
+        ..DisConfig::default()
+    }
+}
+
 #[test]
 fn without_its_multi_frame_steps_the_engine_is_opencv_dis_exactly() {
     // The engine gives DIS images already at its finest level, made once per frame, and
@@ -159,11 +170,8 @@ fn without_its_multi_frame_steps_the_engine_is_opencv_dis_exactly() {
     ] {
         let mut engine = DisEngine::new(DisConfig {
             preset,
-            temporal_prior: false,
-            symmetric_fusion: false,
-            refine_iterations: 0,
-            temporal_fill: false,
-            ..DisConfig::default()
+            backend: DisBackend::Opencv,
+            ..bare()
         })
         .unwrap();
         let pairs = all_pairs(&mut engine, &frames);
@@ -174,6 +182,58 @@ fn without_its_multi_frame_steps_the_engine_is_opencv_dis_exactly() {
             assert_eq!(p.bwd, plain_dis(opencv_preset, b, a), "{preset:?} backward");
             assert_eq!((p.fwd_conf.len(), p.bwd_occ.len()), (330 * 250, 330 * 250));
         }
+    }
+}
+
+#[test]
+fn the_native_dis_gives_opencv_dis_flows() {
+    // Our DIS (`inverse_search.rs`, the default backend) against OpenCV's own on the same
+    // frames, with and without the variational refinement: the same algorithm, rounded
+    // differently, so flows differ by little and score the same against the ground truth.
+    let (frames, gt, _) = synthetic(6, 330, 250);
+    for (preset, opencv_preset) in [
+        (
+            DisPreset::Ultrafast,
+            opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
+        ),
+        (DisPreset::Fast, opencv::video::DISOpticalFlow_PRESET_FAST),
+    ] {
+        let mut engine = DisEngine::new(DisConfig { preset, ..bare() }).unwrap();
+        let (mut ours, mut theirs) = (FlowMetricsAcc::default(), FlowMetricsAcc::default());
+        let (mut diff, mut n) = (0.0f64, 0usize);
+        for p in all_pairs(&mut engine, &frames) {
+            let (i, j) = (p.from as usize, p.to as usize);
+            for (got, want) in [
+                (&p.fwd, plain_dis(opencv_preset, &frames[i], &frames[j])),
+                (&p.bwd, plain_dis(opencv_preset, &frames[j], &frames[i])),
+            ] {
+                assert_eq!((got.width, got.height), (want.width, want.height));
+                diff += got
+                    .data
+                    .iter()
+                    .zip(&want.data)
+                    .map(|(a, b)| f64::from((a - b).abs()))
+                    .sum::<f64>();
+                n += got.data.len();
+            }
+            ours.add(&gt[i].0, &p.fwd, None, Some(&gt[i].1)).unwrap();
+            let plain = plain_dis(opencv_preset, &frames[i], &frames[j]);
+            theirs.add(&gt[i].0, &plain, None, Some(&gt[i].1)).unwrap();
+        }
+        let (ours, theirs) = (ours.finish(), theirs.finish());
+        let mean_diff = diff / n as f64;
+        println!(
+            "{preset:?}: native EPE {:.4}, OpenCV {:.4}, mean |difference| {mean_diff:.5} px",
+            ours.epe, theirs.epe
+        );
+        assert!(
+            mean_diff < 0.01,
+            "{preset:?}: flows differ by {mean_diff} px on average"
+        );
+        assert!(
+            (ours.epe - theirs.epe).abs() < 0.02 * theirs.epe,
+            "{preset:?}: {ours:?} vs {theirs:?}"
+        );
     }
 }
 

@@ -82,6 +82,10 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> Fb
         sigma0: SIGMA0 / grid,
     };
     let stride = pair.stride;
+    // Rows per parallel job: a small field (DIS's ¼-resolution grid) is one job, run on this
+    // thread (called from outside rayon's pool, a parallel loop would hand it to the pool and
+    // wait).
+    let min_rows = PAR_MIN_PIXELS.div_ceil(w);
     let fused_rows: Vec<&mut [f32]> = match &mut fused {
         Some(f) => f.data.chunks_mut(stride).collect(),
         None => Vec::new(),
@@ -90,6 +94,7 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> Fb
         conf.par_chunks_mut(w)
             .zip(occ.par_chunks_mut(w))
             .zip(fused_rows.into_par_iter())
+            .with_min_len(min_rows)
             .enumerate()
             .for_each_init(
                 || RowScratch::new(w),
@@ -107,6 +112,7 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> Fb
     } else {
         conf.par_chunks_mut(w)
             .zip(occ.par_chunks_mut(w))
+            .with_min_len(min_rows)
             .enumerate()
             .for_each_init(
                 || RowScratch::new(w),
@@ -124,6 +130,9 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> Fb
     }
     FbCheck { conf, occ, fused }
 }
+
+/// Pixels of a parallel job, at least.
+const PAR_MIN_PIXELS: usize = 32 * 1024;
 
 /// The occlusion test's absolute slack, frame pixels².
 const SLACK2: f32 = 0.5;

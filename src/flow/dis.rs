@@ -27,14 +27,16 @@
 //! pixels, and only the results (flows, confidence, occlusion) are upsampled: a sixteenth of the
 //! pixels at ¼ resolution.
 
-use opencv::core::{DataType, Mat, Scalar, Size, ToInputArray, Vec2f, CV_8UC1};
-use opencv::imgproc::{resize, INTER_AREA, INTER_LINEAR};
+use opencv::core::{Mat, Scalar, Size, Vec2f, CV_8UC1};
+use opencv::imgproc::{resize, INTER_AREA};
 use opencv::prelude::*;
 use opencv::video::DISOpticalFlow;
 use serde::{Deserialize, Serialize};
 
 use super::consistency::fb_check;
+use super::inverse_search::{DisFrame, InverseSearch, InverseSearchParams, PATCH};
 use super::refine::{FrameTensor, Refiner};
+use super::resize::{resized_flow, upsample_linear};
 use super::temporal::fill_inconsistent;
 use super::{FlowEngine, FlowField, PairFlow};
 use crate::error::{Error, Result};
@@ -58,10 +60,25 @@ impl DisPreset {
     }
 }
 
+/// Which implementation of DIS computes each flow.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum DisBackend {
+    /// OpenCV's algorithm with each frame's pyramid, gradients and patch tensors made once
+    /// (`inverse_search.rs`); 8-pixel patches only (every preset's; other sizes run on OpenCV).
+    #[default]
+    Native,
+    /// OpenCV's `DISOpticalFlow` itself.
+    Opencv,
+}
+
 /// Parameters of the `dis` engine (OpenCV's, plus the temporal prior switch).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DisConfig {
     pub preset: DisPreset,
+    /// Which implementation of DIS runs.
+    #[serde(default)]
+    pub backend: DisBackend,
     /// Start each estimate from the constant-velocity prediction of the previous pair.
     pub temporal_prior: bool,
     /// Refine each direction by the other where they agree (see `consistency::fb_check`).
@@ -102,6 +119,7 @@ impl Default for DisConfig {
     fn default() -> Self {
         Self {
             preset: DisPreset::Ultrafast,
+            backend: DisBackend::default(),
             temporal_prior: true,
             symmetric_fusion: true,
             refine_iterations: default_refine_iterations(),
@@ -136,8 +154,8 @@ fn default_refine_lambda() -> f32 {
 
 struct Prev {
     index: u64,
-    /// The grey image at DIS's finest level: what DIS is given.
-    dis_grey: Mat,
+    /// The grey image at DIS's finest level, as DIS takes it.
+    dis_grey: LevelImage,
     /// Gradients and structure tensor, when refining.
     tensor: Option<FrameTensor>,
     /// Constant-velocity initial flows for the next pair (forward, backward), on DIS's grid: the
@@ -151,8 +169,11 @@ struct Prev {
 /// The `dis` engine.
 pub struct DisEngine {
     config: DisConfig,
-    fwd: opencv::core::Ptr<DISOpticalFlow>,
-    bwd: opencv::core::Ptr<DISOpticalFlow>,
+    fwd: Dis,
+    bwd: Dis,
+    /// DIS's patch size and stride.
+    patch: i32,
+    stride: i32,
     /// DIS's finest level as the preset (or an override) sets it.
     preset_shift: u32,
     /// DIS's finest level for this stream (each of its flow pixels is 2^shift frame pixels a
@@ -225,6 +246,50 @@ fn make_dis(c: &DisConfig) -> Result<(opencv::core::Ptr<DISOpticalFlow>, u32)> {
     Ok((d, shift))
 }
 
+/// One direction's DIS.
+enum Dis {
+    Opencv(opencv::core::Ptr<DISOpticalFlow>),
+    Native(InverseSearch),
+}
+
+/// A frame at DIS's finest level, as its DIS takes it.
+enum LevelImage {
+    Opencv(Mat),
+    Native(DisFrame),
+}
+
+impl LevelImage {
+    fn size(&self) -> (usize, usize) {
+        match self {
+            Self::Opencv(m) => (m.cols() as usize, m.rows() as usize),
+            Self::Native(f) => f.size(),
+        }
+    }
+}
+
+/// The two directions' DIS for `c`, its finest level, patch size and stride.
+fn make_pair(c: &DisConfig) -> Result<((Dis, Dis), u32, i32, i32)> {
+    let (fwd, shift) = make_dis(c)?;
+    let (bwd, _) = make_dis(c)?;
+    let (patch, stride) = (fwd.get_patch_size()?, fwd.get_patch_stride()?);
+    let native = c.backend == DisBackend::Native && usize::try_from(patch) == Ok(PATCH);
+    let pair = if native {
+        let params = InverseSearchParams {
+            patch_stride: usize::try_from(stride).unwrap_or(1),
+            gradient_descent_iterations: usize::try_from(fwd.get_gradient_descent_iterations()?)
+                .unwrap_or(0),
+            variational_refinement_iterations: fwd.get_variational_refinement_iterations()?,
+        };
+        (
+            Dis::Native(InverseSearch::new(params)),
+            Dis::Native(InverseSearch::new(params)),
+        )
+    } else {
+        (Dis::Opencv(fwd), Dis::Opencv(bwd))
+    };
+    Ok((pair, shift, patch, stride))
+}
+
 /// Whether DIS has a pyramid for `w` × `h` images and `patch`-pixel patches: OpenCV's coarsest
 /// level must not be below its finest (else it indexes past its own pyramid), which takes a
 /// patch on the short side and more than √2 patches on the long one.
@@ -258,48 +323,29 @@ fn level_grey(grey: Mat, shift: u32) -> Result<Mat> {
     Ok(out)
 }
 
-/// OpenCV's bilinear resize of `src` into `dst`, the bytes of a `w` × `h` matrix of `T`.
-fn resize_into<T: DataType>(
-    src: &impl ToInputArray,
-    dst: &mut [u8],
-    w: usize,
-    h: usize,
-) -> Result<()> {
-    let mut m = Mat::new_rows_cols_with_bytes_mut::<T>(h as i32, w as i32, dst)?;
-    let before = m.data();
-    resize(
-        src,
-        &mut m,
-        Size::new(w as i32, h as i32),
-        0.0,
-        0.0,
-        INTER_LINEAR,
-    )?;
-    if m.data() == before {
-        return Ok(());
+/// `a` and `b` on two cores. With `caller_keeps_one`, from a thread outside rayon's pool, `a`
+/// runs on this thread and only `b` goes to the pool: `rayon::join` from outside the pool hands
+/// both to a worker and blocks this thread, and after a pause between frames (a caller's own
+/// work) the pool's second worker then started too late to take `b` (measured at 640×480: both
+/// DIS calls ran one after the other on one worker, 1.6–1.7 ms instead of 0.9–1.0).
+fn both<RA: Send, RB: Send>(
+    caller_keeps_one: bool,
+    a: impl FnOnce() -> RA + Send,
+    b: impl FnOnce() -> RB + Send,
+) -> (RA, RB) {
+    if !caller_keeps_one || rayon::current_thread_index().is_some() {
+        return rayon::join(a, b);
     }
-    // OpenCV reallocated instead (not expected): copy its result.
-    let out = m.try_clone()?;
-    drop(m);
-    dst.copy_from_slice(out.data_bytes()?);
-    Ok(())
-}
-
-/// `f` resized to `w` × `h` (OpenCV's bilinear resize) and scaled by `k`: DIS's own last step
-/// when upsampling, and a prior for DIS from a full-resolution flow when downsampling (what DIS
-/// does itself with an initial flow of the images' size).
-fn resized_flow(f: &FlowField, (w, h): (usize, usize), k: f32) -> Result<FlowField> {
-    let mut out = FlowField::zeros(w, h);
-    let src = Mat::new_rows_cols_with_bytes::<Vec2f>(
-        f.height as i32,
-        f.width as i32,
-        bytemuck::cast_slice(&f.data),
-    )?;
-    resize_into::<Vec2f>(&src, bytemuck::cast_slice_mut(&mut out.data), w, h)?;
-    for v in &mut out.data {
-        *v *= k;
-    }
-    Ok(out)
+    let mut rb = None;
+    let ra = rayon::in_place_scope(|s| {
+        s.spawn(|_| rb = Some(b()));
+        a()
+    });
+    // The scope returns once its spawned job has run (or re-raises the job's panic).
+    (
+        ra,
+        rb.expect("a scope's spawned job has run when the scope returns"),
+    )
 }
 
 /// The next pair's initial flow from this pair's flow in the opposite direction, on a grid
@@ -313,11 +359,8 @@ fn prior_from(f: &FlowField, down: u32, dis_size: (usize, usize)) -> Result<Flow
 }
 
 /// Confidence on a coarser `sw` × `sh` grid, bilinearly on `w` × `h`.
-fn upsampled_conf(c: &[f32], (sw, sh): (usize, usize), (w, h): (usize, usize)) -> Result<Vec<f32>> {
-    let mut out = vec![0.0f32; w * h];
-    let src = Mat::new_rows_cols_with_data::<f32>(sh as i32, sw as i32, c)?;
-    resize_into::<f32>(&src, bytemuck::cast_slice_mut(&mut out), w, h)?;
-    Ok(out)
+fn upsampled_conf(c: &[f32], small: (usize, usize), full: (usize, usize)) -> Vec<f32> {
+    upsample_linear(c, small, 1, full)
 }
 
 /// Occlusion on a `2^shift` times coarser `sw` × `sh` grid, nearest cell, on `w` × `h`.
@@ -411,10 +454,12 @@ impl DisEngine {
     pub fn new(config: DisConfig) -> Result<Self> {
         // OpenCV's own pool (TBB) spins against rayon on small machines; we parallelise ourselves.
         opencv::core::set_num_threads(1)?;
-        let ((fwd, shift), (bwd, _)) = (make_dis(&config)?, make_dis(&config)?);
+        let ((fwd, bwd), shift, patch, stride) = make_pair(&config)?;
         Ok(Self {
             fwd,
             bwd,
+            patch,
+            stride,
             preset_shift: shift,
             shift,
             refiners: (
@@ -440,11 +485,22 @@ impl DisEngine {
     }
 
     fn calc(
-        dis: &mut opencv::core::Ptr<DISOpticalFlow>,
-        a: &Mat,
-        b: &Mat,
+        dis: &mut Dis,
+        a: &LevelImage,
+        b: &LevelImage,
         init: Option<FlowField>,
     ) -> Result<FlowField> {
+        let (dis, a, b) = match (dis, a, b) {
+            (Dis::Native(d), LevelImage::Native(a), LevelImage::Native(b)) => {
+                return d.calc(a, b, init.as_ref());
+            }
+            (Dis::Opencv(d), LevelImage::Opencv(a), LevelImage::Opencv(b)) => (d, a, b),
+            _ => {
+                return Err(Error::Flow(
+                    "DIS was given frames prepared for the other backend".into(),
+                ))
+            }
+        };
         let (w, h) = (a.cols(), a.rows());
         if !dis_fits(w, h, dis.get_patch_size()?) {
             // OpenCV's pyramid would have no level (it may not say so, or crash).
@@ -480,10 +536,11 @@ impl DisEngine {
     /// have tensors.
     fn pair(
         &mut self,
-        a: (&Mat, Option<&FrameTensor>),
-        b: (&Mat, Option<&FrameTensor>),
+        a: (&LevelImage, Option<&FrameTensor>),
+        b: (&LevelImage, Option<&FrameTensor>),
         priors: Option<(FlowField, FlowField)>,
     ) -> Result<(FlowField, FlowField)> {
+        let keep_one = self.caller_keeps_one();
         let (fwd_dis, bwd_dis) = (&mut self.fwd, &mut self.bwd);
         let (fwd_ref, bwd_ref) = (&mut self.refiners.0, &mut self.refiners.1);
         let (fwd_init, bwd_init) = match priors {
@@ -491,10 +548,10 @@ impl DisEngine {
             None => (None, None),
         };
         let (size, shift) = (self.size.unwrap_or_default(), self.shift);
-        let one = |dis: &mut opencv::core::Ptr<DISOpticalFlow>,
+        let one = |dis: &mut Dis,
                    refiner: &mut Refiner,
-                   from: (&Mat, Option<&FrameTensor>),
-                   to: (&Mat, Option<&FrameTensor>),
+                   from: (&LevelImage, Option<&FrameTensor>),
+                   to: (&LevelImage, Option<&FrameTensor>),
                    init: Option<FlowField>|
          -> Result<FlowField> {
             let flow = Self::calc(dis, from.0, to.0, init)?;
@@ -510,36 +567,85 @@ impl DisEngine {
             refiner.refine(s, t, &mut flow);
             Ok(flow)
         };
-        let (fwd, bwd) = rayon::join(
+        let (fwd, bwd) = both(
+            keep_one,
             || one(fwd_dis, fwd_ref, a, b, fwd_init),
             || one(bwd_dis, bwd_ref, b, a, bwd_init),
         );
         Ok((fwd?, bwd?))
     }
 
+    /// Whether the calling thread computes one direction itself (see [`both`]): where the work
+    /// is on DIS's grid, whose steps are too small for rayon's parallel loops. With the
+    /// full-resolution refinement, whose loops are parallel, both directions go to the pool.
+    fn caller_keeps_one(&self) -> bool {
+        self.work_shift() > 0
+    }
+
+    /// Where results go from the working grid: the frame's size and the working grid's shift,
+    /// or `None` when they are on the frame's grid already.
+    fn frame_grid(&self) -> Option<((usize, usize), u32)> {
+        let shift = self.work_shift();
+        self.size
+            .filter(|_| shift > 0)
+            .map(|(w, h)| ((w as usize, h as usize), shift))
+    }
+
     /// A pair on the working grid, on the frame's.
     fn on_frame_grid(&self, mut p: PairFlow) -> Result<PairFlow> {
-        let shift = self.work_shift();
-        let Some((w, h)) = self.size.filter(|_| shift > 0) else {
-            return Ok(p);
-        };
-        let full = (w as usize, h as usize);
-        let small = (p.fwd.width, p.fwd.height);
-        let k = (1u32 << shift) as f32;
-        let one = |f: &FlowField, c: &[f32], o: &[bool]| -> Result<_> {
-            Ok((
-                resized_flow(f, full, k)?,
-                upsampled_conf(c, small, full)?,
-                upsampled_occ(o, small, full, shift),
-            ))
-        };
-        let (f, b) = rayon::join(
-            || one(&p.fwd, &p.fwd_conf, &p.fwd_occ),
-            || one(&p.bwd, &p.bwd_conf, &p.bwd_occ),
+        let to_frame = self.frame_grid();
+        let (f, b) = both(
+            self.caller_keeps_one(),
+            || Direction::new(p.fwd, p.fwd_conf, p.fwd_occ, None, None).on_grid(to_frame),
+            || Direction::new(p.bwd, p.bwd_conf, p.bwd_occ, None, None).on_grid(to_frame),
         );
-        (p.fwd, p.fwd_conf, p.fwd_occ) = f?;
-        (p.bwd, p.bwd_conf, p.bwd_occ) = b?;
+        let (f, b) = (f?, b?);
+        (p.fwd, p.fwd_conf, p.fwd_occ) = (f.flow, f.conf, f.occ);
+        (p.bwd, p.bwd_conf, p.bwd_occ) = (b.flow, b.conf, b.occ);
         Ok(p)
+    }
+}
+
+/// One direction of a pair as its chain in `push` leaves it.
+struct Direction {
+    flow: FlowField,
+    conf: Vec<f32>,
+    occ: Vec<bool>,
+    /// The next pair's initial flow in the opposite direction.
+    prior: Option<FlowField>,
+    /// The flow kept for the next pair's temporal fill (backward only).
+    kept: Option<FlowField>,
+}
+
+impl Direction {
+    fn new(
+        flow: FlowField,
+        conf: Vec<f32>,
+        occ: Vec<bool>,
+        prior: Option<FlowField>,
+        kept: Option<FlowField>,
+    ) -> Self {
+        Self {
+            flow,
+            conf,
+            occ,
+            prior,
+            kept,
+        }
+    }
+
+    /// Flow, confidence and occlusion upsampled to `full` from a grid `shift` levels coarser
+    /// (unchanged for `None`): the flow as DIS's last step does, confidence bilinearly,
+    /// occlusion from the nearest cell.
+    fn on_grid(mut self, to: Option<((usize, usize), u32)>) -> Result<Self> {
+        let Some((full, shift)) = to else {
+            return Ok(self);
+        };
+        let small = (self.flow.width, self.flow.height);
+        self.flow = resized_flow(&self.flow, full, (1u32 << shift) as f32)?;
+        self.conf = upsampled_conf(&self.conf, small, full);
+        self.occ = upsampled_occ(&self.occ, small, full, shift);
+        Ok(self)
     }
 }
 
@@ -564,7 +670,7 @@ impl FlowEngine for DisEngine {
                     size.0, size.1
                 )));
             }
-            self.shift = fitting_shift(size, self.preset_shift, self.fwd.get_patch_size()?);
+            self.shift = fitting_shift(size, self.preset_shift, self.patch);
             self.size = Some(size);
         }
         let grey = grey_mat(&frame.image)?;
@@ -580,7 +686,20 @@ impl FlowEngine for DisEngine {
         } else {
             None
         };
-        let dis_grey = level_grey(grey, self.shift)?;
+        let dis_grey = match self.fwd {
+            Dis::Native(_) => {
+                let stride = usize::try_from(self.stride).unwrap_or(1);
+                LevelImage::Native(
+                    DisFrame::new(level_grey(grey, self.shift)?, stride).map_err(|e| {
+                        Error::Flow(format!(
+                            "frame {} ({}x{}): {e}",
+                            frame.index, size.0, size.1
+                        ))
+                    })?,
+                )
+            }
+            Dis::Opencv(_) => LevelImage::Opencv(level_grey(grey, self.shift)?),
+        };
         let Some(prev) = self.prev.take() else {
             self.prev = Some(Prev {
                 index: frame.index,
@@ -599,51 +718,55 @@ impl FlowEngine for DisEngine {
             )
             .map_err(|e| {
                 // OpenCV's message does not say which frames, or which parameter, it means.
-                let patch = self.fwd.get_patch_size().unwrap_or_default();
+                let patch = self.patch;
                 Error::Flow(format!(
                     "DIS between frames {} and {} ({}x{}, patch size {patch}): {e}",
                     prev.index, frame.index, size.0, size.1
                 ))
             })?;
-        // Confidence and occlusion are judged before the two directions refine each other.
+        // Each direction's chain runs on its own core: confidence and occlusion (judged before
+        // the two directions refine each other, so each side reads both unfused flows), fusion,
+        // the temporal fill, the next pair's prior and, without the look-ahead, the upsampling
+        // to the frame's grid.
         let fuse = self.config.symmetric_fusion;
         let grid = 1usize << self.work_shift();
-        let (f, b) = rayon::join(
-            || fb_check(&fwd, &bwd, fuse, grid),
-            || fb_check(&bwd, &fwd, fuse, grid),
-        );
-        let (fwd_conf, fwd_occ, bwd_conf, bwd_occ) = (f.conf, f.occ, b.conf, b.occ);
-        let (mut fwd, bwd) = (f.fused.unwrap_or(fwd), b.fused.unwrap_or(bwd));
         let (temporal_fill, temporal_prior) =
             (self.config.temporal_fill, self.config.temporal_prior);
-        let keep_bwd = temporal_fill && !self.config.look_ahead;
+        let look_ahead = self.config.look_ahead;
+        let keep_bwd = temporal_fill && !look_ahead;
         let mut pending = self.pending.take();
         // The previous pair's backward flow, on this pair's source grid.
         let before = pending.as_ref().map(|p| &p.bwd).or(prev.bwd.as_ref());
         // Constant velocity: this pair's backward flow, negated, predicts the next forward flow,
         // and its forward flow, negated, the next backward flow (both at the same pixel).
-        // The forward side is filled first; the backward side meanwhile on the other core.
-        let dis_size = (dis_grey.cols() as usize, dis_grey.rows() as usize);
+        let dis_size = dis_grey.size();
         let down = self.shift - self.work_shift();
-        let (fwd_prior, (bwd_prior, kept_bwd)) = rayon::join(
-            || {
+        let to_frame = if look_ahead { None } else { self.frame_grid() };
+        let (f, b) = both(
+            self.caller_keeps_one(),
+            || -> Result<Direction> {
+                let c = fb_check(&fwd, &bwd, fuse, grid);
+                let mut flow = c.fused.unwrap_or_else(|| fwd.clone());
                 if let (true, Some(before)) = (temporal_fill, before) {
-                    fill_inconsistent(&mut fwd, &fwd_occ, &fwd_conf, before, grid);
+                    fill_inconsistent(&mut flow, &c.occ, &c.conf, before, grid);
                 }
-                temporal_prior
-                    .then(|| prior_from(&fwd, down, dis_size))
-                    .transpose()
+                let prior = temporal_prior
+                    .then(|| prior_from(&flow, down, dis_size))
+                    .transpose()?;
+                Direction::new(flow, c.conf, c.occ, prior, None).on_grid(to_frame)
             },
-            || {
-                (
-                    temporal_prior
-                        .then(|| prior_from(&bwd, down, dis_size))
-                        .transpose(),
-                    keep_bwd.then(|| bwd.clone()),
-                )
+            || -> Result<Direction> {
+                let c = fb_check(&bwd, &fwd, fuse, grid);
+                let flow = c.fused.unwrap_or_else(|| bwd.clone());
+                let prior = temporal_prior
+                    .then(|| prior_from(&flow, down, dis_size))
+                    .transpose()?;
+                let kept = keep_bwd.then(|| flow.clone());
+                Direction::new(flow, c.conf, c.occ, prior, kept).on_grid(to_frame)
             },
         );
-        let priors = bwd_prior?.zip(fwd_prior?);
+        let (f, b) = (f?, b?);
+        let priors = b.prior.zip(f.prior);
         let mut out = Vec::new();
         if let Some(mut pending) = pending.take() {
             // Its backward flow is on this pair's source grid too.
@@ -651,7 +774,7 @@ impl FlowEngine for DisEngine {
                 &mut pending.bwd,
                 &pending.bwd_occ,
                 &pending.bwd_conf,
-                &fwd,
+                &f.flow,
                 grid,
             );
             out.push(self.on_frame_grid(pending)?);
@@ -659,17 +782,18 @@ impl FlowEngine for DisEngine {
         let pair = PairFlow {
             from: prev.index,
             to: frame.index,
-            fwd,
-            bwd,
-            fwd_conf,
-            bwd_conf,
-            fwd_occ,
-            bwd_occ,
+            fwd: f.flow,
+            bwd: b.flow,
+            fwd_conf: f.conf,
+            bwd_conf: b.conf,
+            fwd_occ: f.occ,
+            bwd_occ: b.occ,
         };
-        if self.config.look_ahead {
+        let kept_bwd = b.kept;
+        if look_ahead {
             self.pending = Some(pair);
         } else {
-            out.push(self.on_frame_grid(pair)?);
+            out.push(pair);
         }
         self.spare = prev.tensor;
         self.prev = Some(Prev {
@@ -698,7 +822,7 @@ impl FlowEngine for DisEngine {
         // OpenCV's DIS keeps something of an initial flow it was given: after one, its next
         // estimate without one differs from a fresh instance's. A new stream gets new ones
         // (if that fails, the old ones still give flows).
-        if let (Ok((f, _)), Ok((b, _))) = (make_dis(&self.config), make_dis(&self.config)) {
+        if let Ok(((f, b), ..)) = make_pair(&self.config) {
             (self.fwd, self.bwd) = (f, b);
         }
     }

@@ -9,8 +9,10 @@ pub mod colorwheel;
 pub mod consistency;
 pub mod dis;
 mod field;
+pub mod inverse_search;
 pub mod metrics;
 pub mod refine;
+pub mod resize;
 pub mod temporal;
 pub mod videoflow;
 
