@@ -25,6 +25,7 @@
 //! too slow for the engine's time goal at `ultrafast` and `fast` (see `benches/flow_dis.rs`).
 
 use std::ops::Range;
+use std::sync::OnceLock;
 
 use opencv::core::{Mat, Ptr, Size};
 use opencv::imgproc::{resize, spatial_gradient, INTER_AREA};
@@ -47,21 +48,40 @@ const BORDER: usize = 16;
 const STRIPES: usize = 8;
 const EPS: f32 = 0.001;
 
-/// One pyramid level of a frame.
-struct Level {
+/// One pyramid level of a frame as a kernel reads it: as the source of a flow (`i0`,
+/// `templates`, `tensor`) or as its target (`ext`); the other role's slices are empty.
+struct Level<'a> {
+    w: usize,
+    h: usize,
+    i0: &'a [f32],
+    /// `i0` padded by [`BORDER`] replicated pixels on every side, `ew` wide.
+    ext: &'a [f32],
+    ew: usize,
+    /// Per patch (row-major on the patch grid): the inverse structure tensor (h11, h12, h22) and
+    /// the sums of the x and y gradients.
+    tensor: &'a [[f32; 5]],
+    /// Per patch, its pixels, x gradients and y gradients, row by row ([`TEMPLATE`] floats):
+    /// what every evaluation of the patch reads, contiguous.
+    templates: &'a [f32],
+    ws: usize,
+    hs: usize,
+}
+
+/// One level of a frame's pyramid.
+struct PyramidLevel {
     w: usize,
     h: usize,
     /// The level image (DIS's variational refinement takes bytes).
     grey: Mat,
     i0: Vec<f32>,
-    /// `i0` padded by [`BORDER`] replicated pixels on every side, `ew` wide.
-    ext: Vec<f32>,
-    ew: usize,
-    /// Per patch (row-major on the patch grid): the inverse structure tensor (h11, h12, h22) and
-    /// the sums of the x and y gradients.
+    /// Sobel gradients (16-bit).
+    dx: Mat,
+    dy: Mat,
+}
+
+/// What a level needs as the source of a flow.
+struct SourceLevel {
     tensor: Vec<[f32; 5]>,
-    /// Per patch, its pixels, x gradients and y gradients, row by row ([`TEMPLATE`] floats):
-    /// what every evaluation of the patch reads, contiguous.
     templates: Vec<f32>,
     ws: usize,
     hs: usize,
@@ -72,9 +92,16 @@ const TEMPLATE: usize = 3 * PATCH * PATCH;
 
 /// A frame prepared for [`InverseSearch`]: made once, used as the source or the target of any
 /// number of flows with the same stride.
+///
+/// What the frame needs as a source (patch templates and tensors) and as a target (padded
+/// images) is made on first use, on the thread that uses it: in the engine each direction's
+/// DIS, on its own core, prepares the new frame's part for its role.
 pub struct DisFrame {
-    levels: Vec<Level>,
+    levels: Vec<PyramidLevel>,
     stride: usize,
+    sources: OnceLock<Vec<SourceLevel>>,
+    /// Per level, the padded image ([`Level::ext`]).
+    targets: OnceLock<Vec<Vec<f32>>>,
 }
 
 /// OpenCV's coarsest level for `w` × `h` images (`None` where it would be below the finest).
@@ -115,13 +142,59 @@ impl DisFrame {
                     resize(&cur, &mut n, size, 0.0, 0.0, INTER_AREA).map(|()| n)
                 })
                 .transpose()?;
-            levels.push(Level::new(cur, stride)?);
+            levels.push(PyramidLevel::new(cur)?);
             match next {
                 Some(n) => cur = n,
                 None => break,
             }
         }
-        Ok(Self { levels, stride })
+        Ok(Self {
+            levels,
+            stride,
+            sources: OnceLock::new(),
+            targets: OnceLock::new(),
+        })
+    }
+
+    /// Level `l` as the source of a flow.
+    fn source(&self, l: usize) -> Level<'_> {
+        let sources = self.sources.get_or_init(|| {
+            self.levels
+                .iter()
+                .map(|p| SourceLevel::new(p, self.stride))
+                .collect()
+        });
+        let (p, s) = (&self.levels[l], &sources[l]);
+        Level {
+            w: p.w,
+            h: p.h,
+            i0: &p.i0,
+            ext: &[],
+            ew: p.w + 2 * BORDER,
+            tensor: &s.tensor,
+            templates: &s.templates,
+            ws: s.ws,
+            hs: s.hs,
+        }
+    }
+
+    /// Level `l` as the target of a flow.
+    fn target(&self, l: usize) -> Level<'_> {
+        let targets = self
+            .targets
+            .get_or_init(|| self.levels.iter().map(padded).collect());
+        let p = &self.levels[l];
+        Level {
+            w: p.w,
+            h: p.h,
+            i0: &p.i0,
+            ext: &targets[l],
+            ew: p.w + 2 * BORDER,
+            tensor: &[],
+            templates: &[],
+            ws: 0,
+            hs: 0,
+        }
     }
 
     /// Width and height of the finest level.
@@ -131,8 +204,8 @@ impl DisFrame {
     }
 }
 
-impl Level {
-    fn new(grey: Mat, stride: usize) -> Result<Self> {
+impl PyramidLevel {
+    fn new(grey: Mat) -> Result<Self> {
         let (w, h) = (grey.cols() as usize, grey.rows() as usize);
         if w < PATCH || h < PATCH {
             return Err(Error::Flow(format!(
@@ -142,24 +215,53 @@ impl Level {
         let (mut dx, mut dy) = (Mat::default(), Mat::default());
         // OpenCV's DIS: a 3×3 Sobel, reflected borders (the default).
         spatial_gradient(&grey, &mut dx, &mut dy, 3, opencv::core::BORDER_DEFAULT)?;
-        let bytes = grey.data_bytes()?;
-        let i0: Vec<f32> = bytes.iter().map(|&v| f32::from(v)).collect();
-        let (gx, gy) = (dx.data_typed::<i16>()?, dy.data_typed::<i16>()?);
-        let ew = w + 2 * BORDER;
-        let mut ext = Vec::with_capacity(ew * (h + 2 * BORDER));
-        for y in 0..h + 2 * BORDER {
-            let row = &i0[y.saturating_sub(BORDER).min(h - 1) * w..][..w];
-            ext.extend(std::iter::repeat_n(row[0], BORDER));
-            ext.extend_from_slice(row);
-            ext.extend(std::iter::repeat_n(row[w - 1], BORDER));
+        // Checked here, so that the parts made later from them cannot fail.
+        let n = w * h;
+        if dx.data_typed::<i16>()?.len() != n || dy.data_typed::<i16>()?.len() != n {
+            return Err(Error::Flow(format!("DIS gradients of a {w}x{h} level")));
         }
+        let i0: Vec<f32> = grey.data_bytes()?.iter().map(|&v| f32::from(v)).collect();
+        Ok(Self {
+            w,
+            h,
+            grey,
+            i0,
+            dx,
+            dy,
+        })
+    }
+}
+
+/// `p`'s image padded by [`BORDER`] replicated pixels on every side.
+fn padded(p: &PyramidLevel) -> Vec<f32> {
+    let (w, h) = (p.w, p.h);
+    let ew = w + 2 * BORDER;
+    let mut ext = Vec::with_capacity(ew * (h + 2 * BORDER));
+    for y in 0..h + 2 * BORDER {
+        let row = &p.i0[y.saturating_sub(BORDER).min(h - 1) * w..][..w];
+        ext.extend(std::iter::repeat_n(row[0], BORDER));
+        ext.extend_from_slice(row);
+        ext.extend(std::iter::repeat_n(row[w - 1], BORDER));
+    }
+    ext
+}
+
+impl SourceLevel {
+    /// Templates and tensors of `p`'s patches, `stride` apart.
+    fn new(p: &PyramidLevel, stride: usize) -> Self {
+        let (w, h) = (p.w, p.h);
         let (ws, hs) = (1 + (w - PATCH) / stride, 1 + (h - PATCH) / stride);
+        // `PyramidLevel::new` checked both gradients' sizes.
+        let (gx, gy) = (
+            p.dx.data_typed::<i16>().unwrap_or_default(),
+            p.dy.data_typed::<i16>().unwrap_or_default(),
+        );
         let mut templates = Vec::with_capacity(ws * hs * TEMPLATE);
         for is in 0..hs {
             for js in 0..ws {
                 let rows = (0..PATCH).map(|r| (is * stride + r) * w + js * stride);
                 for k in rows.clone() {
-                    templates.extend_from_slice(&i0[k..k + PATCH]);
+                    templates.extend_from_slice(&p.i0[k..k + PATCH]);
                 }
                 for plane in [gx, gy] {
                     for k in rows.clone() {
@@ -171,18 +273,12 @@ impl Level {
         let tensor = vectorized(StructureTensor {
             templates: &templates,
         });
-        Ok(Self {
-            w,
-            h,
-            grey,
-            i0,
-            ext,
-            ew,
+        Self {
             tensor,
             templates,
             ws,
             hs,
-        })
+        }
     }
 }
 
@@ -419,8 +515,8 @@ fn lanes() -> Lanes {
 /// The patch search at one level: sparse flows (`sx`, `sy`) on the patch grid from the dense
 /// flow (`u`, `v`) of the coarser level and the optional initial flow `init` (interleaved).
 struct Search<'a> {
-    s: &'a Level,
-    t: &'a Level,
+    s: &'a Level<'a>,
+    t: &'a Level<'a>,
     stride: usize,
     u: &'a [f32],
     v: &'a [f32],
@@ -515,8 +611,8 @@ impl Kernel for Search<'_> {
 
 /// What every patch of one level's search reads.
 struct SearchCtx<'a> {
-    s: &'a Level,
-    t: &'a Level,
+    s: &'a Level<'a>,
+    t: &'a Level<'a>,
     simd: Lanes,
     init: Option<&'a [f32]>,
     stride: usize,
@@ -648,8 +744,8 @@ impl SearchCtx<'_> {
 /// Dense flow (`u`, `v`) of a level from its sparse patch flows: each pixel averages the flows
 /// of the patches over it, weighted by 1 / max(1, |photometric error|) (OpenCV's).
 struct Densify<'a> {
-    s: &'a Level,
-    t: &'a Level,
+    s: &'a Level<'a>,
+    t: &'a Level<'a>,
     stride: usize,
     sx: &'a [f32],
     sy: &'a [f32],
@@ -837,12 +933,13 @@ impl InverseSearch {
         let inner = self.params.gradient_descent_iterations / 2;
         let n = a.levels.len();
         let coarsest = &a.levels[n - 1];
+        debug_assert_eq!(n, b.levels.len());
         let (mut u, mut v) = (
             vec![0f32; coarsest.w * coarsest.h],
             vec![0f32; coarsest.w * coarsest.h],
         );
         for l in (0..n).rev() {
-            let (s, t) = (&a.levels[l], &b.levels[l]);
+            let (s, t) = (&a.source(l), &b.target(l));
             let init_l = match init {
                 Some(f) if l > 0 => Some(resized_flow(f, (s.w, s.h), 1.0 / (1u32 << l) as f32)?),
                 _ => None,
@@ -874,7 +971,7 @@ impl InverseSearch {
             (self.sx, self.sy) = (sx, sy);
 
             if self.params.variational_refinement_iterations > 0 {
-                let (sg, tg) = (&s.grey, &t.grey);
+                let (sg, tg) = (&a.levels[l].grey, &b.levels[l].grey);
                 let (w, h) = (s.w, s.h);
                 let refiner = self.refiner(l)?;
                 let (mut mu, mut mv) = (plane_mat(&mut u, w, h)?, plane_mat(&mut v, w, h)?);
