@@ -372,9 +372,9 @@ fn patch_cost_scalar<const GRAD: bool>(
     let area = PATCH * PATCH;
     let (mut sd, mut sq, mut sx, mut sy) =
         ([0f32; PATCH], [0f32; PATCH], [0f32; PATCH], [0f32; PATCH]);
-    let mut top = row_at(&t.ext, base, ax);
+    let mut top = row_at(t.ext, base, ax);
     for r in 0..PATCH {
-        let bottom = row_at(&t.ext, base + (r + 1) * t.ew, ax);
+        let bottom = row_at(t.ext, base + (r + 1) * t.ew, ax);
         let i0 = &tpl[r * PATCH..][..PATCH];
         let (gx, gy) = (
             &tpl[area + r * PATCH..][..PATCH],
