@@ -1,15 +1,20 @@
 //! Engine `dis`: OpenCV's DIS optical flow made multi-frame.
 //!
+//! DIS is ours by default (`inverse_search.rs`: OpenCV's algorithm, each frame's pyramid,
+//! gradients, patch templates and tensors made once for the four flows it is in) or OpenCV's
+//! own (`DisBackend::Opencv`, and for patch sizes other than 8).
+//!
 //! Each frame's grey image is made once and brought to DIS's finest level (¼ resolution for
 //! every preset but `medium`) by the same area resize OpenCV's pyramid starts with; DIS is then
 //! run on those small images with its finest scale set to 0, which gives exactly its own flow
-//! before its last step, the upsampling. (Given full images, every `calc` would resize both:
-//! four resizes of each frame. The coarser levels are still built inside DIS, from the small
-//! images, where they cost little.)
+//! before its last step, the upsampling. (Given full images, OpenCV's `calc` would resize both:
+//! four resizes of each frame. The coarser levels are built from the small images, where they
+//! cost little.)
 //!
 //! For each new frame t, forward flow (t−1 → t) and backward flow (t → t−1) are computed by DIS,
 //! concurrently (one core each; OpenCV's own thread pool is switched off because it spins against
-//! rayon). With the temporal prior on (the default), both start from a constant-velocity
+//! rayon), and each direction then goes through steps 2 and 3 below and its upsampling on its own
+//! core. With the temporal prior on (the default), both start from a constant-velocity
 //! prediction: the previous pair's flows at the same pixel, negated (OpenCV tries it as a
 //! candidate for every patch, at every level). Then, by default:
 //! 1. each direction is upsampled and refined at full resolution by a windowed Lucas–Kanade step
