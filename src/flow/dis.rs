@@ -353,6 +353,25 @@ fn both<RA: Send, RB: Send>(
     )
 }
 
+/// How long a rayon worker stays awake after a frame, waiting for the next one's work.
+const LINGER: std::time::Duration = std::time::Duration::from_millis(3);
+
+/// Keeps one rayon worker awake for [`LINGER`], running whatever the pool is given meanwhile
+/// (the next frame's backward direction, see [`both`]) and otherwise yielding its core. A worker
+/// that has gone to sleep was often not running the next frame's job before the caller had
+/// finished its own, so the two directions ran one after the other; OpenCV's own pool keeps its
+/// workers spinning for a while after a job for the same reason.
+fn keep_a_worker_awake() {
+    let until = std::time::Instant::now() + LINGER;
+    rayon::spawn(move || {
+        while std::time::Instant::now() < until {
+            if rayon::yield_now() != Some(rayon::Yield::Executed) {
+                std::thread::yield_now();
+            }
+        }
+    });
+}
+
 /// The next pair's initial flow from this pair's flow in the opposite direction, on a grid
 /// `down` levels finer than DIS's: negated, on DIS's grid of `dis_size`.
 fn prior_from(f: &FlowField, down: u32, dis_size: (usize, usize)) -> Result<FlowField> {
@@ -572,10 +591,13 @@ impl DisEngine {
             refiner.refine(s, t, &mut flow);
             Ok(flow)
         };
-        let (fwd, bwd) = both(
+        // The caller takes the backward direction: with the native DIS it also prepares the new
+        // frame as a source (patch templates and tensors), the heavier of its two parts, so the
+        // helper finishes first and the caller does not wait for it.
+        let (bwd, fwd) = both(
             keep_one,
-            || one(fwd_dis, fwd_ref, a, b, fwd_init),
             || one(bwd_dis, bwd_ref, b, a, bwd_init),
+            || one(fwd_dis, fwd_ref, a, b, fwd_init),
         );
         Ok((fwd?, bwd?))
     }
@@ -799,6 +821,9 @@ impl FlowEngine for DisEngine {
             self.pending = Some(pair);
         } else {
             out.push(pair);
+        }
+        if self.caller_keeps_one() {
+            keep_a_worker_awake();
         }
         self.spare = prev.tensor;
         self.prev = Some(Prev {
