@@ -427,6 +427,61 @@ pub fn grey_mat(img: &RgbImage) -> Result<Mat> {
     Ok(m)
 }
 
+/// The luma of `img` at DIS's level `shift` (each pixel the mean of a 2^shift-square block of
+/// the frame's lumas), when the frame's sides divide by 2^shift: what [`grey_mat`] and
+/// [`level_grey`] make, bit for bit, in one pass over the frame without its full-size grey
+/// image, in two halves on two cores with `parallel` (see [`both`]). `None` for other sizes
+/// (OpenCV's area resize then weighs partial pixels) or `shift` 0.
+fn level_grey_from_rgb(img: &RgbImage, shift: u32, parallel: bool) -> Result<Option<Mat>> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let k = 1usize << shift;
+    if shift == 0 || shift > 4 || w % k != 0 || h % k != 0 || w == 0 || h == 0 {
+        return Ok(None);
+    }
+    let (lw, lh) = (w / k, h / k);
+    let mut m = Mat::new_rows_cols_with_default(lh as i32, lw as i32, CV_8UC1, Scalar::all(0.0))?;
+    let dst = m.data_bytes_mut()?;
+    let rgb = img.as_raw();
+    let (top, bottom) = dst.split_at_mut((lh / 2) * lw);
+    let (rgb_top, rgb_bottom) = rgb.split_at((lh / 2) * k * w * 3);
+    both(
+        parallel,
+        || block_means(rgb_top, w, k, top),
+        || block_means(rgb_bottom, w, k, bottom),
+    );
+    Ok(Some(m))
+}
+
+/// `out` (rows of `w` / `k` bytes) = the means of `k`-square blocks of the lumas of `rgb` (rows
+/// of `w` RGB pixels), rounded to the nearest as OpenCV's area resize rounds: ties up when
+/// halving (its vector path), ties to even otherwise (sum · (1 / k²) rounded by `cvRound`).
+fn block_means(rgb: &[u8], w: usize, k: usize, out: &mut [u8]) {
+    let lw = w / k;
+    let mut luma = vec![0u8; w];
+    let mut sums = vec![0u32; lw];
+    let scale = 1.0 / (k * k) as f32;
+    for (out_row, block) in out.chunks_exact_mut(lw).zip(rgb.chunks_exact(3 * w * k)) {
+        sums.fill(0);
+        for row in block.chunks_exact(3 * w) {
+            vectorized(Luma {
+                rgb: row,
+                dst: &mut luma,
+            });
+            for (s, px) in sums.iter_mut().zip(luma.chunks_exact(k)) {
+                *s += px.iter().map(|&v| u32::from(v)).sum::<u32>();
+            }
+        }
+        for (o, &s) in out_row.iter_mut().zip(&sums) {
+            // At most 255: a mean of bytes.
+            *o = if k == 2 {
+                ((s + 2) >> 2) as u8
+            } else {
+                (s as f32 * scale).round_ties_even() as u8
+            };
+        }
+    }
+}
+
 /// `dst` = luma of interleaved RGB bytes, (77 R + 150 G + 29 B + 128) / 256.
 struct Luma<'a> {
     rgb: &'a [u8],
@@ -700,32 +755,46 @@ impl FlowEngine for DisEngine {
             self.shift = fitting_shift(size, self.preset_shift, self.patch);
             self.size = Some(size);
         }
-        let grey = grey_mat(&frame.image)?;
-        let tensor = if self.config.refine_iterations > 0 {
-            let (w, h) = (size.0 as usize, size.1 as usize);
-            Some(match self.spare.take() {
-                Some(mut t) => {
-                    t.recompute(grey.data_bytes()?, w, h);
-                    t
-                }
-                None => FrameTensor::new(grey.data_bytes()?, w, h, self.config.refine_radius),
-            })
-        } else {
-            None
+        let refining = self.config.refine_iterations > 0;
+        // Without the refinement, the native DIS needs only DIS's level of the frame.
+        let fused = match self.fwd {
+            Dis::Native(_) if !refining => {
+                level_grey_from_rgb(&frame.image, self.shift, self.caller_keeps_one())?
+            }
+            _ => None,
+        };
+        let (level, tensor) = match fused {
+            Some(level) => (level, None),
+            None => {
+                let grey = grey_mat(&frame.image)?;
+                let (w, h) = (size.0 as usize, size.1 as usize);
+                let tensor = if refining {
+                    Some(match self.spare.take() {
+                        Some(mut t) => {
+                            t.recompute(grey.data_bytes()?, w, h);
+                            t
+                        }
+                        None => {
+                            FrameTensor::new(grey.data_bytes()?, w, h, self.config.refine_radius)
+                        }
+                    })
+                } else {
+                    None
+                };
+                (level_grey(grey, self.shift)?, tensor)
+            }
         };
         let dis_grey = match self.fwd {
             Dis::Native(_) => {
                 let stride = usize::try_from(self.stride).unwrap_or(1);
-                LevelImage::Native(
-                    DisFrame::new(level_grey(grey, self.shift)?, stride).map_err(|e| {
-                        Error::Flow(format!(
-                            "frame {} ({}x{}): {e}",
-                            frame.index, size.0, size.1
-                        ))
-                    })?,
-                )
+                LevelImage::Native(DisFrame::new(level, stride).map_err(|e| {
+                    Error::Flow(format!(
+                        "frame {} ({}x{}): {e}",
+                        frame.index, size.0, size.1
+                    ))
+                })?)
             }
-            Dis::Opencv(_) => LevelImage::Opencv(level_grey(grey, self.shift)?),
+            Dis::Opencv(_) => LevelImage::Opencv(level),
         };
         let Some(prev) = self.prev.take() else {
             self.prev = Some(Prev {
@@ -871,6 +940,36 @@ mod tests {
             for x in 0..13 {
                 let want = coarse[(y / 4).min(1) * 3 + (x / 4).min(2)];
                 assert_eq!(got[y * 13 + x], want, "{x},{y}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_level_image_made_in_one_pass_is_opencvs() {
+        use opencv::prelude::*;
+        // Every block sum's rounding (ties included) against OpenCV's area resize of the full
+        // grey image, at ¼ and ½ resolution, including frames whose sides do not divide (left
+        // to OpenCV).
+        for (w, h) in [(64, 48), (40, 24), (66, 48)] {
+            let img = crate::frame::RgbImage::from_fn(w, h, |x, y| {
+                let v = |k: u32| ((x * 37 + y * 101 + k * 53 + x * y) % 256) as u8;
+                image::Rgb([v(0), v(1), v(2)])
+            });
+            for shift in [1, 2, 3] {
+                for parallel in [false, true] {
+                    let got = super::level_grey_from_rgb(&img, shift, parallel).expect("level");
+                    let Some(got) = got else {
+                        assert!(w % (1 << shift) != 0, "{w}x{h} at {shift}");
+                        continue;
+                    };
+                    let grey = super::grey_mat(&img).expect("grey");
+                    let want = super::level_grey(grey, shift).expect("area");
+                    assert_eq!(
+                        got.data_bytes().expect("bytes"),
+                        want.data_bytes().expect("bytes"),
+                        "{w}x{h} at level {shift}"
+                    );
+                }
             }
         }
     }
