@@ -763,26 +763,23 @@ impl FlowEngine for DisEngine {
             }
             _ => None,
         };
-        let (level, tensor) = match fused {
-            Some(level) => (level, None),
-            None => {
-                let grey = grey_mat(&frame.image)?;
-                let (w, h) = (size.0 as usize, size.1 as usize);
-                let tensor = if refining {
-                    Some(match self.spare.take() {
-                        Some(mut t) => {
-                            t.recompute(grey.data_bytes()?, w, h);
-                            t
-                        }
-                        None => {
-                            FrameTensor::new(grey.data_bytes()?, w, h, self.config.refine_radius)
-                        }
-                    })
-                } else {
-                    None
-                };
-                (level_grey(grey, self.shift)?, tensor)
-            }
+        let (level, tensor) = if let Some(level) = fused {
+            (level, None)
+        } else {
+            let grey = grey_mat(&frame.image)?;
+            let (w, h) = (size.0 as usize, size.1 as usize);
+            let tensor = if refining {
+                Some(match self.spare.take() {
+                    Some(mut t) => {
+                        t.recompute(grey.data_bytes()?, w, h);
+                        t
+                    }
+                    None => FrameTensor::new(grey.data_bytes()?, w, h, self.config.refine_radius),
+                })
+            } else {
+                None
+            };
+            (level_grey(grey, self.shift)?, tensor)
         };
         let dis_grey = match self.fwd {
             Dis::Native(_) => {
