@@ -357,10 +357,11 @@ fn both<RA: Send, RB: Send>(
 const LINGER: std::time::Duration = std::time::Duration::from_millis(3);
 
 /// Keeps one rayon worker awake for [`LINGER`], running whatever the pool is given meanwhile
-/// (the next frame's backward direction, see [`both`]) and otherwise yielding its core. A worker
-/// that has gone to sleep was often not running the next frame's job before the caller had
-/// finished its own, so the two directions ran one after the other; OpenCV's own pool keeps its
-/// workers spinning for a while after a job for the same reason.
+/// (the next frame's forward direction, see [`both`]) and otherwise yielding its core. A worker
+/// that had gone to sleep during the caller's own work between frames often started the next
+/// frame's job only once the caller had finished its direction, so the two ran one after the
+/// other (measured at 640×480 with 2 ms between frames: the helper's direction started 0.06 ms
+/// to 0.9 ms after the caller's; awake, 0.001–0.002 ms after).
 fn keep_a_worker_awake() {
     let until = std::time::Instant::now() + LINGER;
     rayon::spawn(move || {
