@@ -48,6 +48,8 @@ const BORDER: usize = 16;
 /// and spatial propagation stays within a stripe; kept, so that results match its own.
 const STRIPES: usize = 8;
 const EPS: f32 = 0.001;
+/// Stripes searched in lockstep (see `Search::run`).
+const LOCKSTEP: usize = 4;
 
 /// One pyramid level of a frame as a kernel reads it: as the source of a flow (`i0`,
 /// `templates`, `tensor`) or as its target (`ext`); the other role's slices are empty.
@@ -572,16 +574,15 @@ impl Kernel for Search<'_> {
         // Stripes are independent (propagation stays within one), so four are searched in
         // lockstep: each patch's descent is a chain of dependent evaluations, and several chains
         // keep the core busier than one.
-        const LANES: usize = 4;
-        let groups = stripes.len().div_ceil(LANES);
+        let groups = stripes.len().div_ceil(LOCKSTEP);
         for k in 0..groups {
-            let lanes: [Option<&Range<usize>>; LANES] =
+            let lanes: [Option<&Range<usize>>; LOCKSTEP] =
                 std::array::from_fn(|m| stripes.get(k + m * groups));
             for forward in [true, false] {
                 let len = |r: Option<&Range<usize>>| r.map_or(0, |r| r.len() * ws);
                 let most = lanes.iter().map(|r| len(*r)).max().unwrap_or(0);
                 for n in 0..most {
-                    let mut live: [Option<PatchSearch>; LANES] = std::array::from_fn(|_| None);
+                    let mut live: [Option<PatchSearch>; LOCKSTEP] = std::array::from_fn(|_| None);
                     for (slot, rows) in live.iter_mut().zip(lanes) {
                         if let Some(rows) = rows.filter(|r| n < r.len() * ws) {
                             *slot = Some(ctx.start(rows, n, forward, sx, sy));
