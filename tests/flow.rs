@@ -144,6 +144,15 @@ fn plain_dis(preset: i32, a: &Frame, b: &Frame) -> FlowField {
     flow_from_mat(&m).unwrap()
 }
 
+/// Presets with 8-pixel patches at ¼ resolution, and OpenCV's names for them.
+const WITH_OPENCV_PRESETS: [(DisPreset, i32); 2] = [
+    (
+        DisPreset::Ultrafast,
+        opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
+    ),
+    (DisPreset::Fast, opencv::video::DISOpticalFlow_PRESET_FAST),
+];
+
 /// The engine with none of its multi-frame steps: DIS alone.
 fn bare() -> DisConfig {
     DisConfig {
@@ -161,13 +170,7 @@ fn without_its_multi_frame_steps_the_engine_is_opencv_dis_exactly() {
     // upsamples DIS's flow itself: with prior, fusion, refinement and fill off, both directions
     // must be OpenCV's own, bit for bit. 330×250 is not a multiple of 4 (DIS works at 82×62).
     let (frames, _, _) = synthetic(3, 330, 250);
-    for (preset, opencv_preset) in [
-        (
-            DisPreset::Ultrafast,
-            opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
-        ),
-        (DisPreset::Fast, opencv::video::DISOpticalFlow_PRESET_FAST),
-    ] {
+    for (preset, opencv_preset) in WITH_OPENCV_PRESETS {
         let mut engine = DisEngine::new(DisConfig {
             preset,
             backend: DisBackend::Opencv,
@@ -191,13 +194,7 @@ fn the_native_dis_gives_opencv_dis_flows() {
     // frames, with and without the variational refinement: the same algorithm, rounded
     // differently, so flows differ by little and score the same against the ground truth.
     let (frames, gt, _) = synthetic(6, 330, 250);
-    for (preset, opencv_preset) in [
-        (
-            DisPreset::Ultrafast,
-            opencv::video::DISOpticalFlow_PRESET_ULTRAFAST,
-        ),
-        (DisPreset::Fast, opencv::video::DISOpticalFlow_PRESET_FAST),
-    ] {
+    for (preset, opencv_preset) in WITH_OPENCV_PRESETS {
         let mut engine = DisEngine::new(DisConfig { preset, ..bare() }).unwrap();
         let (mut ours, mut theirs) = (FlowMetricsAcc::default(), FlowMetricsAcc::default());
         let (mut diff, mut n) = (0.0f64, 0usize);
