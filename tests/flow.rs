@@ -379,6 +379,57 @@ fn dis_rejects_a_frame_of_another_size() {
 }
 
 #[test]
+fn textureless_and_noisy_frames_give_finite_flows() {
+    // A flat frame (every patch's structure tensor singular) and pure noise, on both backends
+    // and with and without the refinement: flows and confidences stay finite.
+    let flat = |i| {
+        frame(
+            i,
+            image::RgbImage::from_pixel(96, 64, image::Rgb([90, 90, 90])),
+        )
+    };
+    let noise = |i: u64| {
+        frame(
+            i,
+            image::RgbImage::from_fn(96, 64, |x, y| {
+                let v = ((u64::from(x) * 7919 + u64::from(y) * 104_729 + i * 31) % 251) as u8;
+                image::Rgb([v, v.wrapping_mul(3), v.wrapping_add(17)])
+            }),
+        )
+    };
+    for backend in [DisBackend::Native, DisBackend::Opencv] {
+        for refine_iterations in [0, 1] {
+            let mut engine = DisEngine::new(DisConfig {
+                backend,
+                refine_iterations,
+                ..DisConfig::default()
+            })
+            .unwrap();
+            let frames = [flat(0), flat(1), noise(2), noise(3), flat(4)];
+            let pairs: Vec<_> = frames
+                .iter()
+                .flat_map(|f| engine.push(f).unwrap())
+                .collect();
+            assert_eq!(pairs.len(), 4);
+            for p in pairs {
+                let finite = p
+                    .fwd
+                    .data
+                    .iter()
+                    .chain(&p.bwd.data)
+                    .chain(&p.fwd_conf)
+                    .all(|v| v.is_finite());
+                assert!(
+                    finite,
+                    "{backend:?}, refinement {refine_iterations}: pair {}-{}",
+                    p.from, p.to
+                );
+            }
+        }
+    }
+}
+
+#[test]
 fn flow_metrics_match_hand_computed_values() {
     let mut gt = FlowField::zeros(2, 2);
     let mut pred = FlowField::zeros(2, 2);
