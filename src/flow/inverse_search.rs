@@ -77,9 +77,9 @@ struct PyramidLevel {
     /// The level image (DIS's variational refinement takes bytes).
     grey: Mat,
     i0: Vec<f32>,
-    /// Sobel gradients (16-bit).
-    dx: Mat,
-    dy: Mat,
+    /// Sobel gradients, row-major.
+    dx: Vec<i16>,
+    dy: Vec<i16>,
 }
 
 /// What a level needs as the source of a flow.
@@ -215,12 +215,14 @@ impl PyramidLevel {
                 "a DIS pyramid level of {w}x{h} is below the {PATCH}-pixel patch"
             )));
         }
-        let (mut dx, mut dy) = (Mat::default(), Mat::default());
+        let (mut gx, mut gy) = (Mat::default(), Mat::default());
         // OpenCV's DIS: a 3×3 Sobel, reflected borders (the default).
-        spatial_gradient(&grey, &mut dx, &mut dy, 3, opencv::core::BORDER_DEFAULT)?;
-        // Checked here, so that the parts made later from them cannot fail.
-        let n = w * h;
-        if dx.data_typed::<i16>()?.len() != n || dy.data_typed::<i16>()?.len() != n {
+        spatial_gradient(&grey, &mut gx, &mut gy, 3, opencv::core::BORDER_DEFAULT)?;
+        let (dx, dy) = (
+            gx.data_typed::<i16>()?.to_vec(),
+            gy.data_typed::<i16>()?.to_vec(),
+        );
+        if dx.len() != w * h || dy.len() != w * h {
             return Err(Error::Flow(format!("DIS gradients of a {w}x{h} level")));
         }
         let i0: Vec<f32> = grey.data_bytes()?.iter().map(|&v| f32::from(v)).collect();
@@ -254,11 +256,6 @@ impl SourceLevel {
     fn new(p: &PyramidLevel, stride: usize) -> Self {
         let (w, h) = (p.w, p.h);
         let (ws, hs) = (1 + (w - PATCH) / stride, 1 + (h - PATCH) / stride);
-        // `PyramidLevel::new` checked both gradients' sizes.
-        let (gx, gy) = (
-            p.dx.data_typed::<i16>().unwrap_or_default(),
-            p.dy.data_typed::<i16>().unwrap_or_default(),
-        );
         let mut templates = Vec::with_capacity(ws * hs * TEMPLATE);
         for is in 0..hs {
             for js in 0..ws {
@@ -266,7 +263,7 @@ impl SourceLevel {
                 for k in rows.clone() {
                     templates.extend_from_slice(&p.i0[k..k + PATCH]);
                 }
-                for plane in [gx, gy] {
+                for plane in [&p.dx, &p.dy] {
                     for k in rows.clone() {
                         templates.extend(plane[k..k + PATCH].iter().map(|&v| f32::from(v)));
                     }
