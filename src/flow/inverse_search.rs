@@ -981,10 +981,13 @@ impl InverseSearch {
             }
             if l > 0 {
                 let finer = (a.levels[l - 1].w, a.levels[l - 1].h);
-                // OpenCV's resize ×2, doubled (exact either way round).
+                // OpenCV's resize, then doubled in place (its order).
                 let up = |p: &[f32]| {
-                    let doubled: Vec<f32> = p.iter().map(|x| x * 2.0).collect();
-                    upsample_linear(&doubled, (s.w, s.h), 1, finer)
+                    let mut out = upsample_linear(p, (s.w, s.h), 1, finer);
+                    for x in &mut out {
+                        *x *= 2.0;
+                    }
+                    out
                 };
                 (u, v) = (up(&u), up(&v));
             }
