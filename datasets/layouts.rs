@@ -17,14 +17,15 @@ use nalgebra::{Matrix3, Matrix4, Rotation3, Translation3, UnitQuaternion};
 use super::formats::{depth, flo, kitti_flow, pcd, tum};
 use super::native::{mask_png_bytes, rgb_png_bytes};
 use super::synth::SynthFrame;
-use crate::cloud::PointCloud;
-use crate::error::{Error, Result};
-use crate::flow::FlowField;
-use crate::frame::{Intrinsics, Pose};
-use crate::io_util::{create_dir, read_file, write_atomic, write_bytes_atomic};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::flow_field::FlowField;
+use streamrecon_core::frame::{Intrinsics, Pose};
+use streamrecon_core::io_util::{create_dir, read_file, write_atomic, write_bytes_atomic};
 
 /// Dataset layouts `streamrecon synth --format` writes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Layout {
     Native,
     Sintel,

@@ -7,11 +7,11 @@ use serde::{Deserialize, Serialize};
 
 use super::formats::{depth, flo, ply, tum};
 use super::synth::SynthFrame;
-use crate::cloud::PointCloud;
-use crate::error::{Error, Result};
-use crate::flow::FlowField;
-use crate::frame::{Frame, GroundTruth, Intrinsics};
-use crate::io_util::{create_dir, read_file, write_atomic, write_bytes_atomic};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::flow_field::FlowField;
+use streamrecon_core::frame::{Frame, GroundTruth, Intrinsics};
+use streamrecon_core::io_util::{create_dir, read_file, write_atomic, write_bytes_atomic};
 
 const SUBDIRS: [&str; 6] = ["rgb", "depth", "flow_fwd", "flow_bwd", "occ_fwd", "occ_bwd"];
 

@@ -1,28 +1,18 @@
 //! streamrecon: a stream of video frames in; optical flow, camera poses, depth and a growing,
 //! bounded 3D point cloud out, frame by frame, shown live in rerun.
 //!
-//! Stages (see `ARCHITECTURE.md`): [`source`] → [`flow`] → [`geometry`] → [`fusion`] →
-//! [`sinks`] + [`viewer`], run by [`pipeline`]. [`datasets`] holds the file formats, dataset
-//! layouts and the synthetic world; [`eval`] the metrics.
+//! This crate is the command line (`src/main.rs`, `src/cli.rs`); as a library it only re-exports
+//! the layer crates under one name, as rerun's top crate does (see `ARCHITECTURE.md`):
+//! [`source`] → [`flow`] → [`geometry`] → [`fusion`] → [`sinks`] + [`viewer`], run by
+//! [`pipeline`]; [`datasets`] holds the file formats, dataset layouts and the synthetic world,
+//! [`models`] the candle ports, [`eval`] the metrics and [`serve`] the network service.
 
-pub mod cloud;
-#[path = "../datasets/mod.rs"]
-pub mod datasets;
-pub mod error;
-pub mod eval;
-pub mod flow;
-pub mod frame;
-pub mod fusion;
-pub mod geometry;
-pub mod io_util;
-pub mod models;
-pub mod pipeline;
-pub mod serve;
-pub mod simd;
-pub mod sinks;
-pub mod source;
-pub mod stats;
-#[path = "../viewer/mod.rs"]
-pub mod viewer;
-
-pub use error::{Error, Result};
+pub use streamrecon_core::{cloud, error, frame, io_util, simd, stats, Error, Result};
+pub use streamrecon_datasets as datasets;
+pub use streamrecon_eval as eval;
+pub use streamrecon_flow as flow;
+pub use streamrecon_geometry as geometry;
+pub use streamrecon_models as models;
+pub use streamrecon_pipeline::{self as pipeline, fusion, sinks, source};
+pub use streamrecon_serve as serve;
+pub use streamrecon_viewer as viewer;

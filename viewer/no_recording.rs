@@ -2,7 +2,7 @@
 //! recording is a clear error; every other output works.
 
 use super::{FrameLog, RerunTarget};
-use crate::error::{Error, Result};
+use streamrecon_core::error::{Error, Result};
 
 /// Never made in this build (see [`open`]).
 pub struct Viewer {

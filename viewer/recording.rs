@@ -1,7 +1,7 @@
 //! The rerun recording (built with the `rerun` feature, the default).
 
 use super::{paths, FrameLog, RerunTarget, TIMELINE_FRAME, TIMELINE_TIME};
-use crate::error::{Error, Result};
+use streamrecon_core::error::{Error, Result};
 
 /// Logs a stream's results to rerun.
 pub struct Viewer {

@@ -4,8 +4,8 @@ use std::path::Path;
 
 use npyz::WriterBuilder;
 
-use crate::error::{Error, Result};
-use crate::io_util::{read_file, write_atomic};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::io_util::{read_file, write_atomic};
 
 /// A depth map in metres, row-major, 0 = no surface.
 #[derive(Debug, Clone, PartialEq)]
@@ -47,7 +47,7 @@ pub fn depth_millimetres(data: &[f32]) -> Vec<u16> {
 pub fn millimetre_png_bytes(width: usize, height: usize, mm: &[u16]) -> Vec<u8> {
     let img = image::ImageBuffer::<image::Luma<u16>, _>::from_raw(width as u32, height as u32, mm)
         .expect("depth buffer matches its size");
-    crate::datasets::native::png_bytes(&img)
+    crate::native::png_bytes(&img)
 }
 
 /// Writes a 16-bit millimetre depth PNG atomically.

@@ -2,9 +2,9 @@
 
 use std::path::Path;
 
-use crate::error::{Error, Result};
-use crate::flow::FlowField;
-use crate::io_util::{read_file, write_atomic};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::flow_field::FlowField;
+use streamrecon_core::io_util::{read_file, write_atomic};
 
 pub const FLO_MAGIC: f32 = 202_021.25;
 /// Larger fields are rejected as malformed rather than allocated.

@@ -4,9 +4,9 @@ use std::path::Path;
 
 use image::{ImageBuffer, Rgb};
 
-use crate::error::{Error, Result};
-use crate::flow::FlowField;
-use crate::io_util::{read_file, write_atomic};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::flow_field::FlowField;
+use streamrecon_core::io_util::{read_file, write_atomic};
 
 const OFFSET: f32 = 32768.0;
 const SCALE: f32 = 64.0;

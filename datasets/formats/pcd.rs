@@ -4,9 +4,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::cloud::PointCloud;
-use crate::error::{Error, Result};
-use crate::io_util::{read_file, write_atomic};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::io_util::{read_file, write_atomic};
 
 /// Largest point count accepted, so a lying header cannot make us allocate without bound.
 const MAX_POINTS: usize = 1 << 28;

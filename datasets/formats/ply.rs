@@ -3,9 +3,9 @@
 
 use std::path::Path;
 
-use crate::cloud::PointCloud;
-use crate::error::{Error, Result};
-use crate::io_util::{read_file, write_atomic};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::io_util::{read_file, write_atomic};
 
 /// Writes a binary PLY atomically (colour grey and confidence 1 where the cloud has none).
 ///

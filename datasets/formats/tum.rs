@@ -5,9 +5,9 @@ use std::path::Path;
 
 use nalgebra::{Quaternion, Translation3, UnitQuaternion};
 
-use crate::error::{Error, Result};
-use crate::frame::Pose;
-use crate::io_util::{read_file, write_atomic};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::Pose;
+use streamrecon_core::io_util::{read_file, write_atomic};
 
 /// One stamped pose.
 #[derive(Debug, Clone, Copy, PartialEq)]

@@ -15,9 +15,9 @@ pub use render::{flow_between, render, RenderedFrame, NO_OBJECT};
 pub use scene::{Scene, SceneKind};
 pub use trajectory::{Trajectory, TrajectoryKind};
 
-use crate::cloud::PointCloud;
-use crate::flow::FlowField;
-use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::flow_field::FlowField;
+use streamrecon_core::frame::{Frame, Intrinsics, Pose, RgbImage};
 
 /// Optional image degradations (none by default).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
@@ -94,7 +94,7 @@ impl Default for SynthConfig {
             width: 640,
             height: 480,
             seed: 0,
-            hfov_deg: crate::frame::DEFAULT_HFOV_DEG,
+            hfov_deg: streamrecon_core::frame::DEFAULT_HFOV_DEG,
             fps: 30.0,
             degrade: Degrade::default(),
             flow: true,
@@ -110,17 +110,17 @@ struct QuantiseRow<'a> {
     out: &'a mut [u8],
 }
 
-impl crate::simd::Kernel for QuantiseRow<'_> {
+impl streamrecon_core::simd::Kernel for QuantiseRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         quantise_row(self.linear, self.gain, self.out);
     }
 }
 
-#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
 #[inline(always)]
 fn quantise_row(linear: &[f32], gain: f32, out: &mut [u8]) {
     let n = linear.len().min(out.len());
@@ -239,7 +239,7 @@ impl SynthWorld {
             buf.par_chunks_mut(row)
                 .zip(rgb.par_chunks(w as usize))
                 .for_each(|(out, src)| {
-                    crate::simd::vectorized(QuantiseRow {
+                    streamrecon_core::simd::vectorized(QuantiseRow {
                         linear: src.as_flattened(),
                         gain,
                         out,

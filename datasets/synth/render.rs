@@ -9,9 +9,9 @@ use nalgebra::Vector3;
 use rayon::prelude::*;
 
 use super::scene::{Lanes, Rays, Scene, TileBins, LANES};
-use crate::flow::FlowField;
-use crate::frame::{Intrinsics, Pose};
-use crate::simd::{vectorized, Kernel};
+use streamrecon_core::flow_field::FlowField;
+use streamrecon_core::frame::{Intrinsics, Pose};
+use streamrecon_core::simd::{vectorized, Kernel};
 
 /// Pixels per side of a binning tile (a multiple of [`LANES`], so a packet lies in one tile).
 const TILE: usize = 16;
@@ -104,7 +104,7 @@ struct RenderRow<'a> {
 impl Kernel for RenderRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let w = self.rgb.len();
@@ -143,7 +143,7 @@ const _: () = assert!(EDGE_SUPERSAMPLE * EDGE_SUPERSAMPLE == LANES + 1);
 impl Kernel for EdgePixel<'_> {
     type Output = [f32; 3];
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) -> [f32; 3] {
         let n = EDGE_SUPERSAMPLE;
@@ -325,7 +325,7 @@ struct Projection {
 /// Projects one row of view a's pixels into view b: flow, depth in b and nearest pixel.
 /// Slices as arguments and plain indexed loops, so the loop vectorises (reached through struct
 /// fields, the slices may alias as far as the compiler knows).
-#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
 #[inline(always)]
 fn project_row(
     projection: &Projection,
@@ -379,7 +379,7 @@ fn project_row(
 impl Kernel for FlowRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let FlowGeometry { projection, a, b } = self.geometry;

@@ -15,9 +15,8 @@ use super::texture::{Materials, Texture, PATTERNS};
 
 type V3 = Vector3<f32>;
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum SceneKind {
     Room,
     Outdoor,
@@ -623,8 +622,8 @@ impl Scene {
     /// (unbounded objects everywhere), so each ray tests only those.
     pub fn bin_objects(
         &self,
-        world_from_cam: &crate::frame::Pose,
-        k: &crate::frame::Intrinsics,
+        world_from_cam: &streamrecon_core::frame::Pose,
+        k: &streamrecon_core::frame::Intrinsics,
         tile: usize,
     ) -> TileBins {
         let (tw, th) = (

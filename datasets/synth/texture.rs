@@ -11,7 +11,7 @@
 use rand::{Rng, SeedableRng};
 
 use super::scene::{Lanes, LANES};
-use crate::simd::small_int;
+use streamrecon_core::simd::small_int;
 
 /// Texels per tile side.
 const TILE: usize = 512;
@@ -131,10 +131,10 @@ struct BaseLevel {
     seed: u32,
 }
 
-impl crate::simd::Kernel for BaseLevel {
+impl streamrecon_core::simd::Kernel for BaseLevel {
     type Output = Vec<[f32; 3]>;
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) -> Vec<[f32; 3]> {
         let BaseLevel {
@@ -202,7 +202,7 @@ impl Texture {
             ]
         };
         let (c0, c1, c2) = (colour(), colour(), colour());
-        let base = crate::simd::vectorized(BaseLevel {
+        let base = streamrecon_core::simd::vectorized(BaseLevel {
             pattern,
             colours: [c0, c1, c2],
             seed: seed as u32,

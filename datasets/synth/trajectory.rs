@@ -3,11 +3,10 @@
 
 use nalgebra::{Matrix3, Rotation3, Translation3, UnitQuaternion, Vector3};
 
-use crate::frame::Pose;
+use streamrecon_core::frame::Pose;
 
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum TrajectoryKind {
     /// Catmull-Rom spline through random positions, the heading drifting round the scene with a
     /// random wobble, the pitch wandering between looking down and level (no whip-pans).

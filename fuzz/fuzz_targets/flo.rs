@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use streamrecon::datasets::formats::flo::flo_from_bytes;
+use streamrecon_datasets::formats::flo::flo_from_bytes;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(flow) = flo_from_bytes(data, Path::new("fuzz.flo")) {

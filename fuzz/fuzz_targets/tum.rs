@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use libfuzzer_sys::fuzz_target;
-use streamrecon::datasets::formats::tum::tum_from_str;
+use streamrecon_datasets::formats::tum::tum_from_str;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(text) = std::str::from_utf8(data) {

@@ -28,8 +28,8 @@ use rand::SeedableRng;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cloud::PointCloud;
-use crate::error::{Error, Result};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::error::{Error, Result};
 
 /// The official camera→LiDAR extrinsic of the Long3D release (digits as published).
 #[allow(clippy::unreadable_literal)]
@@ -233,7 +233,7 @@ pub fn estimate_normals(
                     .execute(),
                 None => t.query(p).nearest_n::<SquaredEuclidean<f64>>(kk).execute(),
             };
-            crate::fusion::pca_normal(nn.iter().map(|r| points[r.item as usize]))
+            streamrecon_core::cloud::pca_normal(nn.iter().map(|r| points[r.item as usize]))
         })
         .collect()
 }

@@ -3,8 +3,8 @@
 use nalgebra::{Matrix3, Point3, Rotation3, Vector3};
 use serde::Serialize;
 
-use crate::error::{Error, Result};
-use crate::frame::Pose;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::Pose;
 
 /// A similarity transform `y = s·R·x + t`.
 #[derive(Debug, Clone, Copy, PartialEq)]

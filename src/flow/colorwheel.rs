@@ -1,8 +1,8 @@
 //! The Middlebury (Baker et al. 2011) colour wheel for flow visualisation.
 
 use super::FlowField;
-use crate::frame::RgbImage;
-use crate::simd::{small_int, vectorized, Kernel};
+use streamrecon_core::frame::RgbImage;
+use streamrecon_core::simd::{small_int, vectorized, Kernel};
 
 /// Hue segments of the wheel: red-yellow, yellow-green, green-cyan, cyan-blue, blue-magenta, magenta-red.
 const SEGMENTS: [usize; 6] = [15, 6, 4, 11, 13, 6];
@@ -206,7 +206,7 @@ struct LargestSquare<'a> {
 impl Kernel for LargestSquare<'_> {
     type Output = f32;
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) -> f32 {
         // Eight running maxima, one per lane: a single one would be a serial chain.
@@ -248,7 +248,7 @@ const FAR: u32 = u32::MAX;
 impl Kernel for WheelRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let WheelRow {
@@ -330,7 +330,7 @@ mod tests {
     #[test]
     fn colour_table_is_within_two_grey_levels_of_the_formula() {
         use super::{colour_of, flow_to_rgb, hues};
-        let mut f = crate::flow::FlowField::zeros(101, 101);
+        let mut f = crate::FlowField::zeros(101, 101);
         for y in 0..101 {
             for x in 0..101 {
                 // Off the table's grid, every direction, magnitudes 0 to beyond 1.
@@ -358,7 +358,7 @@ mod tests {
     fn normalising_magnitude_skips_non_finite_flow_and_bgr_is_rgb_swapped() {
         use super::{flow_to_bytes, flow_to_rgb, ChannelOrder};
         // 37 wide: rows have whole chunks of 8 pixels and a remainder.
-        let mut f = crate::flow::FlowField::zeros(37, 3);
+        let mut f = crate::FlowField::zeros(37, 3);
         for y in 0..3 {
             for x in 0..37 {
                 f.set(x, y, 0.1 * x as f32, -0.05 * y as f32);

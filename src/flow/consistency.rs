@@ -2,9 +2,9 @@
 
 use rayon::prelude::*;
 
-use super::field::TargetCells;
 use super::FlowField;
-use crate::simd::{vectorized, Kernel};
+use streamrecon_core::flow_field::TargetCells;
+use streamrecon_core::simd::{vectorized, Kernel};
 
 /// Per-pixel confidence and occlusion of `fwd`, checked against `bwd` sampled at the target.
 ///
@@ -167,7 +167,7 @@ impl Kernel for CheckRow<'_, '_> {
     /// Two passes: the bilinear gathers of `bwd` (float column counter, i32 casts, as usize ↔
     /// float conversions are instruction sequences on baseline x86-64), then the arithmetic
     /// (its square root and division dominated when they sat between gathers).
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let CheckRow {
@@ -182,7 +182,7 @@ impl Kernel for CheckRow<'_, '_> {
     }
 }
 
-#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
 #[inline(always)]
 fn check_row(
     pair: &Pair<'_>,

@@ -44,9 +44,9 @@ use super::refine::{FrameTensor, Refiner};
 use super::resize::{resized_flow, upsample_linear};
 use super::temporal::fill_inconsistent;
 use super::{FlowEngine, FlowField, PairFlow};
-use crate::error::{Error, Result};
-use crate::frame::{Frame, RgbImage};
-use crate::simd::{vectorized, Kernel};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{Frame, RgbImage};
+use streamrecon_core::simd::{vectorized, Kernel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 pub enum DisPreset {
@@ -492,7 +492,7 @@ struct Luma<'a> {
 impl Kernel for Luma<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         for (d, p) in self.dst.iter_mut().zip(self.rgb.chunks_exact(3)) {
@@ -949,7 +949,7 @@ mod tests {
         // grey image, at ¼ and ½ resolution, including frames whose sides do not divide (left
         // to OpenCV).
         for (w, h) in [(64, 48), (40, 24), (66, 48)] {
-            let img = crate::frame::RgbImage::from_fn(w, h, |x, y| {
+            let img = streamrecon_core::frame::RgbImage::from_fn(w, h, |x, y| {
                 let v = |k: u32| ((x * 37 + y * 101 + k * 53 + x * y) % 256) as u8;
                 image::Rgb([v(0), v(1), v(2)])
             });
@@ -976,7 +976,7 @@ mod tests {
     fn grey_is_the_rounded_luma_of_every_pixel() {
         use opencv::prelude::*;
         // 37 × 5: whole vector blocks and a remainder; every channel's extremes.
-        let img = crate::frame::RgbImage::from_fn(37, 5, |x, y| {
+        let img = streamrecon_core::frame::RgbImage::from_fn(37, 5, |x, y| {
             let v = |k: u32| ((x * 53 + y * 97 + k * 31) % 256) as u8;
             match (x + y) % 4 {
                 0 => image::Rgb([255, 255, 255]),

@@ -35,10 +35,10 @@ use opencv::video::VariationalRefinement;
 
 use super::resize::{resized_flow, upsample_linear};
 use super::FlowField;
-use crate::error::{Error, Result};
-use crate::simd::{small_int, vectorized, Kernel};
 #[cfg(target_arch = "x86_64")]
 use pulp::{f32x8, x86::V3, Simd};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::simd::{small_int, vectorized, Kernel};
 
 /// The only patch size this implementation takes (every OpenCV preset's).
 pub const PATCH: usize = 8;
@@ -290,7 +290,7 @@ struct StructureTensor<'a> {
 impl Kernel for StructureTensor<'_> {
     type Output = Vec<[f32; 5]>;
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) -> Vec<[f32; 5]> {
         let area = PATCH * PATCH;
@@ -530,7 +530,7 @@ struct Search<'a> {
 impl Kernel for Search<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let Self {
@@ -640,7 +640,7 @@ impl SearchCtx<'_> {
     /// Patch `n` of `rows` in this pass's order, started from its best candidate: its current
     /// flow, the initial flow's, and its two neighbours' already searched in this pass (OpenCV's
     /// order: each compared with the best so far).
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn start(
         &self,
@@ -718,7 +718,7 @@ impl SearchCtx<'_> {
 
     /// One inverse-compositional step; the descent stops once the cost stops falling (after
     /// taking that step, as OpenCV's).
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn descend(&self, p: &mut PatchSearch) {
         let [h11, h12, h22, gsx, gsy] = self.s.tensor[p.idx];
@@ -759,7 +759,7 @@ struct Densify<'a> {
 impl Kernel for Densify<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let Self {

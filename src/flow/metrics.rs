@@ -3,7 +3,7 @@
 use serde::{Deserialize, Serialize};
 
 use super::FlowField;
-use crate::error::{Error, Result};
+use streamrecon_core::error::{Error, Result};
 
 /// Error statistics of a predicted flow against ground truth.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]

@@ -16,9 +16,9 @@
 
 use rayon::prelude::*;
 
-use super::field::TargetCells;
 use super::FlowField;
-use crate::simd::{vectorized, Kernel};
+use streamrecon_core::flow_field::TargetCells;
+use streamrecon_core::simd::{vectorized, Kernel};
 
 /// A grey frame with what refinement needs of it: the lightly smoothed image, its gradients and
 /// their windowed products (sums over the window, not means). Its buffers are reused when it
@@ -136,7 +136,7 @@ struct SmoothRow<'a> {
 impl Kernel for SmoothRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let (s, d) = (self.src, self.dst);
@@ -163,7 +163,7 @@ struct Blend3<'a> {
 impl Kernel for Blend3<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let w = self.dst.len();
@@ -189,7 +189,7 @@ struct GradientRow<'a> {
 impl Kernel for GradientRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let GradientRow {
@@ -276,7 +276,7 @@ struct AddRow<'a> {
 impl Kernel for AddRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let w = self.acc.len();
@@ -318,7 +318,7 @@ struct WindowRow<'a> {
 impl Kernel for WindowRow<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let WindowRow { acc, s, out } = self;
@@ -441,7 +441,7 @@ impl Kernel for Residual<'_> {
     /// Three passes per row: target cells and weights (branch-free, vectorised, float → int
     /// conversions included), the texel reads (a pixel at a time), then the interpolation
     /// and products (vectorised).
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let Residual {
@@ -510,7 +510,7 @@ struct Step<'a> {
 impl Kernel for Step<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let Step {

@@ -9,8 +9,8 @@ use opencv::imgproc::{resize, INTER_LINEAR};
 use opencv::prelude::*;
 
 use super::FlowField;
-use crate::error::Result;
-use crate::simd::{vectorized, Kernel};
+use streamrecon_core::error::Result;
+use streamrecon_core::simd::{vectorized, Kernel};
 
 /// Per destination column: the first source element and the two weights (OpenCV's rule: the
 /// source position of column x is (x + ½)·sw/w − ½ in double, rounded to float; positions
@@ -97,7 +97,7 @@ struct Vertical<'a> {
 impl Kernel for Vertical<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let Self {

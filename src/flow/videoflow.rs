@@ -12,9 +12,9 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use super::{FlowEngine, FlowField, PairFlow};
-use crate::error::{Error, Result};
-use crate::frame::Frame;
-use crate::models::videoflow::{MofNet, VideoFlowConfig};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::Frame;
+use streamrecon_models::videoflow::{MofNet, VideoFlowConfig};
 
 /// How to build the engine.
 #[derive(Debug, Clone, Serialize)]

@@ -4,8 +4,8 @@ use nalgebra::{Matrix3, Rotation3, Translation3, UnitQuaternion, Vector3};
 use opencv::core::{Mat, Point2f, Point3f, Vector};
 use opencv::prelude::*;
 
-use crate::error::Result;
-use crate::frame::{Intrinsics, Pose};
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::{Intrinsics, Pose};
 
 fn k_mat(k: &Intrinsics) -> Result<Mat> {
     Ok(Mat::from_slice_2d(&[

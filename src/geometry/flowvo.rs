@@ -30,10 +30,10 @@ use super::novelty::{NoveltyConfig, NoveltyMeter};
 use super::triangulate::midpoint;
 use super::window_ba::{self, Observation, Window};
 use super::{FrameGeometry, GeometryEngine, GeometryStats};
-use crate::error::{Error, Result};
-use crate::flow::{FlowField, PairFlow, TargetCells};
-use crate::frame::{Frame, Intrinsics, Pose, RgbImage};
-use crate::simd::{vectorized, Kernel};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{Frame, Intrinsics, Pose, RgbImage};
+use streamrecon_core::simd::{vectorized, Kernel};
+use streamrecon_flow::{FlowField, PairFlow, TargetCells};
 
 /// Parameters of `flowvo`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -222,7 +222,7 @@ struct AdvanceRow<'a, 'b> {
 impl Kernel for AdvanceRow<'_, '_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         let AdvanceRow {
@@ -262,7 +262,7 @@ impl Kernel for AdvanceRow<'_, '_> {
 
 /// Bilinear sample of (Δx, Δy, confidence) of a chain's `data` in the cell whose top-left
 /// value is at `i00` (`row` values a row).
-#[allow(clippy::inline_always)] // inlined into dispatched kernels (`crate::simd`)
+#[allow(clippy::inline_always)] // inlined into dispatched kernels (`streamrecon_core::simd`)
 #[inline(always)]
 fn sample_cell(data: &[f32], row: usize, i00: usize, fx: f32, fy: f32) -> [f32; 3] {
     let (top, bottom) = (&data[i00..i00 + 6], &data[i00 + row..i00 + row + 6]);
@@ -477,7 +477,7 @@ struct DepthRowAt<'a> {
 impl Kernel for DepthRowAt<'_> {
     type Output = ();
 
-    #[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+    #[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
     #[inline(always)]
     fn run(self) {
         depth_row(self.row, self.y, self.chain, self.depth, self.conf);
@@ -488,7 +488,7 @@ impl Kernel for DepthRowAt<'_> {
 /// without branches (a failed test writes 0), so the compiler vectorises it. A function of its
 /// own: as arguments, the slices are known not to overlap; as fields of the kernel they are not,
 /// and the loop stayed scalar.
-#[allow(clippy::inline_always)] // inlined into the dispatched function (`crate::simd`)
+#[allow(clippy::inline_always)] // inlined into the dispatched function (`streamrecon_core::simd`)
 #[inline(always)]
 fn depth_row(row: &DepthRow, y: usize, chain: &[f32], depth: &mut [f32], conf: &mut [f32]) {
     let DepthRow {
@@ -1364,9 +1364,9 @@ impl GeometryEngine for FlowVo {
     fn push(&mut self, frame: &Frame, flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
         let (w, h) = (frame.width(), frame.height());
         let k = *self.intrinsics.get_or_insert_with(|| {
-            frame
-                .intrinsics
-                .unwrap_or_else(|| Intrinsics::from_hfov(w, h, crate::frame::DEFAULT_HFOV_DEG))
+            frame.intrinsics.unwrap_or_else(|| {
+                Intrinsics::from_hfov(w, h, streamrecon_core::frame::DEFAULT_HFOV_DEG)
+            })
         });
         if (k.width, k.height) != (w, h) {
             return Err(Error::Geometry(format!(
@@ -1456,7 +1456,7 @@ impl GeometryEngine for FlowVo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geometry::triangulate::midpoint_cos;
+    use crate::triangulate::midpoint_cos;
     use nalgebra::{Translation3, UnitQuaternion};
 
     #[test]

@@ -20,8 +20,8 @@ use opencv::core::{self as cvcore, Mat, Scalar, CV_32F};
 use opencv::prelude::*;
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::frame::Pose;
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::Pose;
 
 /// Parameters of the novelty weight (see the module docs for the formula).
 #[derive(Debug, Clone, Serialize)]

@@ -23,9 +23,9 @@ use nalgebra::{UnitQuaternion, Vector3};
 use serde::Serialize;
 
 use super::{FrameGeometry, GeometryEngine};
-use crate::error::Result;
-use crate::flow::PairFlow;
-use crate::frame::{Frame, Pose};
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::{Frame, Pose};
+use streamrecon_flow::PairFlow;
 
 /// Parameters of the filter.
 #[derive(Debug, Clone, Serialize)]
@@ -425,7 +425,7 @@ impl GeometryEngine for StabilizedEngine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::geometry::GeometryStats;
+    use crate::GeometryStats;
     use nalgebra::Translation3;
 
     /// Filters a steady ramp (0.1 m/s along x, 30 fps, 300 frames) with ±4 mm alternating
@@ -570,7 +570,7 @@ mod tests {
                 Translation3::new(x, 0.0, z),
                 UnitQuaternion::identity(),
             ),
-            intrinsics: crate::frame::Intrinsics::from_hfov(64, 48, 60.0),
+            intrinsics: streamrecon_core::frame::Intrinsics::from_hfov(64, 48, 60.0),
             depth: None,
             confidence: None,
             stats: GeometryStats {
@@ -601,7 +601,7 @@ mod tests {
                 index: 0,
                 source_index: 0,
                 timestamp: 0.0,
-                image: crate::frame::RgbImage::new(64, 48),
+                image: streamrecon_core::frame::RgbImage::new(64, 48),
                 intrinsics: None,
                 gt: None,
             };

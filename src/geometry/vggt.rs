@@ -8,12 +8,12 @@ use serde::Serialize;
 
 use super::novelty::{NoveltyConfig, NoveltyMeter};
 use super::{FrameGeometry, GeometryEngine, GeometryStats, MemoryReadout};
-use crate::error::{Error, Result};
-use crate::flow::PairFlow;
-use crate::frame::{Frame, Intrinsics};
-use crate::models::vggt::memory::{CameraCache, MemoryUpdate};
-use crate::models::vggt::{pose, preprocess, StreamMemory, StreamVggt, VggtConfig};
-use crate::models::weights::save_tensors_atomic;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{Frame, Intrinsics};
+use streamrecon_flow::PairFlow;
+use streamrecon_models::vggt::memory::{CameraCache, MemoryUpdate};
+use streamrecon_models::vggt::{pose, preprocess, StreamMemory, StreamVggt, VggtConfig};
+use streamrecon_models::weights::save_tensors_atomic;
 
 /// How to build the engine.
 #[derive(Debug, Clone, Serialize)]

@@ -15,7 +15,7 @@ use tiny_solver::loss_functions::HuberLoss;
 use tiny_solver::optimizer::{Optimizer, OptimizerOptions};
 use tiny_solver::{LevenbergMarquardtOptimizer, Problem};
 
-use crate::frame::{Intrinsics, Pose};
+use streamrecon_core::frame::{Intrinsics, Pose};
 
 /// One measurement: point `point` seen at pixel (x, y) in window frame `frame`.
 #[derive(Debug, Clone, Copy)]

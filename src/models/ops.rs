@@ -5,7 +5,7 @@ use candle_core::{DType, Tensor};
 use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, Linear};
 
 use super::weights::Vb;
-use crate::error::Result;
+use streamrecon_core::error::Result;
 
 /// `nn.Linear(in_dim, out_dim, bias)`.
 ///
@@ -241,7 +241,7 @@ pub fn grid_sample_pixels(img: &Tensor, coords: &Tensor) -> Result<Tensor> {
     let (n, c, h, w) = img.dims4()?;
     let (n2, ho, wo, two) = coords.dims4()?;
     if n != n2 || two != 2 {
-        return Err(crate::error::Error::Model(format!(
+        return Err(streamrecon_core::error::Error::Model(format!(
             "grid_sample: image {:?} vs coords {:?}",
             img.dims(),
             coords.dims()
@@ -292,7 +292,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
     let (n, c, h, w) = x.dims4()?;
     let (wc, one, k, k2) = weight.dims4()?;
     if wc != c || one != 1 || k != k2 || k % 2 == 0 {
-        return Err(crate::error::Error::Model(format!(
+        return Err(streamrecon_core::error::Error::Model(format!(
             "depthwise conv: input {:?}, weight {:?}",
             x.dims(),
             weight.dims()

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use candle_core::{DType, Device, Shape, Tensor};
 
-use crate::error::{Error, Result};
+use streamrecon_core::error::{Error, Result};
 
 /// Tensors of one checkpoint, by key.
 pub struct Weights {
@@ -209,7 +209,7 @@ impl Weights {
 /// The file cannot be written.
 #[allow(clippy::implicit_hasher)] // candle's `save` takes the default hasher
 pub fn save_tensors_atomic(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<()> {
-    let tmp = crate::io_util::tmp_name(path);
+    let tmp = streamrecon_core::io_util::tmp_name(path);
     if let Err(e) = candle_core::safetensors::save(tensors, &tmp) {
         let _ = std::fs::remove_file(&tmp);
         return Err(Error::format(path, format!("cannot write tensors: {e}")));

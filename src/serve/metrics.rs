@@ -9,7 +9,7 @@ use std::sync::Arc;
 use axum::extract::State;
 
 use super::{lock, Session, Shared};
-use crate::pipeline::FrameResult;
+use streamrecon_pipeline::FrameResult;
 
 /// Upper bounds of the latency histograms, milliseconds.
 const BUCKETS_MS: [f64; 10] = [
@@ -106,6 +106,10 @@ pub(super) async fn page(State(state): State<Shared>) -> String {
         }
     }
     let _ = writeln!(out, "# TYPE streamrecon_rss_mib gauge");
-    let _ = writeln!(out, "streamrecon_rss_mib {:.1}", crate::stats::rss_mib());
+    let _ = writeln!(
+        out,
+        "streamrecon_rss_mib {:.1}",
+        streamrecon_core::stats::rss_mib()
+    );
     out
 }

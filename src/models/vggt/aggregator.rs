@@ -8,8 +8,8 @@ use super::config::VggtConfig;
 use super::dino::DinoVisionTransformer;
 use super::layers::{Block, BlockSpec, Rope2d};
 use super::memory::StreamMemory;
-use crate::error::Result;
-use crate::models::weights::Vb;
+use crate::weights::Vb;
+use streamrecon_core::error::Result;
 
 const RESNET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
 const RESNET_STD: [f32; 3] = [0.229, 0.224, 0.225];

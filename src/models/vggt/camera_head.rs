@@ -8,9 +8,9 @@ use candle_nn::{LayerNorm, Linear};
 use super::config::VggtConfig;
 use super::layers::{Block, BlockSpec, Mlp};
 use super::memory::StreamMemory;
-use crate::error::Result;
-use crate::models::ops::{layer_norm, layer_norm_plain, linear};
-use crate::models::weights::Vb;
+use crate::ops::{layer_norm, layer_norm_plain, linear};
+use crate::weights::Vb;
+use streamrecon_core::error::Result;
 
 /// Pose encoding width: translation (3), quaternion XYZW (4), FoV h/w (2).
 pub const POSE_ENC_DIM: usize = 9;

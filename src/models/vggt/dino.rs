@@ -7,9 +7,9 @@ use candle_nn::{Conv2d, LayerNorm};
 
 use super::config::VggtConfig;
 use super::layers::{Block, BlockSpec};
-use crate::error::{Error, Result};
-use crate::models::ops::{bicubic_aa_matrix, conv2d, layer_norm, resample_separable};
-use crate::models::weights::Vb;
+use crate::ops::{bicubic_aa_matrix, conv2d, layer_norm, resample_separable};
+use crate::weights::Vb;
+use streamrecon_core::error::{Error, Result};
 
 pub struct DinoVisionTransformer {
     proj: Conv2d,

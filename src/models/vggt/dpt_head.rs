@@ -5,9 +5,9 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{Conv2d, ConvTranspose2d, LayerNorm};
 
 use super::config::DptConfig;
-use crate::error::{Error, Result};
-use crate::models::ops::{conv2d, conv_transpose2d, layer_norm, resize_bilinear_align_corners};
-use crate::models::weights::Vb;
+use crate::ops::{conv2d, conv_transpose2d, layer_norm, resize_bilinear_align_corners};
+use crate::weights::Vb;
+use streamrecon_core::error::{Error, Result};
 
 /// Hard-coded in the reference.
 const HEAD_FEATURES_2: usize = 32;

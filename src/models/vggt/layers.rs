@@ -4,9 +4,9 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use super::memory::LayerKv;
-use crate::error::Result;
-use crate::models::ops::{layer_norm, linear};
-use crate::models::weights::Vb;
+use crate::ops::{layer_norm, linear};
+use crate::weights::Vb;
+use streamrecon_core::error::Result;
 
 /// `layers/mlp.py::Mlp`: fc1 → GELU (erf) → fc2.
 pub struct Mlp {

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use streamrecon_core::error::{Error, Result};
 
 /// The reference's default total token budget for the full model.
 pub const DEFAULT_TOTAL_BUDGET: usize = 1_200_000;

@@ -22,8 +22,8 @@ use candle_core::{DType, Tensor};
 pub use config::VggtConfig;
 pub use memory::{StreamMemory, DEFAULT_TOTAL_BUDGET};
 
-use crate::error::{Error, Result};
-use crate::models::weights::Weights;
+use crate::weights::Weights;
+use streamrecon_core::error::{Error, Result};
 
 /// The full model.
 pub struct StreamVggt {

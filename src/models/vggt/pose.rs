@@ -2,7 +2,7 @@
 
 use nalgebra::{Quaternion, UnitQuaternion, Vector3};
 
-use crate::frame::{Intrinsics, Pose};
+use streamrecon_core::frame::{Intrinsics, Pose};
 
 /// Camera from world `[R | t]` (3×4, row-major) exactly as the reference builds it: the
 /// quaternion (XYZW) is used unnormalised through `2 / |q|²`.

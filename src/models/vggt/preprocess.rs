@@ -6,8 +6,8 @@
 use candle_core::{Device, Tensor};
 use image::{RgbImage, RgbaImage};
 
-use crate::error::{Error, Result};
-use crate::models::ops::bicubic_aa_taps;
+use crate::ops::bicubic_aa_taps;
+use streamrecon_core::error::{Error, Result};
 
 /// The reference's target width.
 pub const TARGET_WIDTH: usize = 518;

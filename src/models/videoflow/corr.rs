@@ -3,8 +3,8 @@
 
 use candle_core::{Device, Tensor};
 
-use crate::error::Result;
-use crate::models::ops::grid_sample_pixels;
+use crate::ops::grid_sample_pixels;
+use streamrecon_core::error::Result;
 
 pub struct CorrBlock {
     /// Per level `[B·h1·w1, 1, h2ₗ, w2ₗ]`.

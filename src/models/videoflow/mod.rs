@@ -17,8 +17,8 @@ use candle_core::{DType, Device, Tensor};
 
 pub use config::VideoFlowConfig;
 
-use crate::error::{Error, Result};
-use crate::models::weights::Weights;
+use crate::weights::Weights;
+use streamrecon_core::error::{Error, Result};
 
 pub struct MofNet {
     pub fnet: twins::Twins,

@@ -6,9 +6,9 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{Conv2d, LayerNorm, Linear};
 
 use super::config::TwinsConfig;
-use crate::error::Result;
-use crate::models::ops::{conv2d, depthwise_conv2d, layer_norm, linear};
-use crate::models::weights::Vb;
+use crate::ops::{conv2d, depthwise_conv2d, layer_norm, linear};
+use crate::weights::Vb;
+use streamrecon_core::error::Result;
 
 const BLOCK_NORM_EPS: f64 = 1e-6;
 const PATCH_NORM_EPS: f64 = 1e-5;

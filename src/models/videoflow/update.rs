@@ -5,9 +5,9 @@ use candle_core::{Module, Tensor};
 use candle_nn::Conv2d;
 
 use super::config::VideoFlowConfig;
-use crate::error::Result;
-use crate::models::ops::{conv2d, depthwise_conv2d, grid_sample_pixels};
-use crate::models::weights::Vb;
+use crate::ops::{conv2d, depthwise_conv2d, grid_sample_pixels};
+use crate::weights::Vb;
+use streamrecon_core::error::Result;
 
 /// Channels of the motion hidden state.
 const MOTION_STATE: usize = 48;

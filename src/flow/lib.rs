@@ -8,7 +8,6 @@
 pub mod colorwheel;
 pub mod consistency;
 pub mod dis;
-mod field;
 pub mod inverse_search;
 pub mod metrics;
 pub mod refine;
@@ -16,11 +15,11 @@ pub mod resize;
 pub mod temporal;
 pub mod videoflow;
 
-pub(crate) use field::TargetCells;
-pub use field::{bilinear1, bilinear2, FlowField};
+pub use streamrecon_core::flow_field::TargetCells;
+pub use streamrecon_core::flow_field::{bilinear1, bilinear2, FlowField};
 
-use crate::error::Result;
-use crate::frame::Frame;
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::Frame;
 
 /// Flow between two neighbouring frames, both directions, with confidence.
 #[derive(Debug, Clone)]

@@ -1,5 +1,5 @@
 //! Evaluation: poses (ATE/RPE after Sim(3) Umeyama), depth (AbsRel, RMSE, δ<1.25) and flow
-//! (see [`crate::flow::metrics`]).
+//! (see [`streamrecon_flow::metrics`]).
 
 pub mod depth;
 pub mod long3d;

@@ -32,14 +32,16 @@ use crossbeam_channel::{bounded, Receiver, Sender, TrySendError};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::error::{Error, Result};
-use crate::geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig};
-use crate::geometry::stabilize::StabilizeConfig;
-use crate::geometry::vggt::VggtEngineConfig;
-use crate::models::vggt::memory::MemoryUpdate;
-use crate::pipeline::{self, FrameResult, GeometryChoice, PipelineConfig, ResultDetail};
-use crate::source::{PushedFrame, Source, SourceOptions, SourceSpec};
-use crate::viewer::RerunTarget;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig};
+use streamrecon_geometry::stabilize::StabilizeConfig;
+use streamrecon_geometry::vggt::VggtEngineConfig;
+use streamrecon_models::vggt::memory::MemoryUpdate;
+use streamrecon_pipeline::source::{PushedFrame, Source, SourceOptions, SourceSpec};
+use streamrecon_pipeline::{
+    self as pipeline, FrameResult, GeometryChoice, PipelineConfig, ResultDetail,
+};
+use streamrecon_viewer::RerunTarget;
 
 /// The request a session was made with, kept in its folder so it can be resumed.
 const SESSION_FILE: &str = "session.json";
@@ -450,9 +452,9 @@ fn start_session(
         resume,
         ..base
     };
-    crate::io_util::create_dir(out).map_err(|e| internal(e.to_string()))?;
+    streamrecon_core::io_util::create_dir(out).map_err(|e| internal(e.to_string()))?;
     let saved = serde_json::to_vec_pretty(req).unwrap_or_default();
-    crate::io_util::write_bytes_atomic(&out.join(SESSION_FILE), &saved)
+    streamrecon_core::io_util::write_bytes_atomic(&out.join(SESSION_FILE), &saved)
         .map_err(|e| internal(e.to_string()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let handle = {
@@ -592,7 +594,7 @@ async fn ingest(
     }
     let intrinsics = s
         .intrinsics
-        .map(|[fx, fy, cx, cy]| crate::frame::Intrinsics {
+        .map(|[fx, fy, cx, cy]| streamrecon_core::frame::Intrinsics {
             fx,
             fy,
             cx,
@@ -762,7 +764,9 @@ async fn close_session(
     let marker = state.config.data_dir.join(&s.id).join(CLOSED_FILE);
     let summary = tokio::task::spawn_blocking(move || {
         let summary = close(&s);
-        if let Err(e) = crate::io_util::write_bytes_atomic(&marker, b"closed by the client\n") {
+        if let Err(e) =
+            streamrecon_core::io_util::write_bytes_atomic(&marker, b"closed by the client\n")
+        {
             log::error!("{e}");
         }
         summary
@@ -826,7 +830,7 @@ fn router(state: Shared) -> Router {
     // The page holds no data: it asks for the token and sends it with every API call.
     Router::new()
         .route("/health", get(|| async { "ok" }))
-        .route("/", get(|| async { Html(crate::viewer::WEB_PAGE) }))
+        .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
         .merge(api)
         .with_state(state)
 }
@@ -841,7 +845,7 @@ pub fn serve(
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    crate::io_util::create_dir(&config.data_dir)?;
+    streamrecon_core::io_util::create_dir(&config.data_dir)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("serve")
@@ -922,7 +926,7 @@ fn resume_earlier(state: &AppState, earlier: Vec<Earlier>) {
         let request = read_request(&e.dir);
         if !e.closed && snapshot.exists() {
             if let Some(req) = request {
-                let next = crate::geometry::snapshot_next_frame(&snapshot);
+                let next = streamrecon_geometry::snapshot_next_frame(&snapshot);
                 match start_session(state, &e.id, &e.dir, &req, Some(snapshot), next) {
                     Ok(()) => {
                         log::info!(

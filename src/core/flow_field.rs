@@ -91,7 +91,7 @@ pub fn bilinear1(data: &[f32], width: usize, height: usize, x: f32, y: f32) -> O
 /// each target's cell (the index of its top-left value), the fractions for the weights, and an
 /// all-ones mask where the target is inside the image (0 outside, where the cell is 0 and the
 /// value read must be masked out). Buffers are kept between rows.
-pub(crate) struct TargetCells {
+pub struct TargetCells {
     pub cell: Vec<u32>,
     pub fx: Vec<f32>,
     pub fy: Vec<f32>,

@@ -10,10 +10,10 @@ use std::path::PathBuf;
 use opencv::core::{Mat, Vec3b, Vector};
 use opencv::prelude::*;
 
-use crate::error::Result;
-use crate::flow::colorwheel::{self, ChannelOrder};
-use crate::flow::FlowField;
-use crate::frame::{Intrinsics, Pose, RgbImage};
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::{Intrinsics, Pose, RgbImage};
+use streamrecon_flow::colorwheel::{self, ChannelOrder};
+use streamrecon_flow::FlowField;
 
 /// Entity paths, fixed here and nowhere else.
 pub mod paths {
@@ -136,12 +136,12 @@ pub const WEB_PAGE: &str = include_str!("web/index.html");
 #[cfg(test)]
 mod tests {
     use super::ViewImages;
-    use crate::flow::FlowField;
+    use streamrecon_flow::FlowField;
 
     #[test]
     fn viewer_images_are_jpeg_in_rgb_order() {
         // Left half red, right half blue: a channel swap would show at once.
-        let image = crate::frame::RgbImage::from_fn(64, 48, |x, _| {
+        let image = streamrecon_core::frame::RgbImage::from_fn(64, 48, |x, _| {
             if x < 32 {
                 image::Rgb([255, 0, 0])
             } else {

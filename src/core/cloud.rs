@@ -44,3 +44,21 @@ impl PointCloud {
         }
     }
 }
+
+/// Unit normal of a neighbourhood (direction of least variance).
+pub fn pca_normal(points: impl Iterator<Item = [f64; 3]>) -> [f64; 3] {
+    let pts: Vec<nalgebra::Vector3<f64>> = points.map(nalgebra::Vector3::from).collect();
+    if pts.len() < 3 {
+        return [0.0, 0.0, 1.0];
+    }
+    let mean = pts.iter().sum::<nalgebra::Vector3<f64>>() / pts.len() as f64;
+    let mut cov = nalgebra::Matrix3::zeros();
+    for p in &pts {
+        let d = p - mean;
+        cov += d * d.transpose();
+    }
+    let eig = nalgebra::SymmetricEigen::new(cov);
+    let i = eig.eigenvalues.imin();
+    let n = eig.eigenvectors.column(i);
+    [n[0], n[1], n[2]]
+}

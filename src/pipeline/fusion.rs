@@ -9,13 +9,12 @@ use hashbrown::HashMap;
 use std::num::NonZero;
 
 use kiddo::{ImmutableKdTree, SquaredEuclidean};
-use nalgebra::{Matrix3, SymmetricEigen, Vector3};
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::cloud::PointCloud;
-use crate::frame::RgbImage;
-use crate::geometry::FrameGeometry;
+use streamrecon_core::cloud::{pca_normal, PointCloud};
+use streamrecon_core::frame::RgbImage;
+use streamrecon_geometry::FrameGeometry;
 
 /// Fusion parameters.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -377,22 +376,4 @@ pub fn with_normals(mut cloud: PointCloud, k: usize) -> PointCloud {
         .collect();
     cloud.normals = Some(normals);
     cloud
-}
-
-/// Unit normal of a neighbourhood (direction of least variance).
-pub fn pca_normal(points: impl Iterator<Item = [f64; 3]>) -> [f64; 3] {
-    let pts: Vec<Vector3<f64>> = points.map(Vector3::from).collect();
-    if pts.len() < 3 {
-        return [0.0, 0.0, 1.0];
-    }
-    let mean = pts.iter().sum::<Vector3<f64>>() / pts.len() as f64;
-    let mut cov = Matrix3::zeros();
-    for p in &pts {
-        let d = p - mean;
-        cov += d * d.transpose();
-    }
-    let eig = SymmetricEigen::new(cov);
-    let i = eig.eigenvalues.imin();
-    let n = eig.eigenvectors.column(i);
-    [n[0], n[1], n[2]]
 }

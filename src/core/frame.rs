@@ -3,7 +3,7 @@
 use nalgebra::{Isometry3, Matrix3};
 use serde::{Deserialize, Serialize};
 
-use crate::flow::FlowField;
+use crate::flow_field::FlowField;
 
 /// RGB u8 image, row-major HWC.
 pub type RgbImage = image::RgbImage;

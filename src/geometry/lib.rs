@@ -13,9 +13,9 @@ pub mod window_ba;
 
 use serde::Serialize;
 
-use crate::error::Result;
-use crate::flow::PairFlow;
-use crate::frame::{Frame, Intrinsics, Pose};
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::{Frame, Intrinsics, Pose};
+use streamrecon_flow::PairFlow;
 
 /// What a geometry engine says about one frame.
 #[derive(Debug, Clone)]
@@ -115,7 +115,7 @@ pub trait GeometryEngine: Send {
     /// # Errors
     /// Unreadable or foreign snapshot, or an engine without snapshot support.
     fn restore(&mut self, path: &std::path::Path) -> Result<u64> {
-        Err(crate::error::Error::Geometry(format!(
+        Err(streamrecon_core::error::Error::Geometry(format!(
             "the {} engine cannot resume from a snapshot ({})",
             self.name(),
             path.display()
@@ -132,7 +132,7 @@ pub fn snapshot_next_frame(path: &std::path::Path) -> Option<u64> {
 
 /// The `meta.json` of a snapshot file.
 fn read_snapshot_meta(path: &std::path::Path) -> Result<serde_json::Value> {
-    use crate::error::Error;
+    use streamrecon_core::error::Error;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
     let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
         .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
@@ -146,11 +146,11 @@ fn read_snapshot_meta(path: &std::path::Path) -> Result<serde_json::Value> {
 
 /// Writes a snapshot that is only a `meta.json` (engines whose state is small).
 fn write_snapshot_meta(path: &std::path::Path, meta: &serde_json::Value) -> Result<()> {
-    let json =
-        serde_json::to_vec(meta).map_err(|e| crate::error::Error::Geometry(e.to_string()))?;
+    let json = serde_json::to_vec(meta)
+        .map_err(|e| streamrecon_core::error::Error::Geometry(e.to_string()))?;
     let n = json.len();
     let t = candle_core::Tensor::from_vec(json, n, &candle_core::Device::Cpu)
-        .map_err(|e| crate::error::Error::Geometry(e.to_string()))?;
+        .map_err(|e| streamrecon_core::error::Error::Geometry(e.to_string()))?;
     let tensors = std::collections::HashMap::from([("meta.json".to_string(), t)]);
-    crate::models::weights::save_tensors_atomic(&tensors, path)
+    streamrecon_models::weights::save_tensors_atomic(&tensors, path)
 }

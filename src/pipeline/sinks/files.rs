@@ -7,11 +7,14 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-use crate::cloud::PointCloud;
-use crate::datasets::formats::{depth, ply, tum};
-use crate::error::{Error, Result};
-use crate::frame::{Intrinsics, Pose};
-use crate::io_util::{create_dir, write_atomic, write_bytes_atomic};
+use streamrecon_core::cloud::PointCloud;
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{Intrinsics, Pose};
+use streamrecon_core::io_util::{create_dir, write_atomic, write_bytes_atomic};
+use streamrecon_datasets::formats::{depth, ply, tum};
+
+use super::{FrameOutput, RunEnd, Sink};
+use crate::snapshot::{PendingSnapshot, SnapshotSlot};
 
 /// Intrinsics reported for both resolutions.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -264,5 +267,49 @@ impl RunOutputs {
             }
             Ok(())
         })
+    }
+}
+
+/// The run's files (trajectory, poses, depth PNGs, cloud, COLMAP model, run.json), and the
+/// engine snapshot put in place once every frame before it is in them.
+pub struct FilesSink {
+    outputs: RunOutputs,
+    snapshot: SnapshotSlot,
+    /// Source frames before this one have reached the outputs.
+    handled_next: u64,
+}
+
+impl FilesSink {
+    /// `resumed_at`: the source frame a resumed run starts at (0 for a new run).
+    pub(crate) fn new(outputs: RunOutputs, snapshot: SnapshotSlot, resumed_at: u64) -> Self {
+        Self {
+            outputs,
+            snapshot,
+            handled_next: resumed_at,
+        }
+    }
+}
+
+impl Sink for FilesSink {
+    fn name(&self) -> &'static str {
+        "files"
+    }
+
+    fn frame(&mut self, out: &FrameOutput<'_>) -> Result<()> {
+        let g = out.geometry;
+        let depth = out.depth_mm.map(|d| (d, &g.intrinsics));
+        let res = self
+            .outputs
+            .add_frame(g.index, g.timestamp, g.world_from_cam, depth);
+        self.handled_next = self.handled_next.max(out.frame.source_index + 1);
+        PendingSnapshot::commit(&self.snapshot, self.handled_next, &self.outputs);
+        res
+    }
+
+    fn finish(&mut self, end: &RunEnd<'_>) -> Result<()> {
+        // Every result the engine made has been through the sinks: the last snapshot can take
+        // over.
+        PendingSnapshot::commit(&self.snapshot, u64::MAX, &self.outputs);
+        self.outputs.finish(end.cloud, end.intrinsics, end.summary)
     }
 }

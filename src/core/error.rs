@@ -22,13 +22,21 @@ pub enum Error {
     #[error("geometry engine: {0}")]
     Geometry(String),
     #[error("OpenCV: {0}")]
-    OpenCv(#[from] opencv::Error),
+    OpenCv(String),
     #[error("rerun: {0}")]
     Rerun(String),
     #[error("model: {0}")]
     Model(String),
 }
 
+#[cfg(feature = "opencv")]
+impl From<opencv::Error> for Error {
+    fn from(e: opencv::Error) -> Self {
+        Self::OpenCv(e.to_string())
+    }
+}
+
+#[cfg(feature = "candle")]
 impl From<candle_core::Error> for Error {
     fn from(e: candle_core::Error) -> Self {
         Self::Model(e.to_string())

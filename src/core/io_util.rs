@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
-pub(crate) fn tmp_name(path: &Path) -> PathBuf {
+pub fn tmp_name(path: &Path) -> PathBuf {
     let mut name = path
         .file_name()
         .map(std::ffi::OsStr::to_os_string)

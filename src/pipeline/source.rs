@@ -7,9 +7,9 @@ use opencv::core::Mat;
 use opencv::prelude::*;
 use opencv::videoio::{self, VideoCapture};
 
-use crate::datasets::native::NativeDataset;
-use crate::error::{Error, Result};
-use crate::frame::{Frame, Intrinsics, RgbImage};
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{Frame, Intrinsics, RgbImage};
+use streamrecon_datasets::native::NativeDataset;
 
 /// What a source string names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,7 +39,7 @@ pub enum BenchmarkKind {
 }
 
 fn detect_benchmark(p: &Path) -> Option<BenchmarkKind> {
-    use crate::datasets::layouts::{detect, Layout};
+    use streamrecon_datasets::layouts::{detect, Layout};
     match detect(p) {
         Some(Layout::Tum) => return Some(BenchmarkKind::TumRgbd),
         Some(Layout::Long3d) => return Some(BenchmarkKind::Long3d),
@@ -138,7 +138,7 @@ struct RawFrame {
     image: RgbImage,
     timestamp: Option<f64>,
     intrinsics: Option<Intrinsics>,
-    gt: Option<crate::frame::GroundTruth>,
+    gt: Option<streamrecon_core::frame::GroundTruth>,
 }
 
 /// A source opened from a [`SourceSpec`], applying [`SourceOptions`].
@@ -373,10 +373,9 @@ impl Source {
         };
         if self.intrinsics_original.is_none() {
             self.intrinsics_supplied = raw.intrinsics.is_some();
-            self.intrinsics_original =
-                Some(original.unwrap_or_else(|| {
-                    Intrinsics::from_hfov(w0, h0, crate::frame::DEFAULT_HFOV_DEG)
-                }));
+            self.intrinsics_original = Some(original.unwrap_or_else(|| {
+                Intrinsics::from_hfov(w0, h0, streamrecon_core::frame::DEFAULT_HFOV_DEG)
+            }));
         }
         let (image, intrinsics) = match self.options.width {
             Some(tw) if tw != w0 => {
@@ -629,9 +628,9 @@ impl RawSource for DatasetSource {
     }
 }
 
-/// A benchmark layout read through [`crate::datasets::layouts`].
+/// A benchmark layout read through [`streamrecon_datasets::layouts`].
 struct BenchmarkSource {
-    frames: Vec<crate::datasets::layouts::LayoutFrame>,
+    frames: Vec<streamrecon_datasets::layouts::LayoutFrame>,
     intrinsics: Option<Intrinsics>,
     next: usize,
     with_depth: bool,
@@ -640,7 +639,7 @@ struct BenchmarkSource {
 
 impl BenchmarkSource {
     fn open(dir: &Path, kind: BenchmarkKind, with_depth: bool) -> Result<Self> {
-        use crate::datasets::layouts;
+        use streamrecon_datasets::layouts;
         let (frames, fps, calib_dir) = match kind {
             BenchmarkKind::TumRgbd => (layouts::read_tum_rgbd(dir)?, 30.0, dir.to_path_buf()),
             BenchmarkKind::Long3d => (layouts::read_long3d(dir)?.0, 10.0, dir.to_path_buf()),
@@ -701,11 +700,11 @@ impl RawSource for BenchmarkSource {
         let depth = if self.with_depth {
             match &f.depth {
                 Some((p, _)) if p.extension().is_some_and(|e| e == "dpt") => {
-                    Some(crate::datasets::layouts::read_dpt(p).map(|d| d.data))
+                    Some(streamrecon_datasets::layouts::read_dpt(p).map(|d| d.data))
                 }
-                Some((p, scale)) => {
-                    Some(crate::datasets::formats::depth::read_depth_png(p, *scale).map(|d| d.data))
-                }
+                Some((p, scale)) => Some(
+                    streamrecon_datasets::formats::depth::read_depth_png(p, *scale).map(|d| d.data),
+                ),
                 None => None,
             }
         } else {
@@ -719,7 +718,7 @@ impl RawSource for BenchmarkSource {
             image,
             timestamp: Some(f.timestamp),
             intrinsics: self.intrinsics,
-            gt: Some(crate::frame::GroundTruth {
+            gt: Some(streamrecon_core::frame::GroundTruth {
                 world_from_cam: f.world_from_cam,
                 depth,
                 flow_fwd: None,

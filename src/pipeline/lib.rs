@@ -1,0 +1,373 @@
+//! The pipeline: source → flow → geometry → fusion + sinks, one named thread per heavy stage
+//! (`stage/`), joined by bounded channels; this file is the wiring.
+//!
+//! Live sources drop the oldest pending frame when the flow stage falls behind (latest wins) and
+//! count the drops; offline sources block instead and never drop. Setting the stop flag (SIGINT /
+//! SIGTERM) stops reading; frames in flight drain through every stage and every output is closed
+//! properly. A stage error, or a stage or sink that panics, stops the source the same way, so
+//! nothing already produced is lost, and becomes the run's error.
+
+pub mod config;
+pub mod fusion;
+pub mod sinks;
+mod snapshot;
+pub mod source;
+mod stage;
+pub mod summary;
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::bounded;
+
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::stats::peak_rss_mib;
+use streamrecon_datasets::formats::depth::{depth_millimetres, surface_millimetres};
+use streamrecon_flow::FlowEngine;
+use streamrecon_geometry::GeometryEngine;
+
+pub use config::{FlowChoice, GeometryChoice, PipelineConfig};
+pub use sinks::results::{DepthSample, FrameResult, ResultDetail};
+pub use sinks::{FrameOutput, RunEnd, Sink, Tick};
+pub use snapshot::SNAPSHOT_FILE;
+pub use summary::{
+    FrameMemory, MemorySummary, RunOutcome, RunSummary, StabilizeSummary, TrajectoryEntry,
+};
+
+use fusion::Fusion;
+use sinks::files::{FilesSink, IntrinsicsReport, RunOutputs};
+use sinks::progress::ProgressSink;
+use sinks::rerun::RerunSink;
+use sinks::results::ResultsSink;
+use snapshot::PendingSnapshot;
+use source::Source;
+use stage::{ErrorSlot, GeometryMsg};
+use summary::RunTally;
+
+/// How often the sinks hear the stream's rate.
+const TICK: Duration = Duration::from_millis(500);
+
+/// Runs a source through the whole pipeline until it ends or `stop` is set, with the engines and
+/// sinks `config` names.
+///
+/// # Errors
+/// Setting up the engines, the viewer or the output folder fails. Errors during the run are
+/// returned inside [`RunOutcome`] after every output has been written.
+pub fn run(source: Source, config: &PipelineConfig, stop: &Arc<AtomicBool>) -> Result<RunOutcome> {
+    let flow = config.flow.engine()?;
+    let geometry = config.geometry.engine(config.stabilize.as_ref())?;
+    run_with(source, config, flow, geometry, Vec::new(), stop)
+}
+
+/// [`run`] with engines made by the caller (`config.flow` and `config.geometry` are then only
+/// reported) and sinks of its own after the ones `config` names.
+///
+/// # Errors
+/// As [`run`].
+pub fn run_with(
+    mut source: Source,
+    config: &PipelineConfig,
+    flow_engine: Box<dyn FlowEngine>,
+    mut geo_engine: Box<dyn GeometryEngine>,
+    extra_sinks: Vec<Box<dyn Sink>>,
+    stop: &Arc<AtomicBool>,
+) -> Result<RunOutcome> {
+    let started = Instant::now();
+    let mut resumed_next = None;
+    let resume_from = match &config.resume {
+        Some(p) => {
+            let next = geo_engine.restore(p)?;
+            resumed_next = Some(next);
+            log::info!(
+                "resumed from {}: continuing at source frame {next}",
+                p.display()
+            );
+            // A live stream starts afresh: its first frame is the next one, numbered on.
+            if source.is_live() || source.is_pushed() {
+                source.continue_at(next);
+                0
+            } else {
+                next
+            }
+        }
+        None => 0,
+    };
+    let snapshot_slot = Arc::new(Mutex::new(None::<PendingSnapshot>));
+    let mut sinks: Vec<SinkSlot> = Vec::new();
+    let mut files_sink = None;
+    if let Some(d) = &config.out_dir {
+        let mut o = RunOutputs::create(d, config.depth_every)?;
+        // Poses of the frames before a snapshot survive the interruption.
+        if let Some(next) = resumed_next {
+            let kept = o.restore_checkpoint(next)?;
+            log::info!("{kept} earlier poses restored from the checkpoint");
+        }
+        files_sink = Some(FilesSink::new(o, snapshot_slot.clone(), resume_from));
+    }
+    if let Some(v) = streamrecon_viewer::open(&config.rerun, "streamrecon")? {
+        sinks.push(SinkSlot::new(Box::new(RerunSink::new(
+            v,
+            config.stabilize.is_some(),
+        ))));
+    }
+    sinks.extend(files_sink.map(|s| SinkSlot::new(Box::new(s))));
+    if let Some(tx) = &config.results {
+        sinks.push(SinkSlot::new(Box::new(ResultsSink::new(
+            tx.clone(),
+            config.result_detail,
+        ))));
+    }
+    if config.progress {
+        sinks.push(SinkSlot::new(Box::new(ProgressSink::new(
+            source.len_hint(),
+        ))));
+    }
+    sinks.extend(extra_sinks.into_iter().map(SinkSlot::new));
+    let keep_flow = sinks.iter().any(|s| s.sink.wants_flow());
+
+    let live = source.is_live();
+    let source_name = source.name().to_string();
+    let errors = ErrorSlot::default();
+    let counts = stage::source::SourceCounts::default();
+    let cap = config.channel_capacity.max(1);
+    let (tx1, rx1) = bounded(cap);
+    let (tx2, rx2) = bounded(cap);
+    let (tx3, rx3) = bounded::<GeometryMsg>(cap);
+    let src_thread = stage::source::start(
+        source,
+        resume_from,
+        tx1,
+        live.then(|| rx1.clone()),
+        counts.clone(),
+        stop.clone(),
+        errors.clone(),
+    )?;
+    let flow_thread = stage::flow::start(flow_engine, rx1, tx2, stop.clone(), errors.clone())?;
+    // Snapshots are written beside the final file and put in its place by the file sink once
+    // every frame before the snapshot's position is in the outputs (see `PendingSnapshot`).
+    let snapshots = stage::geometry::Snapshots {
+        path: config
+            .out_dir
+            .as_ref()
+            .filter(|_| config.snapshot_every > 0)
+            .map(|d| PendingSnapshot::path_in(d)),
+        every: config.snapshot_every,
+        slot: snapshot_slot,
+    };
+    let geometry_thread = stage::geometry::start(
+        geo_engine,
+        rx2,
+        tx3,
+        keep_flow,
+        resume_from,
+        snapshots,
+        stop.clone(),
+        errors.clone(),
+    )?;
+
+    // Fusion and the sinks on this thread.
+    let mut fusion = Fusion::new(config.fusion.clone());
+    let mut tally = RunTally::default();
+    let mut model_k = None;
+    let mut sink_error: Option<Error> = None;
+    let mut last_tick = Instant::now();
+    let mut frames_since_tick = 0u64;
+    for mut r in &rx3 {
+        let t0 = Instant::now();
+        let mut wanting = sinks
+            .iter()
+            .filter(|s| !s.failed && s.sink.wants_flow())
+            .count();
+        for s in &mut sinks {
+            let flow = if s.failed || !s.sink.wants_flow() {
+                None
+            } else {
+                wanting -= 1;
+                if wanting == 0 {
+                    r.flow_bwd.take()
+                } else {
+                    r.flow_bwd.clone()
+                }
+            };
+            s.call(&mut sink_error, |sink| {
+                sink.prepare(&r.frame, flow);
+                Ok(())
+            });
+        }
+        let g = &r.geometry;
+        model_k.get_or_insert(g.intrinsics);
+        let new_points = fusion.integrate(g, &r.frame.image);
+        let fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let t1 = Instant::now();
+        // Depth shown and written only where it is confident (0 = unknown), in millimetres.
+        let depth_mm: Option<Vec<u16>> = match (&g.depth, &g.confidence) {
+            (Some(d), Some(c)) => Some(
+                d.iter()
+                    .zip(c)
+                    .map(|(&d, &c)| {
+                        if c >= config.fusion.min_confidence {
+                            surface_millimetres(d)
+                        } else {
+                            0
+                        }
+                    })
+                    .collect(),
+            ),
+            (Some(d), None) => Some(depth_millimetres(d)),
+            _ => None,
+        };
+        let out = FrameOutput {
+            frame: &r.frame,
+            geometry: g,
+            new_points: &new_points,
+            cloud_points: fusion.len(),
+            depth_mm: depth_mm.as_deref(),
+            min_confidence: config.fusion.min_confidence,
+            read_at: r.read_at,
+            flow_ms: r.flow_ms,
+            geometry_ms: r.geometry_ms,
+            fusion_ms,
+        };
+        let failed_before = sink_error.is_some();
+        for s in &mut sinks {
+            s.call(&mut sink_error, |sink| sink.frame(&out));
+        }
+        if sink_error.is_some() && !failed_before {
+            stop.store(true, Ordering::SeqCst);
+        }
+        tally.add(&out, t1.elapsed().as_secs_f64() * 1e3);
+        frames_since_tick += 1;
+        let dt = last_tick.elapsed();
+        if dt >= TICK {
+            let tick = Tick {
+                fps: frames_since_tick as f64 / dt.as_secs_f64(),
+                frames_processed: tally.processed(),
+                frames_dropped: counts.dropped.load(Ordering::Relaxed),
+                cloud_points: fusion.len(),
+            };
+            for s in &mut sinks {
+                s.call(&mut sink_error, |sink| {
+                    sink.tick(&tick);
+                    Ok(())
+                });
+            }
+            last_tick = Instant::now();
+            frames_since_tick = 0;
+        }
+    }
+    stage::join(src_thread, &errors);
+    stage::join(flow_thread, &errors);
+    let segments = stage::join(geometry_thread, &errors);
+    let error = errors.take().or(sink_error);
+    let t_cloud = Instant::now();
+    let cloud = fusion.finished_cloud();
+    log::debug!(
+        "final cloud: {} points in {:.0} ms",
+        cloud.len(),
+        t_cloud.elapsed().as_secs_f64() * 1e3
+    );
+    let wall = started.elapsed().as_secs_f64();
+    let processed = tally.processed();
+    let (median_reprojection_px, median_tracked_points) = tally.medians();
+    let summary = RunSummary {
+        source: source_name,
+        live,
+        frames_read: counts.read.load(Ordering::Relaxed),
+        frames_processed: processed,
+        frames_dropped: counts.dropped.load(Ordering::Relaxed),
+        frames_skipped: counts.skipped.load(Ordering::Relaxed),
+        interrupted: stop.load(Ordering::SeqCst) && error.is_none(),
+        wall_s: wall,
+        fps: if wall > 0.0 {
+            processed as f64 / wall
+        } else {
+            0.0
+        },
+        streaming_fps: match (tally.first_read, tally.last_out) {
+            (Some(a), Some(b)) if b > a && processed > 1 => {
+                processed as f64 / (b - a).as_secs_f64()
+            }
+            _ => 0.0,
+        },
+        peak_rss_mib: peak_rss_mib(),
+        stages: tally
+            .timings
+            .iter()
+            .map(|(k, v)| (*k, v.summary()))
+            .collect(),
+        map_segments: segments,
+        frames_tracked: tally.trajectory.iter().filter(|t| t.stats.tracked).count() as u64,
+        model_memory: tally.model_memory.take(),
+        stabilization: config.stabilize.as_ref().map(|_| tally.stabilization()),
+        points: cloud.len(),
+        points_evicted: fusion.evicted(),
+        median_reprojection_px,
+        median_tracked_points,
+        error: error.as_ref().map(ToString::to_string),
+        config: serde_json::to_value(config).unwrap_or_default(),
+    };
+    let original = counts.original_k.lock().ok().and_then(|k| *k);
+    let report = model_k.map(|m| IntrinsicsReport {
+        original: original.map_or(m, |o| o.0),
+        model: m,
+        origin: original.map_or("default 60° horizontal FoV", |o| o.1),
+    });
+    let end = RunEnd {
+        summary: &summary,
+        cloud: &cloud,
+        intrinsics: report.as_ref(),
+    };
+    // Every sink closes, the failed ones too: what they hold was written before they failed.
+    let mut finish_error = None;
+    for s in &mut sinks {
+        s.failed = false;
+        s.call(&mut finish_error, |sink| sink.finish(&end));
+    }
+    Ok(RunOutcome {
+        summary,
+        error: error.or(finish_error),
+        cloud,
+        trajectory: tally.trajectory,
+    })
+}
+
+/// A sink and whether it has failed.
+struct SinkSlot {
+    sink: Box<dyn Sink>,
+    failed: bool,
+}
+
+impl SinkSlot {
+    fn new(sink: Box<dyn Sink>) -> Self {
+        Self {
+            sink,
+            failed: false,
+        }
+    }
+
+    /// Calls the sink unless it has failed; an error or a panic marks it failed and is kept in
+    /// `first_error` unless one is there already.
+    fn call(
+        &mut self,
+        first_error: &mut Option<Error>,
+        f: impl FnOnce(&mut dyn Sink) -> Result<()>,
+    ) {
+        if self.failed {
+            return;
+        }
+        let sink = &mut *self.sink;
+        let res = catch_unwind(AssertUnwindSafe(|| f(sink))).unwrap_or_else(|payload| {
+            Err(Error::Invalid(format!(
+                "the {} sink stopped on a bug: {}",
+                self.sink.name(),
+                stage::panic_message(payload.as_ref())
+            )))
+        });
+        if let Err(e) = res {
+            self.failed = true;
+            first_error.get_or_insert(e);
+        }
+    }
+}

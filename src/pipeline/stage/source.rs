@@ -1,0 +1,91 @@
+//! The source thread: reads frames, skips the ones a resumed stream has seen, and hands them on;
+//! a live source drops the oldest waiting frame rather than fall behind.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::Intrinsics;
+
+use super::{spawn, ErrorSlot, SourceMsg};
+use crate::source::{Source, SourceItem};
+
+/// What the source thread counts, read by the run's summary.
+#[derive(Clone, Default)]
+pub(crate) struct SourceCounts {
+    pub(crate) read: Arc<AtomicU64>,
+    pub(crate) dropped: Arc<AtomicU64>,
+    pub(crate) skipped: Arc<AtomicU64>,
+    /// The source's intrinsics at its own resolution, and where they came from.
+    pub(crate) original_k: Arc<Mutex<Option<(Intrinsics, &'static str)>>>,
+}
+
+/// Starts the source thread. `resume_from`: source frames before it are skipped.
+pub(crate) fn start(
+    mut source: Source,
+    resume_from: u64,
+    tx: Sender<SourceMsg>,
+    // A live source takes its oldest waiting frame back out of the channel (an offline one
+    // holds no receiver, so a flow stage that stops ends its wait).
+    rx: Option<Receiver<SourceMsg>>,
+    counts: SourceCounts,
+    stop: Arc<AtomicBool>,
+    errors: ErrorSlot,
+) -> Result<JoinHandle<()>> {
+    spawn("source", move || {
+        while !stop.load(Ordering::SeqCst) {
+            let Some(item) = source.next_item() else {
+                break;
+            };
+            match item {
+                Ok(SourceItem::Frame(frame)) => {
+                    // Frames the resumed stream has already seen.
+                    if frame.source_index < resume_from {
+                        continue;
+                    }
+                    counts.read.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut k) = counts.original_k.lock() {
+                        if k.is_none() {
+                            *k = source
+                                .original_intrinsics()
+                                .map(|i| (i, source.intrinsics_origin()));
+                        }
+                    }
+                    let mut msg = SourceMsg {
+                        frame: *frame,
+                        read_at: Instant::now(),
+                    };
+                    if let Some(rx) = &rx {
+                        // Latest wins: make room by discarding the oldest pending frame.
+                        loop {
+                            match tx.try_send(msg) {
+                                Ok(()) => break,
+                                Err(TrySendError::Full(m)) => {
+                                    if rx.try_recv().is_ok() {
+                                        counts.dropped.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    msg = m;
+                                }
+                                Err(TrySendError::Disconnected(_)) => return,
+                            }
+                        }
+                    } else if tx.send(msg).is_err() {
+                        return;
+                    }
+                }
+                Ok(SourceItem::Skipped { what }) => {
+                    log::warn!("skipped a corrupt frame: {what}");
+                    counts.skipped.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => {
+                    errors.set(e);
+                    break;
+                }
+            }
+        }
+    })
+}
