@@ -18,7 +18,7 @@ use streamrecon::datasets::synth::{
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::long3d;
 use streamrecon::eval::plot::{plot, Series};
-use streamrecon::eval::pose::pose_metrics;
+use streamrecon::eval::pose::{associate, pose_metrics};
 use streamrecon::flow::dis::{DisBackend, DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
@@ -835,7 +835,8 @@ enum EvalCommand {
         #[arg(long, default_value_t = 10)]
         stride: u64,
     },
-    /// ATE / RPE of a TUM trajectory against a TUM ground truth (matched by timestamp).
+    /// ATE / RPE of a TUM trajectory against a TUM ground truth (matched by timestamp as evo
+    /// does).
     Pose {
         #[arg(long)]
         gt: PathBuf,
@@ -843,6 +844,9 @@ enum EvalCommand {
         pred: PathBuf,
         #[arg(long, default_value_t = 1)]
         delta: usize,
+        /// Poses further apart in time than this are not matched, seconds (evo's `--t_max_diff`).
+        #[arg(long, default_value_t = streamrecon::eval::pose::MAX_TIME_DIFF)]
+        max_time_diff: f64,
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -1368,24 +1372,13 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
             gt,
             pred,
             delta,
+            max_time_diff,
             out,
         } => {
             let g = tum::read_tum(gt)?;
             let p = tum::read_tum(pred)?;
-            // Match by timestamp (nearest within 1 ms).
-            let mut gts = Vec::new();
-            let mut ests = Vec::new();
-            for e in &p {
-                let nearest = g.iter().min_by(|a, b| {
-                    (a.timestamp - e.timestamp)
-                        .abs()
-                        .total_cmp(&(b.timestamp - e.timestamp).abs())
-                });
-                if let Some(n) = nearest.filter(|n| (n.timestamp - e.timestamp).abs() < 1e-3) {
-                    gts.push(n.world_from_cam);
-                    ests.push(e.world_from_cam);
-                }
-            }
+            let (gts, ests) = associate(&g, &p, *max_time_diff)
+                .with_context(|| format!("matching {} to {}", pred.display(), gt.display()))?;
             let m = pose_metrics(&gts, &ests, *delta)?;
             let json = serde_json::to_string_pretty(&m)?;
             println!("{json}");

@@ -68,6 +68,29 @@ fn a_cloud_against_itself_is_perfect() {
 }
 
 #[test]
+fn points_that_are_not_finite_are_dropped_and_counted() {
+    let c = cloud(&structured());
+    let mut with_nan = c.clone();
+    with_nan.points.push([f32::NAN, 0.0, 1.0]);
+    with_nan.points.push([0.0, f32::INFINITY, 1.0]);
+    let r = evaluate(&with_nan, &c, &identity_protocol()).unwrap();
+    assert_eq!((r.points_pred_non_finite, r.points_gt_non_finite), (2, 0));
+    assert_eq!(r.points_pred, c.len() + 2);
+    // The same result as without them.
+    let clean = evaluate(&c, &c, &identity_protocol()).unwrap();
+    assert_eq!(r.metrics, clean.metrics);
+    // A cloud with no finite point is refused by name.
+    let none = PointCloud::from_points(vec![[f32::NAN; 3]; 4]);
+    let e = evaluate(&c, &none, &identity_protocol())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ground-truth cloud has no finite point (4 points, 4 not finite)"),
+        "{e}"
+    );
+}
+
+#[test]
 fn icp_recovers_a_known_rigid_motion() {
     let target = structured();
     let rot = Rotation3::from_euler_angles(0.03, -0.02, 0.04);

@@ -102,6 +102,9 @@ pub struct Long3dReport {
     pub metrics: Long3dMetrics,
     pub points_pred: usize,
     pub points_gt: usize,
+    /// Points with a NaN or infinite coordinate, dropped before anything else.
+    pub points_pred_non_finite: usize,
+    pub points_gt_non_finite: usize,
     pub points_evaluated: usize,
     pub icp_iterations: usize,
     pub icp_fitness: f64,
@@ -487,29 +490,52 @@ pub fn accuracy_completeness(
     })
 }
 
-fn points_of(c: &PointCloud) -> Vec<P> {
-    c.points
+/// A cloud's finite points, and how many it had with a NaN or infinite coordinate.
+fn finite_points_of(c: &PointCloud) -> (Vec<P>, usize) {
+    let points: Vec<P> = c
+        .points
         .iter()
+        .filter(|p| p.iter().all(|v| v.is_finite()))
         .map(|p| [f64::from(p[0]), f64::from(p[1]), f64::from(p[2])])
-        .collect()
+        .collect();
+    let dropped = c.points.len() - points.len();
+    (points, dropped)
 }
 
 /// Runs the whole protocol on a predicted cloud (camera/world frame of the run) and the GT map.
 ///
+/// Points with a NaN or infinite coordinate are dropped first, counted in the report.
+///
 /// # Errors
-/// An empty cloud (before or after preprocessing) or a singular extrinsic.
+/// An empty cloud (before or after preprocessing; no finite point) or a singular extrinsic.
 pub fn evaluate(pred: &PointCloud, gt: &PointCloud, cfg: &Long3dConfig) -> Result<Long3dReport> {
-    if pred.is_empty() {
-        return Err(Error::Invalid("the predicted cloud is empty".into()));
+    let (pred_points, pred_non_finite) = finite_points_of(pred);
+    let (gt_points, gt_non_finite) = finite_points_of(gt);
+    for (what, n, all) in [
+        ("predicted", pred_non_finite, pred.len()),
+        ("ground-truth", gt_non_finite, gt.len()),
+    ] {
+        if n > 0 {
+            log::warn!("{n} of the {all} {what} points have NaN or infinite coordinates: dropped");
+        }
     }
-    if gt.is_empty() {
-        return Err(Error::Invalid("the ground-truth cloud is empty".into()));
+    if pred_points.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the predicted cloud has no finite point ({} points, {pred_non_finite} not finite)",
+            pred.len()
+        )));
+    }
+    if gt_points.is_empty() {
+        return Err(Error::Invalid(format!(
+            "the ground-truth cloud has no finite point ({} points, {gt_non_finite} not finite)",
+            gt.len()
+        )));
     }
     let ext = Matrix4::from_fn(|r, c| cfg.cam_to_lidar[r][c]);
     let inv = ext
         .try_inverse()
         .ok_or_else(|| Error::Invalid("the camera→LiDAR extrinsic is singular".into()))?;
-    let pred_l: Vec<P> = points_of(pred).iter().map(|p| apply(&inv, p)).collect();
+    let pred_l: Vec<P> = pred_points.iter().map(|p| apply(&inv, p)).collect();
     let prep = |pts: &[P]| -> Result<Vec<P>> {
         remove_statistical_outliers(
             &voxel_down_sample(pts, cfg.voxel),
@@ -517,7 +543,7 @@ pub fn evaluate(pred: &PointCloud, gt: &PointCloud, cfg: &Long3dConfig) -> Resul
             cfg.outlier_std_ratio,
         )
     };
-    let (pc, gc) = rayon::join(|| prep(&pred_l), || prep(&points_of(gt)));
+    let (pc, gc) = rayon::join(|| prep(&pred_l), || prep(&gt_points));
     let (pred_clean, gt_clean) = (pc?, gc?);
     if pred_clean.is_empty() || gt_clean.is_empty() {
         return Err(Error::Invalid(
@@ -572,6 +598,8 @@ pub fn evaluate(pred: &PointCloud, gt: &PointCloud, cfg: &Long3dConfig) -> Resul
         metrics,
         points_pred: pred.len(),
         points_gt: gt.len(),
+        points_pred_non_finite: pred_non_finite,
+        points_gt_non_finite: gt_non_finite,
         points_evaluated: pred_aligned.len(),
         icp_iterations: icp.as_ref().map_or(0, |r| r.iterations),
         icp_fitness: icp.as_ref().map_or(0.0, |r| r.fitness),

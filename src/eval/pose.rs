@@ -5,6 +5,74 @@ use serde::Serialize;
 
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::Pose;
+use streamrecon_datasets::formats::tum::StampedPose;
+
+/// How far apart in time an estimated and a ground-truth pose may be and still be matched, in
+/// seconds (evo's default `--t_max_diff`).
+pub const MAX_TIME_DIFF: f64 = 0.01;
+
+/// The median of sorted values, as numpy's: the mean of the two middle values of an even count.
+fn median_of_sorted(v: &[f64]) -> f64 {
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => 0.5 * (v[n / 2 - 1] + v[n / 2]),
+    }
+}
+
+/// Pairs of (ground truth, estimate) poses matched by timestamp as evo does: each pose of the
+/// shorter trajectory (the estimate when both are as long) takes the other's nearest pose in time
+/// (the first of equally near ones) if it is at most `max_diff` seconds away.
+///
+/// # Errors
+/// Fewer than 3 pairs, with the two trajectories' time spans in the message.
+pub fn associate(
+    gt: &[StampedPose],
+    est: &[StampedPose],
+    max_diff: f64,
+) -> Result<(Vec<Pose>, Vec<Pose>)> {
+    let nearest = |stamps: &[StampedPose], t: f64| -> Option<usize> {
+        let mut best: Option<(usize, f64)> = None;
+        for (i, s) in stamps.iter().enumerate() {
+            let d = (s.timestamp - t).abs();
+            if best.is_none_or(|(_, b)| d < b) {
+                best = Some((i, d));
+            }
+        }
+        best.filter(|&(_, d)| d <= max_diff).map(|(i, _)| i)
+    };
+    let (mut gts, mut ests) = (Vec::new(), Vec::new());
+    if gt.len() > est.len() {
+        for e in est {
+            if let Some(i) = nearest(gt, e.timestamp) {
+                gts.push(gt[i].world_from_cam);
+                ests.push(e.world_from_cam);
+            }
+        }
+    } else {
+        for g in gt {
+            if let Some(i) = nearest(est, g.timestamp) {
+                gts.push(g.world_from_cam);
+                ests.push(est[i].world_from_cam);
+            }
+        }
+    }
+    if gts.len() < 3 {
+        let span = |s: &[StampedPose]| match (s.first(), s.last()) {
+            (Some(a), Some(b)) => {
+                format!("{} poses, {:.6}–{:.6} s", s.len(), a.timestamp, b.timestamp)
+            }
+            _ => "no poses".to_string(),
+        };
+        return Err(Error::Invalid(format!(
+            "{} pose(s) matched within {max_diff} s, alignment needs ≥ 3 (ground truth: {}; estimate: {}); a clock offset larger than the tolerance matches nothing",
+            gts.len(),
+            span(gt),
+            span(est)
+        )));
+    }
+    Ok((gts, ests))
+}
 
 /// A similarity transform `y = s·R·x + t`.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -119,7 +187,7 @@ pub fn pose_metrics(gt: &[Pose], est: &[Pose], delta: usize) -> Result<PoseMetri
     let rmse = (errs.iter().map(|e| e * e).sum::<f64>() / n).sqrt();
     let mean = errs.iter().sum::<f64>() / n;
     errs.sort_by(f64::total_cmp);
-    let median = errs[errs.len() / 2];
+    let median = median_of_sorted(&errs);
     let length: f64 = cg.windows(2).map(|w| (w[1] - w[0]).norm()).sum();
     let delta = delta.max(1);
     let (mut t2, mut rsum, mut m) = (0.0, 0.0, 0usize);
@@ -153,4 +221,42 @@ pub fn pose_metrics(gt: &[Pose], est: &[Pose], delta: usize) -> Result<PoseMetri
         scale: sim.scale,
         gt_length: length,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_median_of_an_even_count_is_the_mean_of_the_middle_two() {
+        assert!((median_of_sorted(&[1.0, 2.0, 4.0, 10.0]) - 3.0).abs() < 1e-12);
+        assert!((median_of_sorted(&[1.0, 2.0, 4.0]) - 2.0).abs() < 1e-12);
+    }
+
+    fn stamped(t: &[f64]) -> Vec<StampedPose> {
+        t.iter()
+            .map(|&timestamp| StampedPose {
+                timestamp,
+                world_from_cam: Pose::translation(timestamp, 0.0, 0.0),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn poses_match_within_evos_tolerance() {
+        let gt = stamped(&[0.0, 0.1, 0.2, 0.3, 0.4]);
+        // A 5 ms clock offset: within evo's 10 ms.
+        let est = stamped(&[0.005, 0.105, 0.205, 0.305]);
+        let (g, e) = associate(&gt, &est, MAX_TIME_DIFF).unwrap();
+        assert_eq!((g.len(), e.len()), (4, 4));
+        assert!((g[3].translation.x - 0.3).abs() < 1e-12);
+        assert!((e[3].translation.x - 0.305).abs() < 1e-12);
+        // With 1 ms nothing matches, and the error says what was compared.
+        let err = associate(&gt, &est, 0.001).unwrap_err().to_string();
+        assert!(err.contains("0 pose(s) matched within 0.001 s"), "{err}");
+        assert!(
+            err.contains("0.000000–0.400000 s") && err.contains("0.005000–0.305000 s"),
+            "{err}"
+        );
+    }
 }
