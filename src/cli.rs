@@ -19,15 +19,13 @@ use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::long3d;
 use streamrecon::eval::plot::{plot, Series};
 use streamrecon::eval::pose::{associate, pose_metrics};
-use streamrecon::flow::dis::{DisBackend, DisConfig, DisEngine, DisPreset};
+use streamrecon::flow::colorwheel;
+use streamrecon::flow::dis::{DisBackend, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
-use streamrecon::flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
-use streamrecon::flow::{colorwheel, FlowEngine};
-use streamrecon::geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig, WindowBaConfig};
-use streamrecon::geometry::stabilize::StabilizeConfig;
-use streamrecon::geometry::vggt::{ModelDtype, VggtEngineConfig};
-use streamrecon::models::vggt::memory::{CameraCache, MemoryUpdate};
-use streamrecon::pipeline::{self, FlowChoice, GeometryChoice, PipelineConfig, RunOutcome};
+use streamrecon::pipeline::options::{
+    DtypeName, FlowEngineName, GeometryEngineName, MemoryUpdateName,
+};
+use streamrecon::pipeline::{self, PipelineConfig, RunOptions, RunOutcome};
 use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
 use streamrecon::viewer::RerunTarget;
 
@@ -90,6 +88,12 @@ struct ServeArgs {
     /// Model config JSON for --weights [default: the official VGGT-1B sizes].
     #[arg(long, value_name = "JSON")]
     model_config: Option<PathBuf>,
+    /// VideoFlow-MOF weights sessions may use (`{"flow": "videoflow"}`).
+    #[arg(long, value_name = "PATH")]
+    flow_weights: Option<PathBuf>,
+    /// VideoFlow model config JSON for --flow-weights [default: the released MOF sizes].
+    #[arg(long, value_name = "JSON")]
+    flow_config: Option<PathBuf>,
     /// A camera or stream URL sessions may read on the server (`{"source": …}`): exact, or a
     /// prefix ending in `*` (`camera:*`, `rtsp://10.0.0.5/*`). Repeatable; none by default.
     #[arg(long, value_name = "SOURCE")]
@@ -142,16 +146,13 @@ fn cmd_serve(a: &ServeArgs) -> Result<()> {
         );
     }
     let config = streamrecon::serve::ServeConfig {
-        vggt: a.weights.as_ref().map(|w| VggtEngineConfig {
-            weights: w.clone(),
+        options: RunOptions {
+            weights: a.weights.clone(),
             model_config: a.model_config.clone(),
-            total_budget: Some(streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET),
-            camera_cache: CameraCache::Window(
-                streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
-            ),
-            dtype: ModelDtype::F32,
-            update: MemoryUpdate::Uniform,
-        }),
+            flow_weights: a.flow_weights.clone(),
+            flow_config: a.flow_config.clone(),
+            ..RunOptions::default()
+        },
         bind: a.bind,
         token,
         max_sessions: a.max_sessions.max(1),
@@ -269,10 +270,10 @@ impl RerunFlags {
 #[derive(Args, Clone)]
 struct SourceFlags {
     /// Keep every K-th frame.
-    #[arg(long, default_value_t = 1, value_name = "K")]
+    #[arg(long, default_value_t = RunOptions::default().stride, value_name = "K")]
     stride: usize,
     /// Skip the first N frames.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().start, value_name = "N")]
     start: usize,
     /// Stop after N frames.
     #[arg(long, value_name = "N")]
@@ -282,23 +283,10 @@ struct SourceFlags {
     size: Option<u32>,
     /// Intrinsics at the original resolution (default: the dataset's, else a 60° horizontal FoV).
     #[arg(long, value_name = "fx,fy,cx,cy", value_parser = parse_intrinsics)]
-    intrinsics: Option<(f64, f64, f64, f64)>,
+    intrinsics: Option<[f64; 4]>,
 }
 
-impl SourceFlags {
-    fn options(&self) -> SourceOptions {
-        SourceOptions {
-            stride: self.stride,
-            start: self.start,
-            max_frames: self.max_frames,
-            width: self.size,
-            intrinsics: self.intrinsics,
-            gt_depth: false,
-        }
-    }
-}
-
-fn parse_intrinsics(s: &str) -> Result<(f64, f64, f64, f64), String> {
+fn parse_intrinsics(s: &str) -> Result<[f64; 4], String> {
     let v: Vec<f64> = s
         .split(',')
         .map(|x| {
@@ -309,16 +297,10 @@ fn parse_intrinsics(s: &str) -> Result<(f64, f64, f64, f64), String> {
         .collect::<Result<_, _>>()?;
     match v.as_slice() {
         [fx, fy, cx, cy] if *fx > 0.0 && *fy > 0.0 && v.iter().all(|x| x.is_finite()) => {
-            Ok((*fx, *fy, *cx, *cy))
+            Ok([*fx, *fy, *cx, *cy])
         }
         _ => Err("expected fx,fy,cx,cy with positive focal lengths".into()),
     }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum FlowEngineName {
-    Dis,
-    Videoflow,
 }
 
 /// Flags of the learned flow engine (shared by `run` and `flow`).
@@ -332,56 +314,14 @@ struct VideoFlowFlags {
     #[arg(long, value_name = "JSON")]
     flow_config: Option<PathBuf>,
     /// Frames per VideoFlow window (≥ 4).
-    #[arg(long, default_value_t = streamrecon::flow::videoflow::DEFAULT_WINDOW, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().flow_window, value_name = "N")]
     flow_window: usize,
-}
-
-impl VideoFlowFlags {
-    fn engine_config(&self) -> Result<VideoFlowEngineConfig> {
-        let Some(w) = &self.flow_weights else {
-            bail!("--flow videoflow needs --flow-weights PATH (a VideoFlow-MOF checkpoint)");
-        };
-        Ok(VideoFlowEngineConfig {
-            weights: w.clone(),
-            model_config: self.flow_config.clone(),
-            window: self.flow_window,
-        })
-    }
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum OnOff {
     On,
     Off,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum MemoryUpdateName {
-    Uniform,
-    Adaptive,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum DtypeName {
-    F32,
-    F16,
-    Bf16,
-}
-
-impl From<DtypeName> for ModelDtype {
-    fn from(d: DtypeName) -> Self {
-        match d {
-            DtypeName::F32 => Self::F32,
-            DtypeName::F16 => Self::F16,
-            DtypeName::Bf16 => Self::Bf16,
-        }
-    }
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum GeometryEngineName {
-    Flowvo,
-    Vggt,
 }
 
 /// Options of the `dis` flow engine shared by `run` and `flow` (the preset is not: their
@@ -396,7 +336,7 @@ struct DisFlags {
     no_symmetric_fusion: bool,
     /// Full-resolution Lucas–Kanade steps after DIS (0 = off). One step halves DIS's error on
     /// our synthetic sequences; a second fits image noise.
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().flow_refine, value_name = "N")]
     flow_refine: u32,
     /// Keep the forward flow's inconsistent pixels as DIS gives them (no filling from the
     /// previous pair).
@@ -432,44 +372,6 @@ struct DisFlags {
     dis_variational_iterations: Option<i32>,
 }
 
-impl Default for DisFlags {
-    fn default() -> Self {
-        Self {
-            no_temporal_prior: false,
-            no_symmetric_fusion: false,
-            flow_refine: 1,
-            no_temporal_fill: false,
-            flow_look_ahead: false,
-            dis_finest_scale: None,
-            dis_backend: DisBackend::Native,
-            dis_patch_size: None,
-            dis_patch_stride: None,
-            dis_iterations: None,
-            dis_variational_iterations: None,
-        }
-    }
-}
-
-impl DisFlags {
-    fn config(&self, preset: DisPreset) -> DisConfig {
-        DisConfig {
-            preset,
-            temporal_prior: !self.no_temporal_prior,
-            symmetric_fusion: !self.no_symmetric_fusion,
-            refine_iterations: self.flow_refine,
-            temporal_fill: !self.no_temporal_fill,
-            look_ahead: self.flow_look_ahead,
-            finest_scale: self.dis_finest_scale,
-            backend: self.dis_backend,
-            patch_size: self.dis_patch_size,
-            patch_stride: self.dis_patch_stride,
-            gradient_descent_iterations: self.dis_iterations,
-            variational_refinement_iterations: self.dis_variational_iterations,
-            ..DisConfig::default()
-        }
-    }
-}
-
 #[derive(Args, Clone)]
 struct EngineFlags {
     /// Flow engine.
@@ -497,7 +399,7 @@ struct EngineFlags {
     #[arg(long, value_name = "JSON")]
     model_config: Option<PathBuf>,
     /// Total KV-cache token budget of `vggt`'s rolling memory (0 = no pruning).
-    #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().total_budget, value_name = "N")]
     total_budget: usize,
     /// Memory updates: `uniform` (vggt: every frame, the reference; flowvo: parallax keyframes) or
     /// `adaptive` (vggt: frames below --admit-threshold novelty are predicted but not stored and
@@ -505,17 +407,17 @@ struct EngineFlags {
     #[arg(long, value_enum, default_value = "uniform")]
     memory_update: MemoryUpdateName,
     /// Novelty below which an adaptive `vggt` memory does not store a frame.
-    #[arg(long, default_value_t = 0.1, value_name = "W")]
+    #[arg(long, default_value_t = RunOptions::default().admit_threshold, value_name = "W")]
     admit_threshold: f32,
     /// How much an entry's novelty lowers its eviction score (adaptive updates).
-    #[arg(long, default_value_t = 0.2, value_name = "GAMMA")]
+    #[arg(long, default_value_t = RunOptions::default().novelty_gamma, value_name = "GAMMA")]
     novelty_gamma: f32,
     /// `vggt` compute precision (f16/bf16 halve memory; on the CPU they are slower than f32).
     #[arg(long, value_enum, default_value = "f32")]
     model_dtype: DtypeName,
     /// `vggt` camera-head cache: frame 0 plus the N most recent frames (0 = unbounded, as the
     /// reference).
-    #[arg(long, default_value_t = streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().camera_window, value_name = "N")]
     camera_window: usize,
     /// Online trajectory stabilization of the output poses (see --stabilize-latency).
     #[arg(long, value_enum, default_value = "off")]
@@ -523,146 +425,139 @@ struct EngineFlags {
     /// Frames each stabilized pose waits for: 1 or 2 = a centred smoother that sees that many
     /// later frames; 0 = a causal filter (constant-velocity translation, One-Euro rotation),
     /// no delay but less accurate.
-    #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_LATENCY_FRAMES, value_name = "N", value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u8).range(0..=2), usize::from))]
+    #[arg(long, default_value_t = RunOptions::default().stabilize_latency, value_name = "N", value_parser = clap::builder::TypedValueParser::map(clap::value_parser!(u8).range(0..=2), usize::from))]
     stabilize_latency: usize,
     /// How far the centred smoother moves each pose towards its neighbours' average, in (0, 1].
-    #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_SMOOTHER_BLEND, value_name = "B")]
+    #[arg(long, default_value_t = RunOptions::default().stabilize_blend, value_name = "B")]
     stabilize_blend: f64,
     /// Gain α of the causal filter's constant-velocity translation (--stabilize-latency 0), in
     /// (0, 1]: lower smooths more (0 = One-Euro translation instead).
-    #[arg(long, default_value_t = streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN, value_name = "ALPHA")]
+    #[arg(long, default_value_t = RunOptions::default().stabilize_gain, value_name = "ALPHA")]
     stabilize_gain: f64,
     /// Write the geometry engine's stream state to OUT/snapshot.safetensors every N frames (0 = never); each takes effect once the poses of every frame before it are in OUT/checkpoint.json.
-    #[arg(long, default_value_t = 0, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().snapshot_every, value_name = "N")]
     snapshot_every: u64,
     /// Continue a stream from a snapshot: the engine state is restored and the source's frames
     /// before the snapshot's position are skipped.
     #[arg(long, value_name = "FILE")]
     resume: Option<PathBuf>,
     /// Voxel size of the fused cloud, world units.
-    #[arg(long, default_value_t = 0.01)]
+    #[arg(long, default_value_t = RunOptions::default().voxel)]
     voxel: f32,
     /// Most points kept in the fused cloud. Its voxel map takes about 90–200 bytes per point of
     /// this cap from the first frame on (180 MiB at the default and frames up to 1280×720).
-    #[arg(long, default_value_t = streamrecon::fusion::FusionConfig::default().max_points)]
+    #[arg(long, default_value_t = RunOptions::default().max_points)]
     max_points: usize,
     /// Write a depth PNG every N frames (0 = never).
-    #[arg(long, default_value_t = 1, value_name = "N")]
+    #[arg(long, default_value_t = RunOptions::default().depth_every, value_name = "N")]
     depth_every: u64,
 }
 
-impl Default for EngineFlags {
-    fn default() -> Self {
-        Self {
-            flow: FlowEngineName::Dis,
-            preset: DisPreset::Ultrafast,
-            dis: DisFlags::default(),
-            bundle_adjust: false,
-            videoflow: VideoFlowFlags {
-                flow_window: streamrecon::flow::videoflow::DEFAULT_WINDOW,
-                ..VideoFlowFlags::default()
-            },
-            geometry: None,
-            weights: None,
-            model_config: None,
-            total_budget: streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET,
-            camera_window: streamrecon::models::vggt::memory::DEFAULT_CAMERA_WINDOW,
-            model_dtype: DtypeName::F32,
-            stabilize: OnOff::Off,
-            stabilize_latency: streamrecon::geometry::stabilize::DEFAULT_LATENCY_FRAMES,
-            stabilize_blend: streamrecon::geometry::stabilize::DEFAULT_SMOOTHER_BLEND,
-            stabilize_gain: streamrecon::geometry::stabilize::DEFAULT_CONSTANT_VELOCITY_GAIN,
-            memory_update: MemoryUpdateName::Uniform,
-            admit_threshold: 0.1,
-            novelty_gamma: 0.2,
-            snapshot_every: 0,
-            resume: None,
-            voxel: 0.01,
-            max_points: streamrecon::fusion::FusionConfig::default().max_points,
-            depth_every: 1,
-        }
+// The command line's flags onto the one options type (`RunOptions`; the service maps its
+// request body onto the same type).
+
+impl SourceFlags {
+    fn apply(&self, o: &mut RunOptions) {
+        o.stride = self.stride;
+        o.start = self.start;
+        o.max_frames = self.max_frames;
+        o.size = self.size;
+        o.intrinsics = self.intrinsics;
+    }
+
+    fn options(&self) -> SourceOptions {
+        let mut o = RunOptions::default();
+        self.apply(&mut o);
+        o.source_options()
+    }
+}
+
+impl DisFlags {
+    fn apply(&self, o: &mut RunOptions) {
+        o.temporal_prior = !self.no_temporal_prior;
+        o.symmetric_fusion = !self.no_symmetric_fusion;
+        o.flow_refine = self.flow_refine;
+        o.temporal_fill = !self.no_temporal_fill;
+        o.flow_look_ahead = self.flow_look_ahead;
+        o.dis_finest_scale = self.dis_finest_scale;
+        o.dis_backend = self.dis_backend;
+        o.dis_patch_size = self.dis_patch_size;
+        o.dis_patch_stride = self.dis_patch_stride;
+        o.dis_iterations = self.dis_iterations;
+        o.dis_variational_iterations = self.dis_variational_iterations;
+    }
+}
+
+impl VideoFlowFlags {
+    fn apply(&self, o: &mut RunOptions) {
+        o.flow_weights.clone_from(&self.flow_weights);
+        o.flow_config.clone_from(&self.flow_config);
+        o.flow_window = self.flow_window;
     }
 }
 
 impl EngineFlags {
+    fn options(&self) -> RunOptions {
+        let mut o = RunOptions {
+            flow: self.flow,
+            preset: self.preset,
+            geometry: self.geometry,
+            bundle_adjust: self.bundle_adjust,
+            weights: self.weights.clone(),
+            model_config: self.model_config.clone(),
+            total_budget: self.total_budget,
+            memory_update: self.memory_update,
+            admit_threshold: self.admit_threshold,
+            novelty_gamma: self.novelty_gamma,
+            model_dtype: self.model_dtype,
+            camera_window: self.camera_window,
+            stabilize: self.stabilize == OnOff::On,
+            stabilize_latency: self.stabilize_latency,
+            stabilize_blend: self.stabilize_blend,
+            stabilize_gain: self.stabilize_gain,
+            voxel: self.voxel,
+            max_points: self.max_points,
+            depth_every: self.depth_every,
+            snapshot_every: self.snapshot_every,
+            ..RunOptions::default()
+        };
+        self.dis.apply(&mut o);
+        self.videoflow.apply(&mut o);
+        o
+    }
+
+    /// The pipeline for these flags (and the source's), writing into `out` and showing in
+    /// `rerun`.
     fn pipeline_config(
         &self,
+        source: Option<&SourceFlags>,
         out: Option<PathBuf>,
         rerun: RerunTarget,
         progress: bool,
     ) -> Result<PipelineConfig> {
-        if !(0.0..=1.0).contains(&self.stabilize_gain) {
-            bail!(
-                "--stabilize-gain must be in [0, 1] (0 = One-Euro), got {}",
-                self.stabilize_gain
-            );
+        let mut o = self.options();
+        if let Some(s) = source {
+            s.apply(&mut o);
         }
-        if !(self.stabilize_blend > 0.0 && self.stabilize_blend <= 1.0) {
-            bail!(
-                "--stabilize-blend must be in (0, 1], got {}",
-                self.stabilize_blend
-            );
-        }
-        let geometry = match (self.geometry, &self.weights) {
-            (Some(GeometryEngineName::Flowvo) | None, None) => {
-                GeometryChoice::FlowVo(FlowVoConfig {
-                    adaptive: matches!(self.memory_update, MemoryUpdateName::Adaptive)
-                        .then(AdaptiveKeyframes::default),
-                    window_ba: self.bundle_adjust.then(WindowBaConfig::default),
-                    ..FlowVoConfig::default()
-                })
-            }
-            (Some(GeometryEngineName::Flowvo), Some(_)) => {
-                bail!("--weights is for --geometry vggt; flowvo needs no weights")
-            }
-            (Some(GeometryEngineName::Vggt), None) => {
-                bail!("--geometry vggt needs --weights PATH (a StreamVGGT checkpoint)")
-            }
-            (Some(GeometryEngineName::Vggt) | None, Some(w)) => {
-                GeometryChoice::Vggt(VggtEngineConfig {
-                    weights: w.clone(),
-                    model_config: self.model_config.clone(),
-                    total_budget: (self.total_budget > 0).then_some(self.total_budget),
-                    dtype: self.model_dtype.into(),
-                    update: match self.memory_update {
-                        MemoryUpdateName::Uniform => MemoryUpdate::Uniform,
-                        MemoryUpdateName::Adaptive => MemoryUpdate::Adaptive {
-                            threshold: self.admit_threshold,
-                            gamma: self.novelty_gamma,
-                        },
-                    },
-                    camera_cache: if self.camera_window == 0 {
-                        CameraCache::Reference
-                    } else {
-                        CameraCache::Window(self.camera_window)
-                    },
-                })
-            }
-        };
-        let flow = match self.flow {
-            FlowEngineName::Dis => FlowChoice::Dis(self.dis.config(self.preset)),
-            FlowEngineName::Videoflow => FlowChoice::VideoFlow(self.videoflow.engine_config()?),
-        };
-        let mut config = PipelineConfig {
-            flow,
-            geometry,
-            snapshot_every: self.snapshot_every,
-            stabilize: (self.stabilize == OnOff::On).then(|| StabilizeConfig {
-                constant_velocity_gain: (self.stabilize_gain > 0.0).then_some(self.stabilize_gain),
-                latency_frames: self.stabilize_latency,
-                smoother_blend: self.stabilize_blend,
-                ..StabilizeConfig::default()
-            }),
+        Ok(PipelineConfig {
             resume: self.resume.clone(),
             out_dir: out,
             rerun,
-            depth_every: self.depth_every,
             progress,
-            ..PipelineConfig::default()
-        };
-        config.fusion.voxel = self.voxel;
-        config.fusion.max_points = self.max_points;
-        Ok(config)
+            ..o.pipeline_config()?
+        })
+    }
+}
+
+impl Default for EngineFlags {
+    fn default() -> Self {
+        // The flags as parsed from an empty command line: `RunOptions`' defaults.
+        #[derive(Parser)]
+        struct Defaults {
+            #[command(flatten)]
+            engines: EngineFlags,
+        }
+        Defaults::parse_from(["streamrecon"]).engines
     }
 }
 
@@ -912,9 +807,12 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
 fn cmd_run(a: &RunArgs) -> Result<ExitCode> {
     let spec = SourceSpec::parse(&a.source)?;
     let source = Source::open(&spec, a.source_flags.options())?;
-    let config = a
-        .engines
-        .pipeline_config(Some(a.out.clone()), a.rerun.target(), true)?;
+    let config = a.engines.pipeline_config(
+        Some(&a.source_flags),
+        Some(a.out.clone()),
+        a.rerun.target(),
+        true,
+    )?;
     let stop = install_stop_flag()?;
     let outcome = pipeline::run(source, &config, &stop)?;
     print_summary(&outcome, &a.out);
@@ -1018,7 +916,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
     }
     println!("2/3 running dis flow → flowvo → fusion");
     let engines = EngineFlags::default();
-    let config = engines.pipeline_config(Some(run_dir.clone()), rerun.clone(), true)?;
+    let config = engines.pipeline_config(None, Some(run_dir.clone()), rerun.clone(), true)?;
     let source = Source::open(
         &SourceSpec::parse(&seq.display().to_string())?,
         SourceOptions::default(),
@@ -1089,10 +987,16 @@ fn accuracy_report(seq: &Path, run_dir: &Path, outcome: &RunOutcome) -> Result<S
 fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
     let spec = SourceSpec::parse(&a.source)?;
     let mut source = Source::open(&spec, a.source_flags.options())?;
-    let mut engine: Box<dyn FlowEngine> = match a.engine {
-        FlowEngineName::Dis => Box::new(DisEngine::new(a.dis.config(a.preset))?),
-        FlowEngineName::Videoflow => Box::new(VideoFlowEngine::new(&a.videoflow.engine_config()?)?),
+    let mut options = RunOptions {
+        flow: a.engine,
+        preset: a.preset,
+        ..RunOptions::default()
     };
+    a.dis.apply(&mut options);
+    a.videoflow.apply(&mut options);
+    a.source_flags.apply(&mut options);
+    options.validate()?;
+    let mut engine = options.flow_choice()?.engine()?;
     streamrecon::io_util::create_dir(&a.out)?;
     if a.backward {
         streamrecon::io_util::create_dir(&a.out.join("bwd"))?;
@@ -1477,7 +1381,8 @@ fn eval_sequence(
         .file_name()
         .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
     let run_dir = out.join("run");
-    let config = engines.pipeline_config(Some(run_dir.clone()), RerunTarget::default(), true)?;
+    let config =
+        engines.pipeline_config(None, Some(run_dir.clone()), RerunTarget::default(), true)?;
     let native = NativeDataset::detect(seq);
     let spec = if native {
         SourceSpec::Dataset(seq.to_path_buf())
@@ -1713,7 +1618,11 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
         Some(p) => VggtConfig::from_json_file(p)?,
         None => VggtConfig::vggt_1b(),
     };
-    let model = StreamVggt::load_as(weights, config, ModelDtype::from(*dtype).dtype())?;
+    let model = StreamVggt::load_as(
+        weights,
+        config,
+        streamrecon::geometry::vggt::ModelDtype::from(*dtype).dtype(),
+    )?;
     let images = load_tensor_spec(frames, "input.images")?;
     let dims = images.dims().to_vec();
     if dims.len() != 4 || dims[1] != 3 {

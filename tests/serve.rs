@@ -192,6 +192,13 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
         r#"{"memory_update": "sometimes"}"#,
         r#"{"colour": 1}"#,
         r#"{"intrinsics": [0, 1, 2, 3]}"#,
+        // Every run option is a session option, validated as `run` validates it.
+        r#"{"preset": "slowest"}"#,
+        r#"{"dis_patch_size": 2}"#,
+        r#"{"stabilize_gain": 3}"#,
+        // Files on the server are the server's to name.
+        r#"{"weights": "/etc/passwd"}"#,
+        r#"{"flow_config": "../x.json"}"#,
         "{",
     ] {
         let (st, body) = post_json(p, "/sessions", bad);
@@ -201,6 +208,19 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
             String::from_utf8_lossy(&body)
         );
     }
+    let (_, body) = post_json(p, "/sessions", r#"{"weights": "/etc/passwd"}"#);
+    let msg = String::from_utf8_lossy(&body);
+    assert!(msg.contains("server's to set (`serve --weights`)"), "{msg}");
+    let (_, body) = post_json(p, "/sessions", r#"{"colour": 1}"#);
+    let msg = String::from_utf8_lossy(&body);
+    assert!(msg.contains("unknown field `colour`"), "{msg}");
+    // The run options a session may set: a flowvo session with its own flow and fusion.
+    let (st, body) = post_json(
+        p,
+        "/sessions",
+        r#"{"preset": "fast", "flow_refine": 0, "voxel": 0.02, "max_points": 10000, "depth_every": 0}"#,
+    );
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
     let (st, body) = post_json(
         p,
         "/sessions",

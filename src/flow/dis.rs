@@ -49,6 +49,7 @@ use streamrecon_core::frame::{Frame, RgbImage};
 use streamrecon_core::simd::{vectorized, Kernel};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
 pub enum DisPreset {
     Ultrafast,
     Fast,

@@ -9,6 +9,7 @@
 
 pub mod config;
 pub mod fusion;
+pub mod options;
 pub mod sinks;
 mod snapshot;
 pub mod source;
@@ -29,6 +30,7 @@ use streamrecon_flow::FlowEngine;
 use streamrecon_geometry::GeometryEngine;
 
 pub use config::{FlowChoice, GeometryChoice, PipelineConfig};
+pub use options::RunOptions;
 pub use sinks::results::{DepthSample, FrameResult, ResultDetail};
 pub use sinks::{FrameOutput, RunEnd, Sink, Tick};
 pub use snapshot::SNAPSHOT_FILE;

@@ -33,13 +33,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use streamrecon_core::error::{Error, Result};
-use streamrecon_geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig};
-use streamrecon_geometry::stabilize::StabilizeConfig;
-use streamrecon_geometry::vggt::VggtEngineConfig;
-use streamrecon_models::vggt::memory::MemoryUpdate;
+use streamrecon_pipeline::options::{FlowEngineName, GeometryEngineName, PATH_OPTIONS};
 use streamrecon_pipeline::source::{PushedFrame, Source, SourceOptions, SourceSpec};
 use streamrecon_pipeline::{
-    self as pipeline, FrameResult, GeometryChoice, PipelineConfig, ResultDetail,
+    self as pipeline, FrameResult, PipelineConfig, ResultDetail, RunOptions,
 };
 use streamrecon_viewer::RerunTarget;
 
@@ -77,8 +74,9 @@ const MAX_FRAME_BYTES: usize = 32 << 20;
 /// How to run the service.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
-    /// The `vggt` engine sessions may ask for (`None`: flowvo only).
-    pub vggt: Option<VggtEngineConfig>,
+    /// The options sessions start from: what a request leaves out, and the files (weights) a
+    /// session may use; without `weights`, sessions run flowvo only.
+    pub options: RunOptions,
     pub bind: SocketAddr,
     pub token: String,
     pub max_sessions: usize,
@@ -212,23 +210,14 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// `POST /sessions` body; every field optional.
+/// `POST /sessions` body; every field optional. Besides the service's own fields, any key of
+/// [`RunOptions`] (the options `streamrecon run` takes, by the same names) over the server's;
+/// unknown keys are refused.
 #[derive(Deserialize, Serialize, Default, Clone)]
-#[serde(deny_unknown_fields)]
 struct CreateSession {
     name: Option<String>,
     /// Continue an earlier session (its id) from its last engine snapshot, with its settings.
     resume: Option<String>,
-    /// `flowvo` (default) or `vggt` (needs `serve --weights`).
-    geometry: Option<String>,
-    /// vggt: total KV-cache token budget (0 = no pruning).
-    total_budget: Option<usize>,
-    /// `uniform` (default) or `adaptive`.
-    memory_update: Option<String>,
-    /// Pinhole intrinsics of the frames at their own resolution: fx, fy, cx, cy.
-    intrinsics: Option<[f64; 4]>,
-    /// Online trajectory stabilization.
-    stabilize: Option<bool>,
     /// Read frames on the server from this camera (`camera:N`) or stream URL (allowlist only)
     /// instead of taking them from the client.
     source: Option<String>,
@@ -239,67 +228,51 @@ struct CreateSession {
     /// Keep every pushed frame: uploads wait for room instead of dropping the oldest (for
     /// recorded sequences; live clients want the default, latest-wins).
     lossless: Option<bool>,
+    /// Every other key: a run option.
+    #[serde(flatten)]
+    options: serde_json::Map<String, serde_json::Value>,
 }
 
 impl CreateSession {
-    /// The pipeline configuration this request asks for.
-    fn pipeline(
-        &self,
-        vggt: Option<&VggtEngineConfig>,
-    ) -> std::result::Result<PipelineConfig, String> {
-        let adaptive = match self.memory_update.as_deref() {
-            None | Some("uniform") => false,
-            Some("adaptive") => true,
-            Some(other) => {
-                return Err(format!(
-                    "memory_update must be uniform or adaptive, not {other:?}"
-                ))
-            }
-        };
-        let geometry = match self.geometry.as_deref() {
-            None | Some("flowvo") => GeometryChoice::FlowVo(FlowVoConfig {
-                adaptive: adaptive.then(AdaptiveKeyframes::default),
-                ..FlowVoConfig::default()
-            }),
-            Some("vggt") => {
-                let mut c = vggt
-                    .ok_or("this server has no vggt weights (start it with --weights)")?
-                    .clone();
-                if let Some(b) = self.total_budget {
-                    c.total_budget = (b > 0).then_some(b);
-                }
-                if adaptive {
-                    c.update = MemoryUpdate::Adaptive {
-                        threshold: 0.1,
-                        gamma: 0.2,
-                    };
-                }
-                GeometryChoice::Vggt(c)
-            }
-            Some(other) => return Err(format!("geometry must be flowvo or vggt, not {other:?}")),
-        };
-        if let Some(k) = self.intrinsics {
-            if !(k.iter().all(|v| v.is_finite()) && k[0] > 0.0 && k[1] > 0.0) {
-                return Err(
-                    "intrinsics must be finite fx, fy, cx, cy with positive focal lengths".into(),
-                );
-            }
+    /// The run options this request asks for: its keys over the server's options. Sessions run
+    /// flowvo unless they ask for `"geometry": "vggt"`; files (weights, model configs) are the
+    /// server's to name.
+    fn run_options(&self, server: &RunOptions) -> std::result::Result<RunOptions, String> {
+        if let Some(k) = self
+            .options
+            .keys()
+            .find(|k| PATH_OPTIONS.contains(&k.as_str()))
+        {
+            return Err(format!(
+                "{k} names a file on the server: the server's to set (`serve --{}`)",
+                k.replace('_', "-")
+            ));
         }
+        let Ok(serde_json::Value::Object(mut merged)) = serde_json::to_value(server) else {
+            return Err("the server's options do not serialise".into());
+        };
+        merged.extend(self.options.clone());
+        let mut o: RunOptions = serde_json::from_value(serde_json::Value::Object(merged))
+            .map_err(|e| format!("bad session options: {e}"))?;
+        if o.geometry == Some(GeometryEngineName::Vggt) {
+            if o.weights.is_none() {
+                return Err("this server has no vggt weights (start it with --weights)".into());
+            }
+        } else {
+            o.geometry = Some(GeometryEngineName::Flowvo);
+            o.weights = None;
+            o.model_config = None;
+        }
+        if o.flow == FlowEngineName::Videoflow && o.flow_weights.is_none() {
+            return Err(
+                "this server has no VideoFlow weights (start it with --flow-weights)".into(),
+            );
+        }
+        o.validate().map_err(|e| e.to_string())?;
         if self.result_depth_stride == Some(0) {
             return Err("result_depth_stride must be 1 or more".into());
         }
-        Ok(PipelineConfig {
-            geometry,
-            result_detail: ResultDetail {
-                points: self.result_points.unwrap_or(RESULT_POINTS),
-                depth_stride: self.result_depth_stride.unwrap_or(0),
-            },
-            stabilize: self
-                .stabilize
-                .unwrap_or(false)
-                .then(StabilizeConfig::default),
-            ..PipelineConfig::default()
-        })
+        Ok(o)
     }
 }
 
@@ -364,9 +337,12 @@ fn start_session(
     resumed_at: Option<u64>,
 ) -> std::result::Result<(), ApiError> {
     let internal = |e: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e);
-    let base = req
-        .pipeline(state.config.vggt.as_ref())
+    let options = req
+        .run_options(&state.config.options)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    let base = options
+        .pipeline_config()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
     let running = lock(&state.sessions)
         .values()
         .filter(|s| s.running())
@@ -388,29 +364,35 @@ fn start_session(
             .unwrap_or_default()
     );
     let (tx, rx) = bounded::<PushedFrame>(FRAME_QUEUE);
-    let source = match &req.source {
-        Some(src) => {
-            let spec = match SourceSpec::parse(src) {
-                Ok(spec) if spec.is_live() => spec,
-                _ => {
-                    return Err(ApiError(
-                        StatusCode::BAD_REQUEST,
-                        format!("{label}: source must be camera:N or a stream URL"),
-                    ))
-                }
-            };
-            // Opening a camera can take a while; it is a session's start, not a hot path.
-            Source::open(&spec, SourceOptions::default()).map_err(|e| {
-                ApiError(
+    let source = if let Some(src) = &req.source {
+        let spec = match SourceSpec::parse(src) {
+            Ok(spec) if spec.is_live() => spec,
+            _ => {
+                return Err(ApiError(
                     StatusCode::BAD_REQUEST,
-                    format!("{label}: the source does not open: {e}"),
-                )
-            })?
+                    format!("{label}: source must be camera:N or a stream URL"),
+                ))
+            }
+        };
+        // Opening a camera can take a while; it is a session's start, not a hot path.
+        Source::open(&spec, options.source_options()).map_err(|e| {
+            ApiError(
+                StatusCode::BAD_REQUEST,
+                format!("{label}: the source does not open: {e}"),
+            )
+        })?
+    } else {
+        // The client's intrinsics travel with each pushed frame (`Session::intrinsics`).
+        let read = SourceOptions {
+            intrinsics: None,
+            ..options.source_options()
+        };
+        let pushed = Source::pushed(&label, rx.clone(), read);
+        if req.lossless == Some(true) {
+            pushed.lossless()
+        } else {
+            pushed
         }
-        None if req.lossless == Some(true) => {
-            Source::pushed(&label, rx.clone(), SourceOptions::default()).lossless()
-        }
-        None => Source::pushed(&label, rx.clone(), SourceOptions::default()),
     };
     let (res_tx, res_rx) = bounded::<FrameResult>(256);
     let results = Arc::new(Mutex::new(VecDeque::new()));
@@ -445,10 +427,18 @@ fn start_session(
             connect: state.config.connect.clone(),
             ..RerunTarget::default()
         },
+        result_detail: ResultDetail {
+            points: req.result_points.unwrap_or(RESULT_POINTS),
+            depth_stride: req.result_depth_stride.unwrap_or(0),
+        },
         results: Some(res_tx),
         // Live sessions: short queues between stages, so a result is about the frame just sent.
         channel_capacity: if req.lossless == Some(true) { 4 } else { 1 },
-        snapshot_every: state.config.snapshot_every.max(1),
+        snapshot_every: if options.snapshot_every > 0 {
+            options.snapshot_every
+        } else {
+            state.config.snapshot_every.max(1)
+        },
         resume,
         ..base
     };
@@ -473,7 +463,7 @@ fn start_session(
     };
     let server_side = req.source.is_some();
     let session = Arc::new(Session {
-        intrinsics: req.intrinsics,
+        intrinsics: options.intrinsics,
         id: id.to_string(),
         started: Instant::now(),
         // A server-side source takes no frames from the client.
