@@ -1,6 +1,5 @@
 //! Argument parsing and the subcommands.
 
-use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,16 +8,16 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
-use streamrecon::datasets::formats::{depth as depth_fmt, flo, kitti_flow, tum};
+use streamrecon::datasets::formats::{flo, kitti_flow, tum};
 use streamrecon::datasets::layouts::{Layout, LayoutWriter};
-use streamrecon::datasets::native::{NativeDataset, NativeWriter, SequenceMeta};
+use streamrecon::datasets::native::{NativeWriter, SequenceMeta};
 use streamrecon::datasets::synth::{
     Degrade, SceneKind, SurfaceSampler, SynthConfig, SynthFrame, SynthWorld, TrajectoryKind,
 };
-use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
+use streamrecon::eval::depth::{depth_metrics_of_folders, DepthScale};
 use streamrecon::eval::long3d;
-use streamrecon::eval::plot::{plot, Series};
 use streamrecon::eval::pose::{associate, pose_metrics};
+use streamrecon::eval::run::eval_run;
 use streamrecon::flow::colorwheel;
 use streamrecon::flow::dis::{DisBackend, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
@@ -211,22 +210,6 @@ enum ModelCommand {
         #[arg(long, value_name = "OUT.safetensors")]
         out: PathBuf,
     },
-}
-
-/// A tensor named by `FILE.safetensors[:TENSOR]`, as f32.
-fn load_tensor_spec(spec: &str, default_name: &str) -> Result<candle_core::Tensor> {
-    // The last ':' separates the tensor name unless what follows looks like a path.
-    let (file, name) = match spec.rsplit_once(':') {
-        Some((f, n)) if !n.contains(['/', '\\']) && !f.is_empty() => (PathBuf::from(f), n),
-        _ => (PathBuf::from(spec), default_name),
-    };
-    let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
-        .with_context(|| format!("{} is not a safetensors file", file.display()))?;
-    Ok(tensors
-        .get(name)
-        .with_context(|| format!("{} has no tensor `{name}`", file.display()))?
-        .to_dtype(candle_core::DType::F32)?)
 }
 
 /// Writes named tensors atomically.
@@ -629,12 +612,6 @@ fn parse_size(s: &str) -> Result<(u32, u32), String> {
     Ok((w, h))
 }
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
-enum DepthScale {
-    Frame,
-    Sequence,
-}
-
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
 enum FlowFormat {
     Flo,
@@ -925,7 +902,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
     let outcome = pipeline::run(source, &config, &stop)?;
     print_summary(&outcome, &run_dir);
     println!("3/3 accuracy against the ground truth");
-    let report = accuracy_report(&seq, &run_dir, &outcome)?;
+    let report = streamrecon::eval::report::accuracy_report(&seq, &run_dir, &outcome)?;
     println!("{report}");
     if let Some(p) = &rerun.save {
         println!(
@@ -937,51 +914,6 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
         return Err(anyhow::Error::new(e).context("the demo run stopped early"));
     }
     Ok(ExitCode::SUCCESS)
-}
-
-/// ATE against the dataset's poses and depth AbsRel on the written depth maps.
-fn accuracy_report(seq: &Path, run_dir: &Path, outcome: &RunOutcome) -> Result<String> {
-    let ds = NativeDataset::open(seq)?;
-    let gt: Vec<_> = outcome
-        .trajectory
-        .iter()
-        .map(|t| ds.poses[t.source_index as usize].world_from_cam)
-        .collect();
-    let est: Vec<_> = outcome
-        .trajectory
-        .iter()
-        .map(|t| t.world_from_cam)
-        .collect();
-    let pm = pose_metrics(&gt, &est, 1)?;
-    let mut acc = DepthMetricsAcc::default();
-    let mut acc_frame = DepthMetricsAcc::default();
-    for t in &outcome.trajectory {
-        let p = run_dir.join("depth").join(format!("{:06}.png", t.index));
-        if !p.exists() {
-            continue;
-        }
-        let pred = depth_fmt::read_depth_png(&p, 1000.0)?;
-        let gtd = ds.depth(t.source_index as usize)?;
-        acc.add(&gtd, &pred.data, pm.scale, None);
-        if let Some(s) = median_scale(&gtd, &pred.data, None) {
-            acc_frame.add(&gtd, &pred.data, s, None);
-        }
-    }
-    let dm = acc.finish();
-    let fm = acc_frame.finish();
-    Ok(format!(
-        "  ATE RMSE {:.4} m over a {:.2} m path ({:.2} % of its length), RPE {:.4} m / {:.3}° per frame\n  depth AbsRel {:.4}, δ<1.25 {:.3} with one scale per sequence; AbsRel {:.4}, δ<1.25 {:.3} with per-frame median scaling ({} confident pixels)",
-        pm.ate_rmse,
-        pm.gt_length,
-        100.0 * pm.ate_rmse_over_length,
-        pm.rpe_trans_rmse,
-        pm.rpe_rot_deg,
-        dm.abs_rel,
-        dm.delta_1_25,
-        fm.abs_rel,
-        fm.delta_1_25,
-        dm.pixels
-    ))
 }
 
 fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
@@ -1104,76 +1036,6 @@ fn write_json(value: &impl serde::Serialize, out: Option<&Path>) -> Result<()> {
 }
 
 /// Depth maps of a folder by file stem: `.npy` in metres or 16-bit `.png` in millimetres.
-fn depth_files(dir: &Path) -> Result<std::collections::BTreeMap<String, PathBuf>> {
-    let mut m = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
-        let p = e?.path();
-        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
-        if ext == "npy" || (ext == "png" && !m.contains_key(&stem(&p))) {
-            m.insert(stem(&p), p);
-        }
-    }
-    Ok(m)
-}
-
-fn stem(p: &Path) -> String {
-    p.file_stem()
-        .map(|s| s.to_string_lossy().to_string())
-        .unwrap_or_default()
-}
-
-fn read_depth_any(p: &Path) -> Result<Vec<f32>> {
-    Ok(if p.extension().is_some_and(|e| e == "npy") {
-        depth_fmt::read_depth_npy(p)?.data
-    } else {
-        depth_fmt::read_depth_png(p, 1000.0)?.data
-    })
-}
-
-fn eval_depth_dirs(
-    gt: &Path,
-    pred: &Path,
-    scale: DepthScale,
-) -> Result<streamrecon::eval::depth::DepthMetrics> {
-    let g = depth_files(gt)?;
-    let p = depth_files(pred)?;
-    let pairs: Vec<(Vec<f32>, Vec<f32>)> = p
-        .iter()
-        .filter_map(|(k, pp)| g.get(k).map(|gp| (gp.clone(), pp.clone())))
-        .map(|(gp, pp)| {
-            let (a, b) = (read_depth_any(&gp)?, read_depth_any(&pp)?);
-            if a.len() != b.len() {
-                bail!("depth sizes differ: {} and {}", gp.display(), pp.display());
-            }
-            Ok((a, b))
-        })
-        .collect::<Result<_>>()?;
-    if pairs.is_empty() {
-        bail!(
-            "no predicted depth in {} matches a ground-truth name in {}",
-            pred.display(),
-            gt.display()
-        );
-    }
-    let seq_scale = {
-        let mut s: Vec<f64> = pairs
-            .iter()
-            .filter_map(|(a, b)| median_scale(a, b, None))
-            .collect();
-        s.sort_by(f64::total_cmp);
-        s.get(s.len() / 2).copied().unwrap_or(1.0)
-    };
-    let mut acc = DepthMetricsAcc::default();
-    for (a, b) in &pairs {
-        let k = match scale {
-            DepthScale::Frame => median_scale(a, b, None).unwrap_or(1.0),
-            DepthScale::Sequence => seq_scale,
-        };
-        acc.add(a, b, k, None);
-    }
-    Ok(acc.finish())
-}
-
 fn cmd_eval(e: &EvalCommand) -> Result<()> {
     match e {
         EvalCommand::Long3d {
@@ -1204,7 +1066,7 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
             scale,
             out,
         } => {
-            let m = eval_depth_dirs(gt, pred, *scale)?;
+            let m = depth_metrics_of_folders(gt, pred, *scale)?;
             write_json(
                 &serde_json::json!({"scale": format!("{scale:?}").to_lowercase(), "metrics": m}),
                 out.as_deref(),
@@ -1215,7 +1077,12 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
             engines,
             out,
             stride,
-        } => eval_run(dataset, engines, out, *stride)?,
+        } => {
+            let md = eval_run(dataset, &engines.options(), out, *stride, |line| {
+                println!("{line}");
+            })?;
+            print!("{md}");
+        }
         EvalCommand::Flow { gt, pred, occ, out } => {
             let mut files: Vec<PathBuf> = std::fs::read_dir(gt)
                 .with_context(|| format!("cannot list {}", gt.display()))?
@@ -1295,309 +1162,9 @@ fn cmd_eval(e: &EvalCommand) -> Result<()> {
 }
 
 /// Per-sequence results of `eval run`.
-#[derive(serde::Serialize, serde::Deserialize, Clone)]
-struct SequenceMetrics {
-    sequence: String,
-    frames: u64,
-    fps: f64,
-    frames_tracked: u64,
-    map_segments: u32,
-    pose: Option<serde_json::Value>,
-    depth: Option<serde_json::Value>,
-    long3d: Option<serde_json::Value>,
-}
-
-/// The predicted cloud as the official protocol builds it: every `stride`-th frame's depth map
-/// (confident pixels, as written by the run) lifted to the world with that frame's pose.
-fn cloud_from_depth_maps(
-    run_dir: &Path,
-    outcome: &RunOutcome,
-    stride: u64,
-) -> Result<streamrecon::cloud::PointCloud> {
-    let report: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(run_dir.join("intrinsics.json"))?)?;
-    let k: streamrecon::frame::Intrinsics = serde_json::from_value(report["model"].clone())?;
-    let mut points = Vec::new();
-    for t in outcome
-        .trajectory
-        .iter()
-        .filter(|t| t.index.is_multiple_of(stride.max(1)))
-    {
-        let p = run_dir.join("depth").join(format!("{:06}.png", t.index));
-        let Ok(d) = depth_fmt::read_depth_png(&p, 1000.0) else {
-            continue;
-        };
-        for (i, &z) in d.data.iter().enumerate() {
-            if z > 0.0 {
-                let (x, y) = ((i % d.width) as f64, (i / d.width) as f64);
-                let w = t.world_from_cam * k.unproject(x, y, f64::from(z));
-                points.push([w.x as f32, w.y as f32, w.z as f32]);
-            }
-        }
-    }
-    Ok(streamrecon::cloud::PointCloud::from_points(points))
-}
-
-fn write_png(path: &Path, img: &image::RgbImage) -> Result<()> {
-    Ok(streamrecon::io_util::write_bytes_atomic(
-        path,
-        &streamrecon::datasets::native::rgb_png_bytes(img),
-    )?)
-}
-
-/// Whether `dir` is a sequence `eval run` can score: the native layout or the Long3D layout.
-fn is_scorable(dir: &Path) -> bool {
-    NativeDataset::detect(dir)
-        || streamrecon::datasets::layouts::detect(dir) == Some(Layout::Long3d)
-}
-
-/// The sequences under `dir`: itself if it is one, else its subfolders that are.
-fn sequences(dir: &Path) -> Result<Vec<PathBuf>> {
-    if is_scorable(dir) {
-        return Ok(vec![dir.to_path_buf()]);
-    }
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot list {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| is_scorable(p))
-        .collect();
-    v.sort();
-    if v.is_empty() {
-        bail!(
-            "no sequence (native layout, or Long3D layout with dense_cloud_map.pcd) in or under {}",
-            dir.display()
-        );
-    }
-    Ok(v)
-}
-
-fn eval_sequence(
-    seq: &Path,
-    engines: &EngineFlags,
-    out: &Path,
-    stride: u64,
-) -> Result<SequenceMetrics> {
-    let name = seq
-        .file_name()
-        .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
-    let run_dir = out.join("run");
-    let config =
-        engines.pipeline_config(None, Some(run_dir.clone()), RerunTarget::default(), true)?;
-    let native = NativeDataset::detect(seq);
-    let spec = if native {
-        SourceSpec::Dataset(seq.to_path_buf())
-    } else {
-        SourceSpec::Benchmark(
-            seq.to_path_buf(),
-            streamrecon::source::BenchmarkKind::Long3d,
-        )
-    };
-    let source = Source::open(&spec, SourceOptions::default())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let outcome = pipeline::run(source, &config, &stop)?;
-    if let Some(e) = outcome.error {
-        return Err(anyhow::Error::new(e).context(format!("running {}", seq.display())));
-    }
-    // Ground-truth poses when the sequence has them (synthetic and native sequences; the Long3D
-    // release has only the LiDAR map).
-    let gt_poses = if seq.join("poses.txt").is_file() {
-        Some(tum::read_tum(&seq.join("poses.txt"))?)
-    } else {
-        None
-    };
-    let est: Vec<_> = outcome
-        .trajectory
-        .iter()
-        .map(|t| t.world_from_cam)
-        .collect();
-    let mut pose_json = None;
-    let mut sim = None;
-    let mut top_gt: Vec<(f64, f64)> = Vec::new();
-    let mut top_est: Vec<(f64, f64)> = est
-        .iter()
-        .map(|p| (p.translation.x, p.translation.z))
-        .collect();
-    if let Some(gt_poses) = &gt_poses {
-        let gt: Vec<_> = outcome
-            .trajectory
-            .iter()
-            .map(|t| {
-                gt_poses
-                    .get(t.source_index as usize)
-                    .map(|p| p.world_from_cam)
-                    .with_context(|| {
-                        format!(
-                            "poses.txt has no pose for frame {}: {}",
-                            t.source_index,
-                            seq.display()
-                        )
-                    })
-            })
-            .collect::<Result<_>>()?;
-        let pm = pose_metrics(&gt, &est, 1)?;
-        let cg: Vec<nalgebra::Point3<f64>> =
-            gt.iter().map(|p| p.translation.vector.into()).collect();
-        let ce: Vec<nalgebra::Point3<f64>> =
-            est.iter().map(|p| p.translation.vector.into()).collect();
-        let s = streamrecon::eval::pose::umeyama(&ce, &cg, true)?;
-        let aligned: Vec<nalgebra::Point3<f64>> = ce.iter().map(|p| s.apply(p)).collect();
-        top_gt = cg.iter().map(|p| (p.x, p.z)).collect();
-        top_est = aligned.iter().map(|p| (p.x, p.z)).collect();
-        let err: Vec<(f64, f64)> = aligned
-            .iter()
-            .zip(&cg)
-            .enumerate()
-            .map(|(i, (a, g))| (i as f64, (a - g).norm()))
-            .collect();
-        write_png(
-            &out.join("ate_over_time.png"),
-            &plot(
-                &[Series {
-                    points: &err,
-                    color: [40, 40, 220],
-                }],
-                800,
-                300,
-                false,
-            ),
-        )?;
-        pose_json = Some(serde_json::to_value(pm)?);
-        sim = Some(s);
-    }
-    // Top view (x, z): ground truth black, the (aligned) estimate red.
-    let mut series = Vec::new();
-    if !top_gt.is_empty() {
-        series.push(Series {
-            points: &top_gt,
-            color: [0, 0, 0],
-        });
-    }
-    series.push(Series {
-        points: &top_est,
-        color: [220, 40, 40],
-    });
-    write_png(
-        &out.join("trajectory_top.png"),
-        &plot(&series, 640, 640, true),
-    )?;
-    let depth = native
-        .then(|| {
-            eval_depth_dirs(
-                &seq.join("depth"),
-                &run_dir.join("depth"),
-                DepthScale::Frame,
-            )
-            .ok()
-        })
-        .flatten();
-    // Reconstruction: the fused cloud moved into the GT world by the trajectory's Sim(3), then the
-    // Long3D protocol with an identity extrinsic, starting ICP from that alignment (the official
-    // centroid re-centring would undo it where the clouds' coverage differs).
-    let gt_cloud = if native {
-        streamrecon::datasets::formats::ply::read_ply(&seq.join("gt_points.ply")).ok()
-    } else {
-        streamrecon::datasets::formats::pcd::read_pcd(&seq.join("dense_cloud_map.pcd")).ok()
-    }
-    .filter(|c| !c.is_empty());
-    let pred_cloud = cloud_from_depth_maps(&run_dir, &outcome, stride)?;
-    let long3d = match gt_cloud {
-        Some(gc) if !pred_cloud.is_empty() => {
-            let mut pc = pred_cloud;
-            let cfg = if let Some(sim) = &sim {
-                // With GT poses, their Sim(3) is the initial alignment.
-                for p in &mut pc.points {
-                    let q = sim.apply(&nalgebra::Point3::new(
-                        f64::from(p[0]),
-                        f64::from(p[1]),
-                        f64::from(p[2]),
-                    ));
-                    *p = [q.x as f32, q.y as f32, q.z as f32];
-                }
-                long3d::Long3dConfig {
-                    cam_to_lidar: parse_extrinsic("identity")?,
-                    centre_init: false,
-                    ..long3d::Long3dConfig::default()
-                }
-            } else {
-                // Without them: exactly the official protocol (extrinsic, centre + 0.75 scale, ICP).
-                long3d::Long3dConfig::default()
-            };
-            long3d::evaluate(&pc, &gc, &cfg)
-                .ok()
-                .map(|r| serde_json::to_value(r.metrics))
-                .transpose()?
-        }
-        _ => None,
-    };
-    Ok(SequenceMetrics {
-        sequence: name,
-        frames: outcome.summary.frames_processed,
-        fps: outcome.summary.fps,
-        frames_tracked: outcome.summary.frames_tracked,
-        map_segments: outcome.summary.map_segments,
-        pose: pose_json,
-        depth: depth.map(serde_json::to_value).transpose()?,
-        long3d,
-    })
-}
-
-fn eval_run(dataset: &Path, engines: &EngineFlags, out: &Path, stride: u64) -> Result<()> {
-    streamrecon::io_util::create_dir(out)?;
-    let mut all = Vec::new();
-    for seq in sequences(dataset)? {
-        let name = seq
-            .file_name()
-            .map_or_else(|| "sequence".into(), |n| n.to_string_lossy().to_string());
-        let dir = out.join(&name);
-        let done = dir.join("metrics.json");
-        let m: SequenceMetrics = if let Ok(bytes) = std::fs::read(&done) {
-            println!("{name}: already evaluated, skipped");
-            serde_json::from_slice(&bytes).with_context(|| format!("corrupt {}", done.display()))?
-        } else {
-            println!("{name}: running");
-            streamrecon::io_util::create_dir(&dir)?;
-            let m = eval_sequence(&seq, engines, &dir, stride)?;
-            streamrecon::io_util::write_bytes_atomic(&done, &serde_json::to_vec_pretty(&m)?)?;
-            m
-        };
-        all.push(m);
-    }
-    streamrecon::io_util::write_bytes_atomic(
-        &out.join("metrics.json"),
-        &serde_json::to_vec_pretty(&all)?,
-    )?;
-    let f = |v: &Option<serde_json::Value>, k: &str| {
-        v.as_ref()
-            .and_then(|v| v[k].as_f64())
-            .map_or("–".to_string(), |x| format!("{x:.4}"))
-    };
-    let mut md = String::from("| sequence | frames | tracked | fps | ATE RMSE | ATE / length | RPE trans | AbsRel | δ<1.25 | Acc | Comp | NC |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n");
-    for m in &all {
-        let _ = writeln!(
-            md,
-            "| {} | {} | {} | {:.1} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            m.sequence,
-            m.frames,
-            m.frames_tracked,
-            m.fps,
-            f(&m.pose, "ate_rmse"),
-            f(&m.pose, "ate_rmse_over_length"),
-            f(&m.pose, "rpe_trans_rmse"),
-            f(&m.depth, "abs_rel"),
-            f(&m.depth, "delta_1_25"),
-            f(&m.long3d, "Acc"),
-            f(&m.long3d, "Comp"),
-            f(&m.long3d, "NC_mean"),
-        );
-    }
-    streamrecon::io_util::write_bytes_atomic(&out.join("metrics.md"), md.as_bytes())?;
-    print!("{md}");
-    Ok(())
-}
-
 fn cmd_model(cmd: &ModelCommand) -> Result<()> {
-    use candle_core::{Device, Tensor};
-    use streamrecon::models::vggt::{StreamVggt, VggtConfig};
+    use streamrecon::models::parity::{load_tensor_spec, vggt_config, vggt_outputs};
+    use streamrecon::models::vggt::StreamVggt;
     let (model_config, weights, frames, total_budget, dtype, out) = match cmd {
         ModelCommand::Run {
             model_config,
@@ -1614,66 +1181,27 @@ fn cmd_model(cmd: &ModelCommand) -> Result<()> {
             out,
         } => return cmd_model_flow(model_config.as_deref(), weights, frames, out),
     };
-    let config = match model_config {
-        Some(p) => VggtConfig::from_json_file(p)?,
-        None => VggtConfig::vggt_1b(),
-    };
     let model = StreamVggt::load_as(
         weights,
-        config,
+        vggt_config(model_config.as_deref())?,
         streamrecon::geometry::vggt::ModelDtype::from(*dtype).dtype(),
     )?;
     let images = load_tensor_spec(frames, "input.images")?;
-    let dims = images.dims().to_vec();
-    if dims.len() != 4 || dims[1] != 3 {
-        bail!("the frames {frames} must be [S, 3, H, W], got {dims:?}");
-    }
-    let mut memory = model.new_stream((*total_budget > 0).then_some(*total_budget));
-    let mut outputs: std::collections::HashMap<String, Tensor> = std::collections::HashMap::new();
-    let dev = Device::Cpu;
-    let ints = |v: Vec<i64>| Tensor::new(v.as_slice(), &dev);
-    for i in 0..dims[0] {
-        let t0 = std::time::Instant::now();
-        let frame = images.get(i)?.unsqueeze(0)?;
-        let o = model.step(&frame, i, &mut memory, &mut |_, _| {})?;
-        let p = format!("frame{i}");
-        outputs.insert(
-            format!("{p}.pose_enc"),
-            Tensor::new(o.pose_enc.as_slice(), &dev)?.unsqueeze(0)?,
-        );
-        let f32s = |t: Tensor| t.to_dtype(candle_core::DType::F32);
-        outputs.insert(format!("{p}.pose_enc_iters"), f32s(o.pose_enc_iters)?);
-        outputs.insert(format!("{p}.depth"), f32s(o.depth)?);
-        outputs.insert(format!("{p}.depth_conf"), f32s(o.depth_conf)?);
-        outputs.insert(format!("{p}.world_points"), f32s(o.world_points)?);
-        outputs.insert(format!("{p}.world_points_conf"), f32s(o.world_points_conf)?);
-        outputs.insert(format!("{p}.budget"), ints(o.budgets.clone())?);
-        outputs.insert(
-            format!("{p}.last_scores"),
-            Tensor::new(memory.last_scores.as_slice(), &dev)?,
-        );
-        for (l, len) in o.kv_len.iter().enumerate() {
-            outputs.insert(format!("{p}.kv_len.layer{l}"), ints(vec![*len as i64])?);
-            let ids = memory.global_layer(l)?.ids();
-            let (heads, n) = (ids.len(), ids.first().map_or(0, Vec::len));
-            outputs.insert(
-                format!("{p}.kept_ids.layer{l}"),
-                Tensor::from_vec(ids.concat(), (1, heads, n), &dev)?,
+    let outputs = vggt_outputs(
+        &model,
+        &images,
+        (*total_budget > 0).then_some(*total_budget),
+        |f| {
+            println!(
+                "frame {}: {:.1} ms, kv {:?}, memory {:.2} MiB",
+                f.index,
+                f.ms,
+                f.kv_len,
+                f.memory_bytes as f64 / f64::from(1 << 20)
             );
-        }
-        for (l, len) in o.camera_kv_len.iter().enumerate() {
-            outputs.insert(
-                format!("{p}.camera_kv_len.layer{l}"),
-                ints(vec![*len as i64])?,
-            );
-        }
-        println!(
-            "frame {i}: {:.1} ms, kv {:?}, memory {:.2} MiB",
-            t0.elapsed().as_secs_f64() * 1e3,
-            o.kv_len,
-            memory.bytes() as f64 / (1 << 20) as f64
-        );
-    }
+        },
+    )
+    .with_context(|| format!("the frames {frames}"))?;
     save_tensors(&outputs, out)
 }
 
@@ -1684,7 +1212,7 @@ fn cmd_model_flow(config: Option<&Path>, weights: &Path, frames: &str, out: &Pat
         None => VideoFlowConfig::mof_released(),
     };
     let net = MofNet::load(weights, config)?;
-    let images = load_tensor_spec(frames, "input.images_u8")?;
+    let images = streamrecon::models::parity::load_tensor_spec(frames, "input.images_u8")?;
     let t0 = std::time::Instant::now();
     let flow = net.forward(&images, &mut |_, _| {})?;
     println!(

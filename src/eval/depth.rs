@@ -1,6 +1,12 @@
 //! Depth accuracy: AbsRel, RMSE and δ < 1.25 after median scaling (per frame or per sequence).
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
 use serde::Serialize;
+
+use streamrecon_core::error::{Error, Result};
+use streamrecon_datasets::formats::depth;
 
 /// Depth errors over valid pixels.
 #[derive(Debug, Clone, Copy, Default, Serialize)]
@@ -70,4 +76,94 @@ impl DepthMetricsAcc {
             pixels: self.n,
         }
     }
+}
+
+/// How predicted depth is scaled to the ground truth before scoring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DepthScale {
+    /// Each frame by its own median ratio.
+    Frame,
+    /// Every frame by the median of the frames' median ratios.
+    Sequence,
+}
+
+/// Depth maps in a folder by file stem: `.npy` (metres) wins over `.png` (millimetres).
+fn depth_files(dir: &Path) -> Result<BTreeMap<String, PathBuf>> {
+    let mut m = BTreeMap::new();
+    for e in std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))? {
+        let p = e.map_err(|e| Error::io(dir, e))?.path();
+        let ext = p.extension().and_then(|e| e.to_str()).unwrap_or_default();
+        if ext == "npy" || (ext == "png" && !m.contains_key(&stem(&p))) {
+            m.insert(stem(&p), p);
+        }
+    }
+    Ok(m)
+}
+
+fn stem(p: &Path) -> String {
+    p.file_stem()
+        .map(|s| s.to_string_lossy().to_string())
+        .unwrap_or_default()
+}
+
+fn read_depth_any(p: &Path) -> Result<Vec<f32>> {
+    Ok(if p.extension().is_some_and(|e| e == "npy") {
+        depth::read_depth_npy(p)?.data
+    } else {
+        depth::read_depth_png(p, 1000.0)?.data
+    })
+}
+
+/// Depth metrics of the predicted maps in `pred` against the ground truth in `gt`, matched by
+/// file name (`.npy` metres or 16-bit PNG millimetres).
+///
+/// # Errors
+/// A folder that cannot be listed, a map that cannot be read, maps of different sizes, or no
+/// predicted map whose name is in `gt`.
+pub fn depth_metrics_of_folders(gt: &Path, pred: &Path, scale: DepthScale) -> Result<DepthMetrics> {
+    let g = depth_files(gt)?;
+    let p = depth_files(pred)?;
+    let pairs: Vec<(Vec<f32>, Vec<f32>)> = p
+        .iter()
+        .filter_map(|(k, pp)| g.get(k).map(|gp| (gp.clone(), pp.clone())))
+        .map(|(gp, pp)| {
+            let (a, b) = (read_depth_any(&gp)?, read_depth_any(&pp)?);
+            if a.len() != b.len() {
+                return Err(Error::format(
+                    &pp,
+                    format!(
+                        "{} depth values, the ground truth {} has {}",
+                        b.len(),
+                        gp.display(),
+                        a.len()
+                    ),
+                ));
+            }
+            Ok((a, b))
+        })
+        .collect::<Result<_>>()?;
+    if pairs.is_empty() {
+        return Err(Error::Invalid(format!(
+            "no predicted depth in {} matches a ground-truth name in {}",
+            pred.display(),
+            gt.display()
+        )));
+    }
+    let seq_scale = {
+        let mut s: Vec<f64> = pairs
+            .iter()
+            .filter_map(|(a, b)| median_scale(a, b, None))
+            .collect();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(1.0)
+    };
+    let mut acc = DepthMetricsAcc::default();
+    for (a, b) in &pairs {
+        let k = match scale {
+            DepthScale::Frame => median_scale(a, b, None).unwrap_or(1.0),
+            DepthScale::Sequence => seq_scale,
+        };
+        acc.add(a, b, k, None);
+    }
+    Ok(acc.finish())
 }

@@ -2,6 +2,7 @@
 //! checkpoints by key name, with no conversion step.
 
 pub mod ops;
+pub mod parity;
 pub mod vggt;
 pub mod videoflow;
 pub mod weights;
