@@ -1,0 +1,434 @@
+//! Argument parsing and the subcommands.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use streamrecon::datasets::formats::{flo, kitti_flow};
+use streamrecon::datasets::layouts::{Layout, LayoutWriter};
+use streamrecon::datasets::native::{NativeWriter, SequenceMeta};
+use streamrecon::datasets::synth::{
+    Degrade, SceneKind, SurfaceSampler, SynthConfig, SynthFrame, SynthWorld, TrajectoryKind,
+};
+use streamrecon::flow::colorwheel;
+use streamrecon::flow::dis::DisPreset;
+use streamrecon::pipeline::options::FlowEngineName;
+use streamrecon::pipeline::{self, RunOptions, RunOutcome};
+use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
+
+mod eval;
+mod flags;
+mod model;
+mod serve;
+
+use eval::{cmd_eval, EvalCommand};
+use flags::{DisFlags, EngineFlags, RerunFlags, SourceFlags, VideoFlowFlags};
+use model::{cmd_model, ModelCommand};
+use serve::{cmd_serve, ServeArgs};
+
+const EXAMPLES: &str = "Examples:
+  streamrecon demo                                   # synthetic sequence → full pipeline → ./demo-out/
+  streamrecon run video.mp4 --out out --save out/recording.rrd
+  streamrecon run camera:0 --connect                 # live camera into a running viewer
+  streamrecon run frames/ --stride 2 --size 640 --intrinsics 525,525,319.5,239.5 --out out
+  streamrecon synth --scene room --trajectory handheld --frames 300 --out seq
+  streamrecon flow seq --out flows --backward
+  streamrecon eval flow --gt seq/flow_fwd --pred flows
+  streamrecon eval pose --gt seq/poses.txt --pred out/trajectory.txt";
+
+#[derive(Parser)]
+#[command(name = "streamrecon", version, about = "Streaming optical flow, camera poses, depth and a growing point cloud from video, live in rerun", after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the pipeline on a source: a video file, camera:N, an rtsp/http URL, an image folder or a dataset folder.
+    Run(RunArgs),
+    /// Generate a synthetic sequence, run the weights-free pipeline on it and report its accuracy.
+    Demo(DemoArgs),
+    /// Render a synthetic sequence with exact ground truth.
+    Synth(SynthArgs),
+    /// Compute optical flow for a source and write it to files.
+    Flow(FlowArgs),
+    /// Evaluate results against ground truth.
+    #[command(subcommand)]
+    Eval(EvalCommand),
+    /// Run the pipeline as a network service: sessions push frames over HTTP and read results back.
+    Serve(ServeArgs),
+    /// Run a learned model directly on tensors (parity checks against the reference code).
+    #[command(subcommand)]
+    Model(ModelCommand),
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Video file, camera:N, rtsp://… or http://… URL, image folder, or dataset folder.
+    source: String,
+    /// Output folder (trajectory, points, depth, COLMAP, run.json).
+    #[arg(long, default_value = "streamrecon-out")]
+    out: PathBuf,
+    #[command(flatten)]
+    source_flags: SourceFlags,
+    #[command(flatten)]
+    engines: EngineFlags,
+    #[command(flatten)]
+    rerun: RerunFlags,
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Output folder.
+    #[arg(long, default_value = "demo-out")]
+    out: PathBuf,
+    /// Frames to generate.
+    #[arg(long, default_value_t = 150)]
+    frames: usize,
+    #[arg(long, value_enum, default_value = "handheld")]
+    trajectory: TrajectoryKind,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    #[command(flatten)]
+    rerun: RerunFlags,
+}
+
+#[derive(Args)]
+struct SynthArgs {
+    #[arg(long, value_enum, default_value = "room")]
+    scene: SceneKind,
+    #[arg(long, value_enum, default_value = "smooth")]
+    trajectory: TrajectoryKind,
+    #[arg(long, default_value_t = 100)]
+    frames: usize,
+    /// Image size WxH.
+    #[arg(long, default_value = "640x480", value_parser = parse_size)]
+    size: (u32, u32),
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Degradations, e.g. noise=0.02,blur=4,exposure=0.2,fog=0.05.
+    #[arg(long, value_parser = Degrade::parse)]
+    degrade: Option<Degrade>,
+    #[arg(long)]
+    out: PathBuf,
+    /// Dataset layout to write.
+    #[arg(long, value_enum, default_value = "native")]
+    format: Layout,
+    /// Skip the optical flow and occlusion ground truth (native and sintel layouts; tum and
+    /// long3d never store it): faster, and a native sequence shrinks to about a third.
+    #[arg(long)]
+    no_flow: bool,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (w, h) = s.split_once('x').ok_or("expected WxH, e.g. 640x480")?;
+    let w: u32 = w.parse().map_err(|_| "bad width")?;
+    let h: u32 = h.parse().map_err(|_| "bad height")?;
+    if !(16..=8192).contains(&w) || !(16..=8192).contains(&h) {
+        return Err("width and height must be within 16..8192".into());
+    }
+    Ok((w, h))
+}
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+enum FlowFormat {
+    Flo,
+    Kitti,
+    Png,
+}
+
+#[derive(Args)]
+struct FlowArgs {
+    source: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long, value_enum, default_value = "flo")]
+    format: FlowFormat,
+    #[arg(long, value_enum, default_value = "dis")]
+    engine: FlowEngineName,
+    /// DIS preset (`medium` here: with refinement, the lowest flow EPE at about `fast`'s time;
+    /// `run` defaults to `ultrafast`, which serves the geometry better).
+    #[arg(long, value_enum, default_value = "medium")]
+    preset: DisPreset,
+    #[command(flatten)]
+    dis: DisFlags,
+    #[command(flatten)]
+    videoflow: VideoFlowFlags,
+    /// Also write backward flows to OUT/bwd/.
+    #[arg(long)]
+    backward: bool,
+    /// Flow magnitude of full colour saturation for --format png (default: per image maximum).
+    #[arg(long)]
+    flow_max: Option<f32>,
+    #[command(flatten)]
+    source_flags: SourceFlags,
+}
+
+pub fn main() -> Result<ExitCode> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Run(a) => cmd_run(&a),
+        Command::Demo(a) => cmd_demo(&a),
+        Command::Synth(a) => cmd_synth(&a).map(|()| ExitCode::SUCCESS),
+        Command::Flow(a) => cmd_flow(&a),
+        Command::Eval(e) => cmd_eval(&e).map(|()| ExitCode::SUCCESS),
+        Command::Model(m) => cmd_model(&m).map(|()| ExitCode::SUCCESS),
+        Command::Serve(a) => cmd_serve(&a).map(|()| ExitCode::SUCCESS),
+    }
+}
+
+/// SIGINT/SIGTERM set the flag; a second signal exits at once.
+fn install_stop_flag() -> Result<Arc<AtomicBool>> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = stop.clone();
+    ctrlc::set_handler(move || {
+        if s.swap(true, Ordering::SeqCst) {
+            eprintln!("second interrupt: exiting without draining");
+            std::process::exit(130);
+        }
+        eprintln!(
+            "interrupted: draining the pipeline and closing outputs (interrupt again to abort)"
+        );
+    })
+    .context("cannot install the signal handler")?;
+    Ok(stop)
+}
+
+fn print_summary(outcome: &RunOutcome, out: &Path) {
+    let s = &outcome.summary;
+    println!(
+        "{} frames processed ({} read, {} dropped, {} skipped) in {:.1} s: {:.1} fps, peak RSS {:.0} MiB",
+        s.frames_processed, s.frames_read, s.frames_dropped, s.frames_skipped, s.wall_s, s.fps, s.peak_rss_mib
+    );
+    if s.frames_tracked == 0 && s.frames_processed > 0 {
+        // The engine counts the segments it started; none of them made a map.
+        println!(
+            "tracked 0 / {} frames: no map was initialised (flowvo needs the camera to move \
+             sideways, not only turn); {} points",
+            s.frames_processed, s.points
+        );
+    } else {
+        println!(
+            "tracked {} / {} frames in {} map segment(s); median reprojection error {}; {} points",
+            s.frames_tracked,
+            s.frames_processed,
+            s.map_segments,
+            s.median_reprojection_px
+                .map_or("n/a".into(), |e| format!("{e:.2} px")),
+            s.points
+        );
+    }
+    println!("outputs: {}", out.display());
+}
+
+fn cmd_run(a: &RunArgs) -> Result<ExitCode> {
+    let spec = SourceSpec::parse(&a.source)?;
+    let source = Source::open(&spec, a.source_flags.options())?;
+    let config = a.engines.pipeline_config(
+        Some(&a.source_flags),
+        Some(a.out.clone()),
+        a.rerun.target(),
+        true,
+    )?;
+    let stop = install_stop_flag()?;
+    let outcome = pipeline::run(source, &config, &stop)?;
+    print_summary(&outcome, &a.out);
+    if let Some(e) = outcome.error {
+        return Err(anyhow::Error::new(e)
+            .context("the run stopped early; outputs up to that point are written"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_sequence(config: &SynthConfig, out: &Path) -> Result<()> {
+    write_layout(config, out, Layout::Native)
+}
+
+/// Renders every frame of `world` into `write`, sampling the GT cloud from every 5th frame.
+fn render_into(
+    world: &SynthWorld,
+    mut write: impl FnMut(&SynthFrame) -> Result<()>,
+) -> Result<SurfaceSampler> {
+    let mut sampler = SurfaceSampler::new(0.02, 4);
+    let pb = indicatif::ProgressBar::new(world.config.frames as u64);
+    for f in world.frames() {
+        if f.index % 5 == 0 {
+            sampler.add(&f.view, &f.image, &world.intrinsics);
+        }
+        write(&f)?;
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    Ok(sampler)
+}
+
+fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> {
+    let world = SynthWorld::new(config.clone());
+    if layout != Layout::Native {
+        let scene = format!("{:?}_{:?}", config.scene, config.trajectory).to_lowercase();
+        let mut writer = LayoutWriter::create(layout, out, world.intrinsics, &scene)?;
+        let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
+        writer.finish(&sampler.cloud())?;
+        return Ok(());
+    }
+    let mut writer = NativeWriter::create(out, world.intrinsics)?;
+    let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
+    let meta = SequenceMeta {
+        generator: format!("streamrecon {}", env!("CARGO_PKG_VERSION")),
+        frames: config.frames,
+        fps: config.fps,
+        jump_frames: world.trajectory.jump_frames(config.frames),
+        config: serde_json::to_value(config)?,
+    };
+    writer.finish(&sampler.cloud(), &meta)?;
+    Ok(())
+}
+
+fn cmd_synth(a: &SynthArgs) -> Result<()> {
+    let config = SynthConfig {
+        scene: a.scene,
+        trajectory: a.trajectory,
+        frames: a.frames,
+        width: a.size.0,
+        height: a.size.1,
+        seed: a.seed,
+        degrade: a.degrade.unwrap_or_default(),
+        flow: !a.no_flow && matches!(a.format, Layout::Native | Layout::Sintel | Layout::Kitti),
+        ..SynthConfig::default()
+    };
+    if a.no_flow && a.format == Layout::Kitti {
+        bail!("the kitti layout is made of flow pairs; --no-flow leaves nothing to write");
+    }
+    let t = std::time::Instant::now();
+    write_layout(&config, &a.out, a.format)?;
+    println!(
+        "wrote {} frames to {} in {:.1} s",
+        a.frames,
+        a.out.display(),
+        t.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
+    let seq = a.out.join("sequence");
+    let run_dir = a.out.join("run");
+    println!(
+        "1/3 rendering a synthetic room ({} frames, {:?} camera) into {}",
+        a.frames,
+        a.trajectory,
+        seq.display()
+    );
+    let config = SynthConfig {
+        scene: SceneKind::Room,
+        trajectory: a.trajectory,
+        frames: a.frames,
+        seed: a.seed,
+        ..SynthConfig::default()
+    };
+    write_sequence(&config, &seq)?;
+    let mut rerun = a.rerun.target();
+    if !rerun.is_enabled() {
+        rerun.save = Some(a.out.join("recording.rrd"));
+    }
+    println!("2/3 running dis flow → flowvo → fusion");
+    let engines = EngineFlags::default();
+    let config = engines.pipeline_config(None, Some(run_dir.clone()), rerun.clone(), true)?;
+    let source = Source::open(
+        &SourceSpec::parse(&seq.display().to_string())?,
+        SourceOptions::default(),
+    )?;
+    let stop = install_stop_flag()?;
+    let outcome = pipeline::run(source, &config, &stop)?;
+    print_summary(&outcome, &run_dir);
+    println!("3/3 accuracy against the ground truth");
+    let report = streamrecon::eval::report::accuracy_report(&seq, &run_dir, &outcome)?;
+    println!("{report}");
+    if let Some(p) = &rerun.save {
+        println!(
+            "view the recording: pip install rerun-sdk==0.36.3 && rerun {}",
+            p.display()
+        );
+    }
+    if let Some(e) = outcome.error {
+        return Err(anyhow::Error::new(e).context("the demo run stopped early"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
+    let spec = SourceSpec::parse(&a.source)?;
+    let mut source = Source::open(&spec, a.source_flags.options())?;
+    let mut options = RunOptions {
+        flow: a.engine,
+        preset: a.preset,
+        ..RunOptions::default()
+    };
+    a.dis.apply(&mut options);
+    a.videoflow.apply(&mut options);
+    a.source_flags.apply(&mut options);
+    options.validate()?;
+    let mut engine = options.flow_choice()?.engine()?;
+    streamrecon::io_util::create_dir(&a.out)?;
+    if a.backward {
+        streamrecon::io_util::create_dir(&a.out.join("bwd"))?;
+    }
+    let stop = install_stop_flag()?;
+    let ext = match a.format {
+        FlowFormat::Flo => "flo",
+        FlowFormat::Kitti | FlowFormat::Png => "png",
+    };
+    let write = |path: &Path, f: &streamrecon::flow::FlowField| -> Result<()> {
+        match a.format {
+            FlowFormat::Flo => flo::write_flo(path, f)?,
+            FlowFormat::Kitti => kitti_flow::write_kitti_flow(path, f, None)?,
+            FlowFormat::Png => {
+                let img = colorwheel::flow_to_rgb(f, a.flow_max);
+                let bytes = streamrecon::datasets::native::rgb_png_bytes(&img);
+                streamrecon::io_util::write_bytes_atomic(path, &bytes)?;
+            }
+        }
+        Ok(())
+    };
+    let mut n = 0usize;
+    let t0 = std::time::Instant::now();
+    let mut save = |pairs: Vec<streamrecon::flow::PairFlow>| -> Result<()> {
+        for p in pairs {
+            write(&a.out.join(format!("{:06}.{ext}", p.from)), &p.fwd)?;
+            if a.backward {
+                write(
+                    &a.out.join("bwd").join(format!("{:06}.{ext}", p.to)),
+                    &p.bwd,
+                )?;
+            }
+            n += 1;
+        }
+        Ok(())
+    };
+    while !stop.load(Ordering::SeqCst) {
+        let Some(item) = source.next_item() else {
+            break;
+        };
+        let frame = match item? {
+            SourceItem::Frame(f) => f,
+            SourceItem::Skipped { what } => {
+                log::warn!("skipped a corrupt frame: {what}");
+                continue;
+            }
+        };
+        save(engine.push(&frame)?)?;
+    }
+    save(engine.flush()?)?;
+    let dt = t0.elapsed().as_secs_f64();
+    println!(
+        "{n} flows written to {} ({:.1} pairs/s)",
+        a.out.display(),
+        n as f64 / dt.max(1e-9)
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,117 @@
+//! `streamrecon serve`: the network service's flags.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+
+use streamrecon::pipeline::RunOptions;
+
+#[derive(Args)]
+pub(super) struct ServeArgs {
+    /// Address to listen on (loopback unless told otherwise; port 0 picks a free one).
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    bind: std::net::SocketAddr,
+    /// File holding the bearer token; without it a random token is made and written to
+    /// DATA_DIR/token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
+    /// Most sessions running at once.
+    #[arg(long, default_value_t = 4)]
+    max_sessions: usize,
+    /// Where sessions write their outputs.
+    #[arg(long, default_value = "streamrecon-sessions")]
+    data_dir: PathBuf,
+    /// StreamVGGT weights sessions may use (`{"geometry": "vggt"}`); each such session loads
+    /// its own copy.
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+    /// Model config JSON for --weights [default: the official VGGT-1B sizes].
+    #[arg(long, value_name = "JSON")]
+    model_config: Option<PathBuf>,
+    /// VideoFlow-MOF weights sessions may use (`{"flow": "videoflow"}`).
+    #[arg(long, value_name = "PATH")]
+    flow_weights: Option<PathBuf>,
+    /// VideoFlow model config JSON for --flow-weights [default: the released MOF sizes].
+    #[arg(long, value_name = "JSON")]
+    flow_config: Option<PathBuf>,
+    /// A camera or stream URL sessions may read on the server (`{"source": …}`): exact, or a
+    /// prefix ending in `*` (`camera:*`, `rtsp://10.0.0.5/*`). Repeatable; none by default.
+    #[arg(long, value_name = "SOURCE")]
+    allow_source: Vec<String>,
+    /// Snapshot each session's engine (vggt) and trajectory every N frames, so a killed server
+    /// loses at most N frames of a session.
+    #[arg(long, value_name = "N", default_value_t = streamrecon::serve::SNAPSHOT_EVERY)]
+    snapshot_every: u64,
+    /// Also stream every session to a running rerun viewer.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "rerun+http://127.0.0.1:9876/proxy")]
+    connect: Option<String>,
+}
+
+/// A bearer token from a file: one word of 16 characters or more.
+pub(super) fn read_token(f: &std::path::Path) -> Result<String> {
+    let t = std::fs::read_to_string(f)
+        .with_context(|| format!("cannot read the token file {}", f.display()))?;
+    let t = t.trim().to_string();
+    if t.len() < 16 || t.chars().any(char::is_whitespace) {
+        bail!(
+            "the token in {} must be one word of 16 characters or more",
+            f.display()
+        );
+    }
+    Ok(t)
+}
+
+pub(super) fn cmd_serve(a: &ServeArgs) -> Result<()> {
+    use rand::Rng;
+    streamrecon::io_util::create_dir(&a.data_dir)?;
+    let token = if let Some(f) = &a.token_file {
+        read_token(f)?
+    } else if a.data_dir.join("token").exists() {
+        // Made by an earlier start: clients keep working across restarts.
+        read_token(&a.data_dir.join("token"))?
+    } else {
+        let mut rng = rand::rng();
+        let t: String = (0..32)
+            .map(|_| char::from_digit(u32::from(rng.random_range(0..16u8)), 16).unwrap_or('0'))
+            .collect();
+        let path = a.data_dir.join("token");
+        streamrecon::io_util::write_secret(&path, t.as_bytes())?;
+        eprintln!("bearer token written to {} (mode 0600)", path.display());
+        t
+    };
+    if !a.bind.ip().is_loopback() {
+        eprintln!(
+            "listening beyond this machine ({}): every endpoint but /health needs the token",
+            a.bind
+        );
+    }
+    let config = streamrecon::serve::ServeConfig {
+        options: RunOptions {
+            weights: a.weights.clone(),
+            model_config: a.model_config.clone(),
+            flow_weights: a.flow_weights.clone(),
+            flow_config: a.flow_config.clone(),
+            ..RunOptions::default()
+        },
+        bind: a.bind,
+        token,
+        max_sessions: a.max_sessions.max(1),
+        data_dir: a.data_dir.clone(),
+        allow_sources: a.allow_source.clone(),
+        connect: a.connect.clone(),
+        snapshot_every: a.snapshot_every,
+    };
+    streamrecon::serve::serve(
+        &config,
+        |addr| {
+            println!("listening on http://{addr}");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+            eprintln!("shutting down: closing sessions");
+        },
+    )?;
+    Ok(())
+}
