@@ -9,6 +9,7 @@ pub mod colorwheel;
 pub mod consistency;
 pub mod dis;
 pub mod inverse_search;
+pub mod level;
 pub mod metrics;
 pub mod refine;
 pub mod resize;
