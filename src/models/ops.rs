@@ -2,7 +2,7 @@
 //! (bilinear with `align_corners=True`, antialiased bicubic as PyTorch/PIL compute it).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, ConvTranspose2d, ConvTranspose2dConfig, LayerNorm, Linear};
+use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear};
 
 use super::weights::Vb;
 use streamrecon_core::error::Result;
@@ -75,18 +75,52 @@ pub fn conv2d(
 
 /// `nn.ConvTranspose2d(cin, cout, k, stride=k)` (the DPT upsampling layers).
 ///
+/// With the stride equal to the kernel, each input pixel writes its own k×k block of the output
+/// and no two overlap: the layer is one matrix product, `[pixels, cin] × [cin, cout·k·k]`,
+/// whose rows are then laid out as blocks. candle's CPU `conv_transpose2d` is a direct loop
+/// (a dot product per output value), which took about a quarter of a vggt frame.
+pub struct PatchConvTranspose2d {
+    /// `[cin, cout·k·k]`: the checkpoint's `[cin, cout, k, k]` with its last three dims merged.
+    weight: Tensor,
+    /// `[1, cout, 1, 1]`.
+    bias: Tensor,
+    cout: usize,
+    k: usize,
+}
+
+impl candle_core::Module for PatchConvTranspose2d {
+    /// x: [B, cin, H, W] → [B, cout, H·k, W·k]
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let (b, cin, h, w) = x.dims4()?;
+        let (cout, k) = (self.cout, self.k);
+        let pixels = x.permute((0, 2, 3, 1))?.reshape((b * h * w, cin))?;
+        pixels
+            .matmul(&self.weight)?
+            .reshape((b, h, w, cout, k, k))?
+            .permute((0, 3, 1, 4, 2, 5))?
+            .reshape((b, cout, h * k, w * k))?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// `nn.ConvTranspose2d(cin, cout, k, stride=k)` (the DPT upsampling layers), as a matrix product.
+///
 /// # Errors
 /// Missing or misshapen weights.
-pub fn conv_transpose2d(vb: &Vb, cin: usize, cout: usize, k: usize) -> Result<ConvTranspose2d> {
+pub fn conv_transpose2d(
+    vb: &Vb,
+    cin: usize,
+    cout: usize,
+    k: usize,
+) -> Result<PatchConvTranspose2d> {
     let w = vb.get("weight", (cin, cout, k, k))?;
     let b = vb.get("bias", cout)?;
-    let cfg = ConvTranspose2dConfig {
-        padding: 0,
-        output_padding: 0,
-        stride: k,
-        dilation: 1,
-    };
-    Ok(ConvTranspose2d::new(w, Some(b), cfg))
+    Ok(PatchConvTranspose2d {
+        weight: w.reshape((cin, cout * k * k))?,
+        bias: b.reshape((1, cout, 1, 1))?,
+        cout,
+        k,
+    })
 }
 
 /// Row-interpolation matrix `[out, in]` of 1-D linear resampling with `align_corners=True`.
@@ -342,6 +376,49 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 #[allow(clippy::float_cmp)] // exact values are the point
 mod tests {
     use super::*;
+
+    #[test]
+    fn patch_conv_transpose_is_candles_conv_transpose() {
+        use candle_core::Module;
+        let dev = candle_core::Device::Cpu;
+        let wave = |n: usize, f: f32| {
+            Tensor::arange(0f32, n as f32, &dev)
+                .and_then(|t| (t * f64::from(f))?.sin())
+                .unwrap()
+        };
+        for (b, cin, cout, h, w, k) in [(1, 3, 5, 4, 6, 4), (2, 8, 4, 3, 5, 2), (1, 2, 3, 1, 1, 3)]
+        {
+            let x = wave(b * cin * h * w, 0.7).reshape((b, cin, h, w)).unwrap();
+            let weight = wave(cin * cout * k * k, 1.3)
+                .reshape((cin, cout, k, k))
+                .unwrap();
+            let bias = wave(cout, 2.1);
+            let want = x
+                .conv_transpose2d(&weight, 0, 0, k, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            let layer = PatchConvTranspose2d {
+                weight: weight.reshape((cin, cout * k * k)).unwrap(),
+                bias: bias.reshape((1, cout, 1, 1)).unwrap(),
+                cout,
+                k,
+            };
+            let got = layer.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-5, "{b} {cin} {cout} {h} {w} {k}: {diff}");
+        }
+    }
 
     #[test]
     fn bicubic_taps_sum_to_one_and_identity_at_same_size() {

@@ -2,10 +2,12 @@
 //! coarse to fine by residual refinement blocks, upsampled to the image and activated.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, ConvTranspose2d, LayerNorm};
+use candle_nn::{Conv2d, LayerNorm};
 
 use super::config::DptConfig;
-use crate::ops::{conv2d, conv_transpose2d, layer_norm, resize_bilinear_align_corners};
+use crate::ops::{
+    conv2d, conv_transpose2d, layer_norm, resize_bilinear_align_corners, PatchConvTranspose2d,
+};
 use crate::weights::Vb;
 use streamrecon_core::error::{Error, Result};
 
@@ -13,7 +15,7 @@ use streamrecon_core::error::{Error, Result};
 const HEAD_FEATURES_2: usize = 32;
 
 enum Resize {
-    Up(ConvTranspose2d),
+    Up(PatchConvTranspose2d),
     Identity,
     Down(Conv2d),
 }
