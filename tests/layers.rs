@@ -174,3 +174,24 @@ fn the_fuzz_build_holds_no_heavy_dependency() {
         );
     }
 }
+
+#[test]
+fn every_bench_binary_runs_its_own_main() {
+    // A bench file without `harness = false` compiles as an empty libtest harness: `cargo bench`
+    // then measures nothing and says so nowhere.
+    let manifest = std::fs::read_to_string(Path::new(ROOT).join("Cargo.toml")).unwrap();
+    let benches: Vec<&str> = manifest.split("[[bench]]").skip(1).collect();
+    for entry in std::fs::read_dir(Path::new(ROOT).join("benches")).unwrap() {
+        let path = entry.unwrap().path();
+        let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
+            continue;
+        };
+        let declared = benches
+            .iter()
+            .any(|b| b.contains(&format!("name = \"{stem}\"")) && b.contains("harness = false"));
+        assert!(
+            declared,
+            "benches/{stem}.rs has no [[bench]] entry with harness = false in Cargo.toml"
+        );
+    }
+}
