@@ -2,7 +2,7 @@
 //! (bilinear with `align_corners=True`, antialiased bicubic as PyTorch/PIL compute it).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear};
+use candle_nn::{Conv2dConfig, LayerNorm, Linear};
 
 use super::weights::Vb;
 use streamrecon_core::error::Result;
@@ -70,7 +70,98 @@ pub fn conv2d(
         stride,
         ..Conv2dConfig::default()
     };
-    Ok(Conv2d::new(w, b, cfg))
+    // Odd kernels over the whole image ("same" size, stride 1): row-shifted im2col bands.
+    let same = (k > 1 && k % 2 == 1 && stride == 1 && padding == k / 2)
+        .then(|| w.reshape((cout, cin * k * k)))
+        .transpose()?;
+    Ok(Conv2d {
+        same,
+        bias: b.clone(),
+        k,
+        inner: candle_nn::Conv2d::new(w, b, cfg),
+    })
+}
+
+/// A 2-D convolution. Odd k×k kernels at stride 1 with "same" padding (the DPT heads' and
+/// VideoFlow's 3×3 convolutions) run on f32 as matrix products over bands of output rows, their
+/// im2col rows made by shifted row copies; candle's CPU conv2d builds its im2col tiles one value
+/// at a time, which took about a third of a vggt frame. Everything else is candle's conv2d.
+pub struct Conv2d {
+    /// `[cout, cin·k·k]` for the banded path.
+    same: Option<Tensor>,
+    bias: Option<Tensor>,
+    k: usize,
+    inner: candle_nn::Conv2d,
+}
+
+/// Most f32 values of one band's im2col matrix (8 MiB): the full matrix of a 3×3 convolution
+/// at 518×392 with 256 channels would be 1.9 GB.
+const BAND_VALUES: usize = 2 << 20;
+
+impl candle_core::Module for Conv2d {
+    /// x: [B, cin, H, W] → [B, cout, H, W] (or as candle's conv2d for other shapes).
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match &self.same {
+            Some(w) if x.dtype() == DType::F32 && w.dtype() == DType::F32 => {
+                let y = conv_same_banded(x, w, self.k)?;
+                match &self.bias {
+                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
+                    None => Ok(y),
+                }
+            }
+            _ => self.inner.forward(x),
+        }
+    }
+}
+
+/// `x` [B, cin, H, W] convolved with `w` [cout, cin·k·k] (odd `k`, stride 1, zero padding k/2).
+fn conv_same_banded(x: &Tensor, w: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+    use rayon::prelude::*;
+    let (b, cin, h, wd) = x.dims4()?;
+    let cout = w.dim(0)?;
+    let (hw, taps, r) = (h * wd, k * k, (k / 2) as isize);
+    let data = x.flatten_all()?.to_vec1::<f32>()?;
+    let band_rows = (BAND_VALUES / (cin * taps * wd).max(1)).clamp(1, h.max(1));
+    let mut out = vec![0f32; b * cout * hw];
+    for bi in 0..b {
+        let img = &data[bi * cin * hw..(bi + 1) * cin * hw];
+        let dst = &mut out[bi * cout * hw..(bi + 1) * cout * hw];
+        for y0 in (0..h).step_by(band_rows) {
+            let rows = band_rows.min(h - y0);
+            let n = rows * wd;
+            // Row (c, ky, kx) of the band's im2col: the band of channel c shifted by the tap.
+            let mut col = vec![0f32; cin * taps * n];
+            col.par_chunks_mut(taps * n)
+                .enumerate()
+                .for_each(|(c, chan)| {
+                    let plane = &img[c * hw..(c + 1) * hw];
+                    for (t, tap) in chan.chunks_exact_mut(n).enumerate() {
+                        let (dy, dx) = ((t / k) as isize - r, (t % k) as isize - r);
+                        let x0 = (-dx).max(0) as usize;
+                        let x1 = (wd as isize - dx).clamp(0, wd as isize) as usize;
+                        if x0 >= x1 {
+                            continue;
+                        }
+                        for (yy, line) in tap.chunks_exact_mut(wd).enumerate() {
+                            let sy = (y0 + yy) as isize + dy;
+                            if sy < 0 || sy >= h as isize {
+                                continue;
+                            }
+                            let src = &plane[sy as usize * wd..(sy as usize + 1) * wd];
+                            let (s0, s1) =
+                                ((x0 as isize + dx) as usize, (x1 as isize + dx) as usize);
+                            line[x0..x1].copy_from_slice(&src[s0..s1]);
+                        }
+                    }
+                });
+            let col = Tensor::from_vec(col, (cin * taps, n), x.device())?;
+            let band = w.matmul(&col)?.to_vec2::<f32>()?;
+            for (co, vals) in band.iter().enumerate() {
+                dst[co * hw + y0 * wd..co * hw + y0 * wd + n].copy_from_slice(vals);
+            }
+        }
+    }
+    Tensor::from_vec(out, (b, cout, h, wd), x.device())
 }
 
 /// `nn.ConvTranspose2d(cin, cout, k, stride=k)` (the DPT upsampling layers).
@@ -376,6 +467,64 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 #[allow(clippy::float_cmp)] // exact values are the point
 mod tests {
     use super::*;
+
+    #[test]
+    fn banded_same_convolution_is_candles_conv2d() {
+        use candle_core::Module;
+        let dev = candle_core::Device::Cpu;
+        let wave = |n: usize, f: f64| {
+            Tensor::arange(0f32, n as f32, &dev)
+                .and_then(|t| (t * f)?.sin())
+                .unwrap()
+        };
+        // Shapes with one band and with many (BAND_VALUES is small against 40 channels × 9 taps
+        // × 300 px rows), odd sizes, images narrower than the kernel, 1×1 and 5×5 kernels.
+        for (b, cin, cout, h, w, k) in [
+            (1, 3, 4, 5, 7, 3),
+            (2, 40, 6, 70, 300, 3),
+            (1, 2, 3, 1, 2, 3),
+            (1, 4, 5, 9, 6, 5),
+            (1, 3, 2, 4, 4, 1),
+        ] {
+            let x = wave(b * cin * h * w, 0.37).reshape((b, cin, h, w)).unwrap();
+            let weight = wave(cout * cin * k * k, 1.1)
+                .reshape((cout, cin, k, k))
+                .unwrap();
+            let bias = wave(cout, 2.3);
+            let want = x
+                .conv2d(&weight, k / 2, 1, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
+                .unwrap();
+            let same = (k > 1).then(|| weight.reshape((cout, cin * k * k)).unwrap());
+            let layer = Conv2d {
+                same,
+                bias: Some(bias.clone()),
+                k,
+                inner: candle_nn::Conv2d::new(
+                    weight.clone(),
+                    Some(bias),
+                    Conv2dConfig {
+                        padding: k / 2,
+                        ..Conv2dConfig::default()
+                    },
+                ),
+            };
+            let got = layer.forward(&x).unwrap();
+            assert_eq!(got.dims(), want.dims());
+            let diff = (got - want)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .max(0)
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(diff < 1e-4, "{b} {cin} {cout} {h} {w} {k}: {diff}");
+        }
+    }
 
     #[test]
     fn patch_conv_transpose_is_candles_conv_transpose() {

@@ -3,11 +3,11 @@
 //! bicubic, plain blocks, final norm; returns the normalised patch tokens.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, LayerNorm};
+use candle_nn::LayerNorm;
 
 use super::config::VggtConfig;
 use super::layers::{Block, BlockSpec};
-use crate::ops::{bicubic_aa_matrix, conv2d, layer_norm, resample_separable};
+use crate::ops::{bicubic_aa_matrix, conv2d, layer_norm, resample_separable, Conv2d};
 use crate::weights::Vb;
 use streamrecon_core::error::{Error, Result};
 

@@ -2,11 +2,12 @@
 //! coarse to fine by residual refinement blocks, upsampled to the image and activated.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, LayerNorm};
+use candle_nn::LayerNorm;
 
 use super::config::DptConfig;
 use crate::ops::{
-    conv2d, conv_transpose2d, layer_norm, resize_bilinear_align_corners, PatchConvTranspose2d,
+    conv2d, conv_transpose2d, layer_norm, resize_bilinear_align_corners, Conv2d,
+    PatchConvTranspose2d,
 };
 use crate::weights::Vb;
 use streamrecon_core::error::{Error, Result};

@@ -3,10 +3,10 @@
 //! attention, the PosConv generator after each stage's first block. Output `[N, C1, H/8, W/8]`.
 
 use candle_core::{Module, Tensor, D};
-use candle_nn::{Conv2d, LayerNorm, Linear};
+use candle_nn::{LayerNorm, Linear};
 
 use super::config::TwinsConfig;
-use crate::ops::{conv2d, depthwise_conv2d, layer_norm, linear};
+use crate::ops::{conv2d, depthwise_conv2d, layer_norm, linear, Conv2d};
 use crate::weights::Vb;
 use streamrecon_core::error::Result;
 

@@ -2,10 +2,9 @@
 //! update block) and `gma.py` (context attention and motion aggregation).
 
 use candle_core::{Module, Tensor};
-use candle_nn::Conv2d;
 
 use super::config::VideoFlowConfig;
-use crate::ops::{conv2d, depthwise_conv2d, grid_sample_pixels};
+use crate::ops::{conv2d, depthwise_conv2d, grid_sample_pixels, Conv2d};
 use crate::weights::Vb;
 use streamrecon_core::error::Result;
 
