@@ -108,9 +108,7 @@ pub(super) fn read_cloud(path: &Path) -> Result<streamrecon::cloud::PointCloud> 
 pub(super) fn parse_extrinsic(s: &str) -> Result<[[f64; 4]; 4]> {
     match s {
         "official" => Ok(long3d::OFFICIAL_CAM_TO_LIDAR),
-        "identity" => Ok(std::array::from_fn(|r| {
-            std::array::from_fn(|c| if r == c { 1.0 } else { 0.0 })
-        })),
+        "identity" => Ok(long3d::IDENTITY_CAM_TO_LIDAR),
         file => {
             let text = std::fs::read_to_string(file)
                 .with_context(|| format!("cannot read the extrinsic: {file}"))?;

@@ -31,6 +31,14 @@ use serde::{Deserialize, Serialize};
 use streamrecon_core::cloud::PointCloud;
 use streamrecon_core::error::{Error, Result};
 
+/// The camera→LiDAR extrinsic of clouds already in the ground truth's frame.
+pub const IDENTITY_CAM_TO_LIDAR: [[f64; 4]; 4] = [
+    [1.0, 0.0, 0.0, 0.0],
+    [0.0, 1.0, 0.0, 0.0],
+    [0.0, 0.0, 1.0, 0.0],
+    [0.0, 0.0, 0.0, 1.0],
+];
+
 /// The official camera→LiDAR extrinsic of the Long3D release (digits as published).
 #[allow(clippy::unreadable_literal)]
 pub const OFFICIAL_CAM_TO_LIDAR: [[f64; 4]; 4] = [

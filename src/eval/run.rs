@@ -25,14 +25,6 @@ use crate::long3d::{self, Long3dConfig};
 use crate::plot::{plot, Series};
 use crate::pose::{pose_metrics, umeyama};
 
-/// The camera→LiDAR extrinsic of clouds already in the ground truth's frame.
-const IDENTITY: [[f64; 4]; 4] = [
-    [1.0, 0.0, 0.0, 0.0],
-    [0.0, 1.0, 0.0, 0.0],
-    [0.0, 0.0, 1.0, 0.0],
-    [0.0, 0.0, 0.0, 1.0],
-];
-
 /// One sequence's results (`<out>/<sequence>/metrics.json`).
 #[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct SequenceMetrics {
@@ -259,7 +251,7 @@ pub fn eval_sequence(
                     *p = [q.x as f32, q.y as f32, q.z as f32];
                 }
                 Long3dConfig {
-                    cam_to_lidar: IDENTITY,
+                    cam_to_lidar: long3d::IDENTITY_CAM_TO_LIDAR,
                     centre_init: false,
                     ..Long3dConfig::default()
                 }

@@ -155,8 +155,8 @@ fn conv_same_banded(x: &Tensor, w: &Tensor, k: usize) -> candle_core::Result<Ten
                     }
                 });
             let col = Tensor::from_vec(col, (cin * taps, n), x.device())?;
-            let band = w.matmul(&col)?.to_vec2::<f32>()?;
-            for (co, vals) in band.iter().enumerate() {
+            let band = w.matmul(&col)?.flatten_all()?.to_vec1::<f32>()?;
+            for (co, vals) in band.chunks_exact(n).enumerate() {
                 dst[co * hw + y0 * wd..co * hw + y0 * wd + n].copy_from_slice(vals);
             }
         }
@@ -468,15 +468,27 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 mod tests {
     use super::*;
 
+    /// `sin(f·i)` for i in 0..n: smooth, signed test values.
+    fn wave(n: usize, f: f64) -> Tensor {
+        Tensor::arange(0f32, n as f32, &candle_core::Device::Cpu)
+            .and_then(|t| (t * f)?.sin())
+            .unwrap()
+    }
+
+    fn max_abs_diff(a: Tensor, b: Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap()
+    }
+
     #[test]
     fn banded_same_convolution_is_candles_conv2d() {
         use candle_core::Module;
-        let dev = candle_core::Device::Cpu;
-        let wave = |n: usize, f: f64| {
-            Tensor::arange(0f32, n as f32, &dev)
-                .and_then(|t| (t * f)?.sin())
-                .unwrap()
-        };
         // Shapes with one band and with many (BAND_VALUES is small against 40 channels × 9 taps
         // × 300 px rows), odd sizes, images narrower than the kernel, 1×1 and 5×5 kernels.
         for (b, cin, cout, h, w, k) in [
@@ -512,16 +524,7 @@ mod tests {
             };
             let got = layer.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(got, want);
             assert!(diff < 1e-4, "{b} {cin} {cout} {h} {w} {k}: {diff}");
         }
     }
@@ -529,12 +532,6 @@ mod tests {
     #[test]
     fn patch_conv_transpose_is_candles_conv_transpose() {
         use candle_core::Module;
-        let dev = candle_core::Device::Cpu;
-        let wave = |n: usize, f: f32| {
-            Tensor::arange(0f32, n as f32, &dev)
-                .and_then(|t| (t * f64::from(f))?.sin())
-                .unwrap()
-        };
         for (b, cin, cout, h, w, k) in [(1, 3, 5, 4, 6, 4), (2, 8, 4, 3, 5, 2), (1, 2, 3, 1, 1, 3)]
         {
             let x = wave(b * cin * h * w, 0.7).reshape((b, cin, h, w)).unwrap();
@@ -555,16 +552,7 @@ mod tests {
             };
             let got = layer.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .max(0)
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let diff = max_abs_diff(got, want);
             assert!(diff < 1e-5, "{b} {cin} {cout} {h} {w} {k}: {diff}");
         }
     }
@@ -602,14 +590,7 @@ mod tests {
             4,
         )
         .unwrap();
-        let d: f32 = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(a, b);
         assert!(d < 1e-6, "{d}");
     }
 
@@ -625,14 +606,7 @@ mod tests {
             .unwrap()
             .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
             .unwrap();
-        let d: f32 = (ours - theirs)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let d = max_abs_diff(ours, theirs);
         assert!(d < 1e-4, "{d}");
         // Sampling at integer pixels returns the pixels; outside, zero weight.
         let coords =

@@ -51,7 +51,8 @@ pub(super) struct CreateSession {
 impl CreateSession {
     /// The run options this request asks for: its keys over the server's options. Sessions run
     /// flowvo unless they ask for `"geometry": "vggt"`; files (weights, model configs) are the
-    /// server's to name.
+    /// server's to name. The values are validated where they become a pipeline
+    /// (`RunOptions::pipeline_config`).
     fn run_options(&self, server: &RunOptions) -> std::result::Result<RunOptions, String> {
         if let Some(k) = self
             .options
@@ -83,7 +84,6 @@ impl CreateSession {
                 "this server has no VideoFlow weights (start it with --flow-weights)".into(),
             );
         }
-        o.validate().map_err(|e| e.to_string())?;
         if self.result_depth_stride == Some(0) {
             return Err("result_depth_stride must be 1 or more".into());
         }
