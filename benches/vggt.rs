@@ -13,11 +13,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
+use streamrecon::models::bench::{bench_vggt, vggt_frame};
 use streamrecon::models::vggt::memory::CameraCache;
 use streamrecon::models::vggt::{StreamVggt, VggtConfig};
 use streamrecon::models::weights::Weights;
-use streamrecon::stats::{peak_rss_mib, rss_mib};
+use streamrecon::stats::rss_mib;
 
 const CASES: [&str; 4] = ["tiny", "tiny-pruned", "small", "small-pruned"];
 
@@ -72,50 +73,23 @@ fn run_case(case: &str, frames: usize) {
     let depth = model.config.aggregator.depth;
     // Pruned cases: room for about 10 frames per layer.
     let budget = case.ends_with("pruned").then_some(10 * tokens * depth);
-    let mut memory = model.new_stream(budget);
     let mut ms = Vec::with_capacity(frames);
-    let mut stages = [0f64; 4];
-    let t_all = Instant::now();
-    for i in 0..frames {
-        // A slowly panning smooth pattern.
-        let img = Tensor::arange(0f32, (3 * h * w) as f32, &Device::Cpu)
-            .and_then(|t| ((t * 0.001)? + i as f64 * 0.05)?.sin())
-            .and_then(|t| ((t * 0.5)? + 0.5)?.reshape((1, 3, h, w)))
-            .expect("frame");
-        let t0 = Instant::now();
-        let out = model
-            .step(&img, i, &mut memory, &mut |_, _| {})
-            .expect("step");
-        for (s, v) in stages.iter_mut().zip(out.stage_ms) {
-            *s += v / frames as f64;
-        }
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let total = t_all.elapsed().as_secs_f64();
+    let r = bench_vggt(&model, (w, h), frames, budget, &mut |_, t| ms.push(t)).expect("stream");
     let at = |i: usize| ms.get(i).copied().unwrap_or(f64::NAN);
     println!(
         "{case:<13} {w}×{h}, {tokens} tokens/frame: {:.2} frames/s; frame 1 {:.1} ms, frame {} {:.1} ms; \
-         cache {} tokens/layer, {:.1} MiB; peak RSS {:.0} MiB\n              mean ms: aggregator {:.1}, camera head {:.1}, depth head {:.1}, point head {:.1}",
-        frames as f64 / total,
+         cache {} tokens/layer; peak RSS {:.0} MiB\n              mean ms: aggregator {:.1}, camera head {:.1}, depth head {:.1}, point head {:.1}",
+        r.fps,
         at(1),
         frames.min(51) - 1,
         at(frames.min(51) - 1),
-        memory.global[0].len(),
-        memory.bytes() as f64 / f64::from(1 << 20),
-        peak_rss_mib(),
-        stages[0],
-        stages[1],
-        stages[2],
-        stages[3]
+        r.kv_len_last,
+        r.peak_rss_mib,
+        r.stage_ms[0],
+        r.stage_ms[1],
+        r.stage_ms[2],
+        r.stage_ms[3]
     );
-}
-
-/// A smooth panning frame `[1, 3, h, w]`.
-fn pattern(h: usize, w: usize, i: usize) -> Tensor {
-    Tensor::arange(0f32, (3 * h * w) as f32, &Device::Cpu)
-        .and_then(|t| ((t * 0.001)? + i as f64 * 0.05)?.sin())
-        .and_then(|t| ((t * 0.5)? + 0.5)?.reshape((1, 3, h, w)))
-        .expect("frame")
 }
 
 fn run_soak(cache: &str, frames: usize) {
@@ -135,7 +109,7 @@ fn run_soak(cache: &str, frames: usize) {
     let mut ms = Vec::with_capacity(frames);
     let (mut rss_early, mut bytes_early) = (0.0, 0);
     for i in 0..frames {
-        let img = pattern(h, w, i % 200);
+        let img = vggt_frame(h, w, i % 200).expect("frame");
         let t0 = Instant::now();
         model
             .step(&img, i, &mut memory, &mut |_, _| {})

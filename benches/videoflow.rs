@@ -7,12 +7,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Instant;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::DType;
+use streamrecon::models::bench::bench_videoflow;
 use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
 use streamrecon::models::weights::Weights;
-use streamrecon::stats::peak_rss_mib;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -54,21 +53,11 @@ fn run_case(case: &str, windows: usize) {
         .expect("full model");
         (net, 256, 448)
     };
-    let frames = Tensor::arange(0f32, (5 * 3 * h * w) as f32, &Device::Cpu)
-        .and_then(|t| ((t * 0.0007)?.sin()? * 120.0)? + 128.0)
-        .and_then(|t| t.reshape((5, 3, h, w)))
-        .expect("frames");
-    let mut ms = Vec::new();
-    for _ in 0..windows.max(1) {
-        let t0 = Instant::now();
-        net.forward(&frames, &mut |_, _| {}).expect("forward");
-        ms.push(t0.elapsed().as_secs_f64() * 1e3);
-    }
-    let steady = if ms.len() > 1 { &ms[1..] } else { &ms[..] };
+    let r = bench_videoflow(&net, (w, h), 5, windows, &mut |_, _| {}).expect("forward");
     println!(
         "{case:<5} {w}×{h}, {} iterations: {:.0} ms per window (3 middle frames, fwd+bwd), peak RSS {:.0} MiB",
-        net.config.mof.decoder_depth,
-        steady.iter().sum::<f64>() / steady.len() as f64,
-        peak_rss_mib()
+        r.iters,
+        r.s_per_window * 1e3,
+        r.peak_rss_mib
     );
 }

@@ -1,6 +1,9 @@
-//! Parity of the `videoflow` model (VideoFlow-MOF) with the official code on the tiny fixture
-//! (tests/fixtures/videoflow-tiny). Flow within 2e-4·max|ref|, intermediates within 1e-4·max|ref|;
-//! the worst ratio per tensor family is printed (`--nocapture`).
+//! Parity of the `videoflow` model (VideoFlow-MOF) with the official code on two fixtures:
+//! tests/fixtures/videoflow-tiny (5 frames of 60×78, 3 correlation levels, 32 iterations, from
+//! ../shared) and tests/fixtures/videoflow-l4 (3 frames of 125×130, 4 levels, 12 iterations,
+//! made here from the reference code; its config.json says how). Flow within 2e-4·max|ref|,
+//! intermediates within 1e-4·max|ref|; the worst ratio per tensor family is printed
+//! (`--nocapture`).
 
 mod common;
 
@@ -12,8 +15,13 @@ use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
 use streamrecon::models::weights::Weights;
 
 fn fixture(name: &str) -> PathBuf {
+    fixture_in("videoflow-tiny", name)
+}
+
+fn fixture_in(set: &str, name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/videoflow-tiny")
+        .join("tests/fixtures")
+        .join(set)
         .join(name)
 }
 
@@ -43,6 +51,16 @@ fn ratio(ours: &Tensor, reference: &Tensor) -> f64 {
 
 #[test]
 fn videoflow_matches_reference_flow_and_intermediates() {
+    matches_reference("videoflow-tiny");
+}
+
+#[test]
+fn videoflow_matches_reference_with_four_levels_and_three_frames() {
+    matches_reference("videoflow-l4");
+}
+
+fn matches_reference(set: &str) {
+    let fixture = |name: &str| fixture_in(set, name);
     let io = candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
     let cfg = VideoFlowConfig::from_json_file(&fixture("config.json")).unwrap();
     let net = MofNet::new(
@@ -84,7 +102,7 @@ fn videoflow_matches_reference_flow_and_intermediates() {
         }
     }
     failures.extend(missing);
-    println!("worst max|rust − ref| / max|ref| per tensor:");
+    println!("{set}: worst max|rust − ref| / max|ref| per tensor:");
     for (k, v) in &worst {
         println!("  {k:<32} {v:.3e}");
     }
@@ -186,6 +204,8 @@ fn engine_streams_pairs_in_order_with_bounded_windows() {
 
 #[test]
 fn model_flow_command_writes_the_reference_layout() {
+    // Three frames: one middle frame without neighbours (this once panicked inside candle).
+    let fixture = |name: &str| fixture_in("videoflow-l4", name);
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("flow.safetensors");
     let status = std::process::Command::new(env!("CARGO_BIN_EXE_streamrecon"))
@@ -207,4 +227,64 @@ fn model_flow_command_writes_the_reference_layout() {
     let reference =
         candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
     assert!(ratio(&ours["flow"], &reference["flow"]) <= 2e-4);
+}
+
+/// `model bench` for both engines at the fixture sizes: one JSON object with the documented keys.
+#[test]
+fn model_bench_prints_the_documented_json_for_both_engines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+    let bench = |args: &[&str]| -> serde_json::Value {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+            .args(["model", "bench"])
+            .args(args)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let vggt_cfg = root.join("geometry-tiny/config.json");
+    let v = bench(&[
+        "vggt",
+        "--config",
+        vggt_cfg.to_str().unwrap(),
+        "--size",
+        "70x56",
+        "--frames",
+        "6",
+        "--total-budget",
+        "200",
+    ]);
+    assert!(v["fps"].as_f64().unwrap() > 0.0);
+    assert!(v["ms_first"].as_f64().unwrap() > 0.0);
+    assert!(v["ms_mid"].is_null() && v["ms_last"].is_null(), "{v}");
+    assert!(v["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    // 6 frames of 25 tokens would be 150 cached tokens; the budget of 200 over 3 layers prunes.
+    assert!(v["kv_len_last"].as_u64().unwrap() < 150, "{v}");
+    let vf_cfg = root.join("videoflow-tiny/config.json");
+    let f = bench(&[
+        "videoflow",
+        "--config",
+        vf_cfg.to_str().unwrap(),
+        "--size",
+        "78x60",
+        "--window",
+        "3",
+        "--iters",
+        "2",
+    ]);
+    assert!(f["s_per_window"].as_f64().unwrap() > 0.0);
+    assert!(f["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    assert_eq!(f["iters"], 2);
+    // A bad size is refused with a message naming it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["model", "bench", "vggt", "--size", "224"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--size"));
 }

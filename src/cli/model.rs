@@ -1,4 +1,4 @@
-//! `streamrecon model run|flow`: the parity tools.
+//! `streamrecon model run|flow`: the parity tools; `model bench`: speed and memory.
 
 use std::path::{Path, PathBuf};
 
@@ -43,6 +43,56 @@ pub(super) enum ModelCommand {
         #[arg(long, value_name = "OUT.safetensors")]
         out: PathBuf,
     },
+    /// Speed and peak memory of a learned engine on synthetic frames (random weights unless
+    /// `--weights`): frames/s and ms at frames 1–5 / 25–30 / 55–60 for vggt, seconds per window
+    /// for videoflow. Size your hardware with it.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Subcommand)]
+pub(super) enum BenchCommand {
+    /// One stream through StreamVGGT / InfiniteVGGT.
+    Vggt {
+        /// `small` (issue 28's comparison config), `vggt-1b` (the official model) or a config JSON.
+        #[arg(long, default_value = "small", value_name = "small|vggt-1b|PATH.json")]
+        config: String,
+        /// Weights for that config (default: random, seed 0).
+        #[arg(long, value_name = "PATH")]
+        weights: Option<PathBuf>,
+        /// Frame size, multiples of the patch size (14).
+        #[arg(long, default_value = "224x224", value_name = "WxH")]
+        size: String,
+        #[arg(long, default_value_t = 60)]
+        frames: usize,
+        /// Total KV-cache token budget (0 = no pruning).
+        #[arg(long, default_value_t = streamrecon::models::vggt::DEFAULT_TOTAL_BUDGET)]
+        total_budget: usize,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Windows of frames through VideoFlow-MOF.
+    Videoflow {
+        /// `full` (the released config) or a config JSON.
+        #[arg(long, default_value = "full", value_name = "full|PATH.json")]
+        config: String,
+        #[arg(long, value_name = "PATH")]
+        weights: Option<PathBuf>,
+        #[arg(long, default_value = "448x256", value_name = "WxH")]
+        size: String,
+        /// Frames per window (≥ 3).
+        #[arg(long, default_value_t = 5)]
+        window: usize,
+        /// Refinement iterations (default: the config's).
+        #[arg(long)]
+        iters: Option<usize>,
+        /// Windows to run; with more than one, the first is a warm-up and not timed.
+        #[arg(long, default_value_t = 1)]
+        windows: usize,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Writes named tensors atomically.
@@ -73,6 +123,7 @@ pub(super) fn cmd_model(cmd: &ModelCommand) -> Result<()> {
             frames,
             out,
         } => return cmd_model_flow(model_config.as_deref(), weights, frames, out),
+        ModelCommand::Bench(b) => return cmd_model_bench(b),
     };
     let model = StreamVggt::load_as(
         weights,
@@ -122,4 +173,123 @@ pub(super) fn cmd_model_flow(
     let mut outputs = std::collections::HashMap::new();
     outputs.insert("flow".to_string(), flow);
     save_tensors(&outputs, out)
+}
+
+/// `WxH` → `(w, h)`.
+fn parse_size(s: &str) -> Result<(usize, usize)> {
+    let parsed = s
+        .split_once(['x', '×'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    match parsed {
+        Some((w, h)) if w > 0 && h > 0 => Ok((w, h)),
+        _ => anyhow::bail!("--size {s:?}: expected WxH, e.g. 224x224"),
+    }
+}
+
+fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
+    use streamrecon::models::bench;
+    use streamrecon::models::vggt::{StreamVggt, VggtConfig};
+    use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
+    use streamrecon::models::weights::Weights;
+    let weights = |path: &Option<PathBuf>| -> Result<Weights> {
+        Ok(match path {
+            Some(p) => Weights::load(p, candle_core::DType::F32)?,
+            None => Weights::random(0, candle_core::DType::F32),
+        })
+    };
+    let threads = rayon::current_num_threads();
+    match cmd {
+        BenchCommand::Vggt {
+            config,
+            weights: path,
+            size,
+            frames,
+            total_budget,
+            json,
+        } => {
+            let cfg = match config.as_str() {
+                "small" => VggtConfig::small(),
+                "vggt-1b" => VggtConfig::vggt_1b(),
+                p => VggtConfig::from_json_file(Path::new(p))?,
+            };
+            let (w, h) = parse_size(size)?;
+            let model = StreamVggt::new(&weights(path)?, cfg)?;
+            let budget = (*total_budget > 0).then_some(*total_budget);
+            if !json {
+                println!(
+                    "vggt {config}, {w}×{h}, {} tokens/frame, {frames} frames, budget {}, {threads} threads",
+                    model.config.tokens_per_frame(h, w),
+                    budget.map_or("none".to_string(), |b| b.to_string())
+                );
+            }
+            let r = bench::bench_vggt(&model, (w, h), *frames, budget, &mut |i, ms| {
+                if !json {
+                    println!("frame {}: {ms:.1} ms", i + 1);
+                }
+            })?;
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.1}"));
+                println!(
+                    "{:.3} frames/s; ms at frames 1–5 / 25–30 / 55–60: {} / {} / {}; \
+                     stages (aggregator, camera, depth, points) {:.1} / {:.1} / {:.1} / {:.1} ms; \
+                     cache {} tokens/layer; peak RSS {:.0} MiB",
+                    r.fps,
+                    f(r.ms_first),
+                    f(r.ms_mid),
+                    f(r.ms_last),
+                    r.stage_ms[0],
+                    r.stage_ms[1],
+                    r.stage_ms[2],
+                    r.stage_ms[3],
+                    r.kv_len_last,
+                    r.peak_rss_mib
+                );
+            }
+        }
+        BenchCommand::Videoflow {
+            config,
+            weights: path,
+            size,
+            window,
+            iters,
+            windows,
+            json,
+        } => {
+            let mut cfg = match config.as_str() {
+                "full" => VideoFlowConfig::mof_released(),
+                p => VideoFlowConfig::from_json_file(Path::new(p))?,
+            };
+            if let Some(n) = iters {
+                cfg.mof.decoder_depth = *n;
+            }
+            anyhow::ensure!(
+                *window >= 3,
+                "--window {window}: VideoFlow-MOF needs at least 3 frames"
+            );
+            let (w, h) = parse_size(size)?;
+            let net = MofNet::new(&weights(path)?, cfg)?;
+            if !json {
+                println!(
+                    "videoflow {config}, {window}×{w}×{h}, {} iterations, {threads} threads",
+                    net.config.mof.decoder_depth
+                );
+            }
+            let r = bench::bench_videoflow(&net, (w, h), *window, *windows, &mut |k, s| {
+                if !json {
+                    println!("window {}: {s:.2} s", k + 1);
+                }
+            })?;
+            if *json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{:.2} s per window ({} timed); peak RSS {:.0} MiB",
+                    r.s_per_window, r.windows, r.peak_rss_mib
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -21,6 +21,35 @@ pub fn linear(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Line
     Ok(Linear::new(w, b))
 }
 
+/// Exact (erf) GELU, `x·(1 + erf(x/√2))/2`. On f32 CPU tensors it runs vectorised and in
+/// parallel with [`streamrecon_core::simd::erf_f32`] (absolute error below 1e-6 in erf);
+/// candle's own calls libm's erf one value at a time.
+///
+/// # Errors
+/// A tensor op failure.
+pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    use streamrecon_core::simd::{erf_f32, vectorized, Kernel};
+    struct Gelu<'a>(&'a mut [f32]);
+    impl Kernel for Gelu<'_> {
+        type Output = ();
+        #[allow(clippy::inline_always)] // inlined into the dispatched function
+        #[inline(always)]
+        fn run(self) {
+            for v in self.0.iter_mut() {
+                *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+    }
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(x.gelu_erf()?);
+    }
+    let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+    data.par_chunks_mut(1 << 14)
+        .for_each(|c| vectorized(Gelu(c)));
+    Ok(Tensor::from_vec(data, x.shape(), x.device())?)
+}
+
 /// `nn.LayerNorm(dim, eps)` with affine parameters.
 ///
 /// # Errors
@@ -71,7 +100,7 @@ pub fn conv2d(
         ..Conv2dConfig::default()
     };
     // Odd kernels over the whole image ("same" size, stride 1): row-shifted im2col bands.
-    let same = (k > 1 && k % 2 == 1 && stride == 1 && padding == k / 2)
+    let same = (k % 2 == 1 && stride == 1 && padding == k / 2)
         .then(|| w.reshape((cout, cin * k * k)))
         .transpose()?;
     Ok(Conv2d {
@@ -83,9 +112,10 @@ pub fn conv2d(
 }
 
 /// A 2-D convolution. Odd k×k kernels at stride 1 with "same" padding (the DPT heads' and
-/// VideoFlow's 3×3 convolutions) run on f32 as matrix products over bands of output rows, their
-/// im2col rows made by shifted row copies; candle's CPU conv2d builds its im2col tiles one value
-/// at a time, which took about a third of a vggt frame. Everything else is candle's conv2d.
+/// VideoFlow's 3×3 and 1×1 convolutions) run on f32 as matrix products over bands of output
+/// rows, their im2col rows made by shifted row copies and the products written straight into
+/// the output; candle's CPU conv2d builds its im2col tiles one value at a time, which took
+/// about a third of a vggt frame. Everything else is candle's conv2d.
 pub struct Conv2d {
     /// `[cout, cin·k·k]` for the banded path.
     same: Option<Tensor>,
@@ -102,65 +132,102 @@ impl candle_core::Module for Conv2d {
     /// x: [B, cin, H, W] → [B, cout, H, W] (or as candle's conv2d for other shapes).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match &self.same {
-            Some(w) if x.dtype() == DType::F32 && w.dtype() == DType::F32 => {
-                let y = conv_same_banded(x, w, self.k)?;
-                match &self.bias {
-                    Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-                    None => Ok(y),
-                }
+            Some(w)
+                if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() =>
+            {
+                conv_same_banded(x, w, self.bias.as_ref(), self.k)
             }
             _ => self.inner.forward(x),
         }
     }
 }
 
-/// `x` [B, cin, H, W] convolved with `w` [cout, cin·k·k] (odd `k`, stride 1, zero padding k/2).
-fn conv_same_banded(x: &Tensor, w: &Tensor, k: usize) -> candle_core::Result<Tensor> {
+thread_local! {
+    /// One band's im2col matrix, kept between bands and calls (a fresh one per band cost
+    /// page faults and zeroing on every call).
+    static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `x` [B, cin, H, W] convolved with `w` [cout, cin·k·k] (odd `k`, stride 1, zero padding k/2),
+/// plus `bias`: per band of output rows, `w · im2col(band)` written straight into the output.
+fn conv_same_banded(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    k: usize,
+) -> candle_core::Result<Tensor> {
+    use crate::gemm::{matmul_into, with_f32, Product, Strided};
     use rayon::prelude::*;
     let (b, cin, h, wd) = x.dims4()?;
     let cout = w.dim(0)?;
     let (hw, taps, r) = (h * wd, k * k, (k / 2) as isize);
-    let data = x.flatten_all()?.to_vec1::<f32>()?;
-    let band_rows = (BAND_VALUES / (cin * taps * wd).max(1)).clamp(1, h.max(1));
     let mut out = vec![0f32; b * cout * hw];
-    for bi in 0..b {
-        let img = &data[bi * cin * hw..(bi + 1) * cin * hw];
-        let dst = &mut out[bi * cout * hw..(bi + 1) * cout * hw];
-        for y0 in (0..h).step_by(band_rows) {
-            let rows = band_rows.min(h - y0);
-            let n = rows * wd;
-            // Row (c, ky, kx) of the band's im2col: the band of channel c shifted by the tap.
-            let mut col = vec![0f32; cin * taps * n];
-            col.par_chunks_mut(taps * n)
-                .enumerate()
-                .for_each(|(c, chan)| {
-                    let plane = &img[c * hw..(c + 1) * hw];
-                    for (t, tap) in chan.chunks_exact_mut(n).enumerate() {
-                        let (dy, dx) = ((t / k) as isize - r, (t % k) as isize - r);
-                        let x0 = (-dx).max(0) as usize;
-                        let x1 = (wd as isize - dx).clamp(0, wd as isize) as usize;
-                        if x0 >= x1 {
-                            continue;
-                        }
-                        for (yy, line) in tap.chunks_exact_mut(wd).enumerate() {
-                            let sy = (y0 + yy) as isize + dy;
-                            if sy < 0 || sy >= h as isize {
-                                continue;
-                            }
-                            let src = &plane[sy as usize * wd..(sy as usize + 1) * wd];
-                            let (s0, s1) =
-                                ((x0 as isize + dx) as usize, (x1 as isize + dx) as usize);
-                            line[x0..x1].copy_from_slice(&src[s0..s1]);
-                        }
-                    }
-                });
-            let col = Tensor::from_vec(col, (cin * taps, n), x.device())?;
-            let band = w.matmul(&col)?.flatten_all()?.to_vec1::<f32>()?;
-            for (co, vals) in band.chunks_exact(n).enumerate() {
-                dst[co * hw + y0 * wd..co * hw + y0 * wd + n].copy_from_slice(vals);
-            }
-        }
+    if let Some(bias) = bias {
+        let bias = bias.to_vec1::<f32>()?;
+        out.par_chunks_mut(hw)
+            .enumerate()
+            .for_each(|(i, plane)| plane.fill(bias[i % cout]));
     }
+    let product = Product {
+        scale: 1.0,
+        accumulate: true,
+        parallel: true,
+    };
+    with_f32(w, |wt| {
+        with_f32(x, |data| {
+            let wt = Strided::rows(wt, cin * taps);
+            for bi in 0..b {
+                let img = &data[bi * cin * hw..(bi + 1) * cin * hw];
+                let dst = &mut out[bi * cout * hw..(bi + 1) * cout * hw];
+                if k == 1 {
+                    // A 1×1 convolution is the product itself.
+                    let img = Strided::rows(img, hw);
+                    matmul_into((dst, hw), (cout, hw, cin), &wt, &img, product);
+                    continue;
+                }
+                let band_rows = (BAND_VALUES / (cin * taps * wd).max(1)).clamp(1, h.max(1));
+                for y0 in (0..h).step_by(band_rows) {
+                    let rows = band_rows.min(h - y0);
+                    let n = rows * wd;
+                    COLUMNS.with(|col| {
+                        let mut col = col.borrow_mut();
+                        col.clear();
+                        col.resize(cin * taps * n, 0.0);
+                        // Row (c, ky, kx) of the band's im2col: the band of channel c shifted
+                        // by the tap; what falls outside the image stays 0.
+                        col.par_chunks_mut(taps * n)
+                            .enumerate()
+                            .for_each(|(c, chan)| {
+                                let plane = &img[c * hw..(c + 1) * hw];
+                                for (t, tap) in chan.chunks_exact_mut(n).enumerate() {
+                                    let (dy, dx) = ((t / k) as isize - r, (t % k) as isize - r);
+                                    let x0 = (-dx).max(0) as usize;
+                                    let x1 = (wd as isize - dx).clamp(0, wd as isize) as usize;
+                                    if x0 >= x1 {
+                                        continue;
+                                    }
+                                    for (yy, line) in tap.chunks_exact_mut(wd).enumerate() {
+                                        let sy = (y0 + yy) as isize + dy;
+                                        if sy < 0 || sy >= h as isize {
+                                            continue;
+                                        }
+                                        let src = &plane[sy as usize * wd..(sy as usize + 1) * wd];
+                                        let (s0, s1) = (
+                                            (x0 as isize + dx) as usize,
+                                            (x1 as isize + dx) as usize,
+                                        );
+                                        line[x0..x1].copy_from_slice(&src[s0..s1]);
+                                    }
+                                }
+                            });
+                        let cols = Strided::rows(&col, n);
+                        let dst = (&mut dst[y0 * wd..], hw);
+                        matmul_into(dst, (cout, n, cin * taps), &wt, &cols, product);
+                    });
+                }
+            }
+        })
+    })??;
     Tensor::from_vec(out, (b, cout, h, wd), x.device())
 }
 
@@ -490,13 +557,14 @@ mod tests {
     fn banded_same_convolution_is_candles_conv2d() {
         use candle_core::Module;
         // Shapes with one band and with many (BAND_VALUES is small against 40 channels × 9 taps
-        // × 300 px rows), odd sizes, images narrower than the kernel, 1×1 and 5×5 kernels.
+        // × 300 px rows), odd sizes, images narrower than the kernel, 1×1 (a plain product, batched) and 5×5 kernels.
         for (b, cin, cout, h, w, k) in [
             (1, 3, 4, 5, 7, 3),
             (2, 40, 6, 70, 300, 3),
             (1, 2, 3, 1, 2, 3),
             (1, 4, 5, 9, 6, 5),
             (1, 3, 2, 4, 4, 1),
+            (2, 5, 3, 6, 9, 1),
         ] {
             let x = wave(b * cin * h * w, 0.37).reshape((b, cin, h, w)).unwrap();
             let weight = wave(cout * cin * k * k, 1.1)
@@ -508,7 +576,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let same = (k > 1).then(|| weight.reshape((cout, cin * k * k)).unwrap());
+            let same = Some(weight.reshape((cout, cin * k * k)).unwrap());
             let layer = Conv2d {
                 same,
                 bias: Some(bias.clone()),

@@ -92,7 +92,12 @@ pub struct DptHead {
     output_conv2_2: Conv2d,
     cfg: DptConfig,
     patch_size: usize,
+    /// Position embeddings already made, by (channels, h, w, aspect bits, dtype): a stream's
+    /// frames all share a size, and making one costs ~1e5 sin/cos.
+    pos_embeds: std::sync::Mutex<Vec<(PosKey, Tensor)>>,
 }
+
+type PosKey = (usize, usize, usize, u64, candle_core::DType);
 
 impl DptHead {
     /// # Errors
@@ -160,6 +165,7 @@ impl DptHead {
             )?,
             cfg: cfg.clone(),
             patch_size,
+            pos_embeds: std::sync::Mutex::default(),
         })
     }
 
@@ -188,7 +194,7 @@ impl DptHead {
             let x = self.projects[i].forward(&x)?;
             taps(&format!("{prefix}.project{i}"), &x);
             let x = if self.cfg.pos_embed {
-                let pe = pos_embed(x.dim(1)?, ph, pw, w as f64 / h as f64)?.to_dtype(x.dtype())?;
+                let pe = self.pos_embed(x.dim(1)?, ph, pw, w as f64 / h as f64, x.dtype())?;
                 taps(&format!("{prefix}.pos_embed{i}"), &pe.unsqueeze(0)?);
                 x.broadcast_add(&pe)?
             } else {
@@ -229,7 +235,7 @@ impl DptHead {
         );
         let mut out = resize_bilinear_align_corners(&out, oh, ow)?;
         if self.cfg.pos_embed {
-            let pe = pos_embed(out.dim(1)?, oh, ow, w as f64 / h as f64)?.to_dtype(out.dtype())?;
+            let pe = self.pos_embed(out.dim(1)?, oh, ow, w as f64 / h as f64, out.dtype())?;
             out = out.broadcast_add(&pe)?;
         }
         let out = self
@@ -237,6 +243,32 @@ impl DptHead {
             .forward(&self.output_conv2_0.forward(&out)?.relu()?)?;
         taps(&format!("{prefix}.output_conv2"), &out);
         self.activate(&out)
+    }
+
+    /// [`pos_embed`], made once per size.
+    fn pos_embed(
+        &self,
+        channels: usize,
+        h: usize,
+        w: usize,
+        aspect: f64,
+        dtype: candle_core::DType,
+    ) -> Result<Tensor> {
+        let key = (channels, h, w, aspect.to_bits(), dtype);
+        let mut made = self
+            .pos_embeds
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((_, t)) = made.iter().find(|(k, _)| *k == key) {
+            return Ok(t.clone());
+        }
+        let t = pos_embed(channels, h, w, aspect)?.to_dtype(dtype)?;
+        // A handful of sizes at most; a service with many sizes keeps the latest few.
+        if made.len() >= 16 {
+            made.remove(0);
+        }
+        made.push((key, t.clone()));
+        Ok(t)
     }
 
     fn activate(&self, out: &Tensor) -> Result<(Tensor, Tensor)> {

@@ -1,6 +1,6 @@
 //! `layers/`: Mlp, LayerScale, Attention (qk-norm, 2D RoPE, causal KV cache) and Block.
 
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{Device, Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use super::memory::LayerKv;
@@ -27,7 +27,9 @@ impl Mlp {
     /// # Errors
     /// Tensor op failure.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self.fc2.forward(&self.fc1.forward(x)?.gelu_erf()?)?)
+        Ok(self
+            .fc2
+            .forward(&crate::ops::gelu_erf(&self.fc1.forward(x)?)?)?)
     }
 }
 
@@ -43,6 +45,8 @@ pub struct RopeTables {
     sin_y: Tensor,
     cos_x: Tensor,
     sin_x: Tensor,
+    /// The same four tables as `[cos_y, sin_y, cos_x, sin_x]`, for the f32 path.
+    values: [Vec<f32>; 4],
 }
 
 impl Rope2d {
@@ -78,13 +82,14 @@ impl Rope2d {
                 }
             }
         }
-        let [cy, sy, cx, sx] = tabs;
         let dev = Device::Cpu;
+        let t = |v: &Vec<f32>| Tensor::from_slice(v, (n, half), &dev);
         Ok(RopeTables {
-            cos_y: Tensor::from_vec(cy, (n, half), &dev)?,
-            sin_y: Tensor::from_vec(sy, (n, half), &dev)?,
-            cos_x: Tensor::from_vec(cx, (n, half), &dev)?,
-            sin_x: Tensor::from_vec(sx, (n, half), &dev)?,
+            cos_y: t(&tabs[0])?,
+            sin_y: t(&tabs[1])?,
+            cos_x: t(&tabs[2])?,
+            sin_x: t(&tabs[3])?,
+            values: tabs,
         })
     }
 }
@@ -95,6 +100,9 @@ impl RopeTables {
     /// # Errors
     /// Shape mismatch.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        if x.dtype() == candle_core::DType::F32 && x.device().is_cpu() {
+            return self.apply_f32(x);
+        }
         let d = x.dim(D::Minus1)?;
         let half = d / 2;
         let dt = x.dtype();
@@ -108,6 +116,52 @@ impl RopeTables {
         let y = one(&x.narrow(D::Minus1, 0, half)?, &self.cos_y, &self.sin_y)?;
         let xx = one(&x.narrow(D::Minus1, half, half)?, &self.cos_x, &self.sin_x)?;
         Ok(Tensor::cat(&[&y, &xx], D::Minus1)?)
+    }
+}
+
+impl RopeTables {
+    /// [`Self::apply`] in one pass over an f32 tensor (the composed version allocates a dozen
+    /// intermediate tensors per call).
+    fn apply_f32(&self, x: &Tensor) -> Result<Tensor> {
+        use rayon::prelude::*;
+        let (_, _, n, d) = x.dims4()?;
+        let half = d / 2;
+        let q = half / 2;
+        if self.values[0].len() != n * half {
+            return Err(streamrecon_core::error::Error::Model(format!(
+                "RoPE tables for {} tokens applied to {n}",
+                self.values[0].len() / half.max(1)
+            )));
+        }
+        let [cy, sy, cx, sx] = &self.values;
+        let out = crate::gemm::with_f32(x, |data| {
+            let mut out = vec![0f32; data.len()];
+            out.par_chunks_mut(n * d)
+                .zip(data.par_chunks(n * d))
+                .for_each(|(o_head, x_head)| {
+                    for (t, (o, xv)) in o_head
+                        .chunks_exact_mut(d)
+                        .zip(x_head.chunks_exact(d))
+                        .enumerate()
+                    {
+                        let tab = t * half..(t + 1) * half;
+                        for (base, cos, sin) in [
+                            (0, &cy[tab.clone()], &sy[tab.clone()]),
+                            (half, &cx[tab.clone()], &sx[tab]),
+                        ] {
+                            let v = &xv[base..base + half];
+                            let o = &mut o[base..base + half];
+                            for j in 0..half {
+                                // rotate-half: (−second quarter, first quarter)
+                                let rot = if j < q { -v[j + q] } else { v[j - q] };
+                                o[j] = v[j] * cos[j] + rot * sin[j];
+                            }
+                        }
+                    }
+                });
+            out
+        })?;
+        Ok(Tensor::from_vec(out, x.shape(), x.device())?)
     }
 }
 
@@ -190,11 +244,7 @@ impl Attention {
 
 /// softmax(q·kᵀ/√d)·v over `[B, H, N, D]`.
 fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, head_dim: usize) -> Result<Tensor> {
-    let scale = 1.0 / (head_dim as f64).sqrt();
-    // The cache views are batch-strided; gemm reads them in place.
-    let att = (q.matmul(&k.t()?)? * scale)?;
-    let att = candle_nn::ops::softmax_last_dim(&att.to_dtype(DType::F32)?)?.to_dtype(v.dtype())?;
-    Ok(att.matmul(v)?)
+    crate::attention::sdpa(q, k, v, 1.0 / (head_dim as f64).sqrt())
 }
 
 /// `layers/block.py::Block`: pre-norm attention and MLP with layer scale.

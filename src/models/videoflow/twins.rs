@@ -6,7 +6,7 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use super::config::TwinsConfig;
-use crate::ops::{conv2d, depthwise_conv2d, layer_norm, linear, Conv2d};
+use crate::ops::{conv2d, depthwise_conv2d, gelu_erf, layer_norm, linear, Conv2d};
 use crate::weights::Vb;
 use streamrecon_core::error::Result;
 
@@ -23,9 +23,12 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
         Ok(t.contiguous()?.reshape((batch, n, d))?)
     };
     let (q3, k3, v3) = (flat(q)?, flat(k)?, flat(v)?);
-    let att = (q3.matmul(&k3.t()?)? * scale)?;
-    let att = candle_nn::ops::softmax_last_dim(&att)?;
-    let out = att.matmul(&v3)?;
+    let out = crate::attention::sdpa(
+        &q3.unsqueeze(0)?,
+        &k3.unsqueeze(0)?,
+        &v3.unsqueeze(0)?,
+        scale,
+    )?;
     let mut shape = dims[..r - 1].to_vec();
     shape.push(v.dim(r - 1)?);
     Ok(out.reshape(shape)?)
@@ -137,7 +140,7 @@ impl Block {
         let x = (x + a)?;
         let m = self
             .fc2
-            .forward(&self.fc1.forward(&self.norm2.forward(&x)?)?.gelu_erf()?)?;
+            .forward(&gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
         Ok((x + m)?)
     }
 }

@@ -4,7 +4,7 @@
 use candle_core::{Module, Tensor};
 
 use super::config::VideoFlowConfig;
-use crate::ops::{conv2d, depthwise_conv2d, grid_sample_pixels, Conv2d};
+use crate::ops::{conv2d, depthwise_conv2d, gelu_erf, grid_sample_pixels, Conv2d};
 use crate::weights::Vb;
 use streamrecon_core::error::Result;
 
@@ -47,13 +47,13 @@ impl PcBlock {
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let ffn = |f: &(Conv2d, Conv2d), x: &Tensor| -> Result<Tensor> {
-            Ok(f.1.forward(&f.0.forward(x)?.gelu_erf()?)?)
+            Ok(f.1.forward(&gelu_erf(&f.0.forward(x)?)?)?)
         };
-        let mut x = (x + ffn(&self.ffn1, x)?)?.gelu_erf()?;
+        let mut x = gelu_erf(&(x + ffn(&self.ffn1, x)?)?)?;
         for (w, b) in &self.dw {
-            x = (&x + depthwise_conv2d(&x, w, Some(b))?)?.gelu_erf()?;
+            x = gelu_erf(&(&x + depthwise_conv2d(&x, w, Some(b))?)?)?;
         }
-        x = (&x + self.pw.forward(&x)?)?.gelu_erf()?;
+        x = gelu_erf(&(&x + self.pw.forward(&x)?)?)?;
         ffn(&self.ffn2, &x)
     }
 }
@@ -122,22 +122,29 @@ impl MotionEncoder {
                 .contiguous()?,
         };
         let zeros = Tensor::zeros((1, MOTION_STATE, h, w), hidden.dtype(), hidden.device())?;
-        let next = Tensor::cat(&[&hidden.narrow(0, 1, n - 1)?, &zeros], 0)?;
-        let prev = Tensor::cat(&[&zeros, &hidden.narrow(0, 0, n - 1)?], 0)?;
+        // One middle frame (a 3-frame input) has no neighbours: candle's cat cannot take the
+        // empty part.
+        let (next, prev) = if n == 1 {
+            (zeros.clone(), zeros)
+        } else {
+            (
+                Tensor::cat(&[&hidden.narrow(0, 1, n - 1)?, &zeros], 0)?,
+                Tensor::cat(&[&zeros, &hidden.narrow(0, 0, n - 1)?], 0)?,
+            )
+        };
         let warp = |state: &Tensor, flow: &Tensor| -> Result<Tensor> {
             let loc = (flow + coords0)?.permute((0, 2, 3, 1))?.contiguous()?;
             grid_sample_pixels(state, &loc)
         };
         let fwd_state = warp(&next, forward_flow)?;
         let bwd_state = warp(&prev, backward_flow)?;
-        let cor = Tensor::cat(
+        let cor = gelu_erf(&Tensor::cat(
             &[
                 &self.convc1.forward(forward_corr)?,
                 &self.convc1.forward(backward_corr)?,
             ],
             1,
-        )?
-        .gelu_erf()?;
+        )?)?;
         let cor = self.convc2.forward(&cor)?;
         let flow = Tensor::cat(&[forward_flow, backward_flow], 1)?;
         let flo = self.convf2.forward(&self.convf1.forward(&flow)?)?;
