@@ -474,6 +474,75 @@ pub fn grid_sample_pixels(img: &Tensor, coords: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (n, c, ho, wo), img.device())?.to_dtype(img.dtype())?)
 }
 
+thread_local! {
+    /// The zero-padded input plane of a depthwise convolution.
+    static DW_PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// One plane of a depthwise convolution, written with explicit SIMD (`pulp`): the plane is
+/// copied once into a zero-padded buffer, so every tap of every output is a plain load, and
+/// each register of outputs takes all k² taps as fused multiply-adds into four independent
+/// sums (one sum would wait on its own latency at every tap). Auto-vectorised versions of
+/// this loop kept tripping the compiler into shuffles.
+struct DepthwisePlane<'a> {
+    out: &'a mut [f32],
+    padded: &'a mut Vec<f32>,
+    plane: &'a [f32],
+    kernel: &'a [f32],
+    bias: f32,
+    w: usize,
+    k: usize,
+}
+
+impl pulp::WithSimd for DepthwisePlane<'_> {
+    type Output = ();
+
+    #[allow(clippy::inline_always)] // the loop must be compiled inside the dispatch
+    #[inline(always)]
+    fn with_simd<S: pulp::Simd>(self, simd: S) {
+        let lanes = std::mem::size_of::<S::f32s>() / std::mem::size_of::<f32>();
+        let (w, k) = (self.w, self.k);
+        let h = self.out.len() / w.max(1);
+        let pad = k / 2;
+        let pw = w.div_ceil(lanes) * lanes + k - 1;
+        let padded = self.padded;
+        padded.clear();
+        padded.resize((h + k - 1) * pw, 0.0);
+        for (y, row) in self.plane.chunks_exact(w).enumerate() {
+            let at = (y + pad) * pw + pad;
+            padded[at..at + w].copy_from_slice(row);
+        }
+        let load = |s: &[f32]| simd.partial_load_f32s(&s[..lanes]);
+        let zero = simd.splat_f32s(0.0);
+        for (y, orow) in self.out.chunks_exact_mut(w).enumerate() {
+            for x0 in (0..w).step_by(lanes) {
+                let mut acc = [zero; 4];
+                for ky in 0..k {
+                    let row = &padded[(y + ky) * pw + x0..];
+                    let taps = &self.kernel[ky * k..(ky + 1) * k];
+                    let mut kx = 0;
+                    while kx + 4 <= k {
+                        for (j, a) in acc.iter_mut().enumerate() {
+                            let t = simd.splat_f32s(taps[kx + j]);
+                            *a = simd.mul_add_e_f32s(t, load(&row[kx + j..]), *a);
+                        }
+                        kx += 4;
+                    }
+                    for (j, &tap) in taps[kx..].iter().enumerate() {
+                        let t = simd.splat_f32s(tap);
+                        acc[j] = simd.mul_add_e_f32s(t, load(&row[kx + j..]), acc[j]);
+                    }
+                }
+                let sum =
+                    simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
+                let sum = simd.add_f32s(sum, simd.splat_f32s(self.bias));
+                let n = lanes.min(w - x0);
+                simd.partial_store_f32s(&mut orow[x0..x0 + n], sum);
+            }
+        }
+    }
+}
+
 /// Depthwise `nn.Conv2d(C, C, k, padding=k/2, groups=C)` computed directly, planes in parallel
 /// (candle runs grouped convolutions one group at a time): `x [N, C, H, W]`, `weight [C, 1, k, k]`.
 ///
@@ -490,7 +559,6 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
             weight.dims()
         )));
     }
-    let pad = (k / 2) as isize;
     let src: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let wt: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let b: Vec<f32> = match bias {
@@ -502,30 +570,19 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
         .enumerate()
         .for_each(|(plane_idx, o)| {
             let ch = plane_idx % c;
-            let plane = &src[plane_idx * h * w..(plane_idx + 1) * h * w];
-            let kern = &wt[ch * k * k..(ch + 1) * k * k];
-            // Kernel taps clipped to the image per output pixel: no branches in the inner loop.
-            let clip = |pos: usize, len: usize| -> (usize, usize) {
-                let lo = (pad - pos as isize).max(0) as usize;
-                let hi = (len as isize + pad - pos as isize).clamp(0, k as isize) as usize;
-                (lo, hi.max(lo))
-            };
-            let pad_u = pad as usize;
-            for y in 0..h {
-                let (ky0, ky1) = clip(y, h);
-                for xx in 0..w {
-                    let (kx0, kx1) = clip(xx, w);
-                    let mut acc = 0f32;
-                    for ky in ky0..ky1 {
-                        let sy = y + ky - pad_u;
-                        let sx0 = xx + kx0 - pad_u;
-                        let row = &plane[sy * w + sx0..sy * w + sx0 + (kx1 - kx0)];
-                        let krow = &kern[ky * k + kx0..ky * k + kx1];
-                        acc += krow.iter().zip(row).map(|(a, b)| a * b).sum::<f32>();
-                    }
-                    o[y * w + xx] = acc + b[ch];
-                }
-            }
+            // The buffer is borrowed out here: a closure inside the kernel would be compiled
+            // outside the dispatched function, for the baseline instruction set.
+            DW_PADDED.with(|buf| {
+                pulp::Arch::new().dispatch(DepthwisePlane {
+                    out: o,
+                    padded: &mut buf.borrow_mut(),
+                    plane: &src[plane_idx * h * w..(plane_idx + 1) * h * w],
+                    kernel: &wt[ch * k * k..(ch + 1) * k * k],
+                    bias: b[ch],
+                    w,
+                    k,
+                });
+            });
         });
     Ok(Tensor::from_vec(out, (n, c, h, w), x.device())?.to_dtype(x.dtype())?)
 }
