@@ -104,14 +104,17 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
                     let q_rows = &q_head[blk * QUERY_BLOCK * d..][..rows * d];
                     SCORES.with(|s| {
                         let mut s = s.borrow_mut();
-                        s.resize(rows * m, 0.0);
+                        // Grown, never cleared: the product overwrites what it uses.
+                        if s.len() < rows * m {
+                            s.resize(rows * m, 0.0);
+                        }
                         block(
                             q_rows,
                             (&kv.data[k0..], kv.row_stride),
                             (&vv.data[v0..], vv.row_stride),
                             (rows, m, d),
                             scale,
-                            &mut s,
+                            &mut s[..rows * m],
                             out_rows,
                         );
                     });
@@ -183,34 +186,55 @@ impl Kernel for SoftmaxRows<'_> {
     #[allow(clippy::inline_always)] // inlined into the dispatched function
     #[inline(always)]
     fn run(self) -> Vec<f32> {
-        self.scores
-            .chunks_exact_mut(self.m)
-            .map(|row| {
-                let max = lanes(row, f32::NEG_INFINITY, f32::max);
-                // No reduction in this loop, so it vectorises (a float sum in it would not).
-                for x in row.iter_mut() {
-                    *x = exp_f32(*x - max);
-                }
-                lanes(row, 0.0, |a, b| a + b)
-            })
-            .collect()
+        // Plain loops only: a closure passed to an iterator adapter (map/fold) is compiled as
+        // its own function, outside this dispatched one, for the baseline instruction set.
+        let mut sums = vec![0f32; self.scores.len() / self.m.max(1)];
+        for (row, sum) in self.scores.chunks_exact_mut(self.m).zip(sums.iter_mut()) {
+            let max = lanes_max(row);
+            for x in row.iter_mut() {
+                *x = exp_f32(*x - max);
+            }
+            *sum = lanes_sum(row);
+        }
+        sums
     }
 }
 
-/// A reduction over 16 independent lanes (vectorisable, unlike one running value), then
-/// across the lanes.
+/// Lanes for the reductions below: independent running values vectorise, one does not.
+const LANES: usize = 16;
+
 #[allow(clippy::inline_always)] // inlined into the dispatched function
 #[inline(always)]
-fn lanes(row: &[f32], init: f32, f: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
-    let mut acc = [init; 16];
-    let mut chunks = row.chunks_exact(16);
+fn lanes_max(row: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = row.chunks_exact(LANES);
     for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a = f(*a, x);
+        for i in 0..LANES {
+            acc[i] = acc[i].max(c[i]);
         }
     }
-    let tail = chunks.remainder().iter().fold(init, |a, &x| f(a, x));
-    acc.iter().fold(tail, |a, &x| f(a, x))
+    let mut m = f32::NEG_INFINITY;
+    for &x in chunks.remainder().iter().chain(&acc) {
+        m = m.max(x);
+    }
+    m
+}
+
+#[allow(clippy::inline_always)] // inlined into the dispatched function
+#[inline(always)]
+fn lanes_sum(row: &[f32]) -> f32 {
+    let mut acc = [0f32; LANES];
+    let mut chunks = row.chunks_exact(LANES);
+    for c in &mut chunks {
+        for i in 0..LANES {
+            acc[i] += c[i];
+        }
+    }
+    let mut s = 0.0;
+    for &x in chunks.remainder().iter().chain(&acc) {
+        s += x;
+    }
+    s
 }
 
 #[cfg(test)]
