@@ -10,6 +10,70 @@ use candle_core::{DType, Device, Shape, Tensor};
 
 use streamrecon_core::error::{Error, Result};
 
+/// Reads a `.safetensors` file one tensor at a time, so loading holds the checkpoint once (plus
+/// one tensor's bytes), not the whole file and then its tensors: VGGT-1B's 5 GB checkpoint
+/// would otherwise peak near 10 GB.
+///
+/// # Errors
+/// The file cannot be read, or its header or sizes are not a safetensors file's.
+pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
+    use std::io::{Read, Seek, SeekFrom};
+    #[derive(serde::Deserialize)]
+    struct Entry {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: [u64; 2],
+    }
+    let bad = |m: String| Error::format(path, format!("safetensors: {m}"));
+    let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file_len = f.metadata().map_err(|e| Error::io(path, e))?.len();
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len).map_err(|e| Error::io(path, e))?;
+    let header_len = u64::from_le_bytes(len);
+    if header_len > file_len.saturating_sub(8) || header_len > 100 << 20 {
+        return Err(bad(format!(
+            "header of {header_len} bytes in a file of {file_len}"
+        )));
+    }
+    let mut header = vec![0u8; header_len as usize];
+    f.read_exact(&mut header).map_err(|e| Error::io(path, e))?;
+    let mut entries: BTreeMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    entries.remove("__metadata__");
+    let data_start = 8 + header_len;
+    let mut out = Vec::with_capacity(entries.len());
+    for (name, value) in entries {
+        let e: Entry =
+            serde_json::from_value(value).map_err(|err| bad(format!("tensor {name}: {err}")))?;
+        let dtype = match e.dtype.as_str() {
+            "F32" => DType::F32,
+            "F16" => DType::F16,
+            "BF16" => DType::BF16,
+            "F64" => DType::F64,
+            "I64" => DType::I64,
+            "U32" => DType::U32,
+            "U8" => DType::U8,
+            other => return Err(bad(format!("tensor {name}: unsupported dtype {other}"))),
+        };
+        let [start, end] = e.data_offsets;
+        let want = e.shape.iter().product::<usize>() as u64 * dtype.size_in_bytes() as u64;
+        if end < start || end - start != want || data_start + end > file_len {
+            return Err(bad(format!(
+                "tensor {name}: bytes {start}..{end} for shape {:?} {} in a file of {file_len}",
+                e.shape, e.dtype
+            )));
+        }
+        let mut bytes = vec![0u8; (end - start) as usize];
+        f.seek(SeekFrom::Start(data_start + start))
+            .and_then(|_| f.read_exact(&mut bytes))
+            .map_err(|err| Error::io(path, err))?;
+        let t = Tensor::from_raw_buffer(&bytes, dtype, &e.shape, &Device::Cpu)
+            .map_err(|err| bad(format!("tensor {name}: {err}")))?;
+        out.push((name, t));
+    }
+    Ok(out)
+}
+
 /// Tensors of one checkpoint, by key.
 pub struct Weights {
     tensors: BTreeMap<String, Tensor>,
@@ -35,11 +99,7 @@ impl Weights {
         let origin = path.display().to_string();
         let bad = |e: &dyn std::fmt::Display| Error::format(path, format!("checkpoint: {e}"));
         let list: Vec<(String, Tensor)> = if ext == "safetensors" {
-            let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-            candle_core::safetensors::load_buffer(&bytes, &Device::Cpu)
-                .map_err(|e| bad(&e))?
-                .into_iter()
-                .collect()
+            read_safetensors(path)?
         } else {
             if !path.exists() {
                 return Err(Error::io(
@@ -242,5 +302,53 @@ impl<'a> Vb<'a> {
 
     pub fn dtype(&self) -> DType {
         self.w.dtype()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safetensors_read_tensor_by_tensor_are_candles_and_truncation_is_named() {
+        let dev = Device::Cpu;
+        let mut map = HashMap::new();
+        map.insert(
+            "a.weight".to_string(),
+            Tensor::randn(0f32, 1.0, (3, 5), &dev).unwrap(),
+        );
+        map.insert("b".to_string(), Tensor::arange(0i64, 7, &dev).unwrap());
+        map.insert(
+            "c.half".to_string(),
+            Tensor::ones((2, 2), DType::F16, &dev).unwrap(),
+        );
+        let path = std::env::temp_dir().join(format!(
+            "streamrecon-weights-{}.safetensors",
+            std::process::id()
+        ));
+        candle_core::safetensors::save(&map, &path).unwrap();
+        let ours = read_safetensors(&path).unwrap();
+        assert_eq!(ours.len(), 3);
+        for (name, t) in &ours {
+            let want = &map[name];
+            assert_eq!((t.dims(), t.dtype()), (want.dims(), want.dtype()), "{name}");
+            let diff = (t.to_dtype(DType::F64).unwrap() - want.to_dtype(DType::F64).unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            assert!(diff == 0.0, "{name}");
+        }
+        // A truncated file is an error that names it, not a panic.
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() - 10]).unwrap();
+        let err = read_safetensors(&path).unwrap_err().to_string();
+        assert!(err.contains(&path.display().to_string()), "{err}");
+        std::fs::write(&path, b"\xff\xff\xff\xff\xff\xff\xff\xffxx").unwrap();
+        assert!(read_safetensors(&path).is_err());
+        let _ = std::fs::remove_file(&path);
     }
 }
