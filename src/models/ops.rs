@@ -512,7 +512,9 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
             let at = (y + pad) * pw + pad;
             padded[at..at + w].copy_from_slice(row);
         }
-        let load = |s: &[f32]| simd.partial_load_f32s(&s[..lanes]);
+        // A whole register from the slice's first `lanes` values (a plain unaligned load;
+        // pulp's partial loads are out-of-line masked calls).
+        let load = |s: &[f32]| S::as_simd_f32s(&s[..lanes]).0[0];
         let zero = simd.splat_f32s(0.0);
         for (y, orow) in self.out.chunks_exact_mut(w).enumerate() {
             for x0 in (0..w).step_by(lanes) {

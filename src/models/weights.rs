@@ -63,12 +63,21 @@ pub fn read_safetensors(path: &Path) -> Result<Vec<(String, Tensor)>> {
                 e.shape, e.dtype
             )));
         }
-        let mut bytes = vec![0u8; (end - start) as usize];
         f.seek(SeekFrom::Start(data_start + start))
-            .and_then(|_| f.read_exact(&mut bytes))
             .map_err(|err| Error::io(path, err))?;
-        let t = Tensor::from_raw_buffer(&bytes, dtype, &e.shape, &Device::Cpu)
-            .map_err(|err| bad(format!("tensor {name}: {err}")))?;
+        let t = if dtype == DType::F32 && cfg!(target_endian = "little") {
+            // Straight into the tensor's own buffer: no second copy of the bytes.
+            let mut values = vec![0f32; e.shape.iter().product()];
+            f.read_exact(bytemuck::cast_slice_mut(&mut values))
+                .map_err(|err| Error::io(path, err))?;
+            Tensor::from_vec(values, e.shape.as_slice(), &Device::Cpu)
+        } else {
+            let mut bytes = vec![0u8; (end - start) as usize];
+            f.read_exact(&mut bytes)
+                .map_err(|err| Error::io(path, err))?;
+            Tensor::from_raw_buffer(&bytes, dtype, &e.shape, &Device::Cpu)
+        }
+        .map_err(|err| bad(format!("tensor {name}: {err}")))?;
         out.push((name, t));
     }
     Ok(out)
