@@ -247,6 +247,17 @@ mod tests {
         att.matmul(v).unwrap()
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+
     #[test]
     fn blocked_attention_is_the_composed_one_on_cache_views() {
         let dev = Device::Cpu;
@@ -256,16 +267,10 @@ mod tests {
         let kc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
         let vc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
         let (k, v) = (kc.narrow(2, 0, m).unwrap(), vc.narrow(2, 0, m).unwrap());
-        let got = sdpa(&q, &k, &v, 0.25).unwrap();
-        let want = composed(&q, &k, &v, 0.25);
-        let diff = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(
+            &sdpa(&q, &k, &v, 0.25).unwrap(),
+            &composed(&q, &k, &v, 0.25),
+        );
         assert!(diff < 1e-5, "max difference {diff}");
         // A transposed (non-row-major) K is copied, not misread.
         let kt = k
@@ -275,15 +280,10 @@ mod tests {
             .unwrap()
             .transpose(2, 3)
             .unwrap();
-        let got = sdpa(&q, &kt, &v, 0.25).unwrap();
-        let diff = (got - composed(&q, &k, &v, 0.25))
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let diff = max_diff(
+            &sdpa(&q, &kt, &v, 0.25).unwrap(),
+            &composed(&q, &k, &v, 0.25),
+        );
         assert!(diff < 1e-5, "max difference {diff}");
     }
 }
