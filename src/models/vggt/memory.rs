@@ -12,6 +12,7 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use streamrecon_core::error::{Error, Result};
@@ -191,47 +192,72 @@ impl LayerKv {
         let anchor = self.anchor.min(n);
         let cand = n - anchor;
         let keep = budget.saturating_sub(anchor).min(cand);
-        let ck: Vec<Vec<f32>> = ks
-            .narrow(2, anchor, cand)?
-            .squeeze(0)?
-            .to_dtype(DType::F32)?
-            .reshape((heads, cand * d))?
-            .to_vec2()?;
-        let mut kept_k = Vec::with_capacity(heads);
-        let mut kept_v = Vec::with_capacity(heads);
+        let flat = |t: &Tensor| -> Result<Vec<f32>> {
+            Ok(t.narrow(2, anchor, cand)?
+                .to_dtype(DType::F32)?
+                .flatten_all()?
+                .to_vec1()?)
+        };
+        let (kd, vd) = (flat(&ks)?, flat(&vs)?);
+        let priority = &self.priority;
+        // Heads choose independently: score, select and gather them in parallel, with a
+        // linear-time selection (the same set as a full sort by (score, position)).
+        let chosen: Vec<HeadChoice> = (0..heads)
+            .into_par_iter()
+            .map(|h| {
+                let rows = h * cand * d..(h + 1) * cand * d;
+                let mut scores = redundancy_scores(&kd[rows.clone()], d);
+                let sum = scores.iter().sum::<f32>();
+                // Pose-adaptive priority: novel frames' entries look less redundant (0 = reference).
+                for (s, p) in scores.iter_mut().zip(&priority[h][anchor..]) {
+                    *s -= p;
+                }
+                let mut order: Vec<u32> = (0..cand as u32).collect();
+                let by_score = |a: &u32, b: &u32| {
+                    scores[*a as usize]
+                        .total_cmp(&scores[*b as usize])
+                        .then(a.cmp(b))
+                };
+                if keep < cand {
+                    order.select_nth_unstable_by(keep, by_score);
+                    order.truncate(keep);
+                }
+                order.sort_unstable();
+                let gather = |src: &[f32]| -> Vec<f32> {
+                    let head = &src[rows.clone()];
+                    order
+                        .iter()
+                        .flat_map(|&c| &head[c as usize * d..(c as usize + 1) * d])
+                        .copied()
+                        .collect()
+                };
+                HeadChoice {
+                    k: gather(&kd),
+                    v: gather(&vd),
+                    order,
+                    score_sum: sum,
+                }
+            })
+            .collect();
         let mut score_sum = 0f32;
-        for (h, keys) in ck.iter().enumerate() {
-            let mut scores = redundancy_scores(keys, d);
-            score_sum += scores.iter().sum::<f32>();
-            // Pose-adaptive priority: novel frames' entries look less redundant (0 = reference).
-            for (s, p) in scores.iter_mut().zip(&self.priority[h][anchor..]) {
-                *s -= p;
-            }
-            let mut order: Vec<usize> = (0..cand).collect();
-            order.sort_by(|&a, &b| scores[a].total_cmp(&scores[b]).then(a.cmp(&b)));
-            let mut chosen: Vec<u32> = order[..keep].iter().map(|&c| (c + anchor) as u32).collect();
-            chosen.sort_unstable();
-            let idx = Tensor::from_slice(&chosen, chosen.len(), ks.device())?;
-            kept_k.push(ks.get(0)?.get(h)?.index_select(&idx, 0)?);
-            kept_v.push(vs.get(0)?.get(h)?.index_select(&idx, 0)?);
-            let old = &self.ids[h];
-            let kept_ids: Vec<i64> = old[..anchor]
-                .iter()
-                .copied()
-                .chain(chosen.iter().map(|&i| old[i as usize]))
-                .collect();
-            self.ids[h] = kept_ids;
-            let old = &self.priority[h];
-            let kept: Vec<f32> = old[..anchor]
-                .iter()
-                .copied()
-                .chain(chosen.iter().map(|&i| old[i as usize]))
-                .collect();
-            self.priority[h] = kept;
+        let (mut kept_k, mut kept_v) = (
+            Vec::with_capacity(heads * keep * d),
+            Vec::with_capacity(heads * keep * d),
+        );
+        for (h, c) in chosen.into_iter().enumerate() {
+            score_sum += c.score_sum;
+            kept_k.extend(c.k);
+            kept_v.extend(c.v);
+            self.ids[h] = keep_entries(&self.ids[h], anchor, &c.order);
+            self.priority[h] = keep_entries(&self.priority[h], anchor, &c.order);
         }
         if keep > 0 {
-            ks.slice_set(&Tensor::stack(&kept_k, 0)?.unsqueeze(0)?, 2, anchor)?;
-            vs.slice_set(&Tensor::stack(&kept_v, 0)?.unsqueeze(0)?, 2, anchor)?;
+            let dt = ks.dtype();
+            let dev = ks.device();
+            let k = Tensor::from_vec(kept_k, (1, heads, keep, d), dev)?.to_dtype(dt)?;
+            let v = Tensor::from_vec(kept_v, (1, heads, keep, d), dev)?.to_dtype(dt)?;
+            ks.slice_set(&k, 2, anchor)?;
+            vs.slice_set(&v, 2, anchor)?;
         }
         self.len = anchor + keep;
         self.evicted_score = Some(score_sum / (heads * cand).max(1) as f32);
@@ -264,6 +290,24 @@ impl LayerKv {
 }
 
 /// Per candidate: dot product of its L2-normalised key with the mean normalised key.
+/// What one head keeps in an eviction: candidate positions (ascending), the sum of its
+/// redundancy scores, and the kept keys and values.
+struct HeadChoice {
+    order: Vec<u32>,
+    score_sum: f32,
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// The anchors, then the kept candidates (`order`: positions after the anchors).
+fn keep_entries<T: Copy>(old: &[T], anchor: usize, order: &[u32]) -> Vec<T> {
+    old[..anchor]
+        .iter()
+        .copied()
+        .chain(order.iter().map(|&c| old[anchor + c as usize]))
+        .collect()
+}
+
 fn redundancy_scores(keys: &[f32], d: usize) -> Vec<f32> {
     let cand = keys.len() / d;
     let normed: Vec<f32> = keys
