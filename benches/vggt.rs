@@ -8,6 +8,9 @@
 //! `cargo bench --bench vggt -- --soak [FRAMES]` (default 10000): the tiny model with a small total
 //! budget over a long stream, with the bounded camera cache and with the reference's growing one:
 //! RSS and mean per-frame time around frame 1,000 vs the end.
+//!
+//! Against the PyTorch reference on the same CPU: `benches/REFERENCE.md` (procedure and last
+//! figures); `streamrecon model bench` is the tool for both.
 
 use std::path::Path;
 use std::process::Command;

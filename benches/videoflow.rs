@@ -4,6 +4,9 @@
 //!
 //! `cargo bench --bench videoflow [-- WINDOWS]` (default 2 windows per case; the first is warm-up
 //! when more than one is run).
+//!
+//! Against the PyTorch reference on the same CPU: `benches/REFERENCE.md` (procedure and last
+//! figures); `streamrecon model bench` is the tool for both.
 
 use std::path::Path;
 use std::process::Command;

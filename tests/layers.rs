@@ -183,6 +183,10 @@ fn every_bench_binary_runs_its_own_main() {
     let benches: Vec<&str> = manifest.split("[[bench]]").skip(1).collect();
     for entry in std::fs::read_dir(Path::new(ROOT).join("benches")).unwrap() {
         let path = entry.unwrap().path();
+        // Only Rust sources are bench targets (benches/REFERENCE.md is documentation).
+        if path.extension().and_then(|e| e.to_str()) != Some("rs") {
+            continue;
+        }
         let Some(stem) = path.file_stem().and_then(|s| s.to_str()) else {
             continue;
         };
