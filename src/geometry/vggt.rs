@@ -196,7 +196,7 @@ impl GeometryEngine for VggtEngine {
             } else {
                 Vec::new()
             },
-            model_ms: out.stage_ms.iter().sum(),
+            model_ms: out.ms,
             novelty: novelty.map(|(n, _)| n.weight),
             admitted,
         };

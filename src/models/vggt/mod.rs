@@ -61,8 +61,11 @@ pub struct FrameOutput {
     pub budgets: Vec<i64>,
     pub height: usize,
     pub width: usize,
-    /// Milliseconds spent in the aggregator, camera head, depth head and point head.
+    /// Milliseconds spent in the aggregator, camera head, depth head and point head (the two
+    /// heads run side by side, so their times overlap).
     pub stage_ms: [f64; 4],
+    /// Milliseconds the whole step took.
+    pub ms: f64,
 }
 
 impl StreamVggt {
@@ -173,14 +176,27 @@ impl StreamVggt {
         let iters = self.camera_head.forward(last, frame_index, memory, taps)?;
         let cam_ms = lap();
         let pse = self.aggregator.patch_start_idx();
-        let (depth, depth_conf) =
-            self.depth_head
-                .forward(&tokens, pse, (h, w), "depth_head", taps)?;
-        let depth_ms = lap();
-        let (world_points, world_points_conf) =
-            self.point_head
-                .forward(&tokens, pse, (h, w), "point_head", taps)?;
-        let point_ms = lap();
+        // The two DPT heads read the same tokens and nothing of each other: they run side by
+        // side (each head alone leaves a core idle in its serial stretches). Their taps are
+        // collected and handed on in the order of a serial run.
+        let head = |dpt: &dpt_head::DptHead, name: &str| {
+            let t0 = std::time::Instant::now();
+            let mut seen: Vec<(String, Tensor)> = Vec::new();
+            let out = dpt.forward(&tokens, pse, (h, w), name, &mut |n, t| {
+                seen.push((n.to_string(), t.clone()));
+            });
+            (out, seen, t0.elapsed().as_secs_f64() * 1e3)
+        };
+        let ((depth_out, depth_taps, depth_ms), (point_out, point_taps, point_ms)) = rayon::join(
+            || head(&self.depth_head, "depth_head"),
+            || head(&self.point_head, "point_head"),
+        );
+        for (n, t) in depth_taps.iter().chain(&point_taps) {
+            taps(n, t);
+        }
+        let (depth, depth_conf) = depth_out?;
+        let (world_points, world_points_conf) = point_out?;
+        lap();
         let last_iter = iters
             .last()
             .ok_or_else(|| Error::Model("camera head has no iterations".into()))?;
@@ -199,6 +215,7 @@ impl StreamVggt {
             height: h,
             width: w,
             stage_ms: [agg_ms, cam_ms, depth_ms, point_ms],
+            ms: clock.elapsed().as_secs_f64() * 1e3,
         })
     }
 }
