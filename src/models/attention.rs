@@ -22,6 +22,7 @@ use streamrecon_core::simd::{exp_f32, vectorized, Kernel};
 const QUERY_BLOCK: usize = 64;
 
 thread_local! {
+    /// Borrowed only around single-threaded work (a rayon wait inside could re-enter it).
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 

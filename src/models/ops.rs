@@ -144,7 +144,7 @@ impl candle_core::Module for Conv2d {
 
 thread_local! {
     /// One band's im2col matrix, kept between bands and calls (a fresh one per band cost
-    /// page faults and zeroing on every call).
+    /// page faults and zeroing on every call). Never borrowed across parallel work.
     static COLUMNS: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -189,8 +189,11 @@ fn conv_same_banded(
                 for y0 in (0..h).step_by(band_rows) {
                     let rows = band_rows.min(h - y0);
                     let n = rows * wd;
-                    COLUMNS.with(|col| {
-                        let mut col = col.borrow_mut();
+                    // Taken out of the thread-local for the band: the parallel work below
+                    // lets this thread pick up another convolution meanwhile (rayon steals
+                    // work while it waits), which must not find the buffer borrowed.
+                    let mut col = COLUMNS.with(|c| std::mem::take(&mut *c.borrow_mut()));
+                    {
                         col.clear();
                         col.resize(cin * taps * n, 0.0);
                         // Row (c, ky, kx) of the band's im2col: the band of channel c shifted
@@ -223,7 +226,8 @@ fn conv_same_banded(
                         let cols = Strided::rows(&col, n);
                         let dst = (&mut dst[y0 * wd..], hw);
                         matmul_into(dst, (cout, n, cin * taps), &wt, &cols, product);
-                    });
+                    }
+                    COLUMNS.with(|c| *c.borrow_mut() = col);
                 }
             }
         })
@@ -610,6 +614,40 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    #[test]
+    fn convolutions_run_side_by_side_on_rayon() {
+        use candle_core::Module;
+        use rayon::prelude::*;
+        // A thread waiting inside one convolution's parallel work may run another one (rayon
+        // steals work); the per-thread im2col buffer must not be held across that.
+        let (cin, cout, h, w, k) = (64, 16, 96, 128, 3);
+        let weight = wave(cout * cin * k * k, 1.1)
+            .reshape((cout, cin, k, k))
+            .unwrap();
+        let layer = Conv2d {
+            same: Some(weight.reshape((cout, cin * k * k)).unwrap()),
+            bias: None,
+            k,
+            inner: candle_nn::Conv2d::new(
+                weight,
+                None,
+                Conv2dConfig {
+                    padding: 1,
+                    ..Conv2dConfig::default()
+                },
+            ),
+        };
+        let x = wave(cin * h * w, 0.37).reshape((1, cin, h, w)).unwrap();
+        let want = layer.forward(&x).unwrap();
+        let outs: Vec<Tensor> = (0..32)
+            .into_par_iter()
+            .map(|_| layer.forward(&x).unwrap())
+            .collect();
+        for out in outs {
+            assert!(max_abs_diff(out, want.clone()) == 0.0);
+        }
     }
 
     #[test]
