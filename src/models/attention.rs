@@ -241,22 +241,12 @@ fn lanes_sum(row: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ops::tests::max_abs_diff;
 
     fn composed(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
         let att = (q.matmul(&k.t().unwrap()).unwrap() * scale).unwrap();
         let att = candle_nn::ops::softmax_last_dim(&att).unwrap();
         att.matmul(v).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
     }
 
     #[test]
@@ -268,10 +258,7 @@ mod tests {
         let kc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
         let vc = Tensor::randn(0f32, 1.0, (b, h, cap, d), &dev).unwrap();
         let (k, v) = (kc.narrow(2, 0, m).unwrap(), vc.narrow(2, 0, m).unwrap());
-        let diff = max_diff(
-            &sdpa(&q, &k, &v, 0.25).unwrap(),
-            &composed(&q, &k, &v, 0.25),
-        );
+        let diff = max_abs_diff(sdpa(&q, &k, &v, 0.25).unwrap(), composed(&q, &k, &v, 0.25));
         assert!(diff < 1e-5, "max difference {diff}");
         // A transposed (non-row-major) K is copied, not misread.
         let kt = k
@@ -281,10 +268,7 @@ mod tests {
             .unwrap()
             .transpose(2, 3)
             .unwrap();
-        let diff = max_diff(
-            &sdpa(&q, &kt, &v, 0.25).unwrap(),
-            &composed(&q, &k, &v, 0.25),
-        );
+        let diff = max_abs_diff(sdpa(&q, &kt, &v, 0.25).unwrap(), composed(&q, &k, &v, 0.25));
         assert!(diff < 1e-5, "max difference {diff}");
     }
 }

@@ -94,21 +94,7 @@ pub fn conv2d(
     } else {
         None
     };
-    let cfg = Conv2dConfig {
-        padding,
-        stride,
-        ..Conv2dConfig::default()
-    };
-    // Odd kernels over the whole image ("same" size, stride 1): row-shifted im2col bands.
-    let same = (k % 2 == 1 && stride == 1 && padding == k / 2)
-        .then(|| w.reshape((cout, cin * k * k)))
-        .transpose()?;
-    Ok(Conv2d {
-        same,
-        bias: b.clone(),
-        k,
-        inner: candle_nn::Conv2d::new(w, b, cfg),
-    })
+    Ok(Conv2d::new(w, b, stride, padding)?)
 }
 
 /// A 2-D convolution. Odd k×k kernels at stride 1 with "same" padding (the DPT heads' and
@@ -122,6 +108,39 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     k: usize,
     inner: candle_nn::Conv2d,
+}
+
+impl Conv2d {
+    /// From a `[cout, cin, k, k]` kernel.
+    ///
+    /// # Errors
+    /// A kernel that is not square.
+    pub fn new(
+        weight: Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> candle_core::Result<Self> {
+        let (cout, cin, k, k2) = weight.dims4()?;
+        if k != k2 {
+            candle_core::bail!("conv2d: a {k}×{k2} kernel is not square");
+        }
+        // Odd kernels over the whole image ("same" size, stride 1): row-shifted im2col bands.
+        let same = (k % 2 == 1 && stride == 1 && padding == k / 2)
+            .then(|| weight.reshape((cout, cin * k * k)))
+            .transpose()?;
+        let cfg = Conv2dConfig {
+            padding,
+            stride,
+            ..Conv2dConfig::default()
+        };
+        Ok(Self {
+            same,
+            bias: bias.clone(),
+            k,
+            inner: candle_nn::Conv2d::new(weight, bias, cfg),
+        })
+    }
 }
 
 /// Most f32 values of one band's im2col matrix (8 MiB): the full matrix of a 3×3 convolution
@@ -250,6 +269,25 @@ pub struct PatchConvTranspose2d {
     k: usize,
 }
 
+impl PatchConvTranspose2d {
+    /// From the checkpoint's `[cin, cout, k, k]` kernel and `[cout]` bias.
+    ///
+    /// # Errors
+    /// A kernel that is not square.
+    pub fn new(weight: &Tensor, bias: &Tensor) -> candle_core::Result<Self> {
+        let (cin, cout, k, k2) = weight.dims4()?;
+        if k != k2 {
+            candle_core::bail!("conv_transpose2d: a {k}×{k2} kernel is not square");
+        }
+        Ok(Self {
+            weight: weight.reshape((cin, cout * k * k))?,
+            bias: bias.reshape((1, cout, 1, 1))?,
+            cout,
+            k,
+        })
+    }
+}
+
 impl candle_core::Module for PatchConvTranspose2d {
     /// x: [B, cin, H, W] → [B, cout, H·k, W·k]
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
@@ -277,12 +315,7 @@ pub fn conv_transpose2d(
 ) -> Result<PatchConvTranspose2d> {
     let w = vb.get("weight", (cin, cout, k, k))?;
     let b = vb.get("bias", cout)?;
-    Ok(PatchConvTranspose2d {
-        weight: w.reshape((cin, cout * k * k))?,
-        bias: b.reshape((1, cout, 1, 1))?,
-        cout,
-        k,
-    })
+    Ok(PatchConvTranspose2d::new(&w, &b)?)
 }
 
 /// Row-interpolation matrix `[out, in]` of 1-D linear resampling with `align_corners=True`.
@@ -595,7 +628,7 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
 
 #[cfg(test)]
 #[allow(clippy::float_cmp)] // exact values are the point
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// `sin(f·i)` for i in 0..n: smooth, signed test values.
@@ -605,7 +638,7 @@ mod tests {
             .unwrap()
     }
 
-    fn max_abs_diff(a: Tensor, b: Tensor) -> f32 {
+    pub(crate) fn max_abs_diff(a: Tensor, b: Tensor) -> f32 {
         (a - b)
             .unwrap()
             .abs()
@@ -626,19 +659,7 @@ mod tests {
         let weight = wave(cout * cin * k * k, 1.1)
             .reshape((cout, cin, k, k))
             .unwrap();
-        let layer = Conv2d {
-            same: Some(weight.reshape((cout, cin * k * k)).unwrap()),
-            bias: None,
-            k,
-            inner: candle_nn::Conv2d::new(
-                weight,
-                None,
-                Conv2dConfig {
-                    padding: 1,
-                    ..Conv2dConfig::default()
-                },
-            ),
-        };
+        let layer = Conv2d::new(weight, None, 1, 1).unwrap();
         let x = wave(cin * h * w, 0.37).reshape((1, cin, h, w)).unwrap();
         let want = layer.forward(&x).unwrap();
         let outs: Vec<Tensor> = (0..32)
@@ -673,20 +694,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let same = Some(weight.reshape((cout, cin * k * k)).unwrap());
-            let layer = Conv2d {
-                same,
-                bias: Some(bias.clone()),
-                k,
-                inner: candle_nn::Conv2d::new(
-                    weight.clone(),
-                    Some(bias),
-                    Conv2dConfig {
-                        padding: k / 2,
-                        ..Conv2dConfig::default()
-                    },
-                ),
-            };
+            let layer = Conv2d::new(weight.clone(), Some(bias), 1, k / 2).unwrap();
             let got = layer.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
             let diff = max_abs_diff(got, want);
@@ -709,12 +717,7 @@ mod tests {
                 .unwrap()
                 .broadcast_add(&bias.reshape((1, cout, 1, 1)).unwrap())
                 .unwrap();
-            let layer = PatchConvTranspose2d {
-                weight: weight.reshape((cin, cout * k * k)).unwrap(),
-                bias: bias.reshape((1, cout, 1, 1)).unwrap(),
-                cout,
-                k,
-            };
+            let layer = PatchConvTranspose2d::new(&weight, &bias).unwrap();
             let got = layer.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
             let diff = max_abs_diff(got, want);

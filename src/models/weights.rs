@@ -13,6 +13,8 @@ use streamrecon_core::error::{Error, Result};
 /// Reads a `.safetensors` file one tensor at a time, so loading holds the checkpoint once (plus
 /// one tensor's bytes), not the whole file and then its tensors: VGGT-1B's 5 GB checkpoint
 /// would otherwise peak near 10 GB.
+/// The header is parsed here because the `safetensors` crate's `read_metadata` checks the offsets
+/// against a buffer holding the whole file.
 ///
 /// # Errors
 /// The file cannot be read, or its header or sizes are not a safetensors file's.

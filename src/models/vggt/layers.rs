@@ -1,6 +1,6 @@
 //! `layers/`: Mlp, LayerScale, Attention (qk-norm, 2D RoPE, causal KV cache) and Block.
 
-use candle_core::{Device, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 use candle_nn::{LayerNorm, Linear};
 
 use super::memory::LayerKv;
@@ -41,12 +41,9 @@ pub struct Rope2d {
 
 /// cos/sin tables of one token layout, `[N, head_dim/2]` for rows and for columns.
 pub struct RopeTables {
-    cos_y: Tensor,
-    sin_y: Tensor,
-    cos_x: Tensor,
-    sin_x: Tensor,
-    /// The same four tables as `[cos_y, sin_y, cos_x, sin_x]`, for the f32 path.
+    /// `[cos_y, sin_y, cos_x, sin_x]`, each `[N, head_dim/2]` row-major.
     values: [Vec<f32>; 4],
+    half: usize,
 }
 
 impl Rope2d {
@@ -82,15 +79,7 @@ impl Rope2d {
                 }
             }
         }
-        let dev = Device::Cpu;
-        let t = |v: &Vec<f32>| Tensor::from_slice(v, (n, half), &dev);
-        Ok(RopeTables {
-            cos_y: t(&tabs[0])?,
-            sin_y: t(&tabs[1])?,
-            cos_x: t(&tabs[2])?,
-            sin_x: t(&tabs[3])?,
-            values: tabs,
-        })
+        Ok(RopeTables { values: tabs, half })
     }
 }
 
@@ -106,15 +95,23 @@ impl RopeTables {
         let d = x.dim(D::Minus1)?;
         let half = d / 2;
         let dt = x.dtype();
+        // Other dtypes and devices (f16): the tables as tensors, made per call.
+        let table = |i: usize| -> Result<Tensor> {
+            let v = &self.values[i];
+            Ok(
+                Tensor::from_slice(v, (v.len() / self.half.max(1), self.half), x.device())?
+                    .to_dtype(dt)?,
+            )
+        };
         let one = |t: &Tensor, cos: &Tensor, sin: &Tensor| -> Result<Tensor> {
             let q = half / 2;
             let t1 = t.narrow(D::Minus1, 0, q)?;
             let t2 = t.narrow(D::Minus1, q, q)?;
             let rot = Tensor::cat(&[&t2.neg()?, &t1], D::Minus1)?;
-            Ok((t.broadcast_mul(&cos.to_dtype(dt)?)? + rot.broadcast_mul(&sin.to_dtype(dt)?)?)?)
+            Ok((t.broadcast_mul(cos)? + rot.broadcast_mul(sin)?)?)
         };
-        let y = one(&x.narrow(D::Minus1, 0, half)?, &self.cos_y, &self.sin_y)?;
-        let xx = one(&x.narrow(D::Minus1, half, half)?, &self.cos_x, &self.sin_x)?;
+        let y = one(&x.narrow(D::Minus1, 0, half)?, &table(0)?, &table(1)?)?;
+        let xx = one(&x.narrow(D::Minus1, half, half)?, &table(2)?, &table(3)?)?;
         Ok(Tensor::cat(&[&y, &xx], D::Minus1)?)
     }
 }
@@ -236,15 +233,10 @@ impl Attention {
             Some(cache) => cache.append(&k, &v)?,
             None => (k, v),
         };
-        let out = sdpa(&q, &k, &v, self.head_dim)?;
+        let out = crate::attention::sdpa(&q, &k, &v, 1.0 / (self.head_dim as f64).sqrt())?;
         let out = out.transpose(1, 2)?.reshape((b, n, c))?;
         Ok(self.proj.forward(&out)?)
     }
-}
-
-/// softmax(q·kᵀ/√d)·v over `[B, H, N, D]`.
-fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, head_dim: usize) -> Result<Tensor> {
-    crate::attention::sdpa(q, k, v, 1.0 / (head_dim as f64).sqrt())
 }
 
 /// `layers/block.py::Block`: pre-norm attention and MLP with layer scale.

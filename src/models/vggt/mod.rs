@@ -196,7 +196,6 @@ impl StreamVggt {
         }
         let (depth, depth_conf) = depth_out?;
         let (world_points, world_points_conf) = point_out?;
-        lap();
         let last_iter = iters
             .last()
             .ok_or_else(|| Error::Model("camera head has no iterations".into()))?;

@@ -20,15 +20,9 @@ fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let batch: usize = dims[..r - 2].iter().product();
     let flat = |t: &Tensor| -> Result<Tensor> {
         let (n, d) = (t.dim(r - 2)?, t.dim(r - 1)?);
-        Ok(t.contiguous()?.reshape((batch, n, d))?)
+        Ok(t.contiguous()?.reshape((1, batch, n, d))?)
     };
-    let (q3, k3, v3) = (flat(q)?, flat(k)?, flat(v)?);
-    let out = crate::attention::sdpa(
-        &q3.unsqueeze(0)?,
-        &k3.unsqueeze(0)?,
-        &v3.unsqueeze(0)?,
-        scale,
-    )?;
+    let out = crate::attention::sdpa(&flat(q)?, &flat(k)?, &flat(v)?, scale)?;
     let mut shape = dims[..r - 1].to_vec();
     shape.push(v.dim(r - 1)?);
     Ok(out.reshape(shape)?)
