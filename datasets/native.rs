@@ -289,9 +289,7 @@ impl NativeDataset {
     /// Missing or corrupt files.
     pub fn frame(&self, i: usize, with_depth: bool) -> Result<Frame> {
         let p = &self.rgb[i];
-        let image = image::open(p)
-            .map_err(|e| Error::format(p, format!("image: {e}")))?
-            .into_rgb8();
+        let image = crate::formats::rgb::read_rgb(p)?;
         let pose = self.poses[i];
         Ok(Frame {
             index: i as u64,

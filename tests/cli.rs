@@ -591,3 +591,87 @@ fn flow_writes_every_pair_in_each_format_and_eval_scores_them() {
         "{e}"
     );
 }
+
+/// ATE RMSE of `out`'s trajectory against the sequence's ground truth.
+fn ate(seq: &Path, out: &Path) -> f64 {
+    use streamrecon::eval::pose::{associate, pose_metrics, MAX_TIME_DIFF};
+    let gt = tum::read_tum(&seq.join("poses.txt")).unwrap();
+    let est = tum::read_tum(&out.join("trajectory.txt")).unwrap();
+    let (g, e) = associate(&gt, &est, MAX_TIME_DIFF).unwrap();
+    pose_metrics(&g, &e, 1).unwrap().ate_rmse
+}
+
+#[test]
+fn runs_killed_at_ten_frames_resume_the_same_map() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    let (w, c) = (
+        fixture.join("model.safetensors"),
+        fixture.join("config.json"),
+    );
+    let vggt = [
+        "--geometry",
+        "vggt",
+        "--weights",
+        w.to_str().unwrap(),
+        "--model-config",
+        c.to_str().unwrap(),
+    ];
+    for (engine, frames, extra) in [("flowvo", 100, &[][..]), ("vggt", 30, &vggt[..])] {
+        let dir = tempfile::tempdir().unwrap();
+        let seq = dir.path().join("seq");
+        common::write_sequence(
+            &seq,
+            &common::synth_config(TrajectoryKind::Handheld, frames, 160, 120, 5),
+        );
+        let run = |out: &Path| {
+            let mut c = snapshot_run(&seq, out, 3);
+            c.args(extra);
+            c
+        };
+        let full = dir.path().join("full");
+        let o = run(&full).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let base = ate(&seq, &full);
+        for k in 1..=10 {
+            let out = dir.path().join(format!("killed-{k}"));
+            let mut child = run(&out)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap();
+            wait_for_depth_files(&out, k * frames / 12, Duration::from_millis(2));
+            child.kill().unwrap();
+            child.wait().unwrap();
+            let snapshot = out.join("snapshot.safetensors");
+            let Some(next) = streamrecon::geometry::snapshot_next_frame(&snapshot) else {
+                continue;
+            };
+            // Every other kill resumes into a folder of its own: the poses before the snapshot
+            // come from the killed run's checkpoint.
+            let target = if k % 2 == 0 {
+                out.clone()
+            } else {
+                out.with_extension("resumed")
+            };
+            let o = run(&target)
+                .args(["--resume", snapshot.to_str().unwrap()])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            assert_eq!(
+                frame_numbers(&target),
+                (0..frames as i64).collect::<Vec<_>>(),
+                "{engine}, killed after {k}: every frame's pose once, in order (resumed at {next})"
+            );
+            let a = ate(&seq, &target);
+            eprintln!("{engine}: resumed at {next}: ATE {a:.5} (uninterrupted {base:.5})");
+            assert!(
+                a <= 1.1 * base + 1e-4,
+                "{engine}: resumed at {next}: ATE {a} against {base} uninterrupted"
+            );
+            let resumed: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(target.join("run.json")).unwrap()).unwrap();
+            assert_eq!(resumed["map_segments"], 1, "{engine}: {resumed}");
+        }
+    }
+}

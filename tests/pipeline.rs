@@ -11,6 +11,7 @@ use streamrecon::datasets::synth::TrajectoryKind;
 use streamrecon::error::{Error, Result};
 use streamrecon::flow::{FlowEngine, PairFlow};
 use streamrecon::frame::Frame;
+use streamrecon::geometry::{FrameGeometry, GeometryEngine};
 use streamrecon::pipeline::{self, FrameOutput, PipelineConfig, RunEnd, RunOutcome, Sink};
 use streamrecon::source::{Source, SourceOptions, SourceSpec};
 
@@ -42,10 +43,51 @@ impl FlowEngine for PanicsAt {
     }
 }
 
+/// A geometry engine that panics at one frame and otherwise leaves the work to the real one.
+struct GeometryPanicsAt {
+    inner: Box<dyn GeometryEngine>,
+    at: u64,
+}
+
+impl GeometryEngine for GeometryPanicsAt {
+    fn name(&self) -> &'static str {
+        "panics"
+    }
+    fn push(&mut self, frame: &Frame, flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
+        assert!(
+            frame.index != self.at,
+            "injected geometry failure at frame {}",
+            self.at
+        );
+        self.inner.push(frame, flow)
+    }
+    fn flush(&mut self) -> Result<Vec<FrameGeometry>> {
+        self.inner.flush()
+    }
+    fn segments(&self) -> u32 {
+        self.inner.segments()
+    }
+}
+
 /// A sink that panics or fails at one frame.
 struct BadSink {
     at: u64,
     panics: bool,
+}
+
+/// A sink that panics as the run closes.
+struct PanicsAtFinish;
+
+impl Sink for PanicsAtFinish {
+    fn name(&self) -> &'static str {
+        "closing"
+    }
+    fn frame(&mut self, _out: &FrameOutput<'_>) -> Result<()> {
+        Ok(())
+    }
+    fn finish(&mut self, _end: &RunEnd<'_>) -> Result<()> {
+        panic!("injected failure at the end");
+    }
 }
 
 impl Sink for BadSink {
@@ -76,11 +118,15 @@ fn sequence(dir: &Path) -> Source {
     Source::open(&spec, SourceOptions::default()).unwrap()
 }
 
-fn run(
-    dir: &Path,
-    flow_panics_at: Option<u64>,
-    sinks: Vec<Box<dyn Sink>>,
-) -> (RunOutcome, serde_json::Value) {
+/// Where a run is made to panic.
+#[derive(Clone, Copy)]
+enum Fault {
+    None,
+    Flow(u64),
+    Geometry(u64),
+}
+
+fn run(dir: &Path, fault: Fault, sinks: Vec<Box<dyn Sink>>) -> (RunOutcome, serde_json::Value) {
     let source = sequence(&dir.join("seq"));
     let out = dir.join("out");
     let config = PipelineConfig {
@@ -88,10 +134,17 @@ fn run(
         ..PipelineConfig::default()
     };
     let mut flow = config.flow.engine().unwrap();
-    if let Some(at) = flow_panics_at {
-        flow = Box::new(PanicsAt { inner: flow, at });
+    let mut geometry = config.geometry.engine(None).unwrap();
+    match fault {
+        Fault::None => {}
+        Fault::Flow(at) => flow = Box::new(PanicsAt { inner: flow, at }),
+        Fault::Geometry(at) => {
+            geometry = Box::new(GeometryPanicsAt {
+                inner: geometry,
+                at,
+            });
+        }
     }
-    let geometry = config.geometry.engine(None).unwrap();
     let stop = Arc::new(AtomicBool::new(false));
     let outcome = pipeline::run_with(source, &config, flow, geometry, sinks, &stop).unwrap();
     let run_json = std::fs::read(out.join("run.json")).unwrap();
@@ -109,7 +162,7 @@ fn trajectory_rows(dir: &Path) -> usize {
 #[test]
 fn a_clean_run_has_no_error() {
     let dir = tempfile::tempdir().unwrap();
-    let (outcome, json) = run(dir.path(), None, Vec::new());
+    let (outcome, json) = run(dir.path(), Fault::None, Vec::new());
     assert!(outcome.error.is_none(), "{:?}", outcome.error);
     assert!(json["error"].is_null());
     assert_eq!(outcome.summary.frames_processed, FRAMES as u64);
@@ -117,23 +170,47 @@ fn a_clean_run_has_no_error() {
 
 #[test]
 fn a_stage_that_panics_is_the_runs_error() {
+    for (fault, stage, message) in [
+        (Fault::Flow(5), "flow stage", "injected failure at frame 5"),
+        (
+            Fault::Geometry(4),
+            "geometry stage",
+            "injected geometry failure at frame 4",
+        ),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (outcome, json) = run(dir.path(), fault, Vec::new());
+        let e = outcome
+            .error
+            .expect("a panicking stage must fail the run")
+            .to_string();
+        assert!(e.contains(stage) && e.contains(message), "{e}");
+        assert_eq!(json["error"].as_str(), Some(e.as_str()));
+        // Frames before the panic went through and are in the files.
+        assert!(outcome.summary.frames_processed < FRAMES as u64);
+        assert_eq!(
+            trajectory_rows(dir.path()),
+            outcome.summary.frames_processed as usize
+        );
+    }
+}
+
+#[test]
+fn a_sink_that_panics_as_the_run_closes_is_in_run_json() {
     let dir = tempfile::tempdir().unwrap();
-    let (outcome, json) = run(dir.path(), Some(5), Vec::new());
+    let (outcome, json) = run(dir.path(), Fault::None, vec![Box::new(PanicsAtFinish)]);
     let e = outcome
         .error
-        .expect("a panicking flow stage must fail the run")
+        .expect("the panic must fail the run")
         .to_string();
     assert!(
-        e.contains("flow stage") && e.contains("injected failure at frame 5"),
+        e.contains("the closing sink stopped on a bug: injected failure at the end"),
         "{e}"
     );
+    // The files close after every other sink, so run.json knows.
     assert_eq!(json["error"].as_str(), Some(e.as_str()));
-    // Frames before the panic went through and are in the files.
-    assert!(outcome.summary.frames_processed < FRAMES as u64);
-    assert_eq!(
-        trajectory_rows(dir.path()),
-        outcome.summary.frames_processed as usize
-    );
+    assert_eq!(outcome.summary.frames_processed, FRAMES as u64);
+    assert_eq!(trajectory_rows(dir.path()), FRAMES);
 }
 
 #[test]
@@ -141,7 +218,7 @@ fn a_sink_that_panics_or_fails_is_the_runs_error_and_the_files_are_written() {
     for panics in [true, false] {
         let dir = tempfile::tempdir().unwrap();
         let sink = BadSink { at: 3, panics };
-        let (outcome, json) = run(dir.path(), None, vec![Box::new(sink)]);
+        let (outcome, json) = run(dir.path(), Fault::None, vec![Box::new(sink)]);
         let e = outcome
             .error
             .expect("a failing sink must fail the run")

@@ -6,6 +6,8 @@ use std::net::TcpStream;
 use std::path::Path;
 use std::process::Command;
 
+use streamrecon::datasets::formats::tum;
+
 mod serve_common;
 use serve_common::{
     create, http, http_with, json, png, post_json, push, start, status, synth, wait_processed,
@@ -108,10 +110,38 @@ fn a_session_streams_frames_to_results_and_outputs() {
         "every pushed frame is counted"
     );
     // Frames are dropped at the door (queue full) or inside the live pipeline; none is lost
-    // uncounted.
-    let dropped_at_door = status["frames_dropped"].as_u64().unwrap();
-    let dropped_inside = summary["frames_dropped"].as_u64().unwrap();
-    assert_eq!(processed + dropped_at_door + dropped_inside, 12);
+    // uncounted, and the status, run.json and /metrics tell one story.
+    for key in [
+        "frames_received",
+        "frames_processed",
+        "frames_dropped",
+        "frames_dropped_at_door",
+        "frames_dropped_inside",
+        "frames_skipped",
+    ] {
+        assert_eq!(status[key], summary[key], "{key}: {status} vs {summary}");
+    }
+    let n = |k: &str| status[k].as_u64().unwrap();
+    assert_eq!(
+        n("frames_processed") + n("frames_dropped_at_door") + n("frames_dropped_inside"),
+        12
+    );
+    assert_eq!(
+        n("frames_dropped"),
+        n("frames_dropped_at_door") + n("frames_dropped_inside")
+    );
+    // A link put in the session's folder is not followed.
+    let folder = dir.path().join("data").join(&id);
+    std::fs::remove_file(folder.join("run.json")).unwrap();
+    std::os::unix::fs::symlink("/etc/hostname", folder.join("run.json")).unwrap();
+    let (st, _) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/files/run.json"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(st, 404);
     let (st, traj) = http(
         p,
         "GET",
@@ -163,6 +193,17 @@ fn a_session_streams_frames_to_results_and_outputs() {
         )),
         "{metrics}"
     );
+    for key in [
+        "frames_processed",
+        "frames_dropped_at_door",
+        "frames_dropped_inside",
+    ] {
+        let line = format!(
+            "streamrecon_{key}_total{{session=\"{id}\"}} {}",
+            status[key]
+        );
+        assert!(metrics.contains(&line), "{line}: {metrics}");
+    }
     let (st, page) = http(p, "GET", "/", Some(TOKEN), b"");
     assert_eq!(st, 200);
     assert!(String::from_utf8_lossy(&page).contains("getUserMedia"));
@@ -207,7 +248,43 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
             "{bad}: {st} {}",
             String::from_utf8_lossy(&body)
         );
+        // Every refusal is JSON, the framework's own (malformed JSON, wrong types) too.
+        assert!(json(&body)["error"].is_string(), "{bad}");
     }
+    let long_name = format!(r#"{{"name": "{}"}}"#, "n".repeat(100_000));
+    for (what, st_want, body, says) in [
+        ("a wrong type", 400, r#"{"voxel": "big"}"#, "expected f32"),
+        (
+            "a 100 kB name",
+            400,
+            long_name.as_str(),
+            "name must be at most 200",
+        ),
+        (
+            "a name with a newline",
+            400,
+            r#"{"name": "a\nb"}"#,
+            "control characters",
+        ),
+    ] {
+        let (st, b) = post_json(p, "/sessions", body);
+        assert_eq!(st, st_want, "{what}: {}", String::from_utf8_lossy(&b));
+        let e = json(&b)["error"].as_str().unwrap().to_string();
+        assert!(e.contains(says), "{what}: {e}");
+    }
+    let auth = format!("Bearer {TOKEN}");
+    let (st, b) = http_with(
+        p,
+        "POST",
+        "/sessions",
+        &[("Authorization", &auth), ("Content-Type", "text/plain")],
+        b"{}",
+    );
+    assert_eq!(st, 415);
+    assert!(json(&b)["error"].as_str().unwrap().contains("Content-Type"));
+    let (st, b) = http(p, "GET", "/no/such/route", Some(TOKEN), b"");
+    assert_eq!(st, 404);
+    assert!(json(&b)["error"].is_string());
     let (_, body) = post_json(p, "/sessions", r#"{"weights": "/etc/passwd"}"#);
     let msg = String::from_utf8_lossy(&body);
     assert!(msg.contains("server's to set (`serve --weights`)"), "{msg}");
@@ -385,8 +462,14 @@ fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
     };
     // Cut inside its headers, before any scan data.
     corrupt_jpeg.truncate(120);
-    let cases: [(&str, Vec<u8>, &str); 5] = [
+    let cases: [(&str, Vec<u8>, &str); 6] = [
         ("corrupt JPEG", corrupt_jpeg, "Jpeg"),
+        // Checked against the session's size from the header, before 108 MB are decoded.
+        (
+            "6000x6000 PNG header",
+            png_header_only(6000, 6000),
+            "frame is 6000x6000 but this session's frames are 96x64",
+        ),
         ("zero-size PNG", png_header_only(0, 0), "frame"),
         (
             "100k x 100k PNG header",
@@ -422,6 +505,29 @@ fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
     let (st, msg) = http_with(p, "POST", &path, &raw_headers, &raw[..1000]);
     assert_eq!(st, 400);
     assert!(String::from_utf8_lossy(&msg).contains("needs 18432 bytes, got 1000"));
+    // Timestamps: finite seconds within reason, and later than the previous frame's.
+    for (t, says) in [
+        (
+            1e308,
+            "x-timestamp must be seconds from 0 to 1e10, got 1000000000",
+        ),
+        (-1.0, "x-timestamp must be seconds from 0 to 1e10, got -1"),
+    ] {
+        let (st, msg) = push(p, &a, &ok, t);
+        assert_eq!(st, 400);
+        assert!(json(&msg)["error"].as_str().unwrap().contains(says), "{t}");
+    }
+    assert_eq!(push(p, &a, &ok, 0.5).0, 200);
+    let (st, msg) = push(p, &a, &ok, 0.2);
+    assert_eq!(st, 400);
+    assert!(
+        json(&msg)["error"]
+            .as_str()
+            .unwrap()
+            .contains("x-timestamp 0.2 is not after the previous frame's 0.5"),
+        "{}",
+        String::from_utf8_lossy(&msg)
+    );
     // Oversize payload: refused with 413 (the server may answer before reading it all).
     let mut s = TcpStream::connect(("127.0.0.1", p)).unwrap();
     let big = vec![0u8; 33 << 20];
@@ -434,10 +540,11 @@ fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
     let _ = s.write_all(&big);
     let mut resp = Vec::new();
     let _ = std::io::Read::read_to_end(&mut s, &mut resp);
+    let resp = String::from_utf8_lossy(&resp);
     assert!(
-        String::from_utf8_lossy(&resp).starts_with("HTTP/1.1 413"),
+        resp.starts_with("HTTP/1.1 413") && resp.contains(r#"{"error":"#),
         "{}",
-        String::from_utf8_lossy(&resp[..resp.len().min(200)])
+        &resp[..resp.len().min(300)]
     );
     // A client that disconnects mid-frame.
     {
@@ -465,7 +572,7 @@ fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
     assert_eq!(sb["frames_received"], 40, "{sb}");
     let sa = status(p, &a);
     assert_eq!(
-        sa["frames_received"], 2,
+        sa["frames_received"], 3,
         "refused frames are not counted: {sa}"
     );
     for id in [&a, &b] {
@@ -654,7 +761,7 @@ fn a_killed_server_resumes_its_sessions_from_their_last_snapshot() {
     let lost = u64::from(pushed) - resumed_at;
     eprintln!("killed after {pushed} frames; resumed at frame {resumed_at}: {lost} frames lost");
     assert!(resumed_at >= 8 && resumed_at <= u64::from(pushed), "{s}");
-    // flowvo continues as a new map segment where its last pose was.
+    // flowvo continues its map from the snapshot.
     let sf = status(p, &flowvo);
     assert_eq!(sf["running"], true, "{sf}");
     let flowvo_at = sf["resumed_at"].as_u64().unwrap();
@@ -675,10 +782,40 @@ fn a_killed_server_resumes_its_sessions_from_their_last_snapshot() {
     );
     assert_eq!(st, 200);
     let summary = json(&body)["summary"].clone();
-    assert!(summary["map_segments"].as_u64().unwrap() >= 2, "{summary}");
+    // The snapshot held the map: the resumed frames are tracked in the same segment.
+    assert_eq!(summary["map_segments"], 1, "{summary}");
+    assert_eq!(
+        summary["frames_tracked"], summary["frames_processed"],
+        "{summary}"
+    );
     assert!(summary["error"].is_null(), "{summary}");
+    let (_, traj) = http(
+        p,
+        "GET",
+        &format!("/sessions/{flowvo}/files/trajectory.txt"),
+        Some(TOKEN),
+        b"",
+    );
+    let traj =
+        tum::tum_from_str(&String::from_utf8_lossy(&traj), Path::new("trajectory.txt")).unwrap();
+    // The frames before the snapshot, then the ones pushed after the restart (those between
+    // the snapshot and the kill are lost with the server).
+    assert_eq!(
+        traj.len() as u64,
+        flowvo_at + u64::from(flowvo_frames - flowvo_pushed)
+    );
+    // The camera keeps moving after the restart (a new map would start at a standstill).
+    let centre = |i: usize| traj[i].world_from_cam.translation.vector;
+    for i in flowvo_at as usize..traj.len() {
+        assert!((centre(i) - centre(i - 1)).norm() > 1e-6, "frame {i}");
+    }
     for i in 0..3 {
-        let (st, _) = push(p, &id, &png(&frame_image(96, 64, pushed + i)), 20.0);
+        let (st, _) = push(
+            p,
+            &id,
+            &png(&frame_image(96, 64, pushed + i)),
+            20.0 + f64::from(i),
+        );
         assert_eq!(st, 200);
     }
     let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
@@ -770,7 +907,8 @@ fn server_side_sources_come_only_from_the_allowlist() {
         409,
         "a server-side session takes no pushed frames"
     );
-    let s = wait_processed(p, &id, 3, 60);
+    // A live URL read faster than the pipeline runs: most frames are dropped inside (counted).
+    let s = wait_processed(p, &id, 1, 60);
     assert_eq!(s["source"], format!("http://127.0.0.1:{web_port}/cam.avi"));
     let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
     assert_eq!(st, 200);

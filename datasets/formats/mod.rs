@@ -5,4 +5,5 @@ pub mod flo;
 pub mod kitti_flow;
 pub mod pcd;
 pub mod ply;
+pub mod rgb;
 pub mod tum;

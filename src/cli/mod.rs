@@ -80,6 +80,10 @@ struct RunArgs {
     engines: EngineFlags,
     #[command(flatten)]
     rerun: RerunFlags,
+    /// Seconds the run has after SIGINT/SIGTERM to finish the frames in flight and close its
+    /// outputs; past that it exits anyway (status 130), saying so in run.json.
+    #[arg(long, default_value_t = DEFAULT_STOP_GRACE_S, value_name = "SECONDS")]
+    stop_grace: f64,
 }
 
 #[derive(Args)]
@@ -182,21 +186,57 @@ pub fn main() -> Result<ExitCode> {
     }
 }
 
-/// SIGINT/SIGTERM set the flag; a second signal exits at once.
-fn install_stop_flag() -> Result<Arc<AtomicBool>> {
+/// Seconds a run has after SIGINT/SIGTERM to drain and close its outputs before it exits anyway.
+pub(crate) const DEFAULT_STOP_GRACE_S: f64 = 30.0;
+
+/// SIGINT/SIGTERM set the flag; a second signal exits at once, and so does the process when the
+/// run has not ended `grace_s` seconds after the first (a frame's work is not interruptible: a
+/// large model step can take many seconds). Exiting that way, it records why in `out/run.json`
+/// unless the run wrote its own.
+fn install_stop_flag(out: Option<&Path>, grace_s: f64) -> Result<Arc<AtomicBool>> {
     let stop = Arc::new(AtomicBool::new(false));
     let s = stop.clone();
+    let run_json = out.map(|o| o.join("run.json"));
+    let started = std::time::SystemTime::now();
     ctrlc::set_handler(move || {
         if s.swap(true, Ordering::SeqCst) {
             eprintln!("second interrupt: exiting without draining");
             std::process::exit(130);
         }
         eprintln!(
-            "interrupted: draining the pipeline and closing outputs (interrupt again to abort)"
+            "interrupted: draining the pipeline and closing outputs (interrupt again to abort; \
+             exiting anyway in {grace_s:.0} s)"
         );
+        let run_json = run_json.clone();
+        let _ = std::thread::Builder::new()
+            .name("stop-grace".into())
+            .spawn(move || {
+                std::thread::sleep(std::time::Duration::from_secs_f64(grace_s.max(0.0)));
+                let why = format!(
+                    "interrupted, and still busy {grace_s:.0} s later: exited without closing \
+                     the outputs (files written by then are kept; checkpoints hold the poses)"
+                );
+                eprintln!("{why}");
+                if let Some(p) = run_json.filter(|p| !written_since(p, started)) {
+                    let body = serde_json::json!({ "interrupted": true, "error": why });
+                    if let Err(e) =
+                        streamrecon::io_util::write_bytes_atomic(&p, body.to_string().as_bytes())
+                    {
+                        eprintln!("and {} could not be written: {e}", p.display());
+                    }
+                }
+                std::process::exit(130);
+            });
     })
     .context("cannot install the signal handler")?;
     Ok(stop)
+}
+
+/// Whether `path` was written after `t`.
+fn written_since(path: &Path, t: std::time::SystemTime) -> bool {
+    std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .is_ok_and(|m| m >= t)
 }
 
 fn print_summary(outcome: &RunOutcome, out: &Path) {
@@ -205,7 +245,9 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
         "{} frames processed ({} read, {} dropped, {} skipped) in {:.1} s: {:.1} fps, peak RSS {:.0} MiB",
         s.frames_processed, s.frames_read, s.frames_dropped, s.frames_skipped, s.wall_s, s.fps, s.peak_rss_mib
     );
-    if s.frames_tracked == 0 && s.frames_processed > 0 {
+    if s.frames_processed == 0 {
+        println!("no frame was processed");
+    } else if s.frames_tracked == 0 {
         // The engine counts the segments it started; none of them made a map.
         println!(
             "tracked 0 / {} frames: no map was initialised (flowvo needs the camera to move \
@@ -223,26 +265,39 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
             s.points
         );
     }
-    println!("outputs: {}", out.display());
+    match &s.outputs {
+        Some(o) => println!("{}", o.describe()),
+        None => println!("outputs: {}", out.display()),
+    }
 }
 
 fn cmd_run(a: &RunArgs) -> Result<ExitCode> {
-    let spec = SourceSpec::parse(&a.source)?;
-    let source = Source::open(&spec, a.source_flags.options())?;
+    // Options first: a bad flag is refused before the source is opened.
     let config = a.engines.pipeline_config(
         Some(&a.source_flags),
         Some(a.out.clone()),
         a.rerun.target(),
         true,
     )?;
-    let stop = install_stop_flag()?;
+    let spec = SourceSpec::parse(&a.source)?;
+    let source = Source::open(&spec, a.source_flags.options())?;
+    let stop = install_stop_flag(Some(&a.out), a.stop_grace)?;
     let outcome = pipeline::run(source, &config, &stop)?;
     print_summary(&outcome, &a.out);
-    if let Some(e) = outcome.error {
-        return Err(anyhow::Error::new(e)
-            .context("the run stopped early; outputs up to that point are written"));
-    }
-    Ok(ExitCode::SUCCESS)
+    failed_run(outcome, "the run failed")
+}
+
+/// The run's error, if any, with what was written named (the summary's last line already says
+/// it; the error's line is the one a script sees last).
+fn failed_run(outcome: RunOutcome, what: &str) -> Result<ExitCode> {
+    let Some(e) = outcome.error else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let context = match &outcome.summary.outputs {
+        Some(o) => format!("{what}; {}", o.describe()),
+        None => what.to_string(),
+    };
+    Err(anyhow::Error::new(e).context(context))
 }
 
 fn write_sequence(config: &SynthConfig, out: &Path) -> Result<()> {
@@ -343,7 +398,7 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
         &SourceSpec::parse(&seq.display().to_string())?,
         SourceOptions::default(),
     )?;
-    let stop = install_stop_flag()?;
+    let stop = install_stop_flag(Some(&run_dir), DEFAULT_STOP_GRACE_S)?;
     let outcome = pipeline::run(source, &config, &stop)?;
     print_summary(&outcome, &run_dir);
     println!("3/3 accuracy against the ground truth");
@@ -355,15 +410,10 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
             p.display()
         );
     }
-    if let Some(e) = outcome.error {
-        return Err(anyhow::Error::new(e).context("the demo run stopped early"));
-    }
-    Ok(ExitCode::SUCCESS)
+    failed_run(outcome, "the demo run failed")
 }
 
 fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
-    let spec = SourceSpec::parse(&a.source)?;
-    let mut source = Source::open(&spec, a.source_flags.options())?;
     let mut options = RunOptions {
         flow: a.engine,
         preset: a.preset,
@@ -373,12 +423,14 @@ fn cmd_flow(a: &FlowArgs) -> Result<ExitCode> {
     a.videoflow.apply(&mut options);
     a.source_flags.apply(&mut options);
     options.validate()?;
+    let spec = SourceSpec::parse(&a.source)?;
+    let mut source = Source::open(&spec, a.source_flags.options())?;
     let mut engine = options.flow_choice()?.engine()?;
     streamrecon::io_util::create_dir(&a.out)?;
     if a.backward {
         streamrecon::io_util::create_dir(&a.out.join("bwd"))?;
     }
-    let stop = install_stop_flag()?;
+    let stop = install_stop_flag(None, DEFAULT_STOP_GRACE_S)?;
     let ext = match a.format {
         FlowFormat::Flo => "flo",
         FlowFormat::Kitti | FlowFormat::Png => "png",

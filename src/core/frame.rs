@@ -22,6 +22,53 @@ pub struct Intrinsics {
     pub height: u32,
 }
 
+/// A pose as `[tx, ty, tz, qx, qy, qz, qw]` (TUM's order), for files and snapshots.
+pub fn pose_to_array(p: &Pose) -> [f64; 7] {
+    let (t, q) = (p.translation.vector, p.rotation.coords);
+    [t.x, t.y, t.z, q.x, q.y, q.z, q.w]
+}
+
+/// The pose of [`pose_to_array`]'s layout (the quaternion normalised); `None` unless every
+/// value is finite and the quaternion is not zero.
+pub fn pose_from_array(a: [f64; 7]) -> Option<Pose> {
+    let [x, y, z, qx, qy, qz, qw] = a;
+    let q = nalgebra::Quaternion::new(qw, qx, qy, qz);
+    (a.iter().all(|v| v.is_finite()) && q.norm() > 1e-12).then(|| {
+        Pose::from_parts(
+            nalgebra::Translation3::new(x, y, z),
+            nalgebra::UnitQuaternion::from_quaternion(q),
+        )
+    })
+}
+
+/// Largest side of a frame any source or upload may have, pixels.
+pub const MAX_FRAME_SIDE: u32 = 8192;
+/// Largest frame area, pixels (an 8K UHD frame is 33.2 M).
+pub const MAX_FRAME_PIXELS: u64 = 40_000_000;
+/// Smallest side (the flow pyramid needs a few levels).
+pub const MIN_FRAME_SIDE: u32 = 16;
+
+/// Whether a frame of `width × height` is within the limits every input is held to.
+///
+/// # Errors
+/// The reason in words, naming the size.
+pub fn check_frame_size(width: u32, height: u32) -> std::result::Result<(), String> {
+    if width < MIN_FRAME_SIDE || height < MIN_FRAME_SIDE {
+        return Err(format!(
+            "frame of {width}x{height} is too small ({MIN_FRAME_SIDE}x{MIN_FRAME_SIDE} at least)"
+        ));
+    }
+    if width > MAX_FRAME_SIDE
+        || height > MAX_FRAME_SIDE
+        || u64::from(width) * u64::from(height) > MAX_FRAME_PIXELS
+    {
+        return Err(format!(
+            "frame of {width}x{height} is too large (at most {MAX_FRAME_SIDE} a side and {MAX_FRAME_PIXELS} pixels)"
+        ));
+    }
+    Ok(())
+}
+
 /// Horizontal field of view assumed when nothing better is known.
 pub const DEFAULT_HFOV_DEG: f64 = 60.0;
 

@@ -109,6 +109,13 @@ pub trait GeometryEngine: Send {
         Ok(false)
     }
 
+    /// After [`GeometryEngine::restore`]: the last frame the snapshot's engine saw, for the flow
+    /// stage to see first, so that the first resumed frame's flow links to it (engines that
+    /// track along the flow need that link to continue their map).
+    fn take_resume_frame(&mut self) -> Option<Frame> {
+        None
+    }
+
     /// Restores a state written by [`GeometryEngine::snapshot`]; returns the source index to
     /// continue from.
     ///
@@ -132,25 +139,41 @@ pub fn snapshot_next_frame(path: &std::path::Path) -> Option<u64> {
 
 /// The `meta.json` of a snapshot file.
 fn read_snapshot_meta(path: &std::path::Path) -> Result<serde_json::Value> {
+    read_snapshot(path).map(|(meta, _)| meta)
+}
+
+/// A snapshot file's `meta.json` and its other tensors.
+fn read_snapshot(
+    path: &std::path::Path,
+) -> Result<(
+    serde_json::Value,
+    std::collections::HashMap<String, candle_core::Tensor>,
+)> {
     use streamrecon_core::error::Error;
     let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
         .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
     let meta: Vec<u8> = tensors
-        .get("meta.json")
+        .remove("meta.json")
         .ok_or_else(|| Error::format(path, "snapshot without meta.json"))?
         .to_vec1()
         .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
-    serde_json::from_slice(&meta).map_err(|e| Error::format(path, format!("snapshot: {e}")))
+    let meta =
+        serde_json::from_slice(&meta).map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
+    Ok((meta, tensors))
 }
 
-/// Writes a snapshot that is only a `meta.json` (engines whose state is small).
-fn write_snapshot_meta(path: &std::path::Path, meta: &serde_json::Value) -> Result<()> {
+/// Writes a snapshot: `meta` as the `meta.json` byte tensor beside `tensors`.
+fn write_snapshot(
+    path: &std::path::Path,
+    meta: &serde_json::Value,
+    mut tensors: std::collections::HashMap<String, candle_core::Tensor>,
+) -> Result<()> {
     let json = serde_json::to_vec(meta)
         .map_err(|e| streamrecon_core::error::Error::Geometry(e.to_string()))?;
     let n = json.len();
     let t = candle_core::Tensor::from_vec(json, n, &candle_core::Device::Cpu)
         .map_err(|e| streamrecon_core::error::Error::Geometry(e.to_string()))?;
-    let tensors = std::collections::HashMap::from([("meta.json".to_string(), t)]);
+    tensors.insert("meta.json".to_string(), t);
     streamrecon_models::weights::save_tensors_atomic(&tensors, path)
 }

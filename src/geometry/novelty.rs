@@ -18,10 +18,20 @@ use std::collections::VecDeque;
 use image::RgbImage;
 use opencv::core::{self as cvcore, Mat, Scalar, CV_32F};
 use opencv::prelude::*;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use streamrecon_core::error::Result;
-use streamrecon_core::frame::Pose;
+use streamrecon_core::frame::{pose_from_array, pose_to_array, Pose};
+
+/// A [`NoveltyMeter`]'s stream state (poses as [`pose_to_array`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NoveltyState {
+    steps: Vec<f64>,
+    last_pose: Option<[f64; 7]>,
+    admitted_pose: Option<[f64; 7]>,
+    admitted_thumb: Option<Vec<f32>>,
+    hf_ref: Option<f64>,
+}
 
 /// Parameters of the novelty weight (see the module docs for the formula).
 #[derive(Debug, Clone, Serialize)]
@@ -165,6 +175,26 @@ impl NoveltyMeter {
     }
 
     /// Forgets the stream.
+    /// What the meter has learnt of the stream, for a snapshot.
+    pub fn state(&self) -> NoveltyState {
+        NoveltyState {
+            steps: self.steps.iter().copied().collect(),
+            last_pose: self.last_pose.as_ref().map(pose_to_array),
+            admitted_pose: self.admitted_pose.as_ref().map(pose_to_array),
+            admitted_thumb: self.admitted_thumb.clone(),
+            hf_ref: self.hf_ref,
+        }
+    }
+
+    /// Takes back a [`NoveltyMeter::state`].
+    pub fn restore(&mut self, s: NoveltyState) {
+        self.steps = s.steps.into();
+        self.last_pose = s.last_pose.and_then(pose_from_array);
+        self.admitted_pose = s.admitted_pose.and_then(pose_from_array);
+        self.admitted_thumb = s.admitted_thumb;
+        self.hf_ref = s.hf_ref;
+    }
+
     pub fn reset(&mut self) {
         *self = Self::new(self.config.clone());
     }

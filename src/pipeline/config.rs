@@ -17,6 +17,7 @@ use streamrecon_viewer::RerunTarget;
 
 use crate::fusion::FusionConfig;
 use crate::sinks::results::{FrameResult, ResultDetail};
+use crate::summary::RunCounters;
 
 /// Flow engines.
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +86,10 @@ pub struct PipelineConfig {
     /// Per-frame results for a caller (the service); sent without blocking, dropped when full.
     #[serde(skip)]
     pub results: Option<Sender<FrameResult>>,
+    /// Counters to count this run's frames into, for a caller that watches them live (the
+    /// service); the run makes its own otherwise. Never share one between runs.
+    #[serde(skip)]
+    pub counters: Option<RunCounters>,
     /// What each result carries besides the pose.
     pub result_detail: ResultDetail,
 }
@@ -105,6 +110,7 @@ impl Default for PipelineConfig {
             result_detail: ResultDetail::default(),
             stabilize: None,
             results: None,
+            counters: None,
         }
     }
 }

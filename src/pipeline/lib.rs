@@ -35,7 +35,8 @@ pub use sinks::results::{DepthSample, FrameResult, ResultDetail};
 pub use sinks::{FrameOutput, RunEnd, Sink, Tick};
 pub use snapshot::SNAPSHOT_FILE;
 pub use summary::{
-    FrameMemory, MemorySummary, RunOutcome, RunSummary, StabilizeSummary, TrajectoryEntry,
+    FrameCounts, FrameMemory, MemorySummary, RunCounters, RunOutcome, RunSummary, StabilizeSummary,
+    TrajectoryEntry,
 };
 
 use fusion::Fusion;
@@ -97,16 +98,30 @@ pub fn run_with(
         None => 0,
     };
     let snapshot_slot = Arc::new(Mutex::new(None::<PendingSnapshot>));
+    let outputs_report = Arc::new(Mutex::new(None));
     let mut sinks: Vec<SinkSlot> = Vec::new();
     let mut files_sink = None;
     if let Some(d) = &config.out_dir {
         let mut o = RunOutputs::create(d, config.depth_every)?;
-        // Poses of the frames before a snapshot survive the interruption.
-        if let Some(next) = resumed_next {
-            let kept = o.restore_checkpoint(next)?;
-            log::info!("{kept} earlier poses restored from the checkpoint");
+        // Poses of the frames before a snapshot survive the interruption: from the checkpoint
+        // beside the snapshot, whichever folder this run writes to.
+        if let (Some(next), Some(snapshot)) = (resumed_next, &config.resume) {
+            let from = snapshot
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(std::path::Path::new("."));
+            let kept = o.restore_checkpoint(next, from)?;
+            log::info!(
+                "{kept} earlier poses restored from the checkpoint in {}",
+                from.display()
+            );
         }
-        files_sink = Some(FilesSink::new(o, snapshot_slot.clone(), resume_from));
+        files_sink = Some(FilesSink::new(
+            o,
+            snapshot_slot.clone(),
+            resume_from,
+            outputs_report.clone(),
+        ));
     }
     if let Some(v) = streamrecon_viewer::open(&config.rerun, "streamrecon")? {
         sinks.push(SinkSlot::new(Box::new(RerunSink::new(
@@ -114,7 +129,6 @@ pub fn run_with(
             config.stabilize.is_some(),
         ))));
     }
-    sinks.extend(files_sink.map(|s| SinkSlot::new(Box::new(s))));
     if let Some(tx) = &config.results {
         sinks.push(SinkSlot::new(Box::new(ResultsSink::new(
             tx.clone(),
@@ -127,12 +141,20 @@ pub fn run_with(
         ))));
     }
     sinks.extend(extra_sinks.into_iter().map(SinkSlot::new));
+    // The files last: run.json, written at their end, records how the others ended.
+    sinks.extend(files_sink.map(|s| SinkSlot::new(Box::new(s))));
     let keep_flow = sinks.iter().any(|s| s.sink.wants_flow());
 
     let live = source.is_live();
+    let pushed = source.is_pushed();
     let source_name = source.name().to_string();
     let errors = ErrorSlot::default();
-    let counts = stage::source::SourceCounts::default();
+    let counters = config.counters.clone().unwrap_or_default();
+    let counts = stage::source::SourceFacts {
+        counters: counters.clone(),
+        door_counts: pushed,
+        ..Default::default()
+    };
     let cap = config.channel_capacity.max(1);
     let (tx1, rx1) = bounded(cap);
     let (tx2, rx2) = bounded(cap);
@@ -146,7 +168,9 @@ pub fn run_with(
         stop.clone(),
         errors.clone(),
     )?;
-    let flow_thread = stage::flow::start(flow_engine, rx1, tx2, stop.clone(), errors.clone())?;
+    let primer = geo_engine.take_resume_frame();
+    let flow_thread =
+        stage::flow::start(flow_engine, primer, rx1, tx2, stop.clone(), errors.clone())?;
     // Snapshots are written beside the final file and put in its place by the file sink once
     // every frame before the snapshot's position is in the outputs (see `PendingSnapshot`).
     let snapshots = stage::geometry::Snapshots {
@@ -240,13 +264,14 @@ pub fn run_with(
             stop.store(true, Ordering::SeqCst);
         }
         tally.add(&out, t1.elapsed().as_secs_f64() * 1e3);
+        RunCounters::add(&counters.processed);
         frames_since_tick += 1;
         let dt = last_tick.elapsed();
         if dt >= TICK {
             let tick = Tick {
                 fps: frames_since_tick as f64 / dt.as_secs_f64(),
                 frames_processed: tally.processed(),
-                frames_dropped: counts.dropped.load(Ordering::Relaxed),
+                frames_dropped: counters.get().dropped(),
                 cloud_points: fusion.len(),
             };
             for s in &mut sinks {
@@ -262,7 +287,24 @@ pub fn run_with(
     stage::join(src_thread, &errors);
     stage::join(flow_thread, &errors);
     let segments = stage::join(geometry_thread, &errors);
-    let error = errors.take().or(sink_error);
+    let mut error = errors.take().or(sink_error);
+    let processed = tally.processed();
+    if processed == 0 && error.is_none() && !stop.load(Ordering::SeqCst) && !pushed {
+        // A source that produced nothing usable is a failure, not an empty success.
+        let FrameCounts { read, skipped, .. } = counters.get();
+        if resumed_next.is_some() && skipped == 0 {
+            log::warn!("the source has no frame after the snapshot's position");
+        } else {
+            let last = counts.last_skip.lock().ok().and_then(|g| g.clone());
+            error = Some(Error::source(
+                &source_name,
+                format!(
+                    "no frame could be processed ({read} read, {skipped} skipped{})",
+                    last.map_or(String::new(), |w| format!("; the last: {w}"))
+                ),
+            ));
+        }
+    }
     let t_cloud = Instant::now();
     let cloud = fusion.finished_cloud();
     log::debug!(
@@ -271,15 +313,18 @@ pub fn run_with(
         t_cloud.elapsed().as_secs_f64() * 1e3
     );
     let wall = started.elapsed().as_secs_f64();
-    let processed = tally.processed();
     let (median_reprojection_px, median_tracked_points) = tally.medians();
+    let n = counters.get();
     let summary = RunSummary {
         source: source_name,
         live,
-        frames_read: counts.read.load(Ordering::Relaxed),
+        frames_received: n.received,
+        frames_read: n.read,
         frames_processed: processed,
-        frames_dropped: counts.dropped.load(Ordering::Relaxed),
-        frames_skipped: counts.skipped.load(Ordering::Relaxed),
+        frames_dropped: n.dropped(),
+        frames_dropped_at_door: n.dropped_at_door,
+        frames_dropped_inside: n.dropped_inside,
+        frames_skipped: n.skipped,
         interrupted: stop.load(Ordering::SeqCst) && error.is_none(),
         wall_s: wall,
         fps: if wall > 0.0 {
@@ -308,6 +353,7 @@ pub fn run_with(
         median_reprojection_px,
         median_tracked_points,
         error: error.as_ref().map(ToString::to_string),
+        outputs: None,
         config: serde_json::to_value(config).unwrap_or_default(),
     };
     let original = counts.original_k.lock().ok().and_then(|k| *k);
@@ -316,17 +362,23 @@ pub fn run_with(
         model: m,
         origin: original.map_or("default 60° horizontal FoV", |o| o.1),
     });
-    let end = RunEnd {
-        summary: &summary,
-        cloud: &cloud,
-        intrinsics: report.as_ref(),
-    };
     // Every sink closes, the failed ones too: what they hold was written before they failed.
+    // Each sees the errors so far (the files, last, write them into run.json).
+    let mut summary = summary;
     let mut finish_error = None;
     for s in &mut sinks {
+        let end = RunEnd {
+            summary: &summary,
+            cloud: &cloud,
+            intrinsics: report.as_ref(),
+        };
         s.failed = false;
         s.call(&mut finish_error, |sink| sink.finish(&end));
+        if summary.error.is_none() {
+            summary.error = finish_error.as_ref().map(ToString::to_string);
+        }
     }
+    summary.outputs = outputs_report.lock().ok().and_then(|mut r| r.take());
     Ok(RunOutcome {
         summary,
         error: error.or(finish_error),

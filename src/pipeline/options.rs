@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{MAX_FRAME_SIDE, MIN_FRAME_SIDE};
 use streamrecon_flow::dis::{DisBackend, DisConfig, DisPreset};
 use streamrecon_flow::videoflow::{VideoFlowEngineConfig, DEFAULT_WINDOW};
 use streamrecon_geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig, WindowBaConfig};
@@ -258,8 +259,22 @@ impl RunOptions {
                 ));
             }
         }
-        if self.size == Some(0) {
-            return Err(invalid("size must be 1 pixel or more".into()));
+        if self.stride == 0 {
+            return Err(invalid(
+                "stride must be 1 or more (1 keeps every frame)".into(),
+            ));
+        }
+        if self.max_frames == Some(0) {
+            return Err(invalid(
+                "max_frames must be 1 or more (leave it out for the whole source)".into(),
+            ));
+        }
+        if let Some(w) = self.size {
+            if !(MIN_FRAME_SIDE..=MAX_FRAME_SIDE).contains(&w) {
+                return Err(invalid(format!(
+                    "size must be {MIN_FRAME_SIDE}–{MAX_FRAME_SIDE} pixels, got {w}"
+                )));
+            }
         }
         check_range("dis_finest_scale", self.dis_finest_scale, 0, 8)?;
         check_range("dis_patch_size", self.dis_patch_size, 3, 64)?;

@@ -8,7 +8,8 @@ use opencv::prelude::*;
 use opencv::videoio::{self, VideoCapture};
 
 use streamrecon_core::error::{Error, Result};
-use streamrecon_core::frame::{Frame, Intrinsics, RgbImage};
+use streamrecon_core::frame::{check_frame_size, Frame, Intrinsics, RgbImage};
+use streamrecon_datasets::formats::rgb::read_rgb;
 use streamrecon_datasets::native::NativeDataset;
 
 /// What a source string names.
@@ -343,12 +344,10 @@ impl Source {
 
     fn finish_frame(&mut self, raw: RawFrame, source_index: u64) -> Result<Frame> {
         let (w0, h0) = raw.image.dimensions();
-        if w0 == 0 || h0 == 0 {
-            return Err(Error::source(
-                &self.name,
-                format!("frame {source_index} is empty"),
-            ));
-        }
+        check_frame_size(w0, h0).map_err(|why| {
+            self.done = true;
+            Error::source(&self.name, format!("frame {source_index}: {why}"))
+        })?;
         match self.size {
             None => self.size = Some((w0, h0)),
             Some((w, h)) if (w, h) != (w0, h0) => {
@@ -466,6 +465,14 @@ impl CaptureSource {
                 "cannot open (not a video, camera unavailable, or stream unreachable)",
             ));
         }
+        // A stream whose frames are out of bounds is refused before the first is decoded.
+        let (w, h) = (
+            cap.get(videoio::CAP_PROP_FRAME_WIDTH).unwrap_or(0.0),
+            cap.get(videoio::CAP_PROP_FRAME_HEIGHT).unwrap_or(0.0),
+        );
+        if w >= 1.0 && h >= 1.0 {
+            check_frame_size(w as u32, h as u32).map_err(|why| Error::source(name, why))?;
+        }
         let n = cap.get(videoio::CAP_PROP_FRAME_COUNT).unwrap_or(0.0);
         let fps = cap.get(videoio::CAP_PROP_FPS).unwrap_or(0.0);
         Ok(Self {
@@ -560,15 +567,12 @@ impl RawSource for FolderSource {
     fn next_raw(&mut self) -> Option<Result<RawFrame>> {
         let p = self.files.get(self.next)?.clone();
         self.next += 1;
-        Some(match image::open(&p) {
-            Ok(img) => Ok(RawFrame {
-                image: img.into_rgb8(),
-                timestamp: None,
-                intrinsics: None,
-                gt: None,
-            }),
-            Err(e) => Err(Error::format(&p, format!("undecodable image ({e})"))),
-        })
+        Some(read_rgb(&p).map(|image| RawFrame {
+            image,
+            timestamp: None,
+            intrinsics: None,
+            gt: None,
+        }))
     }
 
     fn len_hint(&self) -> Option<usize> {
@@ -688,14 +692,9 @@ impl RawSource for BenchmarkSource {
     fn next_raw(&mut self) -> Option<Result<RawFrame>> {
         let f = self.frames.get(self.next)?.clone();
         self.next += 1;
-        let image = match image::open(&f.rgb) {
-            Ok(i) => i.into_rgb8(),
-            Err(e) => {
-                return Some(Err(Error::format(
-                    &f.rgb,
-                    format!("undecodable image ({e})"),
-                )))
-            }
+        let image = match read_rgb(&f.rgb) {
+            Ok(i) => i,
+            Err(e) => return Some(Err(e)),
         };
         let depth = if self.with_depth {
             match &f.depth {

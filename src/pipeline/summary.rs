@@ -2,6 +2,8 @@
 //! frame by frame.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use serde::Serialize;
@@ -12,6 +14,7 @@ use streamrecon_core::frame::Pose;
 use streamrecon_core::stats::{Timing, TimingSummary};
 use streamrecon_geometry::{GeometryStats, MemoryReadout};
 
+use crate::sinks::files::OutputsReport;
 use crate::sinks::FrameOutput;
 
 /// The model memory over a run: per frame, and the last frame's full read-out.
@@ -45,14 +48,75 @@ pub struct FrameMemory {
     pub admitted: bool,
 }
 
+/// A run's frame counts, owned by the pipeline and shared with whoever watches the run live (the
+/// service's status and metrics); `run.json` has their final values. At the end of a run,
+/// `received = processed + dropped_at_door + dropped_inside + skipped`.
+#[derive(Debug, Clone, Default)]
+pub struct RunCounters {
+    /// Frames that arrived: at the service's door for pushed sources, else from the source
+    /// (decodable or not; frames a resumed run has already seen are not counted).
+    pub received: Arc<AtomicU64>,
+    /// Refused room at the door (a pushed live session's queue was full; counted by the door).
+    pub dropped_at_door: Arc<AtomicU64>,
+    /// Decoded frames taken into the pipeline.
+    pub read: Arc<AtomicU64>,
+    /// Taken in, then dropped because the flow stage was behind (live sources).
+    pub dropped_inside: Arc<AtomicU64>,
+    /// Undecodable frames passed over.
+    pub skipped: Arc<AtomicU64>,
+    /// Through every stage and sink.
+    pub processed: Arc<AtomicU64>,
+}
+
+/// One reading of [`RunCounters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FrameCounts {
+    pub received: u64,
+    pub dropped_at_door: u64,
+    pub read: u64,
+    pub dropped_inside: u64,
+    pub skipped: u64,
+    pub processed: u64,
+}
+
+impl FrameCounts {
+    /// Dropped anywhere.
+    pub fn dropped(&self) -> u64 {
+        self.dropped_at_door + self.dropped_inside
+    }
+}
+
+impl RunCounters {
+    pub fn get(&self) -> FrameCounts {
+        let v = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        FrameCounts {
+            received: v(&self.received),
+            dropped_at_door: v(&self.dropped_at_door),
+            read: v(&self.read),
+            dropped_inside: v(&self.dropped_inside),
+            skipped: v(&self.skipped),
+            processed: v(&self.processed),
+        }
+    }
+
+    pub(crate) fn add(a: &AtomicU64) {
+        a.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Counts and timings of a finished run (the body of `run.json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct RunSummary {
     pub source: String,
     pub live: bool,
+    /// See [`RunCounters`].
+    pub frames_received: u64,
     pub frames_read: u64,
     pub frames_processed: u64,
+    /// At the door and inside.
     pub frames_dropped: u64,
+    pub frames_dropped_at_door: u64,
+    pub frames_dropped_inside: u64,
     pub frames_skipped: u64,
     pub interrupted: bool,
     pub wall_s: f64,
@@ -77,6 +141,9 @@ pub struct RunSummary {
     pub median_reprojection_px: Option<f64>,
     pub median_tracked_points: Option<usize>,
     pub error: Option<String>,
+    /// What the end of the run wrote to the output folder (set by the file outputs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub outputs: Option<OutputsReport>,
     pub config: serde_json::Value,
 }
 

@@ -4,68 +4,53 @@
 
 use std::io::Cursor;
 
-use image::{ImageFormat, ImageReader, Limits, RgbImage};
+use image::{ImageFormat, ImageReader, RgbImage};
 
-/// Largest accepted side of a frame, pixels.
-pub const MAX_SIDE: u32 = 8192;
-/// Largest accepted frame area, pixels (a 8K UHD frame is 33.2 M).
-pub const MAX_PIXELS: u64 = 40_000_000;
-/// Smallest accepted side (the flow pyramid needs a few levels).
-pub const MIN_SIDE: u32 = 16;
+use streamrecon_core::frame::check_frame_size;
+use streamrecon_datasets::formats::rgb::decode_rgb;
 
 /// Why a frame was refused; the message names what was wrong with it.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct FrameError(pub String);
 
-fn check_size(width: u32, height: u32) -> Result<(), FrameError> {
-    if width < MIN_SIDE || height < MIN_SIDE {
-        return Err(FrameError(format!(
-            "frame of {width}x{height} is too small ({MIN_SIDE}x{MIN_SIDE} at least)"
-        )));
-    }
-    if width > MAX_SIDE || height > MAX_SIDE || u64::from(width) * u64::from(height) > MAX_PIXELS {
-        return Err(FrameError(format!(
-            "frame of {width}x{height} is too large (at most {MAX_SIDE} a side and {MAX_PIXELS} pixels)"
-        )));
-    }
-    Ok(())
-}
-
-/// Decodes a PNG or JPEG frame; its declared size is checked before anything is decoded.
+/// Decodes a PNG or JPEG frame; its declared size is checked against the limits and against
+/// `session_size` (a session's frames keep its first frame's size) before anything is decoded.
 ///
 /// # Errors
-/// Not a PNG/JPEG, a header that cannot be read, a size out of bounds, or corrupt data.
-pub fn decode_encoded(bytes: &[u8]) -> Result<RgbImage, FrameError> {
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| FrameError(format!("cannot read the frame: {e}")))?;
-    match reader.format() {
-        Some(ImageFormat::Png | ImageFormat::Jpeg) => {}
-        _ => {
-            return Err(FrameError(
-                "frame is not a PNG or JPEG image (raw RGB needs content-type image/x-raw-rgb)"
-                    .into(),
-            ))
-        }
-    }
-    let (w, h) = ImageReader::new(Cursor::new(bytes))
+/// Not a PNG/JPEG, a header that cannot be read, a size out of bounds or not the session's, or
+/// corrupt data.
+pub fn decode_encoded(
+    bytes: &[u8],
+    session_size: Option<(u32, u32)>,
+) -> Result<RgbImage, FrameError> {
+    let format = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| FrameError(format!("cannot read the frame: {e}")))?
-        .into_dimensions()
-        .map_err(|e| FrameError(format!("frame header is not readable: {e}")))?;
-    check_size(w, h)?;
-    let mut reader = reader;
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    // RGBA at 16 bits per channel is the widest a PNG decodes to.
-    limits.max_alloc = Some(MAX_PIXELS * 8);
-    reader.limits(limits);
-    let image = reader
-        .decode()
-        .map_err(|e| FrameError(format!("frame of {w}x{h} does not decode: {e}")))?;
-    Ok(image.into_rgb8())
+        .format();
+    if !matches!(format, Some(ImageFormat::Png | ImageFormat::Jpeg)) {
+        return Err(FrameError(
+            "frame is not a PNG or JPEG image (raw RGB needs content-type image/x-raw-rgb)".into(),
+        ));
+    }
+    decode_rgb(bytes, |w, h| check_session_size((w, h), session_size)).map_err(FrameError)
+}
+
+/// A frame's size against its session's.
+///
+/// # Errors
+/// The sizes differ.
+pub fn check_session_size(
+    dims: (u32, u32),
+    session_size: Option<(u32, u32)>,
+) -> Result<(), String> {
+    match session_size {
+        Some(first) if first != dims => Err(format!(
+            "frame is {}x{} but this session's frames are {}x{}",
+            dims.0, dims.1, first.0, first.1
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// A raw frame: `width × height × 3` bytes, row-major RGB.
@@ -73,7 +58,7 @@ pub fn decode_encoded(bytes: &[u8]) -> Result<RgbImage, FrameError> {
 /// # Errors
 /// A size out of bounds, or a body whose length is not exactly the declared size.
 pub fn decode_raw(bytes: Vec<u8>, width: u32, height: u32) -> Result<RgbImage, FrameError> {
-    check_size(width, height)?;
+    check_frame_size(width, height).map_err(FrameError)?;
     let want = u64::from(width) * u64::from(height) * 3;
     if bytes.len() as u64 != want {
         return Err(FrameError(format!(
@@ -116,18 +101,26 @@ mod tests {
 
     #[test]
     fn declared_sizes_are_checked_before_decoding() {
-        let e = decode_encoded(&png_header_only(100_000, 100_000)).unwrap_err();
+        let e = decode_encoded(&png_header_only(100_000, 100_000), None).unwrap_err();
         assert!(e.0.contains("100000x100000 is too large"), "{e}");
-        let e = decode_encoded(&png_header_only(0, 0)).unwrap_err();
+        let e = decode_encoded(&png_header_only(0, 0), None).unwrap_err();
         assert!(e.0.contains("frame"), "{e}");
-        let e = decode_encoded(&png_header_only(8, 8)).unwrap_err();
+        let e = decode_encoded(&png_header_only(8, 8), None).unwrap_err();
         assert!(e.0.contains("too small"), "{e}");
         // A plausible size with too little data is corrupt, not a panic.
-        let e = decode_encoded(&png_header_only(64, 48)).unwrap_err();
+        let e = decode_encoded(&png_header_only(64, 48), None).unwrap_err();
         assert!(e.0.contains("64x48 does not decode"), "{e}");
-        assert!(decode_encoded(&png_header_only(16, 16)).is_ok());
-        assert!(decode_encoded(b"GIF89a....").is_err());
-        assert!(decode_encoded(b"").is_err());
+        assert!(decode_encoded(&png_header_only(16, 16), None).is_ok());
+        assert!(decode_encoded(b"GIF89a....", None).is_err());
+        // A session's size is checked from the header too: a small upload declaring a large
+        // frame is refused before its pixels are allocated.
+        let e = decode_encoded(&png_header_only(6000, 6000), Some((320, 240))).unwrap_err();
+        assert!(
+            e.0.contains("frame is 6000x6000 but this session's frames are 320x240"),
+            "{e}"
+        );
+        assert!(decode_encoded(&png_header_only(16, 16), Some((16, 16))).is_ok());
+        assert!(decode_encoded(b"", None).is_err());
     }
 
     #[test]

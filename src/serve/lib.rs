@@ -37,7 +37,7 @@ use serde_json::json;
 
 use streamrecon_core::error::{Error, Result};
 use streamrecon_pipeline::source::PushedFrame;
-use streamrecon_pipeline::{self as pipeline, FrameResult, RunOptions};
+use streamrecon_pipeline::{self as pipeline, FrameResult, RunCounters, RunOptions};
 
 /// The request a session was made with, kept in its folder so it can be resumed.
 const SESSION_FILE: &str = "session.json";
@@ -111,14 +111,17 @@ struct Session {
     results: Arc<Mutex<VecDeque<FrameResult>>>,
     /// Moves results from the pipeline into `results`; ends after the pipeline.
     collector: Mutex<Option<JoinHandle<()>>>,
-    received: AtomicU64,
-    dropped: AtomicU64,
+    /// The session's frame counts: the door's (received, dropped at the door) and the
+    /// pipeline's, one set.
+    counters: RunCounters,
     pipeline: Mutex<Option<JoinHandle<std::result::Result<serde_json::Value, String>>>>,
     summary: Mutex<Option<serde_json::Value>>,
     /// Ends a server-side source's reading (pushed streams end when `tx` is dropped).
     stop: Arc<AtomicBool>,
     /// Size of the session's frames, fixed by the first one.
     size: Mutex<Option<(u32, u32)>>,
+    /// The last accepted frame's `x-timestamp`: the next must be later.
+    last_timestamp: Mutex<Option<f64>>,
     /// The server-side source, if the session reads one.
     source: Option<String>,
     /// The frame number a resumed session continued at.
@@ -139,12 +142,12 @@ impl Session {
             rx_drop: rx,
             results: Arc::new(Mutex::new(VecDeque::new())),
             collector: Mutex::new(None),
-            received: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
+            counters: RunCounters::default(),
             pipeline: Mutex::new(None),
             summary: Mutex::new(Some(summary)),
             stop: Arc::new(AtomicBool::new(true)),
             size: Mutex::new(None),
+            last_timestamp: Mutex::new(None),
             source: None,
             resumed_at: None,
             lossless: false,
@@ -228,8 +231,13 @@ async fn push_frame(
         Some(v) => Some(
             v.parse::<f64>()
                 .ok()
-                .filter(|t| t.is_finite())
-                .ok_or_else(|| bad("x-timestamp must be seconds, a finite number".into()))?,
+                .filter(|t| (0.0..=MAX_TIMESTAMP_S).contains(t))
+                .ok_or_else(|| {
+                    bad(format!(
+                        "x-timestamp must be seconds from 0 to {MAX_TIMESTAMP_S:e}, got {}",
+                        v.chars().take(40).collect::<String>()
+                    ))
+                })?,
         ),
         None => None,
     };
@@ -270,28 +278,38 @@ async fn ingest(
         ApiError(StatusCode::CONFLICT, format!("session {id} {why}"))
     })?;
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
+    // The session's size is known from its first frame: later ones are checked against it
+    // from their header, before decoding.
+    let session_size = *lock(&s.size);
     // Decoding off the async workers: a large JPEG takes milliseconds.
     let image = tokio::task::spawn_blocking(move || match raw {
-        Some((w, h)) => frames::decode_raw(body.to_vec(), w, h),
-        None => frames::decode_encoded(&body),
+        Some((w, h)) => frames::check_session_size((w, h), session_size)
+            .map_err(frames::FrameError)
+            .and_then(|()| frames::decode_raw(body.to_vec(), w, h)),
+        None => frames::decode_encoded(&body, session_size),
     })
     .await
     .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
     .map_err(|e| bad(e.0))?;
     let dims = image.dimensions();
     {
-        // One size per session: the engines keep per-pixel state.
+        // One size per session: the engines keep per-pixel state. Two first frames decoded at
+        // once are settled here.
         let mut size = lock(&s.size);
-        match *size {
-            Some(first) if first != dims => {
+        frames::check_session_size(dims, *size).map_err(bad)?;
+        size.get_or_insert(dims);
+    }
+    if let Some(t) = timestamp {
+        // Time runs forward in a stream: the trajectory and its evaluation match by time.
+        let mut last = lock(&s.last_timestamp);
+        if let Some(prev) = *last {
+            if t <= prev {
                 return Err(bad(format!(
-                    "frame is {}x{} but this session's frames are {}x{}",
-                    dims.0, dims.1, first.0, first.1
-                )))
+                    "x-timestamp {t} is not after the previous frame's {prev}"
+                )));
             }
-            Some(_) => {}
-            None => *size = Some(dims),
         }
+        *last = Some(t);
     }
     let intrinsics = s
         .intrinsics
@@ -308,7 +326,7 @@ async fn ingest(
         timestamp,
         intrinsics,
     };
-    s.received.fetch_add(1, Ordering::Relaxed);
+    s.counters.received.fetch_add(1, Ordering::Relaxed);
     let mut waited = std::time::Duration::ZERO;
     loop {
         match tx.try_send(frame) {
@@ -327,7 +345,7 @@ async fn ingest(
             Err(TrySendError::Full(f)) => {
                 // Latest wins: the oldest queued frame makes room.
                 if s.rx_drop.try_recv().is_ok() {
-                    s.dropped.fetch_add(1, Ordering::Relaxed);
+                    s.counters.dropped_at_door.fetch_add(1, Ordering::Relaxed);
                 }
                 frame = f;
             }
@@ -339,11 +357,12 @@ async fn ingest(
             }
         }
     }
-    Ok((
-        s.received.load(Ordering::Relaxed),
-        s.dropped.load(Ordering::Relaxed),
-    ))
+    let n = s.counters.get();
+    Ok((n.received, n.dropped()))
 }
+
+/// Latest accepted `x-timestamp`, seconds (Unix time in the year 2286).
+const MAX_TIMESTAMP_S: f64 = 1e10;
 
 /// How long a lossless upload waits for room in its session's queue.
 const LOSSLESS_WAIT: std::time::Duration = std::time::Duration::from_mins(1);
@@ -354,16 +373,19 @@ const RAW_RGB: &str = "image/x-raw-rgb";
 fn status_json(s: &Session) -> serde_json::Value {
     let results = lock(&s.results);
     let elapsed = s.started.elapsed().as_secs_f64();
-    let processed = results.back().map_or(0, |r| r.index + 1);
+    let n = s.counters.get();
     json!({
         "id": s.id,
         "running": s.running(),
         "source": s.source,
         "resumed_at": s.resumed_at,
-        "frames_received": s.received.load(Ordering::Relaxed),
-        "frames_dropped": s.dropped.load(Ordering::Relaxed),
-        "frames_processed": processed,
-        "fps": if elapsed > 0.0 { processed as f64 / elapsed } else { 0.0 },
+        "frames_received": n.received,
+        "frames_dropped": n.dropped(),
+        "frames_dropped_at_door": n.dropped_at_door,
+        "frames_dropped_inside": n.dropped_inside,
+        "frames_skipped": n.skipped,
+        "frames_processed": n.processed,
+        "fps": if elapsed > 0.0 { n.processed as f64 / elapsed } else { 0.0 },
         "last": results.back(),
         "summary": *lock(&s.summary),
     })
@@ -499,12 +521,20 @@ async fn download(
         ));
     }
     let path = state.config.data_dir.join(&s.id).join(&name);
-    let bytes = tokio::fs::read(&path).await.map_err(|_| {
+    let not_yet = || {
         ApiError(
             StatusCode::NOT_FOUND,
             format!("{name} is not written yet (outputs appear when the session closes)"),
         )
-    })?;
+    };
+    // Only the regular files the run wrote: a link put in the folder is not followed.
+    let regular = tokio::fs::symlink_metadata(&path)
+        .await
+        .is_ok_and(|m| m.file_type().is_file());
+    if !regular {
+        return Err(not_yet());
+    }
+    let bytes = tokio::fs::read(&path).await.map_err(|_| not_yet())?;
     Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
 }
 
@@ -533,7 +563,40 @@ fn router(state: Shared) -> Router {
         .route("/health", get(|| async { "ok" }))
         .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
         .merge(api)
+        .layer(middleware::map_response(json_errors))
         .with_state(state)
+}
+
+/// axum's own rejections (malformed JSON, a wrong content type, a body over the limit, an
+/// unknown route) answer in plain text; the API's errors are JSON, so those are wrapped:
+/// `{"error": "<the text>"}`, the status kept.
+async fn json_errors(res: Response) -> Response {
+    let status = res.status();
+    let is_json = res
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_string())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    parts.headers.remove(header::CONTENT_LENGTH);
+    parts.headers.remove(header::CONTENT_TYPE);
+    let mut res = (status, Json(json!({ "error": message }))).into_response();
+    for (k, v) in &parts.headers {
+        res.headers_mut().entry(k).or_insert_with(|| v.clone());
+    }
+    res
 }
 
 /// Runs the service until `shutdown` resolves; then closes every session (their outputs are

@@ -3,7 +3,6 @@
 //! frame to result, over the results the session still holds.
 
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -32,13 +31,22 @@ const STAGES: [(&str, StageMs); 4] = [
 
 impl Session {
     fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.counters.get().received
     }
     fn dropped(&self) -> u64 {
-        self.dropped.load(Ordering::Relaxed)
+        self.counters.get().dropped()
+    }
+    fn dropped_at_door(&self) -> u64 {
+        self.counters.get().dropped_at_door
+    }
+    fn dropped_inside(&self) -> u64 {
+        self.counters.get().dropped_inside
+    }
+    fn skipped(&self) -> u64 {
+        self.counters.get().skipped
     }
     pub(super) fn processed(&self) -> u64 {
-        lock(&self.results).back().map_or(0, |r| r.index + 1)
+        self.counters.get().processed
     }
 }
 
@@ -54,9 +62,12 @@ pub(super) async fn page(State(state): State<Shared>) -> String {
         "streamrecon_sessions{{state=\"stopped\"}} {}",
         sessions.len() - running
     );
-    let counters: [(&str, Counter); 3] = [
+    let counters: [(&str, Counter); 6] = [
         ("frames_received", Session::received),
         ("frames_dropped", Session::dropped),
+        ("frames_dropped_at_door", Session::dropped_at_door),
+        ("frames_dropped_inside", Session::dropped_inside),
+        ("frames_skipped", Session::skipped),
         ("frames_processed", Session::processed),
     ];
     for (name, f) in counters {

@@ -2,7 +2,7 @@
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -16,7 +16,7 @@ use serde_json::json;
 use streamrecon_pipeline::options::{FlowEngineName, GeometryEngineName, PATH_OPTIONS};
 use streamrecon_pipeline::source::{PushedFrame, Source, SourceOptions, SourceSpec};
 use streamrecon_pipeline::{
-    self as pipeline, FrameResult, PipelineConfig, ResultDetail, RunOptions,
+    self as pipeline, FrameResult, PipelineConfig, ResultDetail, RunCounters, RunOptions,
 };
 use streamrecon_viewer::RerunTarget;
 
@@ -24,6 +24,9 @@ use super::{
     lock, valid_id, ApiError, AppState, Session, Shared, DETAIL_KEPT, FRAME_QUEUE, RESULT_POINTS,
     RESULT_RING, SESSION_FILE,
 };
+
+/// Longest session name, characters.
+const MAX_NAME_CHARS: usize = 200;
 
 /// `POST /sessions` body; every field optional. Besides the service's own fields, any key of
 /// [`RunOptions`] (the options `streamrecon run` takes, by the same names) over the server's;
@@ -152,6 +155,19 @@ pub(super) fn start_session(
     resumed_at: Option<u64>,
 ) -> std::result::Result<(), ApiError> {
     let internal = |e: String| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e);
+    if let Some(name) = &req.name {
+        // The name is logged and shown: short, one line.
+        if name.chars().count() > MAX_NAME_CHARS || name.chars().any(char::is_control) {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "name must be at most {MAX_NAME_CHARS} characters with no control characters \
+                     (got {} bytes)",
+                    name.len()
+                ),
+            ));
+        }
+    }
     let options = req
         .run_options(&state.config.options)
         .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
@@ -209,6 +225,7 @@ pub(super) fn start_session(
             pushed
         }
     };
+    let counters = RunCounters::default();
     let (res_tx, res_rx) = bounded::<FrameResult>(256);
     let results = Arc::new(Mutex::new(VecDeque::new()));
     let collector = {
@@ -247,6 +264,7 @@ pub(super) fn start_session(
             depth_stride: req.result_depth_stride.unwrap_or(0),
         },
         results: Some(res_tx),
+        counters: Some(counters.clone()),
         // Live sessions: short queues between stages, so a result is about the frame just sent.
         channel_capacity: if req.lossless == Some(true) { 4 } else { 1 },
         snapshot_every: if options.snapshot_every > 0 {
@@ -286,12 +304,12 @@ pub(super) fn start_session(
         rx_drop: rx,
         results,
         collector: Mutex::new(Some(collector)),
-        received: AtomicU64::new(0),
-        dropped: AtomicU64::new(0),
+        counters,
         pipeline: Mutex::new(Some(handle)),
         summary: Mutex::new(None),
         stop,
         size: Mutex::new(None),
+        last_timestamp: Mutex::new(None),
         source: req.source.clone(),
         resumed_at,
         lossless: req.lossless == Some(true),

@@ -87,6 +87,15 @@ pub(super) struct Chain {
 }
 
 impl Chain {
+    /// A chain to `key` with its data as they were (a snapshot's).
+    pub(super) fn from_data(key: u64, data: Vec<f32>) -> Self {
+        Self {
+            key,
+            scratch: vec![0.0; data.len()],
+            data,
+        }
+    }
+
     pub(super) fn new(key: u64, w: usize, h: usize) -> Self {
         let mut data = vec![0.0f32; w * h * 3];
         for px in data.chunks_exact_mut(3) {

@@ -23,7 +23,6 @@ use std::collections::{BTreeMap, VecDeque};
 
 use nalgebra::{Matrix3, Point3, Vector3};
 use rayon::prelude::*;
-use serde::{Deserialize, Serialize};
 
 use super::cv;
 use super::novelty::{NoveltyConfig, NoveltyMeter};
@@ -39,6 +38,7 @@ mod chain;
 mod config;
 mod dense;
 mod mapping;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 
@@ -115,6 +115,10 @@ pub struct FlowVo {
     recent_steps: VecDeque<f64>,
     /// Novelty weight of recent frames (pose-adaptive mode only), for the bundle adjustment.
     novelty_weights: BTreeMap<u64, f64>,
+    /// The last frame pushed (kept for snapshots).
+    last_frame: Option<Frame>,
+    /// After a restore, the snapshot's last frame, until the pipeline takes it.
+    resume_frame: Option<Frame>,
 }
 
 /// Steps remembered for the jump check.
@@ -151,6 +155,8 @@ impl FlowVo {
             keyframe_base: 0,
             recent_steps: VecDeque::new(),
             novelty_weights: BTreeMap::new(),
+            last_frame: None,
+            resume_frame: None,
         }
     }
 
@@ -660,72 +666,22 @@ impl FlowVo {
     }
 }
 
-/// What a flowvo snapshot keeps: enough to continue as a new map segment at the last pose with
-/// the same scale (the tracks and map are not kept: a resumed stream has a gap anyway).
-#[derive(Serialize, Deserialize)]
-struct FlowVoState {
-    next_source_index: u64,
-    segment: u32,
-    median_depth: f64,
-    /// world_from_cam of the last posed frame: tx ty tz qx qy qz qw.
-    last_pose: [f64; 7],
-}
-
 impl GeometryEngine for FlowVo {
     fn name(&self) -> &'static str {
         "flowvo"
     }
 
     fn snapshot(&self, path: &std::path::Path, next_source_index: u64) -> Result<bool> {
-        let last = self
-            .poses
-            .values()
-            .next_back()
-            .copied()
-            .unwrap_or(self.segment_origin);
-        let (t, q) = (last.translation.vector, last.rotation.coords);
-        let state = FlowVoState {
-            next_source_index,
-            segment: self.segment,
-            median_depth: self.median_depth,
-            last_pose: [t.x, t.y, t.z, q.x, q.y, q.z, q.w],
-        };
-        let owner = serde_json::to_value(&state).map_err(|e| Error::Geometry(e.to_string()))?;
-        super::write_snapshot_meta(
-            path,
-            &serde_json::json!({ "engine": "flowvo", "owner": owner }),
-        )?;
+        self.write_snapshot(path, next_source_index)?;
         Ok(true)
     }
 
     fn restore(&mut self, path: &std::path::Path) -> Result<u64> {
-        let meta = super::read_snapshot_meta(path)?;
-        if meta["engine"] != "flowvo" {
-            return Err(Error::format(path, "not a flowvo snapshot"));
-        }
-        let s: FlowVoState = serde_json::from_value(meta["owner"].clone())
-            .map_err(|e| Error::format(path, format!("flowvo snapshot: {e}")))?;
-        let [x, y, z, qx, qy, qz, qw] = s.last_pose;
-        if !(s.last_pose.iter().all(|v| v.is_finite()) && s.median_depth > 0.0) {
-            return Err(Error::format(
-                path,
-                "flowvo snapshot with a non-finite pose",
-            ));
-        }
-        // The next frame starts a new segment where the last one ended, at the same scale.
-        self.segment_origin = Pose::from_parts(
-            nalgebra::Translation3::new(x, y, z),
-            nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(qw, qx, qy, qz)),
-        );
-        self.segment = s.segment + 1;
-        self.median_depth = s.median_depth;
-        self.started = false;
-        log::info!(
-            "flowvo: resuming as map segment {} at frame {}",
-            self.segment,
-            s.next_source_index
-        );
-        Ok(s.next_source_index)
+        self.restore_snapshot(path)
+    }
+
+    fn take_resume_frame(&mut self) -> Option<Frame> {
+        self.resume_frame.take()
     }
 
     fn push(&mut self, frame: &Frame, flow: Option<&PairFlow>) -> Result<Vec<FrameGeometry>> {
@@ -741,6 +697,13 @@ impl GeometryEngine for FlowVo {
                 frame.index, k.width, k.height
             )));
         }
+        // The frame a snapshot hands to the flow stage of a resumed run (without its ground
+        // truth: the image is what the flow needs).
+        self.last_frame = Some(Frame {
+            gt: None,
+            image: frame.image.clone(),
+            ..*frame
+        });
         if !self.started {
             self.started = true;
             self.last_index = Some(frame.index);

@@ -4,17 +4,19 @@
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use serde::Serialize;
 
 use streamrecon_core::cloud::PointCloud;
 use streamrecon_core::error::{Error, Result};
-use streamrecon_core::frame::{Intrinsics, Pose};
+use streamrecon_core::frame::{pose_from_array, pose_to_array, Intrinsics, Pose};
 use streamrecon_core::io_util::{create_dir, write_atomic, write_bytes_atomic};
 use streamrecon_datasets::formats::{depth, ply, tum};
 
 use super::{FrameOutput, RunEnd, Sink};
 use crate::snapshot::{PendingSnapshot, SnapshotSlot};
+use crate::summary::RunSummary;
 
 /// Intrinsics reported for both resolutions.
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -49,6 +51,71 @@ pub struct RunOutputs {
     dir: PathBuf,
     depth_every: u64,
     poses: Vec<Posed>,
+    depth_written: u64,
+}
+
+/// What a run's end wrote to its output folder and what it could not (`run.json`'s `outputs`;
+/// the command line's last line).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct OutputsReport {
+    pub dir: PathBuf,
+    /// Files written at the end, in order.
+    pub written: Vec<String>,
+    /// Files that could not be written, with why.
+    pub not_written: Vec<(String, String)>,
+    /// Depth maps written during the run.
+    pub depth_maps: u64,
+    /// Where `run.json` went when the output folder could not take it.
+    pub run_json_elsewhere: Option<PathBuf>,
+}
+
+impl OutputsReport {
+    fn note(&mut self, file: &str, r: Result<()>) {
+        match r {
+            Ok(()) => self.written.push(file.to_string()),
+            Err(e) => {
+                log::error!("{file} not written: {e}");
+                self.not_written.push((file.to_string(), e.to_string()));
+            }
+        }
+    }
+
+    /// "not written: …" when something is missing.
+    fn missing(&self) -> Option<String> {
+        (!self.not_written.is_empty()).then(|| {
+            let files: Vec<String> = self
+                .not_written
+                .iter()
+                .map(|(f, why)| format!("{f} ({why})"))
+                .collect();
+            format!("outputs not written: {}", files.join(", "))
+        })
+    }
+
+    /// One line: the folder, what is in it, what is not, and where run.json went if elsewhere.
+    pub fn describe(&self) -> String {
+        let mut line = format!("outputs in {}: ", self.dir.display());
+        let mut written = self.written.clone();
+        if self.depth_maps > 0 {
+            written.push(format!("{} depth maps", self.depth_maps));
+        }
+        line += &if written.is_empty() {
+            "nothing written".to_string()
+        } else {
+            written.join(", ")
+        };
+        if let Some(m) = self.missing() {
+            let _ = write!(line, "; {m}");
+        }
+        if let Some(p) = &self.run_json_elsewhere {
+            let _ = write!(line, "; run.json written to {} instead", p.display());
+        }
+        line
+    }
+}
+
+fn json_bytes(v: &impl Serialize) -> Result<Vec<u8>> {
+    serde_json::to_vec_pretty(v).map_err(|e| Error::Invalid(e.to_string()))
 }
 
 impl RunOutputs {
@@ -69,6 +136,7 @@ impl RunOutputs {
             dir: dir.to_path_buf(),
             depth_every,
             poses: Vec::new(),
+            depth_written: 0,
         })
     }
 
@@ -96,6 +164,7 @@ impl RunOutputs {
             if self.depth_every > 0 && index.is_multiple_of(self.depth_every) {
                 let p = self.dir.join("depth").join(format!("{index:06}.png"));
                 depth::write_millimetre_png(&p, k.width as usize, k.height as usize, mm)?;
+                self.depth_written += 1;
             }
         }
         Ok(())
@@ -111,26 +180,24 @@ impl RunOutputs {
         let rows: Vec<Checkpointed> = self
             .poses
             .iter()
-            .map(|p| {
-                let t = p.world_from_cam.translation.vector;
-                let q = p.world_from_cam.rotation.coords;
-                Checkpointed {
-                    index: p.index,
-                    timestamp: p.timestamp,
-                    pose: [t.x, t.y, t.z, q.x, q.y, q.z, q.w],
-                }
+            .map(|p| Checkpointed {
+                index: p.index,
+                timestamp: p.timestamp,
+                pose: pose_to_array(&p.world_from_cam),
             })
             .collect();
         let json = serde_json::to_vec(&rows).map_err(|e| Error::Invalid(e.to_string()))?;
         write_bytes_atomic(&self.dir.join(CHECKPOINT_FILE), &json)
     }
 
-    /// Takes back the checkpointed poses of frames before `next`; returns how many.
+    /// Takes back the checkpointed poses of frames before `next` from the checkpoint in `dir`
+    /// (the snapshot's folder: this run's, or the interrupted run's when this one writes
+    /// elsewhere); returns how many.
     ///
     /// # Errors
     /// A checkpoint that exists but cannot be read.
-    pub fn restore_checkpoint(&mut self, next: u64) -> Result<usize> {
-        let path = self.dir.join(CHECKPOINT_FILE);
+    pub fn restore_checkpoint(&mut self, next: u64, dir: &Path) -> Result<usize> {
+        let path = dir.join(CHECKPOINT_FILE);
         let bytes = match std::fs::read(&path) {
             Ok(b) => b,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
@@ -140,19 +207,13 @@ impl RunOutputs {
             .map_err(|e| Error::Invalid(format!("{}: {e}", path.display())))?;
         self.poses = rows
             .into_iter()
-            .filter(|r| r.index < next && r.pose.iter().all(|v| v.is_finite()))
-            .map(|r| {
-                let [x, y, z, qx, qy, qz, qw] = r.pose;
-                Posed {
+            .filter(|r| r.index < next)
+            .filter_map(|r| {
+                Some(Posed {
                     index: r.index,
                     timestamp: r.timestamp,
-                    world_from_cam: Pose::from_parts(
-                        nalgebra::Translation3::new(x, y, z),
-                        nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(
-                            qw, qx, qy, qz,
-                        )),
-                    ),
-                }
+                    world_from_cam: pose_from_array(r.pose)?,
+                })
             })
             .collect();
         Ok(self.poses.len())
@@ -172,44 +233,69 @@ impl RunOutputs {
             .collect()
     }
 
-    /// Writes every file that summarises the run.
-    ///
-    /// # Errors
-    /// Any file that cannot be written (the others are still attempted; the first error is returned).
+    /// Writes every file that summarises the run, each attempted whatever happened to the
+    /// others, `run.json` last with what the others did; says what was and was not written.
+    /// `run.json` goes to the system's temporary folder when the output folder cannot take it.
     pub fn finish(
         &self,
         cloud: &PointCloud,
         intrinsics: Option<&IntrinsicsReport>,
-        run_json: &impl Serialize,
-    ) -> Result<()> {
+        summary: &RunSummary,
+    ) -> OutputsReport {
         let stamped = self.stamped();
-        let mut first_err = None;
-        let mut note = |r: Result<()>| {
-            if let Err(e) = r {
-                log::error!("{e}");
-                first_err.get_or_insert(e);
-            }
+        let mut report = OutputsReport {
+            dir: self.dir.clone(),
+            depth_maps: self.depth_written,
+            ..OutputsReport::default()
         };
-        note(tum::write_tum(&self.dir.join("trajectory.txt"), &stamped));
-        note(write_bytes_atomic(
-            &self.dir.join("poses_kitti.txt"),
-            tum::kitti_poses_to_string(&stamped).as_bytes(),
-        ));
-        note(ply::write_ply(&self.dir.join("points.ply"), cloud));
+        report.note(
+            "trajectory.txt",
+            tum::write_tum(&self.dir.join("trajectory.txt"), &stamped),
+        );
+        report.note(
+            "poses_kitti.txt",
+            write_bytes_atomic(
+                &self.dir.join("poses_kitti.txt"),
+                tum::kitti_poses_to_string(&stamped).as_bytes(),
+            ),
+        );
+        report.note(
+            "points.ply",
+            ply::write_ply(&self.dir.join("points.ply"), cloud),
+        );
         if let Some(k) = intrinsics {
-            note(
-                serde_json::to_vec_pretty(k)
-                    .map_err(|e| Error::Invalid(e.to_string()))
+            report.note(
+                "intrinsics.json",
+                json_bytes(k)
                     .and_then(|j| write_bytes_atomic(&self.dir.join("intrinsics.json"), &j)),
             );
-            note(self.write_colmap(cloud, &k.model));
+            report.note("colmap/", self.write_colmap(cloud, &k.model));
         }
-        note(
-            serde_json::to_vec_pretty(run_json)
-                .map_err(|e| Error::Invalid(e.to_string()))
-                .and_then(|j| write_bytes_atomic(&self.dir.join("run.json"), &j)),
-        );
-        first_err.map_or(Ok(()), Err)
+        let mut summary = summary.clone();
+        if let Some(missing) = report.missing() {
+            summary.error = Some(match summary.error.take() {
+                Some(e) => format!("{e}; {missing}"),
+                None => missing,
+            });
+        }
+        summary.outputs = Some(report.clone());
+        let written = json_bytes(&summary).and_then(|j| {
+            write_bytes_atomic(&self.dir.join("run.json"), &j).or_else(|e| {
+                // Where the failure is recorded must not be the disk that failed.
+                let elsewhere = std::env::temp_dir()
+                    .join(format!("streamrecon-run-{}.json", std::process::id()));
+                log::error!("{e}; writing run.json to {} instead", elsewhere.display());
+                write_bytes_atomic(&elsewhere, &j)
+                    .map(|()| report.run_json_elsewhere = Some(elsewhere))
+                    .map_err(|e2| Error::Invalid(format!("{e}; and {e2}")))
+            })
+        });
+        if report.run_json_elsewhere.is_none() {
+            report.note("run.json", written);
+        } else if let Err(e) = written {
+            report.note("run.json", Err(e));
+        }
+        report
     }
 
     /// COLMAP text model: one PINHOLE camera, one image per frame, the fused points (no tracks).
@@ -274,6 +360,8 @@ impl RunOutputs {
 /// engine snapshot put in place once every frame before it is in them.
 pub struct FilesSink {
     outputs: RunOutputs,
+    /// What the end wrote, for the caller.
+    report: Arc<Mutex<Option<OutputsReport>>>,
     snapshot: SnapshotSlot,
     /// Source frames before this one have reached the outputs.
     handled_next: u64,
@@ -281,9 +369,15 @@ pub struct FilesSink {
 
 impl FilesSink {
     /// `resumed_at`: the source frame a resumed run starts at (0 for a new run).
-    pub(crate) fn new(outputs: RunOutputs, snapshot: SnapshotSlot, resumed_at: u64) -> Self {
+    pub(crate) fn new(
+        outputs: RunOutputs,
+        snapshot: SnapshotSlot,
+        resumed_at: u64,
+        report: Arc<Mutex<Option<OutputsReport>>>,
+    ) -> Self {
         Self {
             outputs,
+            report,
             snapshot,
             handled_next: resumed_at,
         }
@@ -310,6 +404,11 @@ impl Sink for FilesSink {
         // Every result the engine made has been through the sinks: the last snapshot can take
         // over.
         PendingSnapshot::commit(&self.snapshot, u64::MAX, &self.outputs);
-        self.outputs.finish(end.cloud, end.intrinsics, end.summary)
+        let report = self.outputs.finish(end.cloud, end.intrinsics, end.summary);
+        let missing = report.missing();
+        if let Ok(mut slot) = self.report.lock() {
+            *slot = Some(report);
+        }
+        missing.map_or(Ok(()), |m| Err(Error::Invalid(m)))
     }
 }

@@ -10,13 +10,16 @@ use std::time::Instant;
 use crossbeam_channel::{Receiver, Sender};
 
 use streamrecon_core::error::Result;
+use streamrecon_core::frame::Frame;
 use streamrecon_flow::{FlowEngine, PairFlow};
 
 use super::{spawn, ErrorSlot, FlowMsg, SourceMsg};
 
-/// Starts the flow thread.
+/// Starts the flow thread. `primer`: a frame the engine sees first and that goes no further (a
+/// resumed stream's last frame before its snapshot, so the first new frame's flow links to it).
 pub(crate) fn start(
     mut engine: Box<dyn FlowEngine>,
+    primer: Option<Frame>,
     rx: Receiver<SourceMsg>,
     tx: Sender<FlowMsg>,
     stop: Arc<AtomicBool>,
@@ -26,6 +29,15 @@ pub(crate) fn start(
         // Frames waiting for their incoming pair (t−1, t). Frames leave in order.
         let mut pending: VecDeque<FlowMsg> = VecDeque::new();
         let mut first: Option<u64> = None;
+        if let Some(p) = primer {
+            // Its own flows (none for a first frame) concern no frame that goes on.
+            if let Err(e) = engine.push(&p) {
+                log::warn!(
+                    "the resumed stream's last frame did not go through the flow engine: {e}"
+                );
+            }
+            first = Some(p.index);
+        }
         let attach = |pending: &mut VecDeque<FlowMsg>, pairs: Vec<PairFlow>| {
             for p in pairs {
                 if let Some(m) = pending.iter_mut().find(|m| m.frame.index == p.to) {

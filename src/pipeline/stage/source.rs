@@ -1,7 +1,7 @@
 //! The source thread: reads frames, skips the ones a resumed stream has seen, and hands them on;
 //! a live source drops the oldest waiting frame rather than fall behind.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -13,13 +13,16 @@ use streamrecon_core::frame::Intrinsics;
 
 use super::{spawn, ErrorSlot, SourceMsg};
 use crate::source::{Source, SourceItem};
+use crate::summary::RunCounters;
 
-/// What the source thread counts, read by the run's summary.
+/// What the source thread learns beside its counts, read by the run's summary.
 #[derive(Clone, Default)]
-pub(crate) struct SourceCounts {
-    pub(crate) read: Arc<AtomicU64>,
-    pub(crate) dropped: Arc<AtomicU64>,
-    pub(crate) skipped: Arc<AtomicU64>,
+pub(crate) struct SourceFacts {
+    pub(crate) counters: RunCounters,
+    /// Whether frames arrive through a door that counts them itself (pushed sources).
+    pub(crate) door_counts: bool,
+    /// Why the last skipped frame was skipped.
+    pub(crate) last_skip: Arc<Mutex<Option<String>>>,
     /// The source's intrinsics at its own resolution, and where they came from.
     pub(crate) original_k: Arc<Mutex<Option<(Intrinsics, &'static str)>>>,
 }
@@ -32,7 +35,7 @@ pub(crate) fn start(
     // A live source takes its oldest waiting frame back out of the channel (an offline one
     // holds no receiver, so a flow stage that stops ends its wait).
     rx: Option<Receiver<SourceMsg>>,
-    counts: SourceCounts,
+    counts: SourceFacts,
     stop: Arc<AtomicBool>,
     errors: ErrorSlot,
 ) -> Result<JoinHandle<()>> {
@@ -47,7 +50,10 @@ pub(crate) fn start(
                     if frame.source_index < resume_from {
                         continue;
                     }
-                    counts.read.fetch_add(1, Ordering::Relaxed);
+                    if !counts.door_counts {
+                        RunCounters::add(&counts.counters.received);
+                    }
+                    RunCounters::add(&counts.counters.read);
                     if let Ok(mut k) = counts.original_k.lock() {
                         if k.is_none() {
                             *k = source
@@ -66,7 +72,7 @@ pub(crate) fn start(
                                 Ok(()) => break,
                                 Err(TrySendError::Full(m)) => {
                                     if rx.try_recv().is_ok() {
-                                        counts.dropped.fetch_add(1, Ordering::Relaxed);
+                                        RunCounters::add(&counts.counters.dropped_inside);
                                     }
                                     msg = m;
                                 }
@@ -78,8 +84,14 @@ pub(crate) fn start(
                     }
                 }
                 Ok(SourceItem::Skipped { what }) => {
-                    log::warn!("skipped a corrupt frame: {what}");
-                    counts.skipped.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("skipped a frame: {what}");
+                    if !counts.door_counts {
+                        RunCounters::add(&counts.counters.received);
+                    }
+                    RunCounters::add(&counts.counters.skipped);
+                    if let Ok(mut w) = counts.last_skip.lock() {
+                        *w = Some(what);
+                    }
                 }
                 Err(e) => {
                     errors.set(e);
