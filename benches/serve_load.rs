@@ -92,11 +92,23 @@ fn run_pass(port: u16, frames: &[Vec<u8>], sessions: usize, fps: Option<f64>) ->
                         .iter()
                         .filter_map(|r| r["latency_ms"].as_f64())
                         .collect();
+                    // One set of counts: the status's and run.json's agree, and add up.
                     let (_, st) = http(port, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"");
-                    let at_door = json(&st)["frames_dropped"].as_u64().unwrap_or(0);
+                    let st = json(&st);
+                    let n = |v: &serde_json::Value, k: &str| v[k].as_u64().unwrap_or(0);
+                    for k in ["frames_received", "frames_processed", "frames_dropped"] {
+                        assert_eq!(n(&st, k), n(&summary, k), "{k}: status vs run.json");
+                    }
+                    assert_eq!(
+                        n(&summary, "frames_received"),
+                        n(&summary, "frames_processed")
+                            + n(&summary, "frames_dropped")
+                            + n(&summary, "frames_skipped"),
+                        "{summary}"
+                    );
                     (
-                        summary["frames_processed"].as_u64().unwrap_or(0),
-                        summary["frames_dropped"].as_u64().unwrap_or(0) + at_door,
+                        n(&summary, "frames_processed"),
+                        n(&summary, "frames_dropped"),
                         lat,
                     )
                 })

@@ -247,3 +247,47 @@ fn a_run_that_cannot_drain_in_its_grace_period_exits_and_says_so() {
         c => panic!("exit {c:?}: {stderr}"),
     }
 }
+
+#[test]
+fn a_video_whose_every_frame_is_undecodable_fails_and_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = sequence(dir.path(), 8);
+    let video = dir.path().join("cam.avi");
+    let Ok(st) = std::process::Command::new("ffmpeg")
+        .args(["-loglevel", "error", "-y", "-framerate", "30", "-i"])
+        .arg(seq.join("rgb/%06d.png"))
+        .args(["-c:v", "mjpeg", "-q:v", "3"])
+        .arg(&video)
+        .status()
+    else {
+        eprintln!("skipped: no ffmpeg to make the video");
+        return;
+    };
+    assert!(st.success());
+    // Every JPEG's headers overwritten after its start marker: the container is fine, no frame
+    // decodes.
+    let mut bytes = std::fs::read(&video).unwrap();
+    let mut at = 0;
+    let mut frames = 0;
+    while let Some(i) = bytes[at..].windows(3).position(|w| w == [0xFF, 0xD8, 0xFF]) {
+        let start = at + i + 2;
+        let end = (start + 600).min(bytes.len());
+        bytes[start..end].fill(0x55);
+        frames += 1;
+        at = end;
+    }
+    assert!(frames >= 8, "{frames} frames found");
+    std::fs::write(&video, bytes).unwrap();
+    let out = dir.path().join("out");
+    let e = run_err(&[
+        "run",
+        video.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("no frame could be processed (0 read") && e.contains("undecodable frame"),
+        "{e}"
+    );
+    assert!(run_json(&out)["error"].is_string());
+}

@@ -993,3 +993,94 @@ fn a_websocket_client_streams_frames_and_receives_results() {
     );
     assert_eq!(indices, (0..u64::from(frames)).collect::<Vec<_>>());
 }
+
+#[test]
+fn servers_killed_at_ten_frames_resume_both_engines_without_a_gap() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    let (w, c) = (
+        fixture.join("model.safetensors"),
+        fixture.join("config.json"),
+    );
+    let args: [&std::ffi::OsStr; 6] = [
+        "--weights".as_ref(),
+        w.as_os_str(),
+        "--model-config".as_ref(),
+        c.as_os_str(),
+        "--snapshot-every".as_ref(),
+        "2".as_ref(),
+    ];
+    let seq = dir.path().join("seq");
+    let frames = 30u32;
+    synth(
+        &seq,
+        &[
+            "--frames",
+            &frames.to_string(),
+            "--size",
+            "160x120",
+            "--seed",
+            "3",
+        ],
+    );
+    let frame = |i: u32| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+    for k in 0..10u32 {
+        let data = dir.path().join(format!("data-{k}"));
+        let killed_after = 6 + 2 * k;
+        let srv = start(&data, 2, &args);
+        let ids = [
+            create(srv.port, r#"{"geometry": "vggt", "lossless": true}"#),
+            create(srv.port, r#"{"lossless": true}"#),
+        ];
+        for i in 0..killed_after {
+            for id in &ids {
+                assert_eq!(push(srv.port, id, &frame(i), f64::from(i) / 30.0).0, 200);
+            }
+        }
+        // Killed while the last frames may still be in the pipelines (flowvo holds its
+        // first frames until its map starts, about frame 10 here).
+        wait_processed(srv.port, &ids[0], u64::from(killed_after - 2), 60);
+        if killed_after > 14 {
+            wait_processed(srv.port, &ids[1], u64::from(killed_after - 4), 60);
+        }
+        drop(srv);
+        let srv = start(&data, 2, &args);
+        let p = srv.port;
+        for (id, engine) in ids.iter().zip(["vggt", "flowvo"]) {
+            let s = status(p, id);
+            let Some(at) = s["resumed_at"].as_u64() else {
+                // Killed before its first snapshot took effect: nothing to resume.
+                assert_eq!(s["running"], false, "{engine}: {s}");
+                continue;
+            };
+            assert!(at <= u64::from(killed_after), "{engine}: {s}");
+            // A lossless client continues from where the session resumed (its status says).
+            for i in at as u32..frames {
+                assert_eq!(push(p, id, &frame(i), f64::from(i) / 30.0).0, 200);
+            }
+            let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+            assert_eq!(st, 200);
+            let summary = json(&body)["summary"].clone();
+            assert!(summary["error"].is_null(), "{engine}: {summary}");
+            assert_eq!(
+                summary["map_segments"], 1,
+                "{engine}, killed after {killed_after}: {summary}"
+            );
+            let (_, traj) = http(
+                p,
+                "GET",
+                &format!("/sessions/{id}/files/trajectory.txt"),
+                Some(TOKEN),
+                b"",
+            );
+            let traj = tum::tum_from_str(&String::from_utf8_lossy(&traj), Path::new("t")).unwrap();
+            // Every frame's pose once: none lost, none twice.
+            assert_eq!(
+                traj.len() as u32,
+                frames,
+                "{engine}, killed after {killed_after}, resumed at {at}"
+            );
+            eprintln!("{engine}: killed after {killed_after}, resumed at {at}");
+        }
+    }
+}
