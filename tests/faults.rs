@@ -62,30 +62,6 @@ fn options_that_can_produce_nothing_are_refused_before_any_work() {
     }
 }
 
-/// A valid PNG whose header declares `w × h` over a few bytes of data (a decompression bomb).
-fn png_declaring(w: u32, h: u32) -> Vec<u8> {
-    let mut png = Vec::new();
-    image::RgbImage::new(16, 16)
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
-    png[16..20].copy_from_slice(&w.to_be_bytes());
-    png[20..24].copy_from_slice(&h.to_be_bytes());
-    // IHDR's CRC covers its type and data (bytes 12..29).
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in &png[12..29] {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                0xEDB8_8320 ^ (crc >> 1)
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
-    png
-}
-
 #[test]
 fn a_source_with_no_usable_frame_fails_and_says_why() {
     let dir = tempfile::tempdir().unwrap();
@@ -94,7 +70,7 @@ fn a_source_with_no_usable_frame_fails_and_says_why() {
     for i in 0..3 {
         std::fs::write(
             imgs.join(format!("{i:03}.png")),
-            png_declaring(20_000, 20_000),
+            common::png_header_only(20_000, 20_000),
         )
         .unwrap();
     }

@@ -8,6 +8,7 @@ use std::process::Command;
 
 use streamrecon::datasets::formats::tum;
 
+mod common;
 mod serve_common;
 use serve_common::{
     create, http, http_with, json, png, post_json, push, start, status, synth, wait_processed,
@@ -409,31 +410,6 @@ fn a_stalled_client_does_not_stall_another_session() {
     drop(stalled);
 }
 
-/// A real 16×16 PNG whose header is rewritten to declare `w × h` (a decompression-bomb shape:
-/// valid chunks, a size far beyond its data).
-fn png_header_only(w: u32, h: u32) -> Vec<u8> {
-    let mut png = Vec::new();
-    image::RgbImage::new(16, 16)
-        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
-        .unwrap();
-    // IHDR data sits at bytes 16..29, its CRC (over type and data) at 29..33.
-    png[16..20].copy_from_slice(&w.to_be_bytes());
-    png[20..24].copy_from_slice(&h.to_be_bytes());
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in &png[12..29] {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 == 1 {
-                0xEDB8_8320 ^ (crc >> 1)
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
-    png
-}
-
 fn frame_image(w: u32, h: u32, i: u32) -> image::RgbImage {
     image::RgbImage::from_fn(w, h, |x, y| {
         image::Rgb([
@@ -467,13 +443,13 @@ fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
         // Checked against the session's size from the header, before 108 MB are decoded.
         (
             "6000x6000 PNG header",
-            png_header_only(6000, 6000),
+            common::png_header_only(6000, 6000),
             "frame is 6000x6000 but this session's frames are 96x64",
         ),
-        ("zero-size PNG", png_header_only(0, 0), "frame"),
+        ("zero-size PNG", common::png_header_only(0, 0), "frame"),
         (
             "100k x 100k PNG header",
-            png_header_only(100_000, 100_000),
+            common::png_header_only(100_000, 100_000),
             "too large",
         ),
         (
@@ -692,23 +668,26 @@ fn poses_through_the_api_match_ground_truth_like_a_run() {
     );
 }
 
+/// `serve` flags for vggt sessions on the tiny fixture model, with snapshots every `every`
+/// frames.
+fn vggt_server_args(every: u32) -> Vec<std::ffi::OsString> {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
+    vec![
+        "--weights".into(),
+        fixture.join("model.safetensors").into(),
+        "--model-config".into(),
+        fixture.join("config.json").into(),
+        "--snapshot-every".into(),
+        every.to_string().into(),
+    ]
+}
+
 #[test]
 fn a_killed_server_resumes_its_sessions_from_their_last_snapshot() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
-    let (w, c) = (
-        fixture.join("model.safetensors"),
-        fixture.join("config.json"),
-    );
-    let args: [&std::ffi::OsStr; 6] = [
-        "--weights".as_ref(),
-        w.as_os_str(),
-        "--model-config".as_ref(),
-        c.as_os_str(),
-        "--snapshot-every".as_ref(),
-        "4".as_ref(),
-    ];
+    let args = vggt_server_args(4);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsString::as_os_str).collect();
     let mut srv = start(&data, 2, &args);
     let p = srv.port;
     let id = create(p, r#"{"geometry": "vggt", "lossless": true}"#);
@@ -997,19 +976,8 @@ fn a_websocket_client_streams_frames_and_receives_results() {
 #[test]
 fn servers_killed_at_ten_frames_resume_both_engines_without_a_gap() {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/geometry-tiny");
-    let (w, c) = (
-        fixture.join("model.safetensors"),
-        fixture.join("config.json"),
-    );
-    let args: [&std::ffi::OsStr; 6] = [
-        "--weights".as_ref(),
-        w.as_os_str(),
-        "--model-config".as_ref(),
-        c.as_os_str(),
-        "--snapshot-every".as_ref(),
-        "2".as_ref(),
-    ];
+    let args = vggt_server_args(2);
+    let args: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsString::as_os_str).collect();
     let seq = dir.path().join("seq");
     let frames = 30u32;
     synth(

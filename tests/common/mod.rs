@@ -79,3 +79,28 @@ pub fn checkpoint_shapes(
         .collect();
     (map, v["num_entries"].as_u64().unwrap() as usize)
 }
+
+/// A real 16×16 PNG whose header is rewritten to declare `w × h` (a decompression-bomb shape:
+/// valid chunks, a size far beyond its data).
+pub fn png_header_only(w: u32, h: u32) -> Vec<u8> {
+    let mut png = Vec::new();
+    image::RgbImage::new(16, 16)
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    // IHDR data sits at bytes 16..29, its CRC (over type and data) at 29..33.
+    png[16..20].copy_from_slice(&w.to_be_bytes());
+    png[20..24].copy_from_slice(&h.to_be_bytes());
+    let mut crc = 0xFFFF_FFFFu32;
+    for &b in &png[12..29] {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 == 1 {
+                0xEDB8_8320 ^ (crc >> 1)
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    png[29..33].copy_from_slice(&(!crc).to_be_bytes());
+    png
+}

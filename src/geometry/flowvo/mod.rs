@@ -484,13 +484,17 @@ impl FlowVo {
         Some((depth, conf))
     }
 
-    fn lose_tracking(&mut self, frame: &Frame) {
-        let last = self
-            .poses
+    /// world_from_cam of the last posed frame (the segment's origin before any).
+    fn last_pose(&self) -> Pose {
+        self.poses
             .values()
             .next_back()
             .copied()
-            .unwrap_or(self.segment_origin);
+            .unwrap_or(self.segment_origin)
+    }
+
+    fn lose_tracking(&mut self, frame: &Frame) {
+        let last = self.last_pose();
         self.segment += 1;
         self.segment_origin = last;
         log::warn!(

@@ -69,12 +69,7 @@ struct LastFrame {
 
 impl FlowVo {
     pub(super) fn write_snapshot(&self, path: &std::path::Path, next: u64) -> Result<()> {
-        let last = self
-            .poses
-            .values()
-            .next_back()
-            .copied()
-            .unwrap_or(self.segment_origin);
+        let last = self.last_pose();
         let mut tensors = HashMap::new();
         let map = match (self.started, self.intrinsics, self.last_index) {
             (true, Some(intrinsics), Some(last_index)) => {
