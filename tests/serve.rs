@@ -103,6 +103,10 @@ fn a_session_streams_frames_to_results_and_outputs() {
     assert!(results
         .iter()
         .all(|r| r["translation"].as_array().unwrap().len() == 3));
+    // Each result carries the run's counts as it left: the last one's are the run's.
+    let last = &results.last().unwrap()["counts"];
+    assert_eq!(last["processed"], processed, "{last}");
+    assert_eq!(last["received"], 12, "{last}");
     let status = json(&http(p, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1);
     assert_eq!(status["running"], false);
     assert_eq!(

@@ -99,6 +99,7 @@ pub fn run_with(
     };
     let snapshot_slot = Arc::new(Mutex::new(None::<PendingSnapshot>));
     let outputs_report = Arc::new(Mutex::new(None));
+    let counters = config.counters.clone().unwrap_or_default();
     let mut sinks: Vec<SinkSlot> = Vec::new();
     let mut files_sink = None;
     if let Some(d) = &config.out_dir {
@@ -133,6 +134,7 @@ pub fn run_with(
         sinks.push(SinkSlot::new(Box::new(ResultsSink::new(
             tx.clone(),
             config.result_detail,
+            counters.clone(),
         ))));
     }
     if config.progress {
@@ -149,7 +151,6 @@ pub fn run_with(
     let pushed = source.is_pushed();
     let source_name = source.name().to_string();
     let errors = ErrorSlot::default();
-    let counters = config.counters.clone().unwrap_or_default();
     let counts = stage::source::SourceFacts {
         counters: counters.clone(),
         door_counts: pushed,
@@ -256,6 +257,8 @@ pub fn run_with(
             geometry_ms: r.geometry_ms,
             fusion_ms,
         };
+        // Counted before the sinks, so the results carry counts that include their frame.
+        RunCounters::add(&counters.processed);
         let failed_before = sink_error.is_some();
         for s in &mut sinks {
             s.call(&mut sink_error, |sink| sink.frame(&out));
@@ -264,7 +267,6 @@ pub fn run_with(
             stop.store(true, Ordering::SeqCst);
         }
         tally.add(&out, t1.elapsed().as_secs_f64() * 1e3);
-        RunCounters::add(&counters.processed);
         frames_since_tick += 1;
         let dt = last_tick.elapsed();
         if dt >= TICK {

@@ -8,6 +8,7 @@ use streamrecon_core::error::Result;
 use streamrecon_core::frame::Intrinsics;
 
 use super::{FrameOutput, RunEnd, Sink};
+use crate::summary::{FrameCounts, RunCounters};
 
 /// The optional parts of a [`FrameResult`].
 #[derive(Debug, Clone, Copy, Serialize, Default)]
@@ -54,6 +55,8 @@ pub struct FrameResult {
     pub colors: Vec<[u8; 3]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub depth: Option<DepthSample>,
+    /// The run's frame counts as this result left (this frame counted as processed).
+    pub counts: FrameCounts,
 }
 
 impl FrameResult {
@@ -69,11 +72,16 @@ impl FrameResult {
 pub struct ResultsSink {
     tx: Sender<FrameResult>,
     detail: ResultDetail,
+    counters: RunCounters,
 }
 
 impl ResultsSink {
-    pub fn new(tx: Sender<FrameResult>, detail: ResultDetail) -> Self {
-        Self { tx, detail }
+    pub fn new(tx: Sender<FrameResult>, detail: ResultDetail, counters: RunCounters) -> Self {
+        Self {
+            tx,
+            detail,
+            counters,
+        }
     }
 }
 
@@ -127,6 +135,7 @@ impl Sink for ResultsSink {
                 .copied()
                 .collect(),
             depth,
+            counts: self.counters.get(),
         });
         Ok(())
     }
