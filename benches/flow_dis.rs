@@ -1,8 +1,7 @@
 //! The `dis` engine against plain two-frame OpenCV DIS on synthetic sequences with exact flow:
 //! EPE and time per pair for each preset, and throughput at 640×480 and 1024×436. Plain DIS
-//! runs each preset as OpenCV defines it; the engine, refining at full resolution, stops
-//! `medium` at ¼ resolution (`dis::finest_scale`), while its "no refinement" and "bare" runs
-//! keep OpenCV's ½ and check, fuse and fill on DIS's own grid. The engine runs on its default
+//! runs each preset as OpenCV defines it, and so does the engine (its finest level is the
+//! preset's); its "no refinement" and "bare" runs check, fuse and fill on DIS's own grid. The engine runs on its default
 //! DIS (ours, `inverse_search.rs`); "on OpenCV's DIS" repeats a run with `--dis-backend opencv`
 //! (whose "bare" run, with none of the multi-frame steps, gives OpenCV's flow bit for bit).
 //!

@@ -504,11 +504,11 @@ fn dis_parameters_override_the_preset_and_bad_ones_are_refused() {
         finest_scale,
         ..DisConfig::default()
     };
-    // With refinement, `medium` stops DIS at ¼ resolution unless told otherwise.
+    // `medium` keeps its own finest level (½) with refinement too, unless told otherwise.
     let default = flows(medium(None));
     assert!(!default.is_empty());
-    assert_eq!(default, flows(medium(Some(2))));
-    assert_ne!(default, flows(medium(Some(1))));
+    assert_eq!(default, flows(medium(Some(1))));
+    assert_ne!(default, flows(medium(Some(2))));
     // A stride that leaves gaps between patches is refused, naming both values.
     let Err(e) = DisEngine::new(DisConfig {
         patch_stride: Some(8),

@@ -19,8 +19,8 @@
 //! candidate for every patch, at every level). Then, by default:
 //! 1. each direction is upsampled and refined at full resolution by a windowed Lucas–Kanade step
 //!    (`refine.rs`), from gradients and structure tensors made once per frame and used by both
-//!    pairs the frame is in (with it on, `medium` stops DIS at ¼ resolution like the other
-//!    presets, not at its own ½: the refinement does the last octave);
+//!    pairs the frame is in (every preset keeps its own finest level: `medium` stopped at ¼
+//!    once, which held on synthetic frames and failed on real ones, see [`finest_scale`]);
 //! 2. confidence and occlusion come from forward–backward consistency, and each direction is
 //!    refined by the other where they agree (symmetric fusion);
 //! 3. the forward flow's inconsistent pixels are filled from the previous pair's backward flow,
@@ -195,18 +195,13 @@ pub struct DisEngine {
     size: Option<(u32, u32)>,
 }
 
-/// DIS's finest pyramid level when the preset's is not overridden: with full-resolution
-/// refinement on, `medium` stops at ¼ resolution like the other presets (its own is ½), since
-/// the refinement does the last octave. That halves `medium`'s time for a small part of its
-/// accuracy (see `benches/flow_dis.rs`).
+/// DIS's finest pyramid level: the preset's unless overridden. `medium` used to stop at ¼
+/// resolution when refining (half its time on synthetic frames at the same EPE), but on real
+/// pairs with large displacements that made it worse than plain DIS: on the Middlebury
+/// motorcycle pair EPE 3.13 against 2.62, on aloe 28.2 against 18.5 (`benches/flow_real.rs`).
 fn finest_scale(c: &DisConfig) -> Option<i32> {
     c.finest_scale
-        .or((c.preset == DisPreset::Medium && c.refine_iterations > 0)
-            .then_some(MEDIUM_REFINED_FINEST))
 }
-
-/// See [`finest_scale`].
-const MEDIUM_REFINED_FINEST: i32 = 2;
 
 /// The coarsest finest level DIS may be given (the CLI's limit too).
 const MAX_SHIFT: u32 = 8;
