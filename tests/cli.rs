@@ -8,9 +8,16 @@ use std::time::{Duration, Instant};
 use streamrecon::datasets::formats::{ply, tum};
 use streamrecon::datasets::synth::TrajectoryKind;
 
+/// Checks a run's files; `frames` were processed. Returns run.json.
 fn check_outputs(out: &Path, frames: usize) -> serde_json::Value {
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let tracked = run["frames_tracked"].as_u64().unwrap() as usize;
+    let untracked = run["frames_untracked"].as_u64().unwrap() as usize;
+    assert_eq!(tracked + untracked, frames, "{run}");
     let traj = tum::read_tum(&out.join("trajectory.txt")).expect("trajectory.txt parses");
-    assert_eq!(traj.len(), frames, "one pose per processed frame");
+    assert_eq!(traj.len(), tracked, "one pose per tracked frame");
+    let frames = tracked;
     ply::read_ply(&out.join("points.ply")).expect("points.ply parses");
     for f in [
         "colmap/cameras.txt",
@@ -28,9 +35,10 @@ fn check_outputs(out: &Path, frames: usize) -> serde_json::Value {
         intr["original"]["fx"].as_f64().unwrap() > 0.0
             && intr["model"]["width"].as_u64().unwrap() > 0
     );
-    let run: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
-    assert_eq!(run["frames_processed"].as_u64().unwrap() as usize, frames);
+    assert_eq!(
+        run["frames_processed"].as_u64().unwrap() as usize,
+        tracked + untracked
+    );
     // The streaming rate leaves out start-up and the final cloud, so it is the higher one.
     let (fps, streaming) = (
         run["fps"].as_f64().unwrap(),
@@ -673,5 +681,84 @@ fn runs_killed_at_ten_frames_resume_the_same_map() {
                 serde_json::from_slice(&std::fs::read(target.join("run.json")).unwrap()).unwrap();
             assert_eq!(resumed["map_segments"], 1, "{engine}: {resumed}");
         }
+    }
+}
+
+/// `run`'s run.json and trajectory rows for a source.
+fn run_rows(source: &Path, out: &Path, extra: &[&str]) -> (serde_json::Value, usize) {
+    let o = common::bin()
+        .args([
+            "run",
+            source.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    let rows = tum::read_tum(&out.join("trajectory.txt")).unwrap().len();
+    (run, rows)
+}
+
+#[test]
+fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    // A camera that only turns, and one that does not move at all.
+    let turning = dir.path().join("turning");
+    common::write_sequence(
+        &turning,
+        &common::synth_config(TrajectoryKind::Rotation, 40, 160, 120, 2),
+    );
+    let still = dir.path().join("still");
+    std::fs::create_dir(&still).unwrap();
+    for i in 0..20 {
+        std::fs::copy(
+            turning.join("rgb/000000.png"),
+            still.join(format!("{i:06}.png")),
+        )
+        .unwrap();
+    }
+    let mut cases = vec![(turning, 40, "rotation only"), (still, 20, "static camera")];
+    // Real footage from opencv-doc, where it is installed.
+    let data = Path::new("/usr/share/doc/opencv-doc/examples/data");
+    for video in ["tree.avi", "vtest.avi"] {
+        if data.join(video).is_file() {
+            cases.push((data.join(video), 0, ""));
+        } else {
+            eprintln!("skipped {video}: opencv-doc is not installed");
+        }
+    }
+    for (i, (source, frames, why)) in cases.into_iter().enumerate() {
+        let out = dir.path().join(format!("out-{i}"));
+        let (run, rows) = run_rows(&source, &out, &["--max-frames", "60"]);
+        let n = |k: &str| run[k].as_u64().unwrap();
+        if frames > 0 {
+            assert_eq!(n("frames_processed"), frames, "{run}");
+        }
+        assert_eq!(
+            rows as u64,
+            n("frames_tracked"),
+            "{}: {run}",
+            source.display()
+        );
+        assert_eq!(
+            n("frames_tracked") + n("frames_untracked"),
+            n("frames_processed")
+        );
+        let reasons = run["untracked"].as_object().unwrap();
+        assert_eq!(
+            reasons.values().map(|v| v.as_u64().unwrap()).sum::<u64>(),
+            n("frames_untracked")
+        );
+        if !why.is_empty() {
+            assert_eq!(n("frames_tracked"), 0, "{run}");
+            assert!(reasons.keys().all(|k| k.starts_with(why)), "{run}");
+        }
+        let kitti = std::fs::read_to_string(out.join("poses_kitti.txt")).unwrap();
+        assert_eq!(kitti.lines().count(), rows);
+        eprintln!("{}: {rows} rows, {reasons:?}", source.display());
     }
 }

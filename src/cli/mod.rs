@@ -250,8 +250,7 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
     } else if s.frames_tracked == 0 {
         // The engine counts the segments it started; none of them made a map.
         println!(
-            "tracked 0 / {} frames: no map was initialised (flowvo needs the camera to move \
-             sideways, not only turn); {} points",
+            "tracked 0 / {} frames: no map was initialised; {} points",
             s.frames_processed, s.points
         );
     } else {
@@ -263,6 +262,18 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
             s.median_reprojection_px
                 .map_or("n/a".into(), |e| format!("{e:.2} px")),
             s.points
+        );
+    }
+    if s.frames_untracked > 0 {
+        let why: Vec<String> = s
+            .untracked
+            .iter()
+            .map(|(why, n)| format!("{n} {why}"))
+            .collect();
+        println!(
+            "{} frames have no pose (left out of the trajectory files): {}",
+            s.frames_untracked,
+            why.join("; ")
         );
     }
     match &s.outputs {

@@ -71,6 +71,20 @@ pub struct GeometryStats {
     /// degrees); 0 without stabilization.
     pub stabilize_translation: f64,
     pub stabilize_rotation_deg: f64,
+    /// Why a frame has no tracked pose (one of [`untracked`]'s reasons), when it has none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untracked_reason: Option<&'static str>,
+}
+
+/// Why frames have no tracked pose: what the engine saw while it waited for a map.
+pub mod untracked {
+    pub const STATIC: &str = "static camera: too little motion to start a map";
+    pub const ROTATION: &str = "rotation only: the camera turns without moving sideways";
+    pub const TEXTURE: &str = "too little texture to track";
+    pub const GEOMETRY: &str = "the views do not fit one rigid scene (moving objects, noise)";
+    pub const GAP: &str = "no flow into the frame (a gap in the stream)";
+    pub const LOST: &str = "too few of the map's points seen to place the frame";
+    pub const ENDED: &str = "the stream ended before a map could start";
 }
 
 impl FrameGeometry {

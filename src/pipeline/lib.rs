@@ -348,6 +348,8 @@ pub fn run_with(
             .collect(),
         map_segments: segments,
         frames_tracked: tally.trajectory.iter().filter(|t| t.stats.tracked).count() as u64,
+        frames_untracked: tally.untracked.values().sum(),
+        untracked: std::mem::take(&mut tally.untracked),
         model_memory: tally.model_memory.take(),
         stabilization: config.stabilize.as_ref().map(|_| tally.stabilization()),
         points: cloud.len(),

@@ -1,7 +1,7 @@
 //! The run summary (`run.json`): counts, stage timings, tracking and memory facts, gathered
 //! frame by frame.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
@@ -130,6 +130,9 @@ pub struct RunSummary {
     pub stages: HashMap<&'static str, TimingSummary>,
     pub map_segments: u32,
     pub frames_tracked: u64,
+    /// Frames without a tracked pose (not in the trajectory files), by why.
+    pub frames_untracked: u64,
+    pub untracked: BTreeMap<&'static str, u64>,
     /// Trajectory stabilization corrections (when on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stabilization: Option<StabilizeSummary>,
@@ -174,6 +177,8 @@ pub(crate) struct RunTally {
     pub(crate) model_memory: Option<MemorySummary>,
     reprojection: Vec<f64>,
     tracked_points: Vec<usize>,
+    /// Frames without a tracked pose, by why.
+    pub(crate) untracked: BTreeMap<&'static str, u64>,
     /// The first frame read and the moment the last one left the sinks (`streaming_fps`).
     pub(crate) first_read: Option<Instant>,
     pub(crate) last_out: Option<Instant>,
@@ -213,6 +218,10 @@ impl RunTally {
             ms.peak_bytes = ms.peak_bytes.max(m.bytes);
             ms.frames_admitted += u64::from(m.admitted);
             ms.last = m.clone();
+        }
+        if !g.stats.tracked {
+            let why = g.stats.untracked_reason.unwrap_or("no tracked pose");
+            *self.untracked.entry(why).or_default() += 1;
         }
         self.trajectory.push(TrajectoryEntry {
             index: g.index,

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::window_ba::{self, Observation, Window};
 use super::{median, Chain, FlowVo, Pending, MAX_STEP_RATIO};
-use crate::{FrameGeometry, GeometryStats};
+use crate::{untracked, FrameGeometry, GeometryStats};
 use streamrecon_core::error::Result;
 use streamrecon_core::frame::{Frame, Pose};
 
@@ -119,11 +119,17 @@ impl FlowVo {
         self.keyframe_base = self.tracks.iter().filter(|t| t.point.is_some()).count();
     }
 
-    /// Emits the frames held back during initialisation, with the segment origin as pose.
-    pub(super) fn release_untracked(&self, pending: Vec<Pending>) -> Vec<FrameGeometry> {
+    /// Emits the frames held back during initialisation, with the segment origin as pose and
+    /// `why` they have no tracked one.
+    pub(super) fn release_untracked(
+        &self,
+        pending: Vec<Pending>,
+        why: &'static str,
+    ) -> Vec<FrameGeometry> {
         let stats = GeometryStats {
             tracked: false,
             segment: self.segment,
+            untracked_reason: Some(why),
             ..GeometryStats::default()
         };
         pending
@@ -168,6 +174,7 @@ impl FlowVo {
                     GeometryStats {
                         tracked: false,
                         segment: self.segment,
+                        untracked_reason: Some(untracked::LOST),
                         ..GeometryStats::default()
                     },
                 )

@@ -28,7 +28,7 @@ use super::cv;
 use super::novelty::{NoveltyConfig, NoveltyMeter};
 use super::triangulate::midpoint;
 use super::window_ba;
-use super::{FrameGeometry, GeometryEngine, GeometryStats};
+use super::{untracked, FrameGeometry, GeometryEngine, GeometryStats};
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{Frame, Intrinsics, Pose};
 use streamrecon_core::simd::vectorized;
@@ -119,6 +119,9 @@ pub struct FlowVo {
     last_frame: Option<Frame>,
     /// After a restore, the snapshot's last frame, until the pipeline takes it.
     resume_frame: Option<Frame>,
+    /// Why the last attempt to start a map failed (reported with the frames it leaves
+    /// untracked).
+    init_blocker: Option<&'static str>,
 }
 
 /// Steps remembered for the jump check.
@@ -157,6 +160,7 @@ impl FlowVo {
             novelty_weights: BTreeMap::new(),
             last_frame: None,
             resume_frame: None,
+            init_blocker: None,
         }
     }
 
@@ -299,6 +303,7 @@ impl FlowVo {
             }
         }
         if a.len() < self.config.min_inliers * 2 {
+            self.init_blocker = Some(untracked::TEXTURE);
             return Ok(false);
         }
         let mut disp: Vec<f64> = a
@@ -308,12 +313,14 @@ impl FlowVo {
             .collect();
         let md = median(&mut disp).unwrap_or(0.0);
         if md < self.config.init_parallax * f64::from(k.width) {
+            self.init_blocker = Some(untracked::STATIC);
             log::debug!("flowvo: frame {index}: median displacement {md:.1} px from {reference}, waiting for parallax");
             return Ok(false);
         }
         let Some((cur_from_ref, inliers)) =
             cv::relative_pose(&a, &b, &k, f64::from(self.config.ransac_px))?
         else {
+            self.init_blocker = Some(self.why_no_geometry(&k, &a, &b));
             return Ok(false);
         };
         let ref_pose = Pose::identity();
@@ -364,12 +371,14 @@ impl FlowVo {
         if median_angle < self.config.init_min_angle_deg.to_radians()
             || parallax < self.config.init_parallax_per_turn * turn
         {
+            self.init_blocker = Some(untracked::ROTATION);
             return Ok(false);
         }
         if points.len() < self.config.min_inliers * 2
             || points.len() * 2 < n_inl
             || (n_inl as f64) < self.config.init_inlier_fraction * idx.len() as f64
         {
+            self.init_blocker = Some(self.why_no_geometry(&k, &a, &b));
             return Ok(false);
         }
         let mut depths: Vec<f64> = points.iter().map(|(_, p, _)| p.z).collect();
@@ -388,6 +397,23 @@ impl FlowVo {
             self.segment
         );
         Ok(true)
+    }
+
+    /// Why two views gave no usable two-view geometry: a turn explains their tracks (an
+    /// essential matrix is undetermined then), or they do not fit one rigid scene. Only a
+    /// report: initialisation's own checks are unchanged.
+    fn why_no_geometry(&self, k: &Intrinsics, a: &[(f32, f32)], b: &[(f32, f32)]) -> &'static str {
+        let bearings = |v: &[(f32, f32)]| -> Vec<Vector3<f64>> {
+            v.iter()
+                .map(|p| Self::bearing(k, f64::from(p.0), f64::from(p.1)))
+                .collect()
+        };
+        let (parallax, turn) = parallax_beyond_rotation(&bearings(a), &bearings(b));
+        if parallax < self.config.init_parallax_per_turn * turn {
+            untracked::ROTATION
+        } else {
+            untracked::GEOMETRY
+        }
     }
 
     /// Pose of frame `f` by PnP against mapped tracks' observations at `f`.
@@ -506,6 +532,7 @@ impl FlowVo {
     }
 
     fn start_segment(&mut self, frame: &Frame) {
+        self.init_blocker = None;
         self.novelty.reset();
         self.tracks.clear();
         self.recent_steps.clear();
@@ -722,7 +749,7 @@ impl GeometryEngine for FlowVo {
             if let Phase::Initializing { pending, .. } =
                 std::mem::replace(&mut self.phase, Phase::Tracking)
             {
-                out = self.release_untracked(pending);
+                out = self.release_untracked(pending, untracked::GAP);
             }
             self.lose_tracking(frame);
             return Ok(out);
@@ -759,7 +786,8 @@ impl GeometryEngine for FlowVo {
                 }
                 if pending.len() > self.config.max_init_frames {
                     pending.pop();
-                    let out = self.release_untracked(pending);
+                    let why = self.init_blocker.unwrap_or(untracked::STATIC);
+                    let out = self.release_untracked(pending, why);
                     log::warn!(
                         "flowvo: no initialisation within {} frames; restarting at frame {}",
                         self.config.max_init_frames,
@@ -777,7 +805,10 @@ impl GeometryEngine for FlowVo {
 
     fn flush(&mut self) -> Result<Vec<FrameGeometry>> {
         match std::mem::replace(&mut self.phase, Phase::Tracking) {
-            Phase::Initializing { pending, .. } => Ok(self.release_untracked(pending)),
+            Phase::Initializing { pending, .. } => {
+                let why = self.init_blocker.unwrap_or(untracked::ENDED);
+                Ok(self.release_untracked(pending, why))
+            }
             Phase::Tracking => Ok(Vec::new()),
         }
     }

@@ -392,9 +392,14 @@ impl Sink for FilesSink {
     fn frame(&mut self, out: &FrameOutput<'_>) -> Result<()> {
         let g = out.geometry;
         let depth = out.depth_mm.map(|d| (d, &g.intrinsics));
-        let res = self
-            .outputs
-            .add_frame(g.index, g.timestamp, g.world_from_cam, depth);
+        // A frame the engine could not place has no pose to write (run.json counts it, with
+        // why); writing its stand-in pose would read as "the camera stood still, tracked".
+        let res = if g.stats.tracked {
+            self.outputs
+                .add_frame(g.index, g.timestamp, g.world_from_cam, depth)
+        } else {
+            Ok(())
+        };
         self.handled_next = self.handled_next.max(out.frame.source_index + 1);
         PendingSnapshot::commit(&self.snapshot, self.handled_next, &self.outputs);
         res
