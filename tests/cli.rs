@@ -762,3 +762,56 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
         eprintln!("{}: {rows} rows, {reasons:?}", source.display());
     }
 }
+
+/// An OpenCV calibration file for `w × h` frames (as `calibrate_camera` writes it).
+fn calibration_file(path: &Path, w: i32, h: i32) {
+    use opencv::core::{FileStorage, FileStorage_WRITE, Mat};
+    use opencv::prelude::*;
+    let mut fs = FileStorage::new_def(path.to_str().unwrap(), FileStorage_WRITE).unwrap();
+    fs.write_i32("image_width", w).unwrap();
+    fs.write_i32("image_height", h).unwrap();
+    let k = Mat::from_slice_2d(&[[140.0, 0.0, 79.5], [0.0, 140.0, 59.5], [0.0, 0.0, 1.0]]).unwrap();
+    let d = Mat::from_slice_2d(&[[-0.2, 0.05, 0.0, 0.0, 0.0]]).unwrap();
+    fs.write_mat("camera_matrix", &k).unwrap();
+    fs.write_mat("distortion_coefficients", &d).unwrap();
+    fs.release().unwrap();
+}
+
+#[test]
+fn a_calibration_file_undistorts_the_frames_and_gives_their_intrinsics() {
+    let dir = tempfile::tempdir().unwrap();
+    let imgs = image_folder(dir.path(), 8);
+    let calib = dir.path().join("calibration.yml");
+    calibration_file(&calib, 160, 120);
+    let out = dir.path().join("out");
+    let o = common::bin()
+        .args([
+            "run",
+            imgs.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .args(["--intrinsics-file", calib.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let k: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("intrinsics.json")).unwrap()).unwrap();
+    assert!(k["origin"].as_str().unwrap().contains("calibration"), "{k}");
+    assert_eq!(k["original"]["fx"], 140.0);
+    // A calibration made for other frames is refused, naming the file and both sizes.
+    let other = dir.path().join("other.yml");
+    calibration_file(&other, 640, 480);
+    let e = run_err(&[
+        "run",
+        imgs.to_str().unwrap(),
+        "--out",
+        dir.path().join("out2").to_str().unwrap(),
+        "--intrinsics-file",
+        other.to_str().unwrap(),
+    ]);
+    assert!(
+        e.contains("other.yml") && e.contains("640x480") && e.contains("160x120"),
+        "{e}"
+    );
+}

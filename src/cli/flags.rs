@@ -58,6 +58,10 @@ pub(super) struct SourceFlags {
     /// Intrinsics at the original resolution (default: the dataset's, else a 60° horizontal FoV).
     #[arg(long, value_name = "fx,fy,cx,cy", value_parser = parse_intrinsics)]
     intrinsics: Option<[f64; 4]>,
+    /// OpenCV calibration file (YAML/XML: camera matrix and distortion coefficients): frames
+    /// are undistorted with it, and its camera matrix is their intrinsics.
+    #[arg(long, value_name = "FILE", conflicts_with = "intrinsics")]
+    intrinsics_file: Option<PathBuf>,
 }
 
 pub(super) fn parse_intrinsics(s: &str) -> Result<[f64; 4], String> {
@@ -237,6 +241,7 @@ impl SourceFlags {
         o.max_frames = self.max_frames;
         o.size = self.size;
         o.intrinsics = self.intrinsics;
+        o.intrinsics_file.clone_from(&self.intrinsics_file);
     }
 
     pub(super) fn options(&self) -> SourceOptions {

@@ -7,6 +7,7 @@
 //! properly. A stage error, or a stage or sink that panics, stops the source the same way, so
 //! nothing already produced is lost, and becomes the run's error.
 
+pub mod calibration;
 pub mod config;
 pub mod fusion;
 pub mod options;

@@ -90,6 +90,10 @@ pub struct RunOptions {
     /// Pinhole intrinsics fx, fy, cx, cy at the frames' own resolution (default: the dataset's,
     /// else a 60° horizontal field of view).
     pub intrinsics: Option<[f64; 4]>,
+    /// An OpenCV calibration file (YAML or XML with a camera matrix and distortion
+    /// coefficients, as `calibrate_camera` writes): frames are undistorted with it before flow
+    /// and geometry, and its camera matrix is their intrinsics (default: none).
+    pub intrinsics_file: Option<PathBuf>,
 
     // Flow.
     /// Flow engine (default `dis`).
@@ -191,6 +195,7 @@ impl Default for RunOptions {
             max_frames: None,
             size: None,
             intrinsics: None,
+            intrinsics_file: None,
             flow: FlowEngineName::Dis,
             preset: DisPreset::Ultrafast,
             temporal_prior: dis.temporal_prior,
@@ -230,7 +235,13 @@ impl Default for RunOptions {
 }
 
 /// The options that name files on the machine that runs the pipeline.
-pub const PATH_OPTIONS: [&str; 4] = ["weights", "model_config", "flow_weights", "flow_config"];
+pub const PATH_OPTIONS: [&str; 5] = [
+    "weights",
+    "model_config",
+    "flow_weights",
+    "flow_config",
+    "intrinsics_file",
+];
 
 fn invalid(what: String) -> Error {
     Error::Invalid(what)
@@ -252,6 +263,11 @@ impl RunOptions {
     /// # Errors
     /// The first option out of its range or at odds with another, by name.
     pub fn validate(&self) -> Result<()> {
+        if self.intrinsics.is_some() && self.intrinsics_file.is_some() {
+            return Err(invalid(
+                "intrinsics and intrinsics_file both give the intrinsics: choose one".into(),
+            ));
+        }
         if let Some(k) = self.intrinsics {
             if !(k.iter().all(|v| v.is_finite()) && k[0] > 0.0 && k[1] > 0.0) {
                 return Err(invalid(
@@ -332,6 +348,7 @@ impl RunOptions {
             max_frames: self.max_frames,
             width: self.size,
             intrinsics: self.intrinsics.map(|k| (k[0], k[1], k[2], k[3])),
+            intrinsics_file: self.intrinsics_file.clone(),
             gt_depth: false,
         }
     }

@@ -10,6 +10,8 @@ use opencv::videoio::{self, VideoCapture};
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{check_frame_size, Frame, Intrinsics, RgbImage};
 use streamrecon_datasets::formats::rgb::read_rgb;
+
+use crate::calibration::Calibration;
 use streamrecon_datasets::native::NativeDataset;
 
 /// What a source string names.
@@ -116,6 +118,9 @@ pub struct SourceOptions {
     pub intrinsics: Option<(f64, f64, f64, f64)>,
     /// Read ground-truth depth from datasets (costs I/O).
     pub gt_depth: bool,
+    /// An OpenCV calibration file: every frame is undistorted with it and takes its camera
+    /// matrix as intrinsics.
+    pub intrinsics_file: Option<PathBuf>,
 }
 
 /// What the source stage yields per step.
@@ -157,6 +162,8 @@ pub struct Source {
     intrinsics_original: Option<Intrinsics>,
     /// Whether the source itself supplied them.
     intrinsics_supplied: bool,
+    /// Lens distortion taken out of every frame (`intrinsics_file`).
+    calibration: Option<Calibration>,
     done: bool,
 }
 
@@ -192,7 +199,14 @@ impl Source {
                 ))
             }
         };
-        Ok(Self::with_raw(spec.clone(), name, raw, options))
+        let calibration = options
+            .intrinsics_file
+            .as_deref()
+            .map(Calibration::read)
+            .transpose()?;
+        let mut source = Self::with_raw(spec.clone(), name, raw, options);
+        source.calibration = calibration;
+        Ok(source)
     }
 
     fn with_raw(
@@ -211,6 +225,7 @@ impl Source {
             size: None,
             intrinsics_original: None,
             intrinsics_supplied: false,
+            calibration: None,
             done: false,
             lossless: false,
         }
@@ -272,7 +287,9 @@ impl Source {
 
     /// Where the intrinsics come from.
     pub fn intrinsics_origin(&self) -> &'static str {
-        if self.options.intrinsics.is_some() {
+        if self.calibration.is_some() {
+            "calibration file (--intrinsics-file; frames undistorted)"
+        } else if self.options.intrinsics.is_some() {
             "user (--intrinsics)"
         } else if matches!(
             self.spec,
@@ -358,6 +375,11 @@ impl Source {
                 ));
             }
             Some(_) => {}
+        }
+        let mut raw = raw;
+        if let Some(c) = &mut self.calibration {
+            raw.image = c.undistort(&raw.image).inspect_err(|_| self.done = true)?;
+            raw.intrinsics = Some(c.intrinsics(w0, h0)?);
         }
         let original = match self.options.intrinsics {
             Some((fx, fy, cx, cy)) => Some(Intrinsics {

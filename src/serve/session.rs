@@ -62,6 +62,13 @@ impl CreateSession {
             .keys()
             .find(|k| PATH_OPTIONS.contains(&k.as_str()))
         {
+            if k == "intrinsics_file" {
+                return Err(
+                    "intrinsics_file names a file on the server: a session's client sends \
+                     undistorted frames (and `intrinsics`)"
+                        .into(),
+                );
+            }
             return Err(format!(
                 "{k} names a file on the server: the server's to set (`serve --{}`)",
                 k.replace('_', "-")
