@@ -138,6 +138,9 @@ fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
         "/world/camera/image/flow",
         "/world/points",
         "/world/trajectory",
+        // The fused map (every 100 frames, and the final cleaned cloud with its normals).
+        "/world/map",
+        "/world/map/normals",
         "/plot/latency_ms",
         "/plot/memory_mb",
     ] {

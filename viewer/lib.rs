@@ -23,6 +23,8 @@ pub mod paths {
     pub const FLOW: &str = "world/camera/image/flow";
     pub const IMAGE: &str = "world/camera/image";
     pub const POINTS: &str = "world/points";
+    /// The fused map, overwritten each time it is logged (the recording stays bounded).
+    pub const MAP: &str = "world/map";
     pub const TRAJECTORY: &str = "world/trajectory";
     pub const PLOT_FPS: &str = "plot/fps";
     pub const PLOT_LATENCY: &str = "plot/latency_ms";
@@ -52,7 +54,18 @@ pub struct RerunTarget {
     pub connect: Option<String>,
     /// `--serve`: serve the recording over gRPC on `bind` for viewers to connect to.
     pub serve: Option<String>,
+    /// `--map-every N`: the fused map is logged (`world/map`, replacing the last) every N frames;
+    /// 0 = only at the end [default: [`MAP_EVERY`]].
+    pub map_every: Option<u64>,
+    /// `--map-points N`: most points of the logged map (evenly decimated) [default:
+    /// [`MAP_POINTS`]].
+    pub map_points: Option<usize>,
 }
+
+/// Frames between two logs of the fused map.
+pub const MAP_EVERY: u64 = 100;
+/// Most points of the logged map: the viewer stays smooth, the recording bounded.
+pub const MAP_POINTS: usize = 200_000;
 
 impl RerunTarget {
     pub fn is_enabled(&self) -> bool {

@@ -38,6 +38,17 @@ impl Viewer {
 
     /// # Errors
     /// Never.
+    pub fn log_map(
+        &self,
+        _points: &[[f32; 3]],
+        _colors: &[[u8; 3]],
+        _normals: Option<&[[f32; 3]]>,
+    ) -> Result<()> {
+        Ok(())
+    }
+
+    /// # Errors
+    /// Never.
     pub fn finish(&mut self) -> Result<()> {
         Ok(())
     }

@@ -167,6 +167,43 @@ impl Viewer {
         Ok(())
     }
 
+    /// Logs the fused map (replacing the one logged before), with normals when it has them.
+    ///
+    /// # Errors
+    /// The recording stream refuses the data.
+    pub fn log_map(
+        &self,
+        points: &[[f32; 3]],
+        colors: &[[u8; 3]],
+        normals: Option<&[[f32; 3]]>,
+    ) -> Result<()> {
+        let cloud = rerun::Points3D::new(points.iter().copied())
+            .with_colors(
+                colors
+                    .iter()
+                    .map(|c| rerun::Color::from_rgb(c[0], c[1], c[2])),
+            )
+            .with_radii([0.004f32]);
+        self.rec.log(paths::MAP, &cloud).map_err(rr)?;
+        if let Some(n) = normals {
+            // The normals as short arrows from a sample of the points.
+            let step = (points.len() / 20_000).max(1);
+            let (origins, vectors): (Vec<[f32; 3]>, Vec<[f32; 3]>) = points
+                .iter()
+                .zip(n)
+                .step_by(step)
+                .map(|(p, n)| (*p, n.map(|v| v * 0.02)))
+                .unzip();
+            self.rec
+                .log(
+                    format!("{}/normals", paths::MAP),
+                    &rerun::Arrows3D::from_vectors(vectors).with_origins(origins),
+                )
+                .map_err(rr)?;
+        }
+        Ok(())
+    }
+
     /// Logs a scalar plot value at the current time.
     ///
     /// # Errors

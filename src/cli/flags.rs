@@ -28,6 +28,13 @@ pub(super) struct RerunFlags {
     /// Serve the recording over gRPC for viewers to connect to (loopback unless told otherwise).
     #[arg(long, value_name = "IP:PORT", num_args = 0..=1, default_missing_value = "127.0.0.1:9876")]
     serve: Option<String>,
+    /// Log the fused map to the recording (`world/map`, replacing the last) every N frames; 0 =
+    /// only the final cloud at the end.
+    #[arg(long, value_name = "N", default_value_t = streamrecon::viewer::MAP_EVERY)]
+    map_every: u64,
+    /// Most points of the logged map (evenly decimated).
+    #[arg(long, value_name = "N", default_value_t = streamrecon::viewer::MAP_POINTS)]
+    map_points: usize,
 }
 
 impl RerunFlags {
@@ -37,6 +44,8 @@ impl RerunFlags {
             spawn: self.spawn,
             connect: self.connect.clone(),
             serve: self.serve.clone(),
+            map_every: Some(self.map_every),
+            map_points: Some(self.map_points),
         }
     }
 }

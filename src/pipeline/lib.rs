@@ -129,6 +129,7 @@ pub fn run_with(
         sinks.push(SinkSlot::new(Box::new(RerunSink::new(
             v,
             config.stabilize.is_some(),
+            &config.rerun,
         ))));
     }
     if let Some(tx) = &config.results {
@@ -147,6 +148,14 @@ pub fn run_with(
     // The files last: run.json, written at their end, records how the others ended.
     sinks.extend(files_sink.map(|s| SinkSlot::new(Box::new(s))));
     let keep_flow = sinks.iter().any(|s| s.sink.wants_flow());
+    // The map is sampled for the sinks that want it, as often as the most eager asks.
+    let map_every = sinks
+        .iter()
+        .filter_map(|s| s.sink.map_every())
+        .filter(|(every, _)| *every > 0)
+        .fold(None, |acc: Option<(u64, usize)>, (e, n)| {
+            Some(acc.map_or((e, n), |(ae, an)| (ae.min(e), an.max(n))))
+        });
 
     let live = source.is_live();
     let pushed = source.is_pushed();
@@ -246,10 +255,14 @@ pub fn run_with(
             (Some(d), None) => Some(depth_millimetres(d)),
             _ => None,
         };
+        let map = map_every
+            .filter(|(every, _)| (tally.processed() + 1).is_multiple_of(*every))
+            .map(|(_, max)| fusion.sample(max));
         let out = FrameOutput {
             frame: &r.frame,
             geometry: g,
             new_points: &new_points,
+            map: map.as_ref(),
             cloud_points: fusion.len(),
             depth_mm: depth_mm.as_deref(),
             min_confidence: config.fusion.min_confidence,

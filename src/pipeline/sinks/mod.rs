@@ -34,6 +34,9 @@ pub struct FrameOutput<'a> {
     pub min_confidence: f32,
     /// When the source read the frame.
     pub read_at: Instant,
+    /// A decimated view of the whole fused map, on the frames a sink asked for it
+    /// ([`Sink::map_every`]).
+    pub map: Option<&'a FramePoints>,
     /// Milliseconds each stage spent on this frame.
     pub flow_ms: f64,
     pub geometry_ms: f64,
@@ -67,6 +70,12 @@ pub trait Sink: Send {
     /// Whether the sink wants the backward flow into each frame ([`Sink::prepare`]).
     fn wants_flow(&self) -> bool {
         false
+    }
+
+    /// How often the sink wants a view of the whole map in [`FrameOutput::map`]: every this
+    /// many frames, at most this many points; `None`: never.
+    fn map_every(&self) -> Option<(u64, usize)> {
+        None
     }
 
     /// Called as a frame arrives, before it is fused: work that needs no fusion result can start

@@ -7,7 +7,7 @@ use streamrecon_core::error::{Error, Result};
 use streamrecon_core::flow_field::FlowField;
 use streamrecon_core::frame::Frame;
 use streamrecon_core::stats::rss_mib;
-use streamrecon_viewer::{paths, FrameLog, ViewImages, Viewer};
+use streamrecon_viewer::{paths, FrameLog, RerunTarget, ViewImages, Viewer, MAP_EVERY, MAP_POINTS};
 
 use super::{FrameOutput, RunEnd, Sink, Tick};
 
@@ -25,11 +25,14 @@ pub struct RerunSink {
     images: Option<Receiver<Result<ViewImages>>>,
     /// Plot the stabilizer's corrections.
     stabilize: bool,
+    /// Log the map every this many frames (0: only the final one), at most this many points.
+    map_every: u64,
+    map_points: usize,
 }
 
 impl RerunSink {
     /// A sink logging to `viewer`; `stabilize`: the run's poses are stabilized (plot how much).
-    pub fn new(viewer: Viewer, stabilize: bool) -> Self {
+    pub fn new(viewer: Viewer, stabilize: bool, target: &RerunTarget) -> Self {
         let image_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(1)
             .thread_name(|_| "viewer-images".into())
@@ -40,6 +43,8 @@ impl RerunSink {
             image_pool,
             images: None,
             stabilize,
+            map_every: target.map_every.unwrap_or(MAP_EVERY),
+            map_points: target.map_points.unwrap_or(MAP_POINTS).max(1),
         }
     }
 
@@ -73,6 +78,10 @@ impl Sink for RerunSink {
 
     fn wants_flow(&self) -> bool {
         true
+    }
+
+    fn map_every(&self) -> Option<(u64, usize)> {
+        (self.map_every > 0).then_some((self.map_every, self.map_points))
     }
 
     fn prepare(&mut self, frame: &Frame, flow_bwd: Option<FlowField>) {
@@ -118,6 +127,9 @@ impl Sink for RerunSink {
         )?;
         v.log_scalar(paths::PLOT_MEMORY, rss_mib())?;
         v.log_scalar(paths::PLOT_TRACKED, g.stats.tracked_points as f64)?;
+        if let Some(m) = out.map {
+            v.log_map(&m.points, &m.colors, None)?;
+        }
         self.log_scalars(out);
         Ok(())
     }
@@ -126,7 +138,22 @@ impl Sink for RerunSink {
         let _ = self.viewer.log_scalar(paths::PLOT_FPS, t.fps);
     }
 
-    fn finish(&mut self, _end: &RunEnd<'_>) -> Result<()> {
+    fn finish(&mut self, end: &RunEnd<'_>) -> Result<()> {
+        // The final cleaned cloud, with its normals, replaces the live map.
+        let c = end.cloud;
+        if !c.points.is_empty() {
+            let step = c.points.len().div_ceil(self.map_points).max(1);
+            let points: Vec<[f32; 3]> = c.points.iter().step_by(step).copied().collect();
+            let colors: Vec<[u8; 3]> = c
+                .colors
+                .as_ref()
+                .map_or_else(Vec::new, |v| v.iter().step_by(step).copied().collect());
+            let normals: Option<Vec<[f32; 3]>> = c
+                .normals
+                .as_ref()
+                .map(|v| v.iter().step_by(step).copied().collect());
+            self.viewer.log_map(&points, &colors, normals.as_deref())?;
+        }
         self.viewer.finish()
     }
 }
