@@ -149,6 +149,14 @@ fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
             "entity {entity} missing from the recording"
         );
     }
+    // The layout travels with the recording: a viewport, containers and views.
+    for blueprint in [
+        "/viewport@ViewportBlueprint:root_container",
+        "@ContainerBlueprint:contents",
+        "@ViewBlueprint:space_origin",
+    ] {
+        assert!(text.contains(blueprint), "{blueprint} missing: no layout");
+    }
     // Frame and flow images go in as JPEG, not raw (1.8 MB a frame raw).
     for column in [
         "/world/camera/image/rgb@EncodedImage:blob",

@@ -64,12 +64,78 @@ pub fn open(target: &RerunTarget, application: &'static str) -> Result<Option<Vi
     };
     rec.log_static("world", &rerun::ViewCoordinates::RIGHT_HAND_Y_DOWN())
         .map_err(|e| Error::Rerun(e.to_string()))?;
+    layout()
+        .send(&rec, rerun::blueprint::BlueprintActivation::default())
+        .map_err(|e| Error::Rerun(format!("cannot send the layout: {e}")))?;
     Ok(Some(Viewer {
         rec,
         trajectory: Vec::new(),
         trajectory_every: 10,
         trajectory_cap: 5000,
     }))
+}
+
+/// The viewer's layout, sent with every recording and live stream: the reconstruction tab (a
+/// large 3D view of the map, trajectory and camera with its image; the camera image, depth and
+/// flow beside it), the stream's plots in one tab, and the learned engines' memory in another
+/// (empty for engines without one).
+fn layout() -> rerun::blueprint::Blueprint {
+    use rerun::blueprint::{
+        ContainerLike, Grid, Horizontal, Spatial2DView, Spatial3DView, Tabs, TimeSeriesView,
+        Vertical,
+    };
+    let plots = |name: &str, paths: &[&str]| -> ContainerLike {
+        Grid::new(paths.iter().map(|p| {
+            let title = p.trim_start_matches("plot/").replace('_', " ");
+            ContainerLike::from(TimeSeriesView::new(title).with_contents([p.to_string()]))
+        }))
+        .with_name(name)
+        .into()
+    };
+    let image = |name: &str, path: &str| -> ContainerLike {
+        Spatial2DView::new(name)
+            .with_origin(paths::IMAGE)
+            .with_contents([path.to_string()])
+            .into()
+    };
+    let reconstruction = Horizontal::new([
+        Spatial3DView::new("map")
+            .with_origin("world")
+            .with_contents(["world/**".to_string()])
+            .into(),
+        Vertical::new([
+            image("camera", paths::RGB),
+            image("depth", paths::DEPTH),
+            image("flow", paths::FLOW),
+        ])
+        .into(),
+    ])
+    .with_column_shares([3.0, 1.0])
+    .with_name("reconstruction");
+    rerun::blueprint::Blueprint::new(Tabs::new([
+        reconstruction.into(),
+        plots(
+            "stream",
+            &[
+                paths::PLOT_FPS,
+                paths::PLOT_LATENCY,
+                paths::PLOT_MEMORY,
+                paths::PLOT_TRACKED,
+                paths::PLOT_STABILIZE_MM,
+                paths::PLOT_STABILIZE_DEG,
+            ],
+        ),
+        plots(
+            "model memory",
+            &[
+                paths::PLOT_KV_TOKENS,
+                paths::PLOT_KV_MIB,
+                paths::PLOT_MODEL_MS,
+                paths::PLOT_NOVELTY,
+                paths::PLOT_ADMITTED,
+            ],
+        ),
+    ]))
 }
 
 fn jpeg(bytes: &[u8]) -> rerun::EncodedImage {
