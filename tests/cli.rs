@@ -772,6 +772,30 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
         assert_eq!(kitti.lines().count(), rows);
         eprintln!("{}: {rows} rows, {reasons:?}", source.display());
     }
+    // Nor does the recording place the camera for frames it could not track.
+    let Some(rerun) = rerun_cli() else {
+        println!("rerun CLI not installed: .rrd content not checked");
+        return;
+    };
+    let out = dir.path().join("recorded");
+    let rrd = out.join("rec.rrd");
+    let (run, _) = run_rows(
+        &dir.path().join("turning"),
+        &out,
+        &["--save", rrd.to_str().unwrap()],
+    );
+    assert_eq!(run["frames_tracked"], 0);
+    let p = std::process::Command::new(rerun)
+        .args(["rrd", "print", "--verbose"])
+        .arg(&rrd)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&p.stdout);
+    assert!(text.contains("/world/camera/image/rgb"), "frames logged");
+    assert!(
+        !text.contains("/world/camera@Transform3D"),
+        "an untracked frame's stand-in pose was logged"
+    );
 }
 
 /// An OpenCV calibration file for `w × h` frames (as `calibrate_camera` writes it).

@@ -77,7 +77,8 @@ impl RerunTarget {
 pub struct FrameLog<'a> {
     pub index: u64,
     pub timestamp: f64,
-    pub cam_from_world: Pose,
+    /// `None` for a frame the engine could not place.
+    pub cam_from_world: Option<Pose>,
     pub intrinsics: &'a Intrinsics,
     pub images: &'a ViewImages,
     /// Depth in millimetres, 0 = unknown (`datasets::formats::depth::depth_millimetres`).

@@ -159,18 +159,23 @@ impl Viewer {
     /// The recording stream refuses the data.
     pub fn log_frame(&mut self, f: &FrameLog<'_>) -> Result<()> {
         self.set_time(f.index, f.timestamp);
-        let t = f.cam_from_world.translation.vector;
-        let q = f.cam_from_world.rotation.coords;
-        self.rec
-            .log(
-                paths::CAMERA,
-                &rerun::Transform3D::from_translation_rotation(
-                    [t.x as f32, t.y as f32, t.z as f32],
-                    rerun::Quaternion::from_xyzw([q.x as f32, q.y as f32, q.z as f32, q.w as f32]),
+        // A frame without a tracked pose leaves the camera and the trajectory where they were.
+        if let Some(cfw) = &f.cam_from_world {
+            let t = cfw.translation.vector;
+            let q = cfw.rotation.coords;
+            self.rec
+                .log(
+                    paths::CAMERA,
+                    &rerun::Transform3D::from_translation_rotation(
+                        [t.x as f32, t.y as f32, t.z as f32],
+                        rerun::Quaternion::from_xyzw([
+                            q.x as f32, q.y as f32, q.z as f32, q.w as f32,
+                        ]),
+                    )
+                    .with_relation(rerun::TransformRelation::ChildFromParent),
                 )
-                .with_relation(rerun::TransformRelation::ChildFromParent),
-            )
-            .map_err(rr)?;
+                .map_err(rr)?;
+        }
         let k = f.intrinsics;
         // rerun puts pixel centres at +0.5; ours sit at integer coordinates.
         self.rec
@@ -215,8 +220,10 @@ impl Viewer {
                 )
                 .map_err(rr)?;
         }
-        let c = f.cam_from_world.inverse().translation.vector;
-        self.trajectory.push([c.x as f32, c.y as f32, c.z as f32]);
+        if let Some(cfw) = &f.cam_from_world {
+            let c = cfw.inverse().translation.vector;
+            self.trajectory.push([c.x as f32, c.y as f32, c.z as f32]);
+        }
         if self.trajectory.len() > self.trajectory_cap {
             // Keep every other old position: bounded, still shows the whole path.
             let half: Vec<[f32; 3]> = self.trajectory.iter().step_by(2).copied().collect();
