@@ -308,6 +308,32 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
         r#"{"preset": "fast", "flow_refine": 0, "voxel": 0.02, "max_points": 10000, "depth_every": 0}"#,
     );
     assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+    // A session without a recording: its run's files, no .rrd.
+    let quiet = {
+        let (st, body) = post_json(p, "/sessions", r#"{"record": false}"#);
+        assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+        json(&body)["id"].as_str().unwrap().to_string()
+    };
+    let frame = png(&image::RgbImage::from_fn(96, 64, |x, y| {
+        image::Rgb([(x * 5 % 256) as u8, (y * 7 % 256) as u8, 90])
+    }));
+    assert_eq!(push(p, &quiet, &frame, 0.0).0, 200);
+    assert_eq!(
+        http(p, "DELETE", &format!("/sessions/{quiet}"), Some(TOKEN), b"").0,
+        200
+    );
+    let file = |name: &str| {
+        http(
+            p,
+            "GET",
+            &format!("/sessions/{quiet}/files/{name}"),
+            Some(TOKEN),
+            b"",
+        )
+        .0
+    };
+    assert_eq!(file("run.json"), 200);
+    assert_eq!(file("recording.rrd"), 404);
     let (st, body) = post_json(
         p,
         "/sessions",

@@ -46,6 +46,9 @@ pub(super) struct CreateSession {
     /// Keep every pushed frame: uploads wait for room instead of dropping the oldest (for
     /// recorded sequences; live clients want the default, latest-wins).
     lossless: Option<bool>,
+    /// Write the session's rerun recording (default true; false saves its share of the CPU,
+    /// about a sixth of a session's under load, and its disk).
+    record: Option<bool>,
     /// Every other key: a run option.
     #[serde(flatten)]
     options: serde_json::Map<String, serde_json::Value>,
@@ -261,10 +264,14 @@ pub(super) fn start_session(
     };
     let config = PipelineConfig {
         out_dir: Some(out.to_path_buf()),
-        rerun: RerunTarget {
-            save: Some(out.join(recording_name(out))),
-            connect: state.config.connect.clone(),
-            ..RerunTarget::default()
+        rerun: if req.record == Some(false) {
+            RerunTarget::default()
+        } else {
+            RerunTarget {
+                save: Some(out.join(recording_name(out))),
+                connect: state.config.connect.clone(),
+                ..RerunTarget::default()
+            }
         },
         result_detail: ResultDetail {
             points: req.result_points.unwrap_or(RESULT_POINTS),
