@@ -87,6 +87,21 @@ fn rerun_cli() -> Option<std::path::PathBuf> {
     None
 }
 
+/// What `rerun rrd print --verbose` says of a recording (stdout and stderr).
+fn rrd_print(rerun: &Path, rrd: &Path) -> String {
+    let p = std::process::Command::new(rerun)
+        .args(["rrd", "print", "--verbose"])
+        .arg(rrd)
+        .output()
+        .unwrap();
+    assert!(
+        p.status.success(),
+        "rerun rrd print failed: {}",
+        String::from_utf8_lossy(&p.stderr)
+    );
+    String::from_utf8_lossy(&p.stdout).to_string() + &String::from_utf8_lossy(&p.stderr)
+}
+
 #[test]
 fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
     let dir = tempfile::tempdir().unwrap();
@@ -119,17 +134,7 @@ fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
         println!("rerun CLI not installed: .rrd content not checked");
         return;
     };
-    let p = std::process::Command::new(rerun)
-        .args(["rrd", "print", "--verbose"])
-        .arg(&rrd)
-        .output()
-        .unwrap();
-    assert!(
-        p.status.success(),
-        "rerun rrd print failed: {}",
-        String::from_utf8_lossy(&p.stderr)
-    );
-    let text = String::from_utf8_lossy(&p.stdout).to_string() + &String::from_utf8_lossy(&p.stderr);
+    let text = rrd_print(&rerun, &rrd);
     for entity in [
         "/world/camera",
         "/world/camera/image",
@@ -785,12 +790,7 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
         &["--save", rrd.to_str().unwrap()],
     );
     assert_eq!(run["frames_tracked"], 0);
-    let p = std::process::Command::new(rerun)
-        .args(["rrd", "print", "--verbose"])
-        .arg(&rrd)
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&p.stdout);
+    let text = rrd_print(&rerun, &rrd);
     assert!(text.contains("/world/camera/image/rgb"), "frames logged");
     assert!(
         !text.contains("/world/camera@Transform3D"),
