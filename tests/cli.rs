@@ -16,8 +16,12 @@ fn check_outputs(out: &Path, frames: usize) -> serde_json::Value {
     let untracked = run["frames_untracked"].as_u64().unwrap() as usize;
     assert_eq!(tracked + untracked, frames, "{run}");
     let traj = tum::read_tum(&out.join("trajectory.txt")).expect("trajectory.txt parses");
-    assert_eq!(traj.len(), tracked, "one pose per tracked frame");
-    let frames = tracked;
+    assert_eq!(
+        traj.len(),
+        tracked + run["frames_orientation_only"].as_u64().unwrap() as usize,
+        "one pose per tracked frame"
+    );
+    let frames = traj.len();
     ply::read_ply(&out.join("points.ply")).expect("points.ply parses");
     for f in [
         "colmap/cameras.txt",
@@ -720,7 +724,7 @@ fn run_rows(source: &Path, out: &Path, extra: &[&str]) -> (serde_json::Value, us
 }
 
 #[test]
-fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
+fn frames_that_cannot_be_mapped_get_a_reason_and_no_stand_in_pose() {
     let dir = tempfile::tempdir().unwrap();
     // A camera that only turns, and one that does not move at all.
     let turning = dir.path().join("turning");
@@ -737,7 +741,10 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
         )
         .unwrap();
     }
-    let mut cases = vec![(turning, 40, "rotation only"), (still, 20, "static camera")];
+    let mut cases = vec![
+        (turning.clone(), 40, "rotation only"),
+        (still, 20, "static camera"),
+    ];
     // Real footage from opencv-doc, where it is installed.
     let data = Path::new("/usr/share/doc/opencv-doc/examples/data");
     for video in ["tree.avi", "vtest.avi"] {
@@ -756,7 +763,7 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
         }
         assert_eq!(
             rows as u64,
-            n("frames_tracked"),
+            n("frames_tracked") + n("frames_orientation_only"),
             "{}: {run}",
             source.display()
         );
@@ -777,7 +784,21 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
         assert_eq!(kitti.lines().count(), rows);
         eprintln!("{}: {rows} rows, {reasons:?}", source.display());
     }
-    // Nor does the recording place the camera for frames it could not track.
+    // The turning camera keeps its orientation: every frame's rotation since the first, against
+    // the ground truth's.
+    let est = tum::read_tum(&dir.path().join("out-0/trajectory.txt")).unwrap();
+    let gt = tum::read_tum(&turning.join("poses.txt")).unwrap();
+    assert_eq!(est.len(), 40);
+    let turn = |p: &[tum::StampedPose], i: usize| {
+        (p[0].world_from_cam.inverse() * p[i].world_from_cam).rotation
+    };
+    let worst = (1..40)
+        .map(|i| turn(&est, i).angle_to(&turn(&gt, i)).to_degrees())
+        .fold(0.0, f64::max);
+    let total = turn(&gt, 39).angle().to_degrees();
+    eprintln!("turning camera: {total:.1}° turned, orientation error at most {worst:.3}°");
+    assert!(total > 5.0 && worst < 0.5, "{worst}° off over {total}°");
+    // Nor does the recording place the camera for frames it could not track (the still one).
     let Some(rerun) = rerun_cli() else {
         println!("rerun CLI not installed: .rrd content not checked");
         return;
@@ -785,7 +806,7 @@ fn frames_that_cannot_be_mapped_have_no_pose_rows_and_a_reason() {
     let out = dir.path().join("recorded");
     let rrd = out.join("rec.rrd");
     let (run, _) = run_rows(
-        &dir.path().join("turning"),
+        &dir.path().join("still"),
         &out,
         &["--save", rrd.to_str().unwrap()],
     );

@@ -155,13 +155,15 @@ fn a_session_streams_frames_to_results_and_outputs() {
         b"",
     );
     assert_eq!(st, 200);
-    // A pose for every tracked frame; the others are counted in run.json, with why.
+    // A pose for every tracked frame (and orientation-only one); the others are counted in
+    // run.json, with why.
     assert_eq!(
         String::from_utf8_lossy(&traj)
             .lines()
             .filter(|l| !l.starts_with('#'))
             .count() as u64,
         summary["frames_tracked"].as_u64().unwrap()
+            + summary["frames_orientation_only"].as_u64().unwrap()
     );
     assert_eq!(
         summary["frames_tracked"].as_u64().unwrap() + summary["frames_untracked"].as_u64().unwrap(),

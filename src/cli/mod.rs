@@ -271,9 +271,19 @@ fn print_summary(outcome: &RunOutcome, out: &Path) {
             .map(|(why, n)| format!("{n} {why}"))
             .collect();
         println!(
-            "{} frames have no pose (left out of the trajectory files): {}",
+            "{} frames untracked: {}{}",
             s.frames_untracked,
-            why.join("; ")
+            why.join("; "),
+            match s.frames_orientation_only {
+                0 => "; left out of the trajectory files".to_string(),
+                n if n == s.frames_untracked => {
+                    "; written with an orientation only (the camera turned in place)".into()
+                }
+                n => format!(
+                    "; {n} of them written with an orientation only (the camera turned in \
+                     place), the others left out of the trajectory files"
+                ),
+            }
         );
     }
     match &s.outputs {

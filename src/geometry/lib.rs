@@ -71,6 +71,10 @@ pub struct GeometryStats {
     /// degrees); 0 without stabilization.
     pub stabilize_translation: f64,
     pub stabilize_rotation_deg: f64,
+    /// Untracked, but the pose's orientation is known (a camera that only turns, before it has
+    /// a map): written with the segment's position, in the trajectory files.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub orientation_only: bool,
     /// Why a frame has no tracked pose (one of [`untracked`]'s reasons), when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub untracked_reason: Option<&'static str>,
@@ -85,6 +89,13 @@ pub mod untracked {
     pub const GAP: &str = "no flow into the frame (a gap in the stream)";
     pub const LOST: &str = "too few of the map's points seen to place the frame";
     pub const ENDED: &str = "the stream ended before a map could start";
+}
+
+impl GeometryStats {
+    /// Whether the frame's pose is worth writing: tracked, or an orientation-only one.
+    pub fn has_pose(&self) -> bool {
+        self.tracked || self.orientation_only
+    }
 }
 
 impl FrameGeometry {

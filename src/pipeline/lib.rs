@@ -364,6 +364,11 @@ pub fn run_with(
         frames_tracked: tally.trajectory.iter().filter(|t| t.stats.tracked).count() as u64,
         frames_untracked: tally.untracked.values().sum(),
         untracked: std::mem::take(&mut tally.untracked),
+        frames_orientation_only: tally
+            .trajectory
+            .iter()
+            .filter(|t| t.stats.orientation_only)
+            .count() as u64,
         model_memory: tally.model_memory.take(),
         stabilization: config.stabilize.as_ref().map(|_| tally.stabilization()),
         points: cloud.len(),

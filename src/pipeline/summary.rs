@@ -133,6 +133,9 @@ pub struct RunSummary {
     /// Frames without a tracked pose (not in the trajectory files), by why.
     pub frames_untracked: u64,
     pub untracked: BTreeMap<&'static str, u64>,
+    /// Of the untracked frames, those with an orientation-only pose (a camera that only
+    /// turned), which the trajectory files do hold.
+    pub frames_orientation_only: u64,
     /// Trajectory stabilization corrections (when on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stabilization: Option<StabilizeSummary>,

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::window_ba::{self, Observation, Window};
-use super::{median, Chain, FlowVo, Pending, MAX_STEP_RATIO};
+use super::{best_rotation, median, Chain, FlowVo, Pending, Track, MAX_STEP_RATIO};
 use crate::{untracked, FrameGeometry, GeometryStats};
 use streamrecon_core::error::Result;
 use streamrecon_core::frame::{Frame, Pose};
@@ -120,11 +120,13 @@ impl FlowVo {
     }
 
     /// Emits the frames held back during initialisation, with the segment origin as pose and
-    /// `why` they have no tracked one.
+    /// `why` they have no tracked one; a camera that only turned (`why` is
+    /// [`untracked::ROTATION`]) keeps its orientation since the segment's `reference` frame.
     pub(super) fn release_untracked(
         &self,
         pending: Vec<Pending>,
         why: &'static str,
+        reference: u64,
     ) -> Vec<FrameGeometry> {
         let stats = GeometryStats {
             tracked: false,
@@ -134,8 +136,46 @@ impl FlowVo {
         };
         pending
             .into_iter()
-            .map(|p| self.geometry(p.index, p.timestamp, self.segment_origin, stats, None))
+            .map(|p| {
+                let turned = (why == untracked::ROTATION)
+                    .then(|| self.turned_pose(reference, p.index))
+                    .flatten();
+                let stats = GeometryStats {
+                    orientation_only: turned.is_some(),
+                    ..stats
+                };
+                let pose = turned.unwrap_or(self.segment_origin);
+                self.geometry(p.index, p.timestamp, pose, stats, None)
+            })
             .collect()
+    }
+
+    /// world_from_cam of frame `f` for a camera that only turned since the segment's
+    /// `reference` frame: the segment's origin turned by the rotation that best maps the tracks'
+    /// bearings at the reference onto theirs at `f`. `None` with too few tracks seen in both.
+    pub(super) fn turned_pose(&self, reference: u64, f: u64) -> Option<Pose> {
+        if f == reference {
+            return Some(self.segment_origin);
+        }
+        let k = self.intrinsics?;
+        let at = |t: &Track, frame: u64| {
+            t.obs
+                .iter()
+                .find(|o| o.0 == frame)
+                .map(|o| Self::bearing(&k, f64::from(o.1), f64::from(o.2)))
+        };
+        let (a, b): (Vec<_>, Vec<_>) = self
+            .tracks
+            .iter()
+            .filter_map(|t| Some((at(t, reference)?, at(t, f)?)))
+            .unzip();
+        if a.len() < self.config.min_inliers {
+            return None;
+        }
+        // Bearings at f ≈ R · bearings at the reference: R is cam_f_from_cam_ref's rotation.
+        let r = best_rotation(&a, &b)?;
+        let ref_from_f = nalgebra::UnitQuaternion::from_matrix(&r.transpose());
+        Some(self.segment_origin * Pose::from_parts(nalgebra::Translation3::identity(), ref_from_f))
     }
 
     /// After a successful initialisation: poses for the held-back frames, depth for the last.

@@ -51,19 +51,24 @@ use dense::{grey_and_gradient, DepthRow, DepthRowAt};
 /// angle. Unlike the ray angles of a triangulation it needs no essential-matrix decomposition,
 /// which a pure turn leaves undetermined.
 fn parallax_beyond_rotation(a: &[Vector3<f64>], b: &[Vector3<f64>]) -> (f64, f64) {
+    let Some(r) = best_rotation(a, b) else {
+        return (0.0, 0.0);
+    };
+    let mut angles: Vec<f64> = a.iter().zip(b).map(|(p, q)| (r * p).angle(q)).collect();
+    let turn = nalgebra::Rotation3::from_matrix_unchecked(r).angle();
+    (median(&mut angles).unwrap_or(0.0), turn)
+}
+
+/// The rotation that best maps the bearings `a` onto `b` (Wahba's problem, by SVD): `b ≈ R a`.
+fn best_rotation(a: &[Vector3<f64>], b: &[Vector3<f64>]) -> Option<Matrix3<f64>> {
     let mut m = Matrix3::zeros();
     for (p, q) in a.iter().zip(b) {
         m += q.normalize() * p.normalize().transpose();
     }
     let svd = m.svd(true, true);
-    let (Some(u), Some(v_t)) = (svd.u, svd.v_t) else {
-        return (0.0, 0.0);
-    };
+    let (u, v_t) = (svd.u?, svd.v_t?);
     let d = (u * v_t).determinant().signum();
-    let r = u * Matrix3::from_diagonal(&Vector3::new(1.0, 1.0, d)) * v_t;
-    let mut angles: Vec<f64> = a.iter().zip(b).map(|(p, q)| (r * p).angle(q)).collect();
-    let turn = nalgebra::Rotation3::from_matrix_unchecked(r).angle();
-    (median(&mut angles).unwrap_or(0.0), turn)
+    Some(u * Matrix3::from_diagonal(&Vector3::new(1.0, 1.0, d)) * v_t)
 }
 
 struct Track {
@@ -746,10 +751,10 @@ impl GeometryEngine for FlowVo {
         let Some(flow) = connected else {
             // No flow links this frame to the last one: nothing to track with.
             let mut out = Vec::new();
-            if let Phase::Initializing { pending, .. } =
+            if let Phase::Initializing { pending, reference } =
                 std::mem::replace(&mut self.phase, Phase::Tracking)
             {
-                out = self.release_untracked(pending, untracked::GAP);
+                out = self.release_untracked(pending, untracked::GAP, reference);
             }
             self.lose_tracking(frame);
             return Ok(out);
@@ -787,7 +792,13 @@ impl GeometryEngine for FlowVo {
                 if pending.len() > self.config.max_init_frames {
                     pending.pop();
                     let why = self.init_blocker.unwrap_or(untracked::STATIC);
-                    let out = self.release_untracked(pending, why);
+                    let out = self.release_untracked(pending, why, reference);
+                    // A camera that only turned starts its next segment turned as far.
+                    if why == untracked::ROTATION {
+                        if let Some(p) = self.turned_pose(reference, frame.index) {
+                            self.segment_origin = p;
+                        }
+                    }
                     log::warn!(
                         "flowvo: no initialisation within {} frames; restarting at frame {}",
                         self.config.max_init_frames,
@@ -805,9 +816,9 @@ impl GeometryEngine for FlowVo {
 
     fn flush(&mut self) -> Result<Vec<FrameGeometry>> {
         match std::mem::replace(&mut self.phase, Phase::Tracking) {
-            Phase::Initializing { pending, .. } => {
+            Phase::Initializing { pending, reference } => {
                 let why = self.init_blocker.unwrap_or(untracked::ENDED);
-                Ok(self.release_untracked(pending, why))
+                Ok(self.release_untracked(pending, why, reference))
             }
             Phase::Tracking => Ok(Vec::new()),
         }

@@ -393,8 +393,9 @@ impl Sink for FilesSink {
         let g = out.geometry;
         let depth = out.depth_mm.map(|d| (d, &g.intrinsics));
         // A frame the engine could not place has no pose to write (run.json counts it, with
-        // why); writing its stand-in pose would read as "the camera stood still, tracked".
-        let res = if g.stats.tracked {
+        // why); writing its stand-in pose would read as "the camera stood still, tracked". A
+        // turning camera's orientation-only poses are written.
+        let res = if g.stats.has_pose() {
             self.outputs
                 .add_frame(g.index, g.timestamp, g.world_from_cam, depth)
         } else {

@@ -112,7 +112,7 @@ impl Sink for RerunSink {
         let log = FrameLog {
             index: g.index,
             timestamp: g.timestamp,
-            cam_from_world: g.stats.tracked.then(|| g.cam_from_world()),
+            cam_from_world: g.stats.has_pose().then(|| g.cam_from_world()),
             intrinsics: &g.intrinsics,
             images: &images,
             depth_mm: out.depth_mm,
