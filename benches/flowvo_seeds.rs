@@ -4,7 +4,7 @@
 //! scaling), for the default configuration and the variants named on the command line.
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
-//! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--degrade=SPEC]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames.
@@ -85,6 +85,10 @@ fn main() {
         temporal_fill: !args.iter().any(|a| a == "--no-fill"),
         ..DisConfig::default()
     };
+    // `--degrade=noise=0.01,shot=0.02,blur=4,exposure=0.15,jpeg=75`: camera-like frames.
+    let degrade = arg("--degrade=", &args)
+        .map(|v| streamrecon::datasets::synth::Degrade::parse(v).expect("--degrade"))
+        .unwrap_or_default();
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
     for &trajectory in &trajectories {
         for &seed in &seeds {
@@ -93,6 +97,7 @@ fn main() {
                 trajectory,
                 frames,
                 seed,
+                degrade,
                 ..SynthConfig::default()
             });
             let mut rendered = Vec::with_capacity(frames);

@@ -212,3 +212,58 @@ fn smooth_and_handheld_cameras_never_whip_round() {
         worst.2
     );
 }
+
+#[test]
+fn camera_degradations_change_the_image_as_a_sensor_would() {
+    use streamrecon::datasets::synth::Degrade;
+    let d = Degrade::parse("noise=0.01,shot=0.02,blur=2,exposure=0.1,jpeg=70").unwrap();
+    assert_eq!((d.jpeg, d.shot, d.blur), (70, 0.02, 2));
+    assert!(Degrade::parse("jpeg=0").is_err() && Degrade::parse("jpeg=101").is_err());
+    assert!(Degrade::parse("grain=1").unwrap_err().contains("shot"));
+    let config = |degrade| streamrecon::datasets::synth::SynthConfig {
+        degrade,
+        ..common::synth_config(TrajectoryKind::Handheld, 2, 160, 120, 4)
+    };
+    let image = |degrade| {
+        let world = SynthWorld::new(config(degrade));
+        let view = world.view(1);
+        world.camera_image(1, &view)
+    };
+    let clean = image(Degrade::default());
+    // Shot noise grows with brightness: the error's spread is larger on bright pixels.
+    let shot = image(Degrade {
+        shot: 0.02,
+        ..Degrade::default()
+    });
+    let spread = |bright: bool| {
+        let d: Vec<f32> = clean
+            .as_raw()
+            .iter()
+            .zip(shot.as_raw())
+            .filter(|(c, _)| (**c > 180) == bright && (**c < 60) != bright)
+            .map(|(&c, &s)| f32::from(s) - f32::from(c))
+            .collect();
+        (d.iter().map(|v| v * v).sum::<f32>() / d.len().max(1) as f32).sqrt()
+    };
+    let (dark, bright) = (spread(false), spread(true));
+    assert!(bright > 1.3 * dark, "bright {bright}, dark {dark}");
+    // JPEG leaves artefacts: close to the clean frame, not equal to it.
+    let jpeg = image(Degrade {
+        jpeg: 60,
+        ..Degrade::default()
+    });
+    let mad = clean
+        .as_raw()
+        .iter()
+        .zip(jpeg.as_raw())
+        .map(|(&a, &b)| f64::from(a.abs_diff(b)))
+        .sum::<f64>()
+        / clean.as_raw().len() as f64;
+    assert!(mad > 0.3 && mad < 12.0, "mean difference {mad}");
+    // Deterministic: the same configuration gives the same bytes.
+    assert_eq!(
+        image(d).as_raw(),
+        image(d).as_raw(),
+        "same degradations, same bytes"
+    );
+}

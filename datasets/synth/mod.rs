@@ -30,10 +30,18 @@ pub struct Degrade {
     pub exposure: f32,
     /// Fog density per metre (contrast loss towards grey).
     pub fog: f32,
+    /// Signal-dependent (shot) noise: variance `shot · intensity` on top of `noise`'s, the
+    /// Poisson–Gaussian model of a real sensor.
+    #[serde(default)]
+    pub shot: f32,
+    /// JPEG quality the frames are compressed at (compression artefacts, as a camera or video
+    /// stream gives); 0 = none.
+    #[serde(default)]
+    pub jpeg: u8,
 }
 
 impl Degrade {
-    /// Parses `noise=0.02,blur=4,exposure=0.2,fog=0.1` (any subset).
+    /// Parses `noise=0.02,shot=0.01,blur=4,exposure=0.2,fog=0.1,jpeg=75` (any subset).
     ///
     /// # Errors
     /// An unknown key or a bad number.
@@ -52,9 +60,17 @@ impl Degrade {
                 "blur" => d.blur = v.parse().map_err(|_| format!("bad count '{v}' for blur"))?,
                 "exposure" => d.exposure = num(v)?,
                 "fog" => d.fog = num(v)?,
+                "shot" => d.shot = num(v)?,
+                "jpeg" => {
+                    d.jpeg = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=100).contains(q))
+                        .ok_or_else(|| format!("bad quality '{v}' for jpeg (1-100)"))?;
+                }
                 _ => {
                     return Err(format!(
-                        "unknown degradation '{k}' (noise, blur, exposure, fog)"
+                        "unknown degradation '{k}' (noise, shot, blur, exposure, fog, jpeg)"
                     ))
                 }
             }
@@ -133,6 +149,19 @@ fn quantise_row(linear: &[f32], gain: f32, out: &mut [u8]) {
 /// Linear [0, 1] to 8 bits, rounded (clamped outside).
 #[allow(clippy::inline_always)] // per-pixel code of `QuantiseRow`
 #[inline(always)]
+/// `img` compressed as a JPEG at `quality` and decoded again (unchanged if either fails).
+fn jpeg_round_trip(img: RgbImage, quality: u8) -> RgbImage {
+    let mut bytes = Vec::new();
+    let encoded = image::codecs::jpeg::JpegEncoder::new_with_quality(&mut bytes, quality)
+        .encode_image(&img)
+        .is_ok();
+    if !encoded {
+        return img;
+    }
+    image::load_from_memory_with_format(&bytes, image::ImageFormat::Jpeg)
+        .map_or(img, image::DynamicImage::into_rgb8)
+}
+
 fn quantise(v: f32) -> u8 {
     (v.clamp(0.0, 1.0) * 255.0 + 0.5) as u8
 }
@@ -221,15 +250,17 @@ impl SynthWorld {
         let gain = 1.0 + d.exposure * (std::f32::consts::TAU * i as f32 / 90.0).sin();
         let (w, h) = (self.intrinsics.width, self.intrinsics.height);
         let mut img = RgbImage::new(w, h);
-        if d.noise > 0.0 {
+        if d.noise > 0.0 || d.shot > 0.0 {
             // One generator per frame, drawn in pixel order: the same seed gives the same bytes.
             let mut rng = rand_pcg::Pcg64::seed_from_u64(
                 self.config.seed ^ (i as u64).wrapping_mul(0x9e37_79b9),
             );
-            let noise = Normal::new(0.0f32, d.noise).expect("finite sigma");
+            let unit = Normal::new(0.0f32, 1.0).expect("finite sigma");
             for (px, c) in img.pixels_mut().zip(rgb.iter()) {
                 for k in 0..3 {
-                    px[k] = quantise(c[k] * gain + noise.sample(&mut rng));
+                    let v = (c[k] * gain).max(0.0);
+                    let sigma = (d.noise * d.noise + d.shot * v).sqrt();
+                    px[k] = quantise(v + sigma * unit.sample(&mut rng));
                 }
             }
         } else {
@@ -245,6 +276,9 @@ impl SynthWorld {
                         out,
                     });
                 });
+        }
+        if d.jpeg > 0 {
+            img = jpeg_round_trip(img, d.jpeg);
         }
         img
     }
