@@ -109,10 +109,13 @@ fn rrd_print(rerun: &Path, rrd: &Path) -> String {
 #[test]
 fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, 40, 320, 240, 1),
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Smooth,
+        40,
+        320,
+        240,
+        1,
     );
     let out = dir.path().join("out");
     let rrd = out.join("rec.rrd");
@@ -178,10 +181,13 @@ fn run_on_a_dataset_writes_every_output_and_a_readable_recording() {
 #[test]
 fn sigint_mid_stream_drains_and_leaves_complete_outputs() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, 300, 160, 120, 4),
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Smooth,
+        300,
+        160,
+        120,
+        4,
     );
     let out = dir.path().join("out");
     let child = common::bin()
@@ -296,10 +302,13 @@ fn resumable_sequence(
     frames: usize,
 ) -> (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
     let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, frames, 160, 120, 4),
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Smooth,
+        frames,
+        160,
+        120,
+        4,
     );
     let out = dir.path().join("out");
     (dir, seq, out)
@@ -370,10 +379,13 @@ fn bad_sources_get_clear_errors() {
 #[test]
 fn unwritable_output_folder_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, 3, 64, 48, 1),
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Smooth,
+        3,
+        64,
+        48,
+        1,
     );
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"x").unwrap();
@@ -383,10 +395,13 @@ fn unwritable_output_folder_is_reported() {
 }
 
 fn image_folder(dir: &Path, frames: usize) -> std::path::PathBuf {
-    let seq = dir.join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, frames, 160, 120, 8),
+    let seq = common::synth_sequence(
+        &dir.join("seq"),
+        TrajectoryKind::Smooth,
+        frames,
+        160,
+        120,
+        8,
     );
     let imgs = dir.join("imgs");
     std::fs::create_dir(&imgs).unwrap();
@@ -552,10 +567,13 @@ fn stream_urls_are_read_as_live_sources() {
 fn flow_writes_every_pair_in_each_format_and_eval_scores_them() {
     use streamrecon::datasets::formats::{flo, kitti_flow};
     let dir = tempfile::tempdir().unwrap();
-    let seq = dir.path().join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, 6, 160, 120, 4),
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Smooth,
+        6,
+        160,
+        120,
+        4,
     );
     let flows = dir.path().join("flo");
     let (s, f) = (seq.to_str().unwrap(), flows.to_str().unwrap());
@@ -646,10 +664,13 @@ fn runs_killed_at_ten_frames_resume_the_same_map() {
     ];
     for (engine, frames, extra) in [("flowvo", 100, &[][..]), ("vggt", 30, &vggt[..])] {
         let dir = tempfile::tempdir().unwrap();
-        let seq = dir.path().join("seq");
-        common::write_sequence(
-            &seq,
-            &common::synth_config(TrajectoryKind::Handheld, frames, 160, 120, 5),
+        let seq = common::synth_sequence(
+            &dir.path().join("seq"),
+            TrajectoryKind::Handheld,
+            frames,
+            160,
+            120,
+            5,
         );
         let run = |out: &Path| {
             let mut c = snapshot_run(&seq, out, 3);
@@ -727,10 +748,13 @@ fn run_rows(source: &Path, out: &Path, extra: &[&str]) -> (serde_json::Value, us
 fn frames_that_cannot_be_mapped_get_a_reason_and_no_stand_in_pose() {
     let dir = tempfile::tempdir().unwrap();
     // A camera that only turns, and one that does not move at all.
-    let turning = dir.path().join("turning");
-    common::write_sequence(
-        &turning,
-        &common::synth_config(TrajectoryKind::Rotation, 40, 160, 120, 2),
+    let turning = common::synth_sequence(
+        &dir.path().join("turning"),
+        TrajectoryKind::Rotation,
+        40,
+        160,
+        120,
+        2,
     );
     let still = dir.path().join("still");
     std::fs::create_dir(&still).unwrap();

@@ -21,12 +21,14 @@ fn run_err(args: &[&str]) -> String {
 }
 
 fn sequence(dir: &Path, frames: usize) -> std::path::PathBuf {
-    let seq = dir.join("seq");
-    common::write_sequence(
-        &seq,
-        &common::synth_config(TrajectoryKind::Smooth, frames, 160, 120, 4),
-    );
-    seq
+    common::synth_sequence(
+        &dir.join("seq"),
+        TrajectoryKind::Smooth,
+        frames,
+        160,
+        120,
+        4,
+    )
 }
 
 fn run_json(out: &Path) -> serde_json::Value {

@@ -26,6 +26,19 @@ pub fn synth_config(
     }
 }
 
+/// A synthetic room sequence (see [`synth_config`]) written to `dir`; returns `dir`.
+pub fn synth_sequence(
+    dir: &Path,
+    trajectory: TrajectoryKind,
+    frames: usize,
+    width: u32,
+    height: u32,
+    seed: u64,
+) -> std::path::PathBuf {
+    write_sequence(dir, &synth_config(trajectory, frames, width, height, seed));
+    dir.to_path_buf()
+}
+
 /// Writes a native-layout sequence into `dir`.
 pub fn write_sequence(dir: &Path, config: &SynthConfig) {
     let world = SynthWorld::new(config.clone());
