@@ -258,6 +258,10 @@ fn a_killed_run_resumes_from_its_snapshot_without_losing_a_frame() {
         (0..frames as i64).collect::<Vec<_>>(),
         "every frame's pose once, in order (resumed at {next})"
     );
+    // The smoother hands the snapshot's last frame through: the map continues.
+    let run_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("run.json")).unwrap()).unwrap();
+    assert_eq!(run_json["map_segments"], 1, "{run_json}");
 }
 
 #[test]

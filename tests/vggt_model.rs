@@ -362,7 +362,7 @@ fn a_restored_snapshot_continues_bit_for_bit() {
         for i in 0..3 {
             first.push(&frame(i), None).unwrap();
         }
-        assert!(first.snapshot(&snap, 3).unwrap());
+        assert!(first.snapshot(&snap, 3, None).unwrap());
         drop(first);
         assert_eq!(resumed.restore(&snap).unwrap(), 3);
         for (i, want) in expected.iter().enumerate().skip(3) {

@@ -125,12 +125,19 @@ pub trait GeometryEngine: Send {
     fn segments(&self) -> u32;
 
     /// Writes the engine's whole stream state to `path` (atomically); `Ok(false)` when the
-    /// engine has no snapshot support. `next_source_index` is stored for resuming.
+    /// engine has no snapshot support. `next_source_index` is stored for resuming;
+    /// `last_frame`, the last frame pushed, is kept by engines that track along the flow, for
+    /// [`GeometryEngine::take_resume_frame`].
     ///
     /// # Errors
     /// The file cannot be written.
-    fn snapshot(&self, path: &std::path::Path, next_source_index: u64) -> Result<bool> {
-        let _ = (path, next_source_index);
+    fn snapshot(
+        &self,
+        path: &std::path::Path,
+        next_source_index: u64,
+        last_frame: Option<&Frame>,
+    ) -> Result<bool> {
+        let _ = (path, next_source_index, last_frame);
         Ok(false)
     }
 

@@ -411,8 +411,17 @@ impl GeometryEngine for StabilizedEngine {
         self.inner.segments()
     }
 
-    fn snapshot(&self, path: &Path, next_source_index: u64) -> Result<bool> {
-        self.inner.snapshot(path, next_source_index)
+    fn snapshot(
+        &self,
+        path: &Path,
+        next_source_index: u64,
+        last_frame: Option<&Frame>,
+    ) -> Result<bool> {
+        self.inner.snapshot(path, next_source_index, last_frame)
+    }
+
+    fn take_resume_frame(&mut self) -> Option<Frame> {
+        self.inner.take_resume_frame()
     }
 
     fn restore(&mut self, path: &Path) -> Result<u64> {

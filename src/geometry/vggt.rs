@@ -227,7 +227,12 @@ impl GeometryEngine for VggtEngine {
         1
     }
 
-    fn snapshot(&self, path: &Path, next_source_index: u64) -> Result<bool> {
+    fn snapshot(
+        &self,
+        path: &Path,
+        next_source_index: u64,
+        _last_frame: Option<&Frame>,
+    ) -> Result<bool> {
         let state = EngineState {
             next_index: self.next_index,
             next_source_index,

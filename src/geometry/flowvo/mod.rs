@@ -120,8 +120,6 @@ pub struct FlowVo {
     recent_steps: VecDeque<f64>,
     /// Novelty weight of recent frames (pose-adaptive mode only), for the bundle adjustment.
     novelty_weights: BTreeMap<u64, f64>,
-    /// The last frame pushed (kept for snapshots).
-    last_frame: Option<Frame>,
     /// After a restore, the snapshot's last frame, until the pipeline takes it.
     resume_frame: Option<Frame>,
     /// Why the last attempt to start a map failed (reported with the frames it leaves
@@ -163,7 +161,6 @@ impl FlowVo {
             keyframe_base: 0,
             recent_steps: VecDeque::new(),
             novelty_weights: BTreeMap::new(),
-            last_frame: None,
             resume_frame: None,
             init_blocker: None,
         }
@@ -707,8 +704,13 @@ impl GeometryEngine for FlowVo {
         "flowvo"
     }
 
-    fn snapshot(&self, path: &std::path::Path, next_source_index: u64) -> Result<bool> {
-        self.write_snapshot(path, next_source_index)?;
+    fn snapshot(
+        &self,
+        path: &std::path::Path,
+        next_source_index: u64,
+        last_frame: Option<&Frame>,
+    ) -> Result<bool> {
+        self.write_snapshot(path, next_source_index, last_frame)?;
         Ok(true)
     }
 
@@ -733,13 +735,6 @@ impl GeometryEngine for FlowVo {
                 frame.index, k.width, k.height
             )));
         }
-        // The frame a snapshot hands to the flow stage of a resumed run (without its ground
-        // truth: the image is what the flow needs).
-        self.last_frame = Some(Frame {
-            gt: None,
-            image: frame.image.clone(),
-            ..*frame
-        });
         if !self.started {
             self.started = true;
             self.last_index = Some(frame.index);

@@ -68,7 +68,12 @@ struct LastFrame {
 }
 
 impl FlowVo {
-    pub(super) fn write_snapshot(&self, path: &std::path::Path, next: u64) -> Result<()> {
+    pub(super) fn write_snapshot(
+        &self,
+        path: &std::path::Path,
+        next: u64,
+        last_frame: Option<&Frame>,
+    ) -> Result<()> {
         let last = self.last_pose();
         let mut tensors = HashMap::new();
         let map = match (self.started, self.intrinsics, self.last_index) {
@@ -82,13 +87,15 @@ impl FlowVo {
                         tensors.insert(name.to_string(), t);
                     }
                 }
-                let last_frame = self.last_frame.as_ref().map(|f| LastFrame {
+                // The last frame only when it is the one the map last tracked.
+                let last_frame = last_frame.filter(|f| f.index == last_index);
+                let last_frame_state = last_frame.map(|f| LastFrame {
                     index: f.index,
                     source_index: f.source_index,
                     timestamp: f.timestamp,
                     intrinsics: f.intrinsics,
                 });
-                if let Some(f) = &self.last_frame {
+                if let Some(f) = last_frame {
                     let (w, h) = (f.width() as usize, f.height() as usize);
                     let t = Tensor::from_slice(f.image.as_raw(), (h, w, 3), &Device::Cpu)?;
                     tensors.insert("last_frame".to_string(), t);
@@ -124,7 +131,7 @@ impl FlowVo {
                     novelty: self.novelty.state(),
                     chain_old: self.chain_old.as_ref().map(|c| c.key),
                     chain_new: self.chain_new.as_ref().map(|c| c.key),
-                    last_frame,
+                    last_frame: last_frame_state,
                 })
             }
             _ => None,

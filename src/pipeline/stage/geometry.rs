@@ -59,41 +59,46 @@ pub(crate) fn start(
         // it, a snapshot still waiting for its frames is kept rather than replaced, or a
         // sink that lags by more than the cadence would never see one put in place.
         // Returns whether a snapshot at `next` was written.
-        let snapshot =
-            |engine: &dyn GeometryEngine, next: u64, path: &mut Option<PathBuf>, last: bool| {
-                let Some(p) = path.as_ref() else {
-                    return false;
-                };
-                // Held while writing, so the file sink never moves a half-replaced file.
-                let Ok(mut slot) = slot.lock() else {
-                    return false;
-                };
-                if slot.is_some() && !last {
-                    log::debug!("snapshot at source frame {next} skipped: the last one is pending");
-                    return false;
-                }
-                match engine.snapshot(p, next) {
-                    Ok(true) => {
-                        log::debug!("snapshot at source frame {next}: {}", p.display());
-                        *slot = Some(PendingSnapshot {
-                            next,
-                            path: p.clone(),
-                        });
-                        return true;
-                    }
-                    Ok(false) => {
-                        log::warn!("the {} engine has no state to snapshot", engine.name());
-                        *path = None;
-                    }
-                    Err(e) => {
-                        log::error!("snapshot failed: {e}");
-                        errors.set(e);
-                        stop.store(true, Ordering::SeqCst);
-                    }
-                }
-                false
+        let snapshot = |engine: &dyn GeometryEngine,
+                        next: u64,
+                        last_frame: Option<&Frame>,
+                        path: &mut Option<PathBuf>,
+                        last: bool| {
+            let Some(p) = path.as_ref() else {
+                return false;
             };
+            // Held while writing, so the file sink never moves a half-replaced file.
+            let Ok(mut slot) = slot.lock() else {
+                return false;
+            };
+            if slot.is_some() && !last {
+                log::debug!("snapshot at source frame {next} skipped: the last one is pending");
+                return false;
+            }
+            match engine.snapshot(p, next, last_frame) {
+                Ok(true) => {
+                    log::debug!("snapshot at source frame {next}: {}", p.display());
+                    *slot = Some(PendingSnapshot {
+                        next,
+                        path: p.clone(),
+                    });
+                    return true;
+                }
+                Ok(false) => {
+                    log::warn!("the {} engine has no state to snapshot", engine.name());
+                    *path = None;
+                }
+                Err(e) => {
+                    log::error!("snapshot failed: {e}");
+                    errors.set(e);
+                    stop.store(true, Ordering::SeqCst);
+                }
+            }
+            false
+        };
         let mut snapshot_at = None;
+        // The last frame pushed, for the snapshots (kept only when there are any).
+        let mut last_frame: Option<Frame> = None;
         // Frames the engine holds back (initialisation), by index.
         let mut waiting: HashMap<u64, (Frame, Instant, Option<FlowField>, f64)> = HashMap::new();
         let emit = |geos: Vec<FrameGeometry>, waiting: &mut HashMap<u64, _>, geo_ms: f64| -> bool {
@@ -122,6 +127,14 @@ pub(crate) fn start(
             });
             let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
             next_source = msg.frame.source_index + 1;
+            if snapshot_path.is_some() {
+                // Without its ground truth: the image is what a resumed flow stage needs.
+                last_frame = Some(Frame {
+                    gt: None,
+                    image: msg.frame.image.clone(),
+                    ..msg.frame
+                });
+            }
             waiting.insert(
                 msg.frame.index,
                 (
@@ -136,7 +149,13 @@ pub(crate) fn start(
                     pushed += 1;
                     if snapshot_every > 0
                         && pushed.is_multiple_of(snapshot_every)
-                        && snapshot(engine.as_ref(), next_source, &mut snapshot_path, false)
+                        && snapshot(
+                            engine.as_ref(),
+                            next_source,
+                            last_frame.as_ref(),
+                            &mut snapshot_path,
+                            false,
+                        )
                     {
                         snapshot_at = Some(next_source);
                     }
@@ -158,7 +177,13 @@ pub(crate) fn start(
         }
         // A final snapshot, so an interrupted run can be continued.
         if snapshot_every > 0 && pushed > 0 && snapshot_at != Some(next_source) {
-            snapshot(engine.as_ref(), next_source, &mut snapshot_path, true);
+            snapshot(
+                engine.as_ref(),
+                next_source,
+                last_frame.as_ref(),
+                &mut snapshot_path,
+                true,
+            );
         }
         engine.segments()
     })
