@@ -142,14 +142,19 @@ fn run_pass(
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let peak_rss = *peak.lock().unwrap();
-    Pass {
+    let mut pass = Pass {
         processed: summaries.iter().map(|s| s.0).sum(),
         dropped: summaries.iter().map(|s| s.1).sum(),
         wall_s,
-        latencies: summaries.iter().flat_map(|s| s.2.clone()).collect(),
-        latencies_mapped: summaries.into_iter().flat_map(|s| s.3).collect(),
+        latencies: Vec::new(),
+        latencies_mapped: Vec::new(),
         peak_rss,
+    };
+    for (_, _, all, settled) in summaries {
+        pass.latencies.extend(all);
+        pass.latencies_mapped.extend(settled);
     }
+    pass
 }
 
 fn main() {

@@ -29,6 +29,8 @@ pub struct Calibration {
     path: PathBuf,
     /// 3×3, f64.
     matrix: Mat,
+    /// fx, fy, cx, cy of `matrix`.
+    pinhole: [f64; 4],
     /// 1×N, f64 (k1, k2, p1, p2[, k3[, k4, k5, k6 …]]).
     distortion: Mat,
     /// The image size the calibration was made at, when the file says.
@@ -107,6 +109,8 @@ impl Calibration {
         };
         Ok(Self {
             path: path.to_path_buf(),
+            // OpenCV's pixel centres sit at integers, as ours do.
+            pinhole: [values[0], values[4], values[2], values[5]],
             matrix,
             distortion,
             size,
@@ -115,20 +119,16 @@ impl Calibration {
     }
 
     /// The pinhole intrinsics of the undistorted frames (the calibration's camera matrix).
-    ///
-    /// # Errors
-    /// Not expected: the matrix was checked when read.
-    pub fn intrinsics(&self, width: u32, height: u32) -> Result<Intrinsics> {
-        let m = self.matrix.data_typed::<f64>()?;
-        Ok(Intrinsics {
-            fx: m[0],
-            fy: m[4],
-            // OpenCV's pixel centres sit at integers, as ours do.
-            cx: m[2],
-            cy: m[5],
+    pub fn intrinsics(&self, width: u32, height: u32) -> Intrinsics {
+        let [fx, fy, cx, cy] = self.pinhole;
+        Intrinsics {
+            fx,
+            fy,
+            cx,
+            cy,
             width,
             height,
-        })
+        }
     }
 
     /// `image` without its lens distortion, seen through the same camera matrix (bilinear, black
@@ -265,7 +265,7 @@ mod tests {
             }
             _ => eprintln!("skipped left01.jpg: opencv-doc is not installed"),
         }
-        let k = c.intrinsics(160, 120).unwrap();
+        let k = c.intrinsics(160, 120);
         assert_eq!((k.fx, k.fy, k.cx, k.cy), (140.0, 138.0, 81.5, 58.0));
         // A frame of another size than the calibration's is refused, naming both.
         let e = c

@@ -359,7 +359,7 @@ impl Source {
         }
     }
 
-    fn finish_frame(&mut self, raw: RawFrame, source_index: u64) -> Result<Frame> {
+    fn finish_frame(&mut self, mut raw: RawFrame, source_index: u64) -> Result<Frame> {
         let (w0, h0) = raw.image.dimensions();
         check_frame_size(w0, h0).map_err(|why| {
             self.done = true;
@@ -376,10 +376,9 @@ impl Source {
             }
             Some(_) => {}
         }
-        let mut raw = raw;
         if let Some(c) = &mut self.calibration {
             raw.image = c.undistort(&raw.image).inspect_err(|_| self.done = true)?;
-            raw.intrinsics = Some(c.intrinsics(w0, h0)?);
+            raw.intrinsics = Some(c.intrinsics(w0, h0));
         }
         let original = match self.options.intrinsics {
             Some((fx, fy, cx, cy)) => Some(Intrinsics {

@@ -50,22 +50,34 @@ pub struct FrameMemory {
 
 /// A run's frame counts, owned by the pipeline and shared with whoever watches the run live (the
 /// service's status and metrics); `run.json` has their final values. At the end of a run,
-/// `received = processed + dropped_at_door + dropped_inside + skipped`.
+/// `received = processed + dropped_at_door + dropped_inside + skipped`. Clones share the counts.
 #[derive(Debug, Clone, Default)]
-pub struct RunCounters {
+pub struct RunCounters(Arc<Counters>);
+
+/// The counts behind [`RunCounters`].
+#[derive(Debug, Default)]
+pub struct Counters {
     /// Frames that arrived: at the service's door for pushed sources, else from the source
     /// (decodable or not; frames a resumed run has already seen are not counted).
-    pub received: Arc<AtomicU64>,
+    pub received: AtomicU64,
     /// Refused room at the door (a pushed live session's queue was full; counted by the door).
-    pub dropped_at_door: Arc<AtomicU64>,
+    pub dropped_at_door: AtomicU64,
     /// Decoded frames taken into the pipeline.
-    pub read: Arc<AtomicU64>,
+    pub read: AtomicU64,
     /// Taken in, then dropped because the flow stage was behind (live sources).
-    pub dropped_inside: Arc<AtomicU64>,
+    pub dropped_inside: AtomicU64,
     /// Undecodable frames passed over.
-    pub skipped: Arc<AtomicU64>,
+    pub skipped: AtomicU64,
     /// Through every stage and sink.
-    pub processed: Arc<AtomicU64>,
+    pub processed: AtomicU64,
+}
+
+impl std::ops::Deref for RunCounters {
+    type Target = Counters;
+
+    fn deref(&self) -> &Counters {
+        &self.0
+    }
 }
 
 /// One reading of [`RunCounters`].

@@ -8,15 +8,15 @@ use std::sync::Arc;
 use axum::extract::State;
 
 use super::{lock, Session, Shared};
-use streamrecon_pipeline::FrameResult;
+use streamrecon_pipeline::{FrameCounts, FrameResult};
 
 /// Upper bounds of the latency histograms, milliseconds.
 const BUCKETS_MS: [f64; 10] = [
     5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 10000.0,
 ];
 
-/// A per-session counter.
-type Counter = fn(&Session) -> u64;
+/// One of a session's frame counts.
+type Counter = fn(&FrameCounts) -> u64;
 
 /// Milliseconds of one stage in a result.
 type StageMs = fn(&FrameResult) -> f64;
@@ -28,27 +28,6 @@ const STAGES: [(&str, StageMs); 4] = [
     ("geometry", |r| r.geometry_ms),
     ("fusion", |r| r.fusion_ms),
 ];
-
-impl Session {
-    fn received(&self) -> u64 {
-        self.counters.get().received
-    }
-    fn dropped(&self) -> u64 {
-        self.counters.get().dropped()
-    }
-    fn dropped_at_door(&self) -> u64 {
-        self.counters.get().dropped_at_door
-    }
-    fn dropped_inside(&self) -> u64 {
-        self.counters.get().dropped_inside
-    }
-    fn skipped(&self) -> u64 {
-        self.counters.get().skipped
-    }
-    pub(super) fn processed(&self) -> u64 {
-        self.counters.get().processed
-    }
-}
 
 pub(super) async fn page(State(state): State<Shared>) -> String {
     let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
@@ -63,21 +42,23 @@ pub(super) async fn page(State(state): State<Shared>) -> String {
         sessions.len() - running
     );
     let counters: [(&str, Counter); 6] = [
-        ("frames_received", Session::received),
-        ("frames_dropped", Session::dropped),
-        ("frames_dropped_at_door", Session::dropped_at_door),
-        ("frames_dropped_inside", Session::dropped_inside),
-        ("frames_skipped", Session::skipped),
-        ("frames_processed", Session::processed),
+        ("frames_received", |c| c.received),
+        ("frames_dropped", FrameCounts::dropped),
+        ("frames_dropped_at_door", |c| c.dropped_at_door),
+        ("frames_dropped_inside", |c| c.dropped_inside),
+        ("frames_skipped", |c| c.skipped),
+        ("frames_processed", |c| c.processed),
     ];
+    // One reading per session, so a session's lines agree with each other.
+    let counts: Vec<FrameCounts> = sessions.iter().map(|s| s.counters.get()).collect();
     for (name, f) in counters {
         let _ = writeln!(out, "# TYPE streamrecon_{name}_total counter");
-        for s in &sessions {
+        for (s, c) in sessions.iter().zip(&counts) {
             let _ = writeln!(
                 out,
                 "streamrecon_{name}_total{{session=\"{}\"}} {}",
                 s.id,
-                f(s)
+                f(c)
             );
         }
     }

@@ -279,23 +279,27 @@ impl RunOutputs {
             });
         }
         summary.outputs = Some(report.clone());
-        let written = json_bytes(&summary).and_then(|j| {
-            write_bytes_atomic(&self.dir.join("run.json"), &j).or_else(|e| {
-                // Where the failure is recorded must not be the disk that failed.
-                let elsewhere = std::env::temp_dir()
-                    .join(format!("streamrecon-run-{}.json", std::process::id()));
-                log::error!("{e}; writing run.json to {} instead", elsewhere.display());
-                write_bytes_atomic(&elsewhere, &j)
-                    .map(|()| report.run_json_elsewhere = Some(elsewhere))
-                    .map_err(|e2| Error::Invalid(format!("{e}; and {e2}")))
-            })
-        });
-        if report.run_json_elsewhere.is_none() {
-            report.note("run.json", written);
-        } else if let Err(e) = written {
-            report.note("run.json", Err(e));
+        match json_bytes(&summary).and_then(|j| self.write_run_json(&j)) {
+            Ok(None) => report.written.push("run.json".into()),
+            Ok(Some(elsewhere)) => report.run_json_elsewhere = Some(elsewhere),
+            Err(e) => report.note("run.json", Err(e)),
         }
         report
+    }
+
+    /// Writes `run.json` into the folder, or, when the folder cannot take it, into the system's
+    /// temporary folder (where the failure is recorded must not be the disk that failed);
+    /// returns where it went in that case.
+    fn write_run_json(&self, json: &[u8]) -> Result<Option<PathBuf>> {
+        let Err(e) = write_bytes_atomic(&self.dir.join("run.json"), json) else {
+            return Ok(None);
+        };
+        let elsewhere =
+            std::env::temp_dir().join(format!("streamrecon-run-{}.json", std::process::id()));
+        log::error!("{e}; writing run.json to {} instead", elsewhere.display());
+        write_bytes_atomic(&elsewhere, json)
+            .map(|()| Some(elsewhere))
+            .map_err(|e2| Error::Invalid(format!("{e}; and {e2}")))
     }
 
     /// COLMAP text model: one PINHOLE camera, one image per frame, the fused points (no tracks).

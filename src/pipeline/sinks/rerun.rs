@@ -107,8 +107,7 @@ impl Sink for RerunSink {
         let g = out.geometry;
         let pts = out.new_points;
         let step = (pts.points.len() / POINTS_PER_FRAME).max(1);
-        let p: Vec<[f32; 3]> = pts.points.iter().step_by(step).copied().collect();
-        let c: Vec<[u8; 3]> = pts.colors.iter().step_by(step).copied().collect();
+        let (p, c) = (every(&pts.points, step), every(&pts.colors, step));
         let log = FrameLog {
             index: g.index,
             timestamp: g.timestamp,
@@ -143,17 +142,19 @@ impl Sink for RerunSink {
         let c = end.cloud;
         if !c.points.is_empty() {
             let step = c.points.len().div_ceil(self.map_points).max(1);
-            let points: Vec<[f32; 3]> = c.points.iter().step_by(step).copied().collect();
-            let colors: Vec<[u8; 3]> = c
+            let colors = c
                 .colors
-                .as_ref()
-                .map_or_else(Vec::new, |v| v.iter().step_by(step).copied().collect());
-            let normals: Option<Vec<[f32; 3]>> = c
-                .normals
-                .as_ref()
-                .map(|v| v.iter().step_by(step).copied().collect());
-            self.viewer.log_map(&points, &colors, normals.as_deref())?;
+                .as_deref()
+                .map_or_else(Vec::new, |v| every(v, step));
+            let normals = c.normals.as_deref().map(|v| every(v, step));
+            self.viewer
+                .log_map(&every(&c.points, step), &colors, normals.as_deref())?;
         }
         self.viewer.finish()
     }
+}
+
+/// Every `step`-th value of `v` (an even decimation for the viewer).
+fn every<T: Copy>(v: &[T], step: usize) -> Vec<T> {
+    v.iter().step_by(step.max(1)).copied().collect()
 }
