@@ -9,3 +9,16 @@ pub mod parity;
 pub mod vggt;
 pub mod videoflow;
 pub mod weights;
+
+/// Keeps candle's elementwise ops on the calling thread; call at the start of `main`, before any
+/// tensor exists (candle reads the variable once), unless `CANDLE_NUM_THREADS` is set.
+///
+/// candle splits large elementwise ops over a thread pool of its own whose workers spin between
+/// ops; beside rayon's pool, which the matrix products, convolutions and attention here use,
+/// they take cycles from that work on a machine with few cores (vggt small, 2 cores: 4.6 ->
+/// 5.3–5.6 frames/s, alternated runs).
+pub fn init_threads() {
+    if std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        std::env::set_var("CANDLE_NUM_THREADS", "1");
+    }
+}

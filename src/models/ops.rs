@@ -2,7 +2,7 @@
 //! (bilinear with `align_corners=True`, antialiased bicubic as PyTorch/PIL compute it).
 
 use candle_core::{DType, Tensor};
-use candle_nn::{Conv2dConfig, LayerNorm, Linear};
+use candle_nn::{Conv2dConfig, LayerNorm};
 
 use super::weights::Vb;
 use streamrecon_core::error::Result;
@@ -18,7 +18,70 @@ pub fn linear(vb: &Vb, in_dim: usize, out_dim: usize, bias: bool) -> Result<Line
     } else {
         None
     };
-    Ok(Linear::new(w, b))
+    Linear::new(&w, b)
+}
+
+/// `nn.Linear`, its weight kept transposed (`[in, out]`, row-major): `gemm` multiplies by a
+/// row-major right-hand side about 1.4–2× faster than by the checkpoint's `[out, in]` read
+/// transposed (which it repacks on every call), and on f32 CPU tensors the bias is the
+/// product's starting value instead of a second pass.
+pub struct Linear {
+    weight_t: Tensor,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    /// From the checkpoint's `weight [out, in]` and `bias [out]`.
+    ///
+    /// # Errors
+    /// A weight that is not a matrix.
+    pub fn new(weight: &Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Ok(Self {
+            weight_t: weight.t()?.contiguous()?,
+            bias,
+        })
+    }
+}
+
+impl candle_core::Module for Linear {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        use crate::gemm::{matmul_into, with_f32, Product, Strided};
+        let (k, n) = self.weight_t.dims2()?;
+        let dims = x.dims();
+        let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
+        if !(f32_cpu(x) && f32_cpu(&self.weight_t)) || dims.last() != Some(&k) {
+            let y = x.broadcast_matmul(&self.weight_t)?;
+            return match &self.bias {
+                Some(b) => y.broadcast_add(b),
+                None => Ok(y),
+            };
+        }
+        let m = x.elem_count() / k.max(1);
+        let mut out = match &self.bias {
+            Some(b) => with_f32(b, |b| b.repeat(m))?,
+            None => vec![0f32; m * n],
+        };
+        with_f32(&self.weight_t, |w| {
+            with_f32(x, |xs| {
+                matmul_into(
+                    (&mut out, n),
+                    (m, n, k),
+                    &Strided::rows(xs, k),
+                    &Strided::rows(w, n),
+                    Product {
+                        scale: 1.0,
+                        accumulate: self.bias.is_some(),
+                        parallel: true,
+                    },
+                );
+            })
+        })??;
+        let mut shape = dims.to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = n;
+        }
+        Tensor::from_vec(out, shape, x.device())
+    }
 }
 
 /// Exact (erf) GELU, `x·(1 + erf(x/√2))/2`. On f32 CPU tensors it runs vectorised and in
@@ -646,6 +709,34 @@ pub(crate) mod tests {
             .max_all()
             .unwrap()
             .to_scalar()
+            .unwrap()
+    }
+
+    #[test]
+    fn linear_is_candles_linear() {
+        use candle_core::Module;
+        let (din, dout) = (40, 72);
+        let w = wave(dout * din, 0.37).reshape((dout, din)).unwrap();
+        let b = wave(dout, 1.3);
+        let x = wave(3 * 11 * din, 0.011).reshape((3, 11, din)).unwrap();
+        for bias in [Some(b), None] {
+            let ours = Linear::new(&w, bias.clone()).unwrap();
+            let theirs = candle_nn::Linear::new(w.clone(), bias.clone());
+            let want = theirs.forward(&x).unwrap();
+            assert!(max_abs_diff(ours.forward(&x).unwrap(), want.clone()) < 1e-5);
+            // Other dtypes take candle's matmul.
+            let half = ours_f16(&w, bias.as_ref(), &x);
+            assert!(max_abs_diff(half, want) < 0.05);
+        }
+    }
+
+    fn ours_f16(w: &Tensor, bias: Option<&Tensor>, x: &Tensor) -> Tensor {
+        use candle_core::Module;
+        let half = |t: &Tensor| t.to_dtype(DType::F16).unwrap();
+        let lin = Linear::new(&half(w), bias.map(half)).unwrap();
+        lin.forward(&x.to_dtype(DType::F16).unwrap())
+            .unwrap()
+            .to_dtype(DType::F32)
             .unwrap()
     }
 

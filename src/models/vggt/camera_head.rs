@@ -2,8 +2,9 @@
 //! the current pose estimate, through a trunk whose K/V caches are shared by the refinement
 //! iterations and by every earlier frame; 4 iterations refine `absT_quaR_FoV`.
 
+use crate::ops::Linear;
 use candle_core::{Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear};
+use candle_nn::LayerNorm;
 
 use super::config::VggtConfig;
 use super::layers::{Block, BlockSpec, Mlp};

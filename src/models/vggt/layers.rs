@@ -1,7 +1,8 @@
 //! `layers/`: Mlp, LayerScale, Attention (qk-norm, 2D RoPE, causal KV cache) and Block.
 
+use crate::ops::Linear;
 use candle_core::{Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear};
+use candle_nn::LayerNorm;
 
 use super::memory::LayerKv;
 use crate::ops::{layer_norm, linear};

@@ -185,80 +185,64 @@ impl LayerKv {
 
     /// Keeps the anchors and the `budget − anchor` candidates per head whose normalised keys
     /// are least similar to the candidates' mean key, in their original order.
+    ///
+    /// The keys are scored where they lie (f32; other dtypes through one f32 copy) and the kept
+    /// entries are moved down in place: no copy of the cache is made.
     fn evict(&mut self, budget: usize) -> Result<()> {
         let (ks, vs) = self.stores()?;
-        let (_, heads, _, d) = ks.dims4()?;
+        let (_, heads, cap, d) = ks.dims4()?;
         let n = self.len;
         let anchor = self.anchor.min(n);
         let cand = n - anchor;
         let keep = budget.saturating_sub(anchor).min(cand);
-        let flat = |t: &Tensor| -> Result<Vec<f32>> {
-            Ok(t.narrow(2, anchor, cand)?
-                .to_dtype(DType::F32)?
-                .flatten_all()?
-                .to_vec1()?)
+        let keys = if ks.dtype() == DType::F32 {
+            ks.clone()
+        } else {
+            ks.to_dtype(DType::F32)?
         };
-        let (kd, vd) = (flat(&ks)?, flat(&vs)?);
         let priority = &self.priority;
-        // Heads choose independently: score, select and gather them in parallel, with a
-        // linear-time selection (the same set as a full sort by (score, position)).
-        let chosen: Vec<HeadChoice> = (0..heads)
-            .into_par_iter()
-            .map(|h| {
-                let rows = h * cand * d..(h + 1) * cand * d;
-                let mut scores = redundancy_scores(&kd[rows.clone()], d);
-                let sum = scores.iter().sum::<f32>();
-                // Pose-adaptive priority: novel frames' entries look less redundant (0 = reference).
-                for (s, p) in scores.iter_mut().zip(&priority[h][anchor..]) {
-                    *s -= p;
-                }
-                let mut order: Vec<u32> = (0..cand as u32).collect();
-                let by_score = |a: &u32, b: &u32| {
-                    scores[*a as usize]
-                        .total_cmp(&scores[*b as usize])
-                        .then(a.cmp(b))
-                };
-                if keep < cand {
-                    order.select_nth_unstable_by(keep, by_score);
-                    order.truncate(keep);
-                }
-                order.sort_unstable();
-                let gather = |src: &[f32]| -> Vec<f32> {
-                    let head = &src[rows.clone()];
-                    order
-                        .iter()
-                        .flat_map(|&c| &head[c as usize * d..(c as usize + 1) * d])
-                        .copied()
-                        .collect()
-                };
-                HeadChoice {
-                    k: gather(&kd),
-                    v: gather(&vd),
-                    order,
-                    score_sum: sum,
-                }
-            })
-            .collect();
+        // Heads choose independently: score and select them in parallel, with a linear-time
+        // selection (the same set as a full sort by (score, position)).
+        let chosen: Vec<(Vec<u32>, f32)> = crate::gemm::with_f32(&keys, |all| {
+            (0..heads)
+                .into_par_iter()
+                .map(|h| {
+                    let rows = &all[(h * cap + anchor) * d..][..cand * d];
+                    let mut scores = redundancy_scores(rows, d);
+                    let sum = scores.iter().sum::<f32>();
+                    // Pose-adaptive priority: novel frames' entries look less redundant (0 = reference).
+                    for (s, p) in scores.iter_mut().zip(&priority[h][anchor..]) {
+                        *s -= p;
+                    }
+                    let mut order: Vec<u32> = (0..cand as u32).collect();
+                    let by_score = |a: &u32, b: &u32| {
+                        scores[*a as usize]
+                            .total_cmp(&scores[*b as usize])
+                            .then(a.cmp(b))
+                    };
+                    if keep < cand {
+                        order.select_nth_unstable_by(keep, by_score);
+                        order.truncate(keep);
+                    }
+                    order.sort_unstable();
+                    (order, sum)
+                })
+                .collect()
+        })?;
         let mut score_sum = 0f32;
-        let (mut kept_k, mut kept_v) = (
-            Vec::with_capacity(heads * keep * d),
-            Vec::with_capacity(heads * keep * d),
-        );
-        for (h, c) in chosen.into_iter().enumerate() {
-            score_sum += c.score_sum;
-            kept_k.extend(c.k);
-            kept_v.extend(c.v);
-            self.ids[h] = keep_entries(&self.ids[h], anchor, &c.order);
-            self.priority[h] = keep_entries(&self.priority[h], anchor, &c.order);
+        for (h, (order, sum)) in chosen.iter().enumerate() {
+            score_sum += sum;
+            self.ids[h] = keep_entries(&self.ids[h], anchor, order);
+            self.priority[h] = keep_entries(&self.priority[h], anchor, order);
         }
-        if keep > 0 {
-            let dt = ks.dtype();
-            let dev = ks.device();
-            let k = Tensor::from_vec(kept_k, (1, heads, keep, d), dev)?.to_dtype(dt)?;
-            let v = Tensor::from_vec(kept_v, (1, heads, keep, d), dev)?.to_dtype(dt)?;
-            ks.slice_set(&k, 2, anchor)?;
-            vs.slice_set(&v, 2, anchor)?;
-        }
+        let compact = Compact {
+            orders: chosen.iter().map(|(o, _)| o.as_slice()).collect(),
+            cap,
+            d,
+            anchor,
+        };
+        ks.inplace_op1(&compact)?;
+        vs.inplace_op1(&compact)?;
         self.len = anchor + keep;
         self.evicted_score = Some(score_sum / (heads * cand).max(1) as f32);
         Ok(())
@@ -289,14 +273,56 @@ impl LayerKv {
     }
 }
 
-/// Per candidate: dot product of its L2-normalised key with the mean normalised key.
-/// What one head keeps in an eviction: candidate positions (ascending), the sum of its
-/// redundancy scores, and the kept keys and values.
-struct HeadChoice {
-    order: Vec<u32>,
-    score_sum: f32,
-    k: Vec<f32>,
-    v: Vec<f32>,
+/// Moves each head's kept candidates (`orders[h]`, ascending positions after the anchors) down
+/// to follow the anchors, in place, in a `[1, H, cap, D]` cache.
+struct Compact<'a> {
+    orders: Vec<&'a [u32]>,
+    cap: usize,
+    d: usize,
+    anchor: usize,
+}
+
+impl Compact<'_> {
+    fn apply<T: Copy + Send>(&self, data: &mut [T]) {
+        let (cap, d, anchor) = (self.cap, self.d, self.anchor);
+        data.par_chunks_mut(cap * d)
+            .zip(&self.orders)
+            .for_each(|(head, order)| {
+                // Ascending sources, each at or after its destination: moving in order never
+                // overwrites an entry still to be moved.
+                for (dst, &src) in order.iter().enumerate() {
+                    let (from, to) = ((anchor + src as usize) * d, (anchor + dst) * d);
+                    if from != to {
+                        head.copy_within(from..from + d, to);
+                    }
+                }
+            });
+    }
+}
+
+impl candle_core::InplaceOp1 for Compact<'_> {
+    fn name(&self) -> &'static str {
+        "kv-compact"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &mut candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> candle_core::Result<()> {
+        use candle_core::CpuStorage as S;
+        let (start, len) = (layout.start_offset(), layout.shape().elem_count());
+        if !layout.is_contiguous() || len != self.orders.len() * self.cap * self.d {
+            candle_core::bail!("kv-compact: the cache is not a contiguous [1, H, cap, D] tensor")
+        }
+        match storage {
+            S::F32(v) => self.apply(&mut v[start..start + len]),
+            S::F16(v) => self.apply(&mut v[start..start + len]),
+            S::BF16(v) => self.apply(&mut v[start..start + len]),
+            _ => candle_core::bail!("kv-compact: unsupported dtype"),
+        }
+        Ok(())
+    }
 }
 
 /// The anchors, then the kept candidates (`order`: positions after the anchors).
@@ -308,27 +334,26 @@ fn keep_entries<T: Copy>(old: &[T], anchor: usize, order: &[u32]) -> Vec<T> {
         .collect()
 }
 
+/// Per candidate: dot product of its L2-normalised key with the mean normalised key. The
+/// normalised keys are recomputed rather than stored (the same arithmetic, so the same scores).
 fn redundancy_scores(keys: &[f32], d: usize) -> Vec<f32> {
     let cand = keys.len() / d;
-    let normed: Vec<f32> = keys
+    let norms: Vec<f32> = keys
         .chunks_exact(d)
-        .flat_map(|row| {
-            let norm = row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
-            row.iter().map(move |x| x / norm)
-        })
+        .map(|row| row.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12))
         .collect();
     let mut mean = vec![0f32; d];
-    for row in normed.chunks_exact(d) {
+    for (row, &norm) in keys.chunks_exact(d).zip(&norms) {
         for (m, x) in mean.iter_mut().zip(row) {
-            *m += x;
+            *m += x / norm;
         }
     }
     for m in &mut mean {
         *m /= cand as f32;
     }
-    normed
-        .chunks_exact(d)
-        .map(|row| row.iter().zip(&mean).map(|(a, b)| a * b).sum())
+    keys.chunks_exact(d)
+        .zip(&norms)
+        .map(|(row, &norm)| row.iter().zip(&mean).map(|(a, b)| (a / norm) * b).sum())
         .collect()
 }
 

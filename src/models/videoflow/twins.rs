@@ -2,8 +2,9 @@
 //! locally-grouped attention (window 7, zero-padded, pad tokens unmasked), global sub-sampled
 //! attention, the PosConv generator after each stage's first block. Output `[N, C1, H/8, W/8]`.
 
+use crate::ops::Linear;
 use candle_core::{Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear};
+use candle_nn::LayerNorm;
 
 use super::config::TwinsConfig;
 use crate::ops::{conv2d, depthwise_conv2d, gelu_erf, layer_norm, linear, Conv2d};

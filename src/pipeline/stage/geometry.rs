@@ -72,7 +72,7 @@ pub(crate) fn start(
                 return false;
             };
             if slot.is_some() && !last {
-                log::debug!("snapshot at source frame {next} skipped: the last one is pending");
+                log::debug!("snapshot at source frame {next} deferred: the last one is pending");
                 return false;
             }
             match engine.snapshot(p, next, last_frame) {
@@ -97,6 +97,10 @@ pub(crate) fn start(
             false
         };
         let mut snapshot_at = None;
+        // Frames pushed when the last snapshot was written: one is due every `snapshot_every`
+        // frames after it, and a due one deferred (the last still pending) is tried again on
+        // the next frame rather than dropped until the next multiple.
+        let mut snapshot_pushed = 0u64;
         // The last frame pushed, for the snapshots (kept only when there are any).
         let mut last_frame: Option<Frame> = None;
         // Frames the engine holds back (initialisation), by index.
@@ -148,7 +152,7 @@ pub(crate) fn start(
                 Ok(geos) => {
                     pushed += 1;
                     if snapshot_every > 0
-                        && pushed.is_multiple_of(snapshot_every)
+                        && pushed >= snapshot_pushed + snapshot_every
                         && snapshot(
                             engine.as_ref(),
                             next_source,
@@ -158,6 +162,7 @@ pub(crate) fn start(
                         )
                     {
                         snapshot_at = Some(next_source);
+                        snapshot_pushed = pushed;
                     }
                     if !emit(geos, &mut waiting, geo_ms) {
                         return engine.segments();
