@@ -206,22 +206,62 @@ impl Conv2d {
     }
 }
 
-/// Most f32 values of one band's im2col matrix (8 MiB): the full matrix of a 3×3 convolution
-/// at 518×392 with 256 channels would be 1.9 GB.
-const BAND_VALUES: usize = 2 << 20;
+/// Most f32 values of one band's im2col matrix (1 MiB, so the band is still in the core's L2
+/// cache when the product reads it: with 8 MiB bands the DPT heads took 64-66 ms a frame, with
+/// 1 MiB 47-50, vggt small at 224×224); the full matrix of a 3×3 convolution at 518×392 with 256
+/// channels would be 1.9 GB.
+const BAND_VALUES: usize = 1 << 18;
+
+/// Fewest output pixels in a band, so that wide inputs with many channels (VideoFlow's 256) still
+/// give products large enough to run efficiently.
+const BAND_MIN_PIXELS: usize = 256;
 
 impl candle_core::Module for Conv2d {
     /// x: [B, cin, H, W] → [B, cout, H, W] (or as candle's conv2d for other shapes).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_maybe_relu(x, false)
+    }
+}
+
+impl Conv2d {
+    /// `relu(conv(x))`, the ReLU applied to the output buffer before it becomes a tensor (a
+    /// separate op allocated and filled a second tensor of the output's size).
+    ///
+    /// # Errors
+    /// As [`candle_core::Module::forward`].
+    pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_maybe_relu(x, true)
+    }
+
+    fn forward_maybe_relu(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+        use candle_core::Module;
         match &self.same {
             Some(w)
                 if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() =>
             {
-                conv_same_banded(x, w, self.bias.as_ref(), self.k)
+                conv_same_banded(x, w, self.bias.as_ref(), self.k, relu)
             }
+            _ if relu => self.inner.forward(x)?.relu(),
             _ => self.inner.forward(x),
         }
     }
+}
+
+/// `relu(x)`; f32 CPU tensors in one parallel pass into an output that is not zeroed first.
+///
+/// # Errors
+/// A tensor op failure.
+pub fn relu(x: &Tensor) -> Result<Tensor> {
+    use rayon::prelude::*;
+    if x.dtype() != DType::F32 || !x.device().is_cpu() {
+        return Ok(x.relu()?);
+    }
+    let out = crate::gemm::with_f32(x, |v| {
+        let mut out = Vec::with_capacity(v.len());
+        v.par_iter().map(|x| x.max(0.0)).collect_into_vec(&mut out);
+        out
+    })?;
+    Ok(Tensor::from_vec(out, x.shape(), x.device())?)
 }
 
 thread_local! {
@@ -231,12 +271,14 @@ thread_local! {
 }
 
 /// `x` [B, cin, H, W] convolved with `w` [cout, cin·k·k] (odd `k`, stride 1, zero padding k/2),
-/// plus `bias`: per band of output rows, `w · im2col(band)` written straight into the output.
+/// plus `bias` (then ReLU if `relu`): per band of output rows, `w · im2col(band)` written straight
+/// into the output.
 fn conv_same_banded(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     k: usize,
+    relu: bool,
 ) -> candle_core::Result<Tensor> {
     use crate::gemm::{matmul_into, with_f32, Product, Strided};
     use rayon::prelude::*;
@@ -267,7 +309,9 @@ fn conv_same_banded(
                     matmul_into((dst, hw), (cout, hw, cin), &wt, &img, product);
                     continue;
                 }
-                let band_rows = (BAND_VALUES / (cin * taps * wd).max(1)).clamp(1, h.max(1));
+                let band_rows = (BAND_VALUES / (cin * taps * wd).max(1))
+                    .max(BAND_MIN_PIXELS.div_ceil(wd.max(1)))
+                    .clamp(1, h.max(1));
                 for y0 in (0..h).step_by(band_rows) {
                     let rows = band_rows.min(h - y0);
                     let n = rows * wd;
@@ -314,6 +358,13 @@ fn conv_same_banded(
             }
         })
     })??;
+    if relu {
+        out.par_chunks_mut(1 << 14).for_each(|c| {
+            for v in c {
+                *v = v.max(0.0);
+            }
+        });
+    }
     Tensor::from_vec(out, (b, cout, h, wd), x.device())
 }
 
@@ -503,20 +554,39 @@ pub fn resize_bilinear_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> 
             .collect()
     };
     let (ty, tx) = (taps(h, out_h), taps(w, out_w));
-    let src: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut out = vec![0f32; src.len() / (h * w) * out_h * out_w];
-    out.par_chunks_mut(out_h * out_w)
-        .zip(src.par_chunks(h * w))
-        .for_each(|(o, plane)| {
-            for (r, &(y0, y1, ly)) in ty.iter().enumerate() {
-                let (row0, row1) = (&plane[y0 * w..y0 * w + w], &plane[y1 * w..y1 * w + w]);
-                for (c, &(x0, x1, lx)) in tx.iter().enumerate() {
-                    let top = row0[x0] * (1.0 - lx) + row0[x1] * lx;
-                    let bottom = row1[x0] * (1.0 - lx) + row1[x1] * lx;
-                    o[r * out_w + c] = top * (1.0 - ly) + bottom * ly;
+    let mut used = vec![false; h];
+    for &(y0, y1, _) in &ty {
+        used[y0] = true;
+        used[y1] = true;
+    }
+    let x32 = x.to_dtype(DType::F32)?;
+    let out = crate::gemm::with_f32(&x32, |src| {
+        let mut out = vec![0f32; src.len() / (h * w).max(1) * out_h * out_w];
+        out.par_chunks_mut(out_h * out_w)
+            .zip(src.par_chunks(h * w))
+            .for_each(|(o, plane)| {
+                // Separable: each source row an output row needs is interpolated across once
+                // (neighbouring output rows share it), then output rows blend two of them.
+                let mut across = vec![0f32; h * out_w];
+                for (y, line) in across.chunks_exact_mut(out_w).enumerate() {
+                    if !used[y] {
+                        continue;
+                    }
+                    let row = &plane[y * w..y * w + w];
+                    for (v, &(x0, x1, lx)) in line.iter_mut().zip(&tx) {
+                        *v = row[x0] * (1.0 - lx) + row[x1] * lx;
+                    }
                 }
-            }
-        });
+                for (line, &(y0, y1, ly)) in o.chunks_exact_mut(out_w).zip(&ty) {
+                    let top = &across[y0 * out_w..][..out_w];
+                    let bottom = &across[y1 * out_w..][..out_w];
+                    for ((v, &t), &b) in line.iter_mut().zip(top).zip(bottom) {
+                        *v = t * (1.0 - ly) + b * ly;
+                    }
+                }
+            });
+        out
+    })?;
     let mut shape = dims[..dims.len() - 2].to_vec();
     shape.extend([out_h, out_w]);
     Ok(Tensor::from_vec(out, shape, x.device())?.to_dtype(x.dtype())?)
@@ -788,8 +858,14 @@ pub(crate) mod tests {
             let layer = Conv2d::new(weight.clone(), Some(bias), 1, k / 2).unwrap();
             let got = layer.forward(&x).unwrap();
             assert_eq!(got.dims(), want.dims());
-            let diff = max_abs_diff(got, want);
+            let diff = max_abs_diff(got, want.clone());
             assert!(diff < 1e-4, "{b} {cin} {cout} {h} {w} {k}: {diff}");
+            // The fused ReLU and the standalone one are candle's.
+            let want = want.relu().unwrap();
+            let diff = max_abs_diff(layer.forward_relu(&x).unwrap(), want.clone());
+            assert!(diff < 1e-4, "relu {b} {cin} {cout} {h} {w} {k}: {diff}");
+            let got = relu(&layer.forward(&x).unwrap()).unwrap();
+            assert!(max_abs_diff(got, want) < 1e-4);
         }
     }
 

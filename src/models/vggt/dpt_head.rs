@@ -36,8 +36,8 @@ impl ResidualConvUnit {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let rx = x.relu()?;
-        let out = self.conv2.forward(&self.conv1.forward(&rx)?.relu()?)?;
+        let rx = crate::ops::relu(x)?;
+        let out = self.conv2.forward(&self.conv1.forward_relu(&rx)?)?;
         Ok((out + rx)?)
     }
 }
@@ -240,7 +240,7 @@ impl DptHead {
         }
         let out = self
             .output_conv2_2
-            .forward(&self.output_conv2_0.forward(&out)?.relu()?)?;
+            .forward(&self.output_conv2_0.forward_relu(&out)?)?;
         taps(&format!("{prefix}.output_conv2"), &out);
         self.activate(&out)
     }

@@ -109,7 +109,7 @@ impl MofNet {
         taps("cnet.out", &cnet);
         let (net, inp) = update::split_channels(&cnet, self.config.hidden_dim())?;
         let mut net = net.tanh()?;
-        let inp = inp.relu()?;
+        let inp = crate::ops::relu(&inp)?;
         let attention = self.att.forward(&inp)?;
         taps("context.attention", &attention);
         let coords0 = coords_grid(m, h8, w8)?;

@@ -297,7 +297,7 @@ impl UpdateBlock {
             .gru
             .forward(&Tensor::cat(&[net, inp, &motion.features, &global], 1)?)?;
         let delta_flow = self.flow_head.forward(&net)?;
-        let up_mask = (self.mask2.forward(&self.mask0.forward(&net)?.relu()?)? * 100.0)?;
+        let up_mask = (self.mask2.forward(&self.mask0.forward_relu(&net)?)? * 100.0)?;
         Ok(UpdateOut {
             net,
             hidden: motion.hidden,
