@@ -92,25 +92,29 @@ impl candle_core::Module for Linear {
 /// A tensor op failure.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     use rayon::prelude::*;
-    use streamrecon_core::simd::{erf_f32, vectorized, Kernel};
-    struct Gelu<'a>(&'a mut [f32]);
-    impl Kernel for Gelu<'_> {
-        type Output = ();
-        #[allow(clippy::inline_always)] // inlined into the dispatched function
-        #[inline(always)]
-        fn run(self) {
-            for v in self.0.iter_mut() {
-                *v = 0.5 * *v * (1.0 + erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
-            }
-        }
-    }
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return Ok(x.gelu_erf()?);
     }
     let mut data = x.flatten_all()?.to_vec1::<f32>()?;
     data.par_chunks_mut(1 << 14)
-        .for_each(|c| vectorized(Gelu(c)));
+        .for_each(|c| streamrecon_core::simd::vectorized(GeluInPlace(c)));
     Ok(Tensor::from_vec(data, x.shape(), x.device())?)
+}
+
+/// Exact GELU over a slice in place, vectorised with [`streamrecon_core::simd::erf_f32`].
+struct GeluInPlace<'a>(&'a mut [f32]);
+
+impl streamrecon_core::simd::Kernel for GeluInPlace<'_> {
+    type Output = ();
+    #[allow(clippy::inline_always)] // inlined into the dispatched function
+    #[inline(always)]
+    fn run(self) {
+        for v in self.0.iter_mut() {
+            *v = 0.5
+                * *v
+                * (1.0 + streamrecon_core::simd::erf_f32(*v * std::f32::consts::FRAC_1_SQRT_2));
+        }
+    }
 }
 
 /// `nn.LayerNorm(dim, eps)` with affine parameters.
@@ -219,30 +223,58 @@ const BAND_MIN_PIXELS: usize = 256;
 impl candle_core::Module for Conv2d {
     /// x: [B, cin, H, W] → [B, cout, H, W] (or as candle's conv2d for other shapes).
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_maybe_relu(x, false)
+        self.forward_then(x, None, Activation::None)
     }
 }
 
+/// What a convolution applies to its output before it becomes a tensor.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    None,
+    Relu,
+    /// Exact (erf) GELU.
+    Gelu,
+}
+
 impl Conv2d {
-    /// `relu(conv(x))`, the ReLU applied to the output buffer before it becomes a tensor (a
-    /// separate op allocated and filled a second tensor of the output's size).
+    /// `relu(conv(x))`.
     ///
     /// # Errors
     /// As [`candle_core::Module::forward`].
     pub fn forward_relu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_maybe_relu(x, true)
+        self.forward_then(x, None, Activation::Relu)
     }
 
-    fn forward_maybe_relu(&self, x: &Tensor, relu: bool) -> candle_core::Result<Tensor> {
+    /// `act(conv(x) + residual)`: the residual and the activation applied to the output buffer
+    /// before it becomes a tensor (as separate ops each allocated, filled and re-read a tensor
+    /// of the output's size).
+    ///
+    /// # Errors
+    /// As [`candle_core::Module::forward`], or a residual of another shape.
+    pub fn forward_then(
+        &self,
+        x: &Tensor,
+        residual: Option<&Tensor>,
+        act: Activation,
+    ) -> candle_core::Result<Tensor> {
         use candle_core::Module;
         match &self.same {
             Some(w)
                 if x.dtype() == DType::F32 && w.dtype() == DType::F32 && x.device().is_cpu() =>
             {
-                conv_same_banded(x, w, self.bias.as_ref(), self.k, relu)
+                conv_same_banded(x, w, self.bias.as_ref(), self.k, residual, act)
             }
-            _ if relu => self.inner.forward(x)?.relu(),
-            _ => self.inner.forward(x),
+            _ => {
+                let mut y = self.inner.forward(x)?;
+                if let Some(r) = residual {
+                    y = (y + r)?;
+                }
+                match act {
+                    Activation::None => Ok(y),
+                    Activation::Relu => y.relu(),
+                    Activation::Gelu => y.gelu_erf(),
+                }
+            }
         }
     }
 }
@@ -271,14 +303,15 @@ thread_local! {
 }
 
 /// `x` [B, cin, H, W] convolved with `w` [cout, cin·k·k] (odd `k`, stride 1, zero padding k/2),
-/// plus `bias` (then ReLU if `relu`): per band of output rows, `w · im2col(band)` written straight
-/// into the output.
+/// plus `bias` (then `residual` added and `act` applied): per band of output rows,
+/// `w · im2col(band)` written straight into the output.
 fn conv_same_banded(
     x: &Tensor,
     w: &Tensor,
     bias: Option<&Tensor>,
     k: usize,
-    relu: bool,
+    residual: Option<&Tensor>,
+    act: Activation,
 ) -> candle_core::Result<Tensor> {
     use crate::gemm::{matmul_into, with_f32, Product, Strided};
     use rayon::prelude::*;
@@ -358,12 +391,43 @@ fn conv_same_banded(
             }
         })
     })??;
-    if relu {
-        out.par_chunks_mut(1 << 14).for_each(|c| {
-            for v in c {
-                *v = v.max(0.0);
+    let chunk = 1 << 14;
+    let epilogue = |c: &mut [f32], r: Option<&[f32]>| {
+        if let Some(r) = r {
+            for (v, &r) in c.iter_mut().zip(r) {
+                *v += r;
             }
-        });
+        }
+        match act {
+            Activation::None => {}
+            Activation::Relu => {
+                for v in c {
+                    *v = v.max(0.0);
+                }
+            }
+            Activation::Gelu => streamrecon_core::simd::vectorized(GeluInPlace(c)),
+        }
+    };
+    match residual {
+        Some(r) => {
+            if r.dims() != [b, cout, h, wd] {
+                candle_core::bail!(
+                    "conv2d: residual {:?} for output {:?}",
+                    r.dims(),
+                    (b, cout, h, wd)
+                );
+            }
+            let r = r.to_dtype(DType::F32)?;
+            with_f32(&r, |r| {
+                out.par_chunks_mut(chunk)
+                    .zip(r.par_chunks(chunk))
+                    .for_each(|(c, r)| epilogue(c, Some(r)));
+            })?;
+        }
+        None if act != Activation::None => {
+            out.par_chunks_mut(chunk).for_each(|c| epilogue(c, None));
+        }
+        None => {}
     }
     Tensor::from_vec(out, (b, cout, h, wd), x.device())
 }
@@ -674,7 +738,9 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
         let (w, k) = (self.w, self.k);
         let h = self.out.len() / w.max(1);
         let pad = k / 2;
-        let pw = w.div_ceil(lanes) * lanes + k - 1;
+        // One spare register of width: the second output register of a pair is computed (and
+        // not stored) past the row's end.
+        let pw = (w.div_ceil(lanes) + 1) * lanes + k - 1;
         let padded = self.padded;
         padded.clear();
         padded.resize((h + k - 1) * pw, 0.0);
@@ -686,30 +752,40 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
         // pulp's partial loads are out-of-line masked calls).
         let load = |s: &[f32]| S::as_simd_f32s(&s[..lanes]).0[0];
         let zero = simd.splat_f32s(0.0);
+        let bias = simd.splat_f32s(self.bias);
         for (y, orow) in self.out.chunks_exact_mut(w).enumerate() {
-            for x0 in (0..w).step_by(lanes) {
-                let mut acc = [zero; 4];
+            // Two output registers at a time, four sums each: eight independent chains of
+            // fused multiply-adds keep both FMA units busy (four chains waited on latency).
+            for x0 in (0..w).step_by(2 * lanes) {
+                let (mut a, mut b) = ([zero; 4], [zero; 4]);
                 for ky in 0..k {
                     let row = &padded[(y + ky) * pw + x0..];
                     let taps = &self.kernel[ky * k..(ky + 1) * k];
                     let mut kx = 0;
                     while kx + 4 <= k {
-                        for (j, a) in acc.iter_mut().enumerate() {
+                        for j in 0..4 {
                             let t = simd.splat_f32s(taps[kx + j]);
-                            *a = simd.mul_add_e_f32s(t, load(&row[kx + j..]), *a);
+                            a[j] = simd.mul_add_e_f32s(t, load(&row[kx + j..]), a[j]);
+                            b[j] = simd.mul_add_e_f32s(t, load(&row[lanes + kx + j..]), b[j]);
                         }
                         kx += 4;
                     }
                     for (j, &tap) in taps[kx..].iter().enumerate() {
                         let t = simd.splat_f32s(tap);
-                        acc[j] = simd.mul_add_e_f32s(t, load(&row[kx + j..]), acc[j]);
+                        a[j] = simd.mul_add_e_f32s(t, load(&row[kx + j..]), a[j]);
+                        b[j] = simd.mul_add_e_f32s(t, load(&row[lanes + kx + j..]), b[j]);
                     }
                 }
-                let sum =
-                    simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
-                let sum = simd.add_f32s(sum, simd.splat_f32s(self.bias));
-                let n = lanes.min(w - x0);
-                simd.partial_store_f32s(&mut orow[x0..x0 + n], sum);
+                for (start, acc) in [(x0, a), (x0 + lanes, b)] {
+                    if start >= w {
+                        break;
+                    }
+                    let sum =
+                        simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
+                    let sum = simd.add_f32s(sum, bias);
+                    let n = lanes.min(w - start);
+                    simd.partial_store_f32s(&mut orow[start..start + n], sum);
+                }
             }
         }
     }
@@ -721,6 +797,24 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
 /// # Errors
 /// Shape mismatch.
 pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    depthwise(x, weight, bias, false)
+}
+
+/// `gelu(x + depthwise_conv2d(x))` (a step of VideoFlow's PCBlock) in one pass per plane, while
+/// the plane is in cache (as separate ops it wrote and re-read two more tensors of `x`'s size).
+///
+/// # Errors
+/// Shape mismatch.
+pub fn depthwise_residual_gelu(x: &Tensor, weight: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    depthwise(x, weight, Some(bias), true)
+}
+
+fn depthwise(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual_gelu: bool,
+) -> Result<Tensor> {
     use rayon::prelude::*;
     let (n, c, h, w) = x.dims4()?;
     let (wc, one, k, k2) = weight.dims4()?;
@@ -731,31 +825,49 @@ pub fn depthwise_conv2d(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> R
             weight.dims()
         )));
     }
-    let src: Vec<f32> = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+    let x32 = x.to_dtype(DType::F32)?;
     let wt: Vec<f32> = weight.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let b: Vec<f32> = match bias {
         Some(b) => b.to_dtype(DType::F32)?.to_vec1()?,
         None => vec![0.0; c],
     };
-    let mut out = vec![0f32; n * c * h * w];
-    out.par_chunks_mut(h * w)
-        .enumerate()
-        .for_each(|(plane_idx, o)| {
-            let ch = plane_idx % c;
-            // The buffer is borrowed out here: a closure inside the kernel would be compiled
-            // outside the dispatched function, for the baseline instruction set.
-            DW_PADDED.with(|buf| {
-                pulp::Arch::new().dispatch(DepthwisePlane {
-                    out: o,
-                    padded: &mut buf.borrow_mut(),
-                    plane: &src[plane_idx * h * w..(plane_idx + 1) * h * w],
-                    kernel: &wt[ch * k * k..(ch + 1) * k * k],
-                    bias: b[ch],
-                    w,
-                    k,
-                });
+    let out = crate::gemm::with_f32(&x32, |src| {
+        let mut out = vec![0f32; n * c * h * w];
+        out.par_chunks_mut(h * w)
+            .zip(src.par_chunks(h * w))
+            .enumerate()
+            .for_each(|(plane_idx, (o, plane))| {
+                let ch = plane_idx % c;
+                if k == 1 {
+                    // A per-channel scale and shift.
+                    let (scale, shift) = (wt[ch], b[ch]);
+                    for (o, &x) in o.iter_mut().zip(plane) {
+                        *o = scale.mul_add(x, shift);
+                    }
+                } else {
+                    // The buffer is borrowed out here: a closure inside the kernel would be
+                    // compiled outside the dispatched function, for the baseline instruction set.
+                    DW_PADDED.with(|buf| {
+                        pulp::Arch::new().dispatch(DepthwisePlane {
+                            out: o,
+                            padded: &mut buf.borrow_mut(),
+                            plane,
+                            kernel: &wt[ch * k * k..(ch + 1) * k * k],
+                            bias: b[ch],
+                            w,
+                            k,
+                        });
+                    });
+                }
+                if residual_gelu {
+                    for (o, &x) in o.iter_mut().zip(plane) {
+                        *o += x;
+                    }
+                    streamrecon_core::simd::vectorized(GeluInPlace(o));
+                }
             });
-        });
+        out
+    })?;
     Ok(Tensor::from_vec(out, (n, c, h, w), x.device())?.to_dtype(x.dtype())?)
 }
 
@@ -932,17 +1044,25 @@ pub(crate) mod tests {
     #[test]
     fn depthwise_matches_candle_grouped_conv_and_grid_sample_hits_pixels() {
         let dev = candle_core::Device::Cpu;
+        // Rows of one, two and three registers' width (pairs of registers, the second one past
+        // the row's end), a 1×1 kernel (a per-channel scale), and the fused residual GELU.
+        for (h, w, k) in [(9, 11, 5), (9, 11, 1), (7, 40, 15), (5, 56, 7), (3, 2, 3)] {
+            let x = Tensor::randn(0f32, 1.0, (2, 3, h, w), &dev).unwrap();
+            let wt = Tensor::randn(0f32, 1.0, (3, 1, k, k), &dev).unwrap();
+            let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
+            let ours = depthwise_conv2d(&x, &wt, Some(&b)).unwrap();
+            let theirs = x
+                .conv2d(&wt, k / 2, 1, 1, 3)
+                .unwrap()
+                .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
+                .unwrap();
+            let d = max_abs_diff(ours, theirs.clone());
+            assert!(d < 1e-4, "{h}×{w} k {k}: {d}");
+            let fused = depthwise_residual_gelu(&x, &wt, &b).unwrap();
+            let d = max_abs_diff(fused, (x.clone() + theirs).unwrap().gelu_erf().unwrap());
+            assert!(d < 1e-4, "fused {h}×{w} k {k}: {d}");
+        }
         let x = Tensor::randn(0f32, 1.0, (2, 3, 9, 11), &dev).unwrap();
-        let w = Tensor::randn(0f32, 1.0, (3, 1, 5, 5), &dev).unwrap();
-        let b = Tensor::randn(0f32, 1.0, 3, &dev).unwrap();
-        let ours = depthwise_conv2d(&x, &w, Some(&b)).unwrap();
-        let theirs = x
-            .conv2d(&w, 2, 1, 1, 3)
-            .unwrap()
-            .broadcast_add(&b.reshape((1, 3, 1, 1)).unwrap())
-            .unwrap();
-        let d = max_abs_diff(ours, theirs);
-        assert!(d < 1e-4, "{d}");
         // Sampling at integer pixels returns the pixels; outside, zero weight.
         let coords =
             Tensor::from_vec(vec![3f32, 2.0, -1.0, 0.0, 10.5, 8.0], (1, 1, 3, 2), &dev).unwrap();

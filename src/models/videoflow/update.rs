@@ -4,7 +4,9 @@
 use candle_core::{Module, Tensor};
 
 use super::config::VideoFlowConfig;
-use crate::ops::{conv2d, depthwise_conv2d, gelu_erf, grid_sample_pixels, Conv2d};
+use crate::ops::{
+    conv2d, depthwise_residual_gelu, gelu_erf, grid_sample_pixels, Activation, Conv2d,
+};
 use crate::weights::Vb;
 use streamrecon_core::error::Result;
 
@@ -46,15 +48,16 @@ impl PcBlock {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let ffn = |f: &(Conv2d, Conv2d), x: &Tensor| -> Result<Tensor> {
-            Ok(f.1.forward(&gelu_erf(&f.0.forward(x)?)?)?)
-        };
-        let mut x = gelu_erf(&(x + ffn(&self.ffn1, x)?)?)?;
+        // ffn(x) = f.1(gelu(f.0(x))); each GELU and residual is applied in the convolution's
+        // output buffer.
+        let hidden = |f: &(Conv2d, Conv2d), x: &Tensor| f.0.forward_then(x, None, Activation::Gelu);
+        let h = hidden(&self.ffn1, x)?;
+        let mut x = self.ffn1.1.forward_then(&h, Some(x), Activation::Gelu)?;
         for (w, b) in &self.dw {
-            x = gelu_erf(&(&x + depthwise_conv2d(&x, w, Some(b))?)?)?;
+            x = depthwise_residual_gelu(&x, w, b)?;
         }
-        x = gelu_erf(&(&x + self.pw.forward(&x)?)?)?;
-        ffn(&self.ffn2, &x)
+        x = self.pw.forward_then(&x, Some(&x), Activation::Gelu)?;
+        Ok(self.ffn2.1.forward(&hidden(&self.ffn2, &x)?)?)
     }
 }
 
