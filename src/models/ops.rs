@@ -45,15 +45,34 @@ impl Linear {
 
 impl candle_core::Module for Linear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_then(x, Activation::None)
+    }
+}
+
+impl Linear {
+    /// `gelu(linear(x))` (exact GELU), applied in the product's buffer before it becomes a tensor.
+    ///
+    /// # Errors
+    /// As [`candle_core::Module::forward`].
+    pub fn forward_gelu(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        self.forward_then(x, Activation::Gelu)
+    }
+
+    fn forward_then(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         use crate::gemm::{matmul_into, with_f32, Product, Strided};
+        use rayon::prelude::*;
         let (k, n) = self.weight_t.dims2()?;
         let dims = x.dims();
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
         if !(f32_cpu(x) && f32_cpu(&self.weight_t)) || dims.last() != Some(&k) {
-            let y = x.broadcast_matmul(&self.weight_t)?;
-            return match &self.bias {
-                Some(b) => y.broadcast_add(b),
-                None => Ok(y),
+            let mut y = x.broadcast_matmul(&self.weight_t)?;
+            if let Some(b) = &self.bias {
+                y = y.broadcast_add(b)?;
+            }
+            return match act {
+                Activation::None => Ok(y),
+                Activation::Relu => y.relu(),
+                Activation::Gelu => y.gelu_erf(),
             };
         }
         let m = x.elem_count() / k.max(1);
@@ -76,6 +95,13 @@ impl candle_core::Module for Linear {
                 );
             })
         })??;
+        match act {
+            Activation::None => {}
+            Activation::Relu => out.par_iter_mut().for_each(|v| *v = v.max(0.0)),
+            Activation::Gelu => out
+                .par_chunks_mut(1 << 14)
+                .for_each(|c| streamrecon_core::simd::vectorized(GeluInPlace(c))),
+        }
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n;
@@ -906,6 +932,8 @@ pub(crate) mod tests {
             let theirs = candle_nn::Linear::new(w.clone(), bias.clone());
             let want = theirs.forward(&x).unwrap();
             assert!(max_abs_diff(ours.forward(&x).unwrap(), want.clone()) < 1e-5);
+            let gelu = want.gelu_erf().unwrap();
+            assert!(max_abs_diff(ours.forward_gelu(&x).unwrap(), gelu) < 1e-5);
             // Other dtypes take candle's matmul.
             let half = ours_f16(&w, bias.as_ref(), &x);
             assert!(max_abs_diff(half, want) < 0.05);

@@ -28,9 +28,7 @@ impl Mlp {
     /// # Errors
     /// Tensor op failure.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(self
-            .fc2
-            .forward(&crate::ops::gelu_erf(&self.fc1.forward(x)?)?)?)
+        Ok(self.fc2.forward(&self.fc1.forward_gelu(x)?)?)
     }
 }
 

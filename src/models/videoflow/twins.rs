@@ -7,7 +7,7 @@ use candle_core::{Module, Tensor, D};
 use candle_nn::LayerNorm;
 
 use super::config::TwinsConfig;
-use crate::ops::{conv2d, depthwise_conv2d, gelu_erf, layer_norm, linear, Conv2d};
+use crate::ops::{conv2d, depthwise_conv2d, layer_norm, linear, Conv2d};
 use crate::weights::Vb;
 use streamrecon_core::error::Result;
 
@@ -135,7 +135,7 @@ impl Block {
         let x = (x + a)?;
         let m = self
             .fc2
-            .forward(&gelu_erf(&self.fc1.forward(&self.norm2.forward(&x)?)?)?)?;
+            .forward(&self.fc1.forward_gelu(&self.norm2.forward(&x)?)?)?;
         Ok((x + m)?)
     }
 }
