@@ -192,10 +192,24 @@ impl Kernel for SoftmaxRows<'_> {
         let mut sums = vec![0f32; self.scores.len() / self.m.max(1)];
         for (row, sum) in self.scores.chunks_exact_mut(self.m).zip(sums.iter_mut()) {
             let max = lanes_max(row);
-            for x in row.iter_mut() {
-                *x = exp_f32(*x - max);
+            // exp and the row's sum in one pass (the same lanes and order as a separate sum).
+            let mut acc = [0f32; LANES];
+            let mut chunks = row.chunks_exact_mut(LANES);
+            for c in &mut chunks {
+                for i in 0..LANES {
+                    c[i] = exp_f32(c[i] - max);
+                    acc[i] += c[i];
+                }
             }
-            *sum = lanes_sum(row);
+            let mut s = 0.0;
+            for x in chunks.into_remainder() {
+                *x = exp_f32(*x - max);
+                s += *x;
+            }
+            for a in acc {
+                s += a;
+            }
+            *sum = s;
         }
         sums
     }
@@ -219,23 +233,6 @@ fn lanes_max(row: &[f32]) -> f32 {
         m = m.max(x);
     }
     m
-}
-
-#[allow(clippy::inline_always)] // inlined into the dispatched function
-#[inline(always)]
-fn lanes_sum(row: &[f32]) -> f32 {
-    let mut acc = [0f32; LANES];
-    let mut chunks = row.chunks_exact(LANES);
-    for c in &mut chunks {
-        for i in 0..LANES {
-            acc[i] += c[i];
-        }
-    }
-    let mut s = 0.0;
-    for &x in chunks.remainder().iter().chain(&acc) {
-        s += x;
-    }
-    s
 }
 
 #[cfg(test)]
