@@ -60,19 +60,14 @@ impl Linear {
 
     fn forward_then(&self, x: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
         use crate::gemm::{matmul_into, with_f32, Product, Strided};
-        use rayon::prelude::*;
         let (k, n) = self.weight_t.dims2()?;
         let dims = x.dims();
         let f32_cpu = |t: &Tensor| t.dtype() == DType::F32 && t.device().is_cpu();
         if !(f32_cpu(x) && f32_cpu(&self.weight_t)) || dims.last() != Some(&k) {
-            let mut y = x.broadcast_matmul(&self.weight_t)?;
-            if let Some(b) = &self.bias {
-                y = y.broadcast_add(b)?;
-            }
-            return match act {
-                Activation::None => Ok(y),
-                Activation::Relu => y.relu(),
-                Activation::Gelu => y.gelu_erf(),
+            let y = x.broadcast_matmul(&self.weight_t)?;
+            return match &self.bias {
+                Some(b) => act.on_tensor(y.broadcast_add(b)?, None),
+                None => act.on_tensor(y, None),
             };
         }
         let m = x.elem_count() / k.max(1);
@@ -95,13 +90,7 @@ impl Linear {
                 );
             })
         })??;
-        match act {
-            Activation::None => {}
-            Activation::Relu => out.par_iter_mut().for_each(|v| *v = v.max(0.0)),
-            Activation::Gelu => out
-                .par_chunks_mut(1 << 14)
-                .for_each(|c| streamrecon_core::simd::vectorized(GeluInPlace(c))),
-        }
+        epilogue_par(&mut out, None, act);
         let mut shape = dims.to_vec();
         if let Some(last) = shape.last_mut() {
             *last = n;
@@ -117,13 +106,11 @@ impl Linear {
 /// # Errors
 /// A tensor op failure.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    use rayon::prelude::*;
     if x.dtype() != DType::F32 || !x.device().is_cpu() {
         return Ok(x.gelu_erf()?);
     }
     let mut data = x.flatten_all()?.to_vec1::<f32>()?;
-    data.par_chunks_mut(1 << 14)
-        .for_each(|c| streamrecon_core::simd::vectorized(GeluInPlace(c)));
+    epilogue_par(&mut data, None, Activation::Gelu);
     Ok(Tensor::from_vec(data, x.shape(), x.device())?)
 }
 
@@ -262,6 +249,55 @@ pub enum Activation {
     Gelu,
 }
 
+impl Activation {
+    /// `act(t + residual)` with candle ops (the paths that are not f32 on the CPU).
+    fn on_tensor(self, t: Tensor, residual: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let t = match residual {
+            Some(r) => (t + r)?,
+            None => t,
+        };
+        match self {
+            Activation::None => Ok(t),
+            Activation::Relu => t.relu(),
+            Activation::Gelu => t.gelu_erf(),
+        }
+    }
+}
+
+/// `v = act(v + residual)` over one slice, in place.
+fn epilogue(v: &mut [f32], residual: Option<&[f32]>, act: Activation) {
+    if let Some(r) = residual {
+        for (v, &r) in v.iter_mut().zip(r) {
+            *v += r;
+        }
+    }
+    match act {
+        Activation::None => {}
+        Activation::Relu => {
+            for x in v {
+                *x = x.max(0.0);
+            }
+        }
+        Activation::Gelu => streamrecon_core::simd::vectorized(GeluInPlace(v)),
+    }
+}
+
+/// [`epilogue`] over a whole buffer, in parallel chunks.
+fn epilogue_par(out: &mut [f32], residual: Option<&[f32]>, act: Activation) {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 14;
+    match residual {
+        Some(r) => out
+            .par_chunks_mut(CHUNK)
+            .zip(r.par_chunks(CHUNK))
+            .for_each(|(c, r)| epilogue(c, Some(r), act)),
+        None if act != Activation::None => out
+            .par_chunks_mut(CHUNK)
+            .for_each(|c| epilogue(c, None, act)),
+        None => {}
+    }
+}
+
 impl Conv2d {
     /// `relu(conv(x))`.
     ///
@@ -290,17 +326,7 @@ impl Conv2d {
             {
                 conv_same_banded(x, w, self.bias.as_ref(), self.k, residual, act)
             }
-            _ => {
-                let mut y = self.inner.forward(x)?;
-                if let Some(r) = residual {
-                    y = (y + r)?;
-                }
-                match act {
-                    Activation::None => Ok(y),
-                    Activation::Relu => y.relu(),
-                    Activation::Gelu => y.gelu_erf(),
-                }
-            }
+            _ => act.on_tensor(self.inner.forward(x)?, residual),
         }
     }
 }
@@ -417,23 +443,6 @@ fn conv_same_banded(
             }
         })
     })??;
-    let chunk = 1 << 14;
-    let epilogue = |c: &mut [f32], r: Option<&[f32]>| {
-        if let Some(r) = r {
-            for (v, &r) in c.iter_mut().zip(r) {
-                *v += r;
-            }
-        }
-        match act {
-            Activation::None => {}
-            Activation::Relu => {
-                for v in c {
-                    *v = v.max(0.0);
-                }
-            }
-            Activation::Gelu => streamrecon_core::simd::vectorized(GeluInPlace(c)),
-        }
-    };
     match residual {
         Some(r) => {
             if r.dims() != [b, cout, h, wd] {
@@ -443,17 +452,11 @@ fn conv_same_banded(
                     (b, cout, h, wd)
                 );
             }
-            let r = r.to_dtype(DType::F32)?;
-            with_f32(&r, |r| {
-                out.par_chunks_mut(chunk)
-                    .zip(r.par_chunks(chunk))
-                    .for_each(|(c, r)| epilogue(c, Some(r)));
+            with_f32(&r.to_dtype(DType::F32)?, |r| {
+                epilogue_par(&mut out, Some(r), act);
             })?;
         }
-        None if act != Activation::None => {
-            out.par_chunks_mut(chunk).for_each(|c| epilogue(c, None));
-        }
-        None => {}
+        None => epilogue_par(&mut out, None, act),
     }
     Tensor::from_vec(out, (b, cout, h, wd), x.device())
 }
@@ -886,10 +889,7 @@ fn depthwise(
                     });
                 }
                 if residual_gelu {
-                    for (o, &x) in o.iter_mut().zip(plane) {
-                        *o += x;
-                    }
-                    streamrecon_core::simd::vectorized(GeluInPlace(o));
+                    epilogue(o, Some(plane), Activation::Gelu);
                 }
             });
         out

@@ -195,11 +195,8 @@ impl LayerKv {
         let anchor = self.anchor.min(n);
         let cand = n - anchor;
         let keep = budget.saturating_sub(anchor).min(cand);
-        let keys = if ks.dtype() == DType::F32 {
-            ks.clone()
-        } else {
-            ks.to_dtype(DType::F32)?
-        };
+        // A clone of the handle when the cache is already f32.
+        let keys = ks.to_dtype(DType::F32)?;
         let priority = &self.priority;
         // Heads choose independently: score and select them in parallel, with a linear-time
         // selection (the same set as a full sort by (score, position)).
