@@ -12,7 +12,7 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::DType;
-use streamrecon::models::bench::bench_videoflow;
+use streamrecon::models::bench::{bench_flow_window, videoflow_window};
 use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
 use streamrecon::models::weights::Weights;
 
@@ -56,7 +56,16 @@ fn run_case(case: &str, windows: usize) {
         .expect("full model");
         (net, 256, 448)
     };
-    let r = bench_videoflow(&net, (w, h), 5, windows, &mut |_, _| {}).expect("forward");
+    let frames = videoflow_window(5, h, w).expect("frames");
+    let r = bench_flow_window(
+        &|x| net.forward(x, &mut |_, _| {}),
+        &frames,
+        net.config.mof.decoder_depth,
+        2,
+        windows,
+        &mut |_, _| {},
+    )
+    .expect("forward");
     println!(
         "{case:<5} {w}×{h}, {} iterations: {:.0} ms per window (3 middle frames, fwd+bwd), peak RSS {:.0} MiB",
         r.iters,

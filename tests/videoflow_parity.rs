@@ -7,7 +7,7 @@
 
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -23,30 +23,6 @@ fn fixture_in(set: &str, name: &str) -> PathBuf {
         .join("tests/fixtures")
         .join(set)
         .join(name)
-}
-
-fn ratio(ours: &Tensor, reference: &Tensor) -> f64 {
-    assert_eq!(ours.dims(), reference.dims());
-    let o = ours.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
-    let r = reference
-        .to_dtype(DType::F64)
-        .unwrap()
-        .flatten_all()
-        .unwrap();
-    let max_ref: f64 = r.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
-    let d: f64 = (o - r)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar()
-        .unwrap();
-    if d.is_nan() {
-        f64::INFINITY
-    } else {
-        d / max_ref.max(1e-30)
-    }
 }
 
 #[test]
@@ -75,38 +51,14 @@ fn matches_reference(set: &str) {
             taps.insert(name.to_string(), t.clone());
         })
         .unwrap();
-    let mut worst: BTreeMap<String, f64> = BTreeMap::new();
-    let mut failures = Vec::new();
-    let mut check = |name: &str, ours: &Tensor, tol: f64| {
-        let r = ratio(ours, &io[name]);
-        let family = if name.ends_with(".delta_flow") {
-            "iter<k>.delta_flow".to_string()
+    taps.insert("flow".to_string(), flow);
+    common::assert_matches_fixture(set, &io, &taps, &["input.images_u8"], |name| {
+        if name == "flow" {
+            2e-4
         } else {
-            name.to_string()
-        };
-        let w = worst.entry(family).or_insert(0.0);
-        *w = w.max(r);
-        if r > tol {
-            failures.push(format!("{name}: {r:.3e}"));
+            1e-4
         }
-    };
-    check("flow", &flow, 2e-4);
-    let mut missing = Vec::new();
-    for name in io
-        .keys()
-        .filter(|k| *k != "flow" && *k != "input.images_u8")
-    {
-        match taps.get(name.as_str()) {
-            Some(t) => check(name, t, 1e-4),
-            None => missing.push(format!("{name}: no such intermediate in the port")),
-        }
-    }
-    failures.extend(missing);
-    println!("{set}: worst max|rust − ref| / max|ref| per tensor:");
-    for (k, v) in &worst {
-        println!("  {k:<32} {v:.3e}");
-    }
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    });
 }
 
 fn tiny() -> MofNet {
@@ -226,7 +178,7 @@ fn model_flow_command_writes_the_reference_layout() {
     let ours = candle_core::safetensors::load(&out, &Device::Cpu).unwrap();
     let reference =
         candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
-    assert!(ratio(&ours["flow"], &reference["flow"]) <= 2e-4);
+    assert!(common::relative_error(&ours["flow"], &reference["flow"]) <= 2e-4);
 }
 
 /// `model bench` for both engines at the fixture sizes: one JSON object with the documented keys.

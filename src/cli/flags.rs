@@ -94,13 +94,15 @@ pub(super) fn parse_intrinsics(s: &str) -> Result<[f64; 4], String> {
 #[derive(Args, Clone, Default)]
 #[allow(clippy::struct_field_names)] // the field names are the `--flow-*` flags
 pub(super) struct VideoFlowFlags {
-    /// VideoFlow-MOF weights (.pth as released, or .safetensors) for `--flow videoflow`.
+    /// Weights of the learned flow engine (.pth as released, or .safetensors): VideoFlow-MOF for
+    /// `--flow videoflow`, StreamFlow for `--flow streamflow`.
     #[arg(long, value_name = "PATH")]
     flow_weights: Option<PathBuf>,
-    /// VideoFlow model config JSON [default: the released MOF sizes].
+    /// That model's config JSON [default: the released sizes: VideoFlow-MOF, or StreamFlow
+    /// with T = 4 and 15 iterations].
     #[arg(long, value_name = "JSON")]
     flow_config: Option<PathBuf>,
-    /// Frames per VideoFlow window (≥ 4).
+    /// Frames per VideoFlow window (≥ 4); StreamFlow's window is its model's T.
     #[arg(long, default_value_t = RunOptions::default().flow_window, value_name = "N")]
     flow_window: usize,
 }

@@ -29,10 +29,14 @@ pub(super) enum ModelCommand {
         #[arg(long, value_name = "OUT.safetensors")]
         out: PathBuf,
     },
-    /// Run the VideoFlow-MOF model on the frames of a safetensors tensor `[N, 3, H, W]` (0..255,
-    /// any dtype) and write `flow` `[2(N−2), 2, H, W]` (forward flows of the middle frames, then
-    /// their backward flows).
+    /// Run a learned flow model on the frames of a safetensors tensor `[N, 3, H, W]` (0..255, any
+    /// dtype) and write `flow`: VideoFlow-MOF gives `[2(N−2), 2, H, W]` (forward flows of the
+    /// middle frames, then their backward flows), StreamFlow `[T−1, 2, H, W]` (frame t to t+1).
     Flow {
+        /// The model [default: streamflow when --model-config describes StreamFlow, else
+        /// videoflow].
+        #[arg(long, value_enum)]
+        arch: Option<FlowArch>,
         #[arg(long, value_name = "JSON")]
         model_config: Option<PathBuf>,
         #[arg(long, value_name = "PATH")]
@@ -72,6 +76,24 @@ pub(super) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+    /// One window of T frames through StreamFlow (forward flows only, as the reference runs).
+    Streamflow {
+        /// `full` (the released config: T = 4, 15 iterations) or a config JSON.
+        #[arg(long, default_value = "full", value_name = "full|PATH.json")]
+        config: String,
+        #[arg(long, value_name = "PATH")]
+        weights: Option<PathBuf>,
+        #[arg(long, default_value = "448x256", value_name = "WxH")]
+        size: String,
+        /// Refinement iterations (default: the config's).
+        #[arg(long)]
+        iters: Option<usize>,
+        /// Windows to run; with more than one, the first is a warm-up and not timed.
+        #[arg(long, default_value_t = 1)]
+        windows: usize,
+        #[arg(long)]
+        json: bool,
+    },
     /// Windows of frames through VideoFlow-MOF.
     Videoflow {
         /// `full` (the released config) or a config JSON.
@@ -93,6 +115,13 @@ pub(super) enum BenchCommand {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The learned flow models `model flow` runs.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(super) enum FlowArch {
+    Videoflow,
+    Streamflow,
 }
 
 /// Writes named tensors atomically.
@@ -118,11 +147,12 @@ pub(super) fn cmd_model(cmd: &ModelCommand) -> Result<()> {
             out,
         } => (model_config, weights, frames, total_budget, dtype, out),
         ModelCommand::Flow {
+            arch,
             model_config,
             weights,
             frames,
             out,
-        } => return cmd_model_flow(model_config.as_deref(), weights, frames, out),
+        } => return cmd_model_flow(*arch, model_config.as_deref(), weights, frames, out),
         ModelCommand::Bench(b) => return cmd_model_bench(b),
     };
     let model = StreamVggt::load_as(
@@ -150,22 +180,39 @@ pub(super) fn cmd_model(cmd: &ModelCommand) -> Result<()> {
 }
 
 pub(super) fn cmd_model_flow(
+    arch: Option<FlowArch>,
     config: Option<&Path>,
     weights: &Path,
     frames: &str,
     out: &Path,
 ) -> Result<()> {
+    use streamrecon::models::streamflow::{StreamFlow, StreamFlowConfig};
     use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
-    let config = match config {
-        Some(p) => VideoFlowConfig::from_json_file(p)?,
-        None => VideoFlowConfig::mof_released(),
-    };
-    let net = MofNet::load(weights, config)?;
+    let arch = arch.unwrap_or(match config {
+        Some(p) if StreamFlowConfig::describes(p) => FlowArch::Streamflow,
+        _ => FlowArch::Videoflow,
+    });
     let images = streamrecon::models::parity::load_tensor_spec(frames, "input.images_u8")?;
     let t0 = std::time::Instant::now();
-    let flow = net.forward(&images, &mut |_, _| {})?;
+    let flow = match arch {
+        FlowArch::Videoflow => {
+            let config = match config {
+                Some(p) => VideoFlowConfig::from_json_file(p)?,
+                None => VideoFlowConfig::mof_released(),
+            };
+            MofNet::load(weights, config)?.forward(&images, &mut |_, _| {})
+        }
+        FlowArch::Streamflow => {
+            let config = match config {
+                Some(p) => StreamFlowConfig::from_json_file(p)?,
+                None => StreamFlowConfig::released(),
+            };
+            StreamFlow::load(weights, config)?.forward(&images, &mut |_, _| {})
+        }
+    }
+    .with_context(|| format!("the frames {frames}"))?;
     println!(
-        "{} frames {:?}: {:.1} ms",
+        "{} frames {:?}: {:.1} ms with loading",
         images.dim(0)?,
         images.dims(),
         t0.elapsed().as_secs_f64() * 1e3
@@ -188,6 +235,7 @@ fn parse_size(s: &str) -> Result<(usize, usize)> {
 
 fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
     use streamrecon::models::bench;
+    use streamrecon::models::streamflow::{StreamFlow, StreamFlowConfig};
     use streamrecon::models::vggt::{StreamVggt, VggtConfig};
     use streamrecon::models::videoflow::{MofNet, VideoFlowConfig};
     use streamrecon::models::weights::Weights;
@@ -276,20 +324,75 @@ fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
                     net.config.mof.decoder_depth
                 );
             }
-            let r = bench::bench_videoflow(&net, (w, h), *window, *windows, &mut |k, s| {
-                if !json {
-                    println!("window {}: {s:.2} s", k + 1);
-                }
-            })?;
-            if *json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
+            let frames = bench::videoflow_window(*window, h, w)?;
+            let r = bench::bench_flow_window(
+                &|x| net.forward(x, &mut |_, _| {}),
+                &frames,
+                net.config.mof.decoder_depth,
+                window.saturating_sub(3).max(1),
+                *windows,
+                &mut |k, s| {
+                    if !json {
+                        println!("window {}: {s:.2} s", k + 1);
+                    }
+                },
+            )?;
+            print_flow_bench(&r, *json)?;
+        }
+        BenchCommand::Streamflow {
+            config,
+            weights: path,
+            size,
+            iters,
+            windows,
+            json,
+        } => {
+            let mut cfg = match config.as_str() {
+                "full" => StreamFlowConfig::released(),
+                p => StreamFlowConfig::from_json_file(Path::new(p))?,
+            };
+            if let Some(n) = iters {
+                anyhow::ensure!(*n >= 1, "--iters {n}: at least 1");
+                cfg.args.iters = *n;
+            }
+            let (w, h) = parse_size(size)?;
+            let net = StreamFlow::new(&weights(path)?, cfg)?;
+            let t = net.frames();
+            net.check_input(&[t, 3, h, w])
+                .with_context(|| format!("--size {size}"))?;
+            if !json {
                 println!(
-                    "{:.2} s per window ({} timed); peak RSS {:.0} MiB",
-                    r.s_per_window, r.windows, r.peak_rss_mib
+                    "streamflow {config}, {t}×{w}×{h}, {} iterations, {threads} threads",
+                    net.config.args.iters
                 );
             }
+            let frames = bench::videoflow_window(t, h, w)?;
+            let r = bench::bench_flow_window(
+                &|x| net.forward(x, &mut |_, _| {}),
+                &frames,
+                net.config.args.iters,
+                t - 1,
+                *windows,
+                &mut |k, s| {
+                    if !json {
+                        println!("window {}: {s:.2} s", k + 1);
+                    }
+                },
+            )?;
+            print_flow_bench(&r, *json)?;
         }
+    }
+    Ok(())
+}
+
+fn print_flow_bench(r: &streamrecon::models::bench::FlowWindowBench, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+    } else {
+        println!(
+            "{:.2} s per window ({} timed), {:.2} s per new pair; peak RSS {:.0} MiB",
+            r.s_per_window, r.windows, r.s_per_pair, r.peak_rss_mib
+        );
     }
     Ok(())
 }

@@ -29,10 +29,12 @@ pub(super) struct ServeArgs {
     /// Model config JSON for --weights [default: the official VGGT-1B sizes].
     #[arg(long, value_name = "JSON")]
     model_config: Option<PathBuf>,
-    /// VideoFlow-MOF weights sessions may use (`{"flow": "videoflow"}`).
+    /// Learned flow weights sessions may use: VideoFlow-MOF for `{"flow": "videoflow"}` or
+    /// StreamFlow for `{"flow": "streamflow"}` (a session naming the other model fails to load
+    /// them, with the loader's message).
     #[arg(long, value_name = "PATH")]
     flow_weights: Option<PathBuf>,
-    /// VideoFlow model config JSON for --flow-weights [default: the released MOF sizes].
+    /// That model's config JSON for --flow-weights [default: the released sizes].
     #[arg(long, value_name = "JSON")]
     flow_config: Option<PathBuf>,
     /// A camera or stream URL sessions may read on the server (`{"source": …}`): exact, or a

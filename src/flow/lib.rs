@@ -2,8 +2,8 @@
 //! visualisation.
 //!
 //! Engines take frames one at a time and return the pair flows that became available; a pairwise
-//! engine answers at once, a windowed model (VideoFlow: 3–5 frames) answers when its window fills
-//! and may return several pairs per call.
+//! engine answers at once, a windowed model (VideoFlow: 4–5 frames, StreamFlow: T frames) answers
+//! when its window fills and may return several pairs per call.
 
 pub mod colorwheel;
 pub mod consistency;
@@ -13,6 +13,7 @@ pub mod level;
 pub mod metrics;
 pub mod refine;
 pub mod resize;
+pub mod streamflow;
 pub mod temporal;
 pub mod videoflow;
 

@@ -46,6 +46,24 @@ fn view<'a>(data: &'a [f32], l: &candle_core::Layout) -> View<'a> {
     }
 }
 
+/// [`sdpa`] over any leading dims `[.., N, D]` (flattened to one batch dim).
+///
+/// # Errors
+/// Shape mismatch or a tensor op failure.
+pub fn sdpa_batched(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let dims = q.dims().to_vec();
+    let r = dims.len();
+    let batch: usize = dims[..r - 2].iter().product();
+    let flat = |t: &Tensor| -> Result<Tensor> {
+        let (n, d) = (t.dim(r - 2)?, t.dim(r - 1)?);
+        Ok(t.contiguous()?.reshape((1, batch, n, d))?)
+    };
+    let out = sdpa(&flat(q)?, &flat(k)?, &flat(v)?, scale)?;
+    let mut shape = dims[..r - 1].to_vec();
+    shape.push(v.dim(r - 1)?);
+    Ok(out.reshape(shape)?)
+}
+
 /// softmax(q·kᵀ·scale)·v. f32 tensors on the CPU take the blocked path; anything else (f16,
 /// another device) is computed with candle ops in f32 softmax.
 ///

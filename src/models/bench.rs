@@ -10,7 +10,6 @@ use candle_core::{Device, Tensor};
 use serde::Serialize;
 
 use crate::vggt::StreamVggt;
-use crate::videoflow::MofNet;
 use streamrecon_core::error::Result;
 use streamrecon_core::stats::peak_rss_mib;
 
@@ -34,9 +33,10 @@ pub struct VggtBench {
     pub peak_rss_mib: f64,
 }
 
-/// One VideoFlow-MOF window size: seconds per window and memory.
+/// One window size of a multi-frame flow model (VideoFlow-MOF, StreamFlow): seconds per window
+/// and memory.
 #[derive(Debug, Clone, Serialize)]
-pub struct VideoFlowBench {
+pub struct FlowWindowBench {
     pub frames: usize,
     pub width: usize,
     pub height: usize,
@@ -44,6 +44,11 @@ pub struct VideoFlowBench {
     /// Windows timed (after one warm-up window when more than one is asked for).
     pub windows: usize,
     pub s_per_window: f64,
+    /// Pairs a window adds when the engine streams (VideoFlow: N − 3, each with both
+    /// directions; StreamFlow: T − 1 forward flows, its engine adds a reversed pass for the
+    /// backward ones).
+    pub new_pairs: usize,
+    pub s_per_pair: f64,
     pub peak_rss_mib: f64,
 }
 
@@ -57,7 +62,7 @@ pub fn vggt_frame(h: usize, w: usize, i: usize) -> Result<Tensor> {
     Ok(((t * 0.5)? + 0.5)?.reshape((1, 3, h, w))?)
 }
 
-/// The VideoFlow bench window, `[n, 3, h, w]` in 0..255.
+/// The flow models' bench window, `[n, 3, h, w]` in 0..255.
 ///
 /// # Errors
 /// A tensor op failure.
@@ -118,23 +123,24 @@ pub fn bench_vggt(
     })
 }
 
-/// Runs `windows` windows of `n` frames of `w × h` through `net`; the first is a warm-up when
+/// Runs `windows` passes of `forward` over `frames` `[N, 3, H, W]`; the first is a warm-up when
 /// there are more than one. `on_window(index, seconds)` sees every window's time.
 ///
 /// # Errors
-/// As [`MofNet::forward`].
-pub fn bench_videoflow(
-    net: &MofNet,
-    (w, h): (usize, usize),
-    n: usize,
+/// As `forward`.
+pub fn bench_flow_window(
+    forward: &dyn Fn(&Tensor) -> Result<Tensor>,
+    frames: &Tensor,
+    iters: usize,
+    new_pairs: usize,
     windows: usize,
     on_window: &mut dyn FnMut(usize, f64),
-) -> Result<VideoFlowBench> {
-    let frames = videoflow_window(n, h, w)?;
+) -> Result<FlowWindowBench> {
+    let (n, _, h, w) = frames.dims4()?;
     let mut seconds = Vec::with_capacity(windows);
     for k in 0..windows.max(1) {
         let t0 = Instant::now();
-        net.forward(&frames, &mut |_, _| {})?;
+        forward(frames)?;
         seconds.push(t0.elapsed().as_secs_f64());
         on_window(k, seconds[k]);
     }
@@ -143,13 +149,16 @@ pub fn bench_videoflow(
     } else {
         &seconds[..]
     };
-    Ok(VideoFlowBench {
+    let s_per_window = timed.iter().sum::<f64>() / timed.len() as f64;
+    Ok(FlowWindowBench {
         frames: n,
         width: w,
         height: h,
-        iters: net.config.mof.decoder_depth,
+        iters,
         windows: timed.len(),
-        s_per_window: timed.iter().sum::<f64>() / timed.len() as f64,
+        s_per_window,
+        new_pairs,
+        s_per_pair: s_per_window / new_pairs.max(1) as f64,
         peak_rss_mib: peak_rss_mib(),
     })
 }

@@ -6,6 +6,7 @@ pub mod bench;
 pub mod gemm;
 pub mod ops;
 pub mod parity;
+pub mod streamflow;
 pub mod vggt;
 pub mod videoflow;
 pub mod weights;

@@ -7,6 +7,7 @@ use serde::Serialize;
 
 use streamrecon_core::error::Result;
 use streamrecon_flow::dis::{DisConfig, DisEngine};
+use streamrecon_flow::streamflow::{StreamFlowEngine, StreamFlowEngineConfig};
 use streamrecon_flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon_flow::FlowEngine;
 use streamrecon_geometry::flowvo::{FlowVo, FlowVoConfig};
@@ -24,6 +25,7 @@ use crate::summary::RunCounters;
 pub enum FlowChoice {
     Dis(DisConfig),
     VideoFlow(VideoFlowEngineConfig),
+    StreamFlow(StreamFlowEngineConfig),
 }
 
 impl FlowChoice {
@@ -35,6 +37,7 @@ impl FlowChoice {
         Ok(match self {
             Self::Dis(c) => Box::new(DisEngine::new(c.clone())?),
             Self::VideoFlow(c) => Box::new(VideoFlowEngine::new(c)?),
+            Self::StreamFlow(c) => Box::new(StreamFlowEngine::new(c)?),
         })
     }
 }

@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{MAX_FRAME_SIDE, MIN_FRAME_SIDE};
 use streamrecon_flow::dis::{DisBackend, DisConfig, DisPreset};
+use streamrecon_flow::streamflow::StreamFlowEngineConfig;
 use streamrecon_flow::videoflow::{VideoFlowEngineConfig, DEFAULT_WINDOW};
 use streamrecon_geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig, WindowBaConfig};
 use streamrecon_geometry::stabilize::{
@@ -34,6 +35,7 @@ pub enum FlowEngineName {
     #[default]
     Dis,
     Videoflow,
+    Streamflow,
 }
 
 /// Geometry engines by name.
@@ -125,9 +127,11 @@ pub struct RunOptions {
     pub dis_iterations: Option<i32>,
     /// DIS's variational refinement iterations per level, 0–1000 (default: the preset's).
     pub dis_variational_iterations: Option<i32>,
-    /// VideoFlow-MOF weights for `flow: videoflow` (.pth as released, or .safetensors).
+    /// Weights of the learned flow engine, `flow: videoflow` (VideoFlow-MOF) or `streamflow`
+    /// (StreamFlow): .pth as released, or .safetensors.
     pub flow_weights: Option<PathBuf>,
-    /// VideoFlow model config JSON (default: the released MOF sizes).
+    /// That model's config JSON (default: the released sizes: VideoFlow-MOF, or StreamFlow with
+    /// T = 4 and 15 iterations).
     pub flow_config: Option<PathBuf>,
     /// Frames per VideoFlow window, 4 or more (default 5).
     pub flow_window: usize,
@@ -375,7 +379,7 @@ impl RunOptions {
     /// The flow engine.
     ///
     /// # Errors
-    /// `videoflow` without weights.
+    /// `videoflow` or `streamflow` without weights.
     pub fn flow_choice(&self) -> Result<FlowChoice> {
         Ok(match self.flow {
             FlowEngineName::Dis => FlowChoice::Dis(self.dis_config()),
@@ -389,6 +393,17 @@ impl RunOptions {
                     weights: w.clone(),
                     model_config: self.flow_config.clone(),
                     window: self.flow_window,
+                })
+            }
+            FlowEngineName::Streamflow => {
+                let Some(w) = &self.flow_weights else {
+                    return Err(invalid(
+                        "flow streamflow needs flow_weights (a StreamFlow checkpoint)".into(),
+                    ));
+                };
+                FlowChoice::StreamFlow(StreamFlowEngineConfig {
+                    weights: w.clone(),
+                    model_config: self.flow_config.clone(),
                 })
             }
         })

@@ -92,10 +92,19 @@ impl CreateSession {
             o.weights = None;
             o.model_config = None;
         }
-        if o.flow == FlowEngineName::Videoflow && o.flow_weights.is_none() {
-            return Err(
-                "this server has no VideoFlow weights (start it with --flow-weights)".into(),
-            );
+        let learned_flow = matches!(
+            o.flow,
+            FlowEngineName::Videoflow | FlowEngineName::Streamflow
+        );
+        if learned_flow && o.flow_weights.is_none() {
+            return Err(format!(
+                "this server has no {} weights (start it with --flow-weights)",
+                if o.flow == FlowEngineName::Videoflow {
+                    "VideoFlow"
+                } else {
+                    "StreamFlow"
+                }
+            ));
         }
         if self.result_depth_stride == Some(0) {
             return Err("result_depth_stride must be 1 or more".into());

@@ -117,3 +117,63 @@ pub fn png_header_only(w: u32, h: u32) -> Vec<u8> {
     png[29..33].copy_from_slice(&(!crc).to_be_bytes());
     png
 }
+
+/// max|ours − reference| / max|reference| (infinite when a value is NaN).
+pub fn relative_error(ours: &candle_core::Tensor, reference: &candle_core::Tensor) -> f64 {
+    use candle_core::DType;
+    assert_eq!(ours.dims(), reference.dims());
+    let flat = |t: &candle_core::Tensor| t.to_dtype(DType::F64).unwrap().flatten_all().unwrap();
+    let (o, r) = (flat(ours), flat(reference));
+    let max_ref: f64 = r.abs().unwrap().max(0).unwrap().to_scalar().unwrap();
+    let d: f64 = (o - r)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar()
+        .unwrap();
+    if d.is_nan() {
+        f64::INFINITY
+    } else {
+        d / max_ref.max(1e-30)
+    }
+}
+
+/// Compares every tensor of a reference fixture's `io` (but `skip`) with the port's output of
+/// the same name, within `tolerance(name)` of max|ref|; prints the worst ratio per tensor family
+/// (`iter<k>.delta_flow` as one) and fails listing every tensor out of tolerance or missing.
+pub fn assert_matches_fixture(
+    set: &str,
+    io: &std::collections::HashMap<String, candle_core::Tensor>,
+    ours: &std::collections::HashMap<String, candle_core::Tensor>,
+    skip: &[&str],
+    tolerance: impl Fn(&str) -> f64,
+) {
+    let mut worst = std::collections::BTreeMap::<String, f64>::new();
+    let mut failures = Vec::new();
+    let mut names: Vec<&String> = io.keys().filter(|k| !skip.contains(&k.as_str())).collect();
+    names.sort();
+    for name in names {
+        let Some(t) = ours.get(name.as_str()) else {
+            failures.push(format!("{name}: no such output in the port"));
+            continue;
+        };
+        let r = relative_error(t, &io[name]);
+        let family = if name.ends_with(".delta_flow") {
+            "iter<k>.delta_flow".to_string()
+        } else {
+            name.clone()
+        };
+        let w = worst.entry(family).or_insert(0.0);
+        *w = w.max(r);
+        if r > tolerance(name) {
+            failures.push(format!("{name}: {r:.3e}"));
+        }
+    }
+    println!("{set}: worst max|rust − ref| / max|ref| per tensor:");
+    for (k, v) in &worst {
+        println!("  {k:<32} {v:.3e}");
+    }
+    assert!(failures.is_empty(), "{set}:\n{}", failures.join("\n"));
+}

@@ -44,6 +44,36 @@ pub struct TwinsConfig {
     pub sr_ratios: Vec<usize>,
 }
 
+impl TwinsConfig {
+    /// The two stages the flow models use are described, with two blocks each.
+    ///
+    /// # Errors
+    /// A description of the first inconsistency.
+    pub fn validate_first_stages(&self) -> std::result::Result<(), String> {
+        if self.embed_dims.len() < 2
+            || self.num_heads.len() < 2
+            || self.depths.len() < 2
+            || self.wss.len() < 2
+            || self.sr_ratios.len() < 2
+            || self.mlp_ratios.len() < 2
+        {
+            return Err("twins sizes need at least the two stages the flow models use".into());
+        }
+        if self.depths[0] != 2 || self.depths[1] != 2 {
+            return Err("the flow models' Twins stages have two blocks each".into());
+        }
+        if (0..2).any(|s| {
+            self.num_heads[s] == 0 || !self.embed_dims[s].is_multiple_of(self.num_heads[s])
+        }) {
+            return Err("each Twins stage's width must be a multiple of its heads".into());
+        }
+        if self.wss[..2].contains(&0) || self.sr_ratios[..2].contains(&0) {
+            return Err("window sizes and sub-sampling ratios must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 fn three() -> usize {
     3
 }
@@ -124,20 +154,8 @@ impl VideoFlowConfig {
     /// # Errors
     /// A description of the first inconsistency.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let t = &self.twins;
-        if t.embed_dims.len() < 2
-            || t.num_heads.len() < 2
-            || t.depths.len() < 2
-            || t.wss.len() < 2
-            || t.sr_ratios.len() < 2
-            || t.mlp_ratios.len() < 2
-        {
-            return Err("twins sizes need at least the two stages VideoFlow uses".into());
-        }
-        if t.depths[0] != 2 || t.depths[1] != 2 {
-            return Err("VideoFlow's Twins stages have two blocks each".into());
-        }
-        if t.embed_dims[1] != self.mof.feat_dim {
+        self.twins.validate_first_stages()?;
+        if self.twins.embed_dims[1] != self.mof.feat_dim {
             return Err("feat_dim must equal the second Twins stage's width".into());
         }
         if self.mof.down_ratio != 8 {

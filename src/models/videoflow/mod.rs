@@ -173,7 +173,7 @@ impl MofNet {
 }
 
 /// `[B, 2, h, w]` pixel coordinates (x, y).
-fn coords_grid(b: usize, h: usize, w: usize) -> Result<Tensor> {
+pub(crate) fn coords_grid(b: usize, h: usize, w: usize) -> Result<Tensor> {
     let dev = Device::Cpu;
     let xs = Tensor::arange(0f32, w as f32, &dev)?
         .reshape((1, 1, w))?

@@ -1,6 +1,8 @@
 //! `encoders.py::twins_svt_large` (timm 0.4.12 `Twins`, first two stages): patch embeds,
 //! locally-grouped attention (window 7, zero-padded, pad tokens unmasked), global sub-sampled
 //! attention, the PosConv generator after each stage's first block. Output `[N, C1, H/8, W/8]`.
+//! StreamFlow's `Twins_CSC` is the same module tree run over its frames stacked into one image
+//! ([`Twins::forward_stacked`]); timm 1.0's blocks compute the same as 0.4.12's.
 
 use crate::ops::Linear;
 use candle_core::{Module, Tensor, D};
@@ -13,21 +15,6 @@ use streamrecon_core::error::Result;
 
 const BLOCK_NORM_EPS: f64 = 1e-6;
 const PATCH_NORM_EPS: f64 = 1e-5;
-
-/// softmax(q·kᵀ·scale)·v over any leading dims (flattened to one batch dim for the matmuls).
-fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let dims = q.dims().to_vec();
-    let r = dims.len();
-    let batch: usize = dims[..r - 2].iter().product();
-    let flat = |t: &Tensor| -> Result<Tensor> {
-        let (n, d) = (t.dim(r - 2)?, t.dim(r - 1)?);
-        Ok(t.contiguous()?.reshape((1, batch, n, d))?)
-    };
-    let out = crate::attention::sdpa(&flat(q)?, &flat(k)?, &flat(v)?, scale)?;
-    let mut shape = dims[..r - 1].to_vec();
-    shape.push(v.dim(r - 1)?);
-    Ok(out.reshape(shape)?)
-}
 
 /// `LocallyGroupedAttn`.
 struct LocallyGroupedAttn {
@@ -61,7 +48,7 @@ impl LocallyGroupedAttn {
             qkv.get(1)?.contiguous()?,
             qkv.get(2)?.contiguous()?,
         );
-        let out = attention(&q, &k, &v, (hd as f64).powf(-0.5))?;
+        let out = crate::attention::sdpa_batched(&q, &k, &v, (hd as f64).powf(-0.5))?;
         let out = out
             .transpose(2, 3)?
             .reshape((b, gh, gw, ws, ws, c))?
@@ -105,7 +92,7 @@ impl GlobalSubSampleAttn {
             .reshape((b, (), 2, self.heads, hd))?
             .permute((2, 0, 3, 1, 4))?;
         let (k, v) = (kv.get(0)?.contiguous()?, kv.get(1)?.contiguous()?);
-        let out = attention(&q, &k, &v, (hd as f64).powf(-0.5))?;
+        let out = crate::attention::sdpa_batched(&q, &k, &v, (hd as f64).powf(-0.5))?;
         let out = out.transpose(1, 2)?.reshape((b, n, c))?;
         Ok(self.proj.forward(&out)?)
     }
@@ -221,27 +208,61 @@ impl Twins {
         Ok(Self { stages })
     }
 
-    /// `x [N, 3, H, W]` (in [−1, 1]) → `[N, C1, H/8, W/8]`; `taps` sees stage 0's token sequences.
+    /// `x [N, 3, H, W]` (in [−1, 1]) → `[N, C1, H/8, W/8]`, each frame on its own; `taps` sees
+    /// the token sequences of each stage.
     ///
     /// # Errors
     /// Tensor op failure.
     pub fn forward(&self, x: &Tensor, taps: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+        self.run(x, false, taps)
+    }
+
+    /// As [`Self::forward`], but the blocks see the N frames as one image stacked vertically
+    /// (StreamFlow's ISC): windows, sub-sampled keys and the PosConv cross frame borders. The
+    /// patch embeddings still run per frame, and the tokens are in (frame, row, column) order,
+    /// which is the stacked image's row-major order.
+    ///
+    /// # Errors
+    /// Tensor op failure.
+    pub fn forward_stacked(
+        &self,
+        x: &Tensor,
+        taps: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<Tensor> {
+        self.run(x, true, taps)
+    }
+
+    fn run(
+        &self,
+        x: &Tensor,
+        stacked: bool,
+        taps: &mut dyn FnMut(&str, &Tensor),
+    ) -> Result<Tensor> {
         let mut x = x.clone();
         for (i, st) in self.stages.iter().enumerate() {
-            let (b, _, h, w) = x.dims4()?;
-            let size = (h / st.patch, w / st.patch);
+            let (n, _, h, w) = x.dims4()?;
+            let (fh, fw) = (h / st.patch, w / st.patch);
+            // The blocks' batch and image: each frame, or all frames as one tall image.
+            let (b, size) = if stacked {
+                (1, (n * fh, fw))
+            } else {
+                (n, (fh, fw))
+            };
             let t = st
                 .patch_proj
                 .forward(&x)?
                 .flatten_from(2)?
                 .transpose(1, 2)?;
-            let mut t = st.patch_norm.forward(&t.contiguous()?)?;
+            let c = t.dim(D::Minus1)?;
+            let mut t = st
+                .patch_norm
+                .forward(&t.contiguous()?.reshape((b, (), c))?)?;
             taps(&format!("stage{i}.patch_embed"), &t);
             for (j, blk) in st.blocks.iter().enumerate() {
                 t = blk.forward(&t, size)?;
                 if j == 0 {
+                    taps(&format!("stage{i}.block0"), &t);
                     // PosConv: depthwise 3×3 plus the input (stride 1).
-                    let c = t.dim(D::Minus1)?;
                     let img = t.transpose(1, 2)?.reshape((b, c, size.0, size.1))?;
                     let conv = depthwise_conv2d(&img, &st.pos_weight, Some(&st.pos_bias))?;
                     t = (conv + img)?
@@ -252,9 +273,8 @@ impl Twins {
                 }
             }
             taps(&format!("stage{i}.out"), &t);
-            let c = t.dim(D::Minus1)?;
             x = t
-                .reshape((b, size.0, size.1, c))?
+                .reshape((n, fh, fw, c))?
                 .permute((0, 3, 1, 2))?
                 .contiguous()?;
         }

@@ -23,7 +23,9 @@ pub struct PcBlock {
 }
 
 impl PcBlock {
-    fn new(vb: &Vb, c_in: usize, c_out: usize, kernels: &[usize]) -> Result<Self> {
+    /// # Errors
+    /// Missing or misshapen weights.
+    pub fn new(vb: &Vb, c_in: usize, c_out: usize, kernels: &[usize]) -> Result<Self> {
         let hidden = (1.5 * c_in as f64) as usize;
         let dw = kernels
             .iter()
@@ -47,7 +49,9 @@ impl PcBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// # Errors
+    /// Tensor op failure.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // ffn(x) = f.1(gelu(f.0(x))); each GELU and residual is applied in the convolution's
         // output buffer.
         let hidden = |f: &(Conv2d, Conv2d), x: &Tensor| f.0.forward_then(x, None, Activation::Gelu);
@@ -179,6 +183,14 @@ impl GmaAttention {
         pe.pp("rel_width").get("weight", (2 * max_pos - 1, dim))?;
         // An int64 index buffer of the unused embedding.
         pe.get("rel_ind", (max_pos, max_pos))?;
+        Self::without_position_embedding(vb, dim)
+    }
+
+    /// StreamFlow's copy, which no longer builds the position embedding.
+    ///
+    /// # Errors
+    /// Missing or misshapen weights.
+    pub fn without_position_embedding(vb: &Vb, dim: usize) -> Result<Self> {
         Ok(Self {
             to_qk: conv2d(&vb.pp("to_qk"), dim, 2 * dim, 1, 1, 0, false)?,
             dim_head: dim,
@@ -204,14 +216,27 @@ impl GmaAttention {
     }
 }
 
-/// `gma.py::Aggregate`: `fmap + γ · (attn @ to_v(fmap))`.
-struct Aggregate {
+/// `gma.py::Aggregate` with one head: `fmap + γ · (attn @ to_v(fmap))`.
+pub struct Aggregate {
     to_v: Conv2d,
     gamma: Tensor,
 }
 
 impl Aggregate {
-    fn forward(&self, attn: &Tensor, fmap: &Tensor) -> Result<Tensor> {
+    /// # Errors
+    /// Missing or misshapen weights.
+    pub fn new(vb: &Vb, dim: usize) -> Result<Self> {
+        Ok(Self {
+            to_v: conv2d(&vb.pp("to_v"), dim, dim, 1, 1, 0, false)?,
+            gamma: vb.get("gamma", 1)?,
+        })
+    }
+
+    /// `attn [B, 1, hw, hw]`, `fmap [B, C, h, w]`.
+    ///
+    /// # Errors
+    /// Tensor op failure.
+    pub fn forward(&self, attn: &Tensor, fmap: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = fmap.dims4()?;
         let v = self
             .to_v
@@ -253,7 +278,6 @@ impl UpdateBlock {
         let hd = cfg.update_dim();
         let dr = cfg.mof.down_ratio;
         let m = vb.pp("mask");
-        let agg = vb.pp("aggregator");
         Ok(Self {
             encoder: MotionEncoder::new(&vb.pp("encoder"), cfg)?,
             gru: PcBlock::new(
@@ -265,10 +289,7 @@ impl UpdateBlock {
             flow_head: PcBlock::new(&vb.pp("flow_head"), hd, 4, &cfg.mof.k_conv)?,
             mask0: conv2d(&m.pp(0), hd, 2 * hd, 3, 1, 1, true)?,
             mask2: conv2d(&m.pp(2), 2 * hd, dr * dr * 9 * 2, 1, 1, 0, true)?,
-            aggregator: Aggregate {
-                to_v: conv2d(&agg.pp("to_v"), 128, 128, 1, 1, 0, false)?,
-                gamma: agg.get("gamma", 1)?,
-            },
+            aggregator: Aggregate::new(&vb.pp("aggregator"), 128)?,
         })
     }
 
@@ -312,7 +333,7 @@ impl UpdateBlock {
     }
 }
 
-/// Convex 8× upsampling: `softmax` over the 9 taps of `mask [N, 9·64, h, w]` (already ×100)
+/// Convex 8× upsampling: `softmax` over the 9 taps of `mask [N, 9·64, h, w]` (already scaled)
 /// weighting the 3×3 neighbourhood (zero padded) of `8 · flow [N, 2, h, w]`.
 ///
 /// # Errors
