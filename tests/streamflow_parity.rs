@@ -1,7 +1,7 @@
 //! Parity of the `streamflow` model (StreamFlow, `SKFlow_MF8`) with the official code on two
 //! fixtures: tests/fixtures/streamflow-tiny (T = 4, 15 iterations, 4 frames of 131×139, from
 //! ../shared) and tests/fixtures/streamflow-t3 (T = 3, 8 iterations, 3 frames of 141×205, made
-//! here from the reference code; its config.json says how).
+//! here from the reference code and saved as the released `.pth`; its config.json says how).
 //! The flow and every intermediate within 1e-4·max|ref|; the worst ratio per tensor family is
 //! printed (`--nocapture`).
 
@@ -25,11 +25,14 @@ fn load(set: &str) -> (StreamFlow, HashMap<String, Tensor>) {
     let fixture = |name: &str| fixture_in(set, name);
     let io = candle_core::safetensors::load(fixture("io.safetensors"), &Device::Cpu).unwrap();
     let cfg = StreamFlowConfig::from_json_file(&fixture("config.json")).unwrap();
-    let net = StreamFlow::new(
-        &Weights::load(&fixture("model.safetensors"), DType::F32).unwrap(),
-        cfg,
-    )
-    .unwrap();
+    // streamflow-t3 holds its weights as the released checkpoints do: a .pth whose dict has the
+    // state dict (keys with DataParallel's `module.`) under `model`, beside the optimiser's.
+    let weights = ["model.safetensors", "model.pth"]
+        .map(fixture)
+        .into_iter()
+        .find(|p| p.exists())
+        .unwrap();
+    let net = StreamFlow::new(&Weights::load(&weights, DType::F32).unwrap(), cfg).unwrap();
     (net, io)
 }
 
