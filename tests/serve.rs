@@ -252,6 +252,8 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
         // Files on the server are the server's to name.
         r#"{"weights": "/etc/passwd"}"#,
         r#"{"flow_config": "../x.json"}"#,
+        // No --flow-weights on this server.
+        r#"{"flow": "streamflow"}"#,
         "{",
     ] {
         let (st, body) = post_json(p, "/sessions", bad);
@@ -445,6 +447,55 @@ fn a_stalled_client_does_not_stall_another_session() {
     let status = json(&http(p, "GET", &format!("/sessions/{b}"), Some(TOKEN), b"").1);
     assert_eq!(status["frames_received"], 5);
     drop(stalled);
+}
+
+/// A lossless session on the `streamflow` engine: every frame is processed by the time the
+/// session has closed (the engine answers a window of T frames at a time, the last at the end).
+#[test]
+fn a_streamflow_session_answers_every_frame() {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/streamflow-tiny");
+    let (w, c) = (
+        fixture.join("model.safetensors"),
+        fixture.join("config.json"),
+    );
+    let srv = start(
+        &dir.path().join("data"),
+        1,
+        &[
+            "--flow-weights".as_ref(),
+            w.as_os_str(),
+            "--flow-config".as_ref(),
+            c.as_os_str(),
+        ],
+    );
+    let p = srv.port;
+    let (st, body) = post_json(
+        p,
+        "/sessions",
+        r#"{"flow": "streamflow", "lossless": true, "record": false}"#,
+    );
+    assert_eq!(st, 201, "{}", String::from_utf8_lossy(&body));
+    let id = json(&body)["id"].as_str().unwrap().to_string();
+    for i in 0..6 {
+        let (st, b) = push(p, &id, &png(&frame_image(128, 128, i)), f64::from(i));
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    }
+    // Frames 0–3 make the first window; frames 4 and 5 wait for the end of the stream (and
+    // flowvo holds frames until its map starts, which these frames never give it).
+    let (st, b) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+    let t0 = std::time::Instant::now();
+    let s = loop {
+        let s = status(p, &id);
+        if s["running"] == false {
+            break s;
+        }
+        assert!(t0.elapsed().as_secs() < 60, "{s}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert_eq!(s["frames_processed"], 6, "{s}");
+    assert!(s["summary"]["error"].is_null(), "{s}");
 }
 
 fn frame_image(w: u32, h: u32, i: u32) -> image::RgbImage {

@@ -538,6 +538,10 @@ mod tests {
                 r#"{"flow": "videoflow"}"#,
                 "flow videoflow needs flow_weights",
             ),
+            (
+                r#"{"flow": "streamflow"}"#,
+                "flow streamflow needs flow_weights",
+            ),
         ] {
             let o: RunOptions = serde_json::from_str(json).unwrap();
             let e = o.pipeline_config().unwrap_err().to_string();
