@@ -147,6 +147,37 @@ pub use no_recording::{open, Viewer};
 /// The service's web page (`streamrecon serve`, `GET /`): sessions and webcam capture.
 pub const WEB_PAGE: &str = include_str!("web/index.html");
 
+/// A file of rerun's web viewer by the name a browser asks for under the viewer's folder
+/// (`""` or `index.html`, `re_viewer.js`, `re_viewer_bg.wasm`, …): its content type and bytes,
+/// as the pinned rerun release bundles them, so the viewer works offline and matches the
+/// recordings' version. `None` for any other name, and in a build without rerun.
+pub fn web_viewer_file(name: &str) -> Option<(&'static str, &'static [u8])> {
+    #[cfg(feature = "rerun")]
+    {
+        use re_web_viewer_server::WebViewerData;
+        static DATA: std::sync::OnceLock<Option<WebViewerData>> = std::sync::OnceLock::new();
+        let data = DATA
+            .get_or_init(|| WebViewerData::load(None).ok())
+            .as_ref()?;
+        Some(match name {
+            "" | "index.html" => ("text/html; charset=utf-8", data.index_html()),
+            "favicon.ico" => ("image/x-icon", data.favicon()),
+            "apple-touch-icon.png" => ("image/png", data.apple_touch_icon()),
+            "sw.js" => ("text/javascript", data.sw_js()),
+            "re_viewer.js" => ("text/javascript", data.viewer_js()),
+            "re_viewer_bg.wasm" => ("application/wasm", data.viewer_wasm()),
+            "signed-in" => ("text/html; charset=utf-8", data.signed_in_html()),
+            "signed-out" => ("text/html; charset=utf-8", data.signed_out_html()),
+            _ => return None,
+        })
+    }
+    #[cfg(not(feature = "rerun"))]
+    {
+        let _ = name;
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::ViewImages;

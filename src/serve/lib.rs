@@ -12,6 +12,7 @@ mod frames;
 mod metrics;
 mod session;
 mod stream;
+mod web_viewer;
 
 use session::{create_session, read_request, start_session};
 
@@ -128,6 +129,8 @@ struct Session {
     resumed_at: Option<u64>,
     /// Uploads wait for room rather than dropping frames.
     lossless: bool,
+    /// The .rrd this run writes, if it records.
+    recording: Option<PathBuf>,
 }
 
 impl Session {
@@ -151,11 +154,19 @@ impl Session {
             source: None,
             resumed_at: None,
             lossless: false,
+            recording: None,
         }
     }
 
     fn running(&self) -> bool {
         lock(&self.pipeline).is_some()
+    }
+
+    /// Its pipeline has ended (closed, or its source ran out), so its files grow no more.
+    fn finished(&self) -> bool {
+        lock(&self.pipeline)
+            .as_ref()
+            .is_none_or(JoinHandle::is_finished)
     }
 }
 
@@ -379,6 +390,7 @@ fn status_json(s: &Session) -> serde_json::Value {
         "running": s.running(),
         "source": s.source,
         "resumed_at": s.resumed_at,
+        "recording": s.recording.is_some(),
         "frames_received": n.received,
         "frames_dropped": n.dropped(),
         "frames_dropped_at_door": n.dropped_at_door,
@@ -556,12 +568,21 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}/events", get(session_events))
         .route("/sessions/{id}/stream", get(stream::upgrade))
         .route("/sessions/{id}/files/{name}", get(download))
+        .route("/sessions/{id}/live.rrd", get(web_viewer::live_recording))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
         .route_layer(middleware::from_fn_with_state(state.clone(), auth));
     // The page holds no data: it asks for the token and sends it with every API call.
     Router::new()
         .route("/health", get(|| async { "ok" }))
         .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
+        .route("/viewer", get(web_viewer::to_folder))
+        .route("/viewer/", get(web_viewer::index))
+        .route("/viewer/{file}", get(web_viewer::file))
+        // The browser's viewer cannot send a header: its link carries the token in the path.
+        .route(
+            "/sessions/{id}/token/{token}/live.rrd",
+            get(web_viewer::live_recording_with_token),
+        )
         .merge(api)
         .layer(middleware::map_response(json_errors))
         .with_state(state)

@@ -271,13 +271,14 @@ pub(super) fn start_session(
             })
             .map_err(|e| internal(e.to_string()))?
     };
+    let recording = (req.record != Some(false)).then(|| out.join(recording_name(out)));
     let config = PipelineConfig {
         out_dir: Some(out.to_path_buf()),
-        rerun: if req.record == Some(false) {
+        rerun: if recording.is_none() {
             RerunTarget::default()
         } else {
             RerunTarget {
-                save: Some(out.join(recording_name(out))),
+                save: recording.clone(),
                 connect: state.config.connect.clone(),
                 ..RerunTarget::default()
             }
@@ -336,6 +337,7 @@ pub(super) fn start_session(
         source: req.source.clone(),
         resumed_at,
         lossless: req.lossless == Some(true),
+        recording,
     });
     lock(&state.sessions).insert(id.to_string(), session);
     log::info!("{label} started, outputs in {}", out.display());
