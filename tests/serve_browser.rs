@@ -444,6 +444,26 @@ fn the_rerun_web_viewer_shows_a_live_session_and_its_recording() {
         share * 100.0
     );
     assert!(share > 0.003, "the 3D view of the recording stayed empty");
+    // The viewer plays an opened recording, redrawing every frame: the time between animation
+    // frames is its frame time (printed, not asserted: this is the software rasteriser).
+    wd(
+        driver.port,
+        "POST",
+        &format!("/session/{sid}/timeouts"),
+        &json!({"script": 60_000}),
+    );
+    let frames = wd(
+        driver.port,
+        "POST",
+        &format!("/session/{sid}/execute/async"),
+        &json!({"args": [], "script": "const done = arguments[arguments.length - 1]; \
+            const t = []; const t0 = performance.now(); \
+            function f(now) { t.push(now); if (now - t0 < 4000) requestAnimationFrame(f); else { \
+              const d = t.slice(1).map((v, i) => v - t[i]).sort((a, b) => a - b); \
+              done({frames: d.length, median_ms: d[d.length >> 1]}); } } \
+            requestAnimationFrame(f);"}),
+    );
+    eprintln!("viewer frame time with the recording playing: {frames}");
     wd(
         driver.port,
         "DELETE",
