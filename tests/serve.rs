@@ -1140,3 +1140,59 @@ fn servers_killed_at_ten_frames_resume_both_engines_without_a_gap() {
         }
     }
 }
+
+/// `streamrecon view`: one recording in rerun's web viewer, served by the binary.
+#[test]
+fn view_serves_a_recording_in_the_web_viewer() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = dir.path().join("seq");
+    synth(&seq, &["--frames", "6", "--size", "160x120"]);
+    let rrd = dir.path().join("rec.rrd");
+    assert!(Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .arg("run")
+        .arg(&seq)
+        .arg("--out")
+        .arg(dir.path().join("out"))
+        .arg("--save")
+        .arg(&rrd)
+        .status()
+        .unwrap()
+        .success());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .arg("view")
+        .arg(&rrd)
+        .args(["--bind", "127.0.0.1:0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let port: u16 = line
+        .split("http://127.0.0.1:")
+        .nth(1)
+        .and_then(|r| r.split('/').next())
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {line:?}"));
+    let (st, _) = http(port, "GET", "/", None, b"");
+    assert_eq!(st, 307);
+    let (st, page) = http(port, "GET", "/viewer/", None, b"");
+    assert_eq!(st, 200);
+    assert!(String::from_utf8_lossy(&page).contains("re_viewer.js"));
+    let (st, bytes) = http(port, "GET", "/recording.rrd", None, b"");
+    assert_eq!(st, 200);
+    assert_eq!(bytes, std::fs::read(&rrd).unwrap());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    // A missing recording: one clear line naming it.
+    let out = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .arg("view")
+        .arg(dir.path().join("nope.rrd"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("nope.rrd"), "{err}");
+}

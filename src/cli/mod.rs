@@ -28,7 +28,7 @@ mod serve;
 use eval::{cmd_eval, EvalCommand};
 use flags::{DisFlags, EngineFlags, RerunFlags, SourceFlags, VideoFlowFlags};
 use model::{cmd_model, ModelCommand};
-use serve::{cmd_serve, ServeArgs};
+use serve::{cmd_serve, cmd_view, ServeArgs, ViewArgs};
 
 const EXAMPLES: &str = "Examples:
   streamrecon demo                                   # synthetic sequence → full pipeline → ./demo-out/
@@ -62,6 +62,8 @@ enum Command {
     Eval(EvalCommand),
     /// Run the pipeline as a network service: sessions push frames over HTTP and read results back.
     Serve(ServeArgs),
+    /// Show a recording (.rrd) in rerun's web viewer in any browser, served by this binary.
+    View(ViewArgs),
     /// Run a learned model directly on tensors (parity checks against the reference code).
     #[command(subcommand)]
     Model(ModelCommand),
@@ -183,6 +185,7 @@ pub fn main() -> Result<ExitCode> {
         Command::Eval(e) => cmd_eval(&e).map(|()| ExitCode::SUCCESS),
         Command::Model(m) => cmd_model(&m).map(|()| ExitCode::SUCCESS),
         Command::Serve(a) => cmd_serve(&a).map(|()| ExitCode::SUCCESS),
+        Command::View(a) => cmd_view(&a).map(|()| ExitCode::SUCCESS),
     }
 }
 
@@ -427,7 +430,8 @@ fn cmd_demo(a: &DemoArgs) -> Result<ExitCode> {
     println!("{report}");
     if let Some(p) = &rerun.save {
         println!(
-            "view the recording: pip install rerun-sdk==0.36.3 && rerun {}",
+            "view the recording in a browser: streamrecon view {0}\n\
+             or in rerun's native viewer: pip install rerun-sdk==0.36.3 && rerun {0}",
             p.display()
         );
     }

@@ -1,4 +1,5 @@
-//! `streamrecon serve`: the network service's flags.
+//! `streamrecon serve`: the network service's flags; `streamrecon view`: one recording in the
+//! browser.
 
 use std::path::PathBuf;
 
@@ -116,4 +117,29 @@ pub(super) fn cmd_serve(a: &ServeArgs) -> Result<()> {
         },
     )?;
     Ok(())
+}
+
+#[derive(Args)]
+pub(super) struct ViewArgs {
+    /// The recording (.rrd, as `run --save` or a service session writes it).
+    recording: PathBuf,
+    /// Address to listen on (port 0 picks a free one). No token guards it: keep it on loopback
+    /// unless anyone reaching the address may see the recording.
+    #[arg(long, default_value = "127.0.0.1:9090")]
+    bind: std::net::SocketAddr,
+}
+
+pub(super) fn cmd_view(a: &ViewArgs) -> Result<()> {
+    streamrecon::serve::view(
+        &a.recording,
+        a.bind,
+        |addr| {
+            println!("open http://{addr}/ in a browser (Ctrl-C stops)");
+            let _ = std::io::Write::flush(&mut std::io::stdout());
+        },
+        async {
+            let _ = tokio::signal::ctrl_c().await;
+        },
+    )
+    .with_context(|| format!("viewing {}", a.recording.display()))
 }

@@ -14,6 +14,8 @@ mod session;
 mod stream;
 mod web_viewer;
 
+pub use web_viewer::view;
+
 use session::{create_session, read_request, start_session};
 
 use std::collections::{HashMap, VecDeque};

@@ -1,18 +1,23 @@
 //! rerun's web viewer, served by the binary from the files the pinned rerun release bundles
 //! (`/viewer/`, no token: they hold no data), and each session's recording as it is written
 //! (`/sessions/{id}/live.rrd`): the viewer opens that URL and shows the session live, since it
-//! decodes a recording as its bytes arrive.
+//! decodes a recording as its bytes arrive. [`view`] serves one recording file the same way
+//! (`streamrecon view`).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Redirect, Response};
+use axum::routing::get;
+use axum::Router;
 use tokio::io::AsyncReadExt;
 
-use super::{constant_time_eq, ApiError, Session, Shared};
+use super::{constant_time_eq, ApiError, Shared};
+use streamrecon_core::error::{Error, Result};
 
 /// How often a live recording's end is checked for new bytes.
 const POLL: Duration = Duration::from_millis(200);
@@ -99,7 +104,7 @@ pub(super) async fn live_recording(
         }
         tokio::time::sleep(POLL).await;
     };
-    let body = Body::from_stream(follow(file, s));
+    let body = Body::from_stream(follow(file, move || s.finished()));
     Ok((
         [
             (header::CONTENT_TYPE, "application/octet-stream"),
@@ -110,26 +115,110 @@ pub(super) async fn live_recording(
         .into_response())
 }
 
-/// The file's bytes as they come: at its end, waits for more while the session runs, and ends
-/// once the session has finished and a last read finds nothing new.
+/// The file's bytes as they come: at its end, waits for more until `finished` says the writer
+/// is done, and ends once a read after that finds nothing new.
 fn follow(
     file: tokio::fs::File,
-    session: Arc<Session>,
+    finished: impl Fn() -> bool + Send + 'static,
 ) -> impl futures_util::Stream<Item = std::io::Result<Bytes>> {
-    futures_util::stream::unfold(Some((file, session)), |state| async move {
-        let (mut file, session) = state?;
+    futures_util::stream::unfold(Some((file, finished)), |state| async move {
+        let (mut file, finished) = state?;
         loop {
-            let ended = session.finished();
+            let ended = finished();
             let mut buf = vec![0u8; CHUNK];
             match file.read(&mut buf).await {
                 Ok(0) if ended => return None,
                 Ok(0) => tokio::time::sleep(POLL).await,
                 Ok(n) => {
                     buf.truncate(n);
-                    return Some((Ok(Bytes::from(buf)), Some((file, session))));
+                    return Some((Ok(Bytes::from(buf)), Some((file, finished))));
                 }
                 Err(e) => return Some((Err(e), None)),
             }
         }
     })
+}
+
+/// Serves one recording in rerun's web viewer until `shutdown` resolves: `/` opens the viewer on
+/// it, `/recording.rrd` is the file as it is when asked for. No token: bind it to loopback (the
+/// default) unless the recording may be seen by anyone who can reach the address.
+///
+/// # Errors
+/// The recording is not a readable file, the build has no web viewer, or the address cannot be
+/// bound.
+pub fn view(
+    recording: &std::path::Path,
+    bind: SocketAddr,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let meta = std::fs::metadata(recording).map_err(|e| Error::io(recording, e))?;
+    if !meta.is_file() {
+        return Err(Error::format(recording, "not a recording file"));
+    }
+    if streamrecon_viewer::web_viewer_file("").is_none() {
+        return Err(Error::Invalid(
+            "this build has no web viewer (it was built without rerun)".into(),
+        ));
+    }
+    let path = Arc::new(recording.to_path_buf());
+    let rrd = get(move || {
+        let path = path.clone();
+        async move {
+            match tokio::fs::File::open(path.as_path()).await {
+                Ok(f) => (
+                    [(header::CONTENT_TYPE, "application/octet-stream")],
+                    Body::from_stream(follow(f, || true)),
+                )
+                    .into_response(),
+                Err(e) => ApiError(StatusCode::NOT_FOUND, format!("{}: {e}", path.display()))
+                    .into_response(),
+            }
+        }
+    });
+    let app = Router::new()
+        .route("/", get(open_viewer))
+        .route("/recording.rrd", rrd)
+        .route("/viewer", get(to_folder))
+        .route("/viewer/", get(index))
+        .route("/viewer/{file}", get(file));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("view")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the viewer's runtime: {e}")))?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(bind)
+            .await
+            .map_err(|e| Error::Invalid(format!("cannot listen on {bind}: {e}")))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        on_bound(addr);
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Error::Invalid(format!("viewer: {e}")))
+    })
+}
+
+/// `/`: the viewer opened on `/recording.rrd` of the address the browser used.
+async fn open_viewer(headers: HeaderMap) -> Redirect {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or("127.0.0.1");
+    let rrd = format!("http://{host}/recording.rrd");
+    let encoded: String = rrd
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    Redirect::temporary(&format!("/viewer/?url={encoded}"))
 }
