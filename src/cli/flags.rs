@@ -181,6 +181,11 @@ pub(super) struct EngineFlags {
     /// reprojection error, not the trajectory error, on our synthetic sequences; slower).
     #[arg(long)]
     bundle_adjust: bool,
+    /// Loop closure: recognise places seen again (ORB keyframes, verified by PnP) and correct
+    /// the trajectory files at the end with a Sim(3) pose graph; the online poses go to
+    /// trajectory_online.txt.
+    #[arg(long)]
+    loop_closure: bool,
     /// Model weights for `vggt` (.safetensors or the official .pth).
     #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
@@ -293,6 +298,7 @@ impl EngineFlags {
             preset: self.preset,
             geometry: self.geometry,
             bundle_adjust: self.bundle_adjust,
+            loop_closure: self.loop_closure,
             weights: self.weights.clone(),
             model_config: self.model_config.clone(),
             total_budget: self.total_budget,

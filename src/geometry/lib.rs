@@ -5,6 +5,7 @@
 
 mod cv;
 pub mod flowvo;
+pub mod loop_closure;
 pub mod novelty;
 pub mod stabilize;
 pub mod triangulate;

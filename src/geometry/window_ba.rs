@@ -59,7 +59,7 @@ struct Reprojection {
 }
 
 /// exp(ω)·p by Rodrigues' formula; first order near ω = 0 (exact value and derivative there).
-fn rotate<T: na::RealField>(w: &[T; 3], p: &[T; 3]) -> [T; 3] {
+pub(crate) fn rotate<T: na::RealField>(w: &[T; 3], p: &[T; 3]) -> [T; 3] {
     let cross = [
         w[1].clone() * p[2].clone() - w[2].clone() * p[1].clone(),
         w[2].clone() * p[0].clone() - w[0].clone() * p[2].clone(),

@@ -11,6 +11,7 @@ use streamrecon_flow::streamflow::{StreamFlowEngine, StreamFlowEngineConfig};
 use streamrecon_flow::videoflow::{VideoFlowEngine, VideoFlowEngineConfig};
 use streamrecon_flow::FlowEngine;
 use streamrecon_geometry::flowvo::{FlowVo, FlowVoConfig};
+use streamrecon_geometry::loop_closure::LoopClosureConfig;
 use streamrecon_geometry::stabilize::{StabilizeConfig, StabilizedEngine};
 use streamrecon_geometry::vggt::{VggtEngine, VggtEngineConfig};
 use streamrecon_geometry::GeometryEngine;
@@ -86,6 +87,8 @@ pub struct PipelineConfig {
     pub resume: Option<PathBuf>,
     /// Online trajectory stabilization of the geometry output (`None` = off).
     pub stabilize: Option<StabilizeConfig>,
+    /// Loop closure beside the stream, the trajectory files corrected at the end (`None` = off).
+    pub loop_closure: Option<LoopClosureConfig>,
     /// Per-frame results for a caller (the service); sent without blocking, dropped when full.
     #[serde(skip)]
     pub results: Option<Sender<FrameResult>>,
@@ -112,6 +115,7 @@ impl Default for PipelineConfig {
             resume: None,
             result_detail: ResultDetail::default(),
             stabilize: None,
+            loop_closure: None,
             results: None,
             counters: None,
         }

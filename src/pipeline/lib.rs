@@ -10,6 +10,7 @@
 pub mod calibration;
 pub mod config;
 pub mod fusion;
+pub mod loops;
 pub mod options;
 pub mod sinks;
 mod snapshot;
@@ -25,6 +26,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::bounded;
 
 use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::Pose;
 use streamrecon_core::stats::peak_rss_mib;
 use streamrecon_datasets::formats::depth::{depth_millimetres, surface_millimetres};
 use streamrecon_flow::FlowEngine;
@@ -207,6 +209,11 @@ pub fn run_with(
     // Fusion and the sinks on this thread.
     let mut fusion = Fusion::new(config.fusion.clone());
     let mut tally = RunTally::default();
+    let mut loops = config
+        .loop_closure
+        .as_ref()
+        .map(loops::LoopThread::start)
+        .transpose()?;
     let mut model_k = None;
     let mut sink_error: Option<Error> = None;
     let mut last_tick = Instant::now();
@@ -236,6 +243,9 @@ pub fn run_with(
         let g = &r.geometry;
         model_k.get_or_insert(g.intrinsics);
         let new_points = fusion.integrate(g, &r.frame.image);
+        if let Some(l) = &mut loops {
+            l.offer(&r.frame, g);
+        }
         let fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
         let t1 = Instant::now();
         // Depth shown and written only where it is confident (0 = unknown), in millimetres.
@@ -321,6 +331,19 @@ pub fn run_with(
             ));
         }
     }
+    let online: Vec<(u64, Pose)> = tally
+        .trajectory
+        .iter()
+        .filter(|t| t.stats.tracked)
+        .map(|t| (t.index, t.world_from_cam))
+        .collect();
+    let (corrected, loop_report) = match loops {
+        Some(l) => {
+            let (c, r) = l.finish(&online);
+            (c, Some(r))
+        }
+        None => (None, None),
+    };
     let t_cloud = Instant::now();
     let cloud = fusion.finished_cloud();
     log::debug!(
@@ -370,6 +393,7 @@ pub fn run_with(
             .filter(|t| t.stats.orientation_only)
             .count() as u64,
         model_memory: tally.model_memory.take(),
+        loop_closure: loop_report,
         stabilization: config.stabilize.as_ref().map(|_| tally.stabilization()),
         points: cloud.len(),
         points_evicted: fusion.evicted(),
@@ -394,6 +418,7 @@ pub fn run_with(
             summary: &summary,
             cloud: &cloud,
             intrinsics: report.as_ref(),
+            corrected_poses: corrected.as_deref(),
         };
         s.failed = false;
         s.call(&mut finish_error, |sink| sink.finish(&end));

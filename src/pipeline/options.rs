@@ -27,6 +27,7 @@ use streamrecon_models::vggt::memory::{
 use crate::config::{FlowChoice, GeometryChoice, PipelineConfig};
 use crate::fusion::FusionConfig;
 use crate::source::SourceOptions;
+use streamrecon_geometry::loop_closure::LoopClosureConfig;
 
 /// Flow engines by name.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -162,6 +163,11 @@ pub struct RunOptions {
     /// as the reference).
     pub camera_window: usize,
 
+    /// Loop closure: places seen again are recognised among keyframes and, at the end of the
+    /// run, a pose graph corrects the trajectory files (default false; the online poses go to
+    /// `trajectory_online.txt`).
+    pub loop_closure: bool,
+
     // Stabilisation.
     /// Online trajectory stabilisation of the output poses (default false).
     pub stabilize: bool,
@@ -226,6 +232,7 @@ impl Default for RunOptions {
             novelty_gamma: 0.2,
             model_dtype: DtypeName::F32,
             camera_window: DEFAULT_CAMERA_WINDOW,
+            loop_closure: false,
             stabilize: false,
             stabilize_latency: DEFAULT_LATENCY_FRAMES,
             stabilize_blend: DEFAULT_SMOOTHER_BLEND,
@@ -479,6 +486,7 @@ impl RunOptions {
             flow: self.flow_choice()?,
             geometry: self.geometry_choice()?,
             stabilize: self.stabilize_config(),
+            loop_closure: self.loop_closure.then(LoopClosureConfig::default),
             snapshot_every: self.snapshot_every,
             depth_every: self.depth_every,
             ..PipelineConfig::default()

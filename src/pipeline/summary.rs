@@ -151,6 +151,9 @@ pub struct RunSummary {
     /// Trajectory stabilization corrections (when on).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub stabilization: Option<StabilizeSummary>,
+    /// What loop closure found and did (`--loop-closure` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loop_closure: Option<crate::loops::LoopReport>,
     /// Model memory per frame (engines with a memory: `vggt`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model_memory: Option<MemorySummary>,

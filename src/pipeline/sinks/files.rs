@@ -236,18 +236,33 @@ impl RunOutputs {
     /// Writes every file that summarises the run, each attempted whatever happened to the
     /// others, `run.json` last with what the others did; says what was and was not written.
     /// `run.json` goes to the system's temporary folder when the output folder cannot take it.
+    /// `corrected`: poses after loop closure (frame index, world_from_cam) for the trajectory
+    /// files; the online ones then go to `trajectory_online.txt`.
     pub fn finish(
         &self,
         cloud: &PointCloud,
         intrinsics: Option<&IntrinsicsReport>,
         summary: &RunSummary,
+        corrected: Option<&[(u64, Pose)]>,
     ) -> OutputsReport {
-        let stamped = self.stamped();
+        let mut stamped = self.stamped();
         let mut report = OutputsReport {
             dir: self.dir.clone(),
             depth_maps: self.depth_written,
             ..OutputsReport::default()
         };
+        if let Some(c) = corrected {
+            report.note(
+                "trajectory_online.txt",
+                tum::write_tum(&self.dir.join("trajectory_online.txt"), &stamped),
+            );
+            let by_index: std::collections::HashMap<u64, Pose> = c.iter().copied().collect();
+            for (s, p) in stamped.iter_mut().zip(&self.poses) {
+                if let Some(q) = by_index.get(&p.index) {
+                    s.world_from_cam = *q;
+                }
+            }
+        }
         report.note(
             "trajectory.txt",
             tum::write_tum(&self.dir.join("trajectory.txt"), &stamped),
@@ -414,7 +429,9 @@ impl Sink for FilesSink {
         // Every result the engine made has been through the sinks: the last snapshot can take
         // over.
         PendingSnapshot::commit(&self.snapshot, u64::MAX, &self.outputs);
-        let report = self.outputs.finish(end.cloud, end.intrinsics, end.summary);
+        let report =
+            self.outputs
+                .finish(end.cloud, end.intrinsics, end.summary, end.corrected_poses);
         let missing = report.missing();
         if let Ok(mut slot) = self.report.lock() {
             *slot = Some(report);

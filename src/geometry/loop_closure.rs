@@ -1,0 +1,585 @@
+//! Loop closure over any geometry engine's output: places recognised among keyframes, verified
+//! geometrically, and a Sim(3) pose graph that spreads the correction over the trajectory.
+//!
+//! Every `keyframe_every`-th placed frame becomes a keyframe: a 32×24 grey thumbnail (zero mean,
+//! unit norm: the place descriptor), ORB features (OpenCV) and, where the engine gave depth, each
+//! feature's 3D point in the camera. A new keyframe is compared with the keyframes at least
+//! `min_separation` frames older: the `candidates` most similar thumbnails are matched by ORB
+//! descriptors (ratio test), and PnP + RANSAC of the old keyframe's points against the new
+//! keyframe's features must keep `min_inliers`. The depth of the new keyframe at the inliers gives
+//! the scale between the two maps (monocular maps drift in scale), so a loop is a Sim(3) edge.
+//!
+//! [`LoopCloser::correct`] solves the pose graph (tiny-solver, Levenberg–Marquardt): odometry
+//! edges between consecutive keyframes from the online poses, the loop edges, the first keyframe
+//! fixed. The database is capped at `max_keyframes` (every other old keyframe dropped when full,
+//! so coverage thins rather than ends).
+
+use std::collections::HashMap;
+
+use nalgebra::{Point3, Translation3, UnitQuaternion, Vector3};
+use opencv::core::{no_array, DMatch, KeyPoint, Mat, Ptr, Vector};
+use opencv::features2d::{BFMatcher, ORB_ScoreType, ORB};
+use opencv::prelude::*;
+use serde::{Deserialize, Serialize};
+use tiny_solver::factors::{na, Factor};
+use tiny_solver::optimizer::{Optimizer, OptimizerOptions};
+use tiny_solver::{LevenbergMarquardtOptimizer, Problem};
+
+use crate::window_ba::rotate;
+use streamrecon_core::error::Result;
+use streamrecon_core::frame::{Intrinsics, Pose, RgbImage};
+
+const THUMB_W: i32 = 32;
+const THUMB_H: i32 = 24;
+const FAST_THRESHOLD: i32 = 5;
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct LoopClosureConfig {
+    /// Every this many placed frames is a keyframe.
+    pub keyframe_every: u64,
+    /// A loop joins keyframes at least this many frames apart.
+    pub min_separation: u64,
+    /// Keyframes kept for place recognition.
+    pub max_keyframes: usize,
+    /// Most similar thumbnails verified per keyframe.
+    pub candidates: usize,
+    /// PnP inliers a loop needs.
+    pub min_inliers: usize,
+    /// Thumbnail similarity (cosine of the zero-mean thumbnails) a candidate needs.
+    pub min_similarity: f32,
+    pub orb_features: i32,
+}
+
+impl Default for LoopClosureConfig {
+    fn default() -> Self {
+        Self {
+            keyframe_every: 10,
+            min_separation: 100,
+            max_keyframes: 2000,
+            candidates: 3,
+            min_inliers: 60,
+            min_similarity: 0.6,
+            orb_features: 1000,
+        }
+    }
+}
+
+/// A similarity transform `x ↦ s·R·x + t`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Sim3 {
+    pub scale: f64,
+    pub rotation: UnitQuaternion<f64>,
+    pub translation: Vector3<f64>,
+}
+
+impl Sim3 {
+    pub fn from_pose(p: &Pose) -> Self {
+        Self {
+            scale: 1.0,
+            rotation: p.rotation,
+            translation: p.translation.vector,
+        }
+    }
+
+    pub fn apply(&self, x: &Vector3<f64>) -> Vector3<f64> {
+        self.rotation * x * self.scale + self.translation
+    }
+
+    pub fn compose(&self, o: &Self) -> Self {
+        Self {
+            scale: self.scale * o.scale,
+            rotation: self.rotation * o.rotation,
+            translation: self.apply(&o.translation),
+        }
+    }
+
+    pub fn inverse(&self) -> Self {
+        let r = self.rotation.inverse();
+        Self {
+            scale: 1.0 / self.scale,
+            rotation: r,
+            translation: -(r * self.translation) / self.scale,
+        }
+    }
+
+    /// The camera pose this maps to: a camera at `apply(0)` turned by the rotation (the scale
+    /// only stretches the camera's own coordinates).
+    pub fn pose(&self) -> Pose {
+        Pose::from_parts(Translation3::from(self.translation), self.rotation)
+    }
+
+    /// `self` moved `f` of the way to `o` (scale in log space, rotation by slerp).
+    fn lerp(&self, o: &Self, f: f64) -> Self {
+        Self {
+            scale: (self.scale.ln() * (1.0 - f) + o.scale.ln() * f).exp(),
+            rotation: self.rotation.slerp(&o.rotation, f),
+            translation: self.translation * (1.0 - f) + o.translation * f,
+        }
+    }
+}
+
+/// A verified loop: keyframe `older`'s camera from keyframe `newer`'s (with the scale between
+/// their maps).
+#[derive(Debug, Clone, Copy)]
+pub struct LoopEdge {
+    pub older: u64,
+    pub newer: u64,
+    pub older_from_newer: Sim3,
+    pub inliers: usize,
+}
+
+struct Keyframe {
+    index: u64,
+    world_from_cam: Pose,
+    thumb: Vec<f32>,
+    pixels: Vec<(f32, f32)>,
+    descriptors: Mat,
+    /// Each feature's point in the camera, where the depth is known.
+    points: Vec<Option<Point3<f64>>>,
+    intrinsics: Intrinsics,
+}
+
+pub struct LoopCloser {
+    cfg: LoopClosureConfig,
+    keyframes: Vec<Keyframe>,
+    edges: Vec<LoopEdge>,
+    orb: Ptr<ORB>,
+    matcher: Ptr<BFMatcher>,
+}
+
+impl LoopCloser {
+    /// # Errors
+    /// OpenCV cannot make the feature detector.
+    pub fn new(cfg: LoopClosureConfig) -> Result<Self> {
+        let orb = ORB::create(
+            cfg.orb_features,
+            1.2,
+            8,
+            31,
+            0,
+            2,
+            ORB_ScoreType::HARRIS_SCORE,
+            31,
+            // Low: smooth surfaces (our synthetic world, indoor walls) give few corners at
+            // OpenCV's default of 20.
+            FAST_THRESHOLD,
+        )?;
+        Ok(Self {
+            cfg,
+            keyframes: Vec::new(),
+            edges: Vec::new(),
+            orb,
+            matcher: BFMatcher::create(opencv::core::NORM_HAMMING, false)?,
+        })
+    }
+
+    /// Loops found so far.
+    pub fn loops(&self) -> &[LoopEdge] {
+        &self.edges
+    }
+
+    /// Keyframes held now.
+    pub fn keyframes(&self) -> usize {
+        self.keyframes.len()
+    }
+
+    pub fn config(&self) -> &LoopClosureConfig {
+        &self.cfg
+    }
+
+    /// A keyframe: a frame the engine placed (callers pick every `keyframe_every`-th), with its
+    /// `depth` (camera z, row-major at `intrinsics`' size, 0 = unknown) as the engine gave it.
+    /// Returns the loop it closed, if any.
+    ///
+    /// # Errors
+    /// OpenCV failures.
+    pub fn observe(
+        &mut self,
+        index: u64,
+        image: &RgbImage,
+        world_from_cam: &Pose,
+        intrinsics: &Intrinsics,
+        depth: Option<&[f32]>,
+    ) -> Result<Option<LoopEdge>> {
+        let kf = self.keyframe(index, image, world_from_cam, intrinsics, depth)?;
+        let edge = self.find_loop(&kf)?;
+        if let Some(e) = edge {
+            self.edges.push(e);
+        }
+        if self.keyframes.len() >= self.cfg.max_keyframes {
+            // Thin the older half: every other one goes.
+            let half = self.keyframes.len() / 2;
+            let mut i = 0;
+            self.keyframes.retain(|_| {
+                i += 1;
+                i > half || i % 2 == 0
+            });
+        }
+        self.keyframes.push(kf);
+        Ok(edge)
+    }
+
+    fn keyframe(
+        &mut self,
+        index: u64,
+        image: &RgbImage,
+        world_from_cam: &Pose,
+        k: &Intrinsics,
+        depth: Option<&[f32]>,
+    ) -> Result<Keyframe> {
+        let rgb = Mat::new_rows_cols_with_bytes::<opencv::core::Vec3b>(
+            image.height() as i32,
+            image.width() as i32,
+            image.as_raw(),
+        )?;
+        let mut grey = Mat::default();
+        opencv::imgproc::cvt_color_def(&rgb, &mut grey, opencv::imgproc::COLOR_RGB2GRAY)?;
+        // Features at the engine's resolution, where its depth and intrinsics are.
+        if (grey.cols(), grey.rows()) != (k.width as i32, k.height as i32) {
+            let mut resized = Mat::default();
+            opencv::imgproc::resize(
+                &grey,
+                &mut resized,
+                opencv::core::Size::new(k.width as i32, k.height as i32),
+                0.0,
+                0.0,
+                opencv::imgproc::INTER_AREA,
+            )?;
+            grey = resized;
+        }
+        let mut small = Mat::default();
+        opencv::imgproc::resize(
+            &grey,
+            &mut small,
+            opencv::core::Size::new(THUMB_W, THUMB_H),
+            0.0,
+            0.0,
+            opencv::imgproc::INTER_AREA,
+        )?;
+        let mut thumb: Vec<f32> = small.data_bytes()?.iter().map(|&v| f32::from(v)).collect();
+        let mean = thumb.iter().sum::<f32>() / thumb.len() as f32;
+        for v in &mut thumb {
+            *v -= mean;
+        }
+        let norm = thumb.iter().map(|v| v * v).sum::<f32>().sqrt().max(1e-6);
+        for v in &mut thumb {
+            *v /= norm;
+        }
+        // Features on the contrast-equalised image: the same place under another exposure.
+        let mut equalised = Mat::default();
+        opencv::imgproc::equalize_hist(&grey, &mut equalised)?;
+        let mut keypoints = Vector::<KeyPoint>::new();
+        let mut descriptors = Mat::default();
+        self.orb.detect_and_compute(
+            &equalised,
+            &no_array(),
+            &mut keypoints,
+            &mut descriptors,
+            false,
+        )?;
+        let pixels: Vec<(f32, f32)> = keypoints.iter().map(|p| (p.pt().x, p.pt().y)).collect();
+        let points = pixels
+            .iter()
+            .map(|&(x, y)| {
+                let d = depth?;
+                let (u, v) = (x.round() as usize, y.round() as usize);
+                let z = *d.get(v * k.width as usize + u)?;
+                (z.is_finite() && z > 0.0)
+                    .then(|| k.unproject(f64::from(x), f64::from(y), f64::from(z)))
+            })
+            .collect();
+        Ok(Keyframe {
+            index,
+            world_from_cam: *world_from_cam,
+            thumb,
+            pixels,
+            descriptors,
+            points,
+            intrinsics: *k,
+        })
+    }
+
+    fn find_loop(&self, kf: &Keyframe) -> Result<Option<LoopEdge>> {
+        log::debug!(
+            "keyframe {}: {} features, {} with depth",
+            kf.index,
+            kf.descriptors.rows(),
+            kf.points.iter().flatten().count()
+        );
+        if kf.descriptors.rows() < self.cfg.min_inliers as i32 {
+            return Ok(None);
+        }
+        let mut scored: Vec<(f32, usize)> = self
+            .keyframes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| o.index + self.cfg.min_separation <= kf.index)
+            .map(|(i, o)| (dot(&o.thumb, &kf.thumb), i))
+            .filter(|(s, _)| *s >= self.cfg.min_similarity)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        log::debug!(
+            "keyframe {}: {} candidates over the similarity bar, best {:?}",
+            kf.index,
+            scored.len(),
+            scored.first().map(|&(s, i)| (s, self.keyframes[i].index))
+        );
+        let mut best: Option<LoopEdge> = None;
+        for &(_, i) in scored.iter().take(self.cfg.candidates) {
+            if let Some(e) = self.verify(&self.keyframes[i], kf)? {
+                if best.is_none_or(|b| e.inliers > b.inliers) {
+                    best = Some(e);
+                }
+            }
+        }
+        Ok(best)
+    }
+
+    /// PnP of `old`'s 3D features against `new`'s matched pixels; the scale from `new`'s depth.
+    fn verify(&self, old: &Keyframe, new: &Keyframe) -> Result<Option<LoopEdge>> {
+        if old.descriptors.rows() < 2 {
+            return Ok(None);
+        }
+        let mut knn = Vector::<Vector<DMatch>>::new();
+        self.matcher.knn_train_match(
+            &new.descriptors,
+            &old.descriptors,
+            &mut knn,
+            2,
+            &no_array(),
+            false,
+        )?;
+        let (mut world, mut pixels, mut new_idx) = (Vec::new(), Vec::new(), Vec::new());
+        for m in &knn {
+            if m.len() < 2 {
+                continue;
+            }
+            let (a, b) = (m.get(0)?, m.get(1)?);
+            if a.distance > 0.8 * b.distance {
+                continue;
+            }
+            let Some(Some(p)) = old.points.get(a.train_idx as usize) else {
+                continue;
+            };
+            world.push(*p);
+            pixels.push(new.pixels[a.query_idx as usize]);
+            new_idx.push(a.query_idx as usize);
+        }
+        log::debug!(
+            "keyframe {} against {}: {} matches with depth",
+            new.index,
+            old.index,
+            world.len()
+        );
+        if world.len() < self.cfg.min_inliers {
+            return Ok(None);
+        }
+        let Some((new_from_old, inliers)) =
+            crate::cv::pnp_ransac(&world, &pixels, &new.intrinsics, None, 3.0)?
+        else {
+            return Ok(None);
+        };
+        log::debug!("  PnP inliers {}", inliers.len());
+        if inliers.len() < self.cfg.min_inliers {
+            return Ok(None);
+        }
+        // Scale: the new map's depth of the inliers over the depth PnP puts them at.
+        let mut ratios: Vec<f64> = inliers
+            .iter()
+            .filter_map(|&i| {
+                let z_pnp = (new_from_old * world[i]).z;
+                let z_new = new.points[new_idx[i]]?.z;
+                (z_pnp > 1e-9).then(|| z_new / z_pnp)
+            })
+            .collect();
+        if ratios.len() < self.cfg.min_inliers / 2 {
+            return Ok(None);
+        }
+        ratios.sort_by(f64::total_cmp);
+        let r = ratios[ratios.len() / 2];
+        // x_new (new units) = r · new_from_old(x_old); so older_from_newer = new_from_old⁻¹ ∘ (1/r).
+        let rigid = Sim3::from_pose(&new_from_old.inverse());
+        let older_from_newer = Sim3 {
+            scale: 1.0 / r,
+            ..rigid
+        };
+        Ok(Some(LoopEdge {
+            older: old.index,
+            newer: new.index,
+            older_from_newer,
+            inliers: inliers.len(),
+        }))
+    }
+
+    /// The trajectory corrected by the pose graph: `online` (frame index, world_from_cam) in
+    /// frame order; each frame moved as its neighbouring keyframes were, blended by position.
+    /// `None` without loops, or when the solver fails.
+    pub fn correct(&self, online: &[(u64, Pose)]) -> Option<Vec<(u64, Pose)>> {
+        if self.edges.is_empty() || self.keyframes.len() < 2 {
+            return None;
+        }
+        let kfs = &self.keyframes;
+        let slot: HashMap<u64, usize> = kfs.iter().enumerate().map(|(i, k)| (k.index, i)).collect();
+        let name = |i: usize| format!("k{i}");
+        let mut problem = Problem::new();
+        let initial: Vec<Sim3> = kfs
+            .iter()
+            .map(|k| Sim3::from_pose(&k.world_from_cam))
+            .collect();
+        let add = |i: usize, j: usize, z: Sim3, problem: &mut Problem| {
+            let factor = Between {
+                older_from_newer_online: initial[i].inverse().compose(&initial[j]),
+                measured: z,
+                free: [i != 0, j != 0],
+            };
+            let vars: Vec<String> = [i, j].into_iter().filter(|&k| k != 0).map(name).collect();
+            let refs: Vec<&str> = vars.iter().map(String::as_str).collect();
+            problem.add_residual_block(12, &refs, Box::new(factor), None);
+        };
+        for i in 1..kfs.len() {
+            let z = initial[i - 1].inverse().compose(&initial[i]);
+            add(i - 1, i, z, &mut problem);
+        }
+        for e in &self.edges {
+            if let (Some(&i), Some(&j)) = (slot.get(&e.older), slot.get(&e.newer)) {
+                add(i, j, e.older_from_newer, &mut problem);
+            }
+        }
+        let values: HashMap<String, na::DVector<f64>> = (1..kfs.len())
+            .map(|i| (name(i), na::DVector::zeros(7)))
+            .collect();
+        let options = OptimizerOptions {
+            max_iteration: 50,
+            ..OptimizerOptions::default()
+        };
+        let solved =
+            LevenbergMarquardtOptimizer::default().optimize(&problem, &values, Some(options))?;
+        // Keyframe k's correction: the map from its online world to the corrected one.
+        let corrections: Vec<Sim3> = (0..kfs.len())
+            .map(|i| {
+                let d = if i == 0 {
+                    None
+                } else {
+                    solved
+                        .get(&name(i))
+                        .filter(|d| d.iter().all(|v| v.is_finite()))
+                };
+                let delta = d.map_or(
+                    Sim3 {
+                        scale: 1.0,
+                        rotation: UnitQuaternion::identity(),
+                        translation: Vector3::zeros(),
+                    },
+                    |d| Sim3 {
+                        scale: d[6].exp(),
+                        rotation: UnitQuaternion::from_scaled_axis(Vector3::new(d[0], d[1], d[2])),
+                        translation: Vector3::new(d[3], d[4], d[5]),
+                    },
+                );
+                initial[i].compose(&delta).compose(&initial[i].inverse())
+            })
+            .collect();
+        let at: Vec<u64> = kfs.iter().map(|k| k.index).collect();
+        Some(
+            online
+                .iter()
+                .map(|&(index, pose)| {
+                    let c = match at.partition_point(|&k| k <= index) {
+                        0 => corrections[0],
+                        n if n == at.len() => corrections[n - 1],
+                        n => {
+                            let (a, b) = (at[n - 1], at[n]);
+                            let f = (index - a) as f64 / (b - a) as f64;
+                            corrections[n - 1].lerp(&corrections[n], f)
+                        }
+                    };
+                    (index, c.compose(&Sim3::from_pose(&pose)).pose())
+                })
+                .collect(),
+        )
+    }
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+/// A pose-graph edge between keyframes i (older) and j (newer), whose poses are their online
+/// ones moved by perturbations D = (ω, v, σ): S = S⁰ ∘ D. The residual compares where the
+/// measured relative transform and the graph's put four reference points (the origin and the
+/// unit axes, about the scene's depth in map units), in i's online camera:
+/// A(D_j(p)) − D_i(Z(p)), with A = (S_i⁰)⁻¹ S_j⁰.
+struct Between {
+    older_from_newer_online: Sim3,
+    measured: Sim3,
+    /// Whether i's and j's perturbations are parameters (the first keyframe is fixed).
+    free: [bool; 2],
+}
+
+impl<T: na::RealField> Factor<T> for Between {
+    fn residual_func(&self, params: &[na::DVector<T>]) -> na::DVector<T> {
+        let f = |v: f64| T::from_f64(v).expect("f64 constant");
+        let mut it = params.iter();
+        let di = if self.free[0] { it.next() } else { None };
+        let dj = if self.free[1] { it.next() } else { None };
+        let perturb = |d: Option<&na::DVector<T>>, p: [T; 3]| -> [T; 3] {
+            let Some(d) = d else { return p };
+            let s = d[6].clone().exp();
+            let r = rotate(&[d[0].clone(), d[1].clone(), d[2].clone()], &p);
+            [
+                r[0].clone() * s.clone() + d[3].clone(),
+                r[1].clone() * s.clone() + d[4].clone(),
+                r[2].clone() * s + d[5].clone(),
+            ]
+        };
+        let constant = |t: &Sim3, p: [T; 3]| -> [T; 3] {
+            let m = t.rotation.to_rotation_matrix();
+            let m = m.matrix();
+            std::array::from_fn(|r| {
+                (f(m[(r, 0)]) * p[0].clone()
+                    + f(m[(r, 1)]) * p[1].clone()
+                    + f(m[(r, 2)]) * p[2].clone())
+                    * f(t.scale)
+                    + f(t.translation[r])
+            })
+        };
+        let mut out = Vec::with_capacity(12);
+        for k in 0..4 {
+            let p: [T; 3] = std::array::from_fn(|a| {
+                if k > 0 && a == k - 1 {
+                    T::one()
+                } else {
+                    T::zero()
+                }
+            });
+            let lhs = constant(&self.older_from_newer_online, perturb(dj, p.clone()));
+            let rhs = perturb(di, constant(&self.measured, p));
+            for a in 0..3 {
+                out.push(lhs[a].clone() - rhs[a].clone());
+            }
+        }
+        na::DVector::from_vec(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sim3_algebra_inverts_and_composes() {
+        let a = Sim3 {
+            scale: 1.7,
+            rotation: UnitQuaternion::from_euler_angles(0.3, -0.2, 1.1),
+            translation: Vector3::new(1.0, -2.0, 0.5),
+        };
+        let b = Sim3 {
+            scale: 0.6,
+            rotation: UnitQuaternion::from_euler_angles(-0.4, 0.1, 0.2),
+            translation: Vector3::new(0.2, 0.3, -1.0),
+        };
+        let x = Vector3::new(0.3, 0.7, -0.2);
+        assert!((a.inverse().apply(&a.apply(&x)) - x).norm() < 1e-12);
+        assert!((a.compose(&b).apply(&x) - a.apply(&b.apply(&x))).norm() < 1e-12);
+    }
+}

@@ -1,0 +1,137 @@
+//! Loop closure beside the stream (`--loop-closure`): keyframes go to a thread of their own
+//! ("loops") through a bounded channel, so place recognition never delays a frame (a keyframe
+//! that finds the thread busy is skipped and counted); at the end of the run the pose graph
+//! corrects the trajectory ([`streamrecon_geometry::loop_closure`]).
+
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{bounded, Sender, TrySendError};
+use serde::Serialize;
+
+use streamrecon_core::error::{Error, Result};
+use streamrecon_core::frame::{Frame, Intrinsics, Pose, RgbImage};
+use streamrecon_geometry::loop_closure::{LoopCloser, LoopClosureConfig};
+use streamrecon_geometry::FrameGeometry;
+
+/// What loop closure did (run.json's `loop_closure`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct LoopReport {
+    pub keyframes: u64,
+    /// Keyframes not looked at because the thread was still busy with an earlier one.
+    pub keyframes_skipped: u64,
+    pub loop_closures: usize,
+    /// Frame pairs of the loops found, with their PnP inliers.
+    pub loops: Vec<(u64, u64, usize)>,
+    /// Whether the trajectory files hold the pose graph's corrected poses.
+    pub corrected: bool,
+}
+
+struct KeyframeIn {
+    index: u64,
+    image: RgbImage,
+    world_from_cam: Pose,
+    intrinsics: Intrinsics,
+    depth: Option<Vec<f32>>,
+}
+
+pub(crate) struct LoopThread {
+    tx: Option<Sender<KeyframeIn>>,
+    handle: JoinHandle<Result<LoopCloser>>,
+    every: u64,
+    placed: u64,
+    report: LoopReport,
+}
+
+impl LoopThread {
+    /// # Errors
+    /// The thread or the feature detector cannot be made.
+    pub(crate) fn start(cfg: &LoopClosureConfig) -> Result<Self> {
+        let mut closer = LoopCloser::new(cfg.clone())?;
+        let (tx, rx) = bounded::<KeyframeIn>(2);
+        let handle = std::thread::Builder::new()
+            .name("loops".into())
+            .spawn(move || {
+                for k in rx {
+                    if let Some(e) = closer.observe(
+                        k.index,
+                        &k.image,
+                        &k.world_from_cam,
+                        &k.intrinsics,
+                        k.depth.as_deref(),
+                    )? {
+                        log::info!(
+                            "loop: frame {} sees frame {} again ({} inliers, scale {:.3})",
+                            e.newer,
+                            e.older,
+                            e.inliers,
+                            e.older_from_newer.scale
+                        );
+                    }
+                }
+                Ok(closer)
+            })
+            .map_err(|e| Error::Invalid(format!("cannot start the loop-closure thread: {e}")))?;
+        Ok(Self {
+            tx: Some(tx),
+            handle,
+            every: cfg.keyframe_every.max(1),
+            placed: 0,
+            report: LoopReport::default(),
+        })
+    }
+
+    /// A processed frame: every `keyframe_every`-th one the engine placed goes to the thread.
+    pub(crate) fn offer(&mut self, frame: &Frame, g: &FrameGeometry) {
+        if !g.stats.tracked {
+            return;
+        }
+        self.placed += 1;
+        if !(self.placed - 1).is_multiple_of(self.every) {
+            return;
+        }
+        let Some(tx) = &self.tx else { return };
+        let k = KeyframeIn {
+            index: g.index,
+            image: frame.image.clone(),
+            world_from_cam: g.world_from_cam,
+            intrinsics: g.intrinsics,
+            depth: g.depth.clone(),
+        };
+        match tx.try_send(k) {
+            Ok(()) => self.report.keyframes += 1,
+            Err(TrySendError::Full(_)) => self.report.keyframes_skipped += 1,
+            // The thread ended on an error; `finish` reports it.
+            Err(TrySendError::Disconnected(_)) => self.tx = None,
+        }
+    }
+
+    /// Waits for the thread and corrects `online` (frame index, world_from_cam, in order) when
+    /// loops were found.
+    pub(crate) fn finish(
+        mut self,
+        online: &[(u64, Pose)],
+    ) -> (Option<Vec<(u64, Pose)>>, LoopReport) {
+        self.tx = None;
+        let mut report = self.report;
+        let closer = match self.handle.join() {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                log::warn!("loop closure stopped: {e}");
+                return (None, report);
+            }
+            Err(_) => {
+                log::warn!("loop closure panicked; the online trajectory stands");
+                return (None, report);
+            }
+        };
+        report.loop_closures = closer.loops().len();
+        report.loops = closer
+            .loops()
+            .iter()
+            .map(|e| (e.older, e.newer, e.inliers))
+            .collect();
+        let corrected = closer.correct(online);
+        report.corrected = corrected.is_some();
+        (corrected, report)
+    }
+}

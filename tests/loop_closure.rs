@@ -1,0 +1,63 @@
+//! Loop closure (`--loop-closure`) on a synthetic camera that circles the room twice: the second
+//! lap recognises the first, and the pose graph's trajectory is much closer to the ground truth
+//! than the online one, which stays in `trajectory_online.txt`.
+
+mod common;
+
+use std::path::Path;
+
+use streamrecon::datasets::formats::tum;
+use streamrecon::datasets::synth::TrajectoryKind;
+use streamrecon::eval::pose::{associate, pose_metrics, MAX_TIME_DIFF};
+
+fn ate(seq: &Path, trajectory: &Path) -> f64 {
+    let gt = tum::read_tum(&seq.join("poses.txt")).unwrap();
+    let est = tum::read_tum(trajectory).unwrap();
+    let (g, e) = associate(&gt, &est, MAX_TIME_DIFF).unwrap();
+    pose_metrics(&g, &e, 1).unwrap().ate_rmse
+}
+
+#[test]
+fn a_second_lap_closes_the_loop_and_corrects_the_drift() {
+    let dir = tempfile::tempdir().unwrap();
+    // Two laps of 300 frames.
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Loop,
+        600,
+        320,
+        240,
+        1,
+    );
+    let out = dir.path().join("out");
+    let o = common::bin()
+        .args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .arg("--loop-closure")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let run: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let lc = &run["loop_closure"];
+    assert!(lc["loop_closures"].as_u64().unwrap() >= 1, "{lc}");
+    assert_eq!(lc["corrected"], true, "{lc}");
+    // Every loop joins a frame of the second lap with its place on the first (300 frames back,
+    // give or take a keyframe).
+    for l in lc["loops"].as_array().unwrap() {
+        let (older, newer) = (l[0].as_i64().unwrap(), l[1].as_i64().unwrap());
+        assert!((newer - older - 300).abs() <= 20, "a false loop: {l}");
+    }
+    let online = ate(&seq, &out.join("trajectory_online.txt"));
+    let corrected = ate(&seq, &out.join("trajectory.txt"));
+    eprintln!("ATE RMSE online {online:.4}, after loop closure {corrected:.4}");
+    assert!(
+        corrected < 0.5 * online,
+        "online {online}, corrected {corrected}"
+    );
+    // The corrected trajectory has a row for every frame the online one has.
+    let rows = |p: &Path| tum::read_tum(p).unwrap().len();
+    assert_eq!(
+        rows(&out.join("trajectory.txt")),
+        rows(&out.join("trajectory_online.txt"))
+    );
+}
