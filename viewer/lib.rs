@@ -26,6 +26,8 @@ pub mod paths {
     /// The fused map, overwritten each time it is logged (the recording stays bounded).
     pub const MAP: &str = "world/map";
     pub const TRAJECTORY: &str = "world/trajectory";
+    /// The trajectory after loop closure (logged at the end, beside the online one).
+    pub const TRAJECTORY_CORRECTED: &str = "world/trajectory_corrected";
     pub const PLOT_FPS: &str = "plot/fps";
     pub const PLOT_LATENCY: &str = "plot/latency_ms";
     pub const PLOT_MEMORY: &str = "plot/memory_mb";

@@ -38,6 +38,10 @@ impl Viewer {
 
     /// # Errors
     /// Never.
+    pub fn log_corrected_trajectory(&self, _centres: &[[f32; 3]]) -> Result<()> {
+        Ok(())
+    }
+
     pub fn log_map(
         &self,
         _points: &[[f32; 3]],

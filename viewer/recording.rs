@@ -277,6 +277,19 @@ impl Viewer {
         Ok(())
     }
 
+    /// Logs the trajectory after loop closure as its own strip (camera centres), green, beside
+    /// the online one.
+    ///
+    /// # Errors
+    /// The recording stream refuses the data.
+    pub fn log_corrected_trajectory(&self, centres: &[[f32; 3]]) -> Result<()> {
+        let strip = rerun::LineStrips3D::new([centres.to_vec()])
+            .with_colors([rerun::Color::from_rgb(40, 200, 90)]);
+        self.rec
+            .log(paths::TRAJECTORY_CORRECTED, &strip)
+            .map_err(rr)
+    }
+
     /// Logs a scalar plot value at the current time.
     ///
     /// # Errors

@@ -118,6 +118,15 @@ impl Sim3 {
     }
 }
 
+/// One frame after loop closure.
+#[derive(Debug, Clone, Copy)]
+pub struct Corrected {
+    pub index: u64,
+    pub world_from_cam: Pose,
+    /// The online world to the corrected one, around this frame: what its points follow.
+    pub correction: Sim3,
+}
+
 /// A verified loop: keyframe `older`'s camera from keyframe `newer`'s (with the scale between
 /// their maps).
 #[derive(Debug, Clone, Copy)]
@@ -411,10 +420,11 @@ impl LoopCloser {
         }))
     }
 
-    /// The trajectory corrected by the pose graph: `online` (frame index, world_from_cam) in
-    /// frame order; each frame moved as its neighbouring keyframes were, blended by position.
-    /// `None` without loops, or when the solver fails.
-    pub fn correct(&self, online: &[(u64, Pose)]) -> Option<Vec<(u64, Pose)>> {
+    /// The trajectory corrected by the pose graph: for each of `online` (frame index,
+    /// world_from_cam, in frame order) the map from its online world to the corrected one (its
+    /// neighbouring keyframes' corrections blended by position) and its corrected pose. `None`
+    /// without loops, or when the solver fails.
+    pub fn correct(&self, online: &[(u64, Pose)]) -> Option<Vec<Corrected>> {
         if self.edges.is_empty() || self.keyframes.len() < 2 {
             return None;
         }
@@ -493,7 +503,11 @@ impl LoopCloser {
                             corrections[n - 1].lerp(&corrections[n], f)
                         }
                     };
-                    (index, c.compose(&Sim3::from_pose(&pose)).pose())
+                    Corrected {
+                        index,
+                        world_from_cam: c.compose(&Sim3::from_pose(&pose)).pose(),
+                        correction: c,
+                    }
                 })
                 .collect(),
         )

@@ -246,10 +246,19 @@ impl Fusion {
 
     /// The current cloud (sorted by voxel for deterministic output), with confidence = weight.
     pub fn cloud(&self) -> PointCloud {
+        self.cloud_moved(None)
+    }
+
+    /// [`Self::cloud`] with each point moved by `moved(frame, point)`, `frame` the last frame
+    /// that saw its voxel (wrapped to 32 bits).
+    fn cloud_moved(&self, moved: Option<&dyn Fn(u32, [f32; 3]) -> [f32; 3]>) -> PointCloud {
         let mut entries: Vec<(&[i32; 3], &Voxel)> = self.voxels.iter().collect();
         entries.sort_unstable_by_key(|(k, _)| **k);
         PointCloud {
-            points: entries.iter().map(|(_, v)| v.pos).collect(),
+            points: entries
+                .iter()
+                .map(|(_, v)| moved.map_or(v.pos, |m| m(v.last_seen, v.pos)))
+                .collect(),
             colors: Some(
                 entries
                     .iter()
@@ -270,8 +279,17 @@ impl Fusion {
     /// The final cloud: outliers removed and normals estimated, from one k-nearest-neighbour
     /// query per point (see [`without_outliers_with_normals`]).
     pub fn finished_cloud(&self) -> PointCloud {
+        self.finished_cloud_moved(None)
+    }
+
+    /// [`Self::finished_cloud`] of the points moved by `moved(frame, point)` first (loop
+    /// closure's corrections: each point follows the last frame that saw it).
+    pub fn finished_cloud_moved(
+        &self,
+        moved: Option<&dyn Fn(u32, [f32; 3]) -> [f32; 3]>,
+    ) -> PointCloud {
         without_outliers_with_normals(
-            &self.cloud(),
+            &self.cloud_moved(moved),
             self.config.neighbours,
             self.config.outlier_std_ratio,
         )

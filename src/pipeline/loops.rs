@@ -10,7 +10,7 @@ use serde::Serialize;
 
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{Frame, Intrinsics, Pose, RgbImage};
-use streamrecon_geometry::loop_closure::{LoopCloser, LoopClosureConfig};
+use streamrecon_geometry::loop_closure::{Corrected, LoopCloser, LoopClosureConfig};
 use streamrecon_geometry::FrameGeometry;
 
 /// What loop closure did (run.json's `loop_closure`).
@@ -107,10 +107,7 @@ impl LoopThread {
 
     /// Waits for the thread and corrects `online` (frame index, world_from_cam, in order) when
     /// loops were found.
-    pub(crate) fn finish(
-        mut self,
-        online: &[(u64, Pose)],
-    ) -> (Option<Vec<(u64, Pose)>>, LoopReport) {
+    pub(crate) fn finish(mut self, online: &[(u64, Pose)]) -> (Option<Vec<Corrected>>, LoopReport) {
         self.tx = None;
         let mut report = self.report;
         let closer = match self.handle.join() {

@@ -150,6 +150,16 @@ impl Sink for RerunSink {
             self.viewer
                 .log_map(&every(&c.points, step), &colors, normals.as_deref())?;
         }
+        if let Some(poses) = end.corrected_poses {
+            let centres: Vec<[f32; 3]> = poses
+                .iter()
+                .map(|(_, p)| {
+                    let c = p.translation.vector;
+                    [c.x as f32, c.y as f32, c.z as f32]
+                })
+                .collect();
+            self.viewer.log_corrected_trajectory(&centres)?;
+        }
         self.viewer.finish()
     }
 }
