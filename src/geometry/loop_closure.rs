@@ -32,6 +32,9 @@ use streamrecon_core::frame::{Intrinsics, Pose, RgbImage};
 const THUMB_W: i32 = 32;
 const THUMB_H: i32 = 24;
 const FAST_THRESHOLD: i32 = 5;
+/// Weight of the odometry edge between the last keyframe of a map segment and the first of the
+/// next, against 1 for the others.
+const SEGMENT_JOIN_WEIGHT: f64 = 0.01;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoopClosureConfig {
@@ -139,6 +142,7 @@ pub struct LoopEdge {
 
 struct Keyframe {
     index: u64,
+    segment: u32,
     world_from_cam: Pose,
     thumb: Vec<f32>,
     pixels: Vec<(f32, f32)>,
@@ -192,6 +196,36 @@ impl LoopCloser {
         self.keyframes.len()
     }
 
+    /// Map segments among the keyframes once loops join them: segments a chain of loops links
+    /// count as one.
+    pub fn segments_after_loops(&self) -> usize {
+        fn root(p: &mut HashMap<u32, u32>, s: u32) -> u32 {
+            let mut r = s;
+            while p[&r] != r {
+                r = p[&r];
+            }
+            p.insert(s, r);
+            r
+        }
+        let segment_of: HashMap<u64, u32> = self
+            .keyframes
+            .iter()
+            .map(|k| (k.index, k.segment))
+            .collect();
+        let mut parent: HashMap<u32, u32> = segment_of.values().map(|&s| (s, s)).collect();
+        for e in &self.edges {
+            if let (Some(&a), Some(&b)) = (segment_of.get(&e.older), segment_of.get(&e.newer)) {
+                let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+                parent.insert(ra.max(rb), ra.min(rb));
+            }
+        }
+        let segments: Vec<u32> = parent.keys().copied().collect();
+        let mut roots: Vec<u32> = segments.into_iter().map(|s| root(&mut parent, s)).collect();
+        roots.sort_unstable();
+        roots.dedup();
+        roots.len()
+    }
+
     pub fn config(&self) -> &LoopClosureConfig {
         &self.cfg
     }
@@ -202,15 +236,19 @@ impl LoopCloser {
     ///
     /// # Errors
     /// OpenCV failures.
+    /// `segment`: the engine's map segment (a new one starts after tracking was lost).
+    #[allow(clippy::too_many_arguments)]
     pub fn observe(
         &mut self,
         index: u64,
+        segment: u32,
         image: &RgbImage,
         world_from_cam: &Pose,
         intrinsics: &Intrinsics,
         depth: Option<&[f32]>,
     ) -> Result<Option<LoopEdge>> {
-        let kf = self.keyframe(index, image, world_from_cam, intrinsics, depth)?;
+        let mut kf = self.keyframe(index, image, world_from_cam, intrinsics, depth)?;
+        kf.segment = segment;
         let edge = self.find_loop(&kf)?;
         if let Some(e) = edge {
             self.edges.push(e);
@@ -299,6 +337,7 @@ impl LoopCloser {
             .collect();
         Ok(Keyframe {
             index,
+            segment: 0,
             world_from_cam: *world_from_cam,
             thumb,
             pixels,
@@ -436,11 +475,12 @@ impl LoopCloser {
             .iter()
             .map(|k| Sim3::from_pose(&k.world_from_cam))
             .collect();
-        let add = |i: usize, j: usize, z: Sim3, problem: &mut Problem| {
+        let add = |i: usize, j: usize, z: Sim3, weight: f64, problem: &mut Problem| {
             let factor = Between {
                 older_from_newer_online: initial[i].inverse().compose(&initial[j]),
                 measured: z,
                 free: [i != 0, j != 0],
+                weight,
             };
             let vars: Vec<String> = [i, j].into_iter().filter(|&k| k != 0).map(name).collect();
             let refs: Vec<&str> = vars.iter().map(String::as_str).collect();
@@ -448,11 +488,19 @@ impl LoopCloser {
         };
         for i in 1..kfs.len() {
             let z = initial[i - 1].inverse().compose(&initial[i]);
-            add(i - 1, i, z, &mut problem);
+            // Where the engine started a new map segment its poses there say little: the
+            // loops place the new segment (relocalisation), this edge only keeps it from
+            // floating when none does.
+            let weight = if kfs[i].segment == kfs[i - 1].segment {
+                1.0
+            } else {
+                SEGMENT_JOIN_WEIGHT
+            };
+            add(i - 1, i, z, weight, &mut problem);
         }
         for e in &self.edges {
             if let (Some(&i), Some(&j)) = (slot.get(&e.older), slot.get(&e.newer)) {
-                add(i, j, e.older_from_newer, &mut problem);
+                add(i, j, e.older_from_newer, 1.0, &mut problem);
             }
         }
         let values: HashMap<String, na::DVector<f64>> = (1..kfs.len())
@@ -528,6 +576,7 @@ struct Between {
     measured: Sim3,
     /// Whether i's and j's perturbations are parameters (the first keyframe is fixed).
     free: [bool; 2],
+    weight: f64,
 }
 
 impl<T: na::RealField> Factor<T> for Between {
@@ -569,7 +618,7 @@ impl<T: na::RealField> Factor<T> for Between {
             let lhs = constant(&self.older_from_newer_online, perturb(dj, p.clone()));
             let rhs = perturb(di, constant(&self.measured, p));
             for a in 0..3 {
-                out.push(lhs[a].clone() - rhs[a].clone());
+                out.push((lhs[a].clone() - rhs[a].clone()) * f(self.weight));
             }
         }
         na::DVector::from_vec(out)
@@ -579,6 +628,36 @@ impl<T: na::RealField> Factor<T> for Between {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn loops_join_the_segments_they_link() {
+        let mut c = LoopCloser::new(LoopClosureConfig::default()).unwrap();
+        let k = Intrinsics::from_hfov(32, 24, 60.0);
+        for (index, segment) in [(0, 0), (10, 0), (20, 1), (30, 2), (40, 3)] {
+            c.keyframes.push(Keyframe {
+                index,
+                segment,
+                world_from_cam: Pose::identity(),
+                thumb: Vec::new(),
+                pixels: Vec::new(),
+                descriptors: Mat::default(),
+                points: Vec::new(),
+                intrinsics: k,
+            });
+        }
+        assert_eq!(c.segments_after_loops(), 4);
+        let edge = |older, newer| LoopEdge {
+            older,
+            newer,
+            older_from_newer: Sim3::from_pose(&Pose::identity()),
+            inliers: 100,
+        };
+        // Segment 2 to 0, then 3 to 2: a chain of loops makes one segment of three.
+        c.edges.push(edge(10, 30));
+        assert_eq!(c.segments_after_loops(), 3);
+        c.edges.push(edge(30, 40));
+        assert_eq!(c.segments_after_loops(), 2);
+    }
 
     #[test]
     fn sim3_algebra_inverts_and_composes() {

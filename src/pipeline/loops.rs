@@ -20,6 +20,9 @@ pub struct LoopReport {
     /// Keyframes not looked at because the thread was still busy with an earlier one.
     pub keyframes_skipped: u64,
     pub loop_closures: usize,
+    /// The run's map segments among the keyframes once loops join them (a chain of loops makes
+    /// one segment of several).
+    pub segments_after_loops: usize,
     /// Frame pairs of the loops found, with their PnP inliers.
     pub loops: Vec<(u64, u64, usize)>,
     /// Whether the trajectory files hold the pose graph's corrected poses.
@@ -28,6 +31,7 @@ pub struct LoopReport {
 
 struct KeyframeIn {
     index: u64,
+    segment: u32,
     image: RgbImage,
     world_from_cam: Pose,
     intrinsics: Intrinsics,
@@ -54,6 +58,7 @@ impl LoopThread {
                 for k in rx {
                     if let Some(e) = closer.observe(
                         k.index,
+                        k.segment,
                         &k.image,
                         &k.world_from_cam,
                         &k.intrinsics,
@@ -92,6 +97,7 @@ impl LoopThread {
         let Some(tx) = &self.tx else { return };
         let k = KeyframeIn {
             index: g.index,
+            segment: g.stats.segment,
             image: frame.image.clone(),
             world_from_cam: g.world_from_cam,
             intrinsics: g.intrinsics,
@@ -122,6 +128,7 @@ impl LoopThread {
             }
         };
         report.loop_closures = closer.loops().len();
+        report.segments_after_loops = closer.segments_after_loops();
         report.loops = closer
             .loops()
             .iter()
