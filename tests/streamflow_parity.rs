@@ -103,22 +103,7 @@ fn bad_input_is_a_clear_error() {
     assert!(err.to_string().contains("fnet.svt"), "{err}");
 }
 
-fn frame(i: u64, w: u32, h: u32) -> streamrecon::frame::Frame {
-    streamrecon::frame::Frame {
-        index: i,
-        source_index: i,
-        timestamp: i as f64,
-        image: image::RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([
-                ((x * 7 + y * 3 + i as u32 * 2) % 256) as u8,
-                (y * 4 % 256) as u8,
-                (x * 2 % 256) as u8,
-            ])
-        }),
-        intrinsics: None,
-        gt: None,
-    }
-}
+use common::pattern_frame as frame;
 
 #[test]
 fn engine_gives_every_pair_once_from_windows_sliding_by_t_minus_one() {
@@ -184,19 +169,7 @@ fn engine_gives_every_pair_once_from_windows_sliding_by_t_minus_one() {
     let err = engine.push(&frame(0, 200, 100)).expect_err("too small");
     assert!(err.to_string().contains("200x100"), "{err}");
     // Streams shorter than T: the window is completed with repeats of the last frame.
-    engine.reset();
-    assert!(engine.push(&frame(0, 128, 128)).unwrap().is_empty());
-    assert!(engine.flush().unwrap().is_empty());
-    engine.reset();
-    engine.push(&frame(0, 128, 128)).unwrap();
-    engine.push(&frame(1, 128, 128)).unwrap();
-    let last: Vec<(u64, u64)> = engine
-        .flush()
-        .unwrap()
-        .iter()
-        .map(|p| (p.from, p.to))
-        .collect();
-    assert_eq!(last, vec![(0, 1)]);
+    common::assert_short_streams(&mut engine, 128, 128);
 }
 
 #[test]

@@ -107,23 +107,9 @@ fn bad_input_is_a_clear_error() {
 fn engine_streams_pairs_in_order_with_bounded_windows() {
     use streamrecon::flow::videoflow::VideoFlowEngine;
     use streamrecon::flow::FlowEngine;
-    use streamrecon::frame::Frame;
     let mut engine = VideoFlowEngine::from_model(tiny(), 5).unwrap();
     assert!(VideoFlowEngine::from_model(tiny(), 3).is_err());
-    let frame = |i: u64, w: u32, h: u32| Frame {
-        index: i,
-        source_index: i,
-        timestamp: i as f64,
-        image: image::RgbImage::from_fn(w, h, |x, y| {
-            image::Rgb([
-                ((x * 7 + y * 3 + i as u32 * 2) % 256) as u8,
-                (y * 4) as u8,
-                (x * 2) as u8,
-            ])
-        }),
-        intrinsics: None,
-        gt: None,
-    };
+    let frame = common::pattern_frame;
     let mut pairs = Vec::new();
     for i in 0..8 {
         pairs.extend(engine.push(&frame(i, 40, 32)).unwrap());
@@ -139,19 +125,7 @@ fn engine_streams_pairs_in_order_with_bounded_windows() {
         assert!(p.fwd_conf.iter().all(|c| (0.0..=1.0).contains(c)));
     }
     // A stream of one or two frames.
-    engine.reset();
-    assert!(engine.push(&frame(0, 40, 32)).unwrap().is_empty());
-    assert!(engine.flush().unwrap().is_empty());
-    engine.reset();
-    engine.push(&frame(0, 40, 32)).unwrap();
-    engine.push(&frame(1, 40, 32)).unwrap();
-    let last: Vec<(u64, u64)> = engine
-        .flush()
-        .unwrap()
-        .iter()
-        .map(|p| (p.from, p.to))
-        .collect();
-    assert_eq!(last, vec![(0, 1)]);
+    common::assert_short_streams(&mut engine, 40, 32);
 }
 
 #[test]

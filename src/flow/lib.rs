@@ -9,6 +9,7 @@ pub mod colorwheel;
 pub mod consistency;
 pub mod dis;
 pub mod inverse_search;
+mod learned;
 pub mod level;
 pub mod metrics;
 pub mod refine;

@@ -14,10 +14,11 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{FlowEngine, FlowField, PairFlow};
+use super::learned::{check_stream_size, flow_field, frame_tensor};
+use super::{FlowEngine, PairFlow};
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::Frame;
 use streamrecon_models::streamflow::{StreamFlow, StreamFlowConfig};
@@ -64,14 +65,6 @@ impl StreamFlowEngine {
         self.net.frames()
     }
 
-    fn frame_tensor(frame: &Frame) -> Result<Tensor> {
-        let (w, h) = (frame.width() as usize, frame.height() as usize);
-        let data: Vec<f32> = frame.image.as_raw().iter().map(|&v| f32::from(v)).collect();
-        Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
-            .permute((2, 0, 1))?
-            .contiguous()?)
-    }
-
     /// Runs the model on `window` (T frames, oldest first) and its reverse; returns the last
     /// `wanted` pairs whose frames differ.
     fn run_window(&self, window: &[(u64, Tensor)], wanted: usize) -> Result<Vec<PairFlow>> {
@@ -93,15 +86,6 @@ impl StreamFlowEngine {
         let (fwd, bwd) = rayon::join(|| run(&forward), || run(&backward));
         let (fwd, bwd) = (fwd?, bwd?);
         let pairs = window.len() - 1;
-        let (_, _, h, w) = fwd.dims4()?;
-        let field = |flows: &Tensor, i: usize| -> Result<FlowField> {
-            let t = flows.get(i)?.permute((1, 2, 0))?.flatten_all()?;
-            Ok(FlowField {
-                width: w,
-                height: h,
-                data: t.to_vec1()?,
-            })
-        };
         let mut out = Vec::new();
         for i in pairs - wanted.min(pairs)..pairs {
             let (from, to) = (idx[i], idx[i + 1]);
@@ -112,8 +96,8 @@ impl StreamFlowEngine {
             out.push(PairFlow::from_flows(
                 from,
                 to,
-                field(&fwd, i)?,
-                field(&bwd, pairs - 1 - i)?,
+                flow_field(&fwd, i)?,
+                flow_field(&bwd, pairs - 1 - i)?,
             ));
         }
         Ok(out)
@@ -126,32 +110,18 @@ impl FlowEngine for StreamFlowEngine {
     }
 
     fn push(&mut self, frame: &Frame) -> Result<Vec<PairFlow>> {
-        let size = (frame.width(), frame.height());
-        match self.size {
-            Some(s) if s != size => {
-                return Err(Error::Flow(format!(
-                    "frame {} is {}x{}, the stream started at {}x{}",
-                    frame.index, size.0, size.1, s.0, s.1
-                )))
-            }
-            None => {
-                let dims = [self.window(), 3, size.1 as usize, size.0 as usize];
-                self.net
-                    .check_input(&dims)
-                    .map_err(|e| Error::Flow(format!("streamflow: {e}")))?;
-            }
-            _ => {}
-        }
-        self.size = Some(size);
-        let t = self.window();
+        let (net, t) = (&self.net, self.window());
+        check_stream_size(&mut self.size, frame, |(w, h)| {
+            net.check_input(&[t, 3, h as usize, w as usize])
+                .map_err(|e| Error::Flow(format!("streamflow: {e}")))
+        })?;
         if self.frames.len() == t {
             self.frames.pop_front();
         }
         if !self.frames.is_empty() {
             self.pending += 1;
         }
-        self.frames
-            .push_back((frame.index, Self::frame_tensor(frame)?));
+        self.frames.push_back((frame.index, frame_tensor(frame)?));
         if self.pending == t - 1 {
             self.pending = 0;
             let window: Vec<(u64, Tensor)> = self.frames.iter().cloned().collect();

@@ -8,10 +8,11 @@
 use std::collections::VecDeque;
 use std::path::PathBuf;
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 use serde::Serialize;
 
-use super::{FlowEngine, FlowField, PairFlow};
+use super::learned::{check_stream_size, flow_field, frame_tensor};
+use super::{FlowEngine, PairFlow};
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::Frame;
 use streamrecon_models::videoflow::{MofNet, VideoFlowConfig};
@@ -65,14 +66,6 @@ impl VideoFlowEngine {
         })
     }
 
-    fn frame_tensor(frame: &Frame) -> Result<Tensor> {
-        let (w, h) = (frame.width() as usize, frame.height() as usize);
-        let data: Vec<f32> = frame.image.as_raw().iter().map(|&v| f32::from(v)).collect();
-        Ok(Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?
-            .permute((2, 0, 1))?
-            .contiguous()?)
-    }
-
     /// Runs the full window; returns its pairs whose frames are both real.
     fn run_window(&mut self) -> Result<Vec<PairFlow>> {
         let idx: Vec<u64> = self.frames.iter().map(|f| f.0).collect();
@@ -86,15 +79,7 @@ impl VideoFlowEngine {
             ))
         })?;
         let m = self.window - 2;
-        let (_, _, h, w) = flows.dims4()?;
-        let field = |i: usize| -> Result<FlowField> {
-            let t = flows.get(i)?.permute((1, 2, 0))?.flatten_all()?;
-            Ok(FlowField {
-                width: w,
-                height: h,
-                data: t.to_vec1()?,
-            })
-        };
+        let field = |i: usize| flow_field(&flows, i);
         let mut out = Vec::new();
         // Middle frame j (window position j + 1) pairs with the next middle frame.
         for j in 0..m - 1 {
@@ -118,24 +103,15 @@ impl FlowEngine for VideoFlowEngine {
     }
 
     fn push(&mut self, frame: &Frame) -> Result<Vec<PairFlow>> {
-        let size = (frame.width(), frame.height());
-        match self.size {
-            Some(s) if s != size => {
+        check_stream_size(&mut self.size, frame, |(w, h)| {
+            if w < 16 || h < 16 {
                 return Err(Error::Flow(format!(
-                    "frame {} is {}x{}, the stream started at {}x{}",
-                    frame.index, size.0, size.1, s.0, s.1
-                )))
+                    "frames of {w}x{h} are too small for videoflow (16x16 at least)"
+                )));
             }
-            None if size.0 < 16 || size.1 < 16 => {
-                return Err(Error::Flow(format!(
-                    "frames of {}x{} are too small for videoflow (16x16 at least)",
-                    size.0, size.1
-                )))
-            }
-            _ => {}
-        }
-        self.size = Some(size);
-        let t = Self::frame_tensor(frame)?;
+            Ok(())
+        })?;
+        let t = frame_tensor(frame)?;
         if self.frames.is_empty() {
             // Frame 0 gets a repeat before it, so its pair with frame 1 has context.
             self.frames.push_back((frame.index, t.clone()));

@@ -316,6 +316,33 @@ impl<'a> Vb<'a> {
     }
 }
 
+/// A model config from JSON: bare, or the `model_config` section of a fixture-style
+/// `config.json`; `what` names the model in errors, `validate` says what does not fit.
+///
+/// # Errors
+/// Unreadable file, malformed JSON or sizes that do not fit together, naming the file.
+pub fn read_model_config<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    what: &str,
+    validate: impl Fn(&T) -> std::result::Result<(), String>,
+) -> Result<T> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum ConfigFile<T> {
+        Wrapped { model_config: T },
+        Bare(T),
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let file: ConfigFile<T> = serde_json::from_str(&text)
+        .map_err(|e| Error::format(path, format!("{what} config: {e}")))?;
+    let cfg = match file {
+        ConfigFile::Wrapped { model_config } => model_config,
+        ConfigFile::Bare(c) => c,
+    };
+    validate(&cfg).map_err(|e| Error::format(path, format!("{what} config: {e}")))?;
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

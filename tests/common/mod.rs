@@ -177,3 +177,39 @@ pub fn assert_matches_fixture(
     }
     assert!(failures.is_empty(), "{set}:\n{}", failures.join("\n"));
 }
+
+/// Frame `i` of a small moving test pattern (`w` × `h`), for the flow engines' tests.
+pub fn pattern_frame(i: u64, w: u32, h: u32) -> streamrecon::frame::Frame {
+    streamrecon::frame::Frame {
+        index: i,
+        source_index: i,
+        timestamp: i as f64,
+        image: image::RgbImage::from_fn(w, h, |x, y| {
+            image::Rgb([
+                ((x * 7 + y * 3 + i as u32 * 2) % 256) as u8,
+                (y * 4 % 256) as u8,
+                (x * 2 % 256) as u8,
+            ])
+        }),
+        intrinsics: None,
+        gt: None,
+    }
+}
+
+/// A windowed flow engine on streams of one and two frames (`w` × `h`): nothing for one, the
+/// one pair at the end for two.
+pub fn assert_short_streams(engine: &mut dyn streamrecon::flow::FlowEngine, w: u32, h: u32) {
+    engine.reset();
+    assert!(engine.push(&pattern_frame(0, w, h)).unwrap().is_empty());
+    assert!(engine.flush().unwrap().is_empty());
+    engine.reset();
+    engine.push(&pattern_frame(0, w, h)).unwrap();
+    engine.push(&pattern_frame(1, w, h)).unwrap();
+    let last: Vec<(u64, u64)> = engine
+        .flush()
+        .unwrap()
+        .iter()
+        .map(|p| (p.from, p.to))
+        .collect();
+    assert_eq!(last, vec![(0, 1)]);
+}

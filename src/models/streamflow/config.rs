@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::videoflow::config::TwinsConfig;
-use streamrecon_core::error::{Error, Result};
+use streamrecon_core::error::Result;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct StreamFlowConfig {
@@ -55,27 +55,11 @@ pub const DOWN_RATIO: usize = 8;
 /// where the reference divides by zero (`W − 1`) and returns NaN.
 pub const MIN_PADDED_SIDE: usize = DOWN_RATIO << (CORR_LEVELS - 1) << 1;
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ConfigFile {
-    Wrapped { model_config: StreamFlowConfig },
-    Bare(StreamFlowConfig),
-}
-
 impl StreamFlowConfig {
     /// # Errors
     /// Unreadable file, malformed JSON or sizes that do not fit together.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: ConfigFile = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("StreamFlow config: {e}")))?;
-        let cfg = match file {
-            ConfigFile::Wrapped { model_config } => model_config,
-            ConfigFile::Bare(c) => c,
-        };
-        cfg.validate()
-            .map_err(|e| Error::format(path, format!("StreamFlow config: {e}")))?;
-        Ok(cfg)
+        crate::weights::read_model_config(path, "StreamFlow", Self::validate)
     }
 
     /// Whether a JSON config file describes StreamFlow rather than another model: it carries
@@ -105,14 +89,7 @@ impl StreamFlowConfig {
                 k_conv: k_conv(),
                 pc_updater_conv: pc_conv(),
             },
-            twins: TwinsConfig {
-                embed_dims: vec![128, 256, 512, 1024],
-                num_heads: vec![4, 8, 16, 32],
-                mlp_ratios: vec![4.0; 4],
-                depths: vec![2, 2, 18, 2],
-                wss: vec![7; 4],
-                sr_ratios: vec![8, 4, 2, 1],
-            },
+            twins: TwinsConfig::svt_large(),
         }
     }
 

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use streamrecon_core::error::{Error, Result};
+use streamrecon_core::error::Result;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VggtConfig {
@@ -141,29 +141,13 @@ fn expp1() -> String {
 }
 
 /// Config files may hold the model config at the top level or under `model_config`.
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ConfigFile {
-    Wrapped { model_config: VggtConfig },
-    Bare(VggtConfig),
-}
-
 impl VggtConfig {
     /// Reads a JSON config (bare, or the `model_config` of a fixture-style `config.json`).
     ///
     /// # Errors
     /// Unreadable file, malformed JSON or sizes that do not fit together.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: ConfigFile = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("model config: {e}")))?;
-        let cfg = match file {
-            ConfigFile::Wrapped { model_config } => model_config,
-            ConfigFile::Bare(c) => c,
-        };
-        cfg.validate()
-            .map_err(|e| Error::format(path, format!("model config: {e}")))?;
-        Ok(cfg)
+        crate::weights::read_model_config(path, "model", Self::validate)
     }
 
     /// The official StreamVGGT / VGGT-1B sizes (DINOv2 ViT-L/14 with registers, 24 blocks).

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use streamrecon_core::error::{Error, Result};
+use streamrecon_core::error::Result;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VideoFlowConfig {
@@ -45,6 +45,18 @@ pub struct TwinsConfig {
 }
 
 impl TwinsConfig {
+    /// timm's `twins_svt_large`, whose first two stages both released flow models use.
+    pub fn svt_large() -> Self {
+        Self {
+            embed_dims: vec![128, 256, 512, 1024],
+            num_heads: vec![4, 8, 16, 32],
+            mlp_ratios: vec![4.0; 4],
+            depths: vec![2, 2, 18, 2],
+            wss: vec![7; 4],
+            sr_ratios: vec![8, 4, 2, 1],
+        }
+    }
+
     /// The two stages the flow models use are described, with two blocks each.
     ///
     /// # Errors
@@ -90,27 +102,11 @@ fn pc_conv() -> Vec<usize> {
     vec![1, 7]
 }
 
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum ConfigFile {
-    Wrapped { model_config: VideoFlowConfig },
-    Bare(VideoFlowConfig),
-}
-
 impl VideoFlowConfig {
     /// # Errors
     /// Unreadable file, malformed JSON or sizes that do not fit together.
     pub fn from_json_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let file: ConfigFile = serde_json::from_str(&text)
-            .map_err(|e| Error::format(path, format!("VideoFlow config: {e}")))?;
-        let cfg = match file {
-            ConfigFile::Wrapped { model_config } => model_config,
-            ConfigFile::Bare(c) => c,
-        };
-        cfg.validate()
-            .map_err(|e| Error::format(path, format!("VideoFlow config: {e}")))?;
-        Ok(cfg)
+        crate::weights::read_model_config(path, "VideoFlow", Self::validate)
     }
 
     /// The released VideoFlow-MOF (`MOF_sintel`/`MOF_things`) sizes.
@@ -125,14 +121,7 @@ impl VideoFlowConfig {
                 k_conv: k_conv(),
                 pc_updater_conv: pc_conv(),
             },
-            twins: TwinsConfig {
-                embed_dims: vec![128, 256, 512, 1024],
-                num_heads: vec![4, 8, 16, 32],
-                mlp_ratios: vec![4.0; 4],
-                depths: vec![2, 2, 18, 2],
-                wss: vec![7; 4],
-                sr_ratios: vec![8, 4, 2, 1],
-            },
+            twins: TwinsConfig::svt_large(),
         }
     }
 
