@@ -11,8 +11,8 @@
 //!
 //! [`LoopCloser::correct`] solves the pose graph (tiny-solver, Levenberg–Marquardt): odometry
 //! edges between consecutive keyframes from the online poses, the loop edges, the first keyframe
-//! fixed. The database is capped at `max_keyframes` (every other old keyframe dropped when full,
-//! so coverage thins rather than ends).
+//! fixed. The recognition database is capped at `max_keyframes` (every other old keyframe
+//! dropped when full, so coverage thins rather than ends); the graph keeps every keyframe's pose.
 
 use std::collections::HashMap;
 
@@ -42,7 +42,7 @@ pub struct LoopClosureConfig {
     pub keyframe_every: u64,
     /// A loop joins keyframes at least this many frames apart.
     pub min_separation: u64,
-    /// Keyframes kept for place recognition.
+    /// Keyframes kept for place recognition (about 45 KB each at 1,000 features).
     pub max_keyframes: usize,
     /// Most similar thumbnails verified per keyframe.
     pub candidates: usize,
@@ -58,7 +58,7 @@ impl Default for LoopClosureConfig {
         Self {
             keyframe_every: 10,
             min_separation: 100,
-            max_keyframes: 2000,
+            max_keyframes: 300,
             candidates: 3,
             min_inliers: 60,
             min_similarity: 0.6,
@@ -148,13 +148,22 @@ struct Keyframe {
     pixels: Vec<(f32, f32)>,
     descriptors: Mat,
     /// Each feature's point in the camera, where the depth is known.
-    points: Vec<Option<Point3<f64>>>,
+    points: Vec<Option<Point3<f32>>>,
     intrinsics: Intrinsics,
+}
+
+/// A keyframe's place in the pose graph: kept for every keyframe (64 bytes), while the
+/// recognition database drops old keyframes' features.
+struct Node {
+    index: u64,
+    segment: u32,
+    world_from_cam: Pose,
 }
 
 pub struct LoopCloser {
     cfg: LoopClosureConfig,
     keyframes: Vec<Keyframe>,
+    nodes: Vec<Node>,
     edges: Vec<LoopEdge>,
     orb: Ptr<ORB>,
     matcher: Ptr<BFMatcher>,
@@ -180,6 +189,7 @@ impl LoopCloser {
         Ok(Self {
             cfg,
             keyframes: Vec::new(),
+            nodes: Vec::new(),
             edges: Vec::new(),
             orb,
             matcher: BFMatcher::create(opencv::core::NORM_HAMMING, false)?,
@@ -207,11 +217,8 @@ impl LoopCloser {
             p.insert(s, r);
             r
         }
-        let segment_of: HashMap<u64, u32> = self
-            .keyframes
-            .iter()
-            .map(|k| (k.index, k.segment))
-            .collect();
+        let segment_of: HashMap<u64, u32> =
+            self.nodes.iter().map(|k| (k.index, k.segment)).collect();
         let mut parent: HashMap<u32, u32> = segment_of.values().map(|&s| (s, s)).collect();
         for e in &self.edges {
             if let (Some(&a), Some(&b)) = (segment_of.get(&e.older), segment_of.get(&e.newer)) {
@@ -262,6 +269,11 @@ impl LoopCloser {
                 i > half || i % 2 == 0
             });
         }
+        self.nodes.push(Node {
+            index: kf.index,
+            segment: kf.segment,
+            world_from_cam: kf.world_from_cam,
+        });
         self.keyframes.push(kf);
         Ok(edge)
     }
@@ -331,8 +343,10 @@ impl LoopCloser {
                 let d = depth?;
                 let (u, v) = (x.round() as usize, y.round() as usize);
                 let z = *d.get(v * k.width as usize + u)?;
-                (z.is_finite() && z > 0.0)
-                    .then(|| k.unproject(f64::from(x), f64::from(y), f64::from(z)))
+                (z.is_finite() && z > 0.0).then(|| {
+                    k.unproject(f64::from(x), f64::from(y), f64::from(z))
+                        .cast::<f32>()
+                })
             })
             .collect();
         Ok(Keyframe {
@@ -409,7 +423,7 @@ impl LoopCloser {
             let Some(Some(p)) = old.points.get(a.train_idx as usize) else {
                 continue;
             };
-            world.push(*p);
+            world.push(p.cast::<f64>());
             pixels.push(new.pixels[a.query_idx as usize]);
             new_idx.push(a.query_idx as usize);
         }
@@ -436,7 +450,7 @@ impl LoopCloser {
             .iter()
             .filter_map(|&i| {
                 let z_pnp = (new_from_old * world[i]).z;
-                let z_new = new.points[new_idx[i]]?.z;
+                let z_new = f64::from(new.points[new_idx[i]]?.z);
                 (z_pnp > 1e-9).then(|| z_new / z_pnp)
             })
             .collect();
@@ -464,10 +478,10 @@ impl LoopCloser {
     /// neighbouring keyframes' corrections blended by position) and its corrected pose. `None`
     /// without loops, or when the solver fails.
     pub fn correct(&self, online: &[(u64, Pose)]) -> Option<Vec<Corrected>> {
-        if self.edges.is_empty() || self.keyframes.len() < 2 {
+        if self.edges.is_empty() || self.nodes.len() < 2 {
             return None;
         }
-        let kfs = &self.keyframes;
+        let kfs = &self.nodes;
         let slot: HashMap<u64, usize> = kfs.iter().enumerate().map(|(i, k)| (k.index, i)).collect();
         let name = |i: usize| format!("k{i}");
         let mut problem = Problem::new();
@@ -632,17 +646,11 @@ mod tests {
     #[test]
     fn loops_join_the_segments_they_link() {
         let mut c = LoopCloser::new(LoopClosureConfig::default()).unwrap();
-        let k = Intrinsics::from_hfov(32, 24, 60.0);
         for (index, segment) in [(0, 0), (10, 0), (20, 1), (30, 2), (40, 3)] {
-            c.keyframes.push(Keyframe {
+            c.nodes.push(Node {
                 index,
                 segment,
                 world_from_cam: Pose::identity(),
-                thumb: Vec::new(),
-                pixels: Vec::new(),
-                descriptors: Mat::default(),
-                points: Vec::new(),
-                intrinsics: k,
             });
         }
         assert_eq!(c.segments_after_loops(), 4);
