@@ -21,6 +21,10 @@ pub enum TrajectoryKind {
     Rotation,
     /// Closed loops around the scene, period `LOOP_FRAMES`.
     Loop,
+    /// A kidnapped camera: blocks of `REVISIT_BLOCK` frames along the smooth path, each
+    /// starting `REVISIT_BLOCK − REVISIT_STEP` frames back along it, so after every jump the
+    /// camera sees again what it saw before, then goes on to new ground.
+    Revisit,
 }
 
 /// Frames between spline control points.
@@ -33,6 +37,10 @@ const JUMP_SKIP: f64 = 7.37;
 pub const STATIC_SEGMENT: usize = 40;
 /// Frames per loop in `loop`.
 pub const LOOP_FRAMES: usize = 300;
+/// Frames per block in `revisit`, and how far along the path each block starts after the
+/// previous one's start.
+pub const REVISIT_BLOCK: usize = 150;
+pub const REVISIT_STEP: usize = 50;
 /// Heading drift per control interval (radians; its sign is drawn per seed) and the random
 /// wobble on each control's heading: at most ≈ 2° of turn per frame.
 const YAW_DRIFT: f64 = 0.6;
@@ -167,13 +175,16 @@ impl Trajectory {
         look_at(&eye, &(eye + forward))
     }
 
-    /// Frames at which `jumpy` changes viewpoint abruptly (frame k is the first after a jump).
+    /// Frames at which `jumpy` and `revisit` change viewpoint abruptly (frame k is the first
+    /// after a jump).
     pub fn jump_frames(&self, frames: usize) -> Vec<usize> {
-        if self.kind != TrajectoryKind::Jumpy {
-            return Vec::new();
-        }
-        (1..=frames / JUMP_EVERY)
-            .map(|k| k * JUMP_EVERY)
+        let every = match self.kind {
+            TrajectoryKind::Jumpy => JUMP_EVERY,
+            TrajectoryKind::Revisit => REVISIT_BLOCK,
+            _ => return Vec::new(),
+        };
+        (1..=frames / every)
+            .map(|k| k * every)
             .filter(|&f| f < frames)
             .collect()
     }
@@ -206,6 +217,10 @@ impl Trajectory {
             TrajectoryKind::Jumpy => {
                 let jumps = (i / JUMP_EVERY) as f64;
                 self.smooth_at(s + jumps * JUMP_SKIP)
+            }
+            TrajectoryKind::Revisit => {
+                let along = (i / REVISIT_BLOCK) * REVISIT_STEP + i % REVISIT_BLOCK;
+                self.smooth_at(along as f64 / FRAMES_PER_CONTROL)
             }
             TrajectoryKind::Static => {
                 let seg = i / STATIC_SEGMENT;

@@ -112,6 +112,9 @@ struct SynthArgs {
     trajectory: TrajectoryKind,
     #[arg(long, default_value_t = 100)]
     frames: usize,
+    /// With `--trajectory loop`: this many laps (300 frames each), instead of `--frames`.
+    #[arg(long, value_name = "N")]
+    laps: Option<usize>,
     /// Image size WxH.
     #[arg(long, default_value = "640x480", value_parser = parse_size)]
     size: (u32, u32),
@@ -383,10 +386,17 @@ fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> 
 }
 
 fn cmd_synth(a: &SynthArgs) -> Result<()> {
+    let frames = match a.laps {
+        Some(n) if a.trajectory == TrajectoryKind::Loop && n > 0 => {
+            n * streamrecon::datasets::synth::trajectory::LOOP_FRAMES
+        }
+        Some(n) => bail!("--laps {n}: laps are of --trajectory loop, at least one"),
+        None => a.frames,
+    };
     let config = SynthConfig {
         scene: a.scene,
         trajectory: a.trajectory,
-        frames: a.frames,
+        frames,
         width: a.size.0,
         height: a.size.1,
         seed: a.seed,
@@ -401,7 +411,7 @@ fn cmd_synth(a: &SynthArgs) -> Result<()> {
     write_layout(&config, &a.out, a.format)?;
     println!(
         "wrote {} frames to {} in {:.1} s",
-        a.frames,
+        frames,
         a.out.display(),
         t.elapsed().as_secs_f64()
     );

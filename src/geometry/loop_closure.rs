@@ -475,9 +475,10 @@ impl LoopCloser {
 
     /// The trajectory corrected by the pose graph: for each of `online` (frame index,
     /// world_from_cam, in frame order) the map from its online world to the corrected one (its
-    /// neighbouring keyframes' corrections blended by position) and its corrected pose. `None`
-    /// without loops, or when the solver fails.
-    pub fn correct(&self, online: &[(u64, Pose)]) -> Option<Vec<Corrected>> {
+    /// neighbouring keyframes' corrections blended by position, only from keyframes of its own
+    /// map segment) and its corrected pose. `online` holds (frame index, segment,
+    /// world_from_cam). `None` without loops, or when the solver fails.
+    pub fn correct(&self, online: &[(u64, u32, Pose)]) -> Option<Vec<Corrected>> {
         if self.edges.is_empty() || self.nodes.len() < 2 {
             return None;
         }
@@ -551,19 +552,22 @@ impl LoopCloser {
                 initial[i].compose(&delta).compose(&initial[i].inverse())
             })
             .collect();
-        let at: Vec<u64> = kfs.iter().map(|k| k.index).collect();
         Some(
             online
                 .iter()
-                .map(|&(index, pose)| {
-                    let c = match at.partition_point(|&k| k <= index) {
-                        0 => corrections[0],
-                        n if n == at.len() => corrections[n - 1],
-                        n => {
-                            let (a, b) = (at[n - 1], at[n]);
-                            let f = (index - a) as f64 / (b - a) as f64;
-                            corrections[n - 1].lerp(&corrections[n], f)
+                .map(|&(index, segment, pose)| {
+                    let n = kfs.partition_point(|k| k.index <= index);
+                    let same = |i: usize| kfs.get(i).filter(|k| k.segment == segment).map(|_| i);
+                    let (before, after) = (n.checked_sub(1).and_then(same), same(n));
+                    let c = match (before, after) {
+                        (Some(a), Some(b)) => {
+                            let f = (index - kfs[a].index) as f64
+                                / (kfs[b].index - kfs[a].index) as f64;
+                            corrections[a].lerp(&corrections[b], f)
                         }
+                        (Some(a), None) => corrections[a],
+                        (None, Some(b)) => corrections[b],
+                        (None, None) => corrections[n.min(kfs.len() - 1)],
                     };
                     Corrected {
                         index,

@@ -331,11 +331,13 @@ pub fn run_with(
             ));
         }
     }
-    let online: Vec<(u64, Pose)> = tally
+    let online: Vec<(u64, u32, Pose)> = tally
         .trajectory
         .iter()
-        .filter(|t| t.stats.tracked)
-        .map(|t| (t.index, t.world_from_cam))
+        // The frames the trajectory files hold: placed ones, and a turning camera's
+        // orientation-only poses.
+        .filter(|t| t.stats.tracked || t.stats.orientation_only)
+        .map(|t| (t.index, t.stats.segment, t.world_from_cam))
         .collect();
     let (corrected, loop_report) = match loops {
         Some(l) => {

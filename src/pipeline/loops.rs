@@ -111,9 +111,12 @@ impl LoopThread {
         }
     }
 
-    /// Waits for the thread and corrects `online` (frame index, world_from_cam, in order) when
-    /// loops were found.
-    pub(crate) fn finish(mut self, online: &[(u64, Pose)]) -> (Option<Vec<Corrected>>, LoopReport) {
+    /// Waits for the thread and corrects `online` (frame index, map segment, world_from_cam, in
+    /// order) when loops were found.
+    pub(crate) fn finish(
+        mut self,
+        online: &[(u64, u32, Pose)],
+    ) -> (Option<Vec<Corrected>>, LoopReport) {
         self.tx = None;
         let mut report = self.report;
         let closer = match self.handle.join() {
