@@ -397,7 +397,7 @@ fn the_rerun_web_viewer_shows_a_live_session_and_its_recording() {
     let rrd_url = format!("http://127.0.0.1:{p}{live}");
     let viewer = format!(
         "http://127.0.0.1:{p}/viewer/?renderer=webgl&url={}",
-        url_encode(&rrd_url)
+        percent_encoding::utf8_percent_encode(&rrd_url, percent_encoding::NON_ALPHANUMERIC)
     );
     wd(
         driver.port,
@@ -470,15 +470,4 @@ fn the_rerun_web_viewer_shows_a_live_session_and_its_recording() {
         &format!("/session/{sid}"),
         &json!({}),
     );
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                char::from(b).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }

@@ -324,20 +324,14 @@ fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
                     net.config.mof.decoder_depth
                 );
             }
-            let frames = bench::videoflow_window(*window, h, w)?;
-            let r = bench::bench_flow_window(
+            bench_flow(
                 &|x| net.forward(x, &mut |_, _| {}),
-                &frames,
+                &bench::videoflow_window(*window, h, w)?,
                 net.config.mof.decoder_depth,
                 window.saturating_sub(3).max(1),
                 *windows,
-                &mut |k, s| {
-                    if !json {
-                        println!("window {}: {s:.2} s", k + 1);
-                    }
-                },
+                *json,
             )?;
-            print_flow_bench(&r, *json)?;
         }
         BenchCommand::Streamflow {
             config,
@@ -366,28 +360,43 @@ fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
                     net.config.args.iters
                 );
             }
-            let frames = bench::videoflow_window(t, h, w)?;
-            let r = bench::bench_flow_window(
+            bench_flow(
                 &|x| net.forward(x, &mut |_, _| {}),
-                &frames,
+                &bench::videoflow_window(t, h, w)?,
                 net.config.args.iters,
                 t - 1,
                 *windows,
-                &mut |k, s| {
-                    if !json {
-                        println!("window {}: {s:.2} s", k + 1);
-                    }
-                },
+                *json,
             )?;
-            print_flow_bench(&r, *json)?;
         }
     }
     Ok(())
 }
 
-fn print_flow_bench(r: &streamrecon::models::bench::FlowWindowBench, json: bool) -> Result<()> {
+/// Times `windows` passes of a flow model over `frames` and prints what `model bench` prints
+/// (one JSON object with `json`).
+fn bench_flow(
+    forward: &dyn Fn(&candle_core::Tensor) -> streamrecon::error::Result<candle_core::Tensor>,
+    frames: &candle_core::Tensor,
+    iters: usize,
+    new_pairs: usize,
+    windows: usize,
+    json: bool,
+) -> Result<()> {
+    let r = streamrecon::models::bench::bench_flow_window(
+        forward,
+        frames,
+        iters,
+        new_pairs,
+        windows,
+        &mut |k, s| {
+            if !json {
+                println!("window {}: {s:.2} s", k + 1);
+            }
+        },
+    )?;
     if json {
-        println!("{}", serde_json::to_string(r)?);
+        println!("{}", serde_json::to_string(&r)?);
     } else {
         println!(
             "{:.2} s per window ({} timed), {:.2} s per new pair; peak RSS {:.0} MiB",

@@ -16,7 +16,7 @@
 
 use std::collections::HashMap;
 
-use nalgebra::{Point3, Translation3, UnitQuaternion, Vector3};
+use nalgebra::{Matrix3, Point3, Similarity3, Translation3, UnitQuaternion, Vector3};
 use opencv::core::{no_array, DMatch, KeyPoint, Mat, Ptr, Vector};
 use opencv::features2d::{BFMatcher, ORB_ScoreType, ORB};
 use opencv::prelude::*;
@@ -67,58 +67,32 @@ impl Default for LoopClosureConfig {
     }
 }
 
-/// A similarity transform `x ↦ s·R·x + t`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Sim3 {
-    pub scale: f64,
-    pub rotation: UnitQuaternion<f64>,
-    pub translation: Vector3<f64>,
+/// A similarity transform `x ↦ s·R·x + t` (nalgebra's: composed with `*`, `inverse()`,
+/// `transform_point`).
+pub type Sim3 = Similarity3<f64>;
+
+fn sim3(p: &Pose) -> Sim3 {
+    Sim3::from_isometry(*p, 1.0)
 }
 
-impl Sim3 {
-    pub fn from_pose(p: &Pose) -> Self {
-        Self {
-            scale: 1.0,
-            rotation: p.rotation,
-            translation: p.translation.vector,
-        }
-    }
+/// The camera pose a similarity maps to: a camera at its translation turned by its rotation (the
+/// scale only stretches the camera's own coordinates).
+fn pose_of(s: &Sim3) -> Pose {
+    s.isometry
+}
 
-    pub fn apply(&self, x: &Vector3<f64>) -> Vector3<f64> {
-        self.rotation * x * self.scale + self.translation
-    }
-
-    pub fn compose(&self, o: &Self) -> Self {
-        Self {
-            scale: self.scale * o.scale,
-            rotation: self.rotation * o.rotation,
-            translation: self.apply(&o.translation),
-        }
-    }
-
-    pub fn inverse(&self) -> Self {
-        let r = self.rotation.inverse();
-        Self {
-            scale: 1.0 / self.scale,
-            rotation: r,
-            translation: -(r * self.translation) / self.scale,
-        }
-    }
-
-    /// The camera pose this maps to: a camera at `apply(0)` turned by the rotation (the scale
-    /// only stretches the camera's own coordinates).
-    pub fn pose(&self) -> Pose {
-        Pose::from_parts(Translation3::from(self.translation), self.rotation)
-    }
-
-    /// `self` moved `f` of the way to `o` (scale in log space, rotation by slerp).
-    fn lerp(&self, o: &Self, f: f64) -> Self {
-        Self {
-            scale: (self.scale.ln() * (1.0 - f) + o.scale.ln() * f).exp(),
-            rotation: self.rotation.slerp(&o.rotation, f),
-            translation: self.translation * (1.0 - f) + o.translation * f,
-        }
-    }
+/// `a` moved `f` of the way to `b` (scale in log space, rotation by slerp).
+fn lerp(a: &Sim3, b: &Sim3, f: f64) -> Sim3 {
+    Sim3::from_parts(
+        Translation3::from(
+            a.isometry
+                .translation
+                .vector
+                .lerp(&b.isometry.translation.vector, f),
+        ),
+        a.isometry.rotation.slerp(&b.isometry.rotation, f),
+        (a.scaling().ln() * (1.0 - f) + b.scaling().ln() * f).exp(),
+    )
 }
 
 /// One frame after loop closure.
@@ -140,10 +114,9 @@ pub struct LoopEdge {
     pub inliers: usize,
 }
 
+/// What place recognition keeps of a keyframe.
 struct Keyframe {
     index: u64,
-    segment: u32,
-    world_from_cam: Pose,
     thumb: Vec<f32>,
     pixels: Vec<(f32, f32)>,
     descriptors: Mat,
@@ -201,11 +174,6 @@ impl LoopCloser {
         &self.edges
     }
 
-    /// Keyframes held now.
-    pub fn keyframes(&self) -> usize {
-        self.keyframes.len()
-    }
-
     /// Map segments among the keyframes once loops join them: segments a chain of loops links
     /// count as one.
     pub fn segments_after_loops(&self) -> usize {
@@ -233,18 +201,13 @@ impl LoopCloser {
         roots.len()
     }
 
-    pub fn config(&self) -> &LoopClosureConfig {
-        &self.cfg
-    }
-
-    /// A keyframe: a frame the engine placed (callers pick every `keyframe_every`-th), with its
-    /// `depth` (camera z, row-major at `intrinsics`' size, 0 = unknown) as the engine gave it.
-    /// Returns the loop it closed, if any.
+    /// A keyframe: a frame the engine placed (callers pick every `keyframe_every`-th) in map
+    /// `segment` (a new one starts after tracking was lost), with its `depth` (camera z,
+    /// row-major at `intrinsics`' size, 0 = unknown) as the engine gave it. Returns the loop it
+    /// closed, if any.
     ///
     /// # Errors
     /// OpenCV failures.
-    /// `segment`: the engine's map segment (a new one starts after tracking was lost).
-    #[allow(clippy::too_many_arguments)]
     pub fn observe(
         &mut self,
         index: u64,
@@ -254,8 +217,7 @@ impl LoopCloser {
         intrinsics: &Intrinsics,
         depth: Option<&[f32]>,
     ) -> Result<Option<LoopEdge>> {
-        let mut kf = self.keyframe(index, image, world_from_cam, intrinsics, depth)?;
-        kf.segment = segment;
+        let kf = self.keyframe(index, image, intrinsics, depth)?;
         let edge = self.find_loop(&kf)?;
         if let Some(e) = edge {
             self.edges.push(e);
@@ -270,9 +232,9 @@ impl LoopCloser {
             });
         }
         self.nodes.push(Node {
-            index: kf.index,
-            segment: kf.segment,
-            world_from_cam: kf.world_from_cam,
+            index,
+            segment,
+            world_from_cam: *world_from_cam,
         });
         self.keyframes.push(kf);
         Ok(edge)
@@ -282,7 +244,6 @@ impl LoopCloser {
         &mut self,
         index: u64,
         image: &RgbImage,
-        world_from_cam: &Pose,
         k: &Intrinsics,
         depth: Option<&[f32]>,
     ) -> Result<Keyframe> {
@@ -351,8 +312,6 @@ impl LoopCloser {
             .collect();
         Ok(Keyframe {
             index,
-            segment: 0,
-            world_from_cam: *world_from_cam,
             thumb,
             pixels,
             descriptors,
@@ -460,11 +419,7 @@ impl LoopCloser {
         ratios.sort_by(f64::total_cmp);
         let r = ratios[ratios.len() / 2];
         // x_new (new units) = r · new_from_old(x_old); so older_from_newer = new_from_old⁻¹ ∘ (1/r).
-        let rigid = Sim3::from_pose(&new_from_old.inverse());
-        let older_from_newer = Sim3 {
-            scale: 1.0 / r,
-            ..rigid
-        };
+        let older_from_newer = Sim3::from_isometry(new_from_old.inverse(), 1.0 / r);
         Ok(Some(LoopEdge {
             older: old.index,
             newer: new.index,
@@ -486,14 +441,11 @@ impl LoopCloser {
         let slot: HashMap<u64, usize> = kfs.iter().enumerate().map(|(i, k)| (k.index, i)).collect();
         let name = |i: usize| format!("k{i}");
         let mut problem = Problem::new();
-        let initial: Vec<Sim3> = kfs
-            .iter()
-            .map(|k| Sim3::from_pose(&k.world_from_cam))
-            .collect();
+        let initial: Vec<Sim3> = kfs.iter().map(|k| sim3(&k.world_from_cam)).collect();
         let add = |i: usize, j: usize, z: Sim3, weight: f64, problem: &mut Problem| {
             let factor = Between {
-                older_from_newer_online: initial[i].inverse().compose(&initial[j]),
-                measured: z,
+                older_from_newer_online: Affine::of(&(initial[i].inverse() * initial[j])),
+                measured: Affine::of(&z),
                 free: [i != 0, j != 0],
                 weight,
             };
@@ -502,7 +454,7 @@ impl LoopCloser {
             problem.add_residual_block(12, &refs, Box::new(factor), None);
         };
         for i in 1..kfs.len() {
-            let z = initial[i - 1].inverse().compose(&initial[i]);
+            let z = initial[i - 1].inverse() * initial[i];
             // Where the engine started a new map segment its poses there say little: the
             // loops place the new segment (relocalisation), this edge only keeps it from
             // floating when none does.
@@ -537,19 +489,14 @@ impl LoopCloser {
                         .get(&name(i))
                         .filter(|d| d.iter().all(|v| v.is_finite()))
                 };
-                let delta = d.map_or(
-                    Sim3 {
-                        scale: 1.0,
-                        rotation: UnitQuaternion::identity(),
-                        translation: Vector3::zeros(),
-                    },
-                    |d| Sim3 {
-                        scale: d[6].exp(),
-                        rotation: UnitQuaternion::from_scaled_axis(Vector3::new(d[0], d[1], d[2])),
-                        translation: Vector3::new(d[3], d[4], d[5]),
-                    },
-                );
-                initial[i].compose(&delta).compose(&initial[i].inverse())
+                let delta = d.map_or(Sim3::identity(), |d| {
+                    Sim3::from_parts(
+                        Translation3::new(d[3], d[4], d[5]),
+                        UnitQuaternion::from_scaled_axis(Vector3::new(d[0], d[1], d[2])),
+                        d[6].exp(),
+                    )
+                });
+                initial[i] * delta * initial[i].inverse()
             })
             .collect();
         Some(
@@ -563,7 +510,7 @@ impl LoopCloser {
                         (Some(a), Some(b)) => {
                             let f = (index - kfs[a].index) as f64
                                 / (kfs[b].index - kfs[a].index) as f64;
-                            corrections[a].lerp(&corrections[b], f)
+                            lerp(&corrections[a], &corrections[b], f)
                         }
                         (Some(a), None) => corrections[a],
                         (None, Some(b)) => corrections[b],
@@ -571,7 +518,7 @@ impl LoopCloser {
                     };
                     Corrected {
                         index,
-                        world_from_cam: c.compose(&Sim3::from_pose(&pose)).pose(),
+                        world_from_cam: pose_of(&(c * sim3(&pose))),
                         correction: c,
                     }
                 })
@@ -584,14 +531,30 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
 
+/// A similarity as `x ↦ L·x + t` (L = s·R), made once per edge rather than at every residual
+/// evaluation.
+struct Affine {
+    linear: Matrix3<f64>,
+    translation: Vector3<f64>,
+}
+
+impl Affine {
+    fn of(s: &Sim3) -> Self {
+        Self {
+            linear: s.isometry.rotation.to_rotation_matrix().into_inner() * s.scaling(),
+            translation: s.isometry.translation.vector,
+        }
+    }
+}
+
 /// A pose-graph edge between keyframes i (older) and j (newer), whose poses are their online
 /// ones moved by perturbations D = (ω, v, σ): S = S⁰ ∘ D. The residual compares where the
 /// measured relative transform and the graph's put four reference points (the origin and the
 /// unit axes, about the scene's depth in map units), in i's online camera:
 /// A(D_j(p)) − D_i(Z(p)), with A = (S_i⁰)⁻¹ S_j⁰.
 struct Between {
-    older_from_newer_online: Sim3,
-    measured: Sim3,
+    older_from_newer_online: Affine,
+    measured: Affine,
     /// Whether i's and j's perturbations are parameters (the first keyframe is fixed).
     free: [bool; 2],
     weight: f64,
@@ -613,14 +576,11 @@ impl<T: na::RealField> Factor<T> for Between {
                 r[2].clone() * s + d[5].clone(),
             ]
         };
-        let constant = |t: &Sim3, p: [T; 3]| -> [T; 3] {
-            let m = t.rotation.to_rotation_matrix();
-            let m = m.matrix();
+        let constant = |t: &Affine, p: [T; 3]| -> [T; 3] {
             std::array::from_fn(|r| {
-                (f(m[(r, 0)]) * p[0].clone()
-                    + f(m[(r, 1)]) * p[1].clone()
-                    + f(m[(r, 2)]) * p[2].clone())
-                    * f(t.scale)
+                f(t.linear[(r, 0)]) * p[0].clone()
+                    + f(t.linear[(r, 1)]) * p[1].clone()
+                    + f(t.linear[(r, 2)]) * p[2].clone()
                     + f(t.translation[r])
             })
         };
@@ -661,7 +621,7 @@ mod tests {
         let edge = |older, newer| LoopEdge {
             older,
             newer,
-            older_from_newer: Sim3::from_pose(&Pose::identity()),
+            older_from_newer: Sim3::identity(),
             inliers: 100,
         };
         // Segment 2 to 0, then 3 to 2: a chain of loops makes one segment of three.
@@ -672,19 +632,30 @@ mod tests {
     }
 
     #[test]
-    fn sim3_algebra_inverts_and_composes() {
-        let a = Sim3 {
-            scale: 1.7,
-            rotation: UnitQuaternion::from_euler_angles(0.3, -0.2, 1.1),
-            translation: Vector3::new(1.0, -2.0, 0.5),
-        };
-        let b = Sim3 {
-            scale: 0.6,
-            rotation: UnitQuaternion::from_euler_angles(-0.4, 0.1, 0.2),
-            translation: Vector3::new(0.2, 0.3, -1.0),
-        };
-        let x = Vector3::new(0.3, 0.7, -0.2);
-        assert!((a.inverse().apply(&a.apply(&x)) - x).norm() < 1e-12);
-        assert!((a.compose(&b).apply(&x) - a.apply(&b.apply(&x))).norm() < 1e-12);
+    fn corrections_blend_in_log_scale_and_apply_as_similarities() {
+        let a = Sim3::from_parts(
+            Translation3::new(1.0, -2.0, 0.5),
+            UnitQuaternion::from_euler_angles(0.3, -0.2, 1.1),
+            1.7,
+        );
+        let b = Sim3::from_parts(
+            Translation3::new(0.2, 0.3, -1.0),
+            UnitQuaternion::from_euler_angles(-0.4, 0.1, 0.2),
+            0.6,
+        );
+        let mid = lerp(&a, &b, 0.5);
+        assert!((mid.scaling() - (1.7f64 * 0.6).sqrt()).abs() < 1e-12);
+        let x = Point3::new(0.3, 0.7, -0.2);
+        let e = Affine::of(&a);
+        assert!(
+            (e.linear * x.coords + e.translation - a.transform_point(&x).coords).norm() < 1e-12
+        );
+        // A corrected pose keeps its rotation and moves its centre as a point.
+        let p = Pose::from_parts(Translation3::new(0.1, 0.2, 0.3), UnitQuaternion::identity());
+        let q = pose_of(&(a * sim3(&p)));
+        assert!(
+            (q.translation.vector - a.transform_point(&Point3::new(0.1, 0.2, 0.3)).coords).norm()
+                < 1e-12
+        );
     }
 }

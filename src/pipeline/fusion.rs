@@ -279,20 +279,17 @@ impl Fusion {
     /// The final cloud: outliers removed and normals estimated, from one k-nearest-neighbour
     /// query per point (see [`without_outliers_with_normals`]).
     pub fn finished_cloud(&self) -> PointCloud {
-        self.finished_cloud_moved(None)
+        self.finished_from(&self.cloud())
     }
 
     /// [`Self::finished_cloud`] of the points moved by `moved(frame, point)` first (loop
     /// closure's corrections: each point follows the last frame that saw it).
-    pub fn finished_cloud_moved(
-        &self,
-        moved: Option<&dyn Fn(u32, [f32; 3]) -> [f32; 3]>,
-    ) -> PointCloud {
-        without_outliers_with_normals(
-            &self.cloud_moved(moved),
-            self.config.neighbours,
-            self.config.outlier_std_ratio,
-        )
+    pub fn finished_cloud_moved(&self, moved: &dyn Fn(u32, [f32; 3]) -> [f32; 3]) -> PointCloud {
+        self.finished_from(&self.cloud_moved(Some(moved)))
+    }
+
+    fn finished_from(&self, cloud: &PointCloud) -> PointCloud {
+        without_outliers_with_normals(cloud, self.config.neighbours, self.config.outlier_std_ratio)
     }
 }
 

@@ -331,41 +331,26 @@ pub fn run_with(
             ));
         }
     }
-    let online: Vec<(u64, u32, Pose)> = tally
-        .trajectory
-        .iter()
-        // The frames the trajectory files hold: placed ones, and a turning camera's
-        // orientation-only poses.
-        .filter(|t| t.stats.tracked || t.stats.orientation_only)
-        .map(|t| (t.index, t.stats.segment, t.world_from_cam))
-        .collect();
     let (corrected, loop_report) = match loops {
         Some(l) => {
+            let online: Vec<(u64, u32, Pose)> = tally
+                .trajectory
+                .iter()
+                // The frames the trajectory files hold: placed ones, and a turning camera's
+                // orientation-only poses.
+                .filter(|t| t.stats.tracked || t.stats.orientation_only)
+                .map(|t| (t.index, t.stats.segment, t.world_from_cam))
+                .collect();
             let (c, r) = l.finish(&online);
-            (c, Some(r))
+            (c.filter(|c| !c.is_empty()), Some(r))
         }
         None => (None, None),
     };
-    let corrected_poses: Option<Vec<(u64, Pose)>> = corrected
-        .as_ref()
-        .map(|c| c.iter().map(|f| (f.index, f.world_from_cam)).collect());
     let t_cloud = Instant::now();
-    // After loop closure each point follows the correction of the last frame that saw it.
-    let follow = |frame: u32, p: [f32; 3]| -> [f32; 3] {
-        let Some(c) = corrected.as_ref().filter(|c| !c.is_empty()) else {
-            return p;
-        };
-        let at = c.partition_point(|f| f.index <= u64::from(frame)).max(1) - 1;
-        let x = c[at]
-            .correction
-            .apply(&nalgebra::Vector3::new(p[0], p[1], p[2]).cast::<f64>());
-        [x.x as f32, x.y as f32, x.z as f32]
+    let cloud = match &corrected {
+        Some(c) => fusion.finished_cloud_moved(&|frame, p| loops::follow(c, frame, p)),
+        None => fusion.finished_cloud(),
     };
-    let cloud = fusion.finished_cloud_moved(
-        corrected
-            .as_ref()
-            .map(|_| &follow as &dyn Fn(u32, [f32; 3]) -> [f32; 3]),
-    );
     log::debug!(
         "final cloud: {} points in {:.0} ms",
         cloud.len(),
@@ -438,7 +423,7 @@ pub fn run_with(
             summary: &summary,
             cloud: &cloud,
             intrinsics: report.as_ref(),
-            corrected_poses: corrected_poses.as_deref(),
+            corrected: corrected.as_deref(),
         };
         s.failed = false;
         s.call(&mut finish_error, |sink| sink.finish(&end));

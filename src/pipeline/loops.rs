@@ -69,7 +69,7 @@ impl LoopThread {
                             e.newer,
                             e.older,
                             e.inliers,
-                            e.older_from_newer.scale
+                            e.older_from_newer.scaling()
                         );
                     }
                 }
@@ -141,4 +141,18 @@ impl LoopThread {
         report.corrected = corrected.is_some();
         (corrected, report)
     }
+}
+
+/// Where a point of the online map goes after loop closure: moved by the correction of the last
+/// frame that saw it (`frame`, wrapped to 32 bits as the fusion keeps it), or of the first
+/// corrected frame before it. `corrected` is in frame order and not empty.
+pub(crate) fn follow(corrected: &[Corrected], frame: u32, p: [f32; 3]) -> [f32; 3] {
+    let at = corrected
+        .partition_point(|f| f.index <= u64::from(frame))
+        .max(1)
+        - 1;
+    let x = corrected[at]
+        .correction
+        .transform_point(&nalgebra::Point3::new(p[0], p[1], p[2]).cast::<f64>());
+    [x.x as f32, x.y as f32, x.z as f32]
 }

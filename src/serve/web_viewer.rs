@@ -210,15 +210,6 @@ async fn open_viewer(headers: HeaderMap) -> Redirect {
         .and_then(|h| h.to_str().ok())
         .unwrap_or("127.0.0.1");
     let rrd = format!("http://{host}/recording.rrd");
-    let encoded: String = rrd
-        .bytes()
-        .map(|b| {
-            if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-                char::from(b).to_string()
-            } else {
-                format!("%{b:02X}")
-            }
-        })
-        .collect();
+    let encoded = percent_encoding::utf8_percent_encode(&rrd, percent_encoding::NON_ALPHANUMERIC);
     Redirect::temporary(&format!("/viewer/?url={encoded}"))
 }

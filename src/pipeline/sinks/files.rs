@@ -13,6 +13,7 @@ use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{pose_from_array, pose_to_array, Intrinsics, Pose};
 use streamrecon_core::io_util::{create_dir, write_atomic, write_bytes_atomic};
 use streamrecon_datasets::formats::{depth, ply, tum};
+use streamrecon_geometry::loop_closure::Corrected;
 
 use super::{FrameOutput, RunEnd, Sink};
 use crate::snapshot::{PendingSnapshot, SnapshotSlot};
@@ -236,14 +237,14 @@ impl RunOutputs {
     /// Writes every file that summarises the run, each attempted whatever happened to the
     /// others, `run.json` last with what the others did; says what was and was not written.
     /// `run.json` goes to the system's temporary folder when the output folder cannot take it.
-    /// `corrected`: poses after loop closure (frame index, world_from_cam) for the trajectory
-    /// files; the online ones then go to `trajectory_online.txt`.
+    /// `corrected`: the frames after loop closure, for the trajectory files; the online poses
+    /// then go to `trajectory_online.txt`.
     pub fn finish(
         &self,
         cloud: &PointCloud,
         intrinsics: Option<&IntrinsicsReport>,
         summary: &RunSummary,
-        corrected: Option<&[(u64, Pose)]>,
+        corrected: Option<&[Corrected]>,
     ) -> OutputsReport {
         let mut stamped = self.stamped();
         let mut report = OutputsReport {
@@ -256,7 +257,8 @@ impl RunOutputs {
                 "trajectory_online.txt",
                 tum::write_tum(&self.dir.join("trajectory_online.txt"), &stamped),
             );
-            let by_index: std::collections::HashMap<u64, Pose> = c.iter().copied().collect();
+            let by_index: std::collections::HashMap<u64, Pose> =
+                c.iter().map(|f| (f.index, f.world_from_cam)).collect();
             for (s, p) in stamped.iter_mut().zip(&self.poses) {
                 if let Some(q) = by_index.get(&p.index) {
                     s.world_from_cam = *q;
@@ -429,9 +431,9 @@ impl Sink for FilesSink {
         // Every result the engine made has been through the sinks: the last snapshot can take
         // over.
         PendingSnapshot::commit(&self.snapshot, u64::MAX, &self.outputs);
-        let report =
-            self.outputs
-                .finish(end.cloud, end.intrinsics, end.summary, end.corrected_poses);
+        let report = self
+            .outputs
+            .finish(end.cloud, end.intrinsics, end.summary, end.corrected);
         let missing = report.missing();
         if let Ok(mut slot) = self.report.lock() {
             *slot = Some(report);

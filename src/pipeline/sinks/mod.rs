@@ -59,9 +59,8 @@ pub struct RunEnd<'a> {
     /// The final world cloud (outliers removed, normals).
     pub cloud: &'a PointCloud,
     pub intrinsics: Option<&'a IntrinsicsReport>,
-    /// The trajectory after loop closure's pose graph (frame index, world_from_cam), when it
-    /// ran and found loops.
-    pub corrected_poses: Option<&'a [(u64, streamrecon_core::frame::Pose)]>,
+    /// The trajectory after loop closure's pose graph, when it ran and found loops.
+    pub corrected: Option<&'a [streamrecon_geometry::loop_closure::Corrected]>,
 }
 
 /// Somewhere processed frames go. Sinks run on the pipeline's own thread, in the order given;

@@ -150,11 +150,11 @@ impl Sink for RerunSink {
             self.viewer
                 .log_map(&every(&c.points, step), &colors, normals.as_deref())?;
         }
-        if let Some(poses) = end.corrected_poses {
-            let centres: Vec<[f32; 3]> = poses
+        if let Some(frames) = end.corrected {
+            let centres: Vec<[f32; 3]> = frames
                 .iter()
-                .map(|(_, p)| {
-                    let c = p.translation.vector;
+                .map(|f| {
+                    let c = f.world_from_cam.translation.vector;
                     [c.x as f32, c.y as f32, c.z as f32]
                 })
                 .collect();
