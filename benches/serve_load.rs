@@ -1,13 +1,16 @@
 //! Load on `streamrecon serve` over loopback: N concurrent sessions, each pushing the same
-//! synthetic 320×240 sequence (PNG frames) from its own client thread.
+//! synthetic sequence (PNG frames, 320×240 unless told) from its own client thread.
 //!
 //! Two passes: `live` (every client sends at `FPS` frames/s, latest-wins, drops counted) and
 //! `lossless` (every client sends as fast as the server takes frames; nothing dropped). Per
-//! pass: frames processed per second over all sessions, p50/p95 frame-to-result latency (from
-//! the results), drops, and the server's RSS before, during and after (sessions closed).
+//! pass: frames processed per second over all sessions, p50/p95 latency from a frame's upload
+//! to its first result (a frame flowvo holds before its map gets a pending one at once) and to
+//! its pose, drops (and how evenly the sessions shared them), where a frame's time went (mean
+//! waits and work per stage), and the server's RSS before, during and after (sessions closed).
 //!
-//! `cargo bench --bench serve_load [-- SESSIONS [FRAMES [FPS]]] [no-record]` (defaults 8, 300,
-//! 10; `no-record` alternates each pass with one whose sessions write no rerun recording).
+//! `cargo bench --bench serve_load [-- SESSIONS [FRAMES [FPS]]] [WxH] [no-record] [live]`
+//! (defaults 8, 300, 10, 320x240; `no-record` alternates each pass with one whose sessions write no rerun recording;
+//! `live`: the live pass only). `STREAMRECON_BIN=PATH` runs another build of the server.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +31,21 @@ fn rss(port: u16) -> f64 {
         .unwrap_or(f64::NAN)
 }
 
+/// CPU seconds the process has used (user + system), from /proc.
+fn cpu_s(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name, which is in parentheses.
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks: f64 = [11, 12]
+        .iter()
+        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
+        .sum();
+    // USER_HZ is 100 on Linux.
+    ticks / 100.0
+}
+
 fn percentile(v: &mut [f64], q: f64) -> f64 {
     if v.is_empty() {
         return f64::NAN;
@@ -36,24 +54,89 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
+/// Latencies of one session or pass, ms.
+#[derive(Default)]
+struct Latencies {
+    /// Upload to first result, every frame.
+    answer: Vec<f64>,
+    /// Upload to the result with the pose, every frame.
+    pose: Vec<f64>,
+    /// The same of each session's frames from [`SETTLED_FROM`] on.
+    pose_mapped: Vec<f64>,
+    /// Summed per stage over the frames with a pose from [`SETTLED_FROM`] on: waits at the
+    /// door, before flow, geometry and the sinks, held in an engine; work in flow, geometry,
+    /// fusion.
+    stages: [f64; 8],
+}
+
+impl Latencies {
+    fn of(results: &[serde_json::Value]) -> Self {
+        let mut l = Self::default();
+        let mut answered = std::collections::HashSet::new();
+        for r in results {
+            let (Some(i), Some(ms)) = (r["index"].as_u64(), r["latency_ms"].as_f64()) else {
+                continue;
+            };
+            if answered.insert(i) {
+                l.answer.push(ms);
+            }
+            if r["pending"].as_bool() == Some(true) {
+                continue;
+            }
+            l.pose.push(ms);
+            if i >= SETTLED_FROM {
+                l.pose_mapped.push(ms);
+                let w = &r["waits_ms"];
+                let parts = [
+                    &w["door"],
+                    &w["flow"],
+                    &w["geometry"],
+                    &w["sinks"],
+                    &w["held"],
+                    &r["flow_ms"],
+                    &r["geometry_ms"],
+                    &r["fusion_ms"],
+                ];
+                for (sum, v) in l.stages.iter_mut().zip(parts) {
+                    *sum += v.as_f64().unwrap_or(0.0);
+                }
+            }
+        }
+        l
+    }
+
+    fn extend(&mut self, o: Self) {
+        self.answer.extend(o.answer);
+        self.pose.extend(o.pose);
+        self.pose_mapped.extend(o.pose_mapped);
+        for (a, b) in self.stages.iter_mut().zip(o.stages) {
+            *a += b;
+        }
+    }
+}
+
 struct Pass {
     processed: u64,
     dropped: u64,
+    /// Each session's share of its frames dropped.
+    drop_shares: Vec<f64>,
     wall_s: f64,
-    latencies: Vec<f64>,
-    /// Of each session's frames from [`SETTLED_FROM`] on.
-    latencies_mapped: Vec<f64>,
+    /// The server's CPU time over the pass.
+    cpu_s: f64,
+    latencies: Latencies,
     peak_rss: f64,
 }
 
 fn run_pass(
     port: u16,
+    pid: u32,
     frames: &[Vec<u8>],
     sessions: usize,
     fps: Option<f64>,
     record: bool,
 ) -> Pass {
     let t0 = Instant::now();
+    let cpu0 = cpu_s(pid);
     let body = format!(
         r#"{{"lossless": {}, "record": {record}, "result_points": 100}}"#,
         fps.is_none()
@@ -74,7 +157,7 @@ fn run_pass(
             }
         })
     };
-    let summaries: Vec<(u64, u64, Vec<f64>, Vec<f64>)> = std::thread::scope(|s| {
+    let summaries: Vec<(u64, u64, u64, Latencies)> = std::thread::scope(|s| {
         let handles: Vec<_> = ids
             .iter()
             .map(|id| {
@@ -101,18 +184,7 @@ fn run_pass(
                     );
                     let results = json(&r);
                     let results = results.as_array().unwrap();
-                    let lat: Vec<f64> = results
-                        .iter()
-                        .filter_map(|r| r["latency_ms"].as_f64())
-                        .collect();
-                    // flowvo holds a session's first frames until its map starts (about frame
-                    // 20 of this sequence: up to 2 s at 10 frames/s); from frame 30 on the
-                    // latencies show the service's own delay.
-                    let lat_mapped: Vec<f64> = results
-                        .iter()
-                        .filter(|r| r["index"].as_u64().is_some_and(|i| i >= SETTLED_FROM))
-                        .filter_map(|r| r["latency_ms"].as_f64())
-                        .collect();
+                    let lat = Latencies::of(results);
                     // One set of counts: the status's and run.json's agree, and add up.
                     let (_, st) = http(port, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"");
                     let st = json(&st);
@@ -130,8 +202,8 @@ fn run_pass(
                     (
                         n(&summary, "frames_processed"),
                         n(&summary, "frames_dropped"),
+                        n(&summary, "frames_received"),
                         lat,
-                        lat_mapped,
                     )
                 })
             })
@@ -139,20 +211,24 @@ fn run_pass(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let wall_s = t0.elapsed().as_secs_f64();
+    let cpu_s = cpu_s(pid) - cpu0;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let peak_rss = *peak.lock().unwrap();
     let mut pass = Pass {
         processed: summaries.iter().map(|s| s.0).sum(),
         dropped: summaries.iter().map(|s| s.1).sum(),
+        drop_shares: summaries
+            .iter()
+            .map(|s| s.1 as f64 / s.2.max(1) as f64)
+            .collect(),
         wall_s,
-        latencies: Vec::new(),
-        latencies_mapped: Vec::new(),
+        cpu_s,
+        latencies: Latencies::default(),
         peak_rss,
     };
-    for (_, _, all, settled) in summaries {
-        pass.latencies.extend(all);
-        pass.latencies_mapped.extend(settled);
+    for (_, _, _, l) in summaries {
+        pass.latencies.extend(l);
     }
     pass
 }
@@ -162,6 +238,14 @@ fn main() {
         .skip(1)
         .filter_map(|a| a.parse().ok())
         .collect();
+    // `WxH`: the frames' size (default 320x240).
+    let size = std::env::args()
+        .skip(1)
+        .find(|a| {
+            a.split_once('x')
+                .is_some_and(|(w, h)| w.parse::<u32>().is_ok() && h.parse::<u32>().is_ok())
+        })
+        .unwrap_or_else(|| "320x240".into());
     let sessions = nums.first().map_or(8, |&v| v as usize);
     let frames = nums.get(1).map_or(300, |&v| v as usize);
     let fps = nums.get(2).copied().unwrap_or(10.0);
@@ -170,14 +254,7 @@ fn main() {
     let n = frames.to_string();
     synth(
         &seq,
-        &[
-            "--trajectory",
-            "handheld",
-            "--frames",
-            &n,
-            "--size",
-            "320x240",
-        ],
+        &["--trajectory", "handheld", "--frames", &n, "--size", &size],
     );
     let pngs: Vec<Vec<u8>> = (0..frames)
         .map(|i| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap())
@@ -185,7 +262,7 @@ fn main() {
     let srv = start(&dir.path().join("data"), sessions, &[]);
     let p = srv.port;
     let idle = rss(p);
-    println!("server idle RSS {idle:.1} MiB; {sessions} sessions x {frames} frames of 320x240");
+    println!("server idle RSS {idle:.1} MiB; {sessions} sessions x {frames} frames of {size}");
     let mut after = Vec::new();
     // `-- … no-record` adds passes whose sessions write no rerun recording, alternated with the
     // recording ones.
@@ -194,7 +271,12 @@ fn main() {
     } else {
         &[true]
     };
-    let passes = [("live", Some(fps)), ("lossless", None), ("lossless", None)];
+    // `-- … live`: the live pass only.
+    let passes: &[(&str, Option<f64>)] = if std::env::args().any(|a| a == "live") {
+        &[("live", Some(fps))]
+    } else {
+        &[("live", Some(fps)), ("lossless", None), ("lossless", None)]
+    };
     for ((name, rate), record) in passes
         .iter()
         .flat_map(|p| records.iter().map(move |r| (*p, *r)))
@@ -204,22 +286,45 @@ fn main() {
         } else {
             format!("{name}, no recording")
         };
-        let mut pass = run_pass(p, &pngs, sessions, rate, record);
+        let mut pass = run_pass(p, srv.child.id(), &pngs, sessions, rate, record);
         std::thread::sleep(Duration::from_millis(500));
         let closed = rss(p);
         after.push(closed);
         let offered = (sessions * frames) as u64;
+        let l = &mut pass.latencies;
+        let n_mapped = l.pose_mapped.len().max(1) as f64;
+        let stages: Vec<String> = [
+            "door", "flow", "geometry", "sinks", "held", "flow", "geometry", "fusion",
+        ]
+        .iter()
+        .zip(l.stages)
+        .enumerate()
+        .map(|(i, (name, sum))| {
+            format!(
+                "{}{name} {:.1}",
+                if i < 5 { "wait " } else { "" },
+                sum / n_mapped
+            )
+        })
+        .collect();
+        let shares = &pass.drop_shares;
         println!(
-            "{name:8}{}: {} of {offered} frames processed in {:.1} s = {:.1} frames/s over all sessions, dropped {}, latency p50 {:.0} ms p95 {:.0} ms (from frame {SETTLED_FROM} on: p50 {:.0} ms p95 {:.0} ms), RSS peak {:.1} MiB, after closing {closed:.1} MiB",
+            "{name:8}{}: {} of {offered} frames processed in {:.1} s = {:.1} frames/s over all sessions, {:.1} CPU-ms a frame, dropped {} (per session {:.1}-{:.1} %); latency to the first result p50 {:.0} ms p95 {:.0} ms, to the pose p50 {:.0} ms p95 {:.0} ms (from frame {SETTLED_FROM} on: p50 {:.0} ms p95 {:.0} ms; mean ms: {}); RSS peak {:.1} MiB, after closing {closed:.1} MiB",
             rate.map(|f| format!(" ({f} fps/client)")).unwrap_or_default(),
             pass.processed,
             pass.wall_s,
             pass.processed as f64 / pass.wall_s,
+            1e3 * pass.cpu_s / pass.processed.max(1) as f64,
             pass.dropped,
-            percentile(&mut pass.latencies, 0.5),
-            percentile(&mut pass.latencies, 0.95),
-            percentile(&mut pass.latencies_mapped, 0.5),
-            percentile(&mut pass.latencies_mapped, 0.95),
+            100.0 * shares.iter().copied().fold(f64::INFINITY, f64::min),
+            100.0 * shares.iter().copied().fold(0.0, f64::max),
+            percentile(&mut l.answer, 0.5),
+            percentile(&mut l.answer, 0.95),
+            percentile(&mut l.pose, 0.5),
+            percentile(&mut l.pose, 0.95),
+            percentile(&mut l.pose_mapped, 0.5),
+            percentile(&mut l.pose_mapped, 0.95),
+            stages.join(", "),
             pass.peak_rss,
         );
     }

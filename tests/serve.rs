@@ -84,8 +84,8 @@ fn a_session_streams_frames_to_results_and_outputs() {
     let summary = json(&body)["summary"].clone();
     let processed = summary["frames_processed"].as_u64().unwrap();
     assert!(processed >= 1);
-    // Every processed frame has a result (flowvo may hold frames until it initialises, so they
-    // can arrive as late as the close).
+    // Every processed frame has a result with its pose. flowvo holds its first frames until its
+    // map starts: each of those gets a pending result (no pose) at once, and its pose later.
     let (_, body) = http(
         p,
         "GET",
@@ -93,16 +93,59 @@ fn a_session_streams_frames_to_results_and_outputs() {
         Some(TOKEN),
         b"",
     );
-    let results = json(&body).as_array().unwrap().clone();
+    let all = json(&body).as_array().unwrap().clone();
+    let (pending, results): (Vec<_>, Vec<_>) =
+        all.iter().cloned().partition(|r| r["pending"] == true);
     assert_eq!(results.len() as u64, processed);
+    assert!(!pending.is_empty(), "flowvo held frames before its map");
+    for h in &pending {
+        assert!(h.get("translation").is_none(), "{h}");
+        let later = results.iter().find(|r| r["index"] == h["index"]);
+        let later = later.unwrap_or_else(|| panic!("no pose for held frame {h}"));
+        assert!(
+            later["seq"].as_u64() > h["seq"].as_u64(),
+            "{h} then {later}"
+        );
+        assert!(later["latency_ms"].as_f64() >= h["latency_ms"].as_f64());
+    }
+    // Results are numbered in the order they were made.
+    let seqs: Vec<u64> = all.iter().map(|r| r["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+    // Polling by number misses no pose: a held frame's comes after later frames' results.
+    let after = seqs[pending.len() - 1];
+    let (_, body) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/results?after_seq={after}"),
+        Some(TOKEN),
+        b"",
+    );
+    let tail = json(&body).as_array().unwrap().clone();
+    assert_eq!(
+        tail.len(),
+        all.iter()
+            .filter(|r| r["seq"].as_u64() > Some(after))
+            .count()
+    );
     assert_eq!(
         events.join().unwrap(),
-        processed,
+        all.len() as u64,
         "the event stream carried every result, then ended"
     );
     assert!(results
         .iter()
         .all(|r| r["translation"].as_array().unwrap().len() == 3));
+    // Where each frame's time went: its waits and its flow add up to no more than its latency
+    // (the geometry time of a held frame is that of the frame that released it, inside its hold).
+    for r in &results {
+        let w = &r["waits_ms"];
+        let parts: f64 = ["door", "flow", "geometry", "sinks", "held"]
+            .iter()
+            .map(|k| w[k].as_f64().unwrap())
+            .sum::<f64>()
+            + r["flow_ms"].as_f64().unwrap();
+        assert!(parts <= r["latency_ms"].as_f64().unwrap() + 0.5, "{r}");
+    }
     // Each result carries the run's counts as it left: the last one's are the run's.
     let last = &results.last().unwrap()["counts"];
     assert_eq!(last["processed"], processed, "{last}");
@@ -651,6 +694,7 @@ fn bad_frames_get_clear_errors_and_other_sessions_keep_serving() {
 fn result_poses(results: &[serde_json::Value]) -> Vec<(u64, streamrecon::frame::Pose)> {
     results
         .iter()
+        .filter(|r| r["pending"] != true)
         .map(|r| {
             let t: Vec<f64> = serde_json::from_value(r["translation"].clone()).unwrap();
             let q: Vec<f64> = serde_json::from_value(r["rotation_xyzw"].clone()).unwrap();
@@ -1024,14 +1068,25 @@ fn a_websocket_client_streams_frames_and_receives_results() {
     ws.send(message(f64::NAN, 0, 0, b"not an image")).unwrap();
     let mut errors = Vec::new();
     let mut indices = Vec::new();
-    // (flowvo may hold its first results until it initialises: errors come first.)
+    let mut held = Vec::new();
+    // A result with a pose goes to `indices`, a pending one (a frame flowvo holds until its
+    // map starts) to `held`.
+    let mut take = |v: &serde_json::Value| {
+        if let Some(i) = v["index"].as_u64() {
+            if v["pending"] == true {
+                held.push(i);
+            } else {
+                indices.push(i);
+            }
+        }
+    };
     while errors.len() < 2 {
         if let Message::Text(t) = ws.read().unwrap() {
             let v: serde_json::Value = serde_json::from_str(&t).unwrap();
             if let Some(e) = v["error"].as_str() {
                 errors.push(e.to_string());
             } else {
-                indices.push(v["index"].as_u64().unwrap());
+                take(&v);
             }
         }
     }
@@ -1043,12 +1098,7 @@ fn a_websocket_client_streams_frames_and_receives_results() {
     let processed = json(&body)["summary"]["frames_processed"].as_u64().unwrap();
     loop {
         match ws.read() {
-            Ok(Message::Text(t)) => {
-                let v: serde_json::Value = serde_json::from_str(&t).unwrap();
-                if let Some(i) = v["index"].as_u64() {
-                    indices.push(i);
-                }
-            }
+            Ok(Message::Text(t)) => take(&serde_json::from_str(&t).unwrap()),
             Ok(Message::Close(_)) | Err(_) => break,
             Ok(_) => {}
         }
@@ -1059,6 +1109,9 @@ fn a_websocket_client_streams_frames_and_receives_results() {
         "lossless: every frame processed"
     );
     assert_eq!(indices, (0..u64::from(frames)).collect::<Vec<_>>());
+    // The held frames were told of first, in order, and each got its pose after.
+    assert!(!held.is_empty());
+    assert_eq!(held, (0..held.len() as u64).collect::<Vec<_>>());
 }
 
 #[test]

@@ -34,8 +34,8 @@ use streamrecon_geometry::GeometryEngine;
 
 pub use config::{FlowChoice, GeometryChoice, PipelineConfig};
 pub use options::RunOptions;
-pub use sinks::results::{DepthSample, FrameResult, ResultDetail};
-pub use sinks::{FrameOutput, RunEnd, Sink, Tick};
+pub use sinks::results::{DepthSample, FrameResult, ResultDetail, ResultPose};
+pub use sinks::{FrameOutput, RunEnd, Sink, Tick, Waits};
 pub use snapshot::SNAPSHOT_FILE;
 pub use summary::{
     FrameCounts, FrameMemory, MemorySummary, RunCounters, RunOutcome, RunSummary, StabilizeSummary,
@@ -46,7 +46,7 @@ use fusion::Fusion;
 use sinks::files::{FilesSink, IntrinsicsReport, RunOutputs};
 use sinks::progress::ProgressSink;
 use sinks::rerun::RerunSink;
-use sinks::results::ResultsSink;
+use sinks::results::{HeldFrames, ResultsSink};
 use snapshot::PendingSnapshot;
 use source::Source;
 use stage::{ErrorSlot, GeometryMsg};
@@ -202,6 +202,10 @@ pub fn run_with(
         keep_flow,
         resume_from,
         snapshots,
+        config.results.as_ref().map(|tx| HeldFrames {
+            tx: tx.clone(),
+            counters: counters.clone(),
+        }),
         stop.clone(),
         errors.clone(),
     )?;
@@ -219,6 +223,7 @@ pub fn run_with(
     let mut last_tick = Instant::now();
     let mut frames_since_tick = 0u64;
     for mut r in &rx3 {
+        r.clock.waits.sinks = r.clock.waited();
         let t0 = Instant::now();
         let mut wanting = sinks
             .iter()
@@ -276,10 +281,11 @@ pub fn run_with(
             cloud_points: fusion.len(),
             depth_mm: depth_mm.as_deref(),
             min_confidence: config.fusion.min_confidence,
-            read_at: r.read_at,
-            flow_ms: r.flow_ms,
-            geometry_ms: r.geometry_ms,
+            read_at: r.clock.arrived,
+            flow_ms: r.clock.flow_ms,
+            geometry_ms: r.clock.geometry_ms,
             fusion_ms,
+            waits: r.clock.waits,
         };
         // Counted before the sinks, so the results carry counts that include their frame.
         RunCounters::add(&counters.processed);

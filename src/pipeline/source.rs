@@ -142,6 +142,8 @@ trait RawSource: Send {
 
 struct RawFrame {
     image: RgbImage,
+    /// When a pushed frame was uploaded.
+    arrived: Option<std::time::Instant>,
     timestamp: Option<f64>,
     intrinsics: Option<Intrinsics>,
     gt: Option<streamrecon_core::frame::GroundTruth>,
@@ -164,6 +166,8 @@ pub struct Source {
     intrinsics_supplied: bool,
     /// Lens distortion taken out of every frame (`intrinsics_file`).
     calibration: Option<Calibration>,
+    /// The upload time of the last frame, if it was pushed.
+    last_arrived: Option<std::time::Instant>,
     done: bool,
 }
 
@@ -226,6 +230,7 @@ impl Source {
             intrinsics_original: None,
             intrinsics_supplied: false,
             calibration: None,
+            last_arrived: None,
             done: false,
             lossless: false,
         }
@@ -262,6 +267,11 @@ impl Source {
     pub fn continue_at(&mut self, next: u64) {
         self.raw_index = next;
         self.emitted = next;
+    }
+
+    /// When the last frame was uploaded, if it was pushed.
+    pub fn last_arrived(&self) -> Option<std::time::Instant> {
+        self.last_arrived
     }
 
     /// Whether frames come from a client (not a file, camera or URL).
@@ -360,6 +370,7 @@ impl Source {
     }
 
     fn finish_frame(&mut self, mut raw: RawFrame, source_index: u64) -> Result<Frame> {
+        self.last_arrived = raw.arrived;
         let (w0, h0) = raw.image.dimensions();
         check_frame_size(w0, h0).map_err(|why| {
             self.done = true;
@@ -540,6 +551,7 @@ impl RawSource for CaptureSource {
             .filter(|t| *t > 0.0)
             .map(|t| t / 1000.0);
         Some(rgb_from_bgr_mat(&m).map(|image| RawFrame {
+            arrived: None,
             image,
             timestamp: ts,
             intrinsics: None,
@@ -589,6 +601,7 @@ impl RawSource for FolderSource {
         let p = self.files.get(self.next)?.clone();
         self.next += 1;
         Some(read_rgb(&p).map(|image| RawFrame {
+            arrived: None,
             image,
             timestamp: None,
             intrinsics: None,
@@ -637,6 +650,7 @@ impl RawSource for DatasetSource {
         let i = self.next;
         self.next += 1;
         Some(self.ds.frame(i, self.with_depth).map(|f| RawFrame {
+            arrived: None,
             image: f.image,
             timestamp: Some(f.timestamp),
             intrinsics: f.intrinsics,
@@ -735,6 +749,7 @@ impl RawSource for BenchmarkSource {
             Err(e) => return Some(Err(e)),
         };
         Some(Ok(RawFrame {
+            arrived: None,
             image,
             timestamp: Some(f.timestamp),
             intrinsics: self.intrinsics,
@@ -758,6 +773,8 @@ impl RawSource for BenchmarkSource {
 /// A frame handed to a pushed source.
 pub struct PushedFrame {
     pub image: RgbImage,
+    /// When the frame was uploaded: its latency counts from here.
+    pub arrived: std::time::Instant,
     /// Seconds; the arrival order when absent.
     pub timestamp: Option<f64>,
     pub intrinsics: Option<Intrinsics>,
@@ -771,6 +788,7 @@ impl RawSource for PushedSource {
     fn next_raw(&mut self) -> Option<Result<RawFrame>> {
         let f = self.rx.recv().ok()?;
         Some(Ok(RawFrame {
+            arrived: Some(f.arrived),
             image: f.image,
             timestamp: f.timestamp,
             intrinsics: f.intrinsics,

@@ -214,6 +214,11 @@ impl RunTally {
             ("fusion", out.fusion_ms),
             ("sinks", sink_ms),
             ("end_to_end", out.read_at.elapsed().as_secs_f64() * 1e3),
+            ("wait_door", out.waits.door),
+            ("wait_flow", out.waits.flow),
+            ("wait_geometry", out.waits.geometry),
+            ("wait_sinks", out.waits.sinks),
+            ("held", out.waits.held),
         ] {
             self.timings.entry(stage).or_default().add(ms);
         }

@@ -68,8 +68,11 @@ fn valid_id(id: &str) -> std::result::Result<&str, ApiError> {
 const RESULT_RING: usize = 10_000;
 /// Results that keep their points and depth (older ones keep the pose only).
 const DETAIL_KEPT: usize = 64;
-/// Frames queued per session before the oldest is dropped.
-const FRAME_QUEUE: usize = 2;
+/// Frames a live session queues at its door: a new one replaces the one waiting (latest wins),
+/// so a frame never waits behind another there.
+const FRAME_QUEUE: usize = 1;
+/// Frames a lossless session queues at its door before uploads wait.
+const FRAME_QUEUE_LOSSLESS: usize = 2;
 /// Largest accepted frame upload.
 const MAX_FRAME_BYTES: usize = 32 << 20;
 
@@ -281,6 +284,8 @@ async fn ingest(
     raw: Option<(u32, u32)>,
     timestamp: Option<f64>,
 ) -> std::result::Result<(u64, u64), ApiError> {
+    // The frame's latency counts from here: decoding and the door's queue are the service's.
+    let arrived = Instant::now();
     let id = &s.id;
     let tx = lock(&s.tx).clone().ok_or_else(|| {
         let why = if s.source.is_some() {
@@ -335,6 +340,7 @@ async fn ingest(
             height: dims.1,
         });
     let mut frame = PushedFrame {
+        arrived,
         image,
         timestamp,
         intrinsics,
@@ -415,8 +421,18 @@ async fn session_status(
 
 #[derive(Deserialize)]
 struct Since {
+    /// Frame index: results of this frame and later ones.
     #[serde(default)]
     since: u64,
+    /// Result number: results made after the one numbered so (a held frame's pose comes
+    /// after the results of later frames, so a client that polls follows `seq`).
+    after_seq: Option<u64>,
+}
+
+impl Since {
+    fn wants(&self, r: &FrameResult) -> bool {
+        r.index >= self.since && self.after_seq.is_none_or(|a| r.seq > a)
+    }
 }
 
 async fn session_results(
@@ -427,14 +443,15 @@ async fn session_results(
     let s = state.session(&id)?;
     let r = lock(&s.results)
         .iter()
-        .filter(|r| r.index >= q.since)
+        .filter(|r| q.wants(r))
         .cloned()
         .collect();
     Ok(Json(r))
 }
 
 /// `GET /sessions/{id}/events?since=N`: results as server-sent events (`event: result`, JSON
-/// data), in order, as they arrive; the stream ends after the last result of a closed session.
+/// data), in the order they were made, as they arrive; the stream ends after the last result of
+/// a closed session.
 async fn session_events(
     State(state): State<Shared>,
     Path(id): Path<String>,
@@ -444,11 +461,11 @@ async fn session_events(
     ApiError,
 > {
     let s = state.session(&id)?;
-    let stream = futures_util::stream::unfold((s, q.since), |(s, next)| async move {
+    let stream = futures_util::stream::unfold((s, q), |(s, mut q)| async move {
         loop {
             let (found, open) = {
                 let ring = lock(&s.results);
-                let found = ring.iter().find(|r| r.index >= next).cloned();
+                let found = ring.iter().find(|r| q.wants(r)).cloned();
                 // Open until the pipeline has been joined (its last results are in the ring).
                 (found, lock(&s.summary).is_none())
             };
@@ -457,7 +474,8 @@ async fn session_events(
                     .event("result")
                     .json_data(&r)
                     .unwrap_or_else(|_| Event::default().comment("unserialisable result"));
-                return Some((Ok(event), (s, r.index + 1)));
+                q.after_seq = Some(r.seq);
+                return Some((Ok(event), (s, q)));
             }
             if !open {
                 return None;

@@ -21,8 +21,8 @@ use streamrecon_pipeline::{
 use streamrecon_viewer::RerunTarget;
 
 use super::{
-    lock, valid_id, ApiError, AppState, Session, Shared, DETAIL_KEPT, FRAME_QUEUE, RESULT_POINTS,
-    RESULT_RING, SESSION_FILE,
+    lock, valid_id, ApiError, AppState, Session, Shared, DETAIL_KEPT, FRAME_QUEUE,
+    FRAME_QUEUE_LOSSLESS, RESULT_POINTS, RESULT_RING, SESSION_FILE,
 };
 
 /// Longest session name, characters.
@@ -213,7 +213,12 @@ pub(super) fn start_session(
             .map(|n| format!(" ({n})"))
             .unwrap_or_default()
     );
-    let (tx, rx) = bounded::<PushedFrame>(FRAME_QUEUE);
+    let lossless = req.lossless == Some(true);
+    let (tx, rx) = bounded::<PushedFrame>(if lossless {
+        FRAME_QUEUE_LOSSLESS
+    } else {
+        FRAME_QUEUE
+    });
     let source = if let Some(src) = &req.source {
         let spec = match SourceSpec::parse(src) {
             Ok(spec) if spec.is_live() => spec,
@@ -252,7 +257,8 @@ pub(super) fn start_session(
         std::thread::Builder::new()
             .name(format!("results-{id}"))
             .spawn(move || {
-                for r in res_rx {
+                for (seq, mut r) in (1..).zip(res_rx) {
+                    r.seq = seq;
                     let mut q = lock(&results);
                     if q.len() == RESULT_RING {
                         q.pop_front();

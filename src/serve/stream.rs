@@ -59,7 +59,8 @@ fn parse(mut b: Bytes) -> Result<FrameMessage, String> {
 }
 
 async fn follow(s: Arc<Session>, mut socket: WebSocket) {
-    let mut next = lock(&s.results).back().map_or(0, |r| r.index + 1);
+    // Results made from now on, in the order they are made.
+    let mut next = lock(&s.results).back().map_or(0, |r| r.seq + 1);
     let mut tick = tokio::time::interval(Duration::from_millis(30));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -87,11 +88,11 @@ async fn follow(s: Arc<Session>, mut socket: WebSocket) {
                     let ring = lock(&s.results);
                     let new: Vec<String> = ring
                         .iter()
-                        .filter(|r| r.index >= next)
+                        .filter(|r| r.seq >= next)
                         .filter_map(|r| serde_json::to_string(r).ok())
                         .collect();
                     if let Some(last) = ring.back() {
-                        next = next.max(last.index + 1);
+                        next = next.max(last.seq + 1);
                     }
                     (new, lock(&s.summary).is_none())
                 };

@@ -24,7 +24,10 @@ impl Drop for Server {
 pub fn start(data: &std::path::Path, max_sessions: usize, extra: &[&std::ffi::OsStr]) -> Server {
     let tok = data.with_extension("token");
     std::fs::write(&tok, TOKEN).unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+    // STREAMRECON_BIN: another build of the server, for a bench to compare with this one.
+    let bin = std::env::var_os("STREAMRECON_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_streamrecon").into());
+    let mut child = Command::new(bin)
         .args(["serve", "--bind", "127.0.0.1:0", "--max-sessions"])
         .arg(max_sessions.to_string())
         .arg("--token-file")

@@ -32,7 +32,7 @@ pub struct FrameOutput<'a> {
     pub depth_mm: Option<&'a [u16]>,
     /// Depth pixels under this confidence are not shown or written.
     pub min_confidence: f32,
-    /// When the source read the frame.
+    /// When the frame arrived: a pushed frame's upload, any other frame's reading.
     pub read_at: Instant,
     /// A decimated view of the whole fused map, on the frames a sink asked for it
     /// ([`Sink::map_every`]).
@@ -41,6 +41,26 @@ pub struct FrameOutput<'a> {
     pub flow_ms: f64,
     pub geometry_ms: f64,
     pub fusion_ms: f64,
+    /// Milliseconds the frame waited before each stage and inside the engines.
+    pub waits: Waits,
+}
+
+/// Where a frame waited on its way through the pipeline, milliseconds. With the stages' own
+/// times they make up its latency.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Waits {
+    /// At the door: from a pushed frame's upload to the pipeline's reading it (0 for frames
+    /// the pipeline reads itself).
+    pub door: f64,
+    /// Before the flow stage took it.
+    pub flow: f64,
+    /// Before the geometry stage took it.
+    pub geometry: f64,
+    /// Before fusion and the sinks took it.
+    pub sinks: f64,
+    /// Inside the engines: waiting for the frames after it (a learned flow's window, a map
+    /// being started).
+    pub held: f64,
 }
 
 /// The stream's rate, about twice a second.

@@ -5,9 +5,10 @@ use crossbeam_channel::Sender;
 use serde::Serialize;
 
 use streamrecon_core::error::Result;
-use streamrecon_core::frame::Intrinsics;
+use streamrecon_core::frame::{Frame, Intrinsics};
 
-use super::{FrameOutput, RunEnd, Sink};
+use super::{FrameOutput, RunEnd, Sink, Waits};
+use crate::stage::{ms, Clock};
 use crate::summary::{FrameCounts, RunCounters};
 
 /// The optional parts of a [`FrameResult`].
@@ -29,11 +30,37 @@ pub struct DepthSample {
     pub metres: Vec<f32>,
 }
 
-/// What a caller is told about each processed frame.
+/// What a caller is told about each frame: its pose once known, and at once, without the pose,
+/// for a frame the engine holds back (`pending`).
 #[derive(Debug, Clone, Serialize)]
 pub struct FrameResult {
+    /// The results' order of making, numbered by their receiver (the service); 0 before.
+    pub seq: u64,
     pub index: u64,
     pub timestamp: f64,
+    /// The engine holds this frame until it can place it (a map being started): there is no
+    /// pose yet, and a later result with the same index carries it.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub pending: bool,
+    /// Absent while `pending`.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub pose: Option<ResultPose>,
+    /// Milliseconds from the frame's arrival (a pushed frame's upload, else its reading) to
+    /// this result.
+    pub latency_ms: f64,
+    /// Milliseconds each stage spent on this frame.
+    pub flow_ms: f64,
+    pub geometry_ms: f64,
+    pub fusion_ms: f64,
+    /// Milliseconds it waited before each stage and inside the engines.
+    pub waits_ms: Waits,
+    /// The run's frame counts as this result left (a frame with a pose counted as processed).
+    pub counts: FrameCounts,
+}
+
+/// A placed frame's part of its [`FrameResult`].
+#[derive(Debug, Clone, Serialize)]
+pub struct ResultPose {
     /// world_from_cam: translation (x, y, z) and rotation quaternion (x, y, z, w).
     pub translation: [f64; 3],
     pub rotation_xyzw: [f64; 4],
@@ -42,12 +69,6 @@ pub struct FrameResult {
     pub new_points: usize,
     pub cloud_points: usize,
     pub tracked: bool,
-    /// Milliseconds from reading the frame to this result.
-    pub latency_ms: f64,
-    /// Milliseconds each stage spent on this frame.
-    pub flow_ms: f64,
-    pub geometry_ms: f64,
-    pub fusion_ms: f64,
     /// Up to [`ResultDetail::points`] world points this frame added, with their colours.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub points: Vec<[f32; 3]>,
@@ -55,16 +76,42 @@ pub struct FrameResult {
     pub colors: Vec<[u8; 3]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub depth: Option<DepthSample>,
-    /// The run's frame counts as this result left (this frame counted as processed).
-    pub counts: FrameCounts,
 }
 
 impl FrameResult {
     /// Drops the points and depth (keeps the pose and counts), freeing their memory.
     pub fn strip_detail(&mut self) {
-        self.points = Vec::new();
-        self.colors = Vec::new();
-        self.depth = None;
+        if let Some(p) = &mut self.pose {
+            p.points = Vec::new();
+            p.colors = Vec::new();
+            p.depth = None;
+        }
+    }
+}
+
+/// Tells the results' receiver at once of each frame the geometry engine holds back, with a
+/// pending [`FrameResult`] (its pose follows in the frame's own result).
+#[derive(Clone)]
+pub(crate) struct HeldFrames {
+    pub(crate) tx: Sender<FrameResult>,
+    pub(crate) counters: RunCounters,
+}
+
+impl HeldFrames {
+    pub(crate) fn notify(&self, frame: &Frame, clock: &Clock, geometry_ms: f64) {
+        let _ = self.tx.try_send(FrameResult {
+            seq: 0,
+            index: frame.index,
+            timestamp: frame.timestamp,
+            pending: true,
+            pose: None,
+            latency_ms: clock.latency_ms(),
+            flow_ms: clock.flow_ms,
+            geometry_ms,
+            fusion_ms: 0.0,
+            waits_ms: clock.waits,
+            counts: self.counters.get(),
+        });
     }
 }
 
@@ -108,33 +155,38 @@ impl Sink for ResultsSink {
             _ => None,
         };
         let _ = self.tx.try_send(FrameResult {
+            seq: 0,
             index: g.index,
             timestamp: g.timestamp,
-            translation: [t.x, t.y, t.z],
-            rotation_xyzw: [q.i, q.j, q.k, q.w],
-            intrinsics: g.intrinsics,
-            new_points: pts.points.len(),
-            cloud_points: out.cloud_points,
-            tracked: g.stats.tracked,
-            latency_ms: out.read_at.elapsed().as_secs_f64() * 1e3,
+            pending: false,
+            pose: Some(ResultPose {
+                translation: [t.x, t.y, t.z],
+                rotation_xyzw: [q.i, q.j, q.k, q.w],
+                intrinsics: g.intrinsics,
+                new_points: pts.points.len(),
+                cloud_points: out.cloud_points,
+                tracked: g.stats.tracked,
+                points: pts
+                    .points
+                    .iter()
+                    .step_by(step)
+                    .take(detail.points)
+                    .copied()
+                    .collect(),
+                colors: pts
+                    .colors
+                    .iter()
+                    .step_by(step)
+                    .take(detail.points)
+                    .copied()
+                    .collect(),
+                depth,
+            }),
+            latency_ms: ms(out.read_at.elapsed()),
             flow_ms: out.flow_ms,
             geometry_ms: out.geometry_ms,
             fusion_ms: out.fusion_ms,
-            points: pts
-                .points
-                .iter()
-                .step_by(step)
-                .take(detail.points)
-                .copied()
-                .collect(),
-            colors: pts
-                .colors
-                .iter()
-                .step_by(step)
-                .take(detail.points)
-                .copied()
-                .collect(),
-            depth,
+            waits_ms: out.waits,
             counts: self.counters.get(),
         });
         Ok(())

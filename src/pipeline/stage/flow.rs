@@ -13,7 +13,7 @@ use streamrecon_core::error::Result;
 use streamrecon_core::frame::Frame;
 use streamrecon_flow::{FlowEngine, PairFlow};
 
-use super::{spawn, ErrorSlot, FlowMsg, SourceMsg};
+use super::{ms, spawn, ErrorSlot, FlowMsg, SourceMsg};
 
 /// Starts the flow thread. `primer`: a frame the engine sees first and that goes no further (a
 /// resumed stream's last frame before its snapshot, so the first new frame's flow links to it).
@@ -51,23 +51,29 @@ pub(crate) fn start(
                 if !ready {
                     break;
                 }
-                let Some(m) = pending.pop_front() else { break };
+                let Some(mut m) = pending.pop_front() else {
+                    break;
+                };
+                m.clock.waits.held += m.clock.waited();
+                m.clock.hand_on();
                 if tx.send(m).is_err() {
                     return false;
                 }
             }
             true
         };
-        for msg in &rx {
+        for mut msg in &rx {
             first.get_or_insert(msg.frame.index);
+            msg.clock.waits.flow = msg.clock.waited();
             let t0 = Instant::now();
             match engine.push(&msg.frame) {
                 Ok(pairs) => {
+                    msg.clock.flow_ms = ms(t0.elapsed());
+                    msg.clock.hand_on();
                     pending.push_back(FlowMsg {
                         frame: msg.frame,
-                        read_at: msg.read_at,
+                        clock: msg.clock,
                         flow: None,
-                        flow_ms: t0.elapsed().as_secs_f64() * 1e3,
                     });
                     attach(&mut pending, pairs);
                     if !send_ready(&mut pending, first, false) {

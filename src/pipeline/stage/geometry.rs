@@ -15,7 +15,8 @@ use streamrecon_core::flow_field::FlowField;
 use streamrecon_core::frame::Frame;
 use streamrecon_geometry::{FrameGeometry, GeometryEngine};
 
-use super::{on_pool, spawn, ErrorSlot, FlowMsg, GeometryMsg};
+use super::{ms, on_pool, spawn, Clock, ErrorSlot, FlowMsg, GeometryMsg};
+use crate::sinks::results::HeldFrames;
 use crate::snapshot::{PendingSnapshot, SnapshotSlot};
 
 /// Where and how often the engine's state is saved.
@@ -27,6 +28,9 @@ pub(crate) struct Snapshots {
     pub(crate) slot: SnapshotSlot,
 }
 
+/// A frame in the engine: itself, its clock and the backward flow into it (for the sinks).
+type Waiting = (Frame, Clock, Option<FlowField>);
+
 /// Starts the geometry thread; it returns the engine's map segment count.
 pub(crate) fn start(
     mut engine: Box<dyn GeometryEngine>,
@@ -36,6 +40,8 @@ pub(crate) fn start(
     keep_flow: bool,
     resume_from: u64,
     snapshots: Snapshots,
+    // Told of each frame the engine holds back, at once.
+    held: Option<HeldFrames>,
     stop: Arc<AtomicBool>,
     errors: ErrorSlot,
 ) -> Result<JoinHandle<u32>> {
@@ -104,32 +110,36 @@ pub(crate) fn start(
         // The last frame pushed, for the snapshots (kept only when there are any).
         let mut last_frame: Option<Frame> = None;
         // Frames the engine holds back (initialisation), by index.
-        let mut waiting: HashMap<u64, (Frame, Instant, Option<FlowField>, f64)> = HashMap::new();
-        let emit = |geos: Vec<FrameGeometry>, waiting: &mut HashMap<u64, _>, geo_ms: f64| -> bool {
-            for g in geos {
-                let Some((frame, read_at, flow_bwd, flow_ms)) = waiting.remove(&g.index) else {
-                    continue;
-                };
-                let r = GeometryMsg {
-                    frame,
-                    read_at,
-                    geometry: g,
-                    flow_bwd,
-                    flow_ms,
-                    geometry_ms: geo_ms,
-                };
-                if tx.send(r).is_err() {
-                    return false;
+        let mut waiting: HashMap<u64, Waiting> = HashMap::new();
+        let emit =
+            |geos: Vec<FrameGeometry>, waiting: &mut HashMap<u64, Waiting>, geo_ms: f64| -> bool {
+                for g in geos {
+                    let Some((frame, mut clock, flow_bwd)) = waiting.remove(&g.index) else {
+                        continue;
+                    };
+                    clock.geometry_ms = geo_ms;
+                    clock.waits.held += clock.waited();
+                    clock.hand_on();
+                    let r = GeometryMsg {
+                        frame,
+                        clock,
+                        geometry: g,
+                        flow_bwd,
+                    };
+                    if tx.send(r).is_err() {
+                        return false;
+                    }
                 }
-            }
-            true
-        };
-        for msg in &rx {
+                true
+            };
+        for mut msg in &rx {
+            msg.clock.waits.geometry = msg.clock.waited();
             let t0 = Instant::now();
             let res = on_pool(geo_pool.as_ref(), || {
                 engine.push(&msg.frame, msg.flow.as_ref())
             });
-            let geo_ms = t0.elapsed().as_secs_f64() * 1e3;
+            let geo_ms = ms(t0.elapsed());
+            msg.clock.hand_on();
             next_source = msg.frame.source_index + 1;
             if snapshot_path.is_some() {
                 // Without its ground truth: the image is what a resumed flow stage needs.
@@ -139,13 +149,13 @@ pub(crate) fn start(
                     ..msg.frame
                 });
             }
+            let index = msg.frame.index;
             waiting.insert(
-                msg.frame.index,
+                index,
                 (
                     msg.frame,
-                    msg.read_at,
+                    msg.clock,
                     msg.flow.filter(|_| keep_flow).map(|p| p.bwd),
-                    msg.flow_ms,
                 ),
             );
             match res {
@@ -166,6 +176,10 @@ pub(crate) fn start(
                     }
                     if !emit(geos, &mut waiting, geo_ms) {
                         return engine.segments();
+                    }
+                    // Held by the engine: its caller hears of the frame now, its pose later.
+                    if let (Some(held), Some((frame, clock, _))) = (&held, waiting.get(&index)) {
+                        held.notify(frame, clock, geo_ms);
                     }
                 }
                 Err(e) => {

@@ -16,30 +16,79 @@ use streamrecon_core::frame::Frame;
 use streamrecon_flow::PairFlow;
 use streamrecon_geometry::FrameGeometry;
 
+use crate::sinks::Waits;
+
+/// A frame's way through the stages: when it arrived, where its current wait began, its
+/// waits so far and the stages' work on it.
+#[derive(Clone, Copy)]
+pub(crate) struct Clock {
+    /// A pushed frame's upload, any other frame's reading: what its latency counts from.
+    pub(crate) arrived: Instant,
+    /// When the last stage handed it on.
+    handed: Instant,
+    pub(crate) waits: Waits,
+    pub(crate) flow_ms: f64,
+    pub(crate) geometry_ms: f64,
+}
+
+impl Clock {
+    /// The clock of a frame the source read now; `arrived`: when it was uploaded, if pushed.
+    pub(crate) fn read(arrived: Option<Instant>) -> Self {
+        let now = Instant::now();
+        let arrived = arrived.unwrap_or(now);
+        Self {
+            arrived,
+            handed: now,
+            waits: Waits {
+                door: ms(now.saturating_duration_since(arrived)),
+                ..Waits::default()
+            },
+            flow_ms: 0.0,
+            geometry_ms: 0.0,
+        }
+    }
+
+    /// Milliseconds since the frame was last handed on (its wait, when a stage takes it).
+    pub(crate) fn waited(&self) -> f64 {
+        ms(self.handed.elapsed())
+    }
+
+    /// The frame leaves a stage (or starts a wait inside one) now.
+    pub(crate) fn hand_on(&mut self) {
+        self.handed = Instant::now();
+    }
+
+    /// Milliseconds since the frame arrived.
+    pub(crate) fn latency_ms(&self) -> f64 {
+        ms(self.arrived.elapsed())
+    }
+}
+
+pub(crate) fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 /// Source → flow.
 pub(crate) struct SourceMsg {
     pub(crate) frame: Frame,
-    pub(crate) read_at: Instant,
+    pub(crate) clock: Clock,
 }
 
 /// Flow → geometry.
 pub(crate) struct FlowMsg {
     pub(crate) frame: Frame,
-    pub(crate) read_at: Instant,
+    pub(crate) clock: Clock,
     pub(crate) flow: Option<PairFlow>,
-    pub(crate) flow_ms: f64,
 }
 
 /// Geometry → fusion and the sinks.
 pub(crate) struct GeometryMsg {
     pub(crate) frame: Frame,
-    pub(crate) read_at: Instant,
+    pub(crate) clock: Clock,
     pub(crate) geometry: FrameGeometry,
     /// The backward flow into this frame, kept for sinks that show it (made into an image on
     /// their side, off the geometry thread).
     pub(crate) flow_bwd: Option<FlowField>,
-    pub(crate) flow_ms: f64,
-    pub(crate) geometry_ms: f64,
 }
 
 /// Keeps the first error any stage reports.

@@ -4,14 +4,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
 
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 
 use streamrecon_core::error::Result;
 use streamrecon_core::frame::Intrinsics;
 
-use super::{spawn, ErrorSlot, SourceMsg};
+use super::{spawn, Clock, ErrorSlot, SourceMsg};
 use crate::source::{Source, SourceItem};
 use crate::summary::RunCounters;
 
@@ -63,7 +62,7 @@ pub(crate) fn start(
                     }
                     let mut msg = SourceMsg {
                         frame: *frame,
-                        read_at: Instant::now(),
+                        clock: Clock::read(source.last_arrived()),
                     };
                     if let Some(rx) = &rx {
                         // Latest wins: make room by discarding the oldest pending frame.
