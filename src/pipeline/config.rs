@@ -80,6 +80,12 @@ pub struct PipelineConfig {
     pub depth_every: u64,
     /// Frames between stages.
     pub channel_capacity: usize,
+    /// At most this many frames in the stages at once (frames parked in an engine, waiting
+    /// for later ones, not counted); the next waits in the source (a live service session: at
+    /// its door, where a newer frame replaces it). `None`: no limit beyond the channels. 1 gives
+    /// a live stream the lowest latency (no frame waits behind another) at the cost of
+    /// pipelining the stages.
+    pub in_flight: Option<usize>,
     pub progress: bool,
     /// Snapshot the geometry engine's state every n frames into the output folder (0 = never).
     pub snapshot_every: u64,
@@ -110,6 +116,7 @@ impl Default for PipelineConfig {
             rerun: RerunTarget::default(),
             depth_every: 1,
             channel_capacity: 4,
+            in_flight: None,
             progress: false,
             snapshot_every: 0,
             resume: None,

@@ -172,18 +172,27 @@ pub fn run_with(
     let (tx1, rx1) = bounded(cap);
     let (tx2, rx2) = bounded(cap);
     let (tx3, rx3) = bounded::<GeometryMsg>(cap);
+    let gate = stage::Gate::new(config.in_flight);
     let src_thread = stage::source::start(
         source,
         resume_from,
         tx1,
         live.then(|| rx1.clone()),
         counts.clone(),
+        gate.clone(),
         stop.clone(),
         errors.clone(),
     )?;
     let primer = geo_engine.take_resume_frame();
-    let flow_thread =
-        stage::flow::start(flow_engine, primer, rx1, tx2, stop.clone(), errors.clone())?;
+    let flow_thread = stage::flow::start(
+        flow_engine,
+        primer,
+        rx1,
+        tx2,
+        gate.clone(),
+        stop.clone(),
+        errors.clone(),
+    )?;
     // Snapshots are written beside the final file and put in its place by the file sink once
     // every frame before the snapshot's position is in the outputs (see `PendingSnapshot`).
     let snapshots = stage::geometry::Snapshots {
@@ -206,6 +215,7 @@ pub fn run_with(
             tx: tx.clone(),
             counters: counters.clone(),
         }),
+        gate.clone(),
         stop.clone(),
         errors.clone(),
     )?;
@@ -297,6 +307,7 @@ pub fn run_with(
             stop.store(true, Ordering::SeqCst);
         }
         tally.add(&out, t1.elapsed().as_secs_f64() * 1e3);
+        gate.leave(&mut r.clock);
         frames_since_tick += 1;
         let dt = last_tick.elapsed();
         if dt >= TICK {

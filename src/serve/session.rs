@@ -46,6 +46,9 @@ pub(super) struct CreateSession {
     /// Keep every pushed frame: uploads wait for room instead of dropping the oldest (for
     /// recorded sequences; live clients want the default, latest-wins).
     lossless: Option<bool>,
+    /// Live sessions: frames in the pipeline's stages at once (default 1: the lowest latency;
+    /// more pipelines the stages for a fast camera on an idle machine).
+    in_flight: Option<usize>,
     /// Write the session's rerun recording (default true; false saves its share of the CPU,
     /// about a sixth of a session's under load, and its disk).
     record: Option<bool>,
@@ -105,6 +108,9 @@ impl CreateSession {
                     "StreamFlow"
                 }
             ));
+        }
+        if self.in_flight == Some(0) {
+            return Err("in_flight must be 1 or more".into());
         }
         if self.result_depth_stride == Some(0) {
             return Err("result_depth_stride must be 1 or more".into());
@@ -295,8 +301,10 @@ pub(super) fn start_session(
         },
         results: Some(res_tx),
         counters: Some(counters.clone()),
-        // Live sessions: short queues between stages, so a result is about the frame just sent.
-        channel_capacity: if req.lossless == Some(true) { 4 } else { 1 },
+        // Live sessions: one frame in the stages at a time, so a result is about the frame just
+        // sent and a machine that cannot keep up drops frames at the doors, not late everywhere.
+        channel_capacity: if lossless { 4 } else { 1 },
+        in_flight: (!lossless).then(|| req.in_flight.unwrap_or(1)),
         snapshot_every: if options.snapshot_every > 0 {
             options.snapshot_every
         } else {

@@ -13,7 +13,7 @@ use streamrecon_core::error::Result;
 use streamrecon_core::frame::Frame;
 use streamrecon_flow::{FlowEngine, PairFlow};
 
-use super::{ms, spawn, ErrorSlot, FlowMsg, SourceMsg};
+use super::{ms, spawn, ErrorSlot, FlowMsg, Gate, SourceMsg};
 
 /// Starts the flow thread. `primer`: a frame the engine sees first and that goes no further (a
 /// resumed stream's last frame before its snapshot, so the first new frame's flow links to it).
@@ -22,6 +22,7 @@ pub(crate) fn start(
     primer: Option<Frame>,
     rx: Receiver<SourceMsg>,
     tx: Sender<FlowMsg>,
+    gate: Gate,
     stop: Arc<AtomicBool>,
     errors: ErrorSlot,
 ) -> Result<JoinHandle<()>> {
@@ -78,6 +79,10 @@ pub(crate) fn start(
                     attach(&mut pending, pairs);
                     if !send_ready(&mut pending, first, false) {
                         return;
+                    }
+                    // Frames parked until a later frame gives their flow.
+                    for m in &mut pending {
+                        gate.leave(&mut m.clock);
                     }
                 }
                 Err(e) => {

@@ -15,7 +15,7 @@ use streamrecon_core::flow_field::FlowField;
 use streamrecon_core::frame::Frame;
 use streamrecon_geometry::{FrameGeometry, GeometryEngine};
 
-use super::{ms, on_pool, spawn, Clock, ErrorSlot, FlowMsg, GeometryMsg};
+use super::{ms, on_pool, spawn, Clock, ErrorSlot, FlowMsg, Gate, GeometryMsg};
 use crate::sinks::results::HeldFrames;
 use crate::snapshot::{PendingSnapshot, SnapshotSlot};
 
@@ -42,6 +42,7 @@ pub(crate) fn start(
     snapshots: Snapshots,
     // Told of each frame the engine holds back, at once.
     held: Option<HeldFrames>,
+    gate: Gate,
     stop: Arc<AtomicBool>,
     errors: ErrorSlot,
 ) -> Result<JoinHandle<u32>> {
@@ -177,9 +178,13 @@ pub(crate) fn start(
                     if !emit(geos, &mut waiting, geo_ms) {
                         return engine.segments();
                     }
-                    // Held by the engine: its caller hears of the frame now, its pose later.
-                    if let (Some(held), Some((frame, clock, _))) = (&held, waiting.get(&index)) {
-                        held.notify(frame, clock, geo_ms);
+                    // Held by the engine: its caller hears of the frame now, its pose later, and
+                    // it makes way for the frames that will release it.
+                    if let Some((frame, clock, _)) = waiting.get_mut(&index) {
+                        if let Some(held) = &held {
+                            held.notify(frame, clock, geo_ms);
+                        }
+                        gate.leave(clock);
                     }
                 }
                 Err(e) => {

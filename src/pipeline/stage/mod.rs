@@ -6,9 +6,12 @@ pub(crate) mod geometry;
 pub(crate) mod source;
 
 use std::any::Any;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender};
 
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::flow_field::FlowField;
@@ -29,6 +32,8 @@ pub(crate) struct Clock {
     pub(crate) waits: Waits,
     pub(crate) flow_ms: f64,
     pub(crate) geometry_ms: f64,
+    /// Whether the frame has given back its place in the [`Gate`].
+    let_go: bool,
 }
 
 impl Clock {
@@ -45,6 +50,7 @@ impl Clock {
             },
             flow_ms: 0.0,
             geometry_ms: 0.0,
+            let_go: false,
         }
     }
 
@@ -66,6 +72,53 @@ impl Clock {
 
 pub(crate) fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// How many frames may be in the stages at once ([`crate::PipelineConfig::in_flight`]): the
+/// source takes a place before reading a frame; the frame gives it back when it has left the
+/// sinks, is dropped, or is parked in an engine waiting for later frames (which it could not
+/// get otherwise). Without a limit every call is free.
+#[derive(Clone)]
+pub(crate) struct Gate(Option<(Sender<()>, Receiver<()>)>);
+
+impl Gate {
+    pub(crate) fn new(limit: Option<usize>) -> Self {
+        Self(limit.map(|n| {
+            let (tx, rx) = crossbeam_channel::bounded(n.max(1));
+            for _ in 0..n.max(1) {
+                let _ = tx.send(());
+            }
+            (tx, rx)
+        }))
+    }
+
+    /// Waits for a place; false when the run is stopping.
+    pub(crate) fn enter(&self, stop: &AtomicBool) -> bool {
+        let Some((_, rx)) = &self.0 else {
+            return !stop.load(Ordering::SeqCst);
+        };
+        while !stop.load(Ordering::SeqCst) {
+            if rx.recv_timeout(Duration::from_millis(50)).is_ok() {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// A place taken by no frame after all (nothing was read).
+    pub(crate) fn give_back(&self) {
+        if let Some((tx, _)) = &self.0 {
+            let _ = tx.try_send(());
+        }
+    }
+
+    /// The frame of `clock` gives back its place (once).
+    pub(crate) fn leave(&self, clock: &mut Clock) {
+        if !clock.let_go {
+            clock.let_go = true;
+            self.give_back();
+        }
+    }
 }
 
 /// Source → flow.

@@ -1,7 +1,7 @@
 //! The source thread: reads frames, skips the ones a resumed stream has seen, and hands them on;
 //! a live source drops the oldest waiting frame rather than fall behind.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
@@ -10,7 +10,7 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use streamrecon_core::error::Result;
 use streamrecon_core::frame::Intrinsics;
 
-use super::{spawn, Clock, ErrorSlot, SourceMsg};
+use super::{spawn, Clock, ErrorSlot, Gate, SourceMsg};
 use crate::source::{Source, SourceItem};
 use crate::summary::RunCounters;
 
@@ -35,11 +35,14 @@ pub(crate) fn start(
     // holds no receiver, so a flow stage that stops ends its wait).
     rx: Option<Receiver<SourceMsg>>,
     counts: SourceFacts,
+    gate: Gate,
     stop: Arc<AtomicBool>,
     errors: ErrorSlot,
 ) -> Result<JoinHandle<()>> {
     spawn("source", move || {
-        while !stop.load(Ordering::SeqCst) {
+        // A place in the stages first: a waiting live frame stays at the door, where a newer one
+        // replaces it.
+        while gate.enter(&stop) {
             let Some(item) = source.next_item() else {
                 break;
             };
@@ -47,6 +50,7 @@ pub(crate) fn start(
                 Ok(SourceItem::Frame(frame)) => {
                     // Frames the resumed stream has already seen.
                     if frame.source_index < resume_from {
+                        gate.give_back();
                         continue;
                     }
                     if !counts.door_counts {
@@ -70,8 +74,9 @@ pub(crate) fn start(
                             match tx.try_send(msg) {
                                 Ok(()) => break,
                                 Err(TrySendError::Full(m)) => {
-                                    if rx.try_recv().is_ok() {
+                                    if let Ok(mut dropped) = rx.try_recv() {
                                         RunCounters::add(&counts.counters.dropped_inside);
+                                        gate.leave(&mut dropped.clock);
                                     }
                                     msg = m;
                                 }
@@ -83,6 +88,7 @@ pub(crate) fn start(
                     }
                 }
                 Ok(SourceItem::Skipped { what }) => {
+                    gate.give_back();
                     log::warn!("skipped a frame: {what}");
                     if !counts.door_counts {
                         RunCounters::add(&counts.counters.received);
