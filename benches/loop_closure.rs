@@ -2,10 +2,15 @@
 //! 320×240: ATE (% of the path) without and with, loops found, map segments before and after
 //! the loops join them, wall time of both runs (the loops thread shares the cores).
 //!
-//! `cargo bench --bench loop_closure [-- --cases=loop2,loop4,revisit,smooth]`:
+//! Every loop is checked against the ground truth: it is false when the two frames' cameras are
+//! more than [`TRUE_LOOP_METRES`] apart or look more than [`TRUE_LOOP_DEGREES`] apart.
+//!
+//! `cargo bench --bench loop_closure [-- --cases=loop2,loop4,revisit,smooth,repeated0,…]`:
 //! `loop2` two laps (seed 0), `loop4` four laps (1,200 frames, seed 2), `revisit` the kidnapped
-//! camera (900 frames), `smooth` 600 frames that never return (no loop may be found there).
-//! Each sequence is rendered with `streamrecon synth` and run with `streamrecon run`.
+//! camera (900 frames), `smooth` 600 frames that never return (no loop may be found there),
+//! `repeatedN` two laps of the `repeated` scene (one texture repeating every 2 m, identical
+//! objects) with seed N (default cases: seeds 0–3). Each sequence is rendered with
+//! `streamrecon synth` and run with `streamrecon run`.
 
 use std::path::Path;
 use std::process::Command;
@@ -14,6 +19,34 @@ use streamrecon::datasets::formats::tum;
 use streamrecon::eval::pose::{associate, pose_metrics, MAX_TIME_DIFF};
 
 const BIN: &str = env!("CARGO_BIN_EXE_streamrecon");
+
+/// A loop joins two views of one place: cameras at most this far apart…
+const TRUE_LOOP_METRES: f64 = 1.0;
+/// …looking at most this far apart.
+const TRUE_LOOP_DEGREES: f64 = 45.0;
+
+/// Loops of run.json's `loop_closure.loops` (`[frame, frame, inliers]`) that the ground truth
+/// says join different places.
+fn false_loops(seq: &Path, run: &serde_json::Value) -> usize {
+    let gt = tum::read_tum(&seq.join("poses.txt")).expect("ground truth");
+    run["loop_closure"]["loops"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+        .iter()
+        .filter(|l| {
+            let (Some(a), Some(b)) = (l[0].as_u64(), l[1].as_u64()) else {
+                return true;
+            };
+            let (a, b) = (
+                &gt[a as usize].world_from_cam,
+                &gt[b as usize].world_from_cam,
+            );
+            let apart = (a.translation.vector - b.translation.vector).norm();
+            let turned = a.rotation.angle_to(&b.rotation).to_degrees();
+            apart > TRUE_LOOP_METRES || turned > TRUE_LOOP_DEGREES
+        })
+        .count()
+}
 
 fn ate_percent(seq: &Path, trajectory: &Path) -> f64 {
     let gt = tum::read_tum(&seq.join("poses.txt")).expect("ground truth");
@@ -43,27 +76,40 @@ fn main() {
     let cases: Vec<String> = args
         .iter()
         .find_map(|a| a.strip_prefix("--cases="))
-        .unwrap_or("loop2,loop4,revisit,smooth")
+        .unwrap_or("loop2,loop4,revisit,smooth,repeated0,repeated1,repeated2,repeated3")
         .split(',')
         .map(String::from)
         .collect();
     let dir = tempfile::tempdir().expect("temporary folder");
     println!(
-        "{:<8} {:>6} {:>10} {:>10} {:>6} {:>9} {:>8} {:>8}",
-        "case", "frames", "ATE off %", "ATE on %", "loops", "segments", "wall off", "wall on"
+        "{:<10} {:>6} {:>10} {:>10} {:>6} {:>6} {:>9} {:>8} {:>8}",
+        "case",
+        "frames",
+        "ATE off %",
+        "ATE on %",
+        "loops",
+        "false",
+        "segments",
+        "wall off",
+        "wall on"
     );
     for case in &cases {
-        let (trajectory, frames, seed) = match case.as_str() {
-            "loop2" => ("loop", 600, 0),
-            "loop4" => ("loop", 1200, 2),
-            "revisit" => ("revisit", 900, 0),
-            "smooth" => ("smooth", 600, 0),
-            other => panic!("unknown case {other}"),
+        let (scene, trajectory, frames, seed) = match case.as_str() {
+            "loop2" => ("room", "loop", 600, 0),
+            "loop4" => ("room", "loop", 1200, 2),
+            "revisit" => ("room", "revisit", 900, 0),
+            "smooth" => ("room", "smooth", 600, 0),
+            other => match other.strip_prefix("repeated").map(str::parse) {
+                Some(Ok(seed)) => ("repeated", "loop", 600, seed),
+                _ => panic!("unknown case {other}"),
+            },
         };
         let seq = dir.path().join(case);
         let ok = Command::new(BIN)
             .args([
                 "synth",
+                "--scene",
+                scene,
                 "--trajectory",
                 trajectory,
                 "--size",
@@ -83,12 +129,13 @@ fn main() {
         let (wall_on, r) = run(&seq, &on, true);
         let lc = &r["loop_closure"];
         println!(
-            "{:<8} {:>6} {:>10.3} {:>10.3} {:>6} {:>4} -> {:<2} {:>7.1}s {:>7.1}s",
+            "{:<10} {:>6} {:>10.3} {:>10.3} {:>6} {:>6} {:>4} -> {:<2} {:>7.1}s {:>7.1}s",
             case,
             frames,
             ate_percent(&seq, &off.join("trajectory.txt")),
             ate_percent(&seq, &on.join("trajectory.txt")),
             lc["loop_closures"],
+            false_loops(&seq, &r),
             r["map_segments"],
             lc["segments_after_loops"],
             wall_off,

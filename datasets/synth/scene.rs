@@ -20,6 +20,10 @@ type V3 = Vector3<f32>;
 pub enum SceneKind {
     Room,
     Outdoor,
+    /// A square room in one texture that repeats every 2 m, with identical objects placed
+    /// symmetrically about its centre: places half a turn apart look alike (false loop
+    /// closures).
+    Repeated,
 }
 
 #[derive(Debug, Clone)]
@@ -64,6 +68,10 @@ pub struct Object {
     bound_center: V3,
     bound_radius: f32,
 }
+
+/// The one material of the `Repeated` scene: fractal noise, rich in corners, tiling every
+/// `TILE_METRES`.
+const REPEATED_MATERIAL: usize = 0;
 
 /// Candidate objects per screen tile (see [`Scene::bin_objects`]).
 pub struct TileBins {
@@ -534,6 +542,39 @@ impl Scene {
                     ));
                 }
             }
+            SceneKind::Repeated => {
+                // Square, so the loop is a circle and the room looks the same half a turn on.
+                objects.push(Object::new(
+                    Shape::RoomBox {
+                        min: V3::new(-4.0, 0.0, -4.0),
+                        max: V3::new(4.0, 3.0, 4.0),
+                    },
+                    REPEATED_MATERIAL,
+                ));
+                free_min = V3::new(-1.4, 1.1, -1.4);
+                free_max = V3::new(1.4, 1.9, 1.4);
+                // Identical boxes and spheres, each with its twin half a turn round the centre.
+                let half = V3::new(0.4, 0.5, 0.4);
+                for (x, z) in [(3.0, 0.0), (-3.0, 0.0), (0.0, 3.0), (0.0, -3.0)] {
+                    objects.push(Object::new(
+                        Shape::Box {
+                            center: V3::new(x, half.y, z),
+                            half,
+                            world_from_box: Rotation3::identity(),
+                        },
+                        REPEATED_MATERIAL,
+                    ));
+                }
+                for (x, z) in [(2.6, 2.6), (-2.6, -2.6), (2.6, -2.6), (-2.6, 2.6)] {
+                    objects.push(Object::new(
+                        Shape::Sphere {
+                            center: V3::new(x, 1.4, z),
+                            radius: 0.35,
+                        },
+                        REPEATED_MATERIAL,
+                    ));
+                }
+            }
             SceneKind::Outdoor => {
                 objects.push(Object::new(Shape::Ground { height: 0.0 }, mat(&mut rng)));
                 free_min = V3::new(-3.0, 1.2, -3.0);
@@ -585,8 +626,11 @@ impl Scene {
             }
         }
         for obj in &mut objects {
-            obj.face_material =
-                std::array::from_fn(|face| ((obj.material + face) % n_materials) as u32);
+            obj.face_material = if kind == SceneKind::Repeated {
+                [obj.material as u32; 6]
+            } else {
+                std::array::from_fn(|face| ((obj.material + face) % n_materials) as u32)
+            };
         }
         Self {
             kind,
