@@ -267,3 +267,59 @@ fn camera_degradations_change_the_image_as_a_sensor_would() {
         "same degradations, same bytes"
     );
 }
+
+/// A rolling shutter reads each band of rows at its own time: the top band is the scene a
+/// moment before the frame's time, the bottom one a moment after, each exactly those rows of a
+/// global-shutter render at that time.
+#[test]
+fn a_rolling_shutter_reads_each_band_of_rows_at_its_time() {
+    use streamrecon::datasets::synth::{render, Degrade};
+    assert!(Degrade::parse("rolling=1.5").is_err());
+    let rolling = 0.8;
+    let world = SynthWorld::new(streamrecon::datasets::synth::SynthConfig {
+        degrade: Degrade::parse(&format!("rolling={rolling}")).unwrap(),
+        ..common::synth_config(TrajectoryKind::Handheld, 4, 160, 128, 2)
+    });
+    let i = 2;
+    let img = world.camera_image(i, &world.view(i));
+    let global = SynthWorld::new(common::synth_config(
+        TrajectoryKind::Handheld,
+        4,
+        160,
+        128,
+        2,
+    ));
+    let plain = global.camera_image(i, &global.view(i));
+    assert_ne!(
+        img.as_raw(),
+        plain.as_raw(),
+        "a moving camera's rows are skewed"
+    );
+    // 16 bands of 8 rows; band b is read at i + rolling·((b + 0.5)/16 − 0.5).
+    let (w, k) = (160usize, world.intrinsics);
+    for b in [0u32, 15] {
+        let when = i as f64 + rolling * ((f64::from(b) + 0.5) / 16.0 - 0.5);
+        let (a, c) = (
+            world.world_from_cam(when.floor() as usize),
+            world.world_from_cam(when.floor() as usize + 1),
+        );
+        let at = render(&world.scene, &k, &a.lerp_slerp(&c, when - when.floor()));
+        let rows = |img: &image::RgbImage| {
+            img.as_raw()[(b as usize * 8) * w * 3..(b as usize * 8 + 8) * w * 3].to_vec()
+        };
+        // The same rows of a global render at that time, quantised as the camera does.
+        let mut expect = image::RgbImage::new(160, 128);
+        for (px, c) in expect.pixels_mut().zip(&at.rgb) {
+            for ch in 0..3 {
+                px[ch] = (c[ch].clamp(0.0, 1.0) * 255.0).round() as u8;
+            }
+        }
+        let diff = rows(&img)
+            .iter()
+            .zip(rows(&expect))
+            .map(|(&x, y)| x.abs_diff(y))
+            .max()
+            .unwrap();
+        assert!(diff <= 1, "band {b}: largest difference {diff}");
+    }
+}

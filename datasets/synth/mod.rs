@@ -38,10 +38,19 @@ pub struct Degrade {
     /// stream gives); 0 = none.
     #[serde(default)]
     pub jpeg: u8,
+    /// Rolling shutter: the rows are read top to bottom over this fraction of the frame
+    /// interval, the middle row at the frame's time (a phone camera reads in about 0.5–0.9 of
+    /// it at 30 frames/s); 0 = a global shutter.
+    #[serde(default)]
+    pub rolling: f32,
 }
 
+/// Row bands of a rolling-shutter frame, each rendered at its own time.
+const ROLLING_BANDS: u32 = 16;
+
 impl Degrade {
-    /// Parses `noise=0.02,shot=0.01,blur=4,exposure=0.2,fog=0.1,jpeg=75` (any subset).
+    /// Parses `noise=0.02,shot=0.01,blur=4,exposure=0.2,fog=0.1,jpeg=75,rolling=0.7` (any
+    /// subset).
     ///
     /// # Errors
     /// An unknown key or a bad number.
@@ -61,6 +70,14 @@ impl Degrade {
                 "exposure" => d.exposure = num(v)?,
                 "fog" => d.fog = num(v)?,
                 "shot" => d.shot = num(v)?,
+                "rolling" => {
+                    d.rolling = num(v)?;
+                    if !(0.0..=1.0).contains(&d.rolling) {
+                        return Err(format!(
+                            "rolling must be 0-1 of the frame interval, got {v}"
+                        ));
+                    }
+                }
                 "jpeg" => {
                     d.jpeg = v
                         .parse()
@@ -70,8 +87,8 @@ impl Degrade {
                 }
                 _ => {
                     return Err(format!(
-                        "unknown degradation '{k}' (noise, shot, blur, exposure, fog, jpeg)"
-                    ))
+                    "unknown degradation '{k}' (noise, shot, blur, exposure, fog, jpeg, rolling)"
+                ))
                 }
             }
         }
@@ -214,19 +231,55 @@ impl SynthWorld {
         render(&self.scene, &self.intrinsics, &self.world_from_cam(i))
     }
 
+    /// The camera pose at a time in frames, between the frames' poses.
+    fn pose_at(&self, t: f64) -> Pose {
+        let t = t.max(0.0);
+        let i = t.floor() as usize;
+        let (a, b) = (self.world_from_cam(i), self.world_from_cam(i + 1));
+        a.lerp_slerp(&b, t - t.floor())
+    }
+
+    /// The linear RGB the camera sees at time `t` (frames): one render, or with a rolling
+    /// shutter each band of rows rendered at the time it is read.
+    fn render_at(&self, t: f64) -> Vec<[f32; 3]> {
+        let rolling = f64::from(self.config.degrade.rolling);
+        if rolling <= 0.0 {
+            return render(&self.scene, &self.intrinsics, &self.pose_at(t)).rgb;
+        }
+        let k = self.intrinsics;
+        let mut rgb = Vec::with_capacity(k.width as usize * k.height as usize);
+        let bands = ROLLING_BANDS.min(k.height);
+        for b in 0..bands {
+            let (r0, r1) = (k.height * b / bands, k.height * (b + 1) / bands);
+            let middle = f64::from(r0 + r1) * 0.5 / f64::from(k.height);
+            // The band alone: the same camera with its rows cropped.
+            let band = Intrinsics {
+                cy: k.cy - f64::from(r0),
+                height: r1 - r0,
+                ..k
+            };
+            let when = t + rolling * (middle - 0.5);
+            rgb.extend(render(&self.scene, &band, &self.pose_at(when)).rgb);
+        }
+        rgb
+    }
+
     /// The camera image of a view: degradations applied, quantised to u8.
     pub fn camera_image(&self, i: usize, view: &RenderedFrame) -> RgbImage {
         let d = self.config.degrade;
-        // Copied only when blur or fog change it (3.7 MB per 640×480 frame otherwise).
+        // Copied only when blur, fog or the rolling shutter change it (3.7 MB per 640×480 frame
+        // otherwise).
         let mut rgb = std::borrow::Cow::Borrowed(view.rgb.as_slice());
+        if d.rolling > 0.0 {
+            rgb = std::borrow::Cow::Owned(self.render_at(i as f64));
+        }
         if d.blur > 1 && i > 0 {
             let rgb = rgb.to_mut();
-            let (a, b) = (self.world_from_cam(i - 1), self.world_from_cam(i));
             for k in 1..d.blur {
+                // Over the second half of the interval since the previous frame.
                 let t = f64::from(k) / f64::from(d.blur);
-                let pose = a.lerp_slerp(&b, 1.0 - 0.5 * t);
-                let sub = render(&self.scene, &self.intrinsics, &pose);
-                for (acc, s) in rgb.iter_mut().zip(&sub.rgb) {
+                let sub = self.render_at(i as f64 - 0.5 * t);
+                for (acc, s) in rgb.iter_mut().zip(&sub) {
                     for c in 0..3 {
                         acc[c] += s[c];
                     }

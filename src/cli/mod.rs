@@ -120,7 +120,8 @@ struct SynthArgs {
     size: (u32, u32),
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Degradations, e.g. noise=0.02,blur=4,exposure=0.2,fog=0.05.
+    /// Degradations, e.g. noise=0.02,shot=0.001,blur=4,exposure=0.2,fog=0.05,jpeg=75,rolling=0.7
+    /// (rolling: a rolling shutter's readout, as a fraction of the frame interval).
     #[arg(long, value_parser = Degrade::parse)]
     degrade: Option<Degrade>,
     #[arg(long)]
