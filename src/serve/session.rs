@@ -46,8 +46,8 @@ pub(super) struct CreateSession {
     /// Keep every pushed frame: uploads wait for room instead of dropping the oldest (for
     /// recorded sequences; live clients want the default, latest-wins).
     lossless: Option<bool>,
-    /// Live sessions: frames in the pipeline's stages at once (default 1: the lowest latency;
-    /// more pipelines the stages for a fast camera on an idle machine).
+    /// Live sessions fed by their client: frames in the pipeline's stages at once (default 1:
+    /// the lowest latency; more pipelines the stages for a fast camera on an idle machine).
     in_flight: Option<usize>,
     /// Write the session's rerun recording (default true; false saves its share of the CPU,
     /// about a sixth of a session's under load, and its disk).
@@ -303,8 +303,10 @@ pub(super) fn start_session(
         counters: Some(counters.clone()),
         // Live sessions: one frame in the stages at a time, so a result is about the frame just
         // sent and a machine that cannot keep up drops frames at the doors, not late everywhere.
+        // A server-side camera or stream is read on regardless (its newest frame replaces the
+        // waiting one inside): one left unread would hand over stale, buffered frames.
         channel_capacity: if lossless { 4 } else { 1 },
-        in_flight: (!lossless).then(|| req.in_flight.unwrap_or(1)),
+        in_flight: (!lossless && req.source.is_none()).then(|| req.in_flight.unwrap_or(1)),
         snapshot_every: if options.snapshot_every > 0 {
             options.snapshot_every
         } else {
