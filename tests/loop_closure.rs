@@ -18,6 +18,17 @@ fn ate(seq: &Path, trajectory: &Path) -> f64 {
     pose_metrics(&g, &e, 1).unwrap().ate_rmse
 }
 
+/// `streamrecon run SEQ --out OUT --loop-closure`; its run.json.
+fn run_with_loops(seq: &Path, out: &Path) -> serde_json::Value {
+    let o = common::bin()
+        .args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
+        .arg("--loop-closure")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap()
+}
+
 #[test]
 fn a_second_lap_closes_the_loop_and_corrects_the_drift() {
     let dir = tempfile::tempdir().unwrap();
@@ -31,14 +42,7 @@ fn a_second_lap_closes_the_loop_and_corrects_the_drift() {
         1,
     );
     let out = dir.path().join("out");
-    let o = common::bin()
-        .args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .arg("--loop-closure")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let run: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let run = run_with_loops(&seq, &out);
     let lc = &run["loop_closure"];
     assert!(lc["loop_closures"].as_u64().unwrap() >= 1, "{lc}");
     assert_eq!(lc["corrected"], true, "{lc}");
@@ -77,14 +81,7 @@ fn a_repeated_texture_closes_no_false_loop() {
     };
     common::write_sequence(&seq, &config);
     let out = dir.path().join("out");
-    let o = common::bin()
-        .args(["run", seq.to_str().unwrap(), "--out", out.to_str().unwrap()])
-        .arg("--loop-closure")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let run: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(out.join("run.json")).unwrap()).unwrap();
+    let run = run_with_loops(&seq, &out);
     let lc = &run["loop_closure"];
     let gt = tum::read_tum(&seq.join("poses.txt")).unwrap();
     let loops = lc["loops"].as_array().unwrap();
