@@ -35,6 +35,8 @@ const FAST_THRESHOLD: i32 = 5;
 /// Weight of the odometry edge between the last keyframe of a map segment and the first of the
 /// next, against 1 for the others.
 const SEGMENT_JOIN_WEIGHT: f64 = 0.01;
+/// A verified candidate with this many times `min_inliers` ends the search for a keyframe.
+const STRONG_LOOP: usize = 2;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoopClosureConfig {
@@ -351,6 +353,11 @@ impl LoopCloser {
                 if best.is_none_or(|b| e.inliers > b.inliers) {
                     best = Some(e);
                 }
+            }
+            // A match this strong is the place: the weaker candidates' matching (most of this
+            // thread's time) would not replace it.
+            if best.is_some_and(|b| b.inliers >= STRONG_LOOP * self.cfg.min_inliers) {
+                break;
             }
         }
         Ok(best)
