@@ -65,6 +65,36 @@ fn a_second_lap_closes_the_loop_and_corrects_the_drift() {
         rows(&out.join("trajectory.txt")),
         rows(&out.join("trajectory_online.txt"))
     );
+    // COLMAP's images are at the corrected poses: the camera centre −Rᵀt of each image is the
+    // trajectory's position.
+    let traj = tum::read_tum(&out.join("trajectory.txt")).unwrap();
+    let images = std::fs::read_to_string(out.join("colmap/images.txt")).unwrap();
+    let centres: Vec<nalgebra::Vector3<f64>> = images
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let v: Vec<f64> = l
+                .split_whitespace()
+                .skip(1)
+                .take(7)
+                .map(|x| x.parse().unwrap())
+                .collect();
+            let q = nalgebra::UnitQuaternion::from_quaternion(nalgebra::Quaternion::new(
+                v[0], v[1], v[2], v[3],
+            ));
+            -(q.inverse() * nalgebra::Vector3::new(v[4], v[5], v[6]))
+        })
+        .collect();
+    assert_eq!(centres.len(), traj.len());
+    let worst = centres
+        .iter()
+        .zip(&traj)
+        .map(|(c, p)| (c - p.world_from_cam.translation.vector).norm())
+        .fold(0.0, f64::max);
+    assert!(
+        worst < 1e-6,
+        "COLMAP centres differ from trajectory.txt by {worst}"
+    );
 }
 
 /// The `repeated` scene: one texture repeating every 2 m on every surface, identical boxes and

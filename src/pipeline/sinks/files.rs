@@ -286,7 +286,7 @@ impl RunOutputs {
                 json_bytes(k)
                     .and_then(|j| write_bytes_atomic(&self.dir.join("intrinsics.json"), &j)),
             );
-            report.note("colmap/", self.write_colmap(cloud, &k.model));
+            report.note("colmap/", self.write_colmap(cloud, &k.model, &stamped));
         }
         let mut summary = summary.clone();
         if let Some(missing) = report.missing() {
@@ -319,8 +319,14 @@ impl RunOutputs {
             .map_err(|e2| Error::Invalid(format!("{e}; and {e2}")))
     }
 
-    /// COLMAP text model: one PINHOLE camera, one image per frame, the fused points (no tracks).
-    fn write_colmap(&self, cloud: &PointCloud, k: &Intrinsics) -> Result<()> {
+    /// COLMAP text model: one PINHOLE camera, one image per frame at its pose in `stamped` (the
+    /// trajectory's, corrected after loop closure), the fused points (no tracks).
+    fn write_colmap(
+        &self,
+        cloud: &PointCloud,
+        k: &Intrinsics,
+        stamped: &[tum::StampedPose],
+    ) -> Result<()> {
         let dir = self.dir.join("colmap");
         create_dir(&dir)?;
         // COLMAP puts pixel centres at +0.5.
@@ -337,8 +343,8 @@ impl RunOutputs {
         let mut images = String::from(
             "# Image list with two lines of data per image:\n#   IMAGE_ID, QW, QX, QY, QZ, TX, TY, TZ, CAMERA_ID, NAME\n#   POINTS2D[] as (X, Y, POINT3D_ID)\n",
         );
-        for (i, p) in self.poses.iter().enumerate() {
-            let cfw = p.world_from_cam.inverse();
+        for (i, (p, s)) in self.poses.iter().zip(stamped).enumerate() {
+            let cfw = s.world_from_cam.inverse();
             let q = cfw.rotation.coords;
             let t = cfw.translation.vector;
             let _ = writeln!(
