@@ -4,7 +4,8 @@
 //! scaling), for the default configuration and the variants named on the command line.
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
-//! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--degrade=SPEC]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--degrade=SPEC]
+//! [--photos=DIR]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames.
@@ -89,6 +90,20 @@ fn main() {
     let degrade = arg("--degrade=", &args)
         .map(|v| streamrecon::datasets::synth::Degrade::parse(v).expect("--degrade"))
         .unwrap_or_default();
+    // `--photos=DIR`: the first ten .jpg files in DIR (sorted) as the scene's textures, e.g.
+    // opencv-doc's examples/data.
+    let photos: Vec<std::path::PathBuf> = arg("--photos=", &args)
+        .map(|dir| {
+            let mut v: Vec<_> = std::fs::read_dir(dir)
+                .expect("--photos folder")
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jpg"))
+                .collect();
+            v.sort();
+            v.truncate(10);
+            v
+        })
+        .unwrap_or_default();
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
     for &trajectory in &trajectories {
         for &seed in &seeds {
@@ -98,6 +113,7 @@ fn main() {
                 frames,
                 seed,
                 degrade,
+                photos: photos.clone(),
                 ..SynthConfig::default()
             });
             let mut rendered = Vec::with_capacity(frames);

@@ -323,3 +323,42 @@ fn a_rolling_shutter_reads_each_band_of_rows_at_its_time() {
         assert!(diff <= 1, "band {b}: largest difference {diff}");
     }
 }
+
+/// Photographs become the scene's textures: with every material a red photo, every surface is
+/// red (shaded); a photo that does not read is refused by name before anything is rendered.
+#[test]
+fn photographs_texture_the_scene_and_a_bad_one_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let red = dir.path().join("red.png");
+    image::RgbImage::from_pixel(64, 48, image::Rgb([200, 30, 20]))
+        .save(&red)
+        .unwrap();
+    let world = SynthWorld::new(streamrecon::datasets::synth::SynthConfig {
+        photos: vec![red.clone(); 10],
+        ..common::synth_config(TrajectoryKind::Smooth, 2, 80, 60, 3)
+    });
+    let img = world.camera_image(0, &world.view(0));
+    assert!(
+        img.pixels().all(|p| p[0] > 2 * p[1] && p[0] > 2 * p[2]),
+        "every surface in the photo's colour"
+    );
+    let plain = SynthWorld::new(common::synth_config(TrajectoryKind::Smooth, 2, 80, 60, 3));
+    let procedural = plain.camera_image(0, &plain.view(0));
+    assert!(
+        procedural.pixels().any(|p| p[0] < p[1]),
+        "procedural textures are not all red"
+    );
+    let missing = dir.path().join("missing.jpg");
+    let o = common::bin()
+        .args(["synth", "--frames", "2", "--size", "80x60", "--out"])
+        .arg(dir.path().join("seq"))
+        .arg("--photos")
+        .arg(&red)
+        .arg(&missing)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("missing.jpg"), "{err}");
+    assert!(!dir.path().join("seq").exists(), "nothing written");
+}

@@ -112,6 +112,25 @@ pub struct SynthConfig {
     /// fifth of the rendering time; layouts without flow files skip it).
     #[serde(default = "default_flow")]
     pub flow: bool,
+    /// Photographs for the scene's first materials (real textures instead of procedural ones;
+    /// at most 10 are used).
+    #[serde(default)]
+    pub photos: Vec<std::path::PathBuf>,
+}
+
+/// Reads the photographs of [`SynthConfig::photos`].
+///
+/// # Errors
+/// A file that is not a readable image, named.
+pub fn read_photos(paths: &[std::path::PathBuf]) -> Result<Vec<image::RgbImage>, String> {
+    paths
+        .iter()
+        .map(|p| {
+            image::open(p)
+                .map(|i| i.to_rgb8())
+                .map_err(|e| format!("photo {}: {e}", p.display()))
+        })
+        .collect()
 }
 
 fn default_flow() -> bool {
@@ -131,6 +150,7 @@ impl Default for SynthConfig {
             fps: 30.0,
             degrade: Degrade::default(),
             flow: true,
+            photos: Vec::new(),
         }
     }
 }
@@ -206,7 +226,13 @@ pub struct SynthWorld {
 
 impl SynthWorld {
     pub fn new(config: SynthConfig) -> Self {
-        let scene = Scene::new(config.scene, config.seed);
+        // Checked where the configuration is made (`streamrecon synth` refuses a bad photo);
+        // one that cannot be read here leaves its material procedural.
+        let photos = read_photos(&config.photos).unwrap_or_else(|e| {
+            log::error!("{e}: procedural textures instead");
+            Vec::new()
+        });
+        let scene = Scene::with_photos(config.scene, config.seed, &photos);
         let trajectory = Trajectory::new(
             config.trajectory,
             config.seed,

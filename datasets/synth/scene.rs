@@ -477,16 +477,23 @@ fn atan2(y: f32, x: f32) -> f32 {
 impl Scene {
     /// Builds a scene deterministically from `seed`.
     pub fn new(kind: SceneKind, seed: u64) -> Self {
+        Self::with_photos(kind, seed, &[])
+    }
+
+    /// [`Scene::new`] with photographs as the first materials' textures (the procedural ones
+    /// after them).
+    pub fn with_photos(kind: SceneKind, seed: u64, photos: &[image::RgbImage]) -> Self {
         let mut rng = rand_pcg::Pcg64::seed_from_u64(seed ^ 0x5eed_5cee);
         let n_materials = 10;
         let materials = Materials::new(
             (0..n_materials)
                 .into_par_iter()
-                .map(|m| {
-                    Texture::generate(
+                .map(|m| match photos.get(m) {
+                    Some(photo) => Texture::from_photo(photo),
+                    None => Texture::generate(
                         PATTERNS[m % PATTERNS.len()],
                         seed.wrapping_mul(31).wrapping_add(m as u64),
-                    )
+                    ),
                 })
                 .collect(),
         );

@@ -207,6 +207,35 @@ impl Texture {
             colours: [c0, c1, c2],
             seed: seed as u32,
         });
+        Self::from_base(base)
+    }
+
+    /// A photograph as a texture: scaled to half a tile and mirrored into the other three
+    /// quarters, so it tiles without seams (a real surface's statistics, not a procedural
+    /// pattern's). Its bytes are taken as linear intensities.
+    pub fn from_photo(photo: &image::RgbImage) -> Self {
+        let half = TILE / 2;
+        let small = image::imageops::resize(
+            photo,
+            half as u32,
+            half as u32,
+            image::imageops::FilterType::Triangle,
+        );
+        let mut base = vec![[0.0f32; 3]; TILE * TILE];
+        for y in 0..TILE {
+            // Mirrored: texel `TILE − 1 − y` repeats texel `y`.
+            let sy = if y < half { y } else { TILE - 1 - y };
+            for x in 0..TILE {
+                let sx = if x < half { x } else { TILE - 1 - x };
+                let p = small.get_pixel(sx as u32, sy as u32).0;
+                base[y * TILE + x] = p.map(|v| f32::from(v) / 255.0);
+            }
+        }
+        Self::from_base(base)
+    }
+
+    /// The mip chain of a base level of `TILE`×`TILE` texels.
+    fn from_base(base: Vec<[f32; 3]>) -> Self {
         let mut levels = vec![base];
         let mut size = TILE;
         while size > 1 {

@@ -124,6 +124,10 @@ struct SynthArgs {
     /// (rolling: a rolling shutter's readout, as a fraction of the frame interval).
     #[arg(long, value_parser = Degrade::parse)]
     degrade: Option<Degrade>,
+    /// Photographs as the scene's textures (the first materials; up to 10), e.g. opencv-doc's
+    /// examples/data/*.jpg: real surfaces instead of procedural patterns.
+    #[arg(long, value_name = "IMAGE", num_args = 1..)]
+    photos: Vec<PathBuf>,
     #[arg(long)]
     out: PathBuf,
     /// Dataset layout to write.
@@ -403,8 +407,11 @@ fn cmd_synth(a: &SynthArgs) -> Result<()> {
         seed: a.seed,
         degrade: a.degrade.unwrap_or_default(),
         flow: !a.no_flow && matches!(a.format, Layout::Native | Layout::Sintel | Layout::Kitti),
+        photos: a.photos.clone(),
         ..SynthConfig::default()
     };
+    // A photo that does not read is refused before anything is rendered.
+    streamrecon::datasets::synth::read_photos(&a.photos).map_err(anyhow::Error::msg)?;
     if a.no_flow && a.format == Layout::Kitti {
         bail!("the kitti layout is made of flow pairs; --no-flow leaves nothing to write");
     }
