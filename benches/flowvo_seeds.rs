@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
 //! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--degrade=SPEC]
-//! [--photos=DIR]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--photos=DIR] [--speed=F]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames.
@@ -104,6 +104,8 @@ fn main() {
             v
         })
         .unwrap_or_default();
+    // `--speed=F`: the camera moves F times as far a frame.
+    let speed: f64 = arg("--speed=", &args).map_or(1.0, |v| v.parse().expect("--speed"));
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
     for &trajectory in &trajectories {
         for &seed in &seeds {
@@ -114,6 +116,7 @@ fn main() {
                 seed,
                 degrade,
                 photos: photos.clone(),
+                speed,
                 ..SynthConfig::default()
             });
             let mut rendered = Vec::with_capacity(frames);

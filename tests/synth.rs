@@ -362,3 +362,29 @@ fn photographs_texture_the_scene_and_a_bad_one_is_named() {
     assert!(err.contains("missing.jpg"), "{err}");
     assert!(!dir.path().join("seq").exists(), "nothing written");
 }
+
+/// `speed` moves the camera further a frame along the same path: frame i at speed 2 is frame
+/// 2i at speed 1, and a half-way frame lies between its neighbours.
+#[test]
+fn speed_moves_along_the_same_path() {
+    let config = |speed| streamrecon::datasets::synth::SynthConfig {
+        speed,
+        ..common::synth_config(TrajectoryKind::Handheld, 10, 80, 60, 5)
+    };
+    let (slow, fast, half) = (
+        SynthWorld::new(config(1.0)),
+        SynthWorld::new(config(2.0)),
+        SynthWorld::new(config(0.5)),
+    );
+    for i in 0..5 {
+        assert_eq!(fast.world_from_cam(i), slow.world_from_cam(2 * i));
+    }
+    let (a, b, m) = (
+        slow.world_from_cam(3),
+        slow.world_from_cam(4),
+        half.world_from_cam(7),
+    );
+    let between = (m.translation.vector - a.translation.vector).norm()
+        + (b.translation.vector - m.translation.vector).norm();
+    assert!(between <= (b.translation.vector - a.translation.vector).norm() + 1e-9);
+}

@@ -112,6 +112,10 @@ pub struct SynthConfig {
     /// fifth of the rendering time; layouts without flow files skip it).
     #[serde(default = "default_flow")]
     pub flow: bool,
+    /// How fast the camera moves along its path: frame i is at the path's frame `i · speed`
+    /// (2 = twice as many pixels of motion a frame; fractional positions are interpolated).
+    #[serde(default = "default_speed")]
+    pub speed: f64,
     /// Photographs for the scene's first materials (real textures instead of procedural ones;
     /// at most 10 are used).
     #[serde(default)]
@@ -137,6 +141,10 @@ fn default_flow() -> bool {
     true
 }
 
+fn default_speed() -> f64 {
+    1.0
+}
+
 impl Default for SynthConfig {
     fn default() -> Self {
         Self {
@@ -150,6 +158,7 @@ impl Default for SynthConfig {
             fps: 30.0,
             degrade: Degrade::default(),
             flow: true,
+            speed: 1.0,
             photos: Vec::new(),
         }
     }
@@ -249,7 +258,30 @@ impl SynthWorld {
     }
 
     pub fn world_from_cam(&self, i: usize) -> Pose {
-        self.trajectory.world_from_cam(i)
+        self.pose_at(i as f64)
+    }
+
+    /// Frames at which the path jumps (`jumpy`, `revisit`), at this world's speed.
+    pub fn jump_frames(&self) -> Vec<usize> {
+        let speed = self.speed();
+        let along = (self.config.frames as f64 * speed).ceil() as usize;
+        let mut v: Vec<usize> = self
+            .trajectory
+            .jump_frames(along)
+            .into_iter()
+            .map(|k| (k as f64 / speed).ceil() as usize)
+            .filter(|&f| f < self.config.frames)
+            .collect();
+        v.dedup();
+        v
+    }
+
+    fn speed(&self) -> f64 {
+        if self.config.speed.is_finite() && self.config.speed > 0.0 {
+            self.config.speed
+        } else {
+            1.0
+        }
     }
 
     /// Renders frame `i` without degradations.
@@ -257,12 +289,18 @@ impl SynthWorld {
         render(&self.scene, &self.intrinsics, &self.world_from_cam(i))
     }
 
-    /// The camera pose at a time in frames, between the frames' poses.
+    /// The camera pose at a time in frames: on the path at `t · speed`, between its frames'
+    /// poses.
     fn pose_at(&self, t: f64) -> Pose {
-        let t = t.max(0.0);
+        let t = (t * self.speed()).max(0.0);
         let i = t.floor() as usize;
-        let (a, b) = (self.world_from_cam(i), self.world_from_cam(i + 1));
-        a.lerp_slerp(&b, t - t.floor())
+        let a = self.trajectory.world_from_cam(i);
+        let frac = t - t.floor();
+        // On a frame of the path: its pose exactly.
+        if frac <= 0.0 {
+            return a;
+        }
+        a.lerp_slerp(&self.trajectory.world_from_cam(i + 1), frac)
     }
 
     /// The linear RGB the camera sees at time `t` (frames): one render, or with a rolling

@@ -124,6 +124,9 @@ struct SynthArgs {
     /// (rolling: a rolling shutter's readout, as a fraction of the frame interval).
     #[arg(long, value_parser = Degrade::parse)]
     degrade: Option<Degrade>,
+    /// Camera speed along the path: 2 moves twice as far a frame (faster hand-held motion).
+    #[arg(long, default_value_t = 1.0, value_parser = parse_speed)]
+    speed: f64,
     /// Photographs as the scene's textures (the first materials; up to 10), e.g. opencv-doc's
     /// examples/data/*.jpg: real surfaces instead of procedural patterns.
     #[arg(long, value_name = "IMAGE", num_args = 1..)]
@@ -137,6 +140,13 @@ struct SynthArgs {
     /// long3d never store it): faster, and a native sequence shrinks to about a third.
     #[arg(long)]
     no_flow: bool,
+}
+
+fn parse_speed(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v <= 100.0 => Ok(v),
+        _ => Err(format!("speed must be a number in (0, 100], got {s}")),
+    }
 }
 
 fn parse_size(s: &str) -> Result<(u32, u32), String> {
@@ -383,7 +393,7 @@ fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> 
         generator: format!("streamrecon {}", env!("CARGO_PKG_VERSION")),
         frames: config.frames,
         fps: config.fps,
-        jump_frames: world.trajectory.jump_frames(config.frames),
+        jump_frames: world.jump_frames(),
         config: serde_json::to_value(config)?,
     };
     writer.finish(&sampler.cloud(), &meta)?;
@@ -408,6 +418,7 @@ fn cmd_synth(a: &SynthArgs) -> Result<()> {
         degrade: a.degrade.unwrap_or_default(),
         flow: !a.no_flow && matches!(a.format, Layout::Native | Layout::Sintel | Layout::Kitti),
         photos: a.photos.clone(),
+        speed: a.speed,
         ..SynthConfig::default()
     };
     // A photo that does not read is refused before anything is rendered.

@@ -52,7 +52,7 @@ pub fn write_sequence(dir: &Path, config: &SynthConfig) {
         generator: "test".into(),
         frames: config.frames,
         fps: config.fps,
-        jump_frames: world.trajectory.jump_frames(config.frames),
+        jump_frames: world.jump_frames(),
         config: serde_json::to_value(config).expect("json"),
     };
     w.finish(&sampler.cloud(), &meta).expect("finish dataset");
