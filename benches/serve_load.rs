@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 #[path = "../tests/serve_common/mod.rs"]
 mod serve_common;
 use serve_common::{create, http, json, push, start, synth, TOKEN};
+use streamrecon::stats::cpu_seconds_of;
 
 /// The first frame of a session whose latency is the service's alone: flowvo holds the frames
 /// before its map starts (about frame 20 of this sequence).
@@ -29,21 +30,6 @@ fn rss(port: u16) -> f64 {
         .find_map(|l| l.strip_prefix("streamrecon_rss_mib "))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(f64::NAN)
-}
-
-/// CPU seconds the process has used (user + system), from /proc.
-fn cpu_s(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The fields after the command name, which is in parentheses.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i).and_then(|v| v.parse::<f64>().ok()))
-        .sum();
-    // USER_HZ is 100 on Linux.
-    ticks / 100.0
 }
 
 fn percentile(v: &mut [f64], q: f64) -> f64 {
@@ -136,7 +122,7 @@ fn run_pass(
     record: bool,
 ) -> Pass {
     let t0 = Instant::now();
-    let cpu0 = cpu_s(pid);
+    let cpu0 = cpu_seconds_of(pid);
     let body = format!(
         r#"{{"lossless": {}, "record": {record}, "result_points": 100}}"#,
         fps.is_none()
@@ -211,7 +197,7 @@ fn run_pass(
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     let wall_s = t0.elapsed().as_secs_f64();
-    let cpu_s = cpu_s(pid) - cpu0;
+    let cpu_s = cpu_seconds_of(pid) - cpu0;
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     sampler.join().unwrap();
     let peak_rss = *peak.lock().unwrap();

@@ -100,7 +100,16 @@ pub fn rss_mib() -> f64 {
 /// unavailable). With a machine's core count it bounds throughput: on 2 cores, a pipeline
 /// that needs c CPU-seconds a frame cannot exceed 2/c frames a second (benchmarks).
 pub fn process_cpu_seconds() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+    cpu_seconds_in("/proc/self/stat")
+}
+
+/// [`process_cpu_seconds`] of another process (a server a benchmark drives), by its id.
+pub fn cpu_seconds_of(pid: u32) -> f64 {
+    cpu_seconds_in(&format!("/proc/{pid}/stat"))
+}
+
+fn cpu_seconds_in(stat_file: &str) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(stat_file) else {
         return 0.0;
     };
     // Fields after the parenthesised command name (which may hold spaces): utime and stime

@@ -261,7 +261,7 @@ pub fn run_with(
         if let Some(l) = &mut loops {
             l.offer(&r.frame, g);
         }
-        let fusion_ms = t0.elapsed().as_secs_f64() * 1e3;
+        let fusion_ms = stage::ms(t0.elapsed());
         let t1 = Instant::now();
         // Depth shown and written only where it is confident (0 = unknown), in millimetres.
         let depth_mm: Option<Vec<u16>> = match (&g.depth, &g.confidence) {
@@ -306,7 +306,7 @@ pub fn run_with(
         if sink_error.is_some() && !failed_before {
             stop.store(true, Ordering::SeqCst);
         }
-        tally.add(&out, t1.elapsed().as_secs_f64() * 1e3);
+        tally.add(&out, stage::ms(t1.elapsed()));
         gate.leave(&mut r.clock);
         frames_since_tick += 1;
         let dt = last_tick.elapsed();

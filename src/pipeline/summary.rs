@@ -213,7 +213,7 @@ impl RunTally {
             ("geometry", out.geometry_ms),
             ("fusion", out.fusion_ms),
             ("sinks", sink_ms),
-            ("end_to_end", out.read_at.elapsed().as_secs_f64() * 1e3),
+            ("end_to_end", crate::stage::ms(out.read_at.elapsed())),
             ("wait_door", out.waits.door),
             ("wait_flow", out.waits.flow),
             ("wait_geometry", out.waits.geometry),

@@ -249,7 +249,7 @@ pub(super) fn start_session(
             ..options.source_options()
         };
         let pushed = Source::pushed(&label, rx.clone(), read);
-        if req.lossless == Some(true) {
+        if lossless {
             pushed.lossless()
         } else {
             pushed
@@ -352,7 +352,7 @@ pub(super) fn start_session(
         last_timestamp: Mutex::new(None),
         source: req.source.clone(),
         resumed_at,
-        lossless: req.lossless == Some(true),
+        lossless,
         recording,
     });
     lock(&state.sessions).insert(id.to_string(), session);
