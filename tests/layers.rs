@@ -1,7 +1,7 @@
 //! The workspace's layering, checked from `cargo metadata` against the rules table in
 //! `ARCHITECTURE.md`: no crate depends on a crate the table does not allow it (so never on one
-//! above it), exactly one crate depends on rerun and one on axum, and the fuzz targets' build
-//! holds no opencv, candle, axum or rerun.
+//! above it), exactly one crate depends on rerun, one on axum and one on async-nats, and the
+//! fuzz targets' build holds no opencv, candle, axum or rerun.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -100,6 +100,7 @@ fn no_crate_depends_on_a_layer_the_rules_do_not_allow() {
     );
     let mut rerun = Vec::new();
     let mut axum = Vec::new();
+    let mut nats = Vec::new();
     for p in packages {
         let name = p["name"].as_str().unwrap();
         for dep in deps(p).keys() {
@@ -112,12 +113,18 @@ fn no_crate_depends_on_a_layer_the_rules_do_not_allow() {
             match dep.as_str() {
                 "rerun" => rerun.push(name.to_string()),
                 "axum" => axum.push(name.to_string()),
+                "async-nats" => nats.push(name.to_string()),
                 _ => {}
             }
         }
     }
     assert_eq!(rerun, ["streamrecon-viewer"], "crates depending on rerun");
     assert_eq!(axum, ["streamrecon-serve"], "crates depending on axum");
+    assert_eq!(
+        nats,
+        ["streamrecon-serve"],
+        "crates depending on async-nats"
+    );
 }
 
 #[test]

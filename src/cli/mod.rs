@@ -28,7 +28,7 @@ mod serve;
 use eval::{cmd_eval, EvalCommand};
 use flags::{DisFlags, EngineFlags, RerunFlags, SourceFlags, VideoFlowFlags};
 use model::{cmd_model, ModelCommand};
-use serve::{cmd_serve, cmd_view, ServeArgs, ViewArgs};
+use serve::{cmd_serve, cmd_view, cmd_worker, ServeArgs, ViewArgs, WorkerArgs};
 
 const EXAMPLES: &str = "Examples:
   streamrecon demo                                   # synthetic sequence → full pipeline → ./demo-out/
@@ -62,6 +62,9 @@ enum Command {
     Eval(EvalCommand),
     /// Run the pipeline as a network service: sessions push frames over HTTP and read results back.
     Serve(ServeArgs),
+    /// Run sessions for front doors on NATS (`serve --nats`): claims them through leases, takes
+    /// over those of a worker that died.
+    Worker(WorkerArgs),
     /// Show a recording (.rrd) in rerun's web viewer in any browser, served by this binary.
     View(ViewArgs),
     /// Run a learned model directly on tensors (parity checks against the reference code).
@@ -203,6 +206,7 @@ pub fn main() -> Result<ExitCode> {
         Command::Eval(e) => cmd_eval(&e).map(|()| ExitCode::SUCCESS),
         Command::Model(m) => cmd_model(&m).map(|()| ExitCode::SUCCESS),
         Command::Serve(a) => cmd_serve(&a).map(|()| ExitCode::SUCCESS),
+        Command::Worker(a) => cmd_worker(&a).map(|()| ExitCode::SUCCESS),
         Command::View(a) => cmd_view(&a).map(|()| ExitCode::SUCCESS),
     }
 }

@@ -49,6 +49,134 @@ pub(super) struct ServeArgs {
     /// Also stream every session to a running rerun viewer.
     #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "rerun+http://127.0.0.1:9876/proxy")]
     connect: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// Where the NATS server is and how to log in to it (`serve --nats`, `worker`).
+#[derive(Args)]
+pub(super) struct NatsArgs {
+    /// Serve through NATS JetStream at this URL (`nats://host:4222`, `tls://…`; comma-separated
+    /// for a cluster): a front door that keeps no session state, sessions run by `streamrecon
+    /// worker`s (docs/nats.md).
+    #[arg(long, value_name = "URL")]
+    nats: Option<String>,
+    /// File holding the NATS token.
+    #[arg(long, value_name = "FILE")]
+    nats_token_file: Option<PathBuf>,
+    /// File holding an NKey seed (`SU…`) to log in to NATS with.
+    #[arg(long, value_name = "FILE")]
+    nats_nkey_file: Option<PathBuf>,
+    /// Require TLS to the NATS server.
+    #[arg(long)]
+    nats_tls: bool,
+    /// Seconds a worker's lease on a session lasts unless renewed: how long a dead worker's
+    /// sessions wait before another takes them over. The first process to reach a new NATS
+    /// server sets it for all.
+    #[arg(long, value_name = "S", default_value_t = 10.0)]
+    lease_ttl: f64,
+    /// GiB of frames the broker keeps for all sessions; past it uploads are refused (503,
+    /// retry). Set by the first process to reach a new NATS server.
+    #[arg(long, value_name = "GIB", default_value_t = 4.0)]
+    frames_max_gib: f64,
+}
+
+impl NatsArgs {
+    fn config(&self, url: &str) -> Result<streamrecon::serve::NatsConfig> {
+        let secret = |f: &Option<PathBuf>| -> Result<Option<String>> {
+            f.as_ref()
+                .map(|f| {
+                    std::fs::read_to_string(f)
+                        .map(|t| t.trim().to_string())
+                        .with_context(|| format!("cannot read {}", f.display()))
+                })
+                .transpose()
+        };
+        if !(self.lease_ttl.is_finite() && (0.5..=3600.0).contains(&self.lease_ttl)) {
+            bail!("--lease-ttl must be 0.5 to 3600 seconds");
+        }
+        if !(self.frames_max_gib.is_finite() && (0.01..=1024.0).contains(&self.frames_max_gib)) {
+            bail!("--frames-max-gib must be 0.01 to 1024");
+        }
+        Ok(streamrecon::serve::NatsConfig {
+            url: url.to_string(),
+            token: secret(&self.nats_token_file)?,
+            nkey_seed: secret(&self.nats_nkey_file)?,
+            tls: self.nats_tls,
+            lease_ttl: std::time::Duration::from_secs_f64(self.lease_ttl),
+            frames_max_bytes: (self.frames_max_gib * f64::from(1u32 << 30)) as i64,
+        })
+    }
+}
+
+/// `streamrecon worker`: runs sessions that front doors (`serve --nats`) take in.
+#[derive(Args)]
+pub(super) struct WorkerArgs {
+    #[command(flatten)]
+    nats: NatsArgs,
+    /// Most sessions this worker holds at once.
+    #[arg(long, default_value_t = 4)]
+    max_sessions: usize,
+    /// Where the held sessions' working files go (the outputs themselves go to the broker).
+    #[arg(long, default_value = "streamrecon-worker")]
+    data_dir: PathBuf,
+    /// Snapshot each session's engine and trajectory every N frames into the broker, so a
+    /// session taken over after this worker dies replays at most N frames.
+    #[arg(long, value_name = "N", default_value_t = streamrecon::serve::SNAPSHOT_EVERY)]
+    snapshot_every: u64,
+    /// This worker's name in leases [default: host name and process id].
+    #[arg(long)]
+    name: Option<String>,
+    /// StreamVGGT weights sessions may use (as `serve --weights`).
+    #[arg(long, value_name = "PATH")]
+    weights: Option<PathBuf>,
+    /// Model config JSON for --weights.
+    #[arg(long, value_name = "JSON")]
+    model_config: Option<PathBuf>,
+    /// Learned flow weights sessions may use (as `serve --flow-weights`).
+    #[arg(long, value_name = "PATH")]
+    flow_weights: Option<PathBuf>,
+    /// That model's config JSON for --flow-weights.
+    #[arg(long, value_name = "JSON")]
+    flow_config: Option<PathBuf>,
+}
+
+pub(super) fn cmd_worker(a: &WorkerArgs) -> Result<()> {
+    let Some(url) = &a.nats.nats else {
+        bail!("a worker needs --nats URL");
+    };
+    let name = a.name.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .map_or_else(|_| "worker".into(), |h| h.trim().to_string());
+        format!("{host}-{}", std::process::id())
+    });
+    let config = streamrecon::serve::WorkerConfig {
+        nats: a.nats.config(url)?,
+        serve: streamrecon::serve::ServeConfig {
+            options: RunOptions {
+                weights: a.weights.clone(),
+                model_config: a.model_config.clone(),
+                flow_weights: a.flow_weights.clone(),
+                flow_config: a.flow_config.clone(),
+                ..RunOptions::default()
+            },
+            bind: ([127, 0, 0, 1], 0).into(),
+            token: String::new(),
+            max_sessions: a.max_sessions.max(1),
+            data_dir: a.data_dir.clone(),
+            allow_sources: Vec::new(),
+            connect: None,
+            snapshot_every: a.snapshot_every.max(1),
+        },
+        name,
+    };
+    println!("worker {} on {url}", config.name);
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    streamrecon::serve::run_worker(&config, async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("shutting down: handing sessions back");
+    })
+    .with_context(|| format!("worker on {url}"))
 }
 
 /// A bearer token from a file: one word of 16 characters or more.
@@ -105,17 +233,21 @@ pub(super) fn cmd_serve(a: &ServeArgs) -> Result<()> {
         connect: a.connect.clone(),
         snapshot_every: a.snapshot_every,
     };
-    streamrecon::serve::serve(
-        &config,
-        |addr| {
-            println!("listening on http://{addr}");
-            let _ = std::io::Write::flush(&mut std::io::stdout());
-        },
-        async {
+    let on_bound = |addr| {
+        println!("listening on http://{addr}");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    };
+    if let Some(url) = &a.nats.nats {
+        let nats = a.nats.config(url)?;
+        return streamrecon::serve::serve_door(&config, &nats, on_bound, async {
             let _ = tokio::signal::ctrl_c().await;
-            eprintln!("shutting down: closing sessions");
-        },
-    )?;
+        })
+        .with_context(|| format!("front door on {url}"));
+    }
+    streamrecon::serve::serve(&config, on_bound, async {
+        let _ = tokio::signal::ctrl_c().await;
+        eprintln!("shutting down: closing sessions");
+    })?;
     Ok(())
 }
 

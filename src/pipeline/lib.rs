@@ -34,6 +34,7 @@ use streamrecon_geometry::GeometryEngine;
 
 pub use config::{FlowChoice, GeometryChoice, PipelineConfig};
 pub use options::RunOptions;
+pub use sinks::files::CHECKPOINT_FILE;
 pub use sinks::results::{DepthSample, FrameResult, ResultDetail, ResultPose};
 pub use sinks::{FrameOutput, RunEnd, Sink, Tick, Waits};
 pub use snapshot::SNAPSHOT_FILE;

@@ -10,10 +10,12 @@
 
 mod frames;
 mod metrics;
+mod nats;
 mod session;
 mod stream;
 mod web_viewer;
 
+pub use nats::{run_worker, serve_door, NatsConfig, WorkerConfig};
 pub use web_viewer::view;
 
 use session::{create_session, read_request, start_session};
@@ -206,13 +208,13 @@ impl AppState {
     }
 }
 
-async fn auth(State(state): State<Shared>, req: Request, next: Next) -> Response {
+async fn auth(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
     let ok = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), state.config.token.as_bytes()));
+        .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
     if ok {
         next.run(req).await
     } else {
@@ -242,6 +244,19 @@ async fn push_frame(
         ));
     }
     let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let (raw, timestamp) = frame_headers(header)?;
+    let (received, dropped) = ingest(&s, body, raw, timestamp).await?;
+    Ok(Json(json!({ "received": received, "dropped": dropped })))
+}
+
+/// A raw RGB frame's width and height (`None`: an encoded image).
+type RawSize = Option<(u32, u32)>;
+
+/// What a frame upload's headers say: its size when it is raw RGB (`x-width`, `x-height`) and
+/// its `x-timestamp`, checked.
+fn frame_headers<'a>(
+    header: impl Fn(&str) -> Option<&'a str>,
+) -> std::result::Result<(RawSize, Option<f64>), ApiError> {
     let bad = |m: String| ApiError(StatusCode::BAD_REQUEST, m);
     let timestamp = match header("x-timestamp") {
         Some(v) => Some(
@@ -272,8 +287,7 @@ async fn push_frame(
         }
         _ => None,
     };
-    let (received, dropped) = ingest(&s, body, raw, timestamp).await?;
-    Ok(Json(json!({ "received": received, "dropped": dropped })))
+    Ok((raw, timestamp))
 }
 
 /// Decodes a frame and queues it for a session's pipeline (latest-wins, or waiting for room
@@ -541,6 +555,13 @@ const DOWNLOADS: [&str; 6] = [
     "recording.rrd",
 ];
 
+/// `recording-N.rrd`: a resumed session's later recordings.
+fn is_recording_part(name: &str) -> bool {
+    name.strip_prefix("recording-")
+        .and_then(|r| r.strip_suffix(".rrd"))
+        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+}
+
 async fn download(
     State(state): State<Shared>,
     Path((id, name)): Path<(String, String)>,
@@ -590,7 +611,10 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}/files/{name}", get(download))
         .route("/sessions/{id}/live.rrd", get(web_viewer::live_recording))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
-        .route_layer(middleware::from_fn_with_state(state.clone(), auth));
+        .route_layer(middleware::from_fn_with_state(
+            Arc::<str>::from(state.config.token.as_str()),
+            auth,
+        ));
     // The page holds no data: it asks for the token and sends it with every API call.
     Router::new()
         .route("/health", get(|| async { "ok" }))

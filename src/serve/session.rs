@@ -32,13 +32,13 @@ const MAX_NAME_CHARS: usize = 200;
 /// [`RunOptions`] (the options `streamrecon run` takes, by the same names) over the server's;
 /// unknown keys are refused.
 #[derive(Deserialize, Serialize, Default, Clone)]
-pub(super) struct CreateSession {
-    name: Option<String>,
+pub(crate) struct CreateSession {
+    pub(crate) name: Option<String>,
     /// Continue an earlier session (its id) from its last engine snapshot, with its settings.
-    resume: Option<String>,
+    pub(crate) resume: Option<String>,
     /// Read frames on the server from this camera (`camera:N`) or stream URL (allowlist only)
     /// instead of taking them from the client.
-    source: Option<String>,
+    pub(crate) source: Option<String>,
     /// Points per result (default 500; 0 = none).
     result_points: Option<usize>,
     /// Depth in each result, sampled every n-th pixel (default: no depth).
@@ -62,7 +62,10 @@ impl CreateSession {
     /// flowvo unless they ask for `"geometry": "vggt"`; files (weights, model configs) are the
     /// server's to name. The values are validated where they become a pipeline
     /// (`RunOptions::pipeline_config`).
-    fn run_options(&self, server: &RunOptions) -> std::result::Result<RunOptions, String> {
+    pub(crate) fn run_options(
+        &self,
+        server: &RunOptions,
+    ) -> std::result::Result<RunOptions, String> {
         if let Some(k) = self
             .options
             .keys()

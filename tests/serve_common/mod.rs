@@ -193,3 +193,76 @@ pub fn synth(out: &std::path::Path, args: &[&str]) {
         .unwrap()
         .success());
 }
+
+/// A child process killed when dropped.
+pub struct Proc(pub Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `nats-server -js` on a free loopback port; `None` when it is not installed (the test
+/// command installs it and sets STREAMRECON_REQUIRE_NATS, so CI never skips).
+pub fn nats_server(store: &std::path::Path) -> Option<(Proc, String)> {
+    if Command::new("nats-server")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        assert!(
+            std::env::var_os("STREAMRECON_REQUIRE_NATS").is_none(),
+            "nats-server is not installed (scripts/setup-system installs it)"
+        );
+        eprintln!("skipped: nats-server is not installed");
+        return None;
+    }
+    let mut child = Command::new("nats-server")
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .arg(store)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let port = loop {
+        let line = lines.next().expect("nats-server exited").unwrap();
+        if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
+            break addr.trim().rsplit(':').next().unwrap().to_string();
+        }
+    };
+    // Its log must keep draining.
+    std::thread::spawn(move || lines.for_each(drop));
+    Some((Proc(child), format!("nats://127.0.0.1:{port}")))
+}
+
+/// `streamrecon worker` on `url`, snapshots every 15 frames; returns once it has started.
+pub fn nats_worker(
+    url: &str,
+    data: &std::path::Path,
+    name: &str,
+    max_sessions: usize,
+    lease_ttl_s: f64,
+) -> Proc {
+    let bin = std::env::var_os("STREAMRECON_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_streamrecon").into());
+    let mut child = Command::new(bin)
+        .args(["worker", "--nats", url, "--name", name, "--max-sessions"])
+        .arg(max_sessions.to_string())
+        .args(["--snapshot-every", "15", "--lease-ttl"])
+        .arg(lease_ttl_s.to_string())
+        .arg("--data-dir")
+        .arg(data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.starts_with("worker"), "{line:?}");
+    Proc(child)
+}

@@ -1,0 +1,417 @@
+//! `streamrecon serve --nats URL`: a front door with the embedded server's HTTP API that keeps
+//! no session state: sessions are records in the broker, frames are published to the session's
+//! subject, results read back from its results subject, outputs from the outputs store. Any
+//! front door serves any session.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::HeaderMap as NatsHeaders;
+use axum::body::Bytes;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use serde_json::json;
+
+use streamrecon_core::error::{Error, Result};
+
+use super::{
+    frames_subject, results_subject, unix_now, Broker, NatsConfig, SessionRecord, SessionState,
+    END_HEADER,
+};
+use crate::session::CreateSession;
+use crate::{
+    auth, frame_headers, is_recording_part, json_errors, valid_id, ApiError, ServeConfig, Since,
+    DOWNLOADS, MAX_FRAME_BYTES,
+};
+
+/// Results one poll returns at most (the client asks again from the last `seq`).
+const RESULTS_PER_POLL: usize = 1_000;
+/// How long a close waits for the session's worker to finish its frames and outputs.
+const CLOSE_WAIT: Duration = Duration::from_mins(10);
+
+struct Door {
+    config: ServeConfig,
+    broker: Broker,
+}
+
+type Shared = Arc<Door>;
+
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
+}
+
+impl Door {
+    async fn record(&self, id: &str) -> std::result::Result<(SessionRecord, u64), ApiError> {
+        valid_id(id)?;
+        self.broker
+            .record(id)
+            .await
+            .map_err(unavailable)?
+            .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))
+    }
+}
+
+/// Runs a front door until `shutdown` resolves.
+///
+/// # Errors
+/// NATS cannot be reached or the address cannot be bound.
+pub fn serve_door(
+    config: &ServeConfig,
+    nats: &NatsConfig,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("door")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the service runtime: {e}")))?;
+    rt.block_on(async move {
+        let broker = Broker::connect(nats, "streamrecon-door").await?;
+        let state = Arc::new(Door {
+            config: config.clone(),
+            broker,
+        });
+        let listener = tokio::net::TcpListener::bind(config.bind)
+            .await
+            .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", config.bind)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Invalid(e.to_string()))?;
+        on_bound(addr);
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(shutdown)
+            .await
+            .map_err(|e| Error::Invalid(format!("service: {e}")))
+    })
+}
+
+fn router(state: Shared) -> Router {
+    let token: Arc<str> = Arc::from(state.config.token.as_str());
+    let not_here = || async {
+        ApiError(
+            StatusCode::NOT_IMPLEMENTED,
+            "not served by a NATS front door yet: poll /sessions/{id}/results".into(),
+        )
+    };
+    let api = Router::new()
+        .route("/sessions", post(create_session).get(list_sessions))
+        .route("/sessions/{id}", get(session_status).delete(close_session))
+        .route("/sessions/{id}/frames", post(push_frame))
+        .route("/sessions/{id}/results", get(session_results))
+        .route("/sessions/{id}/files/{name}", get(download))
+        .route("/sessions/{id}/events", get(not_here))
+        .route("/sessions/{id}/stream", get(not_here))
+        .route("/sessions/{id}/live.rrd", get(not_here))
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
+        .route_layer(middleware::from_fn_with_state(token, auth));
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .merge(api)
+        .layer(middleware::map_response(json_errors))
+        .with_state(state)
+}
+
+/// A new session id: `s` and 12 digits from the clock; the bucket refuses one that exists.
+fn new_id(attempt: u32) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "s{:012}",
+        (nanos / 1_000 + u128::from(attempt) * 7_919) % 1_000_000_000_000
+    )
+}
+
+async fn create_session(
+    State(door): State<Shared>,
+    body: Option<Json<CreateSession>>,
+) -> std::result::Result<(StatusCode, Json<serde_json::Value>), ApiError> {
+    let req = body.map(|b| b.0).unwrap_or_default();
+    req.check_for_nats()?;
+    // The same checks as the embedded server, before the session exists.
+    let options = req
+        .run_options(&door.config.options)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e))?;
+    options
+        .pipeline_config()
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.to_string()))?;
+    let record = SessionRecord {
+        request: req,
+        state: SessionState::Open,
+        created_unix: unix_now(),
+        summary: None,
+    };
+    let value: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+    for attempt in 0..10 {
+        let id = new_id(attempt);
+        if door
+            .broker
+            .sessions
+            .create(&id, value.clone())
+            .await
+            .is_ok()
+        {
+            log::info!("session {id} created");
+            return Ok((StatusCode::CREATED, Json(json!({ "id": id }))));
+        }
+    }
+    Err(unavailable("could not create a session record"))
+}
+
+async fn push_frame(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    let (record, _) = door.record(&id).await?;
+    if record.state != SessionState::Open {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("session {id} is closed"),
+        ));
+    }
+    let limit = MAX_FRAME_BYTES.min(door.broker.max_payload.saturating_sub(4096));
+    if body.len() > limit {
+        return Err(ApiError(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "frame of {} bytes (limit {limit}: the NATS server's max_payload)",
+                body.len()
+            ),
+        ));
+    }
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    // Checked here so the client hears of a bad header; the worker decodes the image.
+    frame_headers(header)?;
+    let mut h = NatsHeaders::new();
+    for name in ["content-type", "x-width", "x-height", "x-timestamp"] {
+        if let Some(v) = header(name) {
+            h.insert(name, v);
+        }
+    }
+    let ack = door
+        .broker
+        .js
+        .publish_with_headers(frames_subject(&id), h, body)
+        .await
+        .map_err(unavailable)?
+        .await
+        .map_err(|e| {
+            unavailable(format!(
+                "the broker did not take the frame ({e}); try again"
+            ))
+        })?;
+    Ok(Json(json!({ "stream_seq": ack.sequence })))
+}
+
+async fn session_results(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> std::result::Result<Json<Vec<serde_json::Value>>, ApiError> {
+    door.record(&id).await?;
+    Ok(Json(read_results(&door.broker, &id, &q).await?))
+}
+
+/// The session's results after `q.after_seq` (their `seq` is the results stream's sequence),
+/// of frames from `q.since` on.
+async fn read_results(
+    broker: &Broker,
+    id: &str,
+    q: &Since,
+) -> std::result::Result<Vec<serde_json::Value>, ApiError> {
+    let consumer = broker
+        .results
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: results_subject(id),
+            deliver_policy: match q.after_seq {
+                Some(a) => DeliverPolicy::ByStartSequence {
+                    start_sequence: a + 1,
+                },
+                None => DeliverPolicy::All,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    let mut messages = consumer.messages().await.map_err(unavailable)?;
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while out.len() < RESULTS_PER_POLL {
+        let wait = deadline.saturating_duration_since(Instant::now());
+        // An empty subject delivers nothing: a short wait says so.
+        let first_wait = if out.is_empty() {
+            Duration::from_millis(150)
+        } else {
+            wait
+        };
+        let Ok(Some(Ok(m))) = tokio::time::timeout(first_wait.min(wait), messages.next()).await
+        else {
+            break;
+        };
+        let Ok(info) = m.info() else { break };
+        let (seq, pending) = (info.stream_sequence, info.pending);
+        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+            if v["index"].as_u64().unwrap_or(0) >= q.since {
+                v["seq"] = json!(seq);
+                out.push(v);
+            }
+        }
+        if pending == 0 {
+            break;
+        }
+    }
+    Ok(out)
+}
+
+async fn status_json(door: &Door, id: &str) -> std::result::Result<serde_json::Value, ApiError> {
+    let (record, _) = door.record(id).await?;
+    let lease = door.broker.lease(id).await.map_err(unavailable)?;
+    let last = door
+        .broker
+        .results
+        .get_last_raw_message_by_subject(&results_subject(id))
+        .await
+        .ok()
+        .and_then(|m| {
+            let mut v: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+            v["seq"] = json!(m.sequence);
+            Some(v)
+        });
+    Ok(json!({
+        "id": id,
+        "state": record.state,
+        "running": lease.is_some() && record.state != SessionState::Closed,
+        "worker": lease.as_ref().map(|l| l.worker.clone()),
+        "resumed_at": lease.as_ref().and_then(|l| l.resumed_at),
+        "frames_received": lease.as_ref().map(|l| l.frames_received),
+        "frames_processed": lease.as_ref().map(|l| l.frames_processed),
+        "frames_dropped": lease.as_ref().map(|l| l.frames_dropped),
+        "name": record.request.name,
+        "created_unix": record.created_unix,
+        "last": last,
+        "summary": record.summary,
+    }))
+}
+
+async fn session_status(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    Ok(Json(status_json(&door, &id).await?))
+}
+
+async fn list_sessions(
+    State(door): State<Shared>,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    let mut keys = door.broker.sessions.keys().await.map_err(unavailable)?;
+    let mut ids = Vec::new();
+    while let Some(k) = keys.next().await {
+        ids.push(k.map_err(unavailable)?);
+    }
+    ids.sort();
+    let mut out = Vec::new();
+    for id in ids {
+        if let Ok(v) = status_json(&door, &id).await {
+            out.push(v);
+        }
+    }
+    Ok(Json(json!(out)))
+}
+
+/// Marks the session closing, ends its frames, and waits for its worker to write the outputs.
+async fn close_session(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+) -> std::result::Result<Json<serde_json::Value>, ApiError> {
+    let (mut record, revision) = door.record(&id).await?;
+    if record.state == SessionState::Open {
+        record.state = SessionState::Closing;
+        let v: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
+        // A second close at the same time finds the record changed and only waits.
+        if door.broker.sessions.update(&id, v, revision).await.is_ok() {
+            let mut h = NatsHeaders::new();
+            h.insert(END_HEADER, "1");
+            door.broker
+                .js
+                .publish_with_headers(frames_subject(&id), h, Bytes::new())
+                .await
+                .map_err(unavailable)?
+                .await
+                .map_err(unavailable)?;
+        }
+    }
+    let started = Instant::now();
+    loop {
+        let (r, _) = door.record(&id).await?;
+        if r.state == SessionState::Closed {
+            return Ok(Json(json!({ "id": id, "summary": r.summary })));
+        }
+        if started.elapsed() > CLOSE_WAIT {
+            return Err(ApiError(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "session {id} is closing: no worker finished it within {CLOSE_WAIT:?} \
+                     (see its status)"
+                ),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn download(
+    State(door): State<Shared>,
+    Path((id, name)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    door.record(&id).await?;
+    if !DOWNLOADS.contains(&name.as_str()) && !is_recording_part(&name) {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no file {name}; files: {}", DOWNLOADS.join(", ")),
+        ));
+    }
+    let bytes = door
+        .broker
+        .read_object(&door.broker.outputs, &format!("{id}/{name}"))
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::NOT_FOUND,
+                format!("{name} is not written yet (outputs appear when the session closes)"),
+            )
+        })?;
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+}
+
+impl CreateSession {
+    /// What a NATS front door cannot do: a server-side camera belongs to one machine, and
+    /// resuming is the workers' own business.
+    fn check_for_nats(&self) -> std::result::Result<(), ApiError> {
+        if self.source.is_some() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "source: server-side cameras and streams are not served through NATS (run \
+                 `streamrecon serve` without --nats on the camera's machine)"
+                    .into(),
+            ));
+        }
+        if self.resume.is_some() {
+            return Err(ApiError(
+                StatusCode::BAD_REQUEST,
+                "resume: sessions on NATS continue by themselves on another worker".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,591 @@
+//! `streamrecon worker --nats URL`: claims sessions through leases, runs each with the same
+//! pipeline as the embedded server (frames from the session's subject, results published to
+//! its results subject), and keeps its snapshots in the object store so another worker can
+//! take the session over.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{pull, DeliverPolicy};
+use async_nats::jetstream::message::PublishMessage;
+use futures_util::StreamExt;
+use serde_json::json;
+
+use streamrecon_core::error::{Error, Result};
+use streamrecon_pipeline as pipeline;
+
+use super::{
+    frames_subject, live_entry, nats_error, results_subject, Broker, Lease, NatsConfig,
+    SessionRecord, SessionState, SnapshotMeta, END_HEADER,
+};
+use crate::{
+    close, frame_headers, ingest, is_recording_part, lock, start_session, AppState, ServeConfig,
+    Session, DOWNLOADS,
+};
+
+/// How often a worker looks for sessions to claim.
+const CLAIM_EVERY: Duration = Duration::from_millis(250);
+/// How often a held session's new results are published and its snapshot looked at.
+const KEEP_EVERY: Duration = Duration::from_millis(20);
+/// Frame numbers and stream sequences remembered per session, to place a snapshot in the
+/// stream (a snapshot is never older than this many frames).
+const SEQS_KEPT: usize = 100_000;
+
+/// How to run a worker.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub nats: NatsConfig,
+    /// The sessions' options (weights the sessions may use), the folder for their working
+    /// files, the most sessions held at once and the snapshot cadence.
+    pub serve: ServeConfig,
+    /// This worker's name in leases.
+    pub name: String,
+}
+
+/// Runs a worker until `shutdown` resolves; then hands every held session back with a final
+/// snapshot, for another worker to continue.
+///
+/// # Errors
+/// NATS cannot be reached, or the data folder cannot be made.
+pub fn run_worker(
+    config: &WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    streamrecon_core::io_util::create_dir(&config.serve.data_dir)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("worker")
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the worker runtime: {e}")))?;
+    rt.block_on(async move {
+        let broker = Arc::new(Broker::connect(&config.nats, &config.name).await?);
+        log::info!("worker {} connected to {}", config.name, config.nats.url);
+        let state = Arc::new(AppState {
+            config: config.serve.clone(),
+            sessions: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+        });
+        let stopping = Arc::new(AtomicBool::new(false));
+        let mut held: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        tokio::pin!(shutdown);
+        loop {
+            held.retain(|_, h| !h.is_finished());
+            if held.len() < config.serve.max_sessions {
+                if let Err(e) = claim(&broker, &state, config, &stopping, &mut held).await {
+                    log::warn!("{e}");
+                }
+            }
+            tokio::select! {
+                () = &mut shutdown => break,
+                () = tokio::time::sleep(CLAIM_EVERY) => {}
+            }
+        }
+        log::info!(
+            "worker {} stopping: handing back {} sessions",
+            config.name,
+            held.len()
+        );
+        stopping.store(true, Ordering::SeqCst);
+        for (_, h) in held {
+            let _ = h.await;
+        }
+        Ok(())
+    })
+}
+
+/// Takes the leases of open sessions nobody holds, up to the worker's room.
+async fn claim(
+    broker: &Arc<Broker>,
+    state: &Arc<AppState>,
+    config: &WorkerConfig,
+    stopping: &Arc<AtomicBool>,
+    held: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+) -> Result<()> {
+    let mut keys = broker
+        .sessions
+        .keys()
+        .await
+        .map_err(|e| nats_error("listing sessions", e))?;
+    let mut ids = Vec::new();
+    while let Some(k) = keys.next().await {
+        ids.push(k.map_err(|e| nats_error("listing sessions", e))?);
+    }
+    ids.sort();
+    for id in ids {
+        if held.len() >= config.serve.max_sessions {
+            break;
+        }
+        if held.contains_key(&id) {
+            continue;
+        }
+        let Some((record, _)) = broker.record(&id).await? else {
+            continue;
+        };
+        if record.state == SessionState::Closed {
+            continue;
+        }
+        let lease = Lease {
+            worker: config.name.clone(),
+            ..Lease::default()
+        };
+        let value = serde_json::to_vec(&lease).unwrap_or_default();
+        // Only one worker's create succeeds: the bucket refuses a key that exists.
+        let Ok(revision) = broker.leases.create(&id, value.into()).await else {
+            continue;
+        };
+        log::info!("session {id}: claimed by worker {}", config.name);
+        let task = Held {
+            broker: broker.clone(),
+            state: state.clone(),
+            id: id.clone(),
+            worker: config.name.clone(),
+            revision,
+            lease_ttl: config.nats.lease_ttl,
+            stopping: stopping.clone(),
+            lost: Arc::new(AtomicBool::new(false)),
+            seqs: Arc::new(Mutex::new(VecDeque::new())),
+        };
+        held.insert(id, tokio::spawn(task.run(record)));
+    }
+    Ok(())
+}
+
+/// A session this worker holds the lease of.
+#[derive(Clone)]
+struct Held {
+    broker: Arc<Broker>,
+    state: Arc<AppState>,
+    id: String,
+    worker: String,
+    /// The lease's revision: renewing with it fails once another worker has taken the lease.
+    revision: u64,
+    lease_ttl: Duration,
+    /// The worker is shutting down: hand the session back.
+    stopping: Arc<AtomicBool>,
+    /// The lease went to another worker: stop at once, publish nothing more.
+    lost: Arc<AtomicBool>,
+    /// (frame number, frames-stream sequence) of the frames given to the pipeline.
+    seqs: Arc<Mutex<VecDeque<(u64, u64)>>>,
+}
+
+/// How a held session ended on this worker.
+enum Ending {
+    /// Its client closed it and every frame sent was processed.
+    Closed,
+    /// The worker is stopping, or the lease was lost.
+    HandedBack,
+}
+
+impl Held {
+    async fn run(self, record: SessionRecord) {
+        let id = self.id.clone();
+        if let Err(e) = self.hold(record).await {
+            log::error!("session {id}: {e}");
+        }
+        if !self.lost.load(Ordering::SeqCst) {
+            // Another worker may take it from its last snapshot.
+            let _ = self.broker.leases.delete(&id).await;
+        }
+        lock(&self.state.sessions).remove(&id);
+    }
+
+    async fn hold(&self, record: SessionRecord) -> Result<()> {
+        let id = &self.id;
+        let dir = self.state.config.data_dir.join(id);
+        // The session's files here are a working copy: what counts is in the broker.
+        let _ = std::fs::remove_dir_all(&dir);
+        streamrecon_core::io_util::create_dir(&dir)?;
+        let meta: Option<SnapshotMeta> = self
+            .broker
+            .read_object(&self.broker.snapshots, &format!("{id}/snapshot.json"))
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let (resume, resumed_at, after_seq) = match &meta {
+            Some(m) => {
+                let snapshot = dir.join(pipeline::SNAPSHOT_FILE);
+                let bytes = self
+                    .broker
+                    .read_object(&self.broker.snapshots, &m.snapshot)
+                    .await?;
+                std::fs::write(&snapshot, bytes).map_err(|e| Error::io(&snapshot, e))?;
+                let ckpt = dir.join(pipeline::CHECKPOINT_FILE);
+                let bytes = self
+                    .broker
+                    .read_object(&self.broker.snapshots, &m.checkpoint)
+                    .await?;
+                std::fs::write(&ckpt, bytes).map_err(|e| Error::io(&ckpt, e))?;
+                log::info!(
+                    "session {id}: resuming at frame {} (frames after stream sequence {})",
+                    m.next,
+                    m.after_seq
+                );
+                (Some(snapshot), Some(m.next), m.after_seq)
+            }
+            None => (None, None, 0),
+        };
+        let started = {
+            let (state, id, dir, req) = (
+                self.state.clone(),
+                id.clone(),
+                dir.clone(),
+                record.request.clone(),
+            );
+            tokio::task::spawn_blocking(move || {
+                start_session(&state, &id, &dir, &req, resume, resumed_at)
+            })
+            .await
+            .map_err(|e| Error::Invalid(e.to_string()))?
+        };
+        if let Err(e) = started {
+            // The request itself cannot run (checked by the front door, but options such as
+            // weights are this worker's): the session ends with the reason.
+            self.set_closed(Some(json!({ "error": e.1 }))).await?;
+            return Err(Error::Invalid(format!("does not start: {}", e.1)));
+        }
+        let session = self.state.session(id).map_err(|e| Error::Invalid(e.1))?;
+        let done = Arc::new(AtomicBool::new(false));
+        let keeper =
+            tokio::spawn(
+                self.clone()
+                    .keep(session.clone(), dir.clone(), resumed_at, done.clone()),
+            );
+        let ending = self
+            .feed(&session, resumed_at.unwrap_or(0), after_seq)
+            .await;
+        // Ends the pipeline: the frames given to it are processed, its outputs written (with a
+        // final snapshot).
+        let summary = {
+            let s = session.clone();
+            tokio::task::spawn_blocking(move || close(&s))
+                .await
+                .map_err(|e| Error::Invalid(e.to_string()))?
+        };
+        done.store(true, Ordering::SeqCst);
+        let _ = keeper.await;
+        if self.lost.load(Ordering::SeqCst) {
+            return Err(Error::Invalid(
+                "lease lost to another worker: stopped without publishing".into(),
+            ));
+        }
+        match ending? {
+            Ending::HandedBack => {
+                log::info!("session {id}: handed back");
+                Ok(())
+            }
+            Ending::Closed => {
+                self.upload_outputs(&dir).await;
+                self.set_closed(Some(summary)).await?;
+                // Nothing is replayed any more.
+                let _ = self.broker.frames.purge().filter(frames_subject(id)).await;
+                for name in ["snapshot.json", "snapshot.safetensors", "checkpoint.json"] {
+                    let _ = self.broker.snapshots.delete(format!("{id}/{name}")).await;
+                }
+                log::info!("session {id}: closed");
+                Ok(())
+            }
+        }
+    }
+
+    /// Gives the session's frames from the stream to its pipeline, from `after_seq` on, until
+    /// the end marker, a lost lease or the worker's shutdown.
+    async fn feed(&self, s: &Session, mut index: u64, after_seq: u64) -> Result<Ending> {
+        let id = &self.id;
+        let consumer = self
+            .broker
+            .frames
+            .create_consumer(pull::OrderedConfig {
+                filter_subject: frames_subject(id),
+                deliver_policy: if after_seq > 0 {
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: after_seq + 1,
+                    }
+                } else {
+                    DeliverPolicy::All
+                },
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| nats_error(&format!("session {id}'s frames"), e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| nats_error(&format!("session {id}'s frames"), e))?;
+        loop {
+            if self.lost.load(Ordering::SeqCst) || self.stopping.load(Ordering::SeqCst) {
+                return Ok(Ending::HandedBack);
+            }
+            let next = tokio::time::timeout(Duration::from_millis(200), messages.next()).await;
+            let msg = match next {
+                Err(_) => continue,
+                Ok(None) => return Err(nats_error(&format!("session {id}'s frames"), "ended")),
+                Ok(Some(Err(e))) => {
+                    return Err(nats_error(&format!("session {id}'s frames"), e));
+                }
+                Ok(Some(Ok(m))) => m,
+            };
+            let seq = msg.info().map_or(0, |i| i.stream_sequence);
+            let headers = msg.headers.clone().unwrap_or_default();
+            if headers.get(END_HEADER).is_some() {
+                return Ok(Ending::Closed);
+            }
+            let meta = frame_headers(|name| headers.get(name).map(async_nats::HeaderValue::as_str));
+            let ingested = match meta {
+                Ok((raw, timestamp)) => ingest(s, msg.payload.clone(), raw, timestamp).await,
+                Err(e) => Err(e),
+            };
+            match ingested {
+                Ok(_) => {
+                    let mut seqs = lock(&self.seqs);
+                    if seqs.len() == SEQS_KEPT {
+                        seqs.pop_front();
+                    }
+                    seqs.push_back((index, seq));
+                    index += 1;
+                }
+                // The client got its answer at upload; a frame that does not decode is
+                // counted and logged here.
+                Err(e) => log::warn!(
+                    "session {id}: frame at stream sequence {seq} refused: {}",
+                    e.1
+                ),
+            }
+        }
+    }
+
+    /// Beside the feed: renews the lease (with the session's counts), publishes new results
+    /// and stores each new snapshot, until `done`; then publishes the last results and stores
+    /// the final snapshot.
+    async fn keep(
+        mut self,
+        s: Arc<Session>,
+        dir: PathBuf,
+        resumed_at: Option<u64>,
+        done: Arc<AtomicBool>,
+    ) {
+        let mut published = 0u64;
+        // The first renewal at once: the lease then says where the session resumed.
+        let mut renewed = Instant::now()
+            .checked_sub(self.lease_ttl)
+            .unwrap_or_else(Instant::now);
+        let mut stored_next = resumed_at;
+        let mut snapshot_seen = None;
+        loop {
+            let last = done.load(Ordering::SeqCst);
+            if renewed.elapsed() >= self.lease_ttl / 3 || last {
+                if !self.renew(&s, resumed_at).await {
+                    self.lost.store(true, Ordering::SeqCst);
+                    log::error!("session {}: lease lost", self.id);
+                    return;
+                }
+                renewed = Instant::now();
+            }
+            published = self.publish_results(&s, published).await;
+            let modified = std::fs::metadata(dir.join(pipeline::SNAPSHOT_FILE))
+                .and_then(|m| m.modified())
+                .ok();
+            if modified.is_some() && modified != snapshot_seen {
+                match self.store_snapshot(&dir, stored_next).await {
+                    Ok(next) => {
+                        stored_next = next;
+                        snapshot_seen = modified;
+                    }
+                    Err(e) => log::warn!("session {}: snapshot not stored: {e}", self.id),
+                }
+            }
+            if last {
+                return;
+            }
+            tokio::time::sleep(KEEP_EVERY).await;
+        }
+    }
+
+    /// Renews the lease; false when another worker holds it now.
+    async fn renew(&mut self, s: &Session, resumed_at: Option<u64>) -> bool {
+        let n = s.counters.get();
+        let lease = Lease {
+            worker: self.worker.clone(),
+            resumed_at,
+            frames_received: n.received,
+            frames_processed: n.processed,
+            frames_dropped: n.dropped(),
+        };
+        let value: axum::body::Bytes = serde_json::to_vec(&lease).unwrap_or_default().into();
+        match self
+            .broker
+            .leases
+            .update(&self.id, value.clone(), self.revision)
+            .await
+        {
+            Ok(r) => {
+                self.revision = r;
+                true
+            }
+            // Expired with nobody else taking it (a stall longer than the lease): take it again.
+            Err(_) => match self.broker.leases.create(&self.id, value).await {
+                Ok(r) => {
+                    log::warn!("session {}: lease had expired; taken again", self.id);
+                    self.revision = r;
+                    true
+                }
+                Err(_) => false,
+            },
+        }
+    }
+
+    /// Publishes the results made since the one numbered `after`; returns the last one
+    /// published. Each carries an id (session, frame, pending or final), so the stream drops
+    /// the ones a resumed session makes again.
+    async fn publish_results(&self, s: &Session, after: u64) -> u64 {
+        let new: Vec<pipeline::FrameResult> = lock(&s.results)
+            .iter()
+            .filter(|r| r.seq > after)
+            .cloned()
+            .collect();
+        let mut last = after;
+        let mut acks = Vec::new();
+        for r in &new {
+            let Ok(mut v) = serde_json::to_value(r) else {
+                continue;
+            };
+            v["worker"] = json!(self.worker);
+            let kind = if r.pending { "p" } else { "f" };
+            let msg = PublishMessage::build()
+                .payload(serde_json::to_vec(&v).unwrap_or_default().into())
+                .message_id(format!("{}.{}.{kind}", self.id, r.index));
+            match self
+                .broker
+                .js
+                .send_publish(results_subject(&self.id), msg)
+                .await
+            {
+                Ok(ack) => acks.push((r.seq, ack)),
+                Err(e) => {
+                    log::warn!("session {}: results not published: {e}", self.id);
+                    break;
+                }
+            }
+        }
+        for (seq, ack) in acks {
+            if ack.await.is_err() {
+                break;
+            }
+            last = seq;
+        }
+        last
+    }
+
+    /// Stores the snapshot in the session's folder (and the checkpoint beside it) under names
+    /// of their own, then the metadata naming them, then removes the previous ones; returns
+    /// the frame the stored snapshot continues at.
+    async fn store_snapshot(&self, dir: &Path, stored_next: Option<u64>) -> Result<Option<u64>> {
+        let id = &self.id;
+        // A copy: the pipeline may put a newer snapshot in place meanwhile.
+        let copy = dir.join("snapshot.upload");
+        let snap = dir.join(pipeline::SNAPSHOT_FILE);
+        std::fs::copy(&snap, &copy).map_err(|e| Error::io(&snap, e))?;
+        let next = streamrecon_geometry::snapshot_next_frame(&copy)
+            .ok_or_else(|| Error::Invalid(format!("{}: no frame number", snap.display())))?;
+        if Some(next) == stored_next {
+            return Ok(stored_next);
+        }
+        // The checkpoint is rewritten before a snapshot is put in place: it is at least as new.
+        let ckpt = dir.join(pipeline::CHECKPOINT_FILE);
+        let checkpoint = std::fs::read(&ckpt).map_err(|e| Error::io(&ckpt, e))?;
+        let after_seq = if next == 0 {
+            0
+        } else {
+            let seqs = lock(&self.seqs);
+            seqs.iter()
+                .find(|(i, _)| *i == next - 1)
+                .map(|(_, s)| *s)
+                .ok_or_else(|| {
+                    Error::Invalid(format!("frame {} is not among the frames fed", next - 1))
+                })?
+        };
+        let bytes = std::fs::read(&copy).map_err(|e| Error::io(&copy, e))?;
+        let meta = SnapshotMeta {
+            next,
+            after_seq,
+            snapshot: format!("{id}/snapshot-{next}.safetensors"),
+            checkpoint: format!("{id}/checkpoint-{next}.json"),
+        };
+        let store = &self.broker.snapshots;
+        self.broker
+            .write_object(store, &meta.snapshot, &bytes)
+            .await?;
+        self.broker
+            .write_object(store, &meta.checkpoint, &checkpoint)
+            .await?;
+        let m = serde_json::to_vec(&meta).unwrap_or_default();
+        self.broker
+            .write_object(store, &format!("{id}/snapshot.json"), &m)
+            .await?;
+        if let Some(old) = stored_next {
+            let _ = store
+                .delete(format!("{id}/snapshot-{old}.safetensors"))
+                .await;
+            let _ = store.delete(format!("{id}/checkpoint-{old}.json")).await;
+        }
+        // The frames before the snapshot are never replayed: the stream lets them go.
+        let _ = self
+            .broker
+            .frames
+            .purge()
+            .filter(frames_subject(id))
+            .sequence(after_seq + 1)
+            .await;
+        log::debug!("session {id}: snapshot at frame {next} stored");
+        Ok(Some(next))
+    }
+
+    /// The session's files into the outputs store (`<id>/<name>`).
+    async fn upload_outputs(&self, dir: &Path) {
+        let mut names: Vec<String> = DOWNLOADS.iter().map(|n| (*n).to_string()).collect();
+        // A resumed session's recording continues in recording-N.rrd.
+        if let Ok(entries) = std::fs::read_dir(dir) {
+            names.extend(
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().to_string())
+                    .filter(|n| is_recording_part(n)),
+            );
+        }
+        for name in names {
+            let Ok(bytes) = std::fs::read(dir.join(&name)) else {
+                continue;
+            };
+            let key = format!("{}/{name}", self.id);
+            if let Err(e) = self
+                .broker
+                .write_object(&self.broker.outputs, &key, &bytes)
+                .await
+            {
+                log::error!("session {}: {name} not stored: {e}", self.id);
+            }
+        }
+    }
+
+    /// Marks the session closed in its record, with its summary.
+    async fn set_closed(&self, summary: Option<serde_json::Value>) -> Result<()> {
+        let Some(e) = live_entry(&self.broker.sessions, &self.id).await? else {
+            return Ok(());
+        };
+        let Ok(mut record) = serde_json::from_slice::<SessionRecord>(&e.value) else {
+            return Ok(());
+        };
+        record.state = SessionState::Closed;
+        record.summary = summary;
+        let v = serde_json::to_vec(&record).unwrap_or_default();
+        self.broker
+            .sessions
+            .put(&self.id, v.into())
+            .await
+            .map_err(|e| nats_error(&format!("session {}'s record", self.id), e))?;
+        Ok(())
+    }
+}

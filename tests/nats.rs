@@ -1,0 +1,227 @@
+//! Serving on NATS JetStream: a real `nats-server -js` on loopback, a front door (`serve
+//! --nats`) and two workers; one worker is killed (SIGKILL) mid-stream and the other finishes
+//! its sessions from their last snapshots.
+
+mod serve_common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use serve_common::{create, http, json, nats_server, nats_worker, push, start, synth, TOKEN};
+
+/// Every result of a session so far, following `seq` as a client does.
+fn all_results(port: u16, id: &str) -> Vec<serde_json::Value> {
+    let mut out: Vec<serde_json::Value> = Vec::new();
+    loop {
+        let after = out
+            .last()
+            .map_or(String::new(), |r| format!("?after_seq={}", r["seq"]));
+        let (st, body) = http(
+            port,
+            "GET",
+            &format!("/sessions/{id}/results{after}"),
+            Some(TOKEN),
+            b"",
+        );
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        let page = json(&body).as_array().unwrap().clone();
+        if page.is_empty() {
+            return out;
+        }
+        out.extend(page);
+    }
+}
+
+/// Frames pushed to each session.
+const FRAMES: usize = 90;
+
+#[test]
+fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_nats, url)) = nats_server(&dir.path().join("js")) else {
+        return;
+    };
+    let seq = dir.path().join("seq");
+    synth(
+        &seq,
+        &[
+            "--trajectory",
+            "smooth",
+            "--frames",
+            &FRAMES.to_string(),
+            "--size",
+            "320x240",
+            "--seed",
+            "5",
+        ],
+    );
+    let mut workers = [
+        Some(nats_worker(&url, &dir.path().join("w1"), "w1", 2, 2.0)),
+        Some(nats_worker(&url, &dir.path().join("w2"), "w2", 2, 2.0)),
+    ];
+    let door = start(
+        &dir.path().join("door"),
+        1,
+        &["--nats".as_ref(), url.as_ref()],
+    );
+    let p = door.port;
+    let body = r#"{"lossless": true, "result_points": 0, "record": false}"#;
+    let ids = [create(p, body), create(p, body)];
+    let frame = |i: usize| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+    let push_all = |range: std::ops::Range<usize>| {
+        for i in range {
+            for id in &ids {
+                let (st, b) = push(p, id, &frame(i), i as f64 * 0.1);
+                assert_eq!(st, 200, "{}", String::from_utf8_lossy(&b));
+            }
+        }
+    };
+    push_all(0..45);
+    // A frame that does not decode is taken by the door (its headers are fine) and refused by
+    // the worker, which goes on with the next.
+    let (st, _) = push(p, &ids[0], b"not an image", 4.55);
+    assert_eq!(st, 200);
+    // Wait until the first session is well past a snapshot, then kill its worker.
+    let t0 = Instant::now();
+    let holder = loop {
+        let s = json(&http(p, "GET", &format!("/sessions/{}", ids[0]), Some(TOKEN), b"").1);
+        if s["frames_processed"].as_u64().unwrap_or(0) >= 40 {
+            break s["worker"].as_str().unwrap().to_string();
+        }
+        assert!(t0.elapsed() < Duration::from_mins(2), "no progress: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let killed = usize::from(holder == "w2");
+    workers[killed].take();
+    eprintln!("killed worker {holder}");
+    // The other worker takes the session over once the lease expires, from its last snapshot.
+    let t0 = Instant::now();
+    let resumed_at = loop {
+        let s = json(&http(p, "GET", &format!("/sessions/{}", ids[0]), Some(TOKEN), b"").1);
+        // Where it resumed comes with the lease's first renewal after the takeover.
+        if s["worker"].is_string() && s["worker"] != holder.as_str() && s["resumed_at"].is_u64() {
+            break s["resumed_at"].as_u64();
+        }
+        assert!(t0.elapsed() < Duration::from_mins(1), "not taken over: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "taken over after {:.1} s, at frame {resumed_at:?}",
+        t0.elapsed().as_secs_f64()
+    );
+    assert!(
+        resumed_at.is_some_and(|n| n >= 15),
+        "resumed from a snapshot: {resumed_at:?}"
+    );
+    push_all(45..FRAMES);
+    for id in &ids {
+        let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+        assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+        let summary = &json(&body)["summary"];
+        assert!(summary["error"].is_null(), "{summary}");
+    }
+    for id in &ids {
+        let results = all_results(p, id);
+        let finals: Vec<&serde_json::Value> =
+            results.iter().filter(|r| r["pending"] != true).collect();
+        let indices: Vec<u64> = finals
+            .iter()
+            .map(|r| r["index"].as_u64().unwrap())
+            .collect();
+        let expected: Vec<u64> = (0..FRAMES as u64).collect();
+        // Every frame answered once, in order, across the failover.
+        assert_eq!(indices, expected, "session {id}");
+        // Never on two workers at once: the results' workers change at most once (from the
+        // killed one to the other), never back.
+        let mut runs: Vec<&str> = results
+            .iter()
+            .map(|r| r["worker"].as_str().unwrap())
+            .collect();
+        runs.dedup();
+        let seen: std::collections::BTreeSet<&str> = runs.iter().copied().collect();
+        assert_eq!(
+            runs.len(),
+            seen.len(),
+            "session {id} went back and forth: {runs:?}"
+        );
+        // The trajectory is whole: the poses before the snapshot from its checkpoint.
+        let (st, traj) = http(
+            p,
+            "GET",
+            &format!("/sessions/{id}/files/trajectory.txt"),
+            Some(TOKEN),
+            b"",
+        );
+        assert_eq!(st, 200);
+        let rows = String::from_utf8_lossy(&traj)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            .count();
+        let tracked = finals.iter().filter(|r| r["tracked"] == true).count();
+        assert_eq!(
+            rows, tracked,
+            "session {id}: trajectory rows vs tracked results"
+        );
+        eprintln!("session {id}: workers {runs:?}, {tracked} tracked of {FRAMES}");
+    }
+    // A closed session takes no frames.
+    let (st, _) = push(p, &ids[0], &frame(0), 100.0);
+    assert_eq!(st, 409);
+
+    // A worker that stops (Ctrl-C) hands its sessions back with a final snapshot: the next
+    // worker continues after the last frame, nothing replayed.
+    let id = create(p, body);
+    for i in 0..30 {
+        assert_eq!(push(p, &id, &frame(i), i as f64 * 0.1).0, 200);
+    }
+    let t0 = Instant::now();
+    while json(&http(p, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1)["frames_processed"]
+        .as_u64()
+        .unwrap_or(0)
+        < 30
+    {
+        assert!(
+            t0.elapsed() < Duration::from_mins(1),
+            "session {id} stalled"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let survivor = workers[1 - killed].as_mut().unwrap();
+    let pid = survivor.0.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let stopped = survivor.0.wait().unwrap();
+    assert!(
+        stopped.success(),
+        "the stopped worker exits cleanly: {stopped}"
+    );
+    let _third = nats_worker(&url, &dir.path().join("w3"), "w3", 2, 2.0);
+    let t0 = Instant::now();
+    let resumed_at = loop {
+        let s = json(&http(p, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1);
+        if s["worker"] == "w3" && s["resumed_at"].is_u64() {
+            break s["resumed_at"].as_u64();
+        }
+        assert!(t0.elapsed() < Duration::from_mins(1), "not taken over: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    eprintln!(
+        "handed back and taken over in {:.1} s",
+        t0.elapsed().as_secs_f64()
+    );
+    assert_eq!(resumed_at, Some(30));
+    for i in 30..40 {
+        assert_eq!(push(p, &id, &frame(i), i as f64 * 0.1).0, 200);
+    }
+    let (st, _) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    let finals: Vec<u64> = all_results(p, &id)
+        .iter()
+        .filter(|r| r["pending"] != true)
+        .map(|r| r["index"].as_u64().unwrap())
+        .collect();
+    assert_eq!(finals, (0..40).collect::<Vec<u64>>());
+}
