@@ -7,7 +7,9 @@ mod serve_common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use serve_common::{create, http, json, nats_server, nats_worker, push, start, synth, TOKEN};
+use serve_common::{
+    create, http, json, nats_server, nats_token_file, nats_worker, push, start, synth, TOKEN,
+};
 
 /// Every result of a session so far, following `seq` as a client does.
 fn all_results(port: u16, id: &str) -> Vec<serde_json::Value> {
@@ -30,6 +32,27 @@ fn all_results(port: u16, id: &str) -> Vec<serde_json::Value> {
         }
         out.extend(page);
     }
+}
+
+#[test]
+fn a_worker_without_the_broker_s_token_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_nats, url)) = nats_server(&dir.path().join("js")) else {
+        return;
+    };
+    let out = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+        .args(["worker", "--nats", &url, "--data-dir"])
+        .arg(dir.path().join("w"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.lines()
+            .last()
+            .is_some_and(|l| l.contains("cannot connect to nats://")),
+        "{err}"
+    );
 }
 
 /// Frames pushed to each session.
@@ -59,10 +82,17 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
         Some(nats_worker(&url, &dir.path().join("w1"), "w1", 2, 2.0)),
         Some(nats_worker(&url, &dir.path().join("w2"), "w2", 2, 2.0)),
     ];
+    let door_dir = dir.path().join("door");
+    let token = nats_token_file(&door_dir);
     let door = start(
-        &dir.path().join("door"),
+        &door_dir,
         1,
-        &["--nats".as_ref(), url.as_ref()],
+        &[
+            "--nats".as_ref(),
+            url.as_ref(),
+            "--nats-token-file".as_ref(),
+            token.as_ref(),
+        ],
     );
     let p = door.port;
     let body = r#"{"lossless": true, "result_points": 0, "record": false}"#;
@@ -163,6 +193,19 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
             "session {id}: trajectory rows vs tracked results"
         );
         eprintln!("session {id}: workers {runs:?}, {tracked} tracked of {FRAMES}");
+        // The same results as server-sent events; the stream ends with the closed session.
+        let (st, events) = http(
+            p,
+            "GET",
+            &format!("/sessions/{id}/events"),
+            Some(TOKEN),
+            b"",
+        );
+        assert_eq!(st, 200);
+        let n = String::from_utf8_lossy(&events)
+            .matches("event: result")
+            .count();
+        assert_eq!(n, results.len(), "session {id}: events vs results");
     }
     // A closed session takes no frames.
     let (st, _) = push(p, &ids[0], &frame(0), 100.0);

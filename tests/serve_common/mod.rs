@@ -220,7 +220,16 @@ pub fn nats_server(store: &std::path::Path) -> Option<(Proc, String)> {
         return None;
     }
     let mut child = Command::new("nats-server")
-        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
+        .args([
+            "-js",
+            "-a",
+            "127.0.0.1",
+            "-p",
+            "-1",
+            "--auth",
+            NATS_TOKEN,
+            "-sd",
+        ])
         .arg(store)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -238,7 +247,18 @@ pub fn nats_server(store: &std::path::Path) -> Option<(Proc, String)> {
     Some((Proc(child), format!("nats://127.0.0.1:{port}")))
 }
 
-/// `streamrecon worker` on `url`, snapshots every 15 frames; returns once it has started.
+/// The token [`nats_server`] requires.
+pub const NATS_TOKEN: &str = "nats-test-token-0123";
+
+/// A file holding [`NATS_TOKEN`], beside `dir`, for `--nats-token-file`.
+pub fn nats_token_file(dir: &std::path::Path) -> std::path::PathBuf {
+    let f = dir.with_extension("nats-token");
+    std::fs::write(&f, NATS_TOKEN).unwrap();
+    f
+}
+
+/// `streamrecon worker` on `url` (with [`NATS_TOKEN`]), snapshots every 15 frames; returns once
+/// it has started.
 pub fn nats_worker(
     url: &str,
     data: &std::path::Path,
@@ -255,6 +275,8 @@ pub fn nats_worker(
         .arg(lease_ttl_s.to_string())
         .arg("--data-dir")
         .arg(data)
+        .arg("--nats-token-file")
+        .arg(nats_token_file(data))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

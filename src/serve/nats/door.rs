@@ -13,6 +13,7 @@ use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
+use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -99,7 +100,9 @@ fn router(state: Shared) -> Router {
     let not_here = || async {
         ApiError(
             StatusCode::NOT_IMPLEMENTED,
-            "not served by a NATS front door yet: poll /sessions/{id}/results".into(),
+            "not served by a NATS front door yet: follow /sessions/{id}/events or poll \
+             /sessions/{id}/results"
+                .into(),
         )
     };
     let api = Router::new()
@@ -108,7 +111,7 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}/frames", post(push_frame))
         .route("/sessions/{id}/results", get(session_results))
         .route("/sessions/{id}/files/{name}", get(download))
-        .route("/sessions/{id}/events", get(not_here))
+        .route("/sessions/{id}/events", get(session_events))
         .route("/sessions/{id}/stream", get(not_here))
         .route("/sessions/{id}/live.rrd", get(not_here))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
@@ -230,21 +233,7 @@ async fn read_results(
     id: &str,
     q: &Since,
 ) -> std::result::Result<Vec<serde_json::Value>, ApiError> {
-    let consumer = broker
-        .results
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: results_subject(id),
-            deliver_policy: match q.after_seq {
-                Some(a) => DeliverPolicy::ByStartSequence {
-                    start_sequence: a + 1,
-                },
-                None => DeliverPolicy::All,
-            },
-            ..Default::default()
-        })
-        .await
-        .map_err(unavailable)?;
-    let mut messages = consumer.messages().await.map_err(unavailable)?;
+    let mut messages = results_consumer(broker, id, q.after_seq).await?;
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(2);
     while out.len() < RESULTS_PER_POLL {
@@ -259,19 +248,96 @@ async fn read_results(
         else {
             break;
         };
-        let Ok(info) = m.info() else { break };
-        let (seq, pending) = (info.stream_sequence, info.pending);
-        if let Ok(mut v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
-            if v["index"].as_u64().unwrap_or(0) >= q.since {
-                v["seq"] = json!(seq);
-                out.push(v);
-            }
-        }
+        let Ok(pending) = m.info().map(|i| i.pending) else {
+            break;
+        };
+        out.extend(result_json(&m, q.since));
         if pending == 0 {
             break;
         }
     }
     Ok(out)
+}
+
+/// A consumer of the session's results after `after_seq` (all without it).
+async fn results_consumer(
+    broker: &Broker,
+    id: &str,
+    after_seq: Option<u64>,
+) -> std::result::Result<pull::Ordered, ApiError> {
+    let consumer = broker
+        .results
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: results_subject(id),
+            deliver_policy: match after_seq {
+                Some(a) => DeliverPolicy::ByStartSequence {
+                    start_sequence: a + 1,
+                },
+                None => DeliverPolicy::All,
+            },
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    consumer.messages().await.map_err(unavailable)
+}
+
+/// A result message as the client sees it: `seq` is its stream sequence; `None` for a frame
+/// before `since` or a message that is not a result.
+fn result_json(m: &async_nats::jetstream::Message, since: u64) -> Option<serde_json::Value> {
+    let seq = m.info().ok()?.stream_sequence;
+    let mut v: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+    if v["index"].as_u64().unwrap_or(0) < since {
+        return None;
+    }
+    v["seq"] = json!(seq);
+    Some(v)
+}
+
+/// `GET /sessions/{id}/events?since=N&after_seq=S`: the session's results as server-sent events
+/// (`event: result`), as the embedded server sends them; the stream ends after the last result
+/// of a closed session.
+async fn session_events(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+    Query(q): Query<Since>,
+) -> std::result::Result<
+    Sse<impl futures_util::Stream<Item = std::result::Result<Event, std::convert::Infallible>>>,
+    ApiError,
+> {
+    door.record(&id).await?;
+    let messages = results_consumer(&door.broker, &id, q.after_seq).await?;
+    let since = q.since;
+    let stream = futures_util::stream::unfold(
+        (door, id, messages),
+        move |(door, id, mut messages)| async move {
+            loop {
+                match tokio::time::timeout(Duration::from_millis(500), messages.next()).await {
+                    Ok(Some(Ok(m))) => {
+                        let Some(v) = result_json(&m, since) else {
+                            continue;
+                        };
+                        let event = Event::default()
+                            .event("result")
+                            .json_data(&v)
+                            .unwrap_or_else(|_| Event::default().comment("unserialisable result"));
+                        return Some((Ok(event), (door, id, messages)));
+                    }
+                    Ok(Some(Err(_)) | None) => return None,
+                    // Quiet: a closed session has published all its results before it reads
+                    // as closed, so the stream ends.
+                    Err(_) => {
+                        if let Ok((r, _)) = door.record(&id).await {
+                            if r.state == SessionState::Closed {
+                                return None;
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }
 
 async fn status_json(door: &Door, id: &str) -> std::result::Result<serde_json::Value, ApiError> {
