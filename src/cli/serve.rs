@@ -23,6 +23,26 @@ pub(super) struct ServeArgs {
     /// Where sessions write their outputs.
     #[arg(long, default_value = "streamrecon-sessions")]
     data_dir: PathBuf,
+    #[command(flatten)]
+    models: ModelFileArgs,
+    /// A camera or stream URL sessions may read on the server (`{"source": …}`): exact, or a
+    /// prefix ending in `*` (`camera:*`, `rtsp://10.0.0.5/*`). Repeatable; none by default.
+    #[arg(long, value_name = "SOURCE")]
+    allow_source: Vec<String>,
+    /// Snapshot each session's engine (vggt) and trajectory every N frames, so a killed server
+    /// loses at most N frames of a session.
+    #[arg(long, value_name = "N", default_value_t = streamrecon::serve::SNAPSHOT_EVERY)]
+    snapshot_every: u64,
+    /// Also stream every session to a running rerun viewer.
+    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "rerun+http://127.0.0.1:9876/proxy")]
+    connect: Option<String>,
+    #[command(flatten)]
+    nats: NatsArgs,
+}
+
+/// The model files a service's sessions may use (`serve`, `worker`).
+#[derive(Args)]
+pub(super) struct ModelFileArgs {
     /// StreamVGGT weights sessions may use (`{"geometry": "vggt"}`); each such session loads
     /// its own copy.
     #[arg(long, value_name = "PATH")]
@@ -38,19 +58,19 @@ pub(super) struct ServeArgs {
     /// That model's config JSON for --flow-weights [default: the released sizes].
     #[arg(long, value_name = "JSON")]
     flow_config: Option<PathBuf>,
-    /// A camera or stream URL sessions may read on the server (`{"source": …}`): exact, or a
-    /// prefix ending in `*` (`camera:*`, `rtsp://10.0.0.5/*`). Repeatable; none by default.
-    #[arg(long, value_name = "SOURCE")]
-    allow_source: Vec<String>,
-    /// Snapshot each session's engine (vggt) and trajectory every N frames, so a killed server
-    /// loses at most N frames of a session.
-    #[arg(long, value_name = "N", default_value_t = streamrecon::serve::SNAPSHOT_EVERY)]
-    snapshot_every: u64,
-    /// Also stream every session to a running rerun viewer.
-    #[arg(long, value_name = "URL", num_args = 0..=1, default_missing_value = "rerun+http://127.0.0.1:9876/proxy")]
-    connect: Option<String>,
-    #[command(flatten)]
-    nats: NatsArgs,
+}
+
+impl ModelFileArgs {
+    /// The options sessions start from: these files, every other option its default.
+    fn options(&self) -> RunOptions {
+        RunOptions {
+            weights: self.weights.clone(),
+            model_config: self.model_config.clone(),
+            flow_weights: self.flow_weights.clone(),
+            flow_config: self.flow_config.clone(),
+            ..RunOptions::default()
+        }
+    }
 }
 
 /// Where the NATS server is and how to log in to it (`serve --nats`, `worker`).
@@ -127,18 +147,8 @@ pub(super) struct WorkerArgs {
     /// This worker's name in leases [default: host name and process id].
     #[arg(long)]
     name: Option<String>,
-    /// StreamVGGT weights sessions may use (as `serve --weights`).
-    #[arg(long, value_name = "PATH")]
-    weights: Option<PathBuf>,
-    /// Model config JSON for --weights.
-    #[arg(long, value_name = "JSON")]
-    model_config: Option<PathBuf>,
-    /// Learned flow weights sessions may use (as `serve --flow-weights`).
-    #[arg(long, value_name = "PATH")]
-    flow_weights: Option<PathBuf>,
-    /// That model's config JSON for --flow-weights.
-    #[arg(long, value_name = "JSON")]
-    flow_config: Option<PathBuf>,
+    #[command(flatten)]
+    models: ModelFileArgs,
 }
 
 pub(super) fn cmd_worker(a: &WorkerArgs) -> Result<()> {
@@ -153,13 +163,7 @@ pub(super) fn cmd_worker(a: &WorkerArgs) -> Result<()> {
     let config = streamrecon::serve::WorkerConfig {
         nats: a.nats.config(url)?,
         serve: streamrecon::serve::ServeConfig {
-            options: RunOptions {
-                weights: a.weights.clone(),
-                model_config: a.model_config.clone(),
-                flow_weights: a.flow_weights.clone(),
-                flow_config: a.flow_config.clone(),
-                ..RunOptions::default()
-            },
+            options: a.models.options(),
             bind: ([127, 0, 0, 1], 0).into(),
             token: String::new(),
             max_sessions: a.max_sessions.max(1),
@@ -218,13 +222,7 @@ pub(super) fn cmd_serve(a: &ServeArgs) -> Result<()> {
         );
     }
     let config = streamrecon::serve::ServeConfig {
-        options: RunOptions {
-            weights: a.weights.clone(),
-            model_config: a.model_config.clone(),
-            flow_weights: a.flow_weights.clone(),
-            flow_config: a.flow_config.clone(),
-            ..RunOptions::default()
-        },
+        options: a.models.options(),
         bind: a.bind,
         token,
         max_sessions: a.max_sessions.max(1),

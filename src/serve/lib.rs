@@ -675,12 +675,7 @@ pub fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     streamrecon_core::io_util::create_dir(&config.data_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("serve")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start the service runtime: {e}")))?;
+    let rt = runtime("serve", 2)?;
     let earlier = earlier_sessions(&config.data_dir);
     let next = earlier
         .iter()
@@ -695,19 +690,7 @@ pub fn serve(
     });
     resume_earlier(&state, earlier);
     let st = state.clone();
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(config.bind)
-            .await
-            .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", config.bind)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        on_bound(addr);
-        axum::serve(listener, router(st))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| Error::Invalid(format!("service: {e}")))
-    })?;
+    rt.block_on(listen(config.bind, router(st), on_bound, shutdown))?;
     // Drain: every session's stream ends, its pipeline writes its outputs.
     let sessions: Vec<Arc<Session>> = lock(&state.sessions).values().cloned().collect();
     for s in sessions {
@@ -715,6 +698,36 @@ pub fn serve(
         log::info!("session {} closed: {summary}", s.id);
     }
     Ok(())
+}
+
+/// The async runtime of a service process: `threads` workers named `name`.
+fn runtime(name: &str, threads: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
+        .thread_name(name)
+        .enable_all()
+        .build()
+        .map_err(|e| Error::Invalid(format!("cannot start the {name} runtime: {e}")))
+}
+
+/// Serves `app` on `bind` until `shutdown` resolves; `on_bound` hears the address bound.
+async fn listen(
+    bind: SocketAddr,
+    app: Router,
+    on_bound: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| Error::Invalid(format!("cannot listen on {bind}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    on_bound(addr);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+        .map_err(|e| Error::Invalid(format!("service on {addr}: {e}")))
 }
 
 /// A session folder left by an earlier server.

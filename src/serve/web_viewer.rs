@@ -182,25 +182,7 @@ pub fn view(
         .route("/viewer", get(to_folder))
         .route("/viewer/", get(index))
         .route("/viewer/{file}", get(file));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .thread_name("view")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start the viewer's runtime: {e}")))?;
-    rt.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(bind)
-            .await
-            .map_err(|e| Error::Invalid(format!("cannot listen on {bind}: {e}")))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        on_bound(addr);
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| Error::Invalid(format!("viewer: {e}")))
-    })
+    super::runtime("view", 1)?.block_on(super::listen(bind, app, on_bound, shutdown))
 }
 
 /// `/`: the viewer opened on `/recording.rrd` of the address the browser used.

@@ -39,10 +39,7 @@ pub fn start(data: &std::path::Path, max_sessions: usize, extra: &[&std::ffi::Os
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     let port = line
         .trim()
         .rsplit(':')
@@ -50,6 +47,15 @@ pub fn start(data: &std::path::Path, max_sessions: usize, extra: &[&std::ffi::Os
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     Server { child, port }
+}
+
+/// The first line a child prints (what it says once it is ready).
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    line
 }
 
 /// One HTTP/1.1 request; returns (status, body).
@@ -281,10 +287,7 @@ pub fn nats_worker(
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
+    let line = first_line(&mut child);
     assert!(line.starts_with("worker"), "{line:?}");
     Proc(child)
 }

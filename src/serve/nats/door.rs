@@ -20,7 +20,7 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use serde_json::json;
 
-use streamrecon_core::error::{Error, Result};
+use streamrecon_core::error::Result;
 
 use super::{
     frames_subject, results_subject, unix_now, Broker, NatsConfig, SessionRecord, SessionState,
@@ -28,8 +28,8 @@ use super::{
 };
 use crate::session::CreateSession;
 use crate::{
-    auth, frame_headers, is_recording_part, json_errors, valid_id, ApiError, ServeConfig, Since,
-    DOWNLOADS, MAX_FRAME_BYTES,
+    auth, frame_headers, is_recording_part, json_errors, listen, runtime, valid_id, ApiError,
+    ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES,
 };
 
 /// Results one poll returns at most (the client asks again from the last `seq`).
@@ -69,29 +69,13 @@ pub fn serve_door(
     on_bound: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("door")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start the service runtime: {e}")))?;
-    rt.block_on(async move {
+    runtime("door", 2)?.block_on(async move {
         let broker = Broker::connect(nats, "streamrecon-door").await?;
         let state = Arc::new(Door {
             config: config.clone(),
             broker,
         });
-        let listener = tokio::net::TcpListener::bind(config.bind)
-            .await
-            .map_err(|e| Error::Invalid(format!("cannot listen on {}: {e}", config.bind)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(|e| Error::Invalid(e.to_string()))?;
-        on_bound(addr);
-        axum::serve(listener, router(state))
-            .with_graceful_shutdown(shutdown)
-            .await
-            .map_err(|e| Error::Invalid(format!("service: {e}")))
+        listen(config.bind, router(state), on_bound, shutdown).await
     })
 }
 

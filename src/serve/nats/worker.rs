@@ -22,8 +22,8 @@ use super::{
     SessionRecord, SessionState, SnapshotMeta, END_HEADER,
 };
 use crate::{
-    close, frame_headers, ingest, is_recording_part, lock, start_session, AppState, ServeConfig,
-    Session, DOWNLOADS,
+    close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
+    ServeConfig, Session, DOWNLOADS,
 };
 
 /// How often a worker looks for sessions to claim.
@@ -55,13 +55,7 @@ pub fn run_worker(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     streamrecon_core::io_util::create_dir(&config.serve.data_dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("worker")
-        .enable_all()
-        .build()
-        .map_err(|e| Error::Invalid(format!("cannot start the worker runtime: {e}")))?;
-    rt.block_on(async move {
+    runtime("worker", 2)?.block_on(async move {
         let broker = Arc::new(Broker::connect(&config.nats, &config.name).await?);
         log::info!("worker {} connected to {}", config.name, config.nats.url);
         let state = Arc::new(AppState {
