@@ -170,6 +170,11 @@ pub fn snapshot_next_frame(path: &std::path::Path) -> Option<u64> {
     read_snapshot_meta(path).ok()?["owner"]["next_source_index"].as_u64()
 }
 
+/// [`snapshot_next_frame`] of a snapshot already read into memory (`path` names it in errors).
+pub fn snapshot_next_frame_in(bytes: &[u8], path: &std::path::Path) -> Option<u64> {
+    parse_snapshot(bytes, path).ok()?.0["owner"]["next_source_index"].as_u64()
+}
+
 /// The `meta.json` of a snapshot file.
 fn read_snapshot_meta(path: &std::path::Path) -> Result<serde_json::Value> {
     read_snapshot(path).map(|(meta, _)| meta)
@@ -182,9 +187,20 @@ fn read_snapshot(
     serde_json::Value,
     std::collections::HashMap<String, candle_core::Tensor>,
 )> {
+    let bytes = std::fs::read(path).map_err(|e| streamrecon_core::error::Error::io(path, e))?;
+    parse_snapshot(&bytes, path)
+}
+
+/// A snapshot's `meta.json` and its other tensors, from its bytes.
+fn parse_snapshot(
+    bytes: &[u8],
+    path: &std::path::Path,
+) -> Result<(
+    serde_json::Value,
+    std::collections::HashMap<String, candle_core::Tensor>,
+)> {
     use streamrecon_core::error::Error;
-    let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
-    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &candle_core::Device::Cpu)
+    let mut tensors = candle_core::safetensors::load_buffer(bytes, &candle_core::Device::Cpu)
         .map_err(|e| Error::format(path, format!("snapshot: {e}")))?;
     let meta: Vec<u8> = tensors
         .remove("meta.json")

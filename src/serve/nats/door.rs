@@ -23,8 +23,8 @@ use serde_json::json;
 use streamrecon_core::error::Result;
 
 use super::{
-    frames_subject, results_subject, unix_now, Broker, NatsConfig, SessionRecord, SessionState,
-    END_HEADER,
+    frames_subject, read_object, results_subject, unix_now, Broker, NatsConfig, SessionRecord,
+    SessionState, END_HEADER,
 };
 use crate::session::CreateSession;
 use crate::{
@@ -431,9 +431,7 @@ async fn download(
             format!("no file {name}; files: {}", DOWNLOADS.join(", ")),
         ));
     }
-    let bytes = door
-        .broker
-        .read_object(&door.broker.outputs, &format!("{id}/{name}"))
+    let bytes = read_object(&door.broker.outputs, &format!("{id}/{name}"))
         .await
         .map_err(|_| {
             ApiError(

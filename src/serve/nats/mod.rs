@@ -65,19 +65,6 @@ pub struct NatsConfig {
     pub frames_max_bytes: i64,
 }
 
-impl Default for NatsConfig {
-    fn default() -> Self {
-        Self {
-            url: "nats://127.0.0.1:4222".into(),
-            token: None,
-            nkey_seed: None,
-            tls: false,
-            lease_ttl: Duration::from_secs(10),
-            frames_max_bytes: 4 << 30,
-        }
-    }
-}
-
 /// A session's state in its record.
 #[derive(Serialize, Deserialize, Clone, Copy, PartialEq, Eq, Debug)]
 #[serde(rename_all = "snake_case")]
@@ -215,33 +202,29 @@ impl Broker {
             .await?
             .and_then(|e| serde_json::from_slice(&e.value).ok()))
     }
+}
 
-    async fn read_object(&self, store: &object_store::ObjectStore, name: &str) -> Result<Vec<u8>> {
-        use tokio::io::AsyncReadExt;
-        let mut obj = store
-            .get(name)
-            .await
-            .map_err(|e| nats_error(&format!("object {name}"), e))?;
-        let mut out = Vec::new();
-        obj.read_to_end(&mut out)
-            .await
-            .map_err(|e| nats_error(&format!("object {name}"), e))?;
-        Ok(out)
-    }
+/// An object's bytes.
+async fn read_object(store: &object_store::ObjectStore, name: &str) -> Result<Vec<u8>> {
+    use tokio::io::AsyncReadExt;
+    let mut obj = store
+        .get(name)
+        .await
+        .map_err(|e| nats_error(&format!("object {name}"), e))?;
+    let mut out = Vec::new();
+    obj.read_to_end(&mut out)
+        .await
+        .map_err(|e| nats_error(&format!("object {name}"), e))?;
+    Ok(out)
+}
 
-    async fn write_object(
-        &self,
-        store: &object_store::ObjectStore,
-        name: &str,
-        bytes: &[u8],
-    ) -> Result<()> {
-        let mut reader = bytes;
-        store
-            .put(name, &mut reader)
-            .await
-            .map_err(|e| nats_error(&format!("object {name}"), e))?;
-        Ok(())
-    }
+async fn write_object(store: &object_store::ObjectStore, name: &str, bytes: &[u8]) -> Result<()> {
+    let mut reader = bytes;
+    store
+        .put(name, &mut reader)
+        .await
+        .map_err(|e| nats_error(&format!("object {name}"), e))?;
+    Ok(())
 }
 
 /// An entry that is there (not deleted or purged).

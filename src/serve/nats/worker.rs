@@ -3,7 +3,7 @@
 //! its results subject), and keeps its snapshots in the object store so another worker can
 //! take the session over.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,8 @@ use streamrecon_core::error::{Error, Result};
 use streamrecon_pipeline as pipeline;
 
 use super::{
-    frames_subject, live_entry, nats_error, results_subject, Broker, Lease, NatsConfig,
-    SessionRecord, SessionState, SnapshotMeta, END_HEADER,
+    frames_subject, live_entry, nats_error, read_object, results_subject, write_object, Broker,
+    Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta, END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -65,11 +65,14 @@ pub fn run_worker(
         });
         let stopping = Arc::new(AtomicBool::new(false));
         let mut held: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+        // A closed session never opens again: its record is not read at every claim.
+        let mut closed = HashSet::new();
         tokio::pin!(shutdown);
         loop {
             held.retain(|_, h| !h.is_finished());
             if held.len() < config.serve.max_sessions {
-                if let Err(e) = claim(&broker, &state, config, &stopping, &mut held).await {
+                let claimed = claim(&broker, &state, config, &stopping, &mut held, &mut closed);
+                if let Err(e) = claimed.await {
                     log::warn!("{e}");
                 }
             }
@@ -98,6 +101,7 @@ async fn claim(
     config: &WorkerConfig,
     stopping: &Arc<AtomicBool>,
     held: &mut HashMap<String, tokio::task::JoinHandle<()>>,
+    closed: &mut HashSet<String>,
 ) -> Result<()> {
     let mut keys = broker
         .sessions
@@ -113,13 +117,14 @@ async fn claim(
         if held.len() >= config.serve.max_sessions {
             break;
         }
-        if held.contains_key(&id) {
+        if held.contains_key(&id) || closed.contains(&id) {
             continue;
         }
         let Some((record, _)) = broker.record(&id).await? else {
             continue;
         };
         if record.state == SessionState::Closed {
+            closed.insert(id);
             continue;
         }
         let lease = Lease {
@@ -166,6 +171,14 @@ struct Held {
     seqs: Arc<Mutex<VecDeque<(u64, u64)>>>,
 }
 
+/// A result as published: the worker that made it beside the result's own fields.
+#[derive(serde::Serialize)]
+struct Published<'a> {
+    #[serde(flatten)]
+    result: &'a pipeline::FrameResult,
+    worker: &'a str,
+}
+
 /// How a held session ended on this worker.
 enum Ending {
     /// Its client closed it and every frame sent was processed.
@@ -193,25 +206,18 @@ impl Held {
         // The session's files here are a working copy: what counts is in the broker.
         let _ = std::fs::remove_dir_all(&dir);
         streamrecon_core::io_util::create_dir(&dir)?;
-        let meta: Option<SnapshotMeta> = self
-            .broker
-            .read_object(&self.broker.snapshots, &format!("{id}/snapshot.json"))
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
+        let meta: Option<SnapshotMeta> =
+            read_object(&self.broker.snapshots, &format!("{id}/snapshot.json"))
+                .await
+                .ok()
+                .and_then(|b| serde_json::from_slice(&b).ok());
         let (resume, resumed_at, after_seq) = match &meta {
             Some(m) => {
                 let snapshot = dir.join(pipeline::SNAPSHOT_FILE);
-                let bytes = self
-                    .broker
-                    .read_object(&self.broker.snapshots, &m.snapshot)
-                    .await?;
+                let bytes = read_object(&self.broker.snapshots, &m.snapshot).await?;
                 std::fs::write(&snapshot, bytes).map_err(|e| Error::io(&snapshot, e))?;
                 let ckpt = dir.join(pipeline::CHECKPOINT_FILE);
-                let bytes = self
-                    .broker
-                    .read_object(&self.broker.snapshots, &m.checkpoint)
-                    .await?;
+                let bytes = read_object(&self.broker.snapshots, &m.checkpoint).await?;
                 std::fs::write(&ckpt, bytes).map_err(|e| Error::io(&ckpt, e))?;
                 log::info!(
                     "session {id}: resuming at frame {} (frames after stream sequence {})",
@@ -435,21 +441,26 @@ impl Held {
     /// published. Each carries an id (session, frame, pending or final), so the stream drops
     /// the ones a resumed session makes again.
     async fn publish_results(&self, s: &Session, after: u64) -> u64 {
-        let new: Vec<pipeline::FrameResult> = lock(&s.results)
+        // The ring is in `seq` order: the new ones are at its end.
+        let mut new: Vec<pipeline::FrameResult> = lock(&s.results)
             .iter()
-            .filter(|r| r.seq > after)
+            .rev()
+            .take_while(|r| r.seq > after)
             .cloned()
             .collect();
+        new.reverse();
         let mut last = after;
         let mut acks = Vec::new();
         for r in &new {
-            let Ok(mut v) = serde_json::to_value(r) else {
+            let Ok(payload) = serde_json::to_vec(&Published {
+                result: r,
+                worker: &self.worker,
+            }) else {
                 continue;
             };
-            v["worker"] = json!(self.worker);
             let kind = if r.pending { "p" } else { "f" };
             let msg = PublishMessage::build()
-                .payload(serde_json::to_vec(&v).unwrap_or_default().into())
+                .payload(payload.into())
                 .message_id(format!("{}.{}.{kind}", self.id, r.index));
             match self
                 .broker
@@ -478,11 +489,11 @@ impl Held {
     /// the frame the stored snapshot continues at.
     async fn store_snapshot(&self, dir: &Path, stored_next: Option<u64>) -> Result<Option<u64>> {
         let id = &self.id;
-        // A copy: the pipeline may put a newer snapshot in place meanwhile.
-        let copy = dir.join("snapshot.upload");
+        // Read once: the pipeline puts a newer snapshot in place by renaming, which leaves the
+        // file opened here whole.
         let snap = dir.join(pipeline::SNAPSHOT_FILE);
-        std::fs::copy(&snap, &copy).map_err(|e| Error::io(&snap, e))?;
-        let next = streamrecon_geometry::snapshot_next_frame(&copy)
+        let bytes = std::fs::read(&snap).map_err(|e| Error::io(&snap, e))?;
+        let next = streamrecon_geometry::snapshot_next_frame_in(&bytes, &snap)
             .ok_or_else(|| Error::Invalid(format!("{}: no frame number", snap.display())))?;
         if Some(next) == stored_next {
             return Ok(stored_next);
@@ -501,7 +512,6 @@ impl Held {
                     Error::Invalid(format!("frame {} is not among the frames fed", next - 1))
                 })?
         };
-        let bytes = std::fs::read(&copy).map_err(|e| Error::io(&copy, e))?;
         let meta = SnapshotMeta {
             next,
             after_seq,
@@ -509,16 +519,10 @@ impl Held {
             checkpoint: format!("{id}/checkpoint-{next}.json"),
         };
         let store = &self.broker.snapshots;
-        self.broker
-            .write_object(store, &meta.snapshot, &bytes)
-            .await?;
-        self.broker
-            .write_object(store, &meta.checkpoint, &checkpoint)
-            .await?;
+        write_object(store, &meta.snapshot, &bytes).await?;
+        write_object(store, &meta.checkpoint, &checkpoint).await?;
         let m = serde_json::to_vec(&meta).unwrap_or_default();
-        self.broker
-            .write_object(store, &format!("{id}/snapshot.json"), &m)
-            .await?;
+        write_object(store, &format!("{id}/snapshot.json"), &m).await?;
         if let Some(old) = stored_next {
             let _ = store
                 .delete(format!("{id}/snapshot-{old}.safetensors"))
@@ -554,11 +558,7 @@ impl Held {
                 continue;
             };
             let key = format!("{}/{name}", self.id);
-            if let Err(e) = self
-                .broker
-                .write_object(&self.broker.outputs, &key, &bytes)
-                .await
-            {
+            if let Err(e) = write_object(&self.broker.outputs, &key, &bytes).await {
                 log::error!("session {}: {name} not stored: {e}", self.id);
             }
         }
