@@ -1,6 +1,7 @@
 //! Loop closure (`--loop-closure`) against the online trajectory on synthetic sequences at
-//! 320×240: ATE (% of the path) without and with, loops found, map segments before and after
-//! the loops join them, wall time of both runs (the loops thread shares the cores).
+//! 320×240: ATE (% of the path) without and with, loops found, relocalisations after tracking
+//! loss, map segments without loop closure and with it (after relocalisations and loops join
+//! them), wall time of both runs (the loops thread shares the cores).
 //!
 //! Every loop is checked against the ground truth: it is false when the two frames' cameras are
 //! more than [`TRUE_LOOP_METRES`] apart or look more than [`TRUE_LOOP_DEGREES`] apart.
@@ -9,8 +10,9 @@
 //! `loop2` two laps (seed 0), `loop4` four laps (1,200 frames, seed 2), `revisit` the kidnapped
 //! camera (900 frames), `smooth` 600 frames that never return (no loop may be found there),
 //! `repeatedN` two laps of the `repeated` scene (one texture repeating every 2 m, identical
-//! objects) with seed N (default cases: seeds 0–3). Each sequence is rendered with
-//! `streamrecon synth` and run with `streamrecon run`.
+//! objects) with seed N (default cases: seeds 0–3), `revisit-repeatedN` the kidnapped camera in
+//! that scene (900 frames, seed N: relocalisation among look-alike places). Each sequence is
+//! rendered with `streamrecon synth` and run with `streamrecon run`.
 
 use std::path::Path;
 use std::process::Command;
@@ -59,9 +61,7 @@ fn ate_percent(seq: &Path, trajectory: &Path) -> f64 {
 fn run(seq: &Path, out: &Path, loops: bool) -> (f64, serde_json::Value) {
     let mut c = Command::new(BIN);
     c.arg("run").arg(seq).arg("--out").arg(out);
-    if loops {
-        c.arg("--loop-closure");
-    }
+    c.args(["--loop-closure", if loops { "on" } else { "off" }]);
     let t0 = std::time::Instant::now();
     let o = c.output().expect("run");
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -76,19 +76,23 @@ fn main() {
     let cases: Vec<String> = args
         .iter()
         .find_map(|a| a.strip_prefix("--cases="))
-        .unwrap_or("loop2,loop4,revisit,smooth,repeated0,repeated1,repeated2,repeated3")
+        .unwrap_or(
+            "loop2,loop4,revisit,smooth,repeated0,repeated1,repeated2,repeated3,\
+             revisit-repeated0,revisit-repeated1,revisit-repeated2",
+        )
         .split(',')
         .map(String::from)
         .collect();
     let dir = tempfile::tempdir().expect("temporary folder");
     println!(
-        "{:<10} {:>6} {:>10} {:>10} {:>6} {:>6} {:>9} {:>8} {:>8}",
+        "{:<10} {:>6} {:>10} {:>10} {:>6} {:>6} {:>6} {:>9} {:>8} {:>8}",
         "case",
         "frames",
         "ATE off %",
         "ATE on %",
         "loops",
         "false",
+        "reloc",
         "segments",
         "wall off",
         "wall on"
@@ -99,8 +103,12 @@ fn main() {
             "loop4" => ("room", "loop", 1200, 2),
             "revisit" => ("room", "revisit", 900, 0),
             "smooth" => ("room", "smooth", 600, 0),
-            other => match other.strip_prefix("repeated").map(str::parse) {
-                Some(Ok(seed)) => ("repeated", "loop", 600, seed),
+            other => match (
+                other.strip_prefix("repeated").map(str::parse),
+                other.strip_prefix("revisit-repeated").map(str::parse),
+            ) {
+                (Some(Ok(seed)), _) => ("repeated", "loop", 600, seed),
+                (_, Some(Ok(seed))) => ("repeated", "revisit", 900, seed),
                 _ => panic!("unknown case {other}"),
             },
         };
@@ -125,18 +133,19 @@ fn main() {
             .success();
         assert!(ok, "synth {case}");
         let (off, on) = (seq.join("off"), seq.join("on"));
-        let (wall_off, _) = run(&seq, &off, false);
+        let (wall_off, r_off) = run(&seq, &off, false);
         let (wall_on, r) = run(&seq, &on, true);
         let lc = &r["loop_closure"];
         println!(
-            "{:<10} {:>6} {:>10.3} {:>10.3} {:>6} {:>6} {:>4} -> {:<2} {:>7.1}s {:>7.1}s",
+            "{:<10} {:>6} {:>10.3} {:>10.3} {:>6} {:>6} {:>6} {:>4} -> {:<2} {:>7.1}s {:>7.1}s",
             case,
             frames,
             ate_percent(&seq, &off.join("trajectory.txt")),
             ate_percent(&seq, &on.join("trajectory.txt")),
             lc["loop_closures"],
             false_loops(&seq, &r),
-            r["map_segments"],
+            lc["relocalisations"],
+            r_off["map_segments"],
             lc["segments_after_loops"],
             wall_off,
             wall_on

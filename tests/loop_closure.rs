@@ -1,7 +1,8 @@
 //! Loop closure (`--loop-closure`) on a synthetic camera that circles the room twice: the second
 //! lap recognises the first, and the pose graph's trajectory is much closer to the ground truth
 //! than the online one, which stays in `trajectory_online.txt`. In a room of one repeating
-//! texture, no loop joins two different places.
+//! texture, no loop joins two different places. A kidnapped camera relocalises in its first map
+//! after every jump, so the stream stays one map.
 
 mod common;
 
@@ -139,4 +140,40 @@ fn a_repeated_texture_closes_no_false_loop() {
         corrected <= online,
         "online {online}, corrected {corrected}"
     );
+}
+
+/// `synth --trajectory revisit`: 150-frame blocks along a path, each starting 100 frames back
+/// along it, so after every jump the camera sees a place of the map it left. Each jump loses
+/// tracking; the first frame after it is found among the keyframes and placed in that map, so
+/// the three blocks make one map, every frame is tracked, and one similarity aligns the whole
+/// online trajectory with the ground truth.
+#[test]
+fn a_kidnapped_camera_relocalises_in_its_first_map() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = common::synth_sequence(
+        &dir.path().join("seq"),
+        TrajectoryKind::Revisit,
+        450,
+        320,
+        240,
+        0,
+    );
+    let out = dir.path().join("out");
+    let run = run_with_loops(&seq, &out);
+    let lc = &run["loop_closure"];
+    assert_eq!(lc["relocalisations"], 2, "{lc}");
+    assert_eq!(run["map_segments"], 1, "{run}");
+    assert_eq!(lc["segments_after_loops"], 1, "{lc}");
+    assert_eq!(run["frames_tracked"], 450, "{run}");
+    let gt = tum::read_tum(&seq.join("poses.txt")).unwrap();
+    for name in ["trajectory_online.txt", "trajectory.txt"] {
+        let est = tum::read_tum(&out.join(name)).unwrap();
+        let (g, e) = associate(&gt, &est, MAX_TIME_DIFF).unwrap();
+        let m = pose_metrics(&g, &e, 1).unwrap();
+        eprintln!(
+            "revisit {name}: ATE {:.3} % of the path",
+            100.0 * m.ate_rmse_over_length
+        );
+        assert!(m.ate_rmse_over_length < 0.01, "{name}: {m:?}");
+    }
 }

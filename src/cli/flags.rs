@@ -181,11 +181,12 @@ pub(super) struct EngineFlags {
     /// reprojection error, not the trajectory error, on our synthetic sequences; slower).
     #[arg(long)]
     bundle_adjust: bool,
-    /// Loop closure: recognise places seen again (ORB keyframes, verified by PnP) and correct
-    /// the trajectory files at the end with a Sim(3) pose graph; the online poses go to
-    /// trajectory_online.txt.
-    #[arg(long)]
-    loop_closure: bool,
+    /// Loop closure: recognise places seen again (ORB keyframes, verified by PnP), relocalise
+    /// in an earlier map after tracking loss, and correct the trajectory files at the end with
+    /// a Sim(3) pose graph; the online poses go to trajectory_online.txt. [default: on for
+    /// flowvo, off for vggt; `--loop-closure` alone is `on`]
+    #[arg(long, value_enum, value_name = "on|off", num_args = 0..=1, default_missing_value = "on")]
+    loop_closure: Option<OnOff>,
     /// Model weights for `vggt` (.safetensors or the official .pth).
     #[arg(long, value_name = "PATH")]
     weights: Option<PathBuf>,
@@ -298,7 +299,7 @@ impl EngineFlags {
             preset: self.preset,
             geometry: self.geometry,
             bundle_adjust: self.bundle_adjust,
-            loop_closure: self.loop_closure,
+            loop_closure: self.loop_closure.map(|v| v == OnOff::On),
             weights: self.weights.clone(),
             model_config: self.model_config.clone(),
             total_budget: self.total_budget,

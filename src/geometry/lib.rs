@@ -79,6 +79,10 @@ pub struct GeometryStats {
     /// Why a frame has no tracked pose (one of [`untracked`]'s reasons), when it has none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub untracked_reason: Option<&'static str>,
+    /// On the frame a relocalisation placed in an earlier map after tracking loss: that map's
+    /// segment (this frame's `segment` continues it from here on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rejoined: Option<u32>,
 }
 
 /// Why frames have no tracked pose: what the engine saw while it waited for a map.
@@ -122,8 +126,15 @@ pub trait GeometryEngine: Send {
     /// An engine failure.
     fn flush(&mut self) -> Result<Vec<FrameGeometry>>;
 
-    /// Number of map segments started so far (re-initialisations + 1).
+    /// Number of maps so far: map segments started (re-initialisations + 1), those a
+    /// relocalisation rejoined to an earlier one counted with it.
     fn segments(&self) -> u32;
+
+    /// Gives the engine the loop closure's place database, to relocalise in after tracking
+    /// loss. Engines that cannot use it ignore it.
+    fn relocalise_with(&mut self, relocaliser: loop_closure::Relocaliser) {
+        let _ = relocaliser;
+    }
 
     /// Writes the engine's whole stream state to `path` (atomically); `Ok(false)` when the
     /// engine has no snapshot support. `next_source_index` is stored for resuming;

@@ -13,8 +13,13 @@
 //! edges between consecutive keyframes from the online poses, the loop edges, the first keyframe
 //! fixed. The recognition database is capped at `max_keyframes` (every other old keyframe
 //! dropped when full, so coverage thins rather than ends); the graph keeps every keyframe's pose.
+//!
+//! The database ([`Places`]) is shared: the loops thread adds keyframes and searches it for
+//! loops, and a geometry engine that lost tracking searches it through a [`Relocaliser`] to
+//! place a frame in an earlier map and track on from there.
 
 use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
 
 use nalgebra::{Matrix3, Point3, Similarity3, Translation3, UnitQuaternion, Vector3};
 use opencv::core::{no_array, DMatch, KeyPoint, Mat, Ptr, Vector};
@@ -37,6 +42,11 @@ const FAST_THRESHOLD: i32 = 5;
 const SEGMENT_JOIN_WEIGHT: f64 = 0.01;
 /// A verified candidate with this many times `min_inliers` ends the search for a keyframe.
 const STRONG_LOOP: usize = 2;
+/// A loop within one map may move the newer keyframe by this fraction of the path since the
+/// older one (drift)…
+const MAX_DRIFT: f64 = 0.1;
+/// …plus this fraction of the scene's median depth.
+const DRIFT_FLOOR: f64 = 0.25;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoopClosureConfig {
@@ -119,12 +129,60 @@ pub struct LoopEdge {
 /// What place recognition keeps of a keyframe.
 struct Keyframe {
     index: u64,
+    segment: u32,
+    /// The engine's pose of the keyframe when it was seen (its online map).
+    world_from_cam: Pose,
     thumb: Vec<f32>,
-    pixels: Vec<(f32, f32)>,
     descriptors: Mat,
     /// Each feature's point in the camera, where the depth is known.
     points: Vec<Option<Point3<f32>>>,
-    intrinsics: Intrinsics,
+}
+
+/// The place-recognition database: keyframes' thumbnails, ORB features and their 3D points,
+/// shared by the loops thread and the geometry engine's [`Relocaliser`].
+#[derive(Clone, Default)]
+pub struct Places(Arc<RwLock<Vec<Keyframe>>>);
+
+impl Places {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Keyframe>> {
+        // A panic while the lock was held leaves whole keyframes: the list stays usable.
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Keyframe>> {
+        self.0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Keyframes held.
+    pub fn len(&self) -> usize {
+        self.read().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A frame's features: where they are, their descriptors and, with depth, their points.
+struct Described {
+    thumb: Vec<f32>,
+    pixels: Vec<(f32, f32)>,
+    descriptors: Mat,
+    points: Vec<Option<Point3<f32>>>,
+}
+
+/// The PnP of an older keyframe's points against a newer view's matched features.
+struct Matched {
+    new_from_old: Pose,
+    /// The points (in the older camera), the newer view's pixels and feature numbers, of the
+    /// RANSAC inliers.
+    points: Vec<Point3<f64>>,
+    pixels: Vec<(f32, f32)>,
+    features: Vec<usize>,
 }
 
 /// A keyframe's place in the pose graph: kept for every keyframe (64 bytes), while the
@@ -135,19 +193,24 @@ struct Node {
     world_from_cam: Pose,
 }
 
-pub struct LoopCloser {
-    cfg: LoopClosureConfig,
-    keyframes: Vec<Keyframe>,
-    nodes: Vec<Node>,
-    edges: Vec<LoopEdge>,
+/// ORB detection and matching (each thread its own: OpenCV's objects are not shared).
+struct Features {
     orb: Ptr<ORB>,
     matcher: Ptr<BFMatcher>,
 }
 
-impl LoopCloser {
-    /// # Errors
-    /// OpenCV cannot make the feature detector.
-    pub fn new(cfg: LoopClosureConfig) -> Result<Self> {
+pub struct LoopCloser {
+    cfg: LoopClosureConfig,
+    places: Places,
+    nodes: Vec<Node>,
+    edges: Vec<LoopEdge>,
+    features: Features,
+    /// Segments a relocalisation rejoined to an earlier one: (segment, earlier).
+    rejoined: HashMap<u32, u32>,
+}
+
+impl Features {
+    fn new(cfg: &LoopClosureConfig) -> Result<Self> {
         let orb = ORB::create(
             cfg.orb_features,
             1.2,
@@ -162,93 +225,14 @@ impl LoopCloser {
             FAST_THRESHOLD,
         )?;
         Ok(Self {
-            cfg,
-            keyframes: Vec::new(),
-            nodes: Vec::new(),
-            edges: Vec::new(),
             orb,
             matcher: BFMatcher::create(opencv::core::NORM_HAMMING, false)?,
         })
     }
 
-    /// Loops found so far.
-    pub fn loops(&self) -> &[LoopEdge] {
-        &self.edges
-    }
-
-    /// Map segments among the keyframes once loops join them: segments a chain of loops links
-    /// count as one.
-    pub fn segments_after_loops(&self) -> usize {
-        fn root(p: &mut HashMap<u32, u32>, s: u32) -> u32 {
-            let mut r = s;
-            while p[&r] != r {
-                r = p[&r];
-            }
-            p.insert(s, r);
-            r
-        }
-        let segment_of: HashMap<u64, u32> =
-            self.nodes.iter().map(|k| (k.index, k.segment)).collect();
-        let mut parent: HashMap<u32, u32> = segment_of.values().map(|&s| (s, s)).collect();
-        for e in &self.edges {
-            if let (Some(&a), Some(&b)) = (segment_of.get(&e.older), segment_of.get(&e.newer)) {
-                let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
-                parent.insert(ra.max(rb), ra.min(rb));
-            }
-        }
-        let segments: Vec<u32> = parent.keys().copied().collect();
-        let mut roots: Vec<u32> = segments.into_iter().map(|s| root(&mut parent, s)).collect();
-        roots.sort_unstable();
-        roots.dedup();
-        roots.len()
-    }
-
-    /// A keyframe: a frame the engine placed (callers pick every `keyframe_every`-th) in map
-    /// `segment` (a new one starts after tracking was lost), with its `depth` (camera z,
-    /// row-major at `intrinsics`' size, 0 = unknown) as the engine gave it. Returns the loop it
-    /// closed, if any.
-    ///
-    /// # Errors
-    /// OpenCV failures.
-    pub fn observe(
-        &mut self,
-        index: u64,
-        segment: u32,
-        image: &RgbImage,
-        world_from_cam: &Pose,
-        intrinsics: &Intrinsics,
-        depth: Option<&[f32]>,
-    ) -> Result<Option<LoopEdge>> {
-        let kf = self.keyframe(index, image, intrinsics, depth)?;
-        let edge = self.find_loop(&kf)?;
-        if let Some(e) = edge {
-            self.edges.push(e);
-        }
-        if self.keyframes.len() >= self.cfg.max_keyframes {
-            // Thin the older half: every other one goes.
-            let half = self.keyframes.len() / 2;
-            let mut i = 0;
-            self.keyframes.retain(|_| {
-                i += 1;
-                i > half || i % 2 == 0
-            });
-        }
-        self.nodes.push(Node {
-            index,
-            segment,
-            world_from_cam: *world_from_cam,
-        });
-        self.keyframes.push(kf);
-        Ok(edge)
-    }
-
-    fn keyframe(
-        &mut self,
-        index: u64,
-        image: &RgbImage,
-        k: &Intrinsics,
-        depth: Option<&[f32]>,
-    ) -> Result<Keyframe> {
+    /// The grey image at the engine's resolution (where its depth and intrinsics are) and its
+    /// thumbnail: 32×24, zero mean, unit norm.
+    fn grey_and_thumbnail(image: &RgbImage, k: &Intrinsics) -> Result<(Mat, Vec<f32>)> {
         let rgb = Mat::new_rows_cols_with_bytes::<opencv::core::Vec3b>(
             image.height() as i32,
             image.width() as i32,
@@ -256,7 +240,6 @@ impl LoopCloser {
         )?;
         let mut grey = Mat::default();
         opencv::imgproc::cvt_color_def(&rgb, &mut grey, opencv::imgproc::COLOR_RGB2GRAY)?;
-        // Features at the engine's resolution, where its depth and intrinsics are.
         if (grey.cols(), grey.rows()) != (k.width as i32, k.height as i32) {
             let mut resized = Mat::default();
             opencv::imgproc::resize(
@@ -287,9 +270,20 @@ impl LoopCloser {
         for v in &mut thumb {
             *v /= norm;
         }
+        Ok((grey, thumb))
+    }
+
+    /// ORB features of `grey` and, with `depth`, each one's point in the camera.
+    fn describe(
+        &mut self,
+        grey: &Mat,
+        thumb: Vec<f32>,
+        k: &Intrinsics,
+        depth: Option<&[f32]>,
+    ) -> Result<Described> {
         // Features on the contrast-equalised image: the same place under another exposure.
         let mut equalised = Mat::default();
-        opencv::imgproc::equalize_hist(&grey, &mut equalised)?;
+        opencv::imgproc::equalize_hist(grey, &mut equalised)?;
         let mut keypoints = Vector::<KeyPoint>::new();
         let mut descriptors = Mat::default();
         self.orb.detect_and_compute(
@@ -312,44 +306,303 @@ impl LoopCloser {
                 })
             })
             .collect();
-        Ok(Keyframe {
-            index,
+        Ok(Described {
             thumb,
             pixels,
             descriptors,
             points,
-            intrinsics: *k,
         })
     }
 
-    fn find_loop(&self, kf: &Keyframe) -> Result<Option<LoopEdge>> {
+    /// Matches `new`'s features to `old`'s (ratio test) and solves PnP + RANSAC of `old`'s
+    /// points against them; `None` below `min_inliers`.
+    fn match_pnp(
+        &self,
+        old: &Keyframe,
+        new: &Described,
+        k: &Intrinsics,
+        min_inliers: usize,
+    ) -> Result<Option<Matched>> {
+        if old.descriptors.rows() < 2 || new.descriptors.rows() < 2 {
+            return Ok(None);
+        }
+        let mut knn = Vector::<Vector<DMatch>>::new();
+        self.matcher.knn_train_match(
+            &new.descriptors,
+            &old.descriptors,
+            &mut knn,
+            2,
+            &no_array(),
+            false,
+        )?;
+        let (mut points, mut pixels, mut features) = (Vec::new(), Vec::new(), Vec::new());
+        for m in &knn {
+            if m.len() < 2 {
+                continue;
+            }
+            let (a, b) = (m.get(0)?, m.get(1)?);
+            if a.distance > 0.8 * b.distance {
+                continue;
+            }
+            let Some(Some(p)) = old.points.get(a.train_idx as usize) else {
+                continue;
+            };
+            points.push(p.cast::<f64>());
+            pixels.push(new.pixels[a.query_idx as usize]);
+            features.push(a.query_idx as usize);
+        }
         log::debug!(
-            "keyframe {}: {} features, {} with depth",
-            kf.index,
+            "view against keyframe {}: {} matches with depth",
+            old.index,
+            points.len()
+        );
+        if points.len() < min_inliers {
+            return Ok(None);
+        }
+        let Some((new_from_old, inliers)) = crate::cv::pnp_ransac(&points, &pixels, k, None, 3.0)?
+        else {
+            return Ok(None);
+        };
+        log::debug!("  PnP inliers {}", inliers.len());
+        if inliers.len() < min_inliers {
+            return Ok(None);
+        }
+        Ok(Some(Matched {
+            new_from_old,
+            points: inliers.iter().map(|&i| points[i]).collect(),
+            pixels: inliers.iter().map(|&i| pixels[i]).collect(),
+            features: inliers.iter().map(|&i| features[i]).collect(),
+        }))
+    }
+}
+
+/// The `candidates` keyframes of `places` most similar to `thumb` (over the similarity bar) that
+/// `eligible` admits, most similar first.
+fn candidates(
+    places: &[Keyframe],
+    thumb: &[f32],
+    cfg: &LoopClosureConfig,
+    eligible: impl Fn(&Keyframe) -> bool,
+) -> Vec<usize> {
+    let mut scored: Vec<(f32, usize)> = places
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| eligible(o))
+        .map(|(i, o)| (dot(&o.thumb, thumb), i))
+        .filter(|(s, _)| *s >= cfg.min_similarity)
+        .collect();
+    scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+    scored.truncate(cfg.candidates);
+    scored.into_iter().map(|(_, i)| i).collect()
+}
+
+impl LoopCloser {
+    /// A loop closer adding its keyframes to `places`.
+    ///
+    /// # Errors
+    /// OpenCV cannot make the feature detector.
+    pub fn new(cfg: LoopClosureConfig, places: Places) -> Result<Self> {
+        Ok(Self {
+            features: Features::new(&cfg)?,
+            cfg,
+            places,
+            nodes: Vec::new(),
+            edges: Vec::new(),
+            rejoined: HashMap::new(),
+        })
+    }
+
+    /// The engine placed map `segment` in the `earlier` one (a relocalisation): their poses
+    /// are in one world from now on.
+    pub fn rejoin(&mut self, segment: u32, earlier: u32) {
+        self.rejoined.insert(segment, earlier);
+    }
+
+    /// The earliest map segment `s` was rejoined to.
+    fn map_of(&self, mut s: u32) -> u32 {
+        while let Some(&e) = self.rejoined.get(&s) {
+            if e >= s {
+                break;
+            }
+            s = e;
+        }
+        s
+    }
+
+    /// Whether a verified loop agrees with the online map where a relocalisation put its two
+    /// keyframes' segments in one world: the pose it gives the newer keyframe is at most
+    /// [`MAX_DRIFT`] of the path between them (jumps between segments not counted) plus
+    /// [`DRIFT_FLOOR`] of the scene's depth from the engine's. Repeated structure (a texture
+    /// every 2 m, identical objects) passes PnP at the wrong copy, and drift since the
+    /// relocalisation's anchor cannot explain that. Within one segment the online poses carry
+    /// the drift loops are there to fix (a monocular map's scale can drift twenty-fold over a
+    /// lap), and segments not joined are in unrelated worlds: those loops stand.
+    fn agrees_with_map(
+        &self,
+        e: &LoopEdge,
+        world_from_newer: &Pose,
+        segment: u32,
+        scene_depth: f64,
+    ) -> bool {
+        let Some(start) = self.nodes.iter().position(|n| n.index == e.older) else {
+            return true;
+        };
+        let older = &self.nodes[start];
+        if older.segment == segment || self.map_of(older.segment) != self.map_of(segment) {
+            return true;
+        }
+        let implied = sim3(&older.world_from_cam) * e.older_from_newer;
+        let gap =
+            (implied.isometry.translation.vector - world_from_newer.translation.vector).norm();
+        let step = |a: &Node, b: (&Pose, u32)| {
+            if a.segment == b.1 {
+                (a.world_from_cam.translation.vector - b.0.translation.vector).norm()
+            } else {
+                0.0
+            }
+        };
+        let path: f64 = self.nodes[start..]
+            .windows(2)
+            .map(|w| step(&w[0], (&w[1].world_from_cam, w[1].segment)))
+            .sum::<f64>()
+            + self
+                .nodes
+                .last()
+                .map_or(0.0, |n| step(n, (world_from_newer, segment)));
+        let ok = gap <= MAX_DRIFT * path + DRIFT_FLOOR * scene_depth;
+        if !ok {
+            log::info!(
+                "loop: frame {} against frame {} refused: it moves the frame {gap:.3} from the map, after a path of {path:.3} (scene depth {scene_depth:.3})",
+                e.newer,
+                e.older,
+            );
+        }
+        ok
+    }
+
+    /// Loops found so far.
+    pub fn loops(&self) -> &[LoopEdge] {
+        &self.edges
+    }
+
+    /// Map segments among the keyframes once loops join them, and `joined` pairs of segments
+    /// (relocalisations): segments a chain of loops links count as one.
+    pub fn segments_after_loops(&self, joined: &[(u32, u32)]) -> usize {
+        fn root(p: &mut HashMap<u32, u32>, s: u32) -> u32 {
+            let mut r = s;
+            while p[&r] != r {
+                r = p[&r];
+            }
+            p.insert(s, r);
+            r
+        }
+        let segment_of: HashMap<u64, u32> =
+            self.nodes.iter().map(|k| (k.index, k.segment)).collect();
+        let mut parent: HashMap<u32, u32> = segment_of.values().map(|&s| (s, s)).collect();
+        let links = self
+            .edges
+            .iter()
+            .filter_map(|e| Some((*segment_of.get(&e.older)?, *segment_of.get(&e.newer)?)))
+            .chain(
+                joined
+                    .iter()
+                    .copied()
+                    .filter(|(a, b)| parent.contains_key(a) && parent.contains_key(b)),
+            )
+            .collect::<Vec<_>>();
+        for (a, b) in links {
+            let (ra, rb) = (root(&mut parent, a), root(&mut parent, b));
+            parent.insert(ra.max(rb), ra.min(rb));
+        }
+        let segments: Vec<u32> = parent.keys().copied().collect();
+        let mut roots: Vec<u32> = segments.into_iter().map(|s| root(&mut parent, s)).collect();
+        roots.sort_unstable();
+        roots.dedup();
+        roots.len()
+    }
+
+    /// A keyframe: a frame the engine placed (callers pick every `keyframe_every`-th) in map
+    /// `segment` (a new one starts after tracking was lost), with its `depth` (camera z,
+    /// row-major at `intrinsics`' size, 0 = unknown) as the engine gave it. Returns the loop it
+    /// closed, if any.
+    ///
+    /// # Errors
+    /// OpenCV failures.
+    pub fn observe(
+        &mut self,
+        index: u64,
+        segment: u32,
+        image: &RgbImage,
+        world_from_cam: &Pose,
+        intrinsics: &Intrinsics,
+        depth: Option<&[f32]>,
+    ) -> Result<Option<LoopEdge>> {
+        let (grey, thumb) = Features::grey_and_thumbnail(image, intrinsics)?;
+        let d = self.features.describe(&grey, thumb, intrinsics, depth)?;
+        let edge = self.find_loop(index, segment, world_from_cam, &d, intrinsics)?;
+        if let Some(e) = edge {
+            self.edges.push(e);
+        }
+        let mut places = self.places.write();
+        if places.len() >= self.cfg.max_keyframes {
+            // Thin the older half: every other one goes.
+            let half = places.len() / 2;
+            let mut i = 0;
+            places.retain(|_| {
+                i += 1;
+                i > half || i % 2 == 0
+            });
+        }
+        places.push(Keyframe {
+            index,
+            segment,
+            world_from_cam: *world_from_cam,
+            thumb: d.thumb,
+            descriptors: d.descriptors,
+            points: d.points,
+        });
+        drop(places);
+        self.nodes.push(Node {
+            index,
+            segment,
+            world_from_cam: *world_from_cam,
+        });
+        Ok(edge)
+    }
+
+    fn find_loop(
+        &self,
+        index: u64,
+        segment: u32,
+        world_from_cam: &Pose,
+        kf: &Described,
+        k: &Intrinsics,
+    ) -> Result<Option<LoopEdge>> {
+        log::debug!(
+            "keyframe {index}: {} features, {} with depth",
             kf.descriptors.rows(),
             kf.points.iter().flatten().count()
         );
         if kf.descriptors.rows() < self.cfg.min_inliers as i32 {
             return Ok(None);
         }
-        let mut scored: Vec<(f32, usize)> = self
-            .keyframes
-            .iter()
-            .enumerate()
-            .filter(|(_, o)| o.index + self.cfg.min_separation <= kf.index)
-            .map(|(i, o)| (dot(&o.thumb, &kf.thumb), i))
-            .filter(|(s, _)| *s >= self.cfg.min_similarity)
-            .collect();
-        scored.sort_by(|a, b| b.0.total_cmp(&a.0));
+        let places = self.places.read();
+        let found = candidates(&places, &kf.thumb, &self.cfg, |o| {
+            o.index + self.cfg.min_separation <= index
+        });
         log::debug!(
-            "keyframe {}: {} candidates over the similarity bar, best {:?}",
-            kf.index,
-            scored.len(),
-            scored.first().map(|&(s, i)| (s, self.keyframes[i].index))
+            "keyframe {index}: {} candidates over the similarity bar",
+            found.len()
         );
+        let mut depths: Vec<f64> = kf.points.iter().flatten().map(|p| f64::from(p.z)).collect();
+        depths.sort_by(f64::total_cmp);
+        let scene_depth = depths.get(depths.len() / 2).copied().unwrap_or(0.0);
         let mut best: Option<LoopEdge> = None;
-        for &(_, i) in scored.iter().take(self.cfg.candidates) {
-            if let Some(e) = self.verify(&self.keyframes[i], kf)? {
+        for i in found {
+            let verified = self
+                .verify(&places[i], index, kf, k)?
+                .filter(|e| self.agrees_with_map(e, world_from_cam, segment, scene_depth));
+            if let Some(e) = verified {
                 if best.is_none_or(|b| e.inliers > b.inliers) {
                     best = Some(e);
                 }
@@ -364,59 +617,24 @@ impl LoopCloser {
     }
 
     /// PnP of `old`'s 3D features against `new`'s matched pixels; the scale from `new`'s depth.
-    fn verify(&self, old: &Keyframe, new: &Keyframe) -> Result<Option<LoopEdge>> {
-        if old.descriptors.rows() < 2 {
-            return Ok(None);
-        }
-        let mut knn = Vector::<Vector<DMatch>>::new();
-        self.matcher.knn_train_match(
-            &new.descriptors,
-            &old.descriptors,
-            &mut knn,
-            2,
-            &no_array(),
-            false,
-        )?;
-        let (mut world, mut pixels, mut new_idx) = (Vec::new(), Vec::new(), Vec::new());
-        for m in &knn {
-            if m.len() < 2 {
-                continue;
-            }
-            let (a, b) = (m.get(0)?, m.get(1)?);
-            if a.distance > 0.8 * b.distance {
-                continue;
-            }
-            let Some(Some(p)) = old.points.get(a.train_idx as usize) else {
-                continue;
-            };
-            world.push(p.cast::<f64>());
-            pixels.push(new.pixels[a.query_idx as usize]);
-            new_idx.push(a.query_idx as usize);
-        }
-        log::debug!(
-            "keyframe {} against {}: {} matches with depth",
-            new.index,
-            old.index,
-            world.len()
-        );
-        if world.len() < self.cfg.min_inliers {
-            return Ok(None);
-        }
-        let Some((new_from_old, inliers)) =
-            crate::cv::pnp_ransac(&world, &pixels, &new.intrinsics, None, 3.0)?
-        else {
+    fn verify(
+        &self,
+        old: &Keyframe,
+        index: u64,
+        new: &Described,
+        k: &Intrinsics,
+    ) -> Result<Option<LoopEdge>> {
+        let Some(m) = self.features.match_pnp(old, new, k, self.cfg.min_inliers)? else {
             return Ok(None);
         };
-        log::debug!("  PnP inliers {}", inliers.len());
-        if inliers.len() < self.cfg.min_inliers {
-            return Ok(None);
-        }
         // Scale: the new map's depth of the inliers over the depth PnP puts them at.
-        let mut ratios: Vec<f64> = inliers
+        let mut ratios: Vec<f64> = m
+            .points
             .iter()
-            .filter_map(|&i| {
-                let z_pnp = (new_from_old * world[i]).z;
-                let z_new = f64::from(new.points[new_idx[i]]?.z);
+            .zip(&m.features)
+            .filter_map(|(p, &f)| {
+                let z_pnp = (m.new_from_old * p).z;
+                let z_new = f64::from(new.points[f]?.z);
                 (z_pnp > 1e-9).then(|| z_new / z_pnp)
             })
             .collect();
@@ -426,12 +644,12 @@ impl LoopCloser {
         ratios.sort_by(f64::total_cmp);
         let r = ratios[ratios.len() / 2];
         // x_new (new units) = r · new_from_old(x_old); so older_from_newer = new_from_old⁻¹ ∘ (1/r).
-        let older_from_newer = Sim3::from_isometry(new_from_old.inverse(), 1.0 / r);
+        let older_from_newer = Sim3::from_isometry(m.new_from_old.inverse(), 1.0 / r);
         Ok(Some(LoopEdge {
             older: old.index,
-            newer: new.index,
+            newer: index,
             older_from_newer,
-            inliers: inliers.len(),
+            inliers: m.points.len(),
         }))
     }
 
@@ -534,6 +752,95 @@ impl LoopCloser {
     }
 }
 
+/// A frame placed in an earlier map by [`Relocaliser::relocalise`].
+#[derive(Debug, Clone)]
+pub struct Relocalised {
+    pub world_from_cam: Pose,
+    /// The keyframe the frame matched, and that keyframe's map segment.
+    pub keyframe: u64,
+    pub segment: u32,
+    /// The PnP inliers: the feature's pixel in the frame and the earlier map's point (world).
+    pub matches: Vec<((f32, f32), Point3<f64>)>,
+    /// Each inlier's reprojection error, pixels.
+    pub reprojection_px: Vec<f64>,
+}
+
+/// Places a frame in an earlier map: its thumbnail picks the most similar keyframes of the shared
+/// [`Places`], and the one whose points PnP + RANSAC fits with the most inliers (at least
+/// `min_inliers`, as a loop) gives the frame's pose in that keyframe's map and scale.
+pub struct Relocaliser {
+    cfg: LoopClosureConfig,
+    places: Places,
+    features: Features,
+}
+
+impl Relocaliser {
+    /// # Errors
+    /// OpenCV cannot make the feature detector.
+    pub fn new(cfg: LoopClosureConfig, places: Places) -> Result<Self> {
+        Ok(Self {
+            features: Features::new(&cfg)?,
+            cfg,
+            places,
+        })
+    }
+
+    /// The pose of a frame (`image` at `k`'s size) in the earlier map it shows, if any.
+    ///
+    /// # Errors
+    /// OpenCV failures.
+    pub fn relocalise(&mut self, image: &RgbImage, k: &Intrinsics) -> Result<Option<Relocalised>> {
+        if self.places.is_empty() {
+            return Ok(None);
+        }
+        let (grey, thumb) = Features::grey_and_thumbnail(image, k)?;
+        // ORB only for a frame that looks like some keyframe.
+        if candidates(&self.places.read(), &thumb, &self.cfg, |_| true).is_empty() {
+            return Ok(None);
+        }
+        let d = self.features.describe(&grey, thumb, k, None)?;
+        let places = self.places.read();
+        let mut best: Option<(Matched, &Keyframe)> = None;
+        for i in candidates(&places, &d.thumb, &self.cfg, |_| true) {
+            if let Some(m) = self
+                .features
+                .match_pnp(&places[i], &d, k, self.cfg.min_inliers)?
+            {
+                if best
+                    .as_ref()
+                    .is_none_or(|(b, _)| m.points.len() > b.points.len())
+                {
+                    best = Some((m, &places[i]));
+                }
+            }
+        }
+        let Some((m, old)) = best else {
+            return Ok(None);
+        };
+        let reprojection_px = m
+            .points
+            .iter()
+            .zip(&m.pixels)
+            .filter_map(|(p, px)| {
+                let (u, v) = k.project(&(m.new_from_old * p))?;
+                Some((u - f64::from(px.0)).hypot(v - f64::from(px.1)))
+            })
+            .collect();
+        Ok(Some(Relocalised {
+            world_from_cam: old.world_from_cam * m.new_from_old.inverse(),
+            keyframe: old.index,
+            segment: old.segment,
+            matches: m
+                .pixels
+                .iter()
+                .zip(&m.points)
+                .map(|(&px, p)| (px, old.world_from_cam * p))
+                .collect(),
+            reprojection_px,
+        }))
+    }
+}
+
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -616,7 +923,7 @@ mod tests {
 
     #[test]
     fn loops_join_the_segments_they_link() {
-        let mut c = LoopCloser::new(LoopClosureConfig::default()).unwrap();
+        let mut c = LoopCloser::new(LoopClosureConfig::default(), Places::default()).unwrap();
         for (index, segment) in [(0, 0), (10, 0), (20, 1), (30, 2), (40, 3)] {
             c.nodes.push(Node {
                 index,
@@ -624,7 +931,7 @@ mod tests {
                 world_from_cam: Pose::identity(),
             });
         }
-        assert_eq!(c.segments_after_loops(), 4);
+        assert_eq!(c.segments_after_loops(&[]), 4);
         let edge = |older, newer| LoopEdge {
             older,
             newer,
@@ -633,9 +940,11 @@ mod tests {
         };
         // Segment 2 to 0, then 3 to 2: a chain of loops makes one segment of three.
         c.edges.push(edge(10, 30));
-        assert_eq!(c.segments_after_loops(), 3);
+        assert_eq!(c.segments_after_loops(&[]), 3);
         c.edges.push(edge(30, 40));
-        assert_eq!(c.segments_after_loops(), 2);
+        assert_eq!(c.segments_after_loops(&[]), 2);
+        // A relocalisation that rejoined segment 1 to 0 makes one.
+        assert_eq!(c.segments_after_loops(&[(1, 0)]), 1);
     }
 
     #[test]

@@ -411,6 +411,10 @@ impl GeometryEngine for StabilizedEngine {
         self.inner.segments()
     }
 
+    fn relocalise_with(&mut self, relocaliser: crate::loop_closure::Relocaliser) {
+        self.inner.relocalise_with(relocaliser);
+    }
+
     fn snapshot(
         &self,
         path: &Path,

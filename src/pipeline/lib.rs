@@ -30,6 +30,7 @@ use streamrecon_core::frame::Pose;
 use streamrecon_core::stats::peak_rss_mib;
 use streamrecon_datasets::formats::depth::{depth_millimetres, surface_millimetres};
 use streamrecon_flow::FlowEngine;
+use streamrecon_geometry::loop_closure::{Places, Relocaliser};
 use streamrecon_geometry::GeometryEngine;
 
 pub use config::{FlowChoice, GeometryChoice, PipelineConfig};
@@ -205,6 +206,15 @@ pub fn run_with(
         every: config.snapshot_every,
         slot: snapshot_slot,
     };
+    // Loop closure's place database, shared with the engine to relocalise in.
+    let places = match &config.loop_closure {
+        Some(cfg) => {
+            let places = Places::default();
+            geo_engine.relocalise_with(Relocaliser::new(cfg.clone(), places.clone())?);
+            Some(places)
+        }
+        None => None,
+    };
     let geometry_thread = stage::geometry::start(
         geo_engine,
         rx2,
@@ -227,7 +237,8 @@ pub fn run_with(
     let mut loops = config
         .loop_closure
         .as_ref()
-        .map(loops::LoopThread::start)
+        .zip(places)
+        .map(|(cfg, places)| loops::LoopThread::start(cfg, places))
         .transpose()?;
     let mut model_k = None;
     let mut sink_error: Option<Error> = None;

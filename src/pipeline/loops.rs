@@ -1,7 +1,8 @@
 //! Loop closure beside the stream (`--loop-closure`): keyframes go to a thread of their own
 //! ("loops") through a bounded channel, so place recognition never delays a frame (a keyframe
 //! that finds the thread busy is skipped and counted); at the end of the run the pose graph
-//! corrects the trajectory ([`streamrecon_geometry::loop_closure`]).
+//! corrects the trajectory ([`streamrecon_geometry::loop_closure`]). The thread's place
+//! database is shared with the geometry engine, which relocalises in it after tracking loss.
 
 use std::thread::JoinHandle;
 
@@ -10,7 +11,7 @@ use serde::Serialize;
 
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{Frame, Intrinsics, Pose, RgbImage};
-use streamrecon_geometry::loop_closure::{Corrected, LoopCloser, LoopClosureConfig};
+use streamrecon_geometry::loop_closure::{Corrected, LoopCloser, LoopClosureConfig, Places};
 use streamrecon_geometry::FrameGeometry;
 
 /// What loop closure did (run.json's `loop_closure`).
@@ -20,9 +21,11 @@ pub struct LoopReport {
     /// Keyframes not looked at because the thread was still busy with an earlier one.
     pub keyframes_skipped: u64,
     pub loop_closures: usize,
-    /// The run's map segments among the keyframes once loops join them (a chain of loops makes
-    /// one segment of several).
+    /// The run's map segments among the keyframes once loops and relocalisations join them (a
+    /// chain of loops makes one segment of several).
     pub segments_after_loops: usize,
+    /// Frames the engine placed in an earlier map after tracking loss.
+    pub relocalisations: usize,
     /// Frame pairs of the loops found, with their PnP inliers.
     pub loops: Vec<(u64, u64, usize)>,
     /// Whether the trajectory files hold the pose graph's corrected poses.
@@ -36,6 +39,8 @@ struct KeyframeIn {
     world_from_cam: Pose,
     intrinsics: Intrinsics,
     depth: Option<Vec<f32>>,
+    /// Relocalisations since the last keyframe sent: (segment, earlier segment).
+    rejoined: Vec<(u32, u32)>,
 }
 
 pub(crate) struct LoopThread {
@@ -44,18 +49,27 @@ pub(crate) struct LoopThread {
     every: u64,
     placed: u64,
     report: LoopReport,
+    /// (segment, earlier segment) of each relocalisation.
+    rejoined: Vec<(u32, u32)>,
+    /// How many of `rejoined` the thread has been sent.
+    rejoined_sent: usize,
 }
 
 impl LoopThread {
+    /// A loop-closure thread keeping its keyframes in `places`.
+    ///
     /// # Errors
     /// The thread or the feature detector cannot be made.
-    pub(crate) fn start(cfg: &LoopClosureConfig) -> Result<Self> {
-        let mut closer = LoopCloser::new(cfg.clone())?;
+    pub(crate) fn start(cfg: &LoopClosureConfig, places: Places) -> Result<Self> {
+        let mut closer = LoopCloser::new(cfg.clone(), places)?;
         let (tx, rx) = bounded::<KeyframeIn>(2);
         let handle = std::thread::Builder::new()
             .name("loops".into())
             .spawn(move || {
                 for k in rx {
+                    for &(segment, earlier) in &k.rejoined {
+                        closer.rejoin(segment, earlier);
+                    }
                     if let Some(e) = closer.observe(
                         k.index,
                         k.segment,
@@ -82,6 +96,8 @@ impl LoopThread {
             every: cfg.keyframe_every.max(1),
             placed: 0,
             report: LoopReport::default(),
+            rejoined: Vec::new(),
+            rejoined_sent: 0,
         })
     }
 
@@ -89,6 +105,9 @@ impl LoopThread {
     pub(crate) fn offer(&mut self, frame: &Frame, g: &FrameGeometry) {
         if !g.stats.tracked {
             return;
+        }
+        if let Some(earlier) = g.stats.rejoined {
+            self.rejoined.push((g.stats.segment, earlier));
         }
         self.placed += 1;
         if !(self.placed - 1).is_multiple_of(self.every) {
@@ -102,9 +121,13 @@ impl LoopThread {
             world_from_cam: g.world_from_cam,
             intrinsics: g.intrinsics,
             depth: g.depth.clone(),
+            rejoined: self.rejoined[self.rejoined_sent..].to_vec(),
         };
         match tx.try_send(k) {
-            Ok(()) => self.report.keyframes += 1,
+            Ok(()) => {
+                self.report.keyframes += 1;
+                self.rejoined_sent = self.rejoined.len();
+            }
             Err(TrySendError::Full(_)) => self.report.keyframes_skipped += 1,
             // The thread ended on an error; `finish` reports it.
             Err(TrySendError::Disconnected(_)) => self.tx = None,
@@ -131,7 +154,8 @@ impl LoopThread {
             }
         };
         report.loop_closures = closer.loops().len();
-        report.segments_after_loops = closer.segments_after_loops();
+        report.segments_after_loops = closer.segments_after_loops(&self.rejoined);
+        report.relocalisations = self.rejoined.len();
         report.loops = closer
             .loops()
             .iter()

@@ -163,10 +163,11 @@ pub struct RunOptions {
     /// as the reference).
     pub camera_window: usize,
 
-    /// Loop closure: places seen again are recognised among keyframes and, at the end of the
-    /// run, a pose graph corrects the trajectory files (default false; the online poses go to
-    /// `trajectory_online.txt`).
-    pub loop_closure: bool,
+    /// Loop closure: places seen again are recognised among keyframes, an engine that lost
+    /// tracking relocalises in an earlier map, and at the end of the run a pose graph corrects
+    /// the trajectory files (the online poses go to `trajectory_online.txt`). Default (`None`):
+    /// on for `flowvo`, off for `vggt`.
+    pub loop_closure: Option<bool>,
 
     // Stabilisation.
     /// Online trajectory stabilisation of the output poses (default false).
@@ -232,7 +233,7 @@ impl Default for RunOptions {
             novelty_gamma: 0.2,
             model_dtype: DtypeName::F32,
             camera_window: DEFAULT_CAMERA_WINDOW,
-            loop_closure: false,
+            loop_closure: None,
             stabilize: false,
             stabilize_latency: DEFAULT_LATENCY_FRAMES,
             stabilize_blend: DEFAULT_SMOOTHER_BLEND,
@@ -482,11 +483,15 @@ impl RunOptions {
     /// [`RunOptions::validate`], [`RunOptions::flow_choice`], [`RunOptions::geometry_choice`].
     pub fn pipeline_config(&self) -> Result<PipelineConfig> {
         self.validate()?;
+        let geometry = self.geometry_choice()?;
+        let loop_closure = self
+            .loop_closure
+            .unwrap_or(matches!(geometry, GeometryChoice::FlowVo(_)));
         let mut config = PipelineConfig {
             flow: self.flow_choice()?,
-            geometry: self.geometry_choice()?,
+            geometry,
             stabilize: self.stabilize_config(),
-            loop_closure: self.loop_closure.then(LoopClosureConfig::default),
+            loop_closure: loop_closure.then(LoopClosureConfig::default),
             snapshot_every: self.snapshot_every,
             depth_every: self.depth_every,
             ..PipelineConfig::default()

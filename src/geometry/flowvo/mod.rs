@@ -17,6 +17,11 @@
 //!   back to the last two keyframes, and per-pixel triangulation against the older one gives depth,
 //!   with confidence from the parallax angle and the chained flow confidence.
 //!
+//! - Relocalisation (with loop closure's place database, [`GeometryEngine::relocalise_with`]):
+//!   after tracking loss, each frame is first looked up among the keyframes; one that matches
+//!   an earlier map is placed in it by PnP, the points it matched become its mapped tracks, and
+//!   tracking goes on in that map's world and scale (the new segment counts as part of it).
+//!
 //! Scale is that of the first segment's initialisation, normalised to a median depth of 1.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -25,6 +30,7 @@ use nalgebra::{Matrix3, Point3, Vector3};
 use rayon::prelude::*;
 
 use super::cv;
+use super::loop_closure::{Relocalised, Relocaliser};
 use super::novelty::{NoveltyConfig, NoveltyMeter};
 use super::triangulate::midpoint;
 use super::window_ba;
@@ -125,6 +131,12 @@ pub struct FlowVo {
     /// Why the last attempt to start a map failed (reported with the frames it leaves
     /// untracked).
     init_blocker: Option<&'static str>,
+    /// Finds lost frames in earlier maps (with loop closure).
+    relocaliser: Option<Relocaliser>,
+    /// Per map segment, the earlier segment a relocalisation rejoined it to (itself if none;
+    /// segments past the end are their own).
+    joined: Vec<u32>,
+    relocalisations: u32,
 }
 
 /// Steps remembered for the jump check.
@@ -163,7 +175,112 @@ impl FlowVo {
             novelty_weights: BTreeMap::new(),
             resume_frame: None,
             init_blocker: None,
+            relocaliser: None,
+            joined: Vec::new(),
+            relocalisations: 0,
         }
+    }
+
+    /// The map segment `s` is part of: the earliest one relocalisations rejoined it to.
+    fn map_of(&self, mut s: u32) -> u32 {
+        while let Some(&p) = self.joined.get(s as usize) {
+            if p == s {
+                break;
+            }
+            s = p;
+        }
+        s
+    }
+
+    /// Relocalisations so far: frames placed in an earlier map after tracking loss.
+    pub fn relocalisations(&self) -> u32 {
+        self.relocalisations
+    }
+
+    /// After tracking loss: the frame placed in an earlier map through the place database, and
+    /// tracking resumed there ([`FlowVo::resume_at`]).
+    fn relocalise(&mut self, frame: &Frame) -> Result<Option<FrameGeometry>> {
+        Ok(self
+            .find_in_places(frame)?
+            .map(|found| self.resume_at(frame, found)))
+    }
+
+    fn find_in_places(&mut self, frame: &Frame) -> Result<Option<Relocalised>> {
+        let k = self.k();
+        match self.relocaliser.as_mut() {
+            Some(r) => r.relocalise(&frame.image, &k),
+            None => Ok(None),
+        }
+    }
+
+    /// Tracking resumed at a relocalised frame: the points it matched become its mapped tracks
+    /// (in that map's world and scale), the grid fills in around them, and the frame is the new
+    /// keyframe.
+    fn resume_at(&mut self, frame: &Frame, found: Relocalised) -> FrameGeometry {
+        let index = frame.index;
+        let pose = found.world_from_cam;
+        // No baseline is known for the matched points: a re-triangulation replaces them once
+        // the new views give a clearly wider angle than this.
+        let angle = 2.0 * self.config.min_triangulation_deg.to_radians();
+        self.tracks = found
+            .matches
+            .iter()
+            .map(|&((x, y), p)| Track {
+                x,
+                y,
+                point: Some(p),
+                angle,
+                obs: VecDeque::from([(index, x, y)]),
+                mapped_at_keyframe: true,
+            })
+            .collect();
+        self.spawn_tracks(frame);
+        self.poses.clear();
+        self.poses.insert(index, pose);
+        self.recent_steps.clear();
+        self.novelty_weights.clear();
+        self.novelty.reset();
+        let (w, h) = (frame.width() as usize, frame.height() as usize);
+        self.chain_old = Some(Chain::new(index, w, h));
+        self.chain_new = Some(Chain::new(index, w, h));
+        self.mark_keyframe_tracks();
+        let mut depths: Vec<f64> = found
+            .matches
+            .iter()
+            .map(|(_, p)| pose.inverse_transform_point(p).z)
+            .collect();
+        if let Some(d) = median(&mut depths).filter(|d| *d > 0.0) {
+            self.median_depth = d;
+        }
+        self.segment_origin = pose;
+        self.phase = Phase::Tracking;
+        self.init_blocker = None;
+        let earlier = self.map_of(found.segment);
+        if earlier != self.segment {
+            let n = self.segment as usize + 1;
+            if self.joined.len() < n {
+                self.joined.extend(self.joined.len() as u32..n as u32);
+            }
+            self.joined[self.segment as usize] = earlier;
+        }
+        self.relocalisations += 1;
+        log::info!(
+            "flowvo: frame {index} relocalised in map segment {earlier} (keyframe {}, {} inliers); segment {} continues it",
+            found.keyframe,
+            found.matches.len(),
+            self.segment
+        );
+        let mut errs = found.reprojection_px;
+        let stats = GeometryStats {
+            tracked: true,
+            keyframe: true,
+            segment: self.segment,
+            tracked_points: found.matches.len(),
+            reprojection_median_px: median(&mut errs),
+            rejoined: (earlier != self.segment).then_some(earlier),
+            ..GeometryStats::default()
+        };
+        self.geometry(index, frame.timestamp, pose, stats, None)
     }
 
     fn grid_cell(&self, width: usize) -> usize {
@@ -612,7 +729,7 @@ impl FlowVo {
                 self.tracks.iter().filter(|t| t.point.is_some()).count()
             );
             self.lose_tracking(frame);
-            return Ok(Vec::new());
+            return Ok(self.relocalise(frame)?.into_iter().collect());
         };
         if let Some(prev) = guess {
             self.recent_steps
@@ -752,6 +869,7 @@ impl GeometryEngine for FlowVo {
                 out = self.release_untracked(pending, untracked::GAP, reference);
             }
             self.lose_tracking(frame);
+            out.extend(self.relocalise(frame)?);
             return Ok(out);
         };
         let t_start = std::time::Instant::now();
@@ -781,6 +899,14 @@ impl GeometryEngine for FlowVo {
                     index: frame.index,
                     timestamp: frame.timestamp,
                 });
+                // An earlier map is better than a new one: its world and scale go on.
+                if let Some(found) = self.find_in_places(frame)? {
+                    pending.pop();
+                    let why = self.init_blocker.unwrap_or(untracked::LOST);
+                    let mut out = self.release_untracked(pending, why, reference);
+                    out.push(self.resume_at(frame, found));
+                    return Ok(out);
+                }
                 if self.try_initialise(reference, frame.index)? {
                     return self.release_initialised(&pending, frame);
                 }
@@ -820,6 +946,10 @@ impl GeometryEngine for FlowVo {
     }
 
     fn segments(&self) -> u32 {
-        self.segment + 1
+        (0..=self.segment).filter(|&s| self.map_of(s) == s).count() as u32
+    }
+
+    fn relocalise_with(&mut self, relocaliser: Relocaliser) {
+        self.relocaliser = Some(relocaliser);
     }
 }

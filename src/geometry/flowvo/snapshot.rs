@@ -26,6 +26,12 @@ struct FlowVoState {
     /// resume as a new segment at `last_pose`).
     #[serde(default)]
     map: Option<MapState>,
+    /// Per segment, the earlier one a relocalisation rejoined it to (absent in snapshots of
+    /// earlier versions: none).
+    #[serde(default)]
+    joined: Vec<u32>,
+    #[serde(default)]
+    relocalisations: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -142,6 +148,8 @@ impl FlowVo {
             median_depth: self.median_depth,
             last_pose: pose_to_array(&last),
             map,
+            joined: self.joined.clone(),
+            relocalisations: self.relocalisations,
         };
         let owner = serde_json::to_value(&state).map_err(|e| Error::Geometry(e.to_string()))?;
         super::super::write_snapshot(
@@ -164,6 +172,12 @@ impl FlowVo {
             return Err(bad("a median depth that is not positive"));
         }
         self.median_depth = s.median_depth;
+        // Each segment rejoined to an earlier one (or itself), so following them ends.
+        if s.joined.iter().enumerate().any(|(i, &p)| p as usize > i) {
+            return Err(bad("a segment rejoined to a later one"));
+        }
+        self.joined = s.joined;
+        self.relocalisations = s.relocalisations;
         let Some(map) = s.map else {
             // No map kept: the next frame starts a new segment where the last one ended, at
             // the same scale.
