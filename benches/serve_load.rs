@@ -8,9 +8,11 @@
 //! its pose, drops (and how evenly the sessions shared them), where a frame's time went (mean
 //! waits and work per stage), and the server's RSS before, during and after (sessions closed).
 //!
-//! `cargo bench --bench serve_load [-- SESSIONS [FRAMES [FPS]]] [WxH] [no-record] [live]`
+//! `cargo bench --bench serve_load [-- SESSIONS [FRAMES [FPS]]] [WxH] [no-record] [live]
+//! [loop-closure=on|off]`
 //! (defaults 8, 300, 10, 320x240; `no-record` alternates each pass with one whose sessions write no rerun recording;
-//! `live`: the live pass only). `STREAMRECON_BIN=PATH` runs another build of the server.
+//! `live`: the live pass only; `loop-closure=`: the sessions' option, the service's default
+//! otherwise). `STREAMRECON_BIN=PATH` runs another build of the server.
 
 use std::time::{Duration, Instant};
 
@@ -123,8 +125,14 @@ fn run_pass(
 ) -> Pass {
     let t0 = Instant::now();
     let cpu0 = cpu_seconds_of(pid);
+    let loops = std::env::args()
+        .find_map(|a| {
+            a.strip_prefix("loop-closure=")
+                .map(|v| format!(r#", "loop_closure": {}"#, v == "on"))
+        })
+        .unwrap_or_default();
     let body = format!(
-        r#"{{"lossless": {}, "record": {record}, "result_points": 100}}"#,
+        r#"{{"lossless": {}, "record": {record}, "result_points": 100{loops}}}"#,
         fps.is_none()
     );
     let body = body.as_str();

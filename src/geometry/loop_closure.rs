@@ -14,6 +14,10 @@
 //! fixed. The recognition database is capped at `max_keyframes` (every other old keyframe
 //! dropped when full, so coverage thins rather than ends); the graph keeps every keyframe's pose.
 //!
+//! A loop counts once the next keyframe's loop confirms it (the same time between the two
+//! visits), and where a relocalisation put both keyframes in one world it must agree with the
+//! online map: repeated structure passes PnP at the wrong copy.
+//!
 //! The database ([`Places`]) is shared: the loops thread adds keyframes and searches it for
 //! loops, and a geometry engine that lost tracking searches it through a [`Relocaliser`] to
 //! place a frame in an earlier map and track on from there.
@@ -42,11 +46,16 @@ const FAST_THRESHOLD: i32 = 5;
 const SEGMENT_JOIN_WEIGHT: f64 = 0.01;
 /// A verified candidate with this many times `min_inliers` ends the search for a keyframe.
 const STRONG_LOOP: usize = 2;
+/// A loop is confirmed by one found within this many keyframe intervals before it.
+const CONFIRM_KEYFRAMES: u64 = 3;
 /// A loop within one map may move the newer keyframe by this fraction of the path since the
 /// older one (drift)…
 const MAX_DRIFT: f64 = 0.1;
 /// …plus this fraction of the scene's median depth.
 const DRIFT_FLOOR: f64 = 0.25;
+/// …and turn it by at most this many degrees (true loops across a relocalisation: under
+/// 2 degrees on our sequences; the wrong copy of repeated structure: about 25).
+const MAX_TURN_DRIFT_DEG: f64 = 10.0;
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct LoopClosureConfig {
@@ -133,25 +142,82 @@ struct Keyframe {
     /// The engine's pose of the keyframe when it was seen (its online map).
     world_from_cam: Pose,
     thumb: Vec<f32>,
-    descriptors: Mat,
+    /// ORB descriptors, `DESCRIPTOR_BYTES` a feature.
+    descriptors: Vec<u8>,
     /// Each feature's point in the camera, where the depth is known.
     points: Vec<Option<Point3<f32>>>,
+}
+
+/// Bytes of one ORB descriptor.
+const DESCRIPTOR_BYTES: usize = 32;
+
+impl Keyframe {
+    /// The descriptors as an OpenCV matrix over this keyframe's bytes (no copy).
+    fn descriptor_mat(&self) -> Result<opencv::boxed_ref::BoxedRef<'_, Mat>> {
+        Ok(Mat::new_rows_cols_with_data::<u8>(
+            (self.descriptors.len() / DESCRIPTOR_BYTES) as i32,
+            DESCRIPTOR_BYTES as i32,
+            &self.descriptors,
+        )?)
+    }
+}
+
+/// The keyframes, and buffers for the ones to come: all `max_keyframes` keyframes' storage is
+/// allocated and written at the first one, and a thinned keyframe's buffers are reused, so
+/// the database's memory does not grow with the stream (as the fusion's table).
+#[derive(Default)]
+struct Db {
+    keyframes: Vec<Keyframe>,
+    spare: Vec<Buffers>,
+    reserved: bool,
+}
+
+/// A keyframe's thumbnail, descriptors and points.
+type Buffers = (Vec<f32>, Vec<u8>, Vec<Option<Point3<f32>>>);
+
+impl Db {
+    /// Empty buffers for one keyframe (their capacity kept), reserving all of them at the first
+    /// call.
+    fn buffers(
+        &mut self,
+        cfg: &LoopClosureConfig,
+    ) -> (Vec<f32>, Vec<u8>, Vec<Option<Point3<f32>>>) {
+        if !self.reserved {
+            self.reserved = true;
+            let features = cfg.orb_features.max(0) as usize;
+            self.spare = (0..cfg.max_keyframes)
+                .map(|_| {
+                    // Written once, so the pages are taken now rather than as keyframes arrive.
+                    (
+                        vec![f32::NAN; (THUMB_W * THUMB_H) as usize],
+                        vec![u8::MAX; features * DESCRIPTOR_BYTES],
+                        vec![Some(Point3::new(f32::NAN, 0.0, 0.0)); features],
+                    )
+                })
+                .collect();
+        }
+        let (mut thumb, mut descriptors, mut points) = self.spare.pop().unwrap_or_default();
+        thumb.clear();
+        descriptors.clear();
+        points.clear();
+        (thumb, descriptors, points)
+    }
 }
 
 /// The place-recognition database: keyframes' thumbnails, ORB features and their 3D points,
 /// shared by the loops thread and the geometry engine's [`Relocaliser`].
 #[derive(Clone, Default)]
-pub struct Places(Arc<RwLock<Vec<Keyframe>>>);
+pub struct Places(Arc<RwLock<Db>>);
 
 impl Places {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Vec<Keyframe>> {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Db> {
         // A panic while the lock was held leaves whole keyframes: the list stays usable.
         self.0
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Vec<Keyframe>> {
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Db> {
         self.0
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -159,7 +225,7 @@ impl Places {
 
     /// Keyframes held.
     pub fn len(&self) -> usize {
-        self.read().len()
+        self.read().keyframes.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -207,6 +273,8 @@ pub struct LoopCloser {
     features: Features,
     /// Segments a relocalisation rejoined to an earlier one: (segment, earlier).
     rejoined: HashMap<u32, u32>,
+    /// The last verified loop, and whether it counts yet ([`LoopCloser::confirm`]).
+    last_verified: Option<(LoopEdge, bool)>,
 }
 
 impl Features {
@@ -323,13 +391,13 @@ impl Features {
         k: &Intrinsics,
         min_inliers: usize,
     ) -> Result<Option<Matched>> {
-        if old.descriptors.rows() < 2 || new.descriptors.rows() < 2 {
+        if old.descriptors.len() < 2 * DESCRIPTOR_BYTES || new.descriptors.rows() < 2 {
             return Ok(None);
         }
         let mut knn = Vector::<Vector<DMatch>>::new();
         self.matcher.knn_train_match(
             &new.descriptors,
-            &old.descriptors,
+            &old.descriptor_mat()?,
             &mut knn,
             2,
             &no_array(),
@@ -409,6 +477,7 @@ impl LoopCloser {
             nodes: Vec::new(),
             edges: Vec::new(),
             rejoined: HashMap::new(),
+            last_verified: None,
         })
     }
 
@@ -432,11 +501,13 @@ impl LoopCloser {
     /// Whether a verified loop agrees with the online map where a relocalisation put its two
     /// keyframes' segments in one world: the pose it gives the newer keyframe is at most
     /// [`MAX_DRIFT`] of the path between them (jumps between segments not counted) plus
-    /// [`DRIFT_FLOOR`] of the scene's depth from the engine's. Repeated structure (a texture
+    /// [`DRIFT_FLOOR`] of the scene's depth from the engine's, turned at most
+    /// [`MAX_TURN_DRIFT_DEG`]. Repeated structure (a texture
     /// every 2 m, identical objects) passes PnP at the wrong copy, and drift since the
     /// relocalisation's anchor cannot explain that. Within one segment the online poses carry
-    /// the drift loops are there to fix (a monocular map's scale can drift twenty-fold over a
-    /// lap), and segments not joined are in unrelated worlds: those loops stand.
+    /// the drift loops are there to fix (a monocular map's scale can drift twenty-fold, and its
+    /// heading by over 100 degrees, over a lap of our camera-like sequences), and segments not
+    /// joined are in unrelated worlds: those loops stand.
     fn agrees_with_map(
         &self,
         e: &LoopEdge,
@@ -452,6 +523,19 @@ impl LoopCloser {
             return true;
         }
         let implied = sim3(&older.world_from_cam) * e.older_from_newer;
+        let turn = implied
+            .isometry
+            .rotation
+            .angle_to(&world_from_newer.rotation)
+            .to_degrees();
+        if turn > MAX_TURN_DRIFT_DEG {
+            log::info!(
+                "loop: frame {} against frame {} refused: it turns the frame {turn:.1} degrees from the map",
+                e.newer,
+                e.older,
+            );
+            return false;
+        }
         let gap =
             (implied.isometry.translation.vector - world_from_newer.translation.vector).norm();
         let step = |a: &Node, b: (&Pose, u32)| {
@@ -478,6 +562,36 @@ impl LoopCloser {
             );
         }
         ok
+    }
+
+    /// A verified loop with fewer than `STRONG_LOOP` times `min_inliers` counts once the one
+    /// before it confirms it: found by a keyframe at most `CONFIRM_KEYFRAMES` keyframe
+    /// intervals earlier with the same time between the two visits, give or take as much. A
+    /// true revisit is seen from one keyframe to the next; repeated structure gives isolated,
+    /// weak matches at the wrong copy. (Strong loops count at once: after many laps the best
+    /// match of consecutive keyframes is often on different laps.) The first loop of a run of
+    /// agreeing ones is added when the second confirms it. Returns `e` when it counts.
+    fn confirm(&mut self, e: LoopEdge) -> Option<LoopEdge> {
+        let window = CONFIRM_KEYFRAMES * self.cfg.keyframe_every;
+        let shift = |l: &LoopEdge| l.newer.abs_diff(l.older);
+        let confirmed = e.inliers >= STRONG_LOOP * self.cfg.min_inliers
+            || self.last_verified.as_ref().is_some_and(|(p, _)| {
+                e.newer - p.newer <= window && shift(&e).abs_diff(shift(p)) <= window
+            });
+        if confirmed {
+            if let Some((p, false)) = self.last_verified {
+                self.edges.push(p);
+            }
+            self.edges.push(e);
+        } else {
+            log::debug!(
+                "loop: frame {} against frame {} waits for the next keyframe to confirm it",
+                e.newer,
+                e.older
+            );
+        }
+        self.last_verified = Some((e, confirmed));
+        confirmed.then_some(e)
     }
 
     /// Loops found so far.
@@ -539,27 +653,32 @@ impl LoopCloser {
     ) -> Result<Option<LoopEdge>> {
         let (grey, thumb) = Features::grey_and_thumbnail(image, intrinsics)?;
         let d = self.features.describe(&grey, thumb, intrinsics, depth)?;
-        let edge = self.find_loop(index, segment, world_from_cam, &d, intrinsics)?;
-        if let Some(e) = edge {
-            self.edges.push(e);
-        }
+        let found = self.find_loop(index, segment, world_from_cam, &d, intrinsics)?;
+        let edge = found.and_then(|e| self.confirm(e));
         let mut places = self.places.write();
-        if places.len() >= self.cfg.max_keyframes {
-            // Thin the older half: every other one goes.
-            let half = places.len() / 2;
-            let mut i = 0;
-            places.retain(|_| {
-                i += 1;
-                i > half || i % 2 == 0
-            });
+        if places.keyframes.len() >= self.cfg.max_keyframes {
+            // Thin the older half: every other one goes, its buffers kept for the next.
+            let half = places.keyframes.len() / 2;
+            let old = std::mem::take(&mut places.keyframes);
+            for (i, kf) in old.into_iter().enumerate() {
+                if i >= half || i % 2 == 1 {
+                    places.keyframes.push(kf);
+                } else {
+                    places.spare.push((kf.thumb, kf.descriptors, kf.points));
+                }
+            }
         }
-        places.push(Keyframe {
+        let (mut thumb, mut descriptors, mut points) = places.buffers(&self.cfg);
+        thumb.extend_from_slice(&d.thumb);
+        descriptors.extend_from_slice(d.descriptors.data_bytes()?);
+        points.extend_from_slice(&d.points);
+        places.keyframes.push(Keyframe {
             index,
             segment,
             world_from_cam: *world_from_cam,
-            thumb: d.thumb,
-            descriptors: d.descriptors,
-            points: d.points,
+            thumb,
+            descriptors,
+            points,
         });
         drop(places);
         self.nodes.push(Node {
@@ -587,7 +706,7 @@ impl LoopCloser {
             return Ok(None);
         }
         let places = self.places.read();
-        let found = candidates(&places, &kf.thumb, &self.cfg, |o| {
+        let found = candidates(&places.keyframes, &kf.thumb, &self.cfg, |o| {
             o.index + self.cfg.min_separation <= index
         });
         log::debug!(
@@ -600,7 +719,7 @@ impl LoopCloser {
         let mut best: Option<LoopEdge> = None;
         for i in found {
             let verified = self
-                .verify(&places[i], index, kf, k)?
+                .verify(&places.keyframes[i], index, kf, k)?
                 .filter(|e| self.agrees_with_map(e, world_from_cam, segment, scene_depth));
             if let Some(e) = verified {
                 if best.is_none_or(|b| e.inliers > b.inliers) {
@@ -795,22 +914,22 @@ impl Relocaliser {
         }
         let (grey, thumb) = Features::grey_and_thumbnail(image, k)?;
         // ORB only for a frame that looks like some keyframe.
-        if candidates(&self.places.read(), &thumb, &self.cfg, |_| true).is_empty() {
+        if candidates(&self.places.read().keyframes, &thumb, &self.cfg, |_| true).is_empty() {
             return Ok(None);
         }
         let d = self.features.describe(&grey, thumb, k, None)?;
         let places = self.places.read();
         let mut best: Option<(Matched, &Keyframe)> = None;
-        for i in candidates(&places, &d.thumb, &self.cfg, |_| true) {
-            if let Some(m) = self
-                .features
-                .match_pnp(&places[i], &d, k, self.cfg.min_inliers)?
+        for i in candidates(&places.keyframes, &d.thumb, &self.cfg, |_| true) {
+            if let Some(m) =
+                self.features
+                    .match_pnp(&places.keyframes[i], &d, k, self.cfg.min_inliers)?
             {
                 if best
                     .as_ref()
                     .is_none_or(|(b, _)| m.points.len() > b.points.len())
                 {
-                    best = Some((m, &places[i]));
+                    best = Some((m, &places.keyframes[i]));
                 }
             }
         }
@@ -945,6 +1064,63 @@ mod tests {
         assert_eq!(c.segments_after_loops(&[]), 2);
         // A relocalisation that rejoined segment 1 to 0 makes one.
         assert_eq!(c.segments_after_loops(&[(1, 0)]), 1);
+    }
+
+    #[test]
+    fn thinned_keyframes_buffers_come_back_empty_and_keep_their_room() {
+        let cfg = LoopClosureConfig {
+            max_keyframes: 2,
+            orb_features: 4,
+            ..LoopClosureConfig::default()
+        };
+        let mut db = Db::default();
+        let (thumb, mut descriptors, points) = db.buffers(&cfg);
+        assert!(thumb.is_empty() && descriptors.is_empty() && points.is_empty());
+        assert_eq!(db.spare.len(), 1);
+        let room = descriptors.capacity();
+        assert!(room >= 4 * DESCRIPTOR_BYTES);
+        // A keyframe's full buffers go back when it is thinned, and come out empty.
+        descriptors.extend_from_slice(&[7; 4 * DESCRIPTOR_BYTES]);
+        db.spare.push((thumb, descriptors, points));
+        let (_, again, _) = db.buffers(&cfg);
+        assert!(again.is_empty());
+        assert_eq!(again.capacity(), room);
+    }
+
+    #[test]
+    fn a_loop_counts_once_the_next_keyframe_confirms_it() {
+        let mut c = LoopCloser::new(LoopClosureConfig::default(), Places::default()).unwrap();
+        let edge = |older, newer| LoopEdge {
+            older,
+            newer,
+            older_from_newer: Sim3::identity(),
+            inliers: 100,
+        };
+        // A strong loop counts at once.
+        let strong = LoopEdge {
+            inliers: 500,
+            ..edge(10, 300)
+        };
+        assert!(c.confirm(strong).is_some());
+        c.edges.clear();
+        c.last_verified = None;
+        // Alone, a weak loop waits; the next keyframe's, with the same time between the visits,
+        // confirms both.
+        assert!(c.confirm(edge(100, 400)).is_none());
+        assert!(c.loops().is_empty());
+        assert!(c.confirm(edge(110, 410)).is_some());
+        assert_eq!(c.loops().len(), 2);
+        assert!(c.confirm(edge(120, 420)).is_some());
+        assert_eq!(c.loops().len(), 3);
+        // An isolated match elsewhere (another time shift) waits, and one after it that agrees
+        // with neither is not confirmed either.
+        assert!(c.confirm(edge(300, 430)).is_none());
+        assert!(c.confirm(edge(50, 440)).is_none());
+        assert_eq!(c.loops().len(), 3);
+        // Nor is one too many keyframes after the last.
+        assert!(c.confirm(edge(90, 480)).is_none());
+        assert!(c.confirm(edge(100, 520)).is_none());
+        assert_eq!(c.loops().len(), 3);
     }
 
     #[test]

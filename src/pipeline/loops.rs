@@ -26,8 +26,10 @@ pub struct LoopReport {
     pub segments_after_loops: usize,
     /// Frames the engine placed in an earlier map after tracking loss.
     pub relocalisations: usize,
-    /// Frame pairs of the loops found, with their PnP inliers.
-    pub loops: Vec<(u64, u64, usize)>,
+    /// The loops found: (older frame, newer frame, PnP inliers, the measured older_from_newer
+    /// as [tx, ty, tz, qx, qy, qz, qw, scale]: the newer camera in the older one's, in the
+    /// older map's units).
+    pub loops: Vec<(u64, u64, usize, [f64; 8])>,
     /// Whether the trajectory files hold the pose graph's corrected poses.
     pub corrected: bool,
 }
@@ -159,7 +161,23 @@ impl LoopThread {
         report.loops = closer
             .loops()
             .iter()
-            .map(|e| (e.older, e.newer, e.inliers))
+            .map(|e| {
+                let (t, q) = (
+                    e.older_from_newer.isometry.translation.vector,
+                    e.older_from_newer.isometry.rotation,
+                );
+                let m = [
+                    t.x,
+                    t.y,
+                    t.z,
+                    q.i,
+                    q.j,
+                    q.k,
+                    q.w,
+                    e.older_from_newer.scaling(),
+                ];
+                (e.older, e.newer, e.inliers, m)
+            })
             .collect();
         let corrected = closer.correct(online);
         report.corrected = corrected.is_some();

@@ -21,6 +21,9 @@
 //!   after tracking loss, each frame is first looked up among the keyframes; one that matches
 //!   an earlier map is placed in it by PnP, the points it matched become its mapped tracks, and
 //!   tracking goes on in that map's world and scale (the new segment counts as part of it).
+//!   While tracking, the keyframes lend their points when the mapped ones run low (a young
+//!   relocalised map in a turn), and overrule weak tracking that they place elsewhere (a jump
+//!   tracked onto look-alike structure).
 //!
 //! Scale is that of the first segment's initialisation, normalised to a median depth of 1.
 
@@ -139,6 +142,17 @@ pub struct FlowVo {
     relocalisations: u32,
 }
 
+/// Below this many times `min_inliers` mapped points, the place database lends its points.
+const REINFORCE_BELOW: usize = 10;
+/// …if it places the frame within this fraction of the scene's median depth…
+const REINFORCE_AGREE: f64 = 0.05;
+/// …and this many degrees of where tracking did.
+const REINFORCE_AGREE_DEG: f64 = 2.0;
+
+/// Keyframes that place a frame elsewhere than weak tracking did, with this many times its PnP
+/// inliers, overrule it.
+const OVERRULE_RATIO: usize = 4;
+
 /// Steps remembered for the jump check.
 const RECENT_STEPS: usize = 15;
 /// A step this many times the recent median (and above the map's noise floor) is implausible.
@@ -205,6 +219,55 @@ impl FlowVo {
             .map(|found| self.resume_at(frame, found)))
     }
 
+    /// When the mapped points run low (a relocalised map, whose matched points leave the view
+    /// before new ones can be triangulated from its short baselines; a turn), the keyframes of
+    /// this place lend theirs, if they put the frame where tracking (`pose`, from `inliers`
+    /// PnP inliers) did. When they put it elsewhere with many times the inliers, tracking
+    /// went wrong (a jump it followed onto look-alike structure): that placement is returned.
+    fn reinforce_from_places(
+        &mut self,
+        frame: &Frame,
+        pose: &Pose,
+        inliers: usize,
+    ) -> Result<Option<Relocalised>> {
+        let mapped = self.tracks.iter().filter(|t| t.point.is_some()).count();
+        if self.relocaliser.is_none() || mapped >= REINFORCE_BELOW * self.config.min_inliers {
+            return Ok(None);
+        }
+        let Some(found) = self.find_in_places(frame)? else {
+            return Ok(None);
+        };
+        let moved = (found.world_from_cam.translation.vector - pose.translation.vector).norm();
+        let turned = found.world_from_cam.rotation.angle_to(&pose.rotation);
+        if moved > REINFORCE_AGREE * self.median_depth || turned > REINFORCE_AGREE_DEG.to_radians()
+        {
+            log::debug!(
+                "flowvo: frame {}: the keyframes place it {moved:.3} and {:.1} deg from tracking; not lending their points",
+                frame.index,
+                turned.to_degrees()
+            );
+            let overrules = found.matches.len() >= OVERRULE_RATIO * inliers;
+            return Ok(overrules.then_some(found));
+        }
+        let index = frame.index;
+        log::debug!(
+            "flowvo: frame {index}: {mapped} mapped points; keyframe {} lends {}",
+            found.keyframe,
+            found.matches.len()
+        );
+        // Points of the map this segment is part of: not re-triangulated from the new views.
+        self.tracks
+            .extend(found.matches.iter().map(|&((x, y), p)| Track {
+                x,
+                y,
+                point: Some(p),
+                angle: f64::INFINITY,
+                obs: VecDeque::from([(index, x, y)]),
+                mapped_at_keyframe: false,
+            }));
+        Ok(None)
+    }
+
     fn find_in_places(&mut self, frame: &Frame) -> Result<Option<Relocalised>> {
         let k = self.k();
         match self.relocaliser.as_mut() {
@@ -221,7 +284,7 @@ impl FlowVo {
         let pose = found.world_from_cam;
         // No baseline is known for the matched points: a re-triangulation replaces them once
         // the new views give a clearly wider angle than this.
-        let angle = 2.0 * self.config.min_triangulation_deg.to_radians();
+        let angle = f64::INFINITY;
         self.tracks = found
             .matches
             .iter()
@@ -737,6 +800,14 @@ impl FlowVo {
             if self.recent_steps.len() > RECENT_STEPS {
                 self.recent_steps.pop_front();
             }
+        }
+        if let Some(found) = self.reinforce_from_places(frame, &pose, n)? {
+            log::info!(
+                "flowvo: frame {index}: {n} PnP inliers, and the keyframes place it elsewhere with {}",
+                found.matches.len()
+            );
+            self.lose_tracking(frame);
+            return Ok(vec![self.resume_at(frame, found)]);
         }
         self.poses.insert(index, pose);
         log::debug!(
