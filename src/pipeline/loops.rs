@@ -1,6 +1,8 @@
 //! Loop closure beside the stream (`--loop-closure`): keyframes go to a thread of their own
-//! ("loops") through a bounded channel, so place recognition never delays a frame (a keyframe
-//! that finds the thread busy is skipped and counted); at the end of the run the pose graph
+//! ("loops", at the lowest priority) through a bounded channel. In a live run place
+//! recognition never delays a frame (a keyframe that finds the thread busy is skipped and
+//! counted); an offline or lossless run waits for it instead, so its loops and relocalisations
+//! do not depend on the machine's load; at the end of the run the pose graph
 //! corrects the trajectory ([`streamrecon_geometry::loop_closure`]). The thread's place
 //! database is shared with the geometry engine, which relocalises in it after tracking loss.
 
@@ -18,7 +20,8 @@ use streamrecon_geometry::FrameGeometry;
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct LoopReport {
     pub keyframes: u64,
-    /// Keyframes not looked at because the thread was still busy with an earlier one.
+    /// Keyframes not looked at because the thread was still busy with an earlier one (live
+    /// runs only).
     pub keyframes_skipped: u64,
     pub loop_closures: usize,
     /// The run's map segments among the keyframes once loops and relocalisations join them (a
@@ -49,6 +52,9 @@ pub(crate) struct LoopThread {
     tx: Option<Sender<KeyframeIn>>,
     handle: JoinHandle<Result<LoopCloser>>,
     every: u64,
+    /// Whether a keyframe waits for the thread rather than being skipped (runs that drop no
+    /// frame).
+    wait: bool,
     placed: u64,
     report: LoopReport,
     /// (segment, earlier segment) of each relocalisation.
@@ -62,12 +68,19 @@ impl LoopThread {
     ///
     /// # Errors
     /// The thread or the feature detector cannot be made.
-    pub(crate) fn start(cfg: &LoopClosureConfig, places: Places) -> Result<Self> {
+    pub(crate) fn start(cfg: &LoopClosureConfig, places: Places, wait: bool) -> Result<Self> {
         let mut closer = LoopCloser::new(cfg.clone(), places)?;
         let (tx, rx) = bounded::<KeyframeIn>(2);
         let handle = std::thread::Builder::new()
             .name("loops".into())
             .spawn(move || {
+                // Background work: the stream's stages go first on a busy machine (a keyframe
+                // that finds this thread still busy is skipped, not waited for).
+                if let Err(e) = thread_priority::set_current_thread_priority(
+                    thread_priority::ThreadPriority::Min,
+                ) {
+                    log::debug!("loops thread keeps its priority: {e:?}");
+                }
                 for k in rx {
                     for &(segment, earlier) in &k.rejoined {
                         closer.rejoin(segment, earlier);
@@ -96,6 +109,7 @@ impl LoopThread {
             tx: Some(tx),
             handle,
             every: cfg.keyframe_every.max(1),
+            wait,
             placed: 0,
             report: LoopReport::default(),
             rejoined: Vec::new(),
@@ -125,7 +139,13 @@ impl LoopThread {
             depth: g.depth.clone(),
             rejoined: self.rejoined[self.rejoined_sent..].to_vec(),
         };
-        match tx.try_send(k) {
+        let sent = if self.wait {
+            tx.send(k)
+                .map_err(|e| TrySendError::Disconnected(e.into_inner()))
+        } else {
+            tx.try_send(k)
+        };
+        match sent {
             Ok(()) => {
                 self.report.keyframes += 1;
                 self.rejoined_sent = self.rejoined.len();
