@@ -139,7 +139,6 @@ pub struct FlowVo {
     /// Per map segment, the earlier segment a relocalisation rejoined it to (itself if none;
     /// segments past the end are their own).
     joined: Vec<u32>,
-    relocalisations: u32,
 }
 
 /// Below this many times `min_inliers` mapped points, the place database lends its points.
@@ -191,7 +190,6 @@ impl FlowVo {
             init_blocker: None,
             relocaliser: None,
             joined: Vec::new(),
-            relocalisations: 0,
         }
     }
 
@@ -204,11 +202,6 @@ impl FlowVo {
             s = p;
         }
         s
-    }
-
-    /// Relocalisations so far: frames placed in an earlier map after tracking loss.
-    pub fn relocalisations(&self) -> u32 {
-        self.relocalisations
     }
 
     /// After tracking loss: the frame placed in an earlier map through the place database, and
@@ -282,8 +275,8 @@ impl FlowVo {
     fn resume_at(&mut self, frame: &Frame, found: Relocalised) -> FrameGeometry {
         let index = frame.index;
         let pose = found.world_from_cam;
-        // No baseline is known for the matched points: a re-triangulation replaces them once
-        // the new views give a clearly wider angle than this.
+        // Points of the earlier map: never re-triangulated from the new views' short baselines
+        // (which let a relocalised map's scale collapse in a turn).
         let angle = f64::INFINITY;
         self.tracks = found
             .matches
@@ -326,7 +319,6 @@ impl FlowVo {
             }
             self.joined[self.segment as usize] = earlier;
         }
-        self.relocalisations += 1;
         log::info!(
             "flowvo: frame {index} relocalised in map segment {earlier} (keyframe {}, {} inliers); segment {} continues it",
             found.keyframe,

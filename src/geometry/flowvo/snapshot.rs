@@ -30,8 +30,6 @@ struct FlowVoState {
     /// earlier versions: none).
     #[serde(default)]
     joined: Vec<u32>,
-    #[serde(default)]
-    relocalisations: u32,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -149,7 +147,6 @@ impl FlowVo {
             last_pose: pose_to_array(&last),
             map,
             joined: self.joined.clone(),
-            relocalisations: self.relocalisations,
         };
         let owner = serde_json::to_value(&state).map_err(|e| Error::Geometry(e.to_string()))?;
         super::super::write_snapshot(
@@ -177,7 +174,6 @@ impl FlowVo {
             return Err(bad("a segment rejoined to a later one"));
         }
         self.joined = s.joined;
-        self.relocalisations = s.relocalisations;
         let Some(map) = s.map else {
             // No map kept: the next frame starts a new segment where the last one ended, at
             // the same scale.
