@@ -122,15 +122,11 @@ fn run_pass(
     sessions: usize,
     fps: Option<f64>,
     record: bool,
+    loop_closure: Option<bool>,
 ) -> Pass {
     let t0 = Instant::now();
     let cpu0 = cpu_seconds_of(pid);
-    let loops = std::env::args()
-        .find_map(|a| {
-            a.strip_prefix("loop-closure=")
-                .map(|v| format!(r#", "loop_closure": {}"#, v == "on"))
-        })
-        .unwrap_or_default();
+    let loops = loop_closure.map_or(String::new(), |on| format!(r#", "loop_closure": {on}"#));
     let body = format!(
         r#"{{"lossless": {}, "record": {record}, "result_points": 100{loops}}}"#,
         fps.is_none()
@@ -260,6 +256,9 @@ fn main() {
     let mut after = Vec::new();
     // `-- … no-record` adds passes whose sessions write no rerun recording, alternated with the
     // recording ones.
+    // `-- … loop-closure=on|off`: the sessions' option (the service's default otherwise).
+    let loop_closure =
+        std::env::args().find_map(|a| a.strip_prefix("loop-closure=").map(|v| v == "on"));
     let records: &[bool] = if std::env::args().any(|a| a == "no-record") {
         &[true, false]
     } else {
@@ -280,7 +279,15 @@ fn main() {
         } else {
             format!("{name}, no recording")
         };
-        let mut pass = run_pass(p, srv.child.id(), &pngs, sessions, rate, record);
+        let mut pass = run_pass(
+            p,
+            srv.child.id(),
+            &pngs,
+            sessions,
+            rate,
+            record,
+            loop_closure,
+        );
         std::thread::sleep(Duration::from_millis(500));
         let closed = rss(p);
         after.push(closed);

@@ -222,15 +222,6 @@ impl Places {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
-
-    /// Keyframes held.
-    pub fn len(&self) -> usize {
-        self.read().keyframes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// A frame's features: where they are, their descriptors and, with depth, their points.
@@ -599,9 +590,9 @@ impl LoopCloser {
         &self.edges
     }
 
-    /// Map segments among the keyframes once loops join them, and `joined` pairs of segments
-    /// (relocalisations): segments a chain of loops links count as one.
-    pub fn segments_after_loops(&self, joined: &[(u32, u32)]) -> usize {
+    /// Map segments among the keyframes once loops and relocalisations ([`LoopCloser::rejoin`])
+    /// join them: segments a chain of loops links count as one.
+    pub fn segments_after_loops(&self) -> usize {
         fn root(p: &mut HashMap<u32, u32>, s: u32) -> u32 {
             let mut r = s;
             while p[&r] != r {
@@ -618,9 +609,9 @@ impl LoopCloser {
             .iter()
             .filter_map(|e| Some((*segment_of.get(&e.older)?, *segment_of.get(&e.newer)?)))
             .chain(
-                joined
+                self.rejoined
                     .iter()
-                    .copied()
+                    .map(|(&a, &b)| (a, b))
                     .filter(|(a, b)| parent.contains_key(a) && parent.contains_key(b)),
             )
             .collect::<Vec<_>>();
@@ -909,18 +900,20 @@ impl Relocaliser {
     /// # Errors
     /// OpenCV failures.
     pub fn relocalise(&mut self, image: &RgbImage, k: &Intrinsics) -> Result<Option<Relocalised>> {
-        if self.places.is_empty() {
+        // One read of the database throughout (the loops thread only waits to add a keyframe).
+        let places = self.places.read();
+        if places.keyframes.is_empty() {
             return Ok(None);
         }
         let (grey, thumb) = Features::grey_and_thumbnail(image, k)?;
+        let found = candidates(&places.keyframes, &thumb, &self.cfg, |_| true);
         // ORB only for a frame that looks like some keyframe.
-        if candidates(&self.places.read().keyframes, &thumb, &self.cfg, |_| true).is_empty() {
+        if found.is_empty() {
             return Ok(None);
         }
         let d = self.features.describe(&grey, thumb, k, None)?;
-        let places = self.places.read();
         let mut best: Option<(Matched, &Keyframe)> = None;
-        for i in candidates(&places.keyframes, &d.thumb, &self.cfg, |_| true) {
+        for i in found {
             if let Some(m) =
                 self.features
                     .match_pnp(&places.keyframes[i], &d, k, self.cfg.min_inliers)?
@@ -1050,7 +1043,7 @@ mod tests {
                 world_from_cam: Pose::identity(),
             });
         }
-        assert_eq!(c.segments_after_loops(&[]), 4);
+        assert_eq!(c.segments_after_loops(), 4);
         let edge = |older, newer| LoopEdge {
             older,
             newer,
@@ -1059,11 +1052,12 @@ mod tests {
         };
         // Segment 2 to 0, then 3 to 2: a chain of loops makes one segment of three.
         c.edges.push(edge(10, 30));
-        assert_eq!(c.segments_after_loops(&[]), 3);
+        assert_eq!(c.segments_after_loops(), 3);
         c.edges.push(edge(30, 40));
-        assert_eq!(c.segments_after_loops(&[]), 2);
+        assert_eq!(c.segments_after_loops(), 2);
         // A relocalisation that rejoined segment 1 to 0 makes one.
-        assert_eq!(c.segments_after_loops(&[(1, 0)]), 1);
+        c.rejoin(1, 0);
+        assert_eq!(c.segments_after_loops(), 1);
     }
 
     #[test]

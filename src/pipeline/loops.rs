@@ -164,7 +164,7 @@ impl LoopThread {
     ) -> (Option<Vec<Corrected>>, LoopReport) {
         self.tx = None;
         let mut report = self.report;
-        let closer = match self.handle.join() {
+        let mut closer = match self.handle.join() {
             Ok(Ok(c)) => c,
             Ok(Err(e)) => {
                 log::warn!("loop closure stopped: {e}");
@@ -176,7 +176,11 @@ impl LoopThread {
             }
         };
         report.loop_closures = closer.loops().len();
-        report.segments_after_loops = closer.segments_after_loops(&self.rejoined);
+        // The relocalisations after the last keyframe sent.
+        for &(segment, earlier) in &self.rejoined[self.rejoined_sent..] {
+            closer.rejoin(segment, earlier);
+        }
+        report.segments_after_loops = closer.segments_after_loops();
         report.relocalisations = self.rejoined.len();
         report.loops = closer
             .loops()

@@ -223,8 +223,11 @@ impl FlowVo {
         pose: &Pose,
         inliers: usize,
     ) -> Result<Option<Relocalised>> {
+        if self.relocaliser.is_none() {
+            return Ok(None);
+        }
         let mapped = self.tracks.iter().filter(|t| t.point.is_some()).count();
-        if self.relocaliser.is_none() || mapped >= REINFORCE_BELOW * self.config.min_inliers {
+        if mapped >= REINFORCE_BELOW * self.config.min_inliers {
             return Ok(None);
         }
         let Some(found) = self.find_in_places(frame)? else {
