@@ -571,13 +571,10 @@ fn stream_urls_are_read_as_live_sources() {
 fn flow_writes_every_pair_in_each_format_and_eval_scores_them() {
     use streamrecon::datasets::formats::{flo, kitti_flow};
     let dir = tempfile::tempdir().unwrap();
-    let seq = common::synth_sequence(
-        &dir.path().join("seq"),
-        TrajectoryKind::Smooth,
-        6,
-        160,
-        120,
-        4,
+    let seq = dir.path().join("seq");
+    common::write_sequence(
+        &seq,
+        &common::synth_config(TrajectoryKind::Smooth, 6, 160, 120, 4),
     );
     let flows = dir.path().join("flo");
     let (s, f) = (seq.to_str().unwrap(), flows.to_str().unwrap());
