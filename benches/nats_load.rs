@@ -8,7 +8,11 @@
 //! - failover (NATS only): two workers, the one holding a live session killed (SIGKILL), time
 //!   until the client sees a pose made by the other; lease time 2 s.
 //!
-//! `cargo bench --bench nats_load [-- SESSIONS [FRAMES]]` (defaults 2, 150; 320×240 PNG).
+//! Both sides snapshot every SNAPSHOT_EVERY frames in the throughput and latency rounds (the
+//! product's default, 100); the failover run every 15, so the other worker has one to resume at.
+//!
+//! `cargo bench --bench nats_load [-- SESSIONS [FRAMES [SNAPSHOT_EVERY]]]` (defaults 2, 150,
+//! 100; 320×240 PNG).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -35,9 +39,14 @@ struct Service {
     name: &'static str,
 }
 
-fn embedded(dir: &std::path::Path, sessions: usize) -> Service {
+fn embedded(dir: &std::path::Path, sessions: usize, snapshot_every: u64) -> Service {
     std::fs::create_dir_all(dir).unwrap();
-    let door = start(&dir.join("embedded"), sessions, &[]);
+    let every = snapshot_every.to_string();
+    let door = start(
+        &dir.join("embedded"),
+        sessions,
+        &["--snapshot-every".as_ref(), every.as_ref()],
+    );
     Service {
         pids: vec![("server", door.child.id())],
         door,
@@ -47,12 +56,25 @@ fn embedded(dir: &std::path::Path, sessions: usize) -> Service {
     }
 }
 
-fn brokered(dir: &std::path::Path, sessions: usize, workers: usize, tag: &str) -> Service {
+fn brokered(
+    dir: &std::path::Path,
+    sessions: usize,
+    workers: usize,
+    tag: &str,
+    snapshot_every: u64,
+) -> Service {
     let (broker, url) = nats_server(&dir.join(format!("js-{tag}"))).expect("nats-server");
     let workers: Vec<Option<Proc>> = (0..workers)
         .map(|w| {
             let data = dir.join(format!("worker-{tag}-{w}"));
-            Some(nats_worker(&url, &data, &format!("w{w}"), sessions, 2.0))
+            Some(nats_worker(
+                &url,
+                &data,
+                &format!("w{w}"),
+                sessions,
+                2.0,
+                snapshot_every,
+            ))
         })
         .collect();
     let door_dir = dir.join(format!("door-{tag}"));
@@ -191,7 +213,7 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 /// One live session on two workers; the holder killed at frame 60: seconds from the kill until
 /// the client sees a pose made by the other worker, and the frame it resumed at.
 fn failover(dir: &std::path::Path, frames: &[Vec<u8>]) -> (f64, Option<u64>) {
-    let mut svc = brokered(dir, 1, 2, "failover");
+    let mut svc = brokered(dir, 1, 2, "failover", 15);
     let p = svc.door.port;
     let id = create(p, SESSION);
     let t0 = Instant::now();
@@ -238,6 +260,7 @@ fn main() {
         .collect();
     let sessions: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2);
     let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(150);
+    let snapshot_every: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(100);
     let dir = tempfile::tempdir().unwrap();
     let seq = dir.path().join("seq");
     let count = n.to_string();
@@ -259,7 +282,10 @@ fn main() {
             .map(|i| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap())
             .collect(),
     );
-    println!("{sessions} sessions × {n} frames, 320×240 PNG; embedded and NATS alternated");
+    println!(
+        "{sessions} sessions × {n} frames, 320×240 PNG, snapshots every {snapshot_every} frames; \
+         embedded and NATS alternated"
+    );
     let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
     for round in 0..2 {
@@ -271,9 +297,9 @@ fn main() {
         for nats in order {
             let tag = format!("r{round}");
             let svc = if nats {
-                brokered(dir.path(), sessions, 1, &tag)
+                brokered(dir.path(), sessions, 1, &tag, snapshot_every)
             } else {
-                embedded(&dir.path().join(&tag), sessions)
+                embedded(&dir.path().join(&tag), sessions, snapshot_every)
             };
             let cpu = |svc: &Service| -> Vec<f64> {
                 svc.pids

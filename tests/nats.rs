@@ -79,8 +79,8 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
         ],
     );
     let mut workers = [
-        Some(nats_worker(&url, &dir.path().join("w1"), "w1", 2, 2.0)),
-        Some(nats_worker(&url, &dir.path().join("w2"), "w2", 2, 2.0)),
+        Some(nats_worker(&url, &dir.path().join("w1"), "w1", 2, 2.0, 15)),
+        Some(nats_worker(&url, &dir.path().join("w2"), "w2", 2, 2.0, 15)),
     ];
     let door_dir = dir.path().join("door");
     let token = nats_token_file(&door_dir);
@@ -241,7 +241,7 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
         stopped.success(),
         "the stopped worker exits cleanly: {stopped}"
     );
-    let _third = nats_worker(&url, &dir.path().join("w3"), "w3", 2, 2.0);
+    let _third = nats_worker(&url, &dir.path().join("w3"), "w3", 2, 2.0, 15);
     let t0 = Instant::now();
     let resumed_at = loop {
         let s = json(&http(p, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1);

@@ -117,6 +117,9 @@ struct Session {
     /// A receiver clone, to drop the oldest queued frame when a new one arrives.
     rx_drop: Receiver<PushedFrame>,
     results: Arc<Mutex<VecDeque<FrameResult>>>,
+    /// Changes with every result put in `results` (its `seq`) and once more when the session
+    /// closes: followers wait on it instead of polling the ring.
+    newest: Arc<tokio::sync::watch::Sender<u64>>,
     /// Moves results from the pipeline into `results`; ends after the pipeline.
     collector: Mutex<Option<JoinHandle<()>>>,
     /// The session's frame counts: the door's (received, dropped at the door) and the
@@ -151,6 +154,7 @@ impl Session {
             tx: Mutex::new(None),
             rx_drop: rx,
             results: Arc::new(Mutex::new(VecDeque::new())),
+            newest: Arc::new(tokio::sync::watch::Sender::new(0)),
             collector: Mutex::new(None),
             counters: RunCounters::default(),
             pipeline: Mutex::new(None),
@@ -475,29 +479,43 @@ async fn session_events(
     ApiError,
 > {
     let s = state.session(&id)?;
-    let stream = futures_util::stream::unfold((s, q), |(s, mut q)| async move {
-        loop {
-            let (found, open) = {
-                let ring = lock(&s.results);
-                let found = ring.iter().find(|r| q.wants(r)).cloned();
-                // Open until the pipeline has been joined (its last results are in the ring).
-                (found, lock(&s.summary).is_none())
-            };
-            if let Some(r) = found {
-                let event = Event::default()
-                    .event("result")
-                    .json_data(&r)
-                    .unwrap_or_else(|_| Event::default().comment("unserialisable result"));
-                q.after_seq = Some(r.seq);
-                return Some((Ok(event), (s, q)));
+    let newest = s.newest.subscribe();
+    let stream =
+        futures_util::stream::unfold((s, q, newest), |(s, mut q, mut newest)| async move {
+            loop {
+                // Seen before the ring is read: a result put in after it wakes the wait below.
+                newest.borrow_and_update();
+                let (found, open) = {
+                    let ring = lock(&s.results);
+                    let found = ring.iter().find(|r| q.wants(r)).cloned();
+                    // Open until the pipeline has been joined (its last results are in the ring).
+                    (found, lock(&s.summary).is_none())
+                };
+                if let Some(r) = found {
+                    let event = Event::default()
+                        .event("result")
+                        .json_data(&r)
+                        .unwrap_or_else(|_| Event::default().comment("unserialisable result"));
+                    q.after_seq = Some(r.seq);
+                    return Some((Ok(event), (s, q, newest)));
+                }
+                if !open {
+                    return None;
+                }
+                wait_for_result(&mut newest).await;
             }
-            if !open {
-                return None;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(30)).await;
-        }
-    });
+        });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+/// Until the session's next result (or its close); at most a second, so a follower that
+/// missed a change looks at the ring again.
+async fn wait_for_result(newest: &mut tokio::sync::watch::Receiver<u64>) {
+    let wait = std::time::Duration::from_secs(1);
+    if let Ok(Err(_)) = tokio::time::timeout(wait, newest.changed()).await {
+        // The session is gone: nothing more will come; the caller sees it closed.
+        tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    }
 }
 
 /// Ends a session's stream and waits for its outputs.
@@ -520,6 +538,8 @@ fn close(s: &Session) -> serde_json::Value {
             let _ = c.join();
         }
         *lock(&s.summary) = Some(summary);
+        // Followers learn it is closed.
+        s.newest.send_modify(|_| {});
     }
     lock(&s.summary).clone().unwrap_or(serde_json::Value::Null)
 }

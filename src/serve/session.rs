@@ -261,8 +261,9 @@ pub(super) fn start_session(
     let counters = RunCounters::default();
     let (res_tx, res_rx) = bounded::<FrameResult>(256);
     let results = Arc::new(Mutex::new(VecDeque::new()));
+    let newest = Arc::new(tokio::sync::watch::Sender::new(0));
     let collector = {
-        let results = results.clone();
+        let (results, newest) = (results.clone(), newest.clone());
         std::thread::Builder::new()
             .name(format!("results-{id}"))
             .spawn(move || {
@@ -278,6 +279,8 @@ pub(super) fn start_session(
                         let i = q.len() - 1 - DETAIL_KEPT;
                         q[i].strip_detail();
                     }
+                    drop(q);
+                    newest.send_replace(seq);
                 }
                 // A closed session keeps its poses only.
                 lock(&results)
@@ -346,6 +349,7 @@ pub(super) fn start_session(
         tx: Mutex::new((!server_side).then_some(tx)),
         rx_drop: rx,
         results,
+        newest,
         collector: Mutex::new(Some(collector)),
         counters,
         pipeline: Mutex::new(Some(handle)),

@@ -6,7 +6,6 @@
 //! (width = height = 0) or `width × height × 3` bytes of RGB.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -14,7 +13,7 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use serde_json::json;
 
-use super::{ingest, lock, ApiError, Session, Shared, MAX_FRAME_BYTES};
+use super::{ingest, lock, wait_for_result, ApiError, Session, Shared, MAX_FRAME_BYTES};
 
 /// Bytes before the frame in a binary message.
 const HEADER: usize = 16;
@@ -60,9 +59,9 @@ fn parse(mut b: Bytes) -> Result<FrameMessage, String> {
 
 async fn follow(s: Arc<Session>, mut socket: WebSocket) {
     // Results made from now on, in the order they are made.
+    let mut newest = s.newest.subscribe();
+    newest.borrow_and_update();
     let mut next = lock(&s.results).back().map_or(0, |r| r.seq + 1);
-    let mut tick = tokio::time::interval(Duration::from_millis(30));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
@@ -83,7 +82,8 @@ async fn follow(s: Arc<Session>, mut socket: WebSocket) {
                 }
                 Some(Ok(_)) => {}
             },
-            _ = tick.tick() => {
+            () = wait_for_result(&mut newest) => {
+                newest.borrow_and_update();
                 let (new, open) = {
                     let ring = lock(&s.results);
                     let new: Vec<String> = ring

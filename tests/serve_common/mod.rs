@@ -271,13 +271,16 @@ pub fn nats_worker(
     name: &str,
     max_sessions: usize,
     lease_ttl_s: f64,
+    snapshot_every: u64,
 ) -> Proc {
     let bin = std::env::var_os("STREAMRECON_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_streamrecon").into());
     let mut child = Command::new(bin)
         .args(["worker", "--nats", url, "--name", name, "--max-sessions"])
         .arg(max_sessions.to_string())
-        .args(["--snapshot-every", "15", "--lease-ttl"])
+        .arg("--snapshot-every")
+        .arg(snapshot_every.to_string())
+        .arg("--lease-ttl")
         .arg(lease_ttl_s.to_string())
         .arg("--data-dir")
         .arg(data)

@@ -385,6 +385,8 @@ async fn close_session(
     Path(id): Path<String>,
 ) -> std::result::Result<Json<serde_json::Value>, ApiError> {
     let (mut record, revision) = door.record(&id).await?;
+    // Made before the record changes, so the worker's `closed` is not missed.
+    let mut changes = door.broker.sessions.watch(&id).await.ok();
     if record.state == SessionState::Open {
         record.state = SessionState::Closing;
         let v: Bytes = serde_json::to_vec(&record).unwrap_or_default().into();
@@ -416,7 +418,17 @@ async fn close_session(
                 ),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        // The next change of the record; a second at most, in case the watch missed it.
+        match &mut changes {
+            Some(w) => {
+                if let Ok(None | Some(Err(_))) =
+                    tokio::time::timeout(Duration::from_secs(1), w.next()).await
+                {
+                    changes = None;
+                }
+            }
+            None => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
     }
 }
 

@@ -28,8 +28,9 @@ use crate::{
 
 /// How often a worker looks for sessions to claim.
 const CLAIM_EVERY: Duration = Duration::from_millis(250);
-/// How often a held session's new results are published and its snapshot looked at.
-const KEEP_EVERY: Duration = Duration::from_millis(20);
+/// How often a held session's lease is looked at and its snapshot file, at the least (new
+/// results are published as they come).
+const KEEP_EVERY: Duration = Duration::from_millis(50);
 /// Frame numbers and stream sequences remembered per session, to place a snapshot in the
 /// stream (a snapshot is never older than this many frames).
 const SEQS_KEPT: usize = 100_000;
@@ -63,94 +64,152 @@ pub fn run_worker(
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         });
-        let stopping = Arc::new(AtomicBool::new(false));
-        let mut held: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
-        // A closed session never opens again: its record is not read at every claim.
-        let mut closed = HashSet::new();
+        let mut claims = Claims {
+            broker,
+            state,
+            config,
+            stopping: Arc::new(AtomicBool::new(false)),
+            held: HashMap::new(),
+            closed: HashSet::new(),
+        };
+        // A new session is claimed as soon as its record is written; the periodic look also
+        // finds the sessions whose worker's lease expired.
+        let mut changes = claims.broker.sessions.watch_all().await.ok();
         tokio::pin!(shutdown);
         loop {
-            held.retain(|_, h| !h.is_finished());
-            if held.len() < config.serve.max_sessions {
-                let claimed = claim(&broker, &state, config, &stopping, &mut held, &mut closed);
-                if let Err(e) = claimed.await {
-                    log::warn!("{e}");
+            claims.held.retain(|_, h| !h.is_finished());
+            if let Err(e) = claims.scan().await {
+                log::warn!("{e}");
+            }
+            loop {
+                tokio::select! {
+                    () = &mut shutdown => {
+                        claims.hand_back().await;
+                        return Ok(());
+                    }
+                    () = tokio::time::sleep(CLAIM_EVERY) => break,
+                    change = next_change(&mut changes) => {
+                        if let Some((id, record)) = change {
+                            claims.held.retain(|_, h| !h.is_finished());
+                            claims.offer(id, record).await;
+                        }
+                    }
                 }
             }
-            tokio::select! {
-                () = &mut shutdown => break,
-                () = tokio::time::sleep(CLAIM_EVERY) => {}
-            }
         }
-        log::info!(
-            "worker {} stopping: handing back {} sessions",
-            config.name,
-            held.len()
-        );
-        stopping.store(true, Ordering::SeqCst);
-        for (_, h) in held {
-            let _ = h.await;
-        }
-        Ok(())
     })
 }
 
-/// Takes the leases of open sessions nobody holds, up to the worker's room.
-async fn claim(
-    broker: &Arc<Broker>,
-    state: &Arc<AppState>,
-    config: &WorkerConfig,
-    stopping: &Arc<AtomicBool>,
-    held: &mut HashMap<String, tokio::task::JoinHandle<()>>,
-    closed: &mut HashSet<String>,
-) -> Result<()> {
-    let mut keys = broker
-        .sessions
-        .keys()
-        .await
-        .map_err(|e| nats_error("listing sessions", e))?;
-    let mut ids = Vec::new();
-    while let Some(k) = keys.next().await {
-        ids.push(k.map_err(|e| nats_error("listing sessions", e))?);
+/// The next session record written, as (id, record); never resolves without a watch.
+async fn next_change(
+    changes: &mut Option<async_nats::jetstream::kv::Watch>,
+) -> Option<(String, SessionRecord)> {
+    let Some(watch) = changes else {
+        return std::future::pending().await;
+    };
+    match watch.next().await {
+        Some(Ok(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
+            let record = serde_json::from_slice(&e.value).ok()?;
+            Some((e.key, record))
+        }
+        Some(Ok(_)) => None,
+        // The watch broke: the periodic look goes on alone.
+        Some(Err(_)) | None => {
+            log::warn!("the sessions watch ended; looking for sessions every {CLAIM_EVERY:?}");
+            *changes = None;
+            None
+        }
     }
-    ids.sort();
-    for id in ids {
-        if held.len() >= config.serve.max_sessions {
-            break;
+}
+
+/// The sessions a worker holds, and how it takes more.
+struct Claims<'a> {
+    broker: Arc<Broker>,
+    state: Arc<AppState>,
+    config: &'a WorkerConfig,
+    /// The worker is shutting down: its sessions hand themselves back.
+    stopping: Arc<AtomicBool>,
+    held: HashMap<String, tokio::task::JoinHandle<()>>,
+    /// A closed session never opens again: its record is not read at every look.
+    closed: HashSet<String>,
+}
+
+impl Claims<'_> {
+    /// Offers every session that is not closed to [`Claims::offer`], up to the worker's room.
+    async fn scan(&mut self) -> Result<()> {
+        if self.held.len() >= self.config.serve.max_sessions {
+            return Ok(());
         }
-        if held.contains_key(&id) || closed.contains(&id) {
-            continue;
+        let mut keys = self
+            .broker
+            .sessions
+            .keys()
+            .await
+            .map_err(|e| nats_error("listing sessions", e))?;
+        let mut ids = Vec::new();
+        while let Some(k) = keys.next().await {
+            ids.push(k.map_err(|e| nats_error("listing sessions", e))?);
         }
-        let Some((record, _)) = broker.record(&id).await? else {
-            continue;
-        };
+        ids.sort();
+        for id in ids {
+            if self.held.len() >= self.config.serve.max_sessions {
+                break;
+            }
+            if self.held.contains_key(&id) || self.closed.contains(&id) {
+                continue;
+            }
+            if let Some((record, _)) = self.broker.record(&id).await? {
+                self.offer(id, record).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the session's lease if nobody holds it and the worker has room, and runs it.
+    async fn offer(&mut self, id: String, record: SessionRecord) {
+        if self.held.len() >= self.config.serve.max_sessions || self.held.contains_key(&id) {
+            return;
+        }
         if record.state == SessionState::Closed {
-            closed.insert(id);
-            continue;
+            self.closed.insert(id);
+            return;
         }
         let lease = Lease {
-            worker: config.name.clone(),
+            worker: self.config.name.clone(),
             ..Lease::default()
         };
         let value = serde_json::to_vec(&lease).unwrap_or_default();
         // Only one worker's create succeeds: the bucket refuses a key that exists.
-        let Ok(revision) = broker.leases.create(&id, value.into()).await else {
-            continue;
+        let Ok(revision) = self.broker.leases.create(&id, value.into()).await else {
+            return;
         };
-        log::info!("session {id}: claimed by worker {}", config.name);
+        log::info!("session {id}: claimed by worker {}", self.config.name);
         let task = Held {
-            broker: broker.clone(),
-            state: state.clone(),
+            broker: self.broker.clone(),
+            state: self.state.clone(),
             id: id.clone(),
-            worker: config.name.clone(),
+            worker: self.config.name.clone(),
             revision,
-            lease_ttl: config.nats.lease_ttl,
-            stopping: stopping.clone(),
+            lease_ttl: self.config.nats.lease_ttl,
+            stopping: self.stopping.clone(),
             lost: Arc::new(AtomicBool::new(false)),
             seqs: Arc::new(Mutex::new(VecDeque::new())),
         };
-        held.insert(id, tokio::spawn(task.run(record)));
+        self.held.insert(id, tokio::spawn(task.run(record)));
     }
-    Ok(())
+
+    /// Hands every held session back (each stores its final snapshot and deletes its lease).
+    async fn hand_back(self) {
+        log::info!(
+            "worker {} stopping: handing back {} sessions",
+            self.config.name,
+            self.held.len()
+        );
+        self.stopping.store(true, Ordering::SeqCst);
+        for (_, h) in self.held {
+            let _ = h.await;
+        }
+    }
 }
 
 /// A session this worker holds the lease of.
@@ -266,6 +325,7 @@ impl Held {
                 .map_err(|e| Error::Invalid(e.to_string()))?
         };
         done.store(true, Ordering::SeqCst);
+        session.newest.send_modify(|_| {});
         let _ = keeper.await;
         if self.lost.load(Ordering::SeqCst) {
             return Err(Error::Invalid(
@@ -374,6 +434,7 @@ impl Held {
             .unwrap_or_else(Instant::now);
         let mut stored_next = resumed_at;
         let mut snapshot_seen = None;
+        let mut newest = s.newest.subscribe();
         loop {
             let last = done.load(Ordering::SeqCst);
             if renewed.elapsed() >= self.lease_ttl / 3 || last {
@@ -384,6 +445,8 @@ impl Held {
                 }
                 renewed = Instant::now();
             }
+            // Seen before the ring is read: a result put in after it ends the wait below.
+            newest.borrow_and_update();
             published = self.publish_results(&s, published).await;
             let modified = std::fs::metadata(dir.join(pipeline::SNAPSHOT_FILE))
                 .and_then(|m| m.modified())
@@ -400,7 +463,7 @@ impl Held {
             if last {
                 return;
             }
-            tokio::time::sleep(KEEP_EVERY).await;
+            let _ = tokio::time::timeout(KEEP_EVERY, newest.changed()).await;
         }
     }
 
