@@ -42,6 +42,8 @@ impl Viewer {
         Ok(())
     }
 
+    /// # Errors
+    /// Never.
     pub fn log_map(
         &self,
         _points: &[[f32; 3]],
