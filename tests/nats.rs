@@ -55,6 +55,29 @@ fn a_worker_without_the_broker_s_token_is_refused_with_a_clear_error() {
     );
 }
 
+/// A front door and one worker: the WebSocket gives what the embedded server's gives.
+#[test]
+fn a_websocket_client_streams_through_a_front_door() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_nats, url)) = nats_server(&dir.path().join("js")) else {
+        return;
+    };
+    let _worker = nats_worker(&url, &dir.path().join("w1"), "w1", 1, 5.0, 15);
+    let door_dir = dir.path().join("door");
+    let token = nats_token_file(&door_dir);
+    let door = start(
+        &door_dir,
+        1,
+        &[
+            "--nats".as_ref(),
+            url.as_ref(),
+            "--nats-token-file".as_ref(),
+            token.as_ref(),
+        ],
+    );
+    serve_common::websocket_round_trip(door.port);
+}
+
 /// Frames pushed to each session.
 const FRAMES: usize = 90;
 

@@ -24,6 +24,26 @@ pub fn decode_encoded(
     bytes: &[u8],
     session_size: Option<(u32, u32)>,
 ) -> Result<RgbImage, FrameError> {
+    check_encoded_format(bytes)?;
+    decode_rgb(bytes, |w, h| check_session_size((w, h), session_size)).map_err(FrameError)
+}
+
+/// What can be told of a frame without decoding it (its first bytes; a raw frame's length):
+/// a NATS front door checks this before publishing, the worker decodes.
+///
+/// # Errors
+/// Not a PNG/JPEG, or raw RGB of another length than its size needs.
+pub fn check_undecoded(bytes: &[u8], raw: Option<(u32, u32)>) -> Result<(), FrameError> {
+    match raw {
+        None => check_encoded_format(bytes),
+        Some((width, height)) => {
+            check_frame_size(width, height).map_err(FrameError)?;
+            check_raw_len(bytes.len(), width, height)
+        }
+    }
+}
+
+fn check_encoded_format(bytes: &[u8]) -> Result<(), FrameError> {
     let format = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| FrameError(format!("cannot read the frame: {e}")))?
@@ -33,7 +53,17 @@ pub fn decode_encoded(
             "frame is not a PNG or JPEG image (raw RGB needs content-type image/x-raw-rgb)".into(),
         ));
     }
-    decode_rgb(bytes, |w, h| check_session_size((w, h), session_size)).map_err(FrameError)
+    Ok(())
+}
+
+fn check_raw_len(len: usize, width: u32, height: u32) -> Result<(), FrameError> {
+    let want = u64::from(width) * u64::from(height) * 3;
+    if len as u64 != want {
+        return Err(FrameError(format!(
+            "raw RGB frame of {width}x{height} needs {want} bytes, got {len}"
+        )));
+    }
+    Ok(())
 }
 
 /// A frame's size against its session's.
@@ -59,13 +89,7 @@ pub fn check_session_size(
 /// A size out of bounds, or a body whose length is not exactly the declared size.
 pub fn decode_raw(bytes: Vec<u8>, width: u32, height: u32) -> Result<RgbImage, FrameError> {
     check_frame_size(width, height).map_err(FrameError)?;
-    let want = u64::from(width) * u64::from(height) * 3;
-    if bytes.len() as u64 != want {
-        return Err(FrameError(format!(
-            "raw RGB frame of {width}x{height} needs {want} bytes, got {}",
-            bytes.len()
-        )));
-    }
+    check_raw_len(bytes.len(), width, height)?;
     RgbImage::from_raw(width, height, bytes)
         .ok_or_else(|| FrameError(format!("raw RGB frame of {width}x{height} is malformed")))
 }
@@ -129,5 +153,16 @@ mod tests {
         let e = decode_raw(vec![7; 100], 32, 16).unwrap_err();
         assert!(e.0.contains("needs 1536 bytes, got 100"), "{e}");
         assert!(decode_raw(Vec::new(), 100_000, 100_000).is_err());
+    }
+
+    #[test]
+    fn undecoded_checks_catch_what_the_bytes_alone_show() {
+        assert!(check_undecoded(&png_header_only(16, 16), None).is_ok());
+        let e = check_undecoded(b"not an image", None).unwrap_err();
+        assert!(e.0.contains("PNG or JPEG"), "{e}");
+        assert!(check_undecoded(&[7; 32 * 16 * 3], Some((32, 16))).is_ok());
+        let e = check_undecoded(&[7; 100], Some((32, 16))).unwrap_err();
+        assert!(e.0.contains("needs 1536 bytes, got 100"), "{e}");
+        assert!(check_undecoded(&[], Some((100_000, 100_000))).is_err());
     }
 }

@@ -405,7 +405,7 @@ const MAX_TIMESTAMP_S: f64 = 1e10;
 const LOSSLESS_WAIT: std::time::Duration = std::time::Duration::from_mins(1);
 
 /// Content type of a raw frame: `width × height × 3` bytes of RGB, with `x-width`/`x-height`.
-const RAW_RGB: &str = "image/x-raw-rgb";
+pub(crate) const RAW_RGB: &str = "image/x-raw-rgb";
 
 fn status_json(s: &Session) -> serde_json::Value {
     let results = lock(&s.results);

@@ -16,7 +16,7 @@ use serde_json::json;
 use super::{ingest, lock, wait_for_result, ApiError, Session, Shared, MAX_FRAME_BYTES};
 
 /// Bytes before the frame in a binary message.
-const HEADER: usize = 16;
+pub(crate) const HEADER: usize = 16;
 
 pub(super) async fn upgrade(
     State(state): State<Shared>,
@@ -30,10 +30,10 @@ pub(super) async fn upgrade(
 }
 
 /// A frame message: timestamp, raw size (if raw RGB) and the frame's bytes.
-type FrameMessage = (Option<f64>, Option<(u32, u32)>, Bytes);
+pub(crate) type FrameMessage = (Option<f64>, Option<(u32, u32)>, Bytes);
 
 /// Splits a binary message into its parts.
-fn parse(mut b: Bytes) -> Result<FrameMessage, String> {
+pub(crate) fn parse(mut b: Bytes) -> Result<FrameMessage, String> {
     if b.len() < HEADER {
         return Err(format!(
             "a frame message starts with a {HEADER}-byte header; got {} bytes",

@@ -294,3 +294,106 @@ pub fn nats_worker(
     assert!(line.starts_with("worker"), "{line:?}");
     Proc(child)
 }
+
+/// A test pattern frame, different for each `i`.
+pub fn frame_image(w: u32, h: u32, i: u32) -> image::RgbImage {
+    image::RgbImage::from_fn(w, h, |x, y| {
+        image::Rgb([
+            ((x * 3 + i * 5) % 256) as u8,
+            ((y * 7 + x) % 256) as u8,
+            (((x / 4) ^ (y / 4)) * 9 % 256) as u8,
+        ])
+    })
+}
+
+/// A lossless session over `/sessions/{id}/stream` on the server at `p`: the token is needed,
+/// PNG and raw frames in, bad messages (no header, not an image, a cut-short PNG) answered on
+/// the stream, a result for every frame in
+/// order (pending ones first where flowvo holds frames), the socket closed after the last
+/// result once the session is closed over HTTP.
+pub fn websocket_round_trip(p: u16) {
+    use tungstenite::client::IntoClientRequest;
+    use tungstenite::Message;
+    let id = create(p, r#"{"lossless": true, "result_points": 10}"#);
+    let mut req = format!("ws://127.0.0.1:{p}/sessions/{id}/stream")
+        .into_client_request()
+        .unwrap();
+    // Without the token the upgrade is refused.
+    assert!(tungstenite::connect(req.clone()).is_err());
+    req.headers_mut()
+        .insert("Authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let (mut ws, _) = tungstenite::connect(req).unwrap();
+    let message = |t: f64, w: u32, h: u32, payload: &[u8]| {
+        let mut m = t.to_le_bytes().to_vec();
+        m.extend_from_slice(&w.to_le_bytes());
+        m.extend_from_slice(&h.to_le_bytes());
+        m.extend_from_slice(payload);
+        Message::Binary(m.into())
+    };
+    let frames = 12u32;
+    for i in 0..frames {
+        let img = frame_image(96, 64, i);
+        // Even frames as PNG, odd ones as raw RGB.
+        let m = if i % 2 == 0 {
+            message(f64::from(i) / 10.0, 0, 0, &png(&img))
+        } else {
+            message(f64::from(i) / 10.0, 96, 64, img.as_raw())
+        };
+        ws.send(m).unwrap();
+    }
+    // Bad messages are answered on the stream, which goes on.
+    ws.send(Message::Binary(vec![1, 2, 3].into())).unwrap();
+    ws.send(message(f64::NAN, 0, 0, b"not an image")).unwrap();
+    // A PNG cut short: only decoding finds it out (a NATS front door publishes it, its worker
+    // says so on the stream).
+    let cut = png(&frame_image(96, 64, 99));
+    ws.send(message(f64::NAN, 0, 0, &cut[..cut.len() / 2]))
+        .unwrap();
+    let mut errors = Vec::new();
+    let mut indices = Vec::new();
+    let mut held = Vec::new();
+    // A result with a pose goes to `indices`, a pending one (a frame flowvo holds until its
+    // map starts) to `held`.
+    let mut take = |v: &serde_json::Value| {
+        if let Some(i) = v["index"].as_u64() {
+            if v["pending"] == true {
+                held.push(i);
+            } else {
+                indices.push(i);
+            }
+        }
+    };
+    while errors.len() < 3 {
+        if let Message::Text(t) = ws.read().unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&t).unwrap();
+            if let Some(e) = v["error"].as_str() {
+                errors.push(e.to_string());
+            } else {
+                take(&v);
+            }
+        }
+    }
+    assert!(errors[0].contains("16-byte header"), "{errors:?}");
+    assert!(errors[1].contains("PNG or JPEG"), "{errors:?}");
+    assert!(errors[2].contains("96x64 does not decode"), "{errors:?}");
+    // Closing the session over HTTP ends the stream after the last result.
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    let processed = json(&body)["summary"]["frames_processed"].as_u64().unwrap();
+    loop {
+        match ws.read() {
+            Ok(Message::Text(t)) => take(&serde_json::from_str(&t).unwrap()),
+            Ok(Message::Close(_)) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    assert_eq!(
+        processed,
+        u64::from(frames),
+        "lossless: every frame processed"
+    );
+    assert_eq!(indices, (0..u64::from(frames)).collect::<Vec<_>>());
+    // The held frames were told of first, in order, and each got its pose after.
+    assert!(!held.is_empty());
+    assert_eq!(held, (0..held.len() as u64).collect::<Vec<_>>());
+}

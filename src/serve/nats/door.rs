@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
 use async_nats::HeaderMap as NatsHeaders;
 use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
@@ -29,7 +30,7 @@ use super::{
 use crate::session::CreateSession;
 use crate::{
     auth, frame_headers, is_recording_part, json_errors, listen, runtime, valid_id, ApiError,
-    ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES,
+    ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
 };
 
 /// Results one poll returns at most (the client asks again from the last `seq`).
@@ -96,7 +97,7 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}/results", get(session_results))
         .route("/sessions/{id}/files/{name}", get(download))
         .route("/sessions/{id}/events", get(session_events))
-        .route("/sessions/{id}/stream", get(not_here))
+        .route("/sessions/{id}/stream", get(stream_upgrade))
         .route("/sessions/{id}/live.rrd", get(not_here))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
         .route_layer(middleware::from_fn_with_state(token, auth));
@@ -160,7 +161,20 @@ async fn push_frame(
     headers: HeaderMap,
     body: Bytes,
 ) -> std::result::Result<Json<serde_json::Value>, ApiError> {
-    let (record, _) = door.record(&id).await?;
+    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let seq = publish_frame(&door, &id, header, body).await?;
+    Ok(Json(json!({ "stream_seq": seq })))
+}
+
+/// Checks a frame (session open, size, headers) and publishes it to the session's frames;
+/// its stream sequence once the broker has stored it.
+async fn publish_frame<'a>(
+    door: &Door,
+    id: &str,
+    header: impl Fn(&str) -> Option<&'a str>,
+    body: Bytes,
+) -> std::result::Result<u64, ApiError> {
+    let (record, _) = door.record(id).await?;
     if record.state != SessionState::Open {
         return Err(ApiError(
             StatusCode::CONFLICT,
@@ -177,9 +191,11 @@ async fn push_frame(
             ),
         ));
     }
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    // Checked here so the client hears of a bad header; the worker decodes the image.
-    frame_headers(header)?;
+    // Checked here so the client hears of a bad header or what is plainly not an image; the
+    // worker decodes it.
+    let (raw, _) = frame_headers(&header)?;
+    crate::frames::check_undecoded(&body, raw)
+        .map_err(|e| ApiError(StatusCode::BAD_REQUEST, e.0))?;
     let mut h = NatsHeaders::new();
     for name in ["content-type", "x-width", "x-height", "x-timestamp"] {
         if let Some(v) = header(name) {
@@ -189,7 +205,7 @@ async fn push_frame(
     let ack = door
         .broker
         .js
-        .publish_with_headers(frames_subject(&id), h, body)
+        .publish_with_headers(frames_subject(id), h, body)
         .await
         .map_err(unavailable)?
         .await
@@ -198,7 +214,104 @@ async fn push_frame(
                 "the broker did not take the frame ({e}); try again"
             ))
         })?;
-    Ok(Json(json!({ "stream_seq": ack.sequence })))
+    Ok(ack.sequence)
+}
+
+/// `GET /sessions/{id}/stream`: the embedded server's WebSocket (see `stream.rs`): frames in as
+/// binary messages, each result out as a text message as it is published, errors as
+/// `{"error": …}` text messages; closed after the last result of a closed session.
+async fn stream_upgrade(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+    ws: WebSocketUpgrade,
+) -> std::result::Result<Response, ApiError> {
+    door.record(&id).await?;
+    // Results published from now on, as the embedded server sends them.
+    let consumer = door
+        .broker
+        .results
+        .create_consumer(pull::OrderedConfig {
+            filter_subject: results_subject(&id),
+            deliver_policy: DeliverPolicy::New,
+            ..Default::default()
+        })
+        .await
+        .map_err(unavailable)?;
+    let results = consumer.messages().await.map_err(unavailable)?;
+    Ok(ws
+        .max_message_size(MAX_FRAME_BYTES + crate::stream::HEADER)
+        .on_upgrade(move |socket| follow(door, id, results, socket)))
+}
+
+async fn follow(door: Shared, id: String, mut results: pull::Ordered, mut socket: WebSocket) {
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                None | Some(Err(_) | Ok(Message::Close(_))) => break,
+                Some(Ok(Message::Binary(b))) => {
+                    if let Err(e) = publish_message(&door, &id, b).await {
+                        let text = json!({ "error": e }).to_string();
+                        if socket.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                Some(Ok(_)) => {}
+            },
+            next = tokio::time::timeout(Duration::from_millis(500), results.next()) => {
+                match next {
+                    Ok(Some(Ok(m))) => {
+                        let text = match result_json(&m, 0) {
+                            Some(v) => v.to_string(),
+                            // A frame the worker could not decode: said as the embedded
+                            // server says it.
+                            None => match serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                                Ok(v) if v.get("error").is_some() => v.to_string(),
+                                _ => continue,
+                            },
+                        };
+                        // A client that stops reading stalls only this connection.
+                        if socket.send(Message::Text(text.into())).await.is_err() {
+                            break;
+                        }
+                    }
+                    Ok(Some(Err(_)) | None) => {
+                        let text = json!({ "error": "the results stream ended" }).to_string();
+                        let _ = socket.send(Message::Text(text.into())).await;
+                        break;
+                    }
+                    // Quiet: a closed session has published all its results before it reads
+                    // as closed.
+                    Err(_) => {
+                        if let Ok((r, _)) = door.record(&id).await {
+                            if r.state == SessionState::Closed {
+                                let _ = socket.send(Message::Close(None)).await;
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A WebSocket frame message published as an HTTP upload's would be.
+async fn publish_message(door: &Door, id: &str, b: Bytes) -> std::result::Result<(), String> {
+    let (timestamp, raw, frame) = crate::stream::parse(b)?;
+    let timestamp = timestamp.map(|t| t.to_string());
+    let (width, height) = raw.map(|(w, h)| (w.to_string(), h.to_string())).unzip();
+    let header = |name: &str| match name {
+        "content-type" => raw.map(|_| RAW_RGB),
+        "x-width" => width.as_deref(),
+        "x-height" => height.as_deref(),
+        "x-timestamp" => timestamp.as_deref(),
+        _ => None,
+    };
+    publish_frame(door, id, header, frame)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.1)
 }
 
 async fn session_results(
@@ -271,7 +384,8 @@ async fn results_consumer(
 fn result_json(m: &async_nats::jetstream::Message, since: u64) -> Option<serde_json::Value> {
     let seq = m.info().ok()?.stream_sequence;
     let mut v: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
-    if v["index"].as_u64().unwrap_or(0) < since {
+    // A frame the worker refused is published as `{"error": …}`, without an index.
+    if v.get("index")?.as_u64()? < since {
         return None;
     }
     v["seq"] = json!(seq);
@@ -335,6 +449,7 @@ async fn status_json(door: &Door, id: &str) -> std::result::Result<serde_json::V
         .ok()
         .and_then(|m| {
             let mut v: serde_json::Value = serde_json::from_slice(&m.payload).ok()?;
+            v.get("index")?;
             v["seq"] = json!(m.sequence);
             Some(v)
         });

@@ -408,11 +408,20 @@ impl Held {
                     index += 1;
                 }
                 // The client got its answer at upload; a frame that does not decode is
-                // counted and logged here.
-                Err(e) => log::warn!(
-                    "session {id}: frame at stream sequence {seq} refused: {}",
-                    e.1
-                ),
+                // said on the results subject (WebSocket clients see it) and logged.
+                Err(e) => {
+                    log::warn!(
+                        "session {id}: frame at stream sequence {seq} refused: {}",
+                        e.1
+                    );
+                    let payload = json!({ "error": e.1, "stream_seq": seq }).to_string();
+                    let msg = PublishMessage::build()
+                        .payload(payload.into())
+                        .message_id(format!("{id}.e{seq}"));
+                    if let Ok(ack) = self.broker.js.send_publish(results_subject(id), msg).await {
+                        let _ = ack.await;
+                    }
+                }
             }
         }
     }
