@@ -8,7 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serve_common::{
-    create, http, json, nats_server, nats_token_file, nats_worker, push, start, synth, TOKEN,
+    create, http, json, nats_server, nats_token_file, nats_worker, nats_worker_with, push, start,
+    synth, TOKEN,
 };
 
 /// Every result of a session so far, following `seq` as a client does.
@@ -78,6 +79,109 @@ fn a_websocket_client_streams_through_a_front_door() {
     serve_common::websocket_round_trip(door.port);
 }
 
+/// A worker serving HTTP (`--bind`): a front door passes a running session's live recording on
+/// from it (the stream ends with the recording the session stores at close), `/metrics` at the
+/// door counts the service's sessions, the worker's own needs the token.
+#[test]
+fn a_front_door_passes_on_the_live_recording_and_counts_sessions() {
+    let dir = tempfile::tempdir().unwrap();
+    let Some((_nats, url)) = nats_server(&dir.path().join("js")) else {
+        return;
+    };
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let extra = [
+        "--bind".to_string(),
+        "127.0.0.1:0".into(),
+        "--token-file".into(),
+        token_file.display().to_string(),
+    ];
+    let (_worker, line) = nats_worker_with(&url, &dir.path().join("w1"), "w1", &extra);
+    let worker_port: u16 = line
+        .trim()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .unwrap_or_else(|| panic!("no port in {line:?}"));
+    let door_dir = dir.path().join("door");
+    let nats_token = nats_token_file(&door_dir);
+    let door = start(
+        &door_dir,
+        1,
+        &[
+            "--nats".as_ref(),
+            url.as_ref(),
+            "--nats-token-file".as_ref(),
+            nats_token.as_ref(),
+        ],
+    );
+    let p = door.port;
+    let seq = dir.path().join("seq");
+    synth(
+        &seq,
+        &["--frames", "40", "--size", "160x120", "--seed", "2"],
+    );
+    let frame = |i: usize| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+    let id = create(p, r#"{"lossless": true}"#);
+    for i in 0..20 {
+        assert_eq!(push(p, &id, &frame(i), i as f64 / 10.0).0, 200);
+    }
+    let t0 = Instant::now();
+    while json(&http(p, "GET", &format!("/sessions/{id}"), Some(TOKEN), b"").1)["worker"].is_null()
+    {
+        assert!(t0.elapsed() < Duration::from_secs(30), "never claimed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let live = {
+        let path = format!("/sessions/{id}/live.rrd");
+        std::thread::spawn(move || http(p, "GET", &path, Some(TOKEN), b""))
+    };
+    for i in 20..40 {
+        assert_eq!(push(p, &id, &frame(i), i as f64 / 10.0).0, 200);
+    }
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    let (st, streamed) = live.join().unwrap();
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&streamed));
+    assert!(streamed.starts_with(b"RRF2"), "not a recording");
+    let (st, stored) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/files/recording.rrd"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(st, 200);
+    assert_eq!(
+        streamed.len(),
+        stored.len(),
+        "the stream ends with the file"
+    );
+    // Closed: nobody holds it, and the door says where its recording is.
+    let (st, body) = http(
+        p,
+        "GET",
+        &format!("/sessions/{id}/live.rrd"),
+        Some(TOKEN),
+        b"",
+    );
+    assert_eq!(st, 404);
+    assert!(String::from_utf8_lossy(&body).contains("among its files"));
+    let (st, metrics) = http(p, "GET", "/metrics", Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    let metrics = String::from_utf8_lossy(&metrics);
+    assert!(
+        metrics.contains("streamrecon_sessions{state=\"closed\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(http(worker_port, "GET", "/metrics", None, b"").0, 401);
+    let (st, metrics) = http(worker_port, "GET", "/metrics", Some(TOKEN), b"");
+    assert_eq!(st, 200);
+    assert!(String::from_utf8_lossy(&metrics).contains("streamrecon_rss_mib"));
+    // The page and the viewer are served as by the embedded server.
+    assert_eq!(http(p, "GET", "/", None, b"").0, 200);
+}
+
 /// Frames pushed to each session.
 const FRAMES: usize = 90;
 
@@ -130,9 +234,12 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
         }
     };
     push_all(0..45);
-    // A frame that does not decode is taken by the door (its headers are fine) and refused by
-    // the worker, which goes on with the next.
+    // What is plainly not an image is refused by the door; a PNG cut short is taken (only
+    // decoding finds it out) and refused by the worker, which goes on with the next.
     let (st, _) = push(p, &ids[0], b"not an image", 4.55);
+    assert_eq!(st, 400);
+    let cut = std::fs::read(seq.join("rgb/000000.png")).unwrap();
+    let (st, _) = push(p, &ids[0], &cut[..cut.len() / 2], 4.55);
     assert_eq!(st, 200);
     // Wait until the first session is well past a snapshot, then kill its worker.
     let t0 = Instant::now();

@@ -147,6 +147,18 @@ pub(super) struct WorkerArgs {
     /// This worker's name in leases [default: host name and process id].
     #[arg(long)]
     name: Option<String>,
+    /// Serve the held sessions' live recordings (front doors pass `/sessions/{id}/live.rrd`
+    /// on to the session's worker) and this worker's `/metrics` on this address. Needs
+    /// --token-file.
+    #[arg(long, requires = "token_file")]
+    bind: Option<std::net::SocketAddr>,
+    /// The URL front doors reach --bind by [default: http:// and the bound address].
+    #[arg(long, requires = "bind")]
+    advertise: Option<String>,
+    /// File holding the bearer token of the front doors (their --token-file), asked of every
+    /// request to --bind but /health.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     #[command(flatten)]
     models: ModelFileArgs,
 }
@@ -165,7 +177,12 @@ pub(super) fn cmd_worker(a: &WorkerArgs) -> Result<()> {
         serve: streamrecon::serve::ServeConfig {
             options: a.models.options(),
             bind: ([127, 0, 0, 1], 0).into(),
-            token: String::new(),
+            token: a
+                .token_file
+                .as_deref()
+                .map(read_token)
+                .transpose()?
+                .unwrap_or_default(),
             max_sessions: a.max_sessions.max(1),
             data_dir: a.data_dir.clone(),
             allow_sources: Vec::new(),
@@ -173,10 +190,17 @@ pub(super) fn cmd_worker(a: &WorkerArgs) -> Result<()> {
             snapshot_every: a.snapshot_every.max(1),
         },
         name,
+        listen: a.bind,
+        advertise: a.advertise.clone(),
     };
-    println!("worker {} on {url}", config.name);
-    let _ = std::io::Write::flush(&mut std::io::stdout());
-    streamrecon::serve::run_worker(&config, async {
+    let on_ready = |http: Option<&str>| {
+        match http {
+            Some(h) => println!("worker {} on {url}, serving {h}", config.name),
+            None => println!("worker {} on {url}", config.name),
+        }
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    };
+    streamrecon::serve::run_worker(&config, on_ready, async {
         let _ = tokio::signal::ctrl_c().await;
         eprintln!("shutting down: handing sessions back");
     })

@@ -175,9 +175,11 @@ impl Session {
 
     /// Its pipeline has ended (closed, or its source ran out), so its files grow no more.
     fn finished(&self) -> bool {
-        lock(&self.pipeline)
-            .as_ref()
-            .is_none_or(JoinHandle::is_finished)
+        match lock(&self.pipeline).as_ref() {
+            Some(h) => h.is_finished(),
+            // Taken by a close that is still joining it: finished once its summary is in.
+            None => lock(&self.summary).is_some(),
+        }
     }
 }
 
@@ -616,6 +618,21 @@ async fn list_sessions(State(state): State<Shared>) -> Json<serde_json::Value> {
     let mut v: Vec<serde_json::Value> = sessions.iter().map(|s| status_json(s)).collect();
     v.sort_by(|a, b| a["id"].as_str().cmp(&b["id"].as_str()));
     Json(json!(v))
+}
+
+/// A NATS worker's own routes, for front doors and scrapers: its sessions' live recordings
+/// and its metrics (token needed), `/health`.
+fn worker_router(state: Shared) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::page))
+        .route("/sessions/{id}/live.rrd", get(web_viewer::live_recording))
+        .route_layer(middleware::from_fn_with_state(
+            Arc::<str>::from(state.config.token.as_str()),
+            auth,
+        ))
+        .route("/health", get(|| async { "ok" }))
+        .layer(middleware::map_response(json_errors))
+        .with_state(state)
 }
 
 /// The service's routes.

@@ -263,8 +263,8 @@ pub fn nats_token_file(dir: &std::path::Path) -> std::path::PathBuf {
     f
 }
 
-/// `streamrecon worker` on `url` (with [`NATS_TOKEN`]), snapshots every 15 frames; returns once
-/// it has started.
+/// `streamrecon worker` on `url` (with [`NATS_TOKEN`]), its snapshots every `snapshot_every`
+/// frames; returns once it has started.
 pub fn nats_worker(
     url: &str,
     data: &std::path::Path,
@@ -273,15 +273,30 @@ pub fn nats_worker(
     lease_ttl_s: f64,
     snapshot_every: u64,
 ) -> Proc {
+    let args = [
+        "--max-sessions".to_string(),
+        max_sessions.to_string(),
+        "--snapshot-every".into(),
+        snapshot_every.to_string(),
+        "--lease-ttl".into(),
+        lease_ttl_s.to_string(),
+    ];
+    nats_worker_with(url, data, name, &args).0
+}
+
+/// `streamrecon worker` on `url` (with [`NATS_TOKEN`]) with `extra` arguments; returns once it
+/// has started, with its first line.
+pub fn nats_worker_with(
+    url: &str,
+    data: &std::path::Path,
+    name: &str,
+    extra: &[String],
+) -> (Proc, String) {
     let bin = std::env::var_os("STREAMRECON_BIN")
         .unwrap_or_else(|| env!("CARGO_BIN_EXE_streamrecon").into());
     let mut child = Command::new(bin)
-        .args(["worker", "--nats", url, "--name", name, "--max-sessions"])
-        .arg(max_sessions.to_string())
-        .arg("--snapshot-every")
-        .arg(snapshot_every.to_string())
-        .arg("--lease-ttl")
-        .arg(lease_ttl_s.to_string())
+        .args(["worker", "--nats", url, "--name", name])
+        .args(extra)
         .arg("--data-dir")
         .arg(data)
         .arg("--nats-token-file")
@@ -292,7 +307,7 @@ pub fn nats_worker(
         .unwrap();
     let line = first_line(&mut child);
     assert!(line.starts_with("worker"), "{line:?}");
-    Proc(child)
+    (Proc(child), line)
 }
 
 /// A test pattern frame, different for each `i`.

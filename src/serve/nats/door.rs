@@ -15,7 +15,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
@@ -29,8 +29,8 @@ use super::{
 };
 use crate::session::CreateSession;
 use crate::{
-    auth, frame_headers, is_recording_part, json_errors, listen, runtime, valid_id, ApiError,
-    ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
+    auth, constant_time_eq, frame_headers, is_recording_part, json_errors, listen, runtime,
+    valid_id, web_viewer, ApiError, ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
 };
 
 /// Results one poll returns at most (the client asks again from the last `seq`).
@@ -82,15 +82,8 @@ pub fn serve_door(
 
 fn router(state: Shared) -> Router {
     let token: Arc<str> = Arc::from(state.config.token.as_str());
-    let not_here = || async {
-        ApiError(
-            StatusCode::NOT_IMPLEMENTED,
-            "not served by a NATS front door yet: follow /sessions/{id}/events or poll \
-             /sessions/{id}/results"
-                .into(),
-        )
-    };
     let api = Router::new()
+        .route("/metrics", get(metrics))
         .route("/sessions", post(create_session).get(list_sessions))
         .route("/sessions/{id}", get(session_status).delete(close_session))
         .route("/sessions/{id}/frames", post(push_frame))
@@ -98,11 +91,20 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}/files/{name}", get(download))
         .route("/sessions/{id}/events", get(session_events))
         .route("/sessions/{id}/stream", get(stream_upgrade))
-        .route("/sessions/{id}/live.rrd", get(not_here))
+        .route("/sessions/{id}/live.rrd", get(live_recording))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
         .route_layer(middleware::from_fn_with_state(token, auth));
+    // As the embedded server: the page and the viewer hold no data.
     Router::new()
         .route("/health", get(|| async { "ok" }))
+        .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
+        .route("/viewer", get(web_viewer::to_folder))
+        .route("/viewer/", get(web_viewer::index))
+        .route("/viewer/{file}", get(web_viewer::file))
+        .route(
+            "/sessions/{id}/token/{token}/live.rrd",
+            get(live_recording_with_token),
+        )
         .merge(api)
         .layer(middleware::map_response(json_errors))
         .with_state(state)
@@ -589,4 +591,163 @@ impl CreateSession {
         }
         Ok(())
     }
+}
+
+/// `GET /sessions/{id}/live.rrd`: the session's recording as its worker writes it, passed on
+/// from the worker holding the session (workers serve it with `--bind`). After a failover the
+/// new worker's recording continues in a new part: ask again.
+async fn live_recording(
+    State(door): State<Shared>,
+    Path(id): Path<String>,
+) -> std::result::Result<Response, ApiError> {
+    door.record(&id).await?;
+    let lease = door.broker.lease(&id).await.map_err(unavailable)?;
+    let Some(lease) = lease else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no worker holds session {id} now (not started, between workers, or closed: a \
+                 closed session's recording is among its files)"
+            ),
+        ));
+    };
+    let Some(base) = lease.http else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!(
+                "worker {} serves no live recordings (start workers with --bind and \
+                 --token-file)",
+                lease.worker
+            ),
+        ));
+    };
+    pass_on(
+        &format!("{base}/sessions/{id}/live.rrd"),
+        &door.config.token,
+    )
+    .await
+}
+
+async fn live_recording_with_token(
+    State(door): State<Shared>,
+    Path((id, token)): Path<(String, String)>,
+) -> std::result::Result<Response, ApiError> {
+    if !constant_time_eq(token.as_bytes(), door.config.token.as_bytes()) {
+        return Err(ApiError(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong bearer token".into(),
+        ));
+    }
+    live_recording(State(door), Path(id)).await
+}
+
+/// A GET to a worker's `http://` URL with the bearer token; its answer (status, headers and a
+/// body that streams as the worker sends it).
+async fn pass_on(url: &str, token: &str) -> std::result::Result<Response, ApiError> {
+    let unreachable = |e: &dyn std::fmt::Display| {
+        ApiError(
+            StatusCode::BAD_GATEWAY,
+            format!("the session's worker at {url}: {e}"),
+        )
+    };
+    let uri: hyper::Uri = url.parse().map_err(|e| unreachable(&e))?;
+    let (Some(host), Some("http")) = (uri.host(), uri.scheme_str()) else {
+        return Err(unreachable(&"not an http:// URL"));
+    };
+    let port = uri.port_u16().unwrap_or(80);
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|e| unreachable(&e))?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let authority = uri.authority().map_or(host, |a| a.as_str());
+    let req = hyper::Request::get(uri.path())
+        .header(header::HOST, authority)
+        .header(header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(axum::body::Body::empty())
+        .map_err(|e| unreachable(&e))?;
+    let res = sender
+        .send_request(req)
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let (parts, body) = res.into_parts();
+    Ok(Response::from_parts(parts, axum::body::Body::new(body)))
+}
+
+/// One of the frame counts a lease carries.
+type LeaseCount = fn(&super::Lease) -> u64;
+
+/// `GET /metrics`: Prometheus text for the whole service as the broker knows it: sessions by
+/// state, sessions per worker, each held session's frame counts (from its lease, renewed every
+/// third of the lease time) and the frames waiting in the broker. Per-stage latencies are each
+/// worker's own `/metrics` (`worker --bind`).
+async fn metrics(State(door): State<Shared>) -> std::result::Result<String, ApiError> {
+    use std::fmt::Write as _;
+    let mut keys = door.broker.sessions.keys().await.map_err(unavailable)?;
+    let mut ids = Vec::new();
+    while let Some(k) = keys.next().await {
+        ids.push(k.map_err(unavailable)?);
+    }
+    ids.sort();
+    let mut states = std::collections::BTreeMap::from([("open", 0), ("closing", 0), ("closed", 0)]);
+    let mut held = Vec::new();
+    for id in &ids {
+        let Ok(Some((record, _))) = door.broker.record(id).await else {
+            continue;
+        };
+        let state = match record.state {
+            SessionState::Open => "open",
+            SessionState::Closing => "closing",
+            SessionState::Closed => "closed",
+        };
+        *states.entry(state).or_default() += 1;
+        if record.state != SessionState::Closed {
+            if let Ok(Some(lease)) = door.broker.lease(id).await {
+                held.push((id, lease));
+            }
+        }
+    }
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = writeln!(out, "# TYPE streamrecon_sessions gauge");
+    for (state, n) in &states {
+        let _ = writeln!(out, "streamrecon_sessions{{state=\"{state}\"}} {n}");
+    }
+    let mut per_worker = std::collections::BTreeMap::<&str, usize>::new();
+    for (_, l) in &held {
+        *per_worker.entry(l.worker.as_str()).or_default() += 1;
+    }
+    let _ = writeln!(out, "# TYPE streamrecon_worker_sessions gauge");
+    for (w, n) in per_worker {
+        let _ = writeln!(out, "streamrecon_worker_sessions{{worker=\"{w}\"}} {n}");
+    }
+    let counters: [(&str, LeaseCount); 3] = [
+        ("frames_received", |l| l.frames_received),
+        ("frames_dropped", |l| l.frames_dropped),
+        ("frames_processed", |l| l.frames_processed),
+    ];
+    for (name, f) in counters {
+        let _ = writeln!(out, "# TYPE streamrecon_{name}_total counter");
+        for (id, l) in &held {
+            let _ = writeln!(
+                out,
+                "streamrecon_{name}_total{{session=\"{id}\",worker=\"{}\"}} {}",
+                l.worker,
+                f(l)
+            );
+        }
+    }
+    let mut frames = door.broker.frames.clone();
+    if let Ok(info) = frames.info().await {
+        let _ = writeln!(out, "# TYPE streamrecon_broker_frames gauge");
+        let _ = writeln!(out, "streamrecon_broker_frames {}", info.state.messages);
+        let _ = writeln!(out, "# TYPE streamrecon_broker_frames_bytes gauge");
+        let _ = writeln!(out, "streamrecon_broker_frames_bytes {}", info.state.bytes);
+    }
+    Ok(out)
 }

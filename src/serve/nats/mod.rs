@@ -98,6 +98,9 @@ struct Lease {
     frames_received: u64,
     frames_processed: u64,
     frames_dropped: u64,
+    /// Where the worker serves the session's live recording (`worker --bind`), if it does.
+    #[serde(default)]
+    http: Option<String>,
 }
 
 /// Where a session's last snapshot is: the snapshot store's `<id>/snapshot.json`, written

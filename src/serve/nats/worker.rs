@@ -44,6 +44,11 @@ pub struct WorkerConfig {
     pub serve: ServeConfig,
     /// This worker's name in leases.
     pub name: String,
+    /// Serve the held sessions' live recordings and the worker's metrics here (token
+    /// `serve.token`), for front doors to pass on.
+    pub listen: Option<std::net::SocketAddr>,
+    /// The URL front doors reach that address by [default: `http://` and the bound address].
+    pub advertise: Option<String>,
 }
 
 /// Runs a worker until `shutdown` resolves; then hands every held session back with a final
@@ -53,6 +58,7 @@ pub struct WorkerConfig {
 /// NATS cannot be reached, or the data folder cannot be made.
 pub fn run_worker(
     config: &WorkerConfig,
+    on_ready: impl FnOnce(Option<&str>),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     streamrecon_core::io_util::create_dir(&config.serve.data_dir)?;
@@ -64,9 +70,15 @@ pub fn run_worker(
             sessions: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
         });
+        let http = match config.listen {
+            Some(bind) => Some(serve_http(bind, config.advertise.clone(), state.clone()).await?),
+            None => None,
+        };
+        on_ready(http.as_deref());
         let mut claims = Claims {
             broker,
             state,
+            http,
             config,
             stopping: Arc::new(AtomicBool::new(false)),
             held: HashMap::new(),
@@ -100,6 +112,26 @@ pub fn run_worker(
     })
 }
 
+/// Serves the worker's routes on `bind` in the background; the URL to advertise in leases.
+async fn serve_http(
+    bind: std::net::SocketAddr,
+    advertise: Option<String>,
+    state: Arc<AppState>,
+) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind(bind)
+        .await
+        .map_err(|e| Error::Invalid(format!("cannot listen on {bind}: {e}")))?;
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, crate::worker_router(state)).await {
+            log::error!("the worker's HTTP on {addr} stopped: {e}");
+        }
+    });
+    Ok(advertise.unwrap_or_else(|| format!("http://{addr}")))
+}
+
 /// The next session record written, as (id, record); never resolves without a watch.
 async fn next_change(
     changes: &mut Option<async_nats::jetstream::kv::Watch>,
@@ -127,6 +159,8 @@ struct Claims<'a> {
     broker: Arc<Broker>,
     state: Arc<AppState>,
     config: &'a WorkerConfig,
+    /// Where this worker serves its sessions' live recordings, if it does.
+    http: Option<String>,
     /// The worker is shutting down: its sessions hand themselves back.
     stopping: Arc<AtomicBool>,
     held: HashMap<String, tokio::task::JoinHandle<()>>,
@@ -176,6 +210,7 @@ impl Claims<'_> {
         }
         let lease = Lease {
             worker: self.config.name.clone(),
+            http: self.http.clone(),
             ..Lease::default()
         };
         let value = serde_json::to_vec(&lease).unwrap_or_default();
@@ -189,6 +224,7 @@ impl Claims<'_> {
             state: self.state.clone(),
             id: id.clone(),
             worker: self.config.name.clone(),
+            http: self.http.clone(),
             revision,
             lease_ttl: self.config.nats.lease_ttl,
             stopping: self.stopping.clone(),
@@ -219,6 +255,7 @@ struct Held {
     state: Arc<AppState>,
     id: String,
     worker: String,
+    http: Option<String>,
     /// The lease's revision: renewing with it fails once another worker has taken the lease.
     revision: u64,
     lease_ttl: Duration,
@@ -485,6 +522,7 @@ impl Held {
             frames_received: n.received,
             frames_processed: n.processed,
             frames_dropped: n.dropped(),
+            http: self.http.clone(),
         };
         let value: axum::body::Bytes = serde_json::to_vec(&lease).unwrap_or_default().into();
         match self
