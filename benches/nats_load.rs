@@ -5,14 +5,17 @@
 //! - latency a client sees: sessions sending at 10 frames/s, each polling its results
 //!   (`?after_seq=`), from a frame's upload to its pose first seen, p50/p95 (frames from 30 on:
 //!   flowvo holds the first ones until its map starts);
+//! - placement (NATS only): three workers, six sessions at 10 frames/s: sessions per worker and
+//!   the latency clients see;
 //! - failover (NATS only): two workers, the one holding a live session killed (SIGKILL), time
 //!   until the client sees a pose made by the other; lease time 2 s.
 //!
 //! Both sides snapshot every SNAPSHOT_EVERY frames in the throughput and latency rounds (the
 //! product's default, 100); the failover run every 15, so the other worker has one to resume at.
 //!
-//! `cargo bench --bench nats_load [-- SESSIONS [FRAMES [SNAPSHOT_EVERY]]]` (defaults 2, 150,
-//! 100; 320×240 PNG).
+//! `cargo bench --bench nats_load [-- SESSIONS [FRAMES [SNAPSHOT_EVERY]]]` (defaults 2, 600,
+//! 100; 320×240 PNG; the lossless sessions send all FRAMES, so the time to start and close a
+//! session weighs as little as in a long stream; the others the first 150).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -27,6 +30,8 @@ use serve_common::{
 use streamrecon::stats::cpu_seconds_of;
 
 const SETTLED_FROM: u64 = 30;
+/// Frames a session at `FPS` sends.
+const LIVE_FRAMES: usize = 150;
 const FPS: f64 = 10.0;
 
 /// A service to load: the embedded server, or a front door with its broker and workers.
@@ -126,8 +131,15 @@ fn throughput(port: u16, frames: &Arc<Vec<Vec<u8>>>, sessions: usize) -> f64 {
     (sessions * frames.len()) as f64 / t0.elapsed().as_secs_f64()
 }
 
-/// When each frame's pose was first seen by a client polling the session's results.
-fn poll_poses(port: u16, id: &str, seen: &Mutex<HashMap<u64, Instant>>, until: usize) {
+/// When each frame's pose was first seen by a client polling the session's results; the
+/// worker that made the last one (NATS).
+fn poll_poses(
+    port: u16,
+    id: &str,
+    seen: &Mutex<HashMap<u64, Instant>>,
+    until: usize,
+) -> Option<String> {
+    let mut worker = None;
     let mut after = None::<u64>;
     let t0 = Instant::now();
     while lock_len(seen) < until && t0.elapsed() < Duration::from_mins(5) {
@@ -150,6 +162,7 @@ fn poll_poses(port: u16, id: &str, seen: &Mutex<HashMap<u64, Instant>>, until: u
         let now = Instant::now();
         for r in page {
             after = r["seq"].as_u64().or(after);
+            worker = r["worker"].as_str().map(str::to_string).or(worker);
             if r["pending"] != true {
                 if let Some(i) = r["index"].as_u64() {
                     seen.lock().unwrap().entry(i).or_insert(now);
@@ -157,6 +170,7 @@ fn poll_poses(port: u16, id: &str, seen: &Mutex<HashMap<u64, Instant>>, until: u
             }
         }
     }
+    worker
 }
 
 fn lock_len(m: &Mutex<HashMap<u64, Instant>>) -> usize {
@@ -165,6 +179,15 @@ fn lock_len(m: &Mutex<HashMap<u64, Instant>>) -> usize {
 
 /// Sessions sending at `FPS`: upload-to-pose latencies (ms) of the settled frames, all sessions.
 fn latency(port: u16, frames: &Arc<Vec<Vec<u8>>>, sessions: usize) -> Vec<f64> {
+    latency_where(port, frames, sessions).0
+}
+
+/// [`latency`], and the worker each session ran on (NATS).
+fn latency_where(
+    port: u16,
+    frames: &Arc<Vec<Vec<u8>>>,
+    sessions: usize,
+) -> (Vec<f64>, Vec<Option<String>>) {
     let ids: Vec<String> = (0..sessions).map(|_| create(port, SESSION)).collect();
     let clients: Vec<_> = ids
         .into_iter()
@@ -184,22 +207,73 @@ fn latency(port: u16, frames: &Arc<Vec<Vec<u8>>>, sessions: usize) -> Vec<f64> {
                     sent.push(Instant::now());
                     push(port, &id, f, i as f64 / FPS);
                 }
-                poller.join().unwrap();
+                let worker = poller.join().unwrap();
                 http(port, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
                 let seen = seen.lock().unwrap();
-                (SETTLED_FROM as usize..frames.len())
+                let ms = (SETTLED_FROM as usize..frames.len())
                     .filter_map(|i| {
                         let s = seen.get(&(i as u64))?;
                         Some(s.duration_since(sent[i]).as_secs_f64() * 1e3)
                     })
-                    .collect::<Vec<f64>>()
+                    .collect::<Vec<f64>>();
+                (ms, worker)
             })
         })
         .collect();
-    clients
-        .into_iter()
-        .flat_map(|c| c.join().unwrap())
-        .collect()
+    let mut all = Vec::new();
+    let mut workers = Vec::new();
+    for c in clients {
+        let (ms, w) = c.join().unwrap();
+        all.extend(ms);
+        workers.push(w);
+    }
+    (all, workers)
+}
+
+/// Several workers on this machine and more live sessions than one should hold: where the
+/// sessions went, what the clients saw, the service's CPU.
+fn spread(dir: &std::path::Path, frames: &Arc<Vec<Vec<u8>>>, workers: usize, sessions: usize) {
+    // The same sessions on the embedded server first, for comparison.
+    let svc = embedded(&dir.join("spread-embedded"), sessions, 100);
+    let before = cpu_seconds_of(svc.pids[0].1);
+    let mut l = latency(svc.door.port, frames, sessions);
+    println!(
+        "embedded, {sessions} sessions at {FPS} frames/s: pose seen p50 {:.0} ms, p95 {:.0} ms \
+         ({} of {} settled frames); {:.1} CPU-ms a frame",
+        percentile(&mut l, 0.5),
+        percentile(&mut l, 0.95),
+        l.len(),
+        sessions * (frames.len() - SETTLED_FROM as usize),
+        (cpu_seconds_of(svc.pids[0].1) - before) * 1e3 / (sessions * frames.len()) as f64,
+    );
+    drop(svc);
+    let svc = brokered(dir, sessions, workers, "spread", 100);
+    let before: Vec<f64> = svc.pids.iter().map(|(_, p)| cpu_seconds_of(*p)).collect();
+    let (mut l, placed) = latency_where(svc.door.port, frames, sessions);
+    let cpu: f64 = svc
+        .pids
+        .iter()
+        .zip(&before)
+        .map(|((_, p), b)| cpu_seconds_of(*p) - b)
+        .sum();
+    let mut per_worker: HashMap<String, usize> = HashMap::new();
+    for w in placed {
+        *per_worker
+            .entry(w.unwrap_or_else(|| "none".into()))
+            .or_default() += 1;
+    }
+    let mut per_worker: Vec<(String, usize)> = per_worker.into_iter().collect();
+    per_worker.sort();
+    println!(
+        "{workers} workers, {sessions} sessions at {FPS} frames/s: sessions per worker {per_worker:?}; \
+         pose seen p50 {:.0} ms, p95 {:.0} ms ({} of {} settled frames); {:.1} CPU-ms a frame \
+         (broker, door and workers)",
+        percentile(&mut l, 0.5),
+        percentile(&mut l, 0.95),
+        l.len(),
+        sessions * (frames.len() - SETTLED_FROM as usize),
+        cpu * 1e3 / (sessions * frames.len()) as f64,
+    );
 }
 
 fn percentile(v: &mut [f64], q: f64) -> f64 {
@@ -259,7 +333,7 @@ fn main() {
         .filter(|a| !a.starts_with('-'))
         .collect();
     let sessions: usize = args.first().and_then(|a| a.parse().ok()).unwrap_or(2);
-    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(150);
+    let n: usize = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(600);
     let snapshot_every: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(100);
     let dir = tempfile::tempdir().unwrap();
     let seq = dir.path().join("seq");
@@ -282,9 +356,12 @@ fn main() {
             .map(|i| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap())
             .collect(),
     );
+    // The sessions at 10 frames/s send the first LIVE_FRAMES (15 s).
+    let live: Arc<Vec<Vec<u8>>> = Arc::new(frames.iter().take(LIVE_FRAMES).cloned().collect());
     println!(
-        "{sessions} sessions × {n} frames, 320×240 PNG, snapshots every {snapshot_every} frames; \
-         embedded and NATS alternated"
+        "{sessions} sessions × {n} frames (at {FPS} frames/s: {}), 320×240 PNG, snapshots every \
+         {snapshot_every} frames; embedded and NATS alternated",
+        live.len()
     );
     let mut rates: HashMap<&str, Vec<f64>> = HashMap::new();
     let mut lat: HashMap<&str, Vec<f64>> = HashMap::new();
@@ -323,7 +400,7 @@ fn main() {
                 svc.name,
                 per_frame.join(", ")
             );
-            let mut l = latency(svc.door.port, &frames, sessions);
+            let mut l = latency(svc.door.port, &live, sessions);
             println!(
                 "round {round} {:>8}: lossless {fps:6.1} frames/s; at {FPS} frames/s a session: \
                  pose seen p50 {:.0} ms, p95 {:.0} ms ({} frames)",
@@ -349,7 +426,8 @@ fn main() {
         percentile(&mut lb, 0.95),
         percentile(&mut le, 0.95),
     );
-    let (secs, resumed) = failover(dir.path(), &frames);
+    spread(dir.path(), &live, 3, 6);
+    let (secs, resumed) = failover(dir.path(), &live);
     println!(
         "failover (lease 2 s): a pose from the other worker {secs:.2} s after the kill, resumed \
          at frame {resumed:?}"

@@ -3,8 +3,9 @@
 //! subject, results read back from its results subject, outputs from the outputs store. Any
 //! front door serves any session.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::consumer::{pull, DeliverPolicy};
@@ -29,7 +30,7 @@ use super::{
 };
 use crate::session::CreateSession;
 use crate::{
-    auth, constant_time_eq, frame_headers, is_recording_part, json_errors, listen, runtime,
+    auth, constant_time_eq, frame_headers, is_recording_part, json_errors, listen, lock, runtime,
     valid_id, web_viewer, ApiError, ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
 };
 
@@ -41,6 +42,10 @@ const CLOSE_WAIT: Duration = Duration::from_mins(10);
 struct Door {
     config: ServeConfig,
     broker: Broker,
+    /// The open sessions, as the sessions bucket's watch says (from every record's last value
+    /// on): an upload to one of them needs no read of its record. `None` once the watch broke:
+    /// every upload reads the record.
+    open: Arc<Mutex<Option<HashSet<String>>>>,
 }
 
 type Shared = Arc<Door>;
@@ -58,6 +63,45 @@ impl Door {
             .map_err(unavailable)?
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))
     }
+
+    /// The session takes frames: known open from the watch, or its record says so.
+    async fn takes_frames(&self, id: &str) -> std::result::Result<bool, ApiError> {
+        valid_id(id)?;
+        let known = lock(&self.open)
+            .as_ref()
+            .is_some_and(|open| open.contains(id));
+        if known {
+            return Ok(true);
+        }
+        Ok(self.record(id).await?.0.state == SessionState::Open)
+    }
+}
+
+/// Keeps `open` up to date from the sessions bucket's watch until it breaks; then drops it.
+async fn watch_open(
+    sessions: async_nats::jetstream::kv::Store,
+    open: Arc<Mutex<Option<HashSet<String>>>>,
+) {
+    use async_nats::jetstream::kv::Operation;
+    let watch = sessions.watch_with_history(">").await;
+    let Ok(mut watch) = watch else {
+        lock(&open).take();
+        return;
+    };
+    while let Some(Ok(e)) = watch.next().await {
+        let is_open = e.operation == Operation::Put
+            && serde_json::from_slice::<SessionRecord>(&e.value)
+                .is_ok_and(|r| r.state == SessionState::Open);
+        let mut guard = lock(&open);
+        let Some(set) = guard.as_mut() else { return };
+        if is_open {
+            set.insert(e.key);
+        } else {
+            set.remove(&e.key);
+        }
+    }
+    log::warn!("the sessions watch ended: every upload reads its session's record");
+    lock(&open).take();
 }
 
 /// Runs a front door until `shutdown` resolves.
@@ -72,9 +116,12 @@ pub fn serve_door(
 ) -> Result<()> {
     runtime("door", 2)?.block_on(async move {
         let broker = Broker::connect(nats, "streamrecon-door").await?;
+        let open = Arc::new(Mutex::new(Some(HashSet::new())));
+        tokio::spawn(watch_open(broker.sessions.clone(), open.clone()));
         let state = Arc::new(Door {
             config: config.clone(),
             broker,
+            open,
         });
         listen(config.bind, router(state), on_bound, shutdown).await
     })
@@ -176,8 +223,7 @@ async fn publish_frame<'a>(
     header: impl Fn(&str) -> Option<&'a str>,
     body: Bytes,
 ) -> std::result::Result<u64, ApiError> {
-    let (record, _) = door.record(id).await?;
-    if record.state != SessionState::Open {
+    if !door.takes_frames(id).await? {
         return Err(ApiError(
             StatusCode::CONFLICT,
             format!("session {id} is closed"),

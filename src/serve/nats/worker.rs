@@ -18,8 +18,8 @@ use streamrecon_core::error::{Error, Result};
 use streamrecon_pipeline as pipeline;
 
 use super::{
-    frames_subject, live_entry, nats_error, read_object, results_subject, write_object, Broker,
-    Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta, END_HEADER,
+    frames_subject, live_entry, nats_error, read_object, results_subject, unix_now, write_object,
+    Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta, END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -28,6 +28,11 @@ use crate::{
 
 /// How often a worker looks for sessions to claim.
 const CLAIM_EVERY: Duration = Duration::from_millis(250);
+/// A worker waits this long per session it holds before claiming one, so that the least
+/// loaded worker that sees a new session takes it.
+const CLAIM_WAIT_PER_SESSION: Duration = Duration::from_millis(25);
+/// A session nobody claimed for this long is claimed by any worker with room, loaded or not.
+const UNCLAIMED_AFTER: Duration = Duration::from_secs(1);
 /// How often a held session's lease is looked at and its snapshot file, at the least (new
 /// results are published as they come).
 const KEEP_EVERY: Duration = Duration::from_millis(50);
@@ -192,6 +197,10 @@ impl Claims<'_> {
             if self.held.contains_key(&id) || self.closed.contains(&id) {
                 continue;
             }
+            // Held by another worker: not offered (an offer waits by this worker's load).
+            if self.broker.lease(&id).await?.is_some() {
+                continue;
+            }
             if let Some((record, _)) = self.broker.record(&id).await? {
                 self.offer(id, record).await;
             }
@@ -199,7 +208,8 @@ impl Claims<'_> {
         Ok(())
     }
 
-    /// Takes the session's lease if nobody holds it and the worker has room, and runs it.
+    /// Takes the session's lease if nobody holds it and the worker has room, and runs it; a
+    /// worker holding sessions waits a little first, longer the more it holds.
     async fn offer(&mut self, id: String, record: SessionRecord) {
         if self.held.len() >= self.config.serve.max_sessions || self.held.contains_key(&id) {
             return;
@@ -207,6 +217,16 @@ impl Claims<'_> {
         if record.state == SessionState::Closed {
             self.closed.insert(id);
             return;
+        }
+        let held = u32::try_from(self.held.len()).unwrap_or(u32::MAX);
+        if held > 0 {
+            // A new session goes to a less loaded worker if one is known (from the leases);
+            // one still unclaimed after a while goes to whoever looks (that worker may be gone).
+            let young = unix_now() - record.created_unix < UNCLAIMED_AFTER.as_secs_f64();
+            if young && self.a_less_loaded_worker().await {
+                return;
+            }
+            tokio::time::sleep(CLAIM_WAIT_PER_SESSION * held).await;
         }
         let lease = Lease {
             worker: self.config.name.clone(),
@@ -232,6 +252,28 @@ impl Claims<'_> {
             seqs: Arc::new(Mutex::new(VecDeque::new())),
         };
         self.held.insert(id, tokio::spawn(task.run(record)));
+    }
+
+    /// Another worker holds fewer sessions than this one (counted from the leases: a worker
+    /// holding none has none and is not seen, but claims without waiting).
+    async fn a_less_loaded_worker(&self) -> bool {
+        let Ok(mut keys) = self.broker.leases.keys().await else {
+            return false;
+        };
+        let mut ids = Vec::new();
+        while let Some(Ok(k)) = keys.next().await {
+            ids.push(k);
+        }
+        let mut loads: HashMap<String, usize> = HashMap::new();
+        for id in ids {
+            if let Ok(Some(lease)) = self.broker.lease(&id).await {
+                *loads.entry(lease.worker).or_default() += 1;
+            }
+        }
+        let mine = self.held.len();
+        loads
+            .iter()
+            .any(|(w, n)| *w != self.config.name && *n < mine)
     }
 
     /// Hands every held session back (each stores its final snapshot and deletes its lease).
