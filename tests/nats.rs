@@ -8,8 +8,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serve_common::{
-    create, http, json, nats_server, nats_token_file, nats_worker, nats_worker_with, push, start,
-    synth, TOKEN,
+    create, http, json, nats_server, nats_server_with, nats_token_file, nats_worker,
+    nats_worker_with, push, start, synth, TOKEN,
 };
 
 /// Every result of a session so far, following `seq` as a client does.
@@ -90,13 +90,16 @@ fn a_front_door_passes_on_the_live_recording_and_counts_sessions() {
     };
     let token_file = dir.path().join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
+    let w1 = dir.path().join("w1");
     let extra = [
         "--bind".to_string(),
         "127.0.0.1:0".into(),
         "--token-file".into(),
         token_file.display().to_string(),
+        "--nats-token-file".into(),
+        nats_token_file(&w1).display().to_string(),
     ];
-    let (_worker, line) = nats_worker_with(&url, &dir.path().join("w1"), "w1", &extra);
+    let (_worker, line) = nats_worker_with(&url, &w1, "w1", &extra);
     let worker_port: u16 = line
         .trim()
         .rsplit(':')
@@ -180,6 +183,152 @@ fn a_front_door_passes_on_the_live_recording_and_counts_sessions() {
     assert!(String::from_utf8_lossy(&metrics).contains("streamrecon_rss_mib"));
     // The page and the viewer are served as by the embedded server.
     assert_eq!(http(p, "GET", "/", None, b"").0, 200);
+}
+
+/// Runs openssl in `dir`; false where it is missing (and not required).
+fn openssl(dir: &std::path::Path, args: &[&str]) -> bool {
+    let Ok(o) = Command::new("openssl").args(args).current_dir(dir).output() else {
+        assert!(
+            std::env::var_os("STREAMRECON_REQUIRE_NATS").is_none(),
+            "openssl is not installed (scripts/setup-system installs it)"
+        );
+        eprintln!("skipped: openssl is not installed");
+        return false;
+    };
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    true
+}
+
+/// NKey login over TLS with a private certificate authority: a front door and a worker given
+/// the key and the authority serve a session; a worker with another key, or without the
+/// authority, stops with one line that names the server.
+#[test]
+fn nkey_and_tls_logins_serve_and_wrong_ones_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ];
+    let made = openssl(
+        d,
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-keyout", "ca.key", "-out", "ca.pem"],
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-days", "2", "-subj", "/CN=streamrecon test CA"])
+        .collect::<Vec<_>>(),
+    );
+    if !made {
+        return;
+    }
+    std::fs::write(d.join("san.ext"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    assert!(openssl(
+        d,
+        &[
+            &["req"][..],
+            &ec,
+            &["-keyout", "server.key", "-out", "server.csr"]
+        ]
+        .concat()
+        .into_iter()
+        .chain(["-subj", "/CN=127.0.0.1"])
+        .collect::<Vec<_>>(),
+    ));
+    assert!(openssl(
+        d,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "san.ext",
+        ],
+    ));
+    let user = nkeys::KeyPair::new_user();
+    let seed = d.join("user.nk");
+    std::fs::write(&seed, user.seed().unwrap()).unwrap();
+    let conf = d.join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "tls {{\n  cert_file: \"{0}/server.pem\"\n  key_file: \"{0}/server.key\"\n}}\n\
+             authorization {{\n  users = [ {{ nkey: \"{1}\" }} ]\n}}\n",
+            d.display(),
+            user.public_key()
+        ),
+    )
+    .unwrap();
+    let Some((_nats, port)) = nats_server_with(&d.join("js"), &["-c", conf.to_str().unwrap()])
+    else {
+        return;
+    };
+    let url = format!("tls://127.0.0.1:{port}");
+    let ca = d.join("ca.pem");
+    let login = |seed: &std::path::Path, ca: Option<&std::path::Path>| {
+        let mut a = vec!["--nats-nkey-file".to_string(), seed.display().to_string()];
+        if let Some(ca) = ca {
+            a.extend(["--nats-ca".to_string(), ca.display().to_string()]);
+        }
+        a
+    };
+    let _worker = nats_worker_with(&url, &d.join("w1"), "w1", &login(&seed, Some(&ca)));
+    let door_login = login(&seed, Some(&ca));
+    let mut door_args: Vec<&std::ffi::OsStr> = vec!["--nats".as_ref(), url.as_ref()];
+    door_args.extend(door_login.iter().map(std::ffi::OsStr::new));
+    let door = start(&d.join("door"), 1, &door_args);
+    let p = door.port;
+    let seq = d.join("seq");
+    synth(
+        &seq,
+        &["--frames", "12", "--size", "160x120", "--seed", "4"],
+    );
+    let id = create(p, r#"{"lossless": true}"#);
+    for i in 0..12 {
+        let f = std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
+        assert_eq!(push(p, &id, &f, f64::from(i) / 10.0).0, 200);
+    }
+    let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
+    assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(json(&body)["summary"]["frames_processed"], 12);
+    // Another key; the right key without the authority: refused, one line says so.
+    let stranger = d.join("stranger.nk");
+    std::fs::write(&stranger, nkeys::KeyPair::new_user().seed().unwrap()).unwrap();
+    for (args, why) in [
+        (login(&stranger, Some(&ca)), "authorization violation"),
+        (login(&seed, None), "certificate"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_streamrecon"))
+            .args(["worker", "--nats", &url, "--nats-tls", "--data-dir"])
+            .arg(d.join("w-refused"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {err}");
+        assert!(
+            err.lines().last().is_some_and(
+                |l| l.contains(&format!("cannot connect to {url}")) && l.contains(why)
+            ),
+            "{args:?}: {err}"
+        );
+    }
 }
 
 /// Frames pushed to each session.

@@ -90,6 +90,10 @@ pub(super) struct NatsArgs {
     /// Require TLS to the NATS server.
     #[arg(long)]
     nats_tls: bool,
+    /// PEM file of the certificate authority that signed the NATS server's certificate, when
+    /// it is not among the system's (implies --nats-tls).
+    #[arg(long, value_name = "FILE")]
+    nats_ca: Option<PathBuf>,
     /// Seconds a worker's lease on a session lasts unless renewed: how long a dead worker's
     /// sessions wait before another takes them over. The first process to reach a new NATS
     /// server sets it for all.
@@ -122,7 +126,8 @@ impl NatsArgs {
             url: url.to_string(),
             token: secret(&self.nats_token_file)?,
             nkey_seed: secret(&self.nats_nkey_file)?,
-            tls: self.nats_tls,
+            tls: self.nats_tls || self.nats_ca.is_some(),
+            ca: self.nats_ca.clone(),
             lease_ttl: std::time::Duration::from_secs_f64(self.lease_ttl),
             frames_max_bytes: (self.frames_max_gib * f64::from(1u32 << 30)) as i64,
         })

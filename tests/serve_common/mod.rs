@@ -213,6 +213,14 @@ impl Drop for Proc {
 /// `nats-server -js` on a free loopback port; `None` when it is not installed (the test
 /// command installs it and sets STREAMRECON_REQUIRE_NATS, so CI never skips).
 pub fn nats_server(store: &std::path::Path) -> Option<(Proc, String)> {
+    let (server, port) = nats_server_with(store, &["--auth", NATS_TOKEN])?;
+    Some((server, format!("nats://127.0.0.1:{port}")))
+}
+
+/// `nats-server -js` on a free loopback port with `args` (a configuration file, …), its store
+/// in `store`; returns it and its port once it listens, or `None` where nats-server is missing
+/// (and not required).
+pub fn nats_server_with(store: &std::path::Path, args: &[&str]) -> Option<(Proc, u16)> {
     if Command::new("nats-server")
         .arg("--version")
         .output()
@@ -226,16 +234,8 @@ pub fn nats_server(store: &std::path::Path) -> Option<(Proc, String)> {
         return None;
     }
     let mut child = Command::new("nats-server")
-        .args([
-            "-js",
-            "-a",
-            "127.0.0.1",
-            "-p",
-            "-1",
-            "--auth",
-            NATS_TOKEN,
-            "-sd",
-        ])
+        .args(args)
+        .args(["-js", "-a", "127.0.0.1", "-p", "-1", "-sd"])
         .arg(store)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -245,12 +245,12 @@ pub fn nats_server(store: &std::path::Path) -> Option<(Proc, String)> {
     let port = loop {
         let line = lines.next().expect("nats-server exited").unwrap();
         if let Some(addr) = line.split("Listening for client connections on ").nth(1) {
-            break addr.trim().rsplit(':').next().unwrap().to_string();
+            break addr.trim().rsplit(':').next().unwrap().parse().unwrap();
         }
     };
     // Its log must keep draining.
     std::thread::spawn(move || lines.for_each(drop));
-    Some((Proc(child), format!("nats://127.0.0.1:{port}")))
+    Some((Proc(child), port))
 }
 
 /// The token [`nats_server`] requires.
@@ -280,12 +280,14 @@ pub fn nats_worker(
         snapshot_every.to_string(),
         "--lease-ttl".into(),
         lease_ttl_s.to_string(),
+        "--nats-token-file".into(),
+        nats_token_file(data).display().to_string(),
     ];
     nats_worker_with(url, data, name, &args).0
 }
 
-/// `streamrecon worker` on `url` (with [`NATS_TOKEN`]) with `extra` arguments; returns once it
-/// has started, with its first line.
+/// `streamrecon worker` on `url` with `extra` arguments (how to log in among them); returns
+/// once it has started, with its first line.
 pub fn nats_worker_with(
     url: &str,
     data: &std::path::Path,
@@ -299,8 +301,6 @@ pub fn nats_worker_with(
         .args(extra)
         .arg("--data-dir")
         .arg(data)
-        .arg("--nats-token-file")
-        .arg(nats_token_file(data))
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()

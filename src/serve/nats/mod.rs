@@ -58,6 +58,9 @@ pub struct NatsConfig {
     pub nkey_seed: Option<String>,
     /// Require TLS to the server.
     pub tls: bool,
+    /// A PEM file of certificate authorities to trust for the server's certificate, besides
+    /// the system's.
+    pub ca: Option<std::path::PathBuf>,
     /// A lease not renewed for this long expires and another worker takes the session over.
     pub lease_ttl: Duration,
     /// Bytes of frames the broker keeps for all sessions; a frame beyond them is refused
@@ -142,6 +145,15 @@ impl Broker {
         }
         if let Some(seed) = &cfg.nkey_seed {
             opts = opts.nkey(seed.clone());
+        }
+        if let Some(ca) = &cfg.ca {
+            if !ca.is_file() {
+                return Err(Error::io(
+                    ca,
+                    std::io::Error::new(std::io::ErrorKind::NotFound, "no such file"),
+                ));
+            }
+            opts = opts.add_root_certificates(ca.clone());
         }
         let client = opts
             .connect(cfg.url.as_str())
