@@ -91,7 +91,8 @@ pub fn run_worker(
         };
         // A new session is claimed as soon as its record is written; the periodic look also
         // finds the sessions whose worker's lease expired.
-        let mut changes = claims.broker.sessions.watch_all().await.ok();
+        // Made beside the loop: the periodic look starts at once, whatever the watch takes.
+        let mut changes = watch_sessions(claims.broker.sessions.clone());
         tokio::pin!(shutdown);
         loop {
             claims.held.retain(|_, h| !h.is_finished());
@@ -105,11 +106,9 @@ pub fn run_worker(
                         return Ok(());
                     }
                     () = tokio::time::sleep(CLAIM_EVERY) => break,
-                    change = next_change(&mut changes) => {
-                        if let Some((id, record)) = change {
-                            claims.held.retain(|_, h| !h.is_finished());
-                            claims.offer(id, record).await;
-                        }
+                    Some((id, record)) = changes.recv() => {
+                        claims.held.retain(|_, h| !h.is_finished());
+                        claims.offer(id, record).await;
                     }
                 }
             }
@@ -137,26 +136,39 @@ async fn serve_http(
     Ok(advertise.unwrap_or_else(|| format!("http://{addr}")))
 }
 
-/// The next session record written, as (id, record); never resolves without a watch.
-async fn next_change(
-    changes: &mut Option<async_nats::jetstream::kv::Watch>,
-) -> Option<(String, SessionRecord)> {
-    let Some(watch) = changes else {
-        return std::future::pending().await;
-    };
-    match watch.next().await {
-        Some(Ok(e)) if e.operation == async_nats::jetstream::kv::Operation::Put => {
-            let record = serde_json::from_slice(&e.value).ok()?;
-            Some((e.key, record))
+/// The session records written from now on, as (id, record), from a watch on the sessions
+/// bucket made in the background; the channel closes if the watch breaks (the periodic look
+/// goes on alone).
+fn watch_sessions(
+    sessions: async_nats::jetstream::kv::Store,
+) -> tokio::sync::mpsc::Receiver<(String, SessionRecord)> {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(async move {
+        let made = Instant::now();
+        let mut watch = match sessions.watch_all().await {
+            Ok(w) => w,
+            Err(e) => {
+                log::warn!("no watch on the sessions ({e}): looking every {CLAIM_EVERY:?}");
+                return;
+            }
+        };
+        if made.elapsed() > Duration::from_secs(1) {
+            log::warn!("the sessions watch took {:?} to start", made.elapsed());
         }
-        Some(Ok(_)) => None,
-        // The watch broke: the periodic look goes on alone.
-        Some(Err(_)) | None => {
-            log::warn!("the sessions watch ended; looking for sessions every {CLAIM_EVERY:?}");
-            *changes = None;
-            None
+        while let Some(Ok(e)) = watch.next().await {
+            if e.operation != async_nats::jetstream::kv::Operation::Put {
+                continue;
+            }
+            let Ok(record) = serde_json::from_slice(&e.value) else {
+                continue;
+            };
+            if tx.send((e.key, record)).await.is_err() {
+                return;
+            }
         }
-    }
+        log::warn!("the sessions watch ended: looking for sessions every {CLAIM_EVERY:?}");
+    });
+    rx
 }
 
 /// The sessions a worker holds, and how it takes more.
@@ -421,9 +433,7 @@ impl Held {
                 self.set_closed(Some(summary)).await?;
                 // Nothing is replayed any more.
                 let _ = self.broker.frames.purge().filter(frames_subject(id)).await;
-                for name in ["snapshot.json", "snapshot.safetensors", "checkpoint.json"] {
-                    let _ = self.broker.snapshots.delete(format!("{id}/{name}")).await;
-                }
+                self.delete_snapshot().await;
                 log::info!("session {id}: closed");
                 Ok(())
             }
@@ -691,6 +701,21 @@ impl Held {
             .await;
         log::debug!("session {id}: snapshot at frame {next} stored");
         Ok(Some(next))
+    }
+
+    /// Deletes the session's stored snapshot: the files its metadata names, then the metadata.
+    async fn delete_snapshot(&self) {
+        let store = &self.broker.snapshots;
+        let meta_name = format!("{}/snapshot.json", self.id);
+        let meta: Option<SnapshotMeta> = read_object(store, &meta_name)
+            .await
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        if let Some(m) = meta {
+            let _ = store.delete(&m.snapshot).await;
+            let _ = store.delete(&m.checkpoint).await;
+        }
+        let _ = store.delete(&meta_name).await;
     }
 
     /// The session's files into the outputs store (`<id>/<name>`).
