@@ -103,6 +103,11 @@ pub(super) struct NatsArgs {
     /// retry). Set by the first process to reach a new NATS server.
     #[arg(long, value_name = "GIB", default_value_t = 4.0)]
     frames_max_gib: f64,
+    /// Copies a JetStream cluster keeps of the streams, buckets and object stores (3 in a
+    /// cluster of three survives losing a server). Set by the first process to reach a new
+    /// NATS server.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    nats_replicas: usize,
 }
 
 impl NatsArgs {
@@ -122,6 +127,9 @@ impl NatsArgs {
         if !(self.frames_max_gib.is_finite() && (0.01..=1024.0).contains(&self.frames_max_gib)) {
             bail!("--frames-max-gib must be 0.01 to 1024");
         }
+        if !(1..=5).contains(&self.nats_replicas) {
+            bail!("--nats-replicas must be 1 to 5 (JetStream's range)");
+        }
         Ok(streamrecon::serve::NatsConfig {
             url: url.to_string(),
             token: secret(&self.nats_token_file)?,
@@ -130,6 +138,7 @@ impl NatsArgs {
             ca: self.nats_ca.clone(),
             lease_ttl: std::time::Duration::from_secs_f64(self.lease_ttl),
             frames_max_bytes: (self.frames_max_gib * f64::from(1u32 << 30)) as i64,
+            replicas: self.nats_replicas,
         })
     }
 }

@@ -66,6 +66,9 @@ pub struct NatsConfig {
     /// Bytes of frames the broker keeps for all sessions; a frame beyond them is refused
     /// (the client is told to retry) rather than an older one dropped.
     pub frames_max_bytes: i64,
+    /// Copies a JetStream cluster keeps of every stream, bucket and object store (1 for one
+    /// server; 3 in a cluster of three survives the loss of one server).
+    pub replicas: usize,
 }
 
 /// A session's state in its record.
@@ -155,8 +158,16 @@ impl Broker {
             }
             opts = opts.add_root_certificates(ca.clone());
         }
+        // A cluster is a comma-separated list: the client tries them and moves to another
+        // when its server goes.
+        let servers = cfg
+            .url
+            .split(',')
+            .map(|u| u.trim().parse::<async_nats::ServerAddr>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| nats_error(&format!("the server list {}", cfg.url), e))?;
         let client = opts
-            .connect(cfg.url.as_str())
+            .connect(servers)
             .await
             .map_err(|e| nats_error(&format!("cannot connect to {}", cfg.url), e))?;
         let max_payload = client.server_info().max_payload;
@@ -170,6 +181,7 @@ impl Broker {
                 // dropping frames a session has not read yet.
                 discard: stream::DiscardPolicy::New,
                 storage: stream::StorageType::File,
+                num_replicas: cfg.replicas,
                 ..Default::default()
             })
             .await
@@ -181,14 +193,15 @@ impl Broker {
                 max_age: Duration::from_hours(24),
                 duplicate_window: RESULT_DEDUP_WINDOW,
                 storage: stream::StorageType::File,
+                num_replicas: cfg.replicas,
                 ..Default::default()
             })
             .await
             .map_err(|e| nats_error("the results stream", e))?;
-        let sessions = key_value(&js, SESSIONS_BUCKET, Duration::ZERO).await?;
-        let leases = key_value(&js, LEASES_BUCKET, cfg.lease_ttl).await?;
-        let snapshots = objects(&js, SNAPSHOTS_BUCKET).await?;
-        let outputs = objects(&js, OUTPUTS_BUCKET).await?;
+        let sessions = key_value(&js, SESSIONS_BUCKET, Duration::ZERO, cfg.replicas).await?;
+        let leases = key_value(&js, LEASES_BUCKET, cfg.lease_ttl, cfg.replicas).await?;
+        let snapshots = objects(&js, SNAPSHOTS_BUCKET, cfg.replicas).await?;
+        let outputs = objects(&js, OUTPUTS_BUCKET, cfg.replicas).await?;
         Ok(Self {
             js,
             frames,
@@ -221,16 +234,27 @@ impl Broker {
 
 /// An object's bytes.
 async fn read_object(store: &object_store::ObjectStore, name: &str) -> Result<Vec<u8>> {
+    read_object_if_any(store, name)
+        .await?
+        .ok_or_else(|| nats_error(&format!("object {name}"), "not found"))
+}
+
+/// An object's bytes; `None` when there is no such object (an error when it cannot be read).
+async fn read_object_if_any(
+    store: &object_store::ObjectStore,
+    name: &str,
+) -> Result<Option<Vec<u8>>> {
     use tokio::io::AsyncReadExt;
-    let mut obj = store
-        .get(name)
-        .await
-        .map_err(|e| nats_error(&format!("object {name}"), e))?;
+    let mut obj = match store.get(name).await {
+        Ok(o) => o,
+        Err(e) if e.kind() == object_store::GetErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(nats_error(&format!("object {name}"), e)),
+    };
     let mut out = Vec::new();
     obj.read_to_end(&mut out)
         .await
         .map_err(|e| nats_error(&format!("object {name}"), e))?;
-    Ok(out)
+    Ok(Some(out))
 }
 
 async fn write_object(store: &object_store::ObjectStore, name: &str, bytes: &[u8]) -> Result<()> {
@@ -251,7 +275,12 @@ async fn live_entry(store: &kv::Store, key: &str) -> Result<Option<kv::Entry>> {
     Ok(e.filter(|e| e.operation == kv::Operation::Put))
 }
 
-async fn key_value(js: &jetstream::Context, bucket: &str, max_age: Duration) -> Result<kv::Store> {
+async fn key_value(
+    js: &jetstream::Context,
+    bucket: &str,
+    max_age: Duration,
+    replicas: usize,
+) -> Result<kv::Store> {
     if let Ok(s) = js.get_key_value(bucket).await {
         return Ok(s);
     }
@@ -266,7 +295,7 @@ async fn key_value(js: &jetstream::Context, bucket: &str, max_age: Duration) -> 
         allow_rollup: true,
         deny_delete: true,
         allow_direct: true,
-        num_replicas: 1,
+        num_replicas: replicas,
         discard: stream::DiscardPolicy::New,
         ..Default::default()
     })
@@ -277,13 +306,18 @@ async fn key_value(js: &jetstream::Context, bucket: &str, max_age: Duration) -> 
         .map_err(|e| nats_error(&format!("bucket {bucket}"), e))
 }
 
-async fn objects(js: &jetstream::Context, bucket: &str) -> Result<object_store::ObjectStore> {
+async fn objects(
+    js: &jetstream::Context,
+    bucket: &str,
+    replicas: usize,
+) -> Result<object_store::ObjectStore> {
     if let Ok(s) = js.get_object_store(bucket).await {
         return Ok(s);
     }
     js.create_object_store(object_store::Config {
         bucket: bucket.into(),
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
     })
     .await

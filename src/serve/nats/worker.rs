@@ -3,7 +3,7 @@
 //! its results subject), and keeps its snapshots in the object store so another worker can
 //! take the session over.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,8 +18,9 @@ use streamrecon_core::error::{Error, Result};
 use streamrecon_pipeline as pipeline;
 
 use super::{
-    frames_subject, live_entry, nats_error, read_object, results_subject, unix_now, write_object,
-    Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta, END_HEADER,
+    frames_subject, live_entry, nats_error, read_object, read_object_if_any, results_subject,
+    unix_now, write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta,
+    END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -88,10 +89,11 @@ pub fn run_worker(
             stopping: Arc::new(AtomicBool::new(false)),
             held: HashMap::new(),
             closed: HashSet::new(),
+            unclosed: Some(BTreeMap::new()),
         };
         // A new session is claimed as soon as its record is written; the periodic look also
-        // finds the sessions whose worker's lease expired.
-        // Made beside the loop: the periodic look starts at once, whatever the watch takes.
+        // finds the sessions whose worker's lease expired. The watch (made beside the loop:
+        // the look starts at once) gives every record's last value, then each change.
         let mut changes = watch_sessions(claims.broker.sessions.clone());
         tokio::pin!(shutdown);
         loop {
@@ -106,9 +108,26 @@ pub fn run_worker(
                         return Ok(());
                     }
                     () = tokio::time::sleep(CLAIM_EVERY) => break,
-                    Some((id, record)) = changes.recv() => {
+                    change = changes.recv(), if claims.unclosed.is_some() => {
+                        let Some((id, record)) = change else {
+                            // The watch broke: the look lists the bucket instead.
+                            claims.unclosed = None;
+                            continue;
+                        };
                         claims.held.retain(|_, h| !h.is_finished());
-                        claims.offer(id, record).await;
+                        if let Some(unclosed) = claims.unclosed.as_mut() {
+                            match &record {
+                                Some(r) if r.state != SessionState::Closed => {
+                                    unclosed.insert(id.clone(), r.clone());
+                                }
+                                _ => {
+                                    unclosed.remove(&id);
+                                }
+                            }
+                        }
+                        if let Some(r) = record {
+                            claims.offer(id, r).await;
+                        }
                     }
                 }
             }
@@ -136,19 +155,19 @@ async fn serve_http(
     Ok(advertise.unwrap_or_else(|| format!("http://{addr}")))
 }
 
-/// The session records written from now on, as (id, record), from a watch on the sessions
-/// bucket made in the background; the channel closes if the watch breaks (the periodic look
-/// goes on alone).
+/// Every session record's last value, then each change, as (id, record; `None` when deleted),
+/// from a watch on the sessions bucket made in the background; the channel closes if the watch
+/// breaks.
 fn watch_sessions(
     sessions: async_nats::jetstream::kv::Store,
-) -> tokio::sync::mpsc::Receiver<(String, SessionRecord)> {
+) -> tokio::sync::mpsc::Receiver<(String, Option<SessionRecord>)> {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     tokio::spawn(async move {
         let made = Instant::now();
-        let mut watch = match sessions.watch_all().await {
+        let mut watch = match sessions.watch_with_history(">").await {
             Ok(w) => w,
             Err(e) => {
-                log::warn!("no watch on the sessions ({e}): looking every {CLAIM_EVERY:?}");
+                log::warn!("no watch on the sessions ({e}): listing them every {CLAIM_EVERY:?}");
                 return;
             }
         };
@@ -156,17 +175,19 @@ fn watch_sessions(
             log::warn!("the sessions watch took {:?} to start", made.elapsed());
         }
         while let Some(Ok(e)) = watch.next().await {
-            if e.operation != async_nats::jetstream::kv::Operation::Put {
-                continue;
-            }
-            let Ok(record) = serde_json::from_slice(&e.value) else {
-                continue;
+            let record = if e.operation == async_nats::jetstream::kv::Operation::Put {
+                let Ok(r) = serde_json::from_slice(&e.value) else {
+                    continue;
+                };
+                Some(r)
+            } else {
+                None
             };
             if tx.send((e.key, record)).await.is_err() {
                 return;
             }
         }
-        log::warn!("the sessions watch ended: looking for sessions every {CLAIM_EVERY:?}");
+        log::warn!("the sessions watch ended: listing sessions every {CLAIM_EVERY:?}");
     });
     rx
 }
@@ -183,12 +204,26 @@ struct Claims<'a> {
     held: HashMap<String, tokio::task::JoinHandle<()>>,
     /// A closed session never opens again: its record is not read at every look.
     closed: HashSet<String>,
+    /// The sessions not closed, as the watch on the sessions bucket says; `None` once it broke
+    /// (the look then lists the bucket).
+    unclosed: Option<BTreeMap<String, SessionRecord>>,
 }
 
 impl Claims<'_> {
     /// Offers every session that is not closed to [`Claims::offer`], up to the worker's room.
     async fn scan(&mut self) -> Result<()> {
         if self.held.len() >= self.config.serve.max_sessions {
+            return Ok(());
+        }
+        if let Some(unclosed) = &self.unclosed {
+            let waiting: Vec<(String, SessionRecord)> = unclosed
+                .iter()
+                .filter(|(id, _)| !self.held.contains_key(*id))
+                .map(|(id, r)| (id.clone(), r.clone()))
+                .collect();
+            for (id, record) in waiting {
+                self.offer(id, record).await;
+            }
             return Ok(());
         }
         let mut keys = self
@@ -209,10 +244,6 @@ impl Claims<'_> {
             if self.held.contains_key(&id) || self.closed.contains(&id) {
                 continue;
             }
-            // Held by another worker: not offered (an offer waits by this worker's load).
-            if self.broker.lease(&id).await?.is_some() {
-                continue;
-            }
             if let Some((record, _)) = self.broker.record(&id).await? {
                 self.offer(id, record).await;
             }
@@ -228,6 +259,10 @@ impl Claims<'_> {
         }
         if record.state == SessionState::Closed {
             self.closed.insert(id);
+            return;
+        }
+        // Held by another worker: not offered (an offer waits by this worker's load).
+        if !matches!(self.broker.lease(&id).await, Ok(None)) {
             return;
         }
         let held = u32::try_from(self.held.len()).unwrap_or(u32::MAX);
@@ -356,11 +391,17 @@ impl Held {
         // The session's files here are a working copy: what counts is in the broker.
         let _ = std::fs::remove_dir_all(&dir);
         streamrecon_core::io_util::create_dir(&dir)?;
-        let meta: Option<SnapshotMeta> =
-            read_object(&self.broker.snapshots, &format!("{id}/snapshot.json"))
-                .await
-                .ok()
-                .and_then(|b| serde_json::from_slice(&b).ok());
+        // A snapshot that is there but cannot be read now (a broker that lost a server) is
+        // not "no snapshot": the session is handed back, to be taken again, rather than
+        // started afresh over frames the stream no longer holds.
+        let meta_name = format!("{id}/snapshot.json");
+        let meta: Option<SnapshotMeta> = read_object_if_any(&self.broker.snapshots, &meta_name)
+            .await?
+            .map(|b| {
+                serde_json::from_slice(&b)
+                    .map_err(|e| nats_error(&format!("object {meta_name}"), e))
+            })
+            .transpose()?;
         let (resume, resumed_at, after_seq) = match &meta {
             Some(m) => {
                 let snapshot = dir.join(pipeline::SNAPSHOT_FILE);
