@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 #[path = "../tests/serve_common/mod.rs"]
 mod serve_common;
 use serve_common::{
-    create, http, json, nats_server, nats_token_file, nats_worker, push, start, synth, Proc,
-    Server, TOKEN,
+    create, http, json, nats_door, nats_server, nats_worker, push, start, synth, Proc, Server,
+    TOKEN,
 };
 use streamrecon::stats::cpu_seconds_of;
 
@@ -82,18 +82,7 @@ fn brokered(
             ))
         })
         .collect();
-    let door_dir = dir.join(format!("door-{tag}"));
-    let token = nats_token_file(&door_dir);
-    let door = start(
-        &door_dir,
-        sessions,
-        &[
-            "--nats".as_ref(),
-            url.as_ref(),
-            "--nats-token-file".as_ref(),
-            token.as_ref(),
-        ],
-    );
+    let door = nats_door(&dir.join(format!("door-{tag}")), &url, &[]);
     let mut pids = vec![("broker", broker.0.id()), ("door", door.child.id())];
     pids.extend(workers.iter().flatten().map(|w| ("worker", w.0.id())));
     Service {

@@ -8,7 +8,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serve_common::{
-    create, http, json, nats_server, nats_server_with, nats_token_file, nats_worker,
+    create, http, json, nats_door, nats_server, nats_server_with, nats_token_file, nats_worker,
     nats_worker_with, push, start, synth, TOKEN,
 };
 
@@ -64,18 +64,7 @@ fn a_websocket_client_streams_through_a_front_door() {
         return;
     };
     let _worker = nats_worker(&url, &dir.path().join("w1"), "w1", 1, 5.0, 15);
-    let door_dir = dir.path().join("door");
-    let token = nats_token_file(&door_dir);
-    let door = start(
-        &door_dir,
-        1,
-        &[
-            "--nats".as_ref(),
-            url.as_ref(),
-            "--nats-token-file".as_ref(),
-            token.as_ref(),
-        ],
-    );
+    let door = nats_door(&dir.path().join("door"), &url, &[]);
     serve_common::websocket_round_trip(door.port);
 }
 
@@ -106,18 +95,7 @@ fn a_front_door_passes_on_the_live_recording_and_counts_sessions() {
         .next()
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no port in {line:?}"));
-    let door_dir = dir.path().join("door");
-    let nats_token = nats_token_file(&door_dir);
-    let door = start(
-        &door_dir,
-        1,
-        &[
-            "--nats".as_ref(),
-            url.as_ref(),
-            "--nats-token-file".as_ref(),
-            nats_token.as_ref(),
-        ],
-    );
+    let door = nats_door(&dir.path().join("door"), &url, &[]);
     let p = door.port;
     let seq = dir.path().join("seq");
     synth(
@@ -358,18 +336,7 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
         Some(nats_worker(&url, &dir.path().join("w1"), "w1", 2, 2.0, 15)),
         Some(nats_worker(&url, &dir.path().join("w2"), "w2", 2, 2.0, 15)),
     ];
-    let door_dir = dir.path().join("door");
-    let token = nats_token_file(&door_dir);
-    let door = start(
-        &door_dir,
-        1,
-        &[
-            "--nats".as_ref(),
-            url.as_ref(),
-            "--nats-token-file".as_ref(),
-            token.as_ref(),
-        ],
-    );
+    let door = nats_door(&dir.path().join("door"), &url, &[]);
     let p = door.port;
     let body = r#"{"lossless": true, "result_points": 0, "record": false}"#;
     let ids = [create(p, body), create(p, body)];

@@ -635,6 +635,17 @@ fn worker_router(state: Shared) -> Router {
         .with_state(state)
 }
 
+/// What needs no token, here and at a NATS front door: `/health`, the page (it holds no data:
+/// it asks for the token and sends it with every API call) and rerun's web viewer.
+fn page_routes<S: Clone + Send + Sync + 'static>() -> Router<S> {
+    Router::new()
+        .route("/health", get(|| async { "ok" }))
+        .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
+        .route("/viewer", get(web_viewer::to_folder))
+        .route("/viewer/", get(web_viewer::index))
+        .route("/viewer/{file}", get(web_viewer::file))
+}
+
 /// The service's routes.
 fn router(state: Shared) -> Router {
     let api = Router::new()
@@ -652,13 +663,7 @@ fn router(state: Shared) -> Router {
             Arc::<str>::from(state.config.token.as_str()),
             auth,
         ));
-    // The page holds no data: it asks for the token and sends it with every API call.
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
-        .route("/viewer", get(web_viewer::to_folder))
-        .route("/viewer/", get(web_viewer::index))
-        .route("/viewer/{file}", get(web_viewer::file))
+    page_routes()
         // The browser's viewer cannot send a header: its link carries the token in the path.
         .route(
             "/sessions/{id}/token/{token}/live.rrd",

@@ -263,6 +263,20 @@ pub fn nats_token_file(dir: &std::path::Path) -> std::path::PathBuf {
     f
 }
 
+/// A front door (`serve --nats url`, with [`NATS_TOKEN`]) with its data in `dir`, and `extra`
+/// arguments.
+pub fn nats_door(dir: &std::path::Path, url: &str, extra: &[&std::ffi::OsStr]) -> Server {
+    let token = nats_token_file(dir);
+    let mut args: Vec<&std::ffi::OsStr> = vec![
+        "--nats".as_ref(),
+        url.as_ref(),
+        "--nats-token-file".as_ref(),
+        token.as_os_str(),
+    ];
+    args.extend_from_slice(extra);
+    start(dir, 1, &args)
+}
+
 /// `streamrecon worker` on `url` (with [`NATS_TOKEN`]), its snapshots every `snapshot_every`
 /// frames; returns once it has started.
 pub fn nats_worker(

@@ -16,7 +16,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware;
 use axum::response::sse::{Event, KeepAlive, Sse};
-use axum::response::{Html, IntoResponse, Response};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use super::{
 };
 use crate::session::CreateSession;
 use crate::{
-    auth, constant_time_eq, frame_headers, is_recording_part, json_errors, listen, lock, runtime,
+    auth, frame_headers, is_recording_part, json_errors, listen, lock, page_routes, runtime,
     valid_id, web_viewer, ApiError, ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
 };
 
@@ -141,13 +141,7 @@ fn router(state: Shared) -> Router {
         .route("/sessions/{id}/live.rrd", get(live_recording))
         .layer(axum::extract::DefaultBodyLimit::max(MAX_FRAME_BYTES + 1))
         .route_layer(middleware::from_fn_with_state(token, auth));
-    // As the embedded server: the page and the viewer hold no data.
-    Router::new()
-        .route("/health", get(|| async { "ok" }))
-        .route("/", get(|| async { Html(streamrecon_viewer::WEB_PAGE) }))
-        .route("/viewer", get(web_viewer::to_folder))
-        .route("/viewer/", get(web_viewer::index))
-        .route("/viewer/{file}", get(web_viewer::file))
+    page_routes()
         .route(
             "/sessions/{id}/token/{token}/live.rrd",
             get(live_recording_with_token),
@@ -678,12 +672,7 @@ async fn live_recording_with_token(
     State(door): State<Shared>,
     Path((id, token)): Path<(String, String)>,
 ) -> std::result::Result<Response, ApiError> {
-    if !constant_time_eq(token.as_bytes(), door.config.token.as_bytes()) {
-        return Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        ));
-    }
+    web_viewer::check_path_token(&token, &door.config.token)?;
     live_recording(State(door), Path(id)).await
 }
 
