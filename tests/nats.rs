@@ -152,7 +152,8 @@ fn a_front_door_passes_on_the_live_recording_and_counts_sessions() {
     assert_eq!(st, 200);
     let metrics = String::from_utf8_lossy(&metrics);
     assert!(
-        metrics.contains("streamrecon_sessions{state=\"closed\"} 1"),
+        metrics.contains("streamrecon_sessions{state=\"closed\"} 1")
+            && metrics.contains("streamrecon_worker_max_sessions{worker=\"w1\"} 4"),
         "{metrics}"
     );
     assert_eq!(http(worker_port, "GET", "/metrics", None, b"").0, 401);

@@ -718,7 +718,7 @@ async fn pass_on(url: &str, token: &str) -> std::result::Result<Response, ApiErr
 type LeaseCount = fn(&super::Lease) -> u64;
 
 /// `GET /metrics`: Prometheus text for the whole service as the broker knows it: sessions by
-/// state, sessions per worker, each held session's frame counts (from its lease, renewed every
+/// state, each live worker's sessions and room, each held session's frame counts (from its lease, renewed every
 /// third of the lease time) and the frames waiting in the broker. Per-stage latencies are each
 /// worker's own `/metrics` (`worker --bind`).
 async fn metrics(State(door): State<Shared>) -> std::result::Result<String, ApiError> {
@@ -753,13 +753,24 @@ async fn metrics(State(door): State<Shared>) -> std::result::Result<String, ApiE
     for (state, n) in &states {
         let _ = writeln!(out, "streamrecon_sessions{{state=\"{state}\"}} {n}");
     }
-    let mut per_worker = std::collections::BTreeMap::<&str, usize>::new();
-    for (_, l) in &held {
-        *per_worker.entry(l.worker.as_str()).or_default() += 1;
-    }
-    let _ = writeln!(out, "# TYPE streamrecon_worker_sessions gauge");
-    for (w, n) in per_worker {
-        let _ = writeln!(out, "streamrecon_worker_sessions{{worker=\"{w}\"}} {n}");
+    // Every live worker, idle ones too, as each announces itself.
+    if let Ok(workers) = door.broker.worker_loads().await {
+        let _ = writeln!(out, "# TYPE streamrecon_worker_sessions gauge");
+        for (w, l) in &workers {
+            let _ = writeln!(
+                out,
+                "streamrecon_worker_sessions{{worker=\"{w}\"}} {}",
+                l.held
+            );
+        }
+        let _ = writeln!(out, "# TYPE streamrecon_worker_max_sessions gauge");
+        for (w, l) in &workers {
+            let _ = writeln!(
+                out,
+                "streamrecon_worker_max_sessions{{worker=\"{w}\"}} {}",
+                l.max
+            );
+        }
     }
     let counters: [(&str, LeaseCount); 3] = [
         ("frames_received", |l| l.frames_received),

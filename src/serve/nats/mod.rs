@@ -14,6 +14,7 @@ pub use worker::{run_worker, WorkerConfig};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv, object_store, stream};
+use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
 use streamrecon_core::error::{Error, Result};
@@ -28,6 +29,9 @@ const RESULTS_STREAM: &str = "SR_RESULTS";
 const SESSIONS_BUCKET: &str = "sr_sessions";
 /// Leases: key = session id, value = [`Lease`]; entries expire after the lease time.
 const LEASES_BUCKET: &str = "sr_leases";
+/// Workers: key = worker name, value = [`WorkerLoad`]; entries expire after the lease time
+/// unless the worker announces itself again.
+const WORKERS_BUCKET: &str = "sr_workers";
 /// Engine snapshots and trajectory checkpoints of running sessions.
 const SNAPSHOTS_BUCKET: &str = "sr_snapshots";
 /// A closed session's files (`<id>/trajectory.txt`, …).
@@ -109,6 +113,13 @@ struct Lease {
     http: Option<String>,
 }
 
+/// What the workers bucket holds for a live worker: how many sessions it holds and may hold.
+#[derive(Serialize, Deserialize, Clone, Copy, Default)]
+struct WorkerLoad {
+    held: usize,
+    max: usize,
+}
+
 /// Where a session's last snapshot is: the snapshot store's `<id>/snapshot.json`, written
 /// after the files it names, so a worker that resumes never reads half a snapshot.
 #[derive(Serialize, Deserialize, Clone)]
@@ -128,6 +139,7 @@ struct Broker {
     results: stream::Stream,
     sessions: kv::Store,
     leases: kv::Store,
+    workers: kv::Store,
     snapshots: object_store::ObjectStore,
     outputs: object_store::ObjectStore,
     /// The server's largest message, bytes.
@@ -200,6 +212,7 @@ impl Broker {
             .map_err(|e| nats_error("the results stream", e))?;
         let sessions = key_value(&js, SESSIONS_BUCKET, Duration::ZERO, cfg.replicas).await?;
         let leases = key_value(&js, LEASES_BUCKET, cfg.lease_ttl, cfg.replicas).await?;
+        let workers = key_value(&js, WORKERS_BUCKET, cfg.lease_ttl, cfg.replicas).await?;
         let snapshots = objects(&js, SNAPSHOTS_BUCKET, cfg.replicas).await?;
         let outputs = objects(&js, OUTPUTS_BUCKET, cfg.replicas).await?;
         Ok(Self {
@@ -208,6 +221,7 @@ impl Broker {
             results,
             sessions,
             leases,
+            workers,
             snapshots,
             outputs,
             max_payload,
@@ -222,6 +236,29 @@ impl Broker {
         let r = serde_json::from_slice(&e.value)
             .map_err(|err| nats_error(&format!("session {id}'s record"), err))?;
         Ok(Some((r, e.revision)))
+    }
+
+    /// The live workers and their loads (by the workers bucket: each announces itself).
+    async fn worker_loads(&self) -> Result<Vec<(String, WorkerLoad)>> {
+        let mut keys = self
+            .workers
+            .keys()
+            .await
+            .map_err(|e| nats_error("listing workers", e))?;
+        let mut names = Vec::new();
+        while let Some(k) = keys.next().await {
+            names.push(k.map_err(|e| nats_error("listing workers", e))?);
+        }
+        names.sort();
+        let mut out = Vec::new();
+        for name in names {
+            if let Some(e) = live_entry(&self.workers, &name).await? {
+                if let Ok(load) = serde_json::from_slice(&e.value) {
+                    out.push((name, load));
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Who holds a session, if anyone.

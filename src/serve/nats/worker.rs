@@ -20,7 +20,7 @@ use streamrecon_pipeline as pipeline;
 use super::{
     frames_subject, live_entry, nats_error, read_object, read_object_if_any, results_subject,
     unix_now, write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta,
-    END_HEADER,
+    WorkerLoad, END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -90,6 +90,7 @@ pub fn run_worker(
             held: HashMap::new(),
             closed: HashSet::new(),
             unclosed: Some(BTreeMap::new()),
+            announced: None,
         };
         // A new session is claimed as soon as its record is written; the periodic look also
         // finds the sessions whose worker's lease expired. The watch (made beside the loop:
@@ -98,6 +99,7 @@ pub fn run_worker(
         tokio::pin!(shutdown);
         loop {
             claims.held.retain(|_, h| !h.is_finished());
+            claims.announce().await;
             if let Err(e) = claims.scan().await {
                 log::warn!("{e}");
             }
@@ -207,6 +209,8 @@ struct Claims<'a> {
     /// The sessions not closed, as the watch on the sessions bucket says; `None` once it broke
     /// (the look then lists the bucket).
     unclosed: Option<BTreeMap<String, SessionRecord>>,
+    /// The load last announced and when.
+    announced: Option<(usize, Instant)>,
 }
 
 impl Claims<'_> {
@@ -286,6 +290,7 @@ impl Claims<'_> {
             return;
         };
         log::info!("session {id}: claimed by worker {}", self.config.name);
+        // Counted at once, so a burst of new sessions spreads over the workers.
         let task = Held {
             broker: self.broker.clone(),
             state: self.state.clone(),
@@ -299,28 +304,45 @@ impl Claims<'_> {
             seqs: Arc::new(Mutex::new(VecDeque::new())),
         };
         self.held.insert(id, tokio::spawn(task.run(record)));
+        self.announce().await;
     }
 
-    /// Another worker holds fewer sessions than this one (counted from the leases: a worker
-    /// holding none has none and is not seen, but claims without waiting).
+    /// Another live worker with room holds fewer sessions than this one (by what the workers
+    /// announce; unknown when they cannot be read: then this one claims).
     async fn a_less_loaded_worker(&self) -> bool {
-        let Ok(mut keys) = self.broker.leases.keys().await else {
+        let Ok(loads) = self.broker.worker_loads().await else {
             return false;
         };
-        let mut ids = Vec::new();
-        while let Some(Ok(k)) = keys.next().await {
-            ids.push(k);
-        }
-        let mut loads: HashMap<String, usize> = HashMap::new();
-        for id in ids {
-            if let Ok(Some(lease)) = self.broker.lease(&id).await {
-                *loads.entry(lease.worker).or_default() += 1;
-            }
-        }
         let mine = self.held.len();
         loads
             .iter()
-            .any(|(w, n)| *w != self.config.name && *n < mine)
+            .any(|(w, l)| *w != self.config.name && l.held < mine && l.held < l.max)
+    }
+
+    /// Announces this worker's load in the workers bucket when it changed, and at least every
+    /// third of the lease time (the entry expires after it).
+    async fn announce(&mut self) {
+        let held = self.held.len();
+        let due = self
+            .announced
+            .is_none_or(|(n, at)| n != held || at.elapsed() >= self.config.nats.lease_ttl / 3);
+        if !due {
+            return;
+        }
+        let load = WorkerLoad {
+            held,
+            max: self.config.serve.max_sessions,
+        };
+        let value = serde_json::to_vec(&load).unwrap_or_default();
+        match self
+            .broker
+            .workers
+            .put(&self.config.name, value.into())
+            .await
+        {
+            Ok(_) => self.announced = Some((held, Instant::now())),
+            Err(e) => log::warn!("worker {} not announced: {e}", self.config.name),
+        }
     }
 
     /// Hands every held session back (each stores its final snapshot and deletes its lease).
@@ -331,6 +353,7 @@ impl Claims<'_> {
             self.held.len()
         );
         self.stopping.store(true, Ordering::SeqCst);
+        let _ = self.broker.workers.delete(&self.config.name).await;
         for (_, h) in self.held {
             let _ = h.await;
         }
