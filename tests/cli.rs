@@ -279,8 +279,18 @@ fn a_run_that_ended_resumes_from_its_last_snapshot_without_a_gap() {
         streamrecon::geometry::snapshot_next_frame(&snapshot),
         Some(20)
     );
+    assert!(out.join(streamrecon::pipeline::CLOUD_FILE).is_file());
     run(&out, 8, &["--resume", snapshot.to_str().unwrap()]);
     assert_eq!(frame_numbers(&out), (0..40).collect::<Vec<i64>>());
+    // The cloud goes on from the one saved with the snapshot: about the uninterrupted run's.
+    let whole = out.with_file_name("whole");
+    run(&whole, 8, &[]);
+    let points = |d: &Path| ply::read_ply(&d.join("points.ply")).unwrap().len() as f64;
+    let (resumed, uninterrupted) = (points(&out), points(&whole));
+    assert!(
+        (resumed / uninterrupted - 1.0).abs() < 0.05,
+        "resumed {resumed} points, uninterrupted {uninterrupted}"
+    );
     // With a stride the snapshot counts source frames and the checkpoint output frames.
     let strided = out.with_file_name("strided");
     let snapshot = strided.join("snapshot.safetensors");

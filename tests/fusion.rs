@@ -206,3 +206,50 @@ fn each_voxel_is_the_confidence_weighted_mean_of_its_points() {
         );
     }
 }
+
+/// A cloud saved with a snapshot and taken back by a resumed run goes on as if never stopped:
+/// the same points after the same later frames; a save from another frame, with another voxel
+/// edge, or cut short is refused with the reason.
+#[test]
+fn a_saved_cloud_resumes_where_it_stopped() {
+    let k = Intrinsics::from_hfov(64, 48, 60.0);
+    let config = FusionConfig {
+        voxel: 0.01,
+        max_points: 3000,
+        pixel_stride: 1,
+        ..FusionConfig::default()
+    };
+    let img = image::RgbImage::from_fn(64, 48, |x, y| image::Rgb([x as u8, y as u8, 7]));
+    let mut whole = Fusion::new(config.clone());
+    for i in 0..10 {
+        whole.integrate(&plane_frame(i, 2.0 + i as f32 * 0.01, &k), &img);
+    }
+    let saved = whole.to_bytes(10);
+    for i in 10..20 {
+        whole.integrate(&plane_frame(i, 2.0 + i as f32 * 0.01, &k), &img);
+    }
+    let mut resumed = Fusion::new(config.clone());
+    assert!(resumed.restore(&saved, 10).unwrap() > 0);
+    for i in 10..20 {
+        resumed.integrate(&plane_frame(i, 2.0 + i as f32 * 0.01, &k), &img);
+    }
+    let (a, b) = (whole.cloud(), resumed.cloud());
+    assert_eq!(a.points, b.points);
+    assert_eq!(a.colors, b.colors);
+    assert_eq!(whole.evicted(), resumed.evicted());
+    let mut other = Fusion::new(config.clone());
+    assert!(other.restore(&saved, 11).unwrap_err().contains("not 11"));
+    assert!(other
+        .restore(&saved[..saved.len() - 3], 10)
+        .unwrap_err()
+        .contains("bytes"));
+    assert!(other.restore(b"junk", 10).is_err());
+    let mut coarser = Fusion::new(FusionConfig {
+        voxel: 0.02,
+        ..config
+    });
+    assert!(coarser
+        .restore(&saved, 10)
+        .unwrap_err()
+        .contains("voxel edge"));
+}

@@ -454,6 +454,36 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
             .count();
         assert_eq!(n, results.len(), "session {id}: events vs results");
     }
+    // The cloud goes on across the failover from the one stored with the snapshot: about the
+    // size of the other session's (the same frames), when that one ran on one worker only.
+    let points = |id: &str| {
+        let (st, ply) = http(
+            p,
+            "GET",
+            &format!("/sessions/{id}/files/points.ply"),
+            Some(TOKEN),
+            b"",
+        );
+        assert_eq!(st, 200);
+        let head = String::from_utf8_lossy(&ply[..ply.len().min(400)]).to_string();
+        head.lines()
+            .find_map(|l| l.strip_prefix("element vertex "))
+            .and_then(|n| n.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("no vertex count in {head}"))
+    };
+    let other_moved = all_results(p, &ids[1])
+        .iter()
+        .any(|r| r["worker"].as_str() == Some(holder.as_str()));
+    if other_moved {
+        eprintln!("both sessions moved: no uninterrupted cloud to compare with");
+    } else {
+        let (moved, stayed) = (points(&ids[0]), points(&ids[1]));
+        eprintln!("points: moved session {moved}, the other {stayed}");
+        assert!(
+            (moved / stayed - 1.0).abs() < 0.05,
+            "moved session {moved} points, the other {stayed}"
+        );
+    }
     // A closed session takes no frames.
     let (st, _) = push(p, &ids[0], &frame(0), 100.0);
     assert_eq!(st, 409);

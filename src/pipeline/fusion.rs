@@ -48,6 +48,12 @@ impl Default for FusionConfig {
     }
 }
 
+/// The first bytes of a saved cloud ([`Fusion::to_bytes`]).
+const STATE_MAGIC: &[u8; 4] = b"SRF1";
+/// Bytes of one voxel in a saved cloud: key 3 × i32, position, colour 3 × f32 each, weight f32,
+/// last frame seen u32.
+const VOXEL_BYTES: usize = 44;
+
 #[derive(Clone, Copy)]
 struct Voxel {
     pos: [f32; 3],
@@ -103,6 +109,99 @@ impl Fusion {
     /// Voxels evicted so far to stay under the cap.
     pub fn evicted(&self) -> u64 {
         self.evicted
+    }
+
+    /// The cloud's state as bytes, for a snapshot taken when the frames before `next` are in
+    /// it: a header (magic, `next`, voxel edge, voxels evicted, count), then each voxel's key,
+    /// position, colour, weight and last frame seen, little-endian.
+    pub fn to_bytes(&self, next: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(40 + self.voxels.len() * VOXEL_BYTES);
+        out.extend_from_slice(STATE_MAGIC);
+        out.extend_from_slice(&next.to_le_bytes());
+        out.extend_from_slice(&self.config.voxel.to_le_bytes());
+        out.extend_from_slice(&self.evicted.to_le_bytes());
+        out.extend_from_slice(&(self.voxels.len() as u64).to_le_bytes());
+        for (k, v) in &self.voxels {
+            for c in k {
+                out.extend_from_slice(&c.to_le_bytes());
+            }
+            for f in v.pos.iter().chain(&v.color).chain([&v.weight]) {
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            out.extend_from_slice(&v.last_seen.to_le_bytes());
+        }
+        out
+    }
+
+    /// The frame a saved cloud ([`Fusion::to_bytes`]) was saved at, if these are such bytes.
+    pub fn saved_at(bytes: &[u8]) -> Option<u64> {
+        if bytes.len() < 12 || &bytes[..4] != STATE_MAGIC {
+            return None;
+        }
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&bytes[4..12]);
+        Some(u64::from_le_bytes(b))
+    }
+
+    /// Takes back a cloud saved by [`Fusion::to_bytes`] at `next` with the same voxel edge;
+    /// returns its voxels.
+    ///
+    /// # Errors
+    /// Not such a state, another frame or voxel edge, or cut short: the message says which.
+    pub fn restore(&mut self, bytes: &[u8], next: u64) -> Result<usize, String> {
+        let header = 4 + 8 + 4 + 8 + 8;
+        if bytes.len() < header || &bytes[..4] != STATE_MAGIC {
+            return Err("not a saved cloud".into());
+        }
+        let u64_at = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[i..i + 8]);
+            u64::from_le_bytes(b)
+        };
+        let f32_at =
+            |i: usize| f32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
+        let saved_next = u64_at(4);
+        if saved_next != next {
+            return Err(format!("saved at frame {saved_next}, not {next}"));
+        }
+        // The same edge, bit for bit: a cloud from another grid would merge wrongly.
+        if f32_at(12).to_bits() != self.config.voxel.to_bits() {
+            return Err(format!(
+                "voxel edge {} against {}",
+                f32_at(12),
+                self.config.voxel
+            ));
+        }
+        let evicted = u64_at(16);
+        let count = usize::try_from(u64_at(24)).map_err(|e| e.to_string())?;
+        if count
+            .checked_mul(VOXEL_BYTES)
+            .and_then(|n| n.checked_add(header))
+            != Some(bytes.len())
+        {
+            return Err(format!(
+                "{count} voxels need {} bytes, got {}",
+                header + count * VOXEL_BYTES,
+                bytes.len()
+            ));
+        }
+        self.voxels.clear();
+        self.voxels.reserve(count);
+        for r in bytes[header..].chunks_exact(VOXEL_BYTES) {
+            let i32_at = |i: usize| i32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+            let f = |i: usize| f32::from_le_bytes([r[i], r[i + 1], r[i + 2], r[i + 3]]);
+            self.voxels.insert(
+                [i32_at(0), i32_at(4), i32_at(8)],
+                Voxel {
+                    pos: [f(12), f(16), f(20)],
+                    color: [f(24), f(28), f(32)],
+                    weight: f(36),
+                    last_seen: u32::from_le_bytes([r[40], r[41], r[42], r[43]]),
+                },
+            );
+        }
+        self.evicted = evicted;
+        Ok(count)
     }
 
     /// Merges a frame's confident depth into the cloud; returns its new points for display.

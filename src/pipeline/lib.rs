@@ -38,7 +38,7 @@ pub use options::RunOptions;
 pub use sinks::files::CHECKPOINT_FILE;
 pub use sinks::results::{DepthSample, FrameResult, ResultDetail, ResultPose};
 pub use sinks::{FrameOutput, RunEnd, Sink, Tick, Waits};
-pub use snapshot::SNAPSHOT_FILE;
+pub use snapshot::{CLOUD_FILE, SNAPSHOT_FILE};
 pub use summary::{
     FrameCounts, FrameMemory, MemorySummary, RunCounters, RunOutcome, RunSummary, StabilizeSummary,
     TrajectoryEntry,
@@ -49,7 +49,7 @@ use sinks::files::{FilesSink, IntrinsicsReport, RunOutputs};
 use sinks::progress::ProgressSink;
 use sinks::rerun::RerunSink;
 use sinks::results::{HeldFrames, ResultsSink};
-use snapshot::PendingSnapshot;
+use snapshot::{CloudSaver, PendingSnapshot};
 use source::Source;
 use stage::{ErrorSlot, GeometryMsg};
 use summary::RunTally;
@@ -197,6 +197,12 @@ pub fn run_with(
     )?;
     // Snapshots are written beside the final file and put in its place by the file sink once
     // every frame before the snapshot's position is in the outputs (see `PendingSnapshot`).
+    // The cloud is saved beside each snapshot as it is put in place (`CloudSaver`).
+    let mut cloud_saver = config
+        .out_dir
+        .as_ref()
+        .filter(|_| config.snapshot_every > 0)
+        .map(|d| CloudSaver::new(d, snapshot_slot.clone()));
     let snapshots = stage::geometry::Snapshots {
         path: config
             .out_dir
@@ -233,6 +239,9 @@ pub fn run_with(
 
     // Fusion and the sinks on this thread.
     let mut fusion = Fusion::new(config.fusion.clone());
+    if let (Some(next), Some(snapshot)) = (resumed_next, &config.resume) {
+        snapshot::restore_cloud(&mut fusion, snapshot, next);
+    }
     let mut tally = RunTally::default();
     let mut loops = config
         .loop_closure
@@ -311,6 +320,10 @@ pub fn run_with(
         };
         // Counted before the sinks, so the results carry counts that include their frame.
         RunCounters::add(&counters.processed);
+        if let Some(c) = &mut cloud_saver {
+            // Before the file sink puts the snapshot in place, in this frame's call.
+            c.save_if_due(&fusion, r.frame.source_index + 1);
+        }
         let failed_before = sink_error.is_some();
         for s in &mut sinks {
             s.call(&mut sink_error, |sink| sink.frame(&out));
@@ -443,6 +456,10 @@ pub fn run_with(
         model: m,
         origin: original.map_or("default 60° horizontal FoV", |o| o.1),
     });
+    if let Some(c) = &mut cloud_saver {
+        // The last snapshot is put in place as the file sink finishes.
+        c.save_if_due(&fusion, u64::MAX);
+    }
     // Every sink closes, the failed ones too: what they hold was written before they failed.
     // Each sees the errors so far (the files, last, write them into run.json).
     let mut summary = summary;

@@ -130,6 +130,9 @@ struct SnapshotMeta {
     after_seq: u64,
     snapshot: String,
     checkpoint: String,
+    /// The fused cloud saved with the snapshot, if the pipeline saved one.
+    #[serde(default)]
+    cloud: Option<String>,
 }
 
 /// The streams and buckets, made if missing.

@@ -433,6 +433,11 @@ impl Held {
                 let ckpt = dir.join(pipeline::CHECKPOINT_FILE);
                 let bytes = read_object(&self.broker.snapshots, &m.checkpoint).await?;
                 std::fs::write(&ckpt, bytes).map_err(|e| Error::io(&ckpt, e))?;
+                if let Some(name) = &m.cloud {
+                    let cloud = dir.join(pipeline::CLOUD_FILE);
+                    let bytes = read_object(&self.broker.snapshots, name).await?;
+                    std::fs::write(&cloud, bytes).map_err(|e| Error::io(&cloud, e))?;
+                }
                 log::info!(
                     "session {id}: resuming at frame {} (frames after stream sequence {})",
                     m.next,
@@ -738,15 +743,24 @@ impl Held {
                     Error::Invalid(format!("frame {} is not among the frames fed", next - 1))
                 })?
         };
+        // The cloud is saved before the snapshot is put in place: one saved at the same frame
+        // goes with it (an older one does not).
+        let cloud = std::fs::read(dir.join(pipeline::CLOUD_FILE))
+            .ok()
+            .filter(|b| streamrecon_pipeline::fusion::Fusion::saved_at(b) == Some(next));
         let meta = SnapshotMeta {
             next,
             after_seq,
             snapshot: format!("{id}/snapshot-{next}.safetensors"),
             checkpoint: format!("{id}/checkpoint-{next}.json"),
+            cloud: cloud.as_ref().map(|_| format!("{id}/cloud-{next}.bin")),
         };
         let store = &self.broker.snapshots;
         write_object(store, &meta.snapshot, &bytes).await?;
         write_object(store, &meta.checkpoint, &checkpoint).await?;
+        if let (Some(name), Some(b)) = (&meta.cloud, &cloud) {
+            write_object(store, name, b).await?;
+        }
         let m = serde_json::to_vec(&meta).unwrap_or_default();
         write_object(store, &format!("{id}/snapshot.json"), &m).await?;
         if let Some(old) = stored_next {
@@ -754,6 +768,7 @@ impl Held {
                 .delete(format!("{id}/snapshot-{old}.safetensors"))
                 .await;
             let _ = store.delete(format!("{id}/checkpoint-{old}.json")).await;
+            let _ = store.delete(format!("{id}/cloud-{old}.bin")).await;
         }
         // The frames before the snapshot are never replayed: the stream lets them go.
         let _ = self
@@ -778,6 +793,9 @@ impl Held {
         if let Some(m) = meta {
             let _ = store.delete(&m.snapshot).await;
             let _ = store.delete(&m.checkpoint).await;
+            if let Some(c) = &m.cloud {
+                let _ = store.delete(c).await;
+            }
         }
         let _ = store.delete(&meta_name).await;
     }
