@@ -25,8 +25,8 @@ use serde_json::json;
 use streamrecon_core::error::Result;
 
 use super::{
-    frames_subject, read_object, results_subject, unix_now, Broker, NatsConfig, SessionRecord,
-    SessionState, END_HEADER,
+    frames_subject, read_object, results_subject, sorted_keys, unix_now, Broker, NatsConfig,
+    SessionRecord, SessionState, END_HEADER,
 };
 use crate::session::CreateSession;
 use crate::{
@@ -521,12 +521,9 @@ async fn session_status(
 async fn list_sessions(
     State(door): State<Shared>,
 ) -> std::result::Result<Json<serde_json::Value>, ApiError> {
-    let mut keys = door.broker.sessions.keys().await.map_err(unavailable)?;
-    let mut ids = Vec::new();
-    while let Some(k) = keys.next().await {
-        ids.push(k.map_err(unavailable)?);
-    }
-    ids.sort();
+    let ids = sorted_keys(&door.broker.sessions, "sessions")
+        .await
+        .map_err(unavailable)?;
     let mut out = Vec::new();
     for id in ids {
         if let Ok(v) = status_json(&door, &id).await {
@@ -723,12 +720,9 @@ type LeaseCount = fn(&super::Lease) -> u64;
 /// worker's own `/metrics` (`worker --bind`).
 async fn metrics(State(door): State<Shared>) -> std::result::Result<String, ApiError> {
     use std::fmt::Write as _;
-    let mut keys = door.broker.sessions.keys().await.map_err(unavailable)?;
-    let mut ids = Vec::new();
-    while let Some(k) = keys.next().await {
-        ids.push(k.map_err(unavailable)?);
-    }
-    ids.sort();
+    let ids = sorted_keys(&door.broker.sessions, "sessions")
+        .await
+        .map_err(unavailable)?;
     let mut states = std::collections::BTreeMap::from([("open", 0), ("closing", 0), ("closed", 0)]);
     let mut held = Vec::new();
     for id in &ids {

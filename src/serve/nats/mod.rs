@@ -243,16 +243,7 @@ impl Broker {
 
     /// The live workers and their loads (by the workers bucket: each announces itself).
     async fn worker_loads(&self) -> Result<Vec<(String, WorkerLoad)>> {
-        let mut keys = self
-            .workers
-            .keys()
-            .await
-            .map_err(|e| nats_error("listing workers", e))?;
-        let mut names = Vec::new();
-        while let Some(k) = keys.next().await {
-            names.push(k.map_err(|e| nats_error("listing workers", e))?);
-        }
-        names.sort();
+        let names = sorted_keys(&self.workers, "workers").await?;
         let mut out = Vec::new();
         for name in names {
             if let Some(e) = live_entry(&self.workers, &name).await? {
@@ -270,6 +261,18 @@ impl Broker {
             .await?
             .and_then(|e| serde_json::from_slice(&e.value).ok()))
     }
+}
+
+/// A bucket's keys, sorted (`what` names the bucket in an error).
+async fn sorted_keys(store: &kv::Store, what: &str) -> Result<Vec<String>> {
+    let listing = |e: &dyn std::fmt::Display| nats_error(&format!("listing {what}"), e);
+    let mut keys = store.keys().await.map_err(|e| listing(&e))?;
+    let mut out = Vec::new();
+    while let Some(k) = keys.next().await {
+        out.push(k.map_err(|e| listing(&e))?);
+    }
+    out.sort();
+    Ok(out)
 }
 
 /// An object's bytes.

@@ -19,8 +19,8 @@ use streamrecon_pipeline as pipeline;
 
 use super::{
     frames_subject, live_entry, nats_error, read_object, read_object_if_any, results_subject,
-    unix_now, write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta,
-    WorkerLoad, END_HEADER,
+    sorted_keys, unix_now, write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState,
+    SnapshotMeta, WorkerLoad, END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -230,18 +230,7 @@ impl Claims<'_> {
             }
             return Ok(());
         }
-        let mut keys = self
-            .broker
-            .sessions
-            .keys()
-            .await
-            .map_err(|e| nats_error("listing sessions", e))?;
-        let mut ids = Vec::new();
-        while let Some(k) = keys.next().await {
-            ids.push(k.map_err(|e| nats_error("listing sessions", e))?);
-        }
-        ids.sort();
-        for id in ids {
+        for id in sorted_keys(&self.broker.sessions, "sessions").await? {
             if self.held.len() >= self.config.serve.max_sessions {
                 break;
             }
