@@ -178,10 +178,7 @@ type Buffers = (Vec<f32>, Vec<u8>, Vec<Option<Point3<f32>>>);
 impl Db {
     /// Empty buffers for one keyframe (their capacity kept), reserving all of them at the first
     /// call.
-    fn buffers(
-        &mut self,
-        cfg: &LoopClosureConfig,
-    ) -> (Vec<f32>, Vec<u8>, Vec<Option<Point3<f32>>>) {
+    fn buffers(&mut self, cfg: &LoopClosureConfig) -> Buffers {
         if !self.reserved {
             self.reserved = true;
             let features = cfg.orb_features.max(0) as usize;

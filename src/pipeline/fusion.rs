@@ -50,6 +50,8 @@ impl Default for FusionConfig {
 
 /// The first bytes of a saved cloud ([`Fusion::to_bytes`]).
 const STATE_MAGIC: &[u8; 4] = b"SRF1";
+/// Bytes before the voxels in a saved cloud: magic, frame, voxel edge, evicted, count.
+const STATE_HEADER: usize = 4 + 8 + 4 + 8 + 8;
 /// Bytes of one voxel in a saved cloud: key 3 × i32, position, colour 3 × f32 each, weight f32,
 /// last frame seen u32.
 const VOXEL_BYTES: usize = 44;
@@ -115,7 +117,7 @@ impl Fusion {
     /// it: a header (magic, `next`, voxel edge, voxels evicted, count), then each voxel's key,
     /// position, colour, weight and last frame seen, little-endian.
     pub fn to_bytes(&self, next: u64) -> Vec<u8> {
-        let mut out = Vec::with_capacity(40 + self.voxels.len() * VOXEL_BYTES);
+        let mut out = Vec::with_capacity(STATE_HEADER + self.voxels.len() * VOXEL_BYTES);
         out.extend_from_slice(STATE_MAGIC);
         out.extend_from_slice(&next.to_le_bytes());
         out.extend_from_slice(&self.config.voxel.to_le_bytes());
@@ -149,10 +151,10 @@ impl Fusion {
     /// # Errors
     /// Not such a state, another frame or voxel edge, or cut short: the message says which.
     pub fn restore(&mut self, bytes: &[u8], next: u64) -> Result<usize, String> {
-        let header = 4 + 8 + 4 + 8 + 8;
-        if bytes.len() < header || &bytes[..4] != STATE_MAGIC {
-            return Err("not a saved cloud".into());
-        }
+        let header = STATE_HEADER;
+        let saved_next = Self::saved_at(bytes)
+            .filter(|_| bytes.len() >= header)
+            .ok_or("not a saved cloud")?;
         let u64_at = |i: usize| {
             let mut b = [0u8; 8];
             b.copy_from_slice(&bytes[i..i + 8]);
@@ -160,7 +162,6 @@ impl Fusion {
         };
         let f32_at =
             |i: usize| f32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
-        let saved_next = u64_at(4);
         if saved_next != next {
             return Err(format!("saved at frame {saved_next}, not {next}"));
         }
@@ -181,7 +182,7 @@ impl Fusion {
         {
             return Err(format!(
                 "{count} voxels need {} bytes, got {}",
-                header + count * VOXEL_BYTES,
+                count.saturating_mul(VOXEL_BYTES).saturating_add(header),
                 bytes.len()
             ));
         }

@@ -12,7 +12,7 @@ use crossbeam_channel::{bounded, Sender, TrySendError};
 use serde::Serialize;
 
 use streamrecon_core::error::{Error, Result};
-use streamrecon_core::frame::{Frame, Intrinsics, Pose, RgbImage};
+use streamrecon_core::frame::{pose_to_array, Frame, Intrinsics, Pose, RgbImage};
 use streamrecon_geometry::loop_closure::{Corrected, LoopCloser, LoopClosureConfig, Places};
 use streamrecon_geometry::FrameGeometry;
 
@@ -74,8 +74,7 @@ impl LoopThread {
         let handle = std::thread::Builder::new()
             .name("loops".into())
             .spawn(move || {
-                // Background work: the stream's stages go first on a busy machine (a keyframe
-                // that finds this thread still busy is skipped, not waited for).
+                // Background work: the stream's stages go first on a busy machine.
                 if let Err(e) = thread_priority::set_current_thread_priority(
                     thread_priority::ThreadPriority::Min,
                 ) {
@@ -186,20 +185,8 @@ impl LoopThread {
             .loops()
             .iter()
             .map(|e| {
-                let (t, q) = (
-                    e.older_from_newer.isometry.translation.vector,
-                    e.older_from_newer.isometry.rotation,
-                );
-                let m = [
-                    t.x,
-                    t.y,
-                    t.z,
-                    q.i,
-                    q.j,
-                    q.k,
-                    q.w,
-                    e.older_from_newer.scaling(),
-                ];
+                let [tx, ty, tz, qx, qy, qz, qw] = pose_to_array(&e.older_from_newer.isometry);
+                let m = [tx, ty, tz, qx, qy, qz, qw, e.older_from_newer.scaling()];
                 (e.older, e.newer, e.inliers, m)
             })
             .collect();

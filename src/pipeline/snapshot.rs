@@ -26,6 +26,11 @@ pub(crate) struct PendingSnapshot {
 pub(crate) type SnapshotSlot = Arc<Mutex<Option<PendingSnapshot>>>;
 
 impl PendingSnapshot {
+    /// Whether it is put in place once the frames before `handled_next` are in the outputs.
+    fn is_due(&self, handled_next: u64) -> bool {
+        self.next <= handled_next
+    }
+
     pub(crate) fn path_in(dir: &Path) -> PathBuf {
         dir.join(format!("{SNAPSHOT_FILE}.pending"))
     }
@@ -35,7 +40,7 @@ impl PendingSnapshot {
     /// place, so a snapshot in place never runs ahead of the checkpoint beside it.
     pub(crate) fn commit(slot: &Mutex<Option<Self>>, handled_next: u64, outputs: &RunOutputs) {
         let Ok(mut slot) = slot.lock() else { return };
-        let Some(p) = slot.as_ref().filter(|p| p.next <= handled_next) else {
+        let Some(p) = slot.as_ref().filter(|p| p.is_due(handled_next)) else {
             return;
         };
         let target = p.path.with_file_name(SNAPSHOT_FILE);
@@ -70,15 +75,19 @@ impl CloudSaver {
         }
     }
 
-    /// Saves the cloud if the pending snapshot is put in place once the frames before
-    /// `handled_next` are in the outputs (the file sink's rule in [`PendingSnapshot::commit`]).
+    /// Saves the cloud if the file sink is about to put the pending snapshot in place (the frames
+    /// before `handled_next` in the outputs: [`PendingSnapshot::is_due`]).
     pub(crate) fn save_if_due(&mut self, fusion: &crate::fusion::Fusion, handled_next: u64) {
         let due = self
             .slot
             .lock()
             .ok()
-            .and_then(|s| s.as_ref().map(|p| p.next))
-            .filter(|&next| next <= handled_next && Some(next) != self.saved_for);
+            .and_then(|s| {
+                s.as_ref()
+                    .filter(|p| p.is_due(handled_next))
+                    .map(|p| p.next)
+            })
+            .filter(|&next| Some(next) != self.saved_for);
         let Some(next) = due else { return };
         match streamrecon_core::io_util::write_bytes_atomic(&self.path, &fusion.to_bytes(next)) {
             Ok(()) => self.saved_for = Some(next),

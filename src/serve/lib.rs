@@ -215,20 +215,27 @@ impl AppState {
 }
 
 async fn auth(State(token): State<Arc<str>>, req: Request, next: Next) -> Response {
-    let ok = req
+    let given = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| constant_time_eq(t.as_bytes(), token.as_bytes()));
-    if ok {
-        next.run(req).await
+        .unwrap_or_default();
+    match check_token(given, &token) {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The bearer token a request gave (its header, or a viewer link's path) against the service's.
+fn check_token(given: &str, expected: &str) -> std::result::Result<(), ApiError> {
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        Ok(())
     } else {
-        ApiError(
+        Err(ApiError(
             StatusCode::UNAUTHORIZED,
             "missing or wrong bearer token".into(),
-        )
-        .into_response()
+        ))
     }
 }
 

@@ -16,7 +16,7 @@ use axum::routing::get;
 use axum::Router;
 use tokio::io::AsyncReadExt;
 
-use super::{constant_time_eq, ApiError, Shared};
+use super::{check_token, ApiError, Shared};
 use streamrecon_core::error::{Error, Result};
 
 /// How often a live recording's end is checked for new bytes.
@@ -58,20 +58,8 @@ pub(super) async fn live_recording_with_token(
     State(state): State<Shared>,
     Path((id, token)): Path<(String, String)>,
 ) -> std::result::Result<Response, ApiError> {
-    check_path_token(&token, &state.config.token)?;
+    check_token(&token, &state.config.token)?;
     live_recording(State(state), Path(id)).await
-}
-
-/// The token a viewer's link carries in its path (the browser's viewer cannot send a header).
-pub(super) fn check_path_token(token: &str, expected: &str) -> std::result::Result<(), ApiError> {
-    if constant_time_eq(token.as_bytes(), expected.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError(
-            StatusCode::UNAUTHORIZED,
-            "missing or wrong bearer token".into(),
-        ))
-    }
 }
 
 /// The session's .rrd from its start, then its new bytes as they are written, until the session

@@ -337,9 +337,8 @@ pub fn frame_image(w: u32, h: u32, i: u32) -> image::RgbImage {
 
 /// A lossless session over `/sessions/{id}/stream` on the server at `p`: the token is needed,
 /// PNG and raw frames in, bad messages (no header, not an image, a cut-short PNG) answered on
-/// the stream, a result for every frame in
-/// order (pending ones first where flowvo holds frames), the socket closed after the last
-/// result once the session is closed over HTTP.
+/// the stream, a result for every frame in order (pending ones first where flowvo holds
+/// frames), the socket closed after the last result once the session is closed over HTTP.
 pub fn websocket_round_trip(p: u16) {
     use tungstenite::client::IntoClientRequest;
     use tungstenite::Message;

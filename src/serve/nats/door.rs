@@ -30,8 +30,8 @@ use super::{
 };
 use crate::session::CreateSession;
 use crate::{
-    auth, frame_headers, is_recording_part, json_errors, listen, lock, page_routes, runtime,
-    valid_id, web_viewer, ApiError, ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
+    auth, check_token, frame_headers, is_recording_part, json_errors, listen, lock, page_routes,
+    runtime, valid_id, ApiError, ServeConfig, Since, DOWNLOADS, MAX_FRAME_BYTES, RAW_RGB,
 };
 
 /// Results one poll returns at most (the client asks again from the last `seq`).
@@ -62,6 +62,14 @@ impl Door {
             .await
             .map_err(unavailable)?
             .ok_or_else(|| ApiError(StatusCode::NOT_FOUND, format!("no session {id}")))
+    }
+
+    /// The session's record says closed (all its results published); false when it cannot
+    /// be read.
+    async fn is_closed(&self, id: &str) -> bool {
+        self.record(id)
+            .await
+            .is_ok_and(|(r, _)| r.state == SessionState::Closed)
     }
 
     /// The session takes frames: known open from the watch, or its record says so.
@@ -269,17 +277,7 @@ async fn stream_upgrade(
 ) -> std::result::Result<Response, ApiError> {
     door.record(&id).await?;
     // Results published from now on, as the embedded server sends them.
-    let consumer = door
-        .broker
-        .results
-        .create_consumer(pull::OrderedConfig {
-            filter_subject: results_subject(&id),
-            deliver_policy: DeliverPolicy::New,
-            ..Default::default()
-        })
-        .await
-        .map_err(unavailable)?;
-    let results = consumer.messages().await.map_err(unavailable)?;
+    let results = results_from(&door.broker, &id, DeliverPolicy::New).await?;
     Ok(ws
         .max_message_size(MAX_FRAME_BYTES + crate::stream::HEADER)
         .on_upgrade(move |socket| follow(door, id, results, socket)))
@@ -325,11 +323,9 @@ async fn follow(door: Shared, id: String, mut results: pull::Ordered, mut socket
                     // Quiet: a closed session has published all its results before it reads
                     // as closed.
                     Err(_) => {
-                        if let Ok((r, _)) = door.record(&id).await {
-                            if r.state == SessionState::Closed {
-                                let _ = socket.send(Message::Close(None)).await;
-                                break;
-                            }
+                        if door.is_closed(&id).await {
+                            let _ = socket.send(Message::Close(None)).await;
+                            break;
                         }
                     }
                 }
@@ -404,16 +400,26 @@ async fn results_consumer(
     id: &str,
     after_seq: Option<u64>,
 ) -> std::result::Result<pull::Ordered, ApiError> {
+    let from = match after_seq {
+        Some(a) => DeliverPolicy::ByStartSequence {
+            start_sequence: a + 1,
+        },
+        None => DeliverPolicy::All,
+    };
+    results_from(broker, id, from).await
+}
+
+/// A consumer of the session's results, delivered as `from` says.
+async fn results_from(
+    broker: &Broker,
+    id: &str,
+    from: DeliverPolicy,
+) -> std::result::Result<pull::Ordered, ApiError> {
     let consumer = broker
         .results
         .create_consumer(pull::OrderedConfig {
             filter_subject: results_subject(id),
-            deliver_policy: match after_seq {
-                Some(a) => DeliverPolicy::ByStartSequence {
-                    start_sequence: a + 1,
-                },
-                None => DeliverPolicy::All,
-            },
+            deliver_policy: from,
             ..Default::default()
         })
         .await
@@ -467,10 +473,8 @@ async fn session_events(
                     // Quiet: a closed session has published all its results before it reads
                     // as closed, so the stream ends.
                     Err(_) => {
-                        if let Ok((r, _)) = door.record(&id).await {
-                            if r.state == SessionState::Closed {
-                                return None;
-                            }
+                        if door.is_closed(&id).await {
+                            return None;
                         }
                     }
                 }
@@ -669,7 +673,7 @@ async fn live_recording_with_token(
     State(door): State<Shared>,
     Path((id, token)): Path<(String, String)>,
 ) -> std::result::Result<Response, ApiError> {
-    web_viewer::check_path_token(&token, &door.config.token)?;
+    check_token(&token, &door.config.token)?;
     live_recording(State(door), Path(id)).await
 }
 

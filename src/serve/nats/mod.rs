@@ -135,6 +135,48 @@ struct SnapshotMeta {
     cloud: Option<String>,
 }
 
+impl SnapshotMeta {
+    /// The objects of session `id`'s snapshot at `next` (with its cloud if `cloud`).
+    fn at(id: &str, next: u64, after_seq: u64, cloud: bool) -> Self {
+        Self {
+            next,
+            after_seq,
+            snapshot: format!("{id}/snapshot-{next}.safetensors"),
+            checkpoint: format!("{id}/checkpoint-{next}.json"),
+            cloud: cloud.then(|| format!("{id}/cloud-{next}.bin")),
+        }
+    }
+
+    /// The name of session `id`'s metadata, which names its stored snapshot.
+    fn name(id: &str) -> String {
+        format!("{id}/snapshot.json")
+    }
+
+    /// Session `id`'s stored snapshot, if it has one.
+    ///
+    /// # Errors
+    /// There is one, but it cannot be read now.
+    async fn stored(store: &object_store::ObjectStore, id: &str) -> Result<Option<Self>> {
+        let name = Self::name(id);
+        read_object_if_any(store, &name)
+            .await?
+            .map(|b| {
+                serde_json::from_slice(&b).map_err(|e| nats_error(&format!("object {name}"), e))
+            })
+            .transpose()
+    }
+
+    /// Deletes the objects it names (not the metadata).
+    async fn delete_objects(&self, store: &object_store::ObjectStore) {
+        for name in [&self.snapshot, &self.checkpoint]
+            .into_iter()
+            .chain(&self.cloud)
+        {
+            let _ = store.delete(name).await;
+        }
+    }
+}
+
 /// The streams and buckets, made if missing.
 struct Broker {
     js: jetstream::Context,

@@ -18,9 +18,9 @@ use streamrecon_core::error::{Error, Result};
 use streamrecon_pipeline as pipeline;
 
 use super::{
-    frames_subject, live_entry, nats_error, read_object, read_object_if_any, results_subject,
-    sorted_keys, unix_now, write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState,
-    SnapshotMeta, WorkerLoad, END_HEADER,
+    frames_subject, live_entry, nats_error, read_object, results_subject, sorted_keys, unix_now,
+    write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta, WorkerLoad,
+    END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -406,14 +406,7 @@ impl Held {
         // A snapshot that is there but cannot be read now (a broker that lost a server) is
         // not "no snapshot": the session is handed back, to be taken again, rather than
         // started afresh over frames the stream no longer holds.
-        let meta_name = format!("{id}/snapshot.json");
-        let meta: Option<SnapshotMeta> = read_object_if_any(&self.broker.snapshots, &meta_name)
-            .await?
-            .map(|b| {
-                serde_json::from_slice(&b)
-                    .map_err(|e| nats_error(&format!("object {meta_name}"), e))
-            })
-            .transpose()?;
+        let meta = SnapshotMeta::stored(&self.broker.snapshots, id).await?;
         let (resume, resumed_at, after_seq) = match &meta {
             Some(m) => {
                 let snapshot = dir.join(pipeline::SNAPSHOT_FILE);
@@ -737,13 +730,7 @@ impl Held {
         let cloud = std::fs::read(dir.join(pipeline::CLOUD_FILE))
             .ok()
             .filter(|b| streamrecon_pipeline::fusion::Fusion::saved_at(b) == Some(next));
-        let meta = SnapshotMeta {
-            next,
-            after_seq,
-            snapshot: format!("{id}/snapshot-{next}.safetensors"),
-            checkpoint: format!("{id}/checkpoint-{next}.json"),
-            cloud: cloud.as_ref().map(|_| format!("{id}/cloud-{next}.bin")),
-        };
+        let meta = SnapshotMeta::at(id, next, after_seq, cloud.is_some());
         let store = &self.broker.snapshots;
         write_object(store, &meta.snapshot, &bytes).await?;
         write_object(store, &meta.checkpoint, &checkpoint).await?;
@@ -751,13 +738,11 @@ impl Held {
             write_object(store, name, b).await?;
         }
         let m = serde_json::to_vec(&meta).unwrap_or_default();
-        write_object(store, &format!("{id}/snapshot.json"), &m).await?;
+        write_object(store, &SnapshotMeta::name(id), &m).await?;
         if let Some(old) = stored_next {
-            let _ = store
-                .delete(format!("{id}/snapshot-{old}.safetensors"))
+            SnapshotMeta::at(id, old, 0, true)
+                .delete_objects(store)
                 .await;
-            let _ = store.delete(format!("{id}/checkpoint-{old}.json")).await;
-            let _ = store.delete(format!("{id}/cloud-{old}.bin")).await;
         }
         // The frames before the snapshot are never replayed: the stream lets them go.
         let _ = self
@@ -774,19 +759,10 @@ impl Held {
     /// Deletes the session's stored snapshot: the files its metadata names, then the metadata.
     async fn delete_snapshot(&self) {
         let store = &self.broker.snapshots;
-        let meta_name = format!("{}/snapshot.json", self.id);
-        let meta: Option<SnapshotMeta> = read_object(store, &meta_name)
-            .await
-            .ok()
-            .and_then(|b| serde_json::from_slice(&b).ok());
-        if let Some(m) = meta {
-            let _ = store.delete(&m.snapshot).await;
-            let _ = store.delete(&m.checkpoint).await;
-            if let Some(c) = &m.cloud {
-                let _ = store.delete(c).await;
-            }
+        if let Ok(Some(m)) = SnapshotMeta::stored(store, &self.id).await {
+            m.delete_objects(store).await;
         }
-        let _ = store.delete(&meta_name).await;
+        let _ = store.delete(SnapshotMeta::name(&self.id)).await;
     }
 
     /// The session's files into the outputs store (`<id>/<name>`).
