@@ -15,7 +15,8 @@
 //!
 //! `cargo bench --bench nats_load [-- SESSIONS [FRAMES [SNAPSHOT_EVERY]]]` (defaults 2, 600,
 //! 100; 320×240 PNG; the lossless sessions send all FRAMES, so the time to start and close a
-//! session weighs as little as in a long stream; the others the first 150).
+//! session weighs as little as in a long stream; the others the first 150). The sessions write
+//! no rerun recording unless `NATS_LOAD_RECORD=1`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -94,11 +95,19 @@ fn brokered(
     }
 }
 
-const SESSION: &str = r#"{"lossless": true, "result_points": 0, "record": false}"#;
+/// The sessions' request: no recording, unless `NATS_LOAD_RECORD=1` (both sides then record
+/// it, and the worker stores it with each snapshot).
+fn session() -> &'static str {
+    if std::env::var("NATS_LOAD_RECORD").is_ok_and(|v| v == "1") {
+        r#"{"lossless": true, "result_points": 0}"#
+    } else {
+        r#"{"lossless": true, "result_points": 0, "record": false}"#
+    }
+}
 
 /// Lossless sessions pushed as fast as they are taken, then closed: frames/s over all.
 fn throughput(port: u16, frames: &Arc<Vec<Vec<u8>>>, sessions: usize) -> f64 {
-    let ids: Vec<String> = (0..sessions).map(|_| create(port, SESSION)).collect();
+    let ids: Vec<String> = (0..sessions).map(|_| create(port, session())).collect();
     let t0 = Instant::now();
     let clients: Vec<_> = ids
         .into_iter()
@@ -177,7 +186,7 @@ fn latency_where(
     frames: &Arc<Vec<Vec<u8>>>,
     sessions: usize,
 ) -> (Vec<f64>, Vec<Option<String>>) {
-    let ids: Vec<String> = (0..sessions).map(|_| create(port, SESSION)).collect();
+    let ids: Vec<String> = (0..sessions).map(|_| create(port, session())).collect();
     let clients: Vec<_> = ids
         .into_iter()
         .map(|id| {
@@ -278,7 +287,7 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
 fn failover(dir: &std::path::Path, frames: &[Vec<u8>]) -> (f64, Option<u64>) {
     let mut svc = brokered(dir, 1, 2, "failover", 15);
     let p = svc.door.port;
-    let id = create(p, SESSION);
+    let id = create(p, session());
     let t0 = Instant::now();
     let mut killed_at = None;
     let mut killed = String::new();

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 use streamrecon::datasets::formats::{ply, tum};
 use streamrecon::datasets::synth::TrajectoryKind;
 
+use common::{rerun_cli, rrd_print};
+
 /// Checks a run's files; `frames` were processed. Returns run.json.
 fn check_outputs(out: &Path, frames: usize) -> serde_json::Value {
     let run: serde_json::Value =
@@ -71,39 +73,6 @@ fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
-}
-
-fn rerun_cli() -> Option<std::path::PathBuf> {
-    if let Ok(p) = std::env::var("STREAMRECON_RERUN_BIN") {
-        return Some(p.into());
-    }
-    let found = std::process::Command::new("rerun")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if found {
-        return Some("rerun".into());
-    }
-    assert!(
-        std::env::var("STREAMRECON_REQUIRE_RERUN_CLI").is_err(),
-        "rerun CLI required but not found (scripts/test installs rerun-sdk==0.36.3)"
-    );
-    None
-}
-
-/// What `rerun rrd print --verbose` says of a recording (stdout and stderr).
-fn rrd_print(rerun: &Path, rrd: &Path) -> String {
-    let p = std::process::Command::new(rerun)
-        .args(["rrd", "print", "--verbose"])
-        .arg(rrd)
-        .output()
-        .unwrap();
-    assert!(
-        p.status.success(),
-        "rerun rrd print failed: {}",
-        String::from_utf8_lossy(&p.stderr)
-    );
-    String::from_utf8_lossy(&p.stdout).to_string() + &String::from_utf8_lossy(&p.stderr)
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! --nats`) and two workers; one worker is killed (SIGKILL) mid-stream and the other finishes
 //! its sessions from their last snapshots.
 
+mod common;
 mod serve_common;
 
 use std::process::Command;
@@ -313,6 +314,72 @@ fn nkey_and_tls_logins_serve_and_wrong_ones_are_refused() {
 /// Frames pushed to each session.
 const FRAMES: usize = 90;
 
+/// A session moved at frame `resumed_at` has two recording parts, the dead worker's (kept up to
+/// its last snapshot) and the other's: whole recordings, one id, every frame in one of them.
+fn check_recording_parts(
+    dir: &std::path::Path,
+    port: u16,
+    id: &str,
+    summary: &serde_json::Value,
+    resumed_at: u64,
+) {
+    assert_eq!(
+        summary["recordings"],
+        serde_json::json!(["recording.rrd", "recording-1.rrd"]),
+        "{summary}"
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    let mut frames = Vec::new();
+    for name in ["recording.rrd", "recording-1.rrd"] {
+        let (st, rrd) = http(
+            port,
+            "GET",
+            &format!("/sessions/{id}/files/{name}"),
+            Some(TOKEN),
+            b"",
+        );
+        assert_eq!(st, 200, "{name}");
+        // Whole messages, the finished part with rerun's stream footer after them.
+        let whole = streamrecon::viewer::rrd_whole_len(&rrd, 0);
+        assert!(
+            whole == rrd.len() || rrd[whole..].len() == 32 && rrd.ends_with(b"RRF2FOOT\x01\0\0\0"),
+            "{name}: {whole} of {} bytes in whole messages",
+            rrd.len()
+        );
+        let Some(rerun) = common::rerun_cli() else {
+            println!("rerun CLI not installed: {name}'s content not checked");
+            return;
+        };
+        let path = dir.join(name);
+        std::fs::write(&path, &rrd).unwrap();
+        let text = common::rrd_print(&rerun, &path);
+        assert!(
+            text.contains(&format!("\"{id}\"")),
+            "{name}: not recording {id}"
+        );
+        // One camera image a frame.
+        let images: u64 = text
+            .lines()
+            .filter(|l| l.contains(" - /world/camera/image/rgb - "))
+            .filter_map(|l| {
+                l.split(" with ")
+                    .nth(1)?
+                    .split(' ')
+                    .next()?
+                    .parse::<u64>()
+                    .ok()
+            })
+            .sum();
+        frames.push(images);
+    }
+    eprintln!("recording parts: {frames:?} frames, resumed at {resumed_at}");
+    assert!(
+        frames[0] >= resumed_at,
+        "{frames:?}, resumed at {resumed_at}"
+    );
+    assert_eq!(frames[1], FRAMES as u64 - resumed_at, "{frames:?}");
+}
+
 #[test]
 fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
     let dir = tempfile::tempdir().unwrap();
@@ -340,7 +407,9 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
     let door = nats_door(&dir.path().join("door"), &url, &[]);
     let p = door.port;
     let body = r#"{"lossless": true, "result_points": 0, "record": false}"#;
-    let ids = [create(p, body), create(p, body)];
+    // The first session (the one whose worker is killed) records.
+    let recorded = r#"{"lossless": true, "result_points": 0}"#;
+    let ids = [create(p, recorded), create(p, body)];
     let frame = |i: usize| std::fs::read(seq.join(format!("rgb/{i:06}.png"))).unwrap();
     let push_all = |range: std::ops::Range<usize>| {
         for i in range {
@@ -391,12 +460,21 @@ fn a_killed_worker_s_sessions_finish_on_the_other_worker() {
         "resumed from a snapshot: {resumed_at:?}"
     );
     push_all(45..FRAMES);
+    let mut summaries = Vec::new();
     for id in &ids {
         let (st, body) = http(p, "DELETE", &format!("/sessions/{id}"), Some(TOKEN), b"");
         assert_eq!(st, 200, "{}", String::from_utf8_lossy(&body));
-        let summary = &json(&body)["summary"];
+        let summary = json(&body)["summary"].clone();
         assert!(summary["error"].is_null(), "{summary}");
+        summaries.push(summary);
     }
+    check_recording_parts(
+        &dir.path().join("parts"),
+        p,
+        &ids[0],
+        &summaries[0],
+        resumed_at.unwrap_or(0),
+    );
     for id in &ids {
         let results = all_results(p, id);
         let finals: Vec<&serde_json::Value> =

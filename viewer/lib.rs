@@ -45,6 +45,42 @@ pub mod paths {
 pub const TIMELINE_FRAME: &str = "frame";
 pub const TIMELINE_TIME: &str = "time";
 
+/// How long the start of `bytes`, a piece of an .rrd file from `at_start` on, is when cut at
+/// the end of its last whole message: where a recording still being written may be cut and
+/// stored, the rest to follow. `.rrd` framing (rerun's re_log_encoding, stable since 0.23): a
+/// 12-byte stream header (`RRF2`, version, options), then messages, each a 16-byte header
+/// (kind, payload length; u64 little-endian) and its payload. The stream footer after the end
+/// message is not a message and is not counted (the recording reads without it).
+pub fn rrd_whole_len(bytes: &[u8], at_start: u64) -> usize {
+    const STREAM_HEADER: usize = 12;
+    const MESSAGE_HEADER: usize = 16;
+    // Kinds: end, store info, arrow data, blueprint activation.
+    const KINDS: u64 = 4;
+    let mut at = 0;
+    if at_start == 0 {
+        if bytes.len() < STREAM_HEADER || &bytes[..4] != b"RRF2" {
+            return 0;
+        }
+        at = STREAM_HEADER;
+    }
+    while let Some(header) = bytes.get(at..at + MESSAGE_HEADER) {
+        let word = |i: usize| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&header[i..i + 8]);
+            u64::from_le_bytes(w)
+        };
+        let (kind, len) = (word(0), word(8));
+        let end = usize::try_from(len)
+            .ok()
+            .and_then(|l| (at + MESSAGE_HEADER).checked_add(l));
+        match end {
+            Some(end) if kind < KINDS && end <= bytes.len() => at = end,
+            _ => break,
+        }
+    }
+    at
+}
+
 /// Where the recording goes (rerun's standard flags).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RerunTarget {
@@ -62,6 +98,9 @@ pub struct RerunTarget {
     /// `--map-points N`: most points of the logged map (evenly decimated) [default:
     /// [`MAP_POINTS`]].
     pub map_points: Option<usize>,
+    /// The recording's id (rerun's default: a new one each run). Recordings with one id are
+    /// one recording in the viewer: the service gives a session's parts its id.
+    pub recording_id: Option<String>,
 }
 
 /// Frames between two logs of the fused map.
@@ -182,8 +221,56 @@ pub fn web_viewer_file(name: &str) -> Option<(&'static str, &'static [u8])> {
 
 #[cfg(test)]
 mod tests {
-    use super::ViewImages;
+    use super::{rrd_whole_len, ViewImages};
     use streamrecon_flow::FlowField;
+
+    #[test]
+    fn a_recording_is_cut_after_its_last_whole_message() {
+        let message = |kind: u64, payload: &[u8]| {
+            let mut m = kind.to_le_bytes().to_vec();
+            m.extend_from_slice(&(payload.len() as u64).to_le_bytes());
+            m.extend_from_slice(payload);
+            m
+        };
+        let mut rrd = b"RRF2\0\x24\0\0\x01\x02\0\0".to_vec();
+        let first = message(1, b"store info");
+        let second = message(2, &[7; 100]);
+        rrd.extend_from_slice(&first);
+        rrd.extend_from_slice(&second);
+        let whole = rrd.len();
+        rrd.extend_from_slice(&message(2, &[9; 50])[..30]);
+        assert_eq!(rrd_whole_len(&rrd, 0), whole);
+        // Every cut of the file ends at a message boundary at or before it.
+        let boundaries = [12, 12 + first.len(), whole];
+        for n in 0..rrd.len() {
+            let got = rrd_whole_len(&rrd[..n], 0);
+            let expect = boundaries
+                .iter()
+                .rev()
+                .find(|&&b| b <= n)
+                .copied()
+                .unwrap_or(0);
+            assert_eq!(got, expect, "cut at {n}");
+        }
+        // A piece from a message's start on; a stream footer after the end message is left.
+        let piece = &rrd[12 + first.len()..];
+        assert_eq!(rrd_whole_len(piece, 12), second.len());
+        let mut ended = message(0, b"footer");
+        let end_len = ended.len();
+        // The stream footer: where the footer message is (offset, length, checksum), then
+        // `RRF2FOOT` and the number of footers.
+        ended.extend_from_slice(&1_000u64.to_le_bytes());
+        ended.extend_from_slice(&6u64.to_le_bytes());
+        ended.extend_from_slice(&[0; 4]);
+        ended.extend_from_slice(b"RRF2FOOT\x01\0\0\0");
+        assert_eq!(rrd_whole_len(&ended, 100), end_len);
+        // Not a recording, or a length past any file.
+        assert_eq!(rrd_whole_len(b"not an rrd file at all", 0), 0);
+        assert_eq!(rrd_whole_len(&message(2, b"x")[..16], 1), 0);
+        let mut huge = 2u64.to_le_bytes().to_vec();
+        huge.extend_from_slice(&u64::MAX.to_le_bytes());
+        assert_eq!(rrd_whole_len(&huge, 1), 0);
+    }
 
     #[test]
     fn viewer_images_are_jpeg_in_rgb_order() {

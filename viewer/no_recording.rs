@@ -55,6 +55,12 @@ impl Viewer {
 
     /// # Errors
     /// Never.
+    pub fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    /// # Errors
+    /// Never.
     pub fn finish(&mut self) -> Result<()> {
         Ok(())
     }

@@ -21,7 +21,10 @@ pub fn open(target: &RerunTarget, application: &'static str) -> Result<Option<Vi
     if !target.is_enabled() {
         return Ok(None);
     }
-    let builder = rerun::RecordingStreamBuilder::new(application);
+    let mut builder = rerun::RecordingStreamBuilder::new(application);
+    if let Some(id) = &target.recording_id {
+        builder = builder.recording_id(id.as_str());
+    }
     let rec = if let (Some(path), Some(url)) = (&target.save, &target.connect) {
         // Both: the recording is kept on disk and shown live.
         let file = rerun::sink::FileSink::new(path).map_err(|e| {
@@ -298,6 +301,14 @@ impl Viewer {
         self.rec
             .log(path, &rerun::Scalars::new([value]))
             .map_err(rr)
+    }
+
+    /// Writes what was logged so far to the sink, waiting until it is written.
+    ///
+    /// # Errors
+    /// The sink cannot be flushed.
+    pub fn flush(&self) -> Result<()> {
+        self.rec.flush_blocking().map_err(rr)
     }
 
     /// Logs the final trajectory and flushes everything to the sink.

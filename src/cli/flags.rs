@@ -46,6 +46,7 @@ impl RerunFlags {
             serve: self.serve.clone(),
             map_every: Some(self.map_every),
             map_points: Some(self.map_points),
+            recording_id: None,
         }
     }
 }

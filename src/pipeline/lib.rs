@@ -304,6 +304,10 @@ pub fn run_with(
         let map = map_every
             .filter(|(every, _)| (tally.processed() + 1).is_multiple_of(*every))
             .map(|(_, max)| fusion.sample(max));
+        // Before the file sink puts the snapshot in place, in this frame's call.
+        let snapshot_due = cloud_saver
+            .as_mut()
+            .is_some_and(|c| c.save_if_due(&fusion, r.frame.source_index + 1));
         let out = FrameOutput {
             frame: &r.frame,
             geometry: g,
@@ -317,13 +321,10 @@ pub fn run_with(
             geometry_ms: r.clock.geometry_ms,
             fusion_ms,
             waits: r.clock.waits,
+            snapshot_due,
         };
         // Counted before the sinks, so the results carry counts that include their frame.
         RunCounters::add(&counters.processed);
-        if let Some(c) = &mut cloud_saver {
-            // Before the file sink puts the snapshot in place, in this frame's call.
-            c.save_if_due(&fusion, r.frame.source_index + 1);
-        }
         let failed_before = sink_error.is_some();
         for s in &mut sinks {
             s.call(&mut sink_error, |sink| sink.frame(&out));

@@ -76,8 +76,12 @@ impl CloudSaver {
     }
 
     /// Saves the cloud if the file sink is about to put the pending snapshot in place (the frames
-    /// before `handled_next` in the outputs: [`PendingSnapshot::is_due`]).
-    pub(crate) fn save_if_due(&mut self, fusion: &crate::fusion::Fusion, handled_next: u64) {
+    /// before `handled_next` in the outputs: [`PendingSnapshot::is_due`]); returns whether it is.
+    pub(crate) fn save_if_due(
+        &mut self,
+        fusion: &crate::fusion::Fusion,
+        handled_next: u64,
+    ) -> bool {
         let due = self
             .slot
             .lock()
@@ -88,11 +92,12 @@ impl CloudSaver {
                     .map(|p| p.next)
             })
             .filter(|&next| Some(next) != self.saved_for);
-        let Some(next) = due else { return };
+        let Some(next) = due else { return false };
         match streamrecon_core::io_util::write_bytes_atomic(&self.path, &fusion.to_bytes(next)) {
             Ok(()) => self.saved_for = Some(next),
             Err(e) => log::error!("the cloud at source frame {next} not saved: {e}"),
         }
+        true
     }
 }
 

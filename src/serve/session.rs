@@ -298,6 +298,8 @@ pub(super) fn start_session(
             RerunTarget {
                 save: recording.clone(),
                 connect: state.config.connect.clone(),
+                // A resumed session's parts are one recording in the viewer.
+                recording_id: Some(id.to_string()),
                 ..RerunTarget::default()
             }
         },

@@ -220,3 +220,38 @@ pub fn assert_short_streams(engine: &mut dyn streamrecon::flow::FlowEngine, w: u
         .collect();
     assert_eq!(last, vec![(0, 1)]);
 }
+
+/// The rerun CLI (`STREAMRECON_RERUN_BIN`, or `rerun` on PATH), for reading recordings back;
+/// `None` when there is none and the test command did not ask for it.
+pub fn rerun_cli() -> Option<std::path::PathBuf> {
+    if let Ok(p) = std::env::var("STREAMRECON_RERUN_BIN") {
+        return Some(p.into());
+    }
+    let found = std::process::Command::new("rerun")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if found {
+        return Some("rerun".into());
+    }
+    assert!(
+        std::env::var("STREAMRECON_REQUIRE_RERUN_CLI").is_err(),
+        "rerun CLI required but not found (scripts/test installs rerun-sdk==0.36.3)"
+    );
+    None
+}
+
+/// What `rerun rrd print --verbose` says of a recording (stdout and stderr).
+pub fn rrd_print(rerun: &Path, rrd: &Path) -> String {
+    let p = std::process::Command::new(rerun)
+        .args(["rrd", "print", "--verbose"])
+        .arg(rrd)
+        .output()
+        .unwrap();
+    assert!(
+        p.status.success(),
+        "rerun rrd print failed: {}",
+        String::from_utf8_lossy(&p.stderr)
+    );
+    String::from_utf8_lossy(&p.stdout).to_string() + &String::from_utf8_lossy(&p.stderr)
+}

@@ -43,6 +43,9 @@ pub struct FrameOutput<'a> {
     pub fusion_ms: f64,
     /// Milliseconds the frame waited before each stage and inside the engines.
     pub waits: Waits,
+    /// The file sink puts a snapshot in place in this frame's turn (sinks before it have
+    /// what they wrote on disk first, so it goes with the snapshot).
+    pub snapshot_due: bool,
 }
 
 /// Where a frame waited on its way through the pipeline, milliseconds. With the stages' own

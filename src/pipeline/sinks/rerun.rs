@@ -130,6 +130,11 @@ impl Sink for RerunSink {
             v.log_map(&m.points, &m.colors, None)?;
         }
         self.log_scalars(out);
+        if out.snapshot_due {
+            // The recording up to the snapshot is on disk when the snapshot is: a NATS worker
+            // stores both, and a resumed session's recording goes on from there.
+            self.viewer.flush()?;
+        }
         Ok(())
     }
 

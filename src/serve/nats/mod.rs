@@ -133,6 +133,19 @@ struct SnapshotMeta {
     /// The fused cloud saved with the snapshot, if the pipeline saved one.
     #[serde(default)]
     cloud: Option<String>,
+    /// The session's recording as far as the snapshot: one part per worker that ran it, in
+    /// order (stored in pieces, joined when the session closes).
+    #[serde(default)]
+    recordings: Vec<RecordingPart>,
+}
+
+/// One worker's part of a session's rerun recording, in the snapshot store as it was written.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+struct RecordingPart {
+    /// Its file among the session's outputs (`recording.rrd`, `recording-1.rrd`, …).
+    name: String,
+    /// Its pieces' object names, in order: the file is their concatenation.
+    pieces: Vec<String>,
 }
 
 impl SnapshotMeta {
@@ -144,6 +157,7 @@ impl SnapshotMeta {
             snapshot: format!("{id}/snapshot-{next}.safetensors"),
             checkpoint: format!("{id}/checkpoint-{next}.json"),
             cloud: cloud.then(|| format!("{id}/cloud-{next}.bin")),
+            recordings: Vec::new(),
         }
     }
 

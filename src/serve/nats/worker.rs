@@ -19,8 +19,8 @@ use streamrecon_pipeline as pipeline;
 
 use super::{
     frames_subject, live_entry, nats_error, read_object, results_subject, sorted_keys, unix_now,
-    write_object, Broker, Lease, NatsConfig, SessionRecord, SessionState, SnapshotMeta, WorkerLoad,
-    END_HEADER,
+    write_object, Broker, Lease, NatsConfig, RecordingPart, SessionRecord, SessionState,
+    SnapshotMeta, WorkerLoad, END_HEADER,
 };
 use crate::{
     close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
@@ -287,6 +287,7 @@ impl Claims<'_> {
             worker: self.config.name.clone(),
             http: self.http.clone(),
             revision,
+            claimed_at: revision,
             lease_ttl: self.config.nats.lease_ttl,
             stopping: self.stopping.clone(),
             lost: Arc::new(AtomicBool::new(false)),
@@ -359,6 +360,8 @@ struct Held {
     http: Option<String>,
     /// The lease's revision: renewing with it fails once another worker has taken the lease.
     revision: u64,
+    /// The revision this worker claimed the lease at: it names this worker's recording pieces.
+    claimed_at: u64,
     lease_ttl: Duration,
     /// The worker is shutting down: hand the session back.
     stopping: Arc<AtomicBool>,
@@ -366,6 +369,35 @@ struct Held {
     lost: Arc<AtomicBool>,
     /// (frame number, frames-stream sequence) of the frames given to the pipeline.
     seqs: Arc<Mutex<VecDeque<(u64, u64)>>>,
+}
+
+/// A snapshot store in flight: its outcome and the recording's shipper it took.
+type Storing = tokio::task::JoinHandle<(Result<Option<u64>>, Option<Shipper>)>;
+
+/// How a recording piece's object name starts (after the session id), followed by the
+/// claim revision of the worker that wrote it and the piece's number.
+const RECORDING_PIECE: &str = "recording-piece-";
+
+/// This worker's part of a session's rerun recording, stored in pieces with each snapshot, so
+/// that a worker that dies leaves what it recorded up to its last snapshot.
+struct Shipper {
+    /// The file the pipeline writes.
+    file: PathBuf,
+    /// The earlier workers' parts, then this worker's.
+    parts: Vec<RecordingPart>,
+    /// Bytes of the file stored.
+    shipped: u64,
+}
+
+impl Shipper {
+    /// The parts that have pieces.
+    fn shipped_parts(&self) -> Vec<RecordingPart> {
+        self.parts
+            .iter()
+            .filter(|p| !p.pieces.is_empty())
+            .cloned()
+            .collect()
+    }
 }
 
 /// A result as published: the worker that made it beside the result's own fields.
@@ -429,6 +461,13 @@ impl Held {
             }
             None => (None, None, 0),
         };
+        // The earlier workers' recording parts hold their names in the folder (filled in at
+        // close), so this worker's recording is the next part.
+        let earlier = meta.map(|m| m.recordings).unwrap_or_default();
+        for part in &earlier {
+            let path = dir.join(&part.name);
+            std::fs::write(&path, b"").map_err(|e| Error::io(&path, e))?;
+        }
         let started = {
             let (state, id, dir, req) = (
                 self.state.clone(),
@@ -449,12 +488,28 @@ impl Held {
             return Err(Error::Invalid(format!("does not start: {}", e.1)));
         }
         let session = self.state.session(id).map_err(|e| Error::Invalid(e.1))?;
+        let recording = session.recording.clone().map(|file| {
+            let mut parts = earlier.clone();
+            parts.push(RecordingPart {
+                name: file
+                    .file_name()
+                    .map_or_else(String::new, |n| n.to_string_lossy().to_string()),
+                pieces: Vec::new(),
+            });
+            Shipper {
+                file,
+                parts,
+                shipped: 0,
+            }
+        });
         let done = Arc::new(AtomicBool::new(false));
-        let keeper =
-            tokio::spawn(
-                self.clone()
-                    .keep(session.clone(), dir.clone(), resumed_at, done.clone()),
-            );
+        let keeper = tokio::spawn(self.clone().keep(
+            session.clone(),
+            dir.clone(),
+            resumed_at,
+            recording,
+            done.clone(),
+        ));
         let ending = self
             .feed(&session, resumed_at.unwrap_or(0), after_seq)
             .await;
@@ -480,7 +535,13 @@ impl Held {
                 Ok(())
             }
             Ending::Closed => {
-                self.upload_outputs(&dir).await;
+                self.join_parts(&dir, &earlier).await;
+                let mut summary = summary;
+                let recordings = self.upload_outputs(&dir).await;
+                if !recordings.is_empty() {
+                    // One part per worker that ran the session, in order.
+                    summary["recordings"] = json!(recordings);
+                }
                 self.set_closed(Some(summary)).await?;
                 // Nothing is replayed any more.
                 let _ = self.broker.frames.purge().filter(frames_subject(id)).await;
@@ -574,6 +635,7 @@ impl Held {
         s: Arc<Session>,
         dir: PathBuf,
         resumed_at: Option<u64>,
+        mut recording: Option<Shipper>,
         done: Arc<AtomicBool>,
     ) {
         let mut published = 0u64;
@@ -583,6 +645,9 @@ impl Held {
             .unwrap_or_else(Instant::now);
         let mut stored_next = resumed_at;
         let mut snapshot_seen = None;
+        // A snapshot being stored, beside this loop: results and lease renewals go on meanwhile
+        // (a recording's piece can take seconds to store).
+        let mut storing: Option<(Storing, Option<std::time::SystemTime>)> = None;
         let mut newest = s.newest.subscribe();
         loop {
             let last = done.load(Ordering::SeqCst);
@@ -590,6 +655,9 @@ impl Held {
                 if !self.renew(&s, resumed_at).await {
                     self.lost.store(true, Ordering::SeqCst);
                     log::error!("session {}: lease lost", self.id);
+                    if let Some((h, _)) = storing {
+                        h.abort();
+                    }
                     return;
                 }
                 renewed = Instant::now();
@@ -597,22 +665,48 @@ impl Held {
             // Seen before the ring is read: a result put in after it ends the wait below.
             newest.borrow_and_update();
             published = self.publish_results(&s, published).await;
-            let modified = std::fs::metadata(dir.join(pipeline::SNAPSHOT_FILE))
-                .and_then(|m| m.modified())
-                .ok();
-            if modified.is_some() && modified != snapshot_seen {
-                match self.store_snapshot(&dir, stored_next).await {
-                    Ok(next) => {
+            // At the last turn the store in flight is waited for, then the final one.
+            for turn in 0..if last { 2 } else { 1 } {
+                if let Some((h, seen)) = storing.take_if(|(h, _)| h.is_finished() || last) {
+                    if let Some(next) = self.stored(h, &mut recording).await {
                         stored_next = next;
-                        snapshot_seen = modified;
+                        snapshot_seen = seen;
                     }
-                    Err(e) => log::warn!("session {}: snapshot not stored: {e}", self.id),
+                }
+                let modified = std::fs::metadata(dir.join(pipeline::SNAPSHOT_FILE))
+                    .and_then(|m| m.modified())
+                    .ok();
+                if turn == 0 && storing.is_none() && modified.is_some() && modified != snapshot_seen
+                {
+                    let (held, dir, mut rec) = (self.clone(), dir.clone(), recording.take());
+                    let h = tokio::spawn(async move {
+                        let r = held.store_snapshot(&dir, stored_next, rec.as_mut()).await;
+                        (r, rec)
+                    });
+                    storing = Some((h, modified));
                 }
             }
             if last {
                 return;
             }
             let _ = tokio::time::timeout(KEEP_EVERY, newest.changed()).await;
+        }
+    }
+
+    /// The end of a snapshot store [`Held::keep`] started: the recording's shipper back, and
+    /// the frame the stored snapshot continues at (`None`: not stored, said in the log).
+    async fn stored(&self, h: Storing, recording: &mut Option<Shipper>) -> Option<Option<u64>> {
+        match h.await {
+            Ok((result, rec)) => {
+                *recording = rec;
+                result
+                    .map_err(|e| log::warn!("session {}: snapshot not stored: {e}", self.id))
+                    .ok()
+            }
+            Err(e) => {
+                log::error!("session {}: snapshot store failed: {e}", self.id);
+                None
+            }
         }
     }
 
@@ -698,9 +792,15 @@ impl Held {
     }
 
     /// Stores the snapshot in the session's folder (and the checkpoint beside it) under names
-    /// of their own, then the metadata naming them, then removes the previous ones; returns
-    /// the frame the stored snapshot continues at.
-    async fn store_snapshot(&self, dir: &Path, stored_next: Option<u64>) -> Result<Option<u64>> {
+    /// of their own, and the recording written since the last one, then the metadata naming
+    /// them, then removes the previous snapshot; returns the frame the stored snapshot
+    /// continues at.
+    async fn store_snapshot(
+        &self,
+        dir: &Path,
+        stored_next: Option<u64>,
+        recording: Option<&mut Shipper>,
+    ) -> Result<Option<u64>> {
         let id = &self.id;
         // Read once: the pipeline puts a newer snapshot in place by renaming, which leaves the
         // file opened here whole.
@@ -730,7 +830,16 @@ impl Held {
         let cloud = std::fs::read(dir.join(pipeline::CLOUD_FILE))
             .ok()
             .filter(|b| streamrecon_pipeline::fusion::Fusion::saved_at(b) == Some(next));
-        let meta = SnapshotMeta::at(id, next, after_seq, cloud.is_some());
+        let mut meta = SnapshotMeta::at(id, next, after_seq, cloud.is_some());
+        if let Some(r) = recording {
+            // The recording was flushed before the snapshot was put in place: it holds every
+            // frame before `next`. One that cannot be stored now does not hold the snapshot
+            // back; what was not stored goes with the next one.
+            if let Err(e) = self.ship(r).await {
+                log::warn!("session {id}: recording not stored with the snapshot: {e}");
+            }
+            meta.recordings = r.shipped_parts();
+        }
         let store = &self.broker.snapshots;
         write_object(store, &meta.snapshot, &bytes).await?;
         write_object(store, &meta.checkpoint, &checkpoint).await?;
@@ -756,36 +865,118 @@ impl Held {
         Ok(Some(next))
     }
 
-    /// Deletes the session's stored snapshot: the files its metadata names, then the metadata.
+    /// Stores what the pipeline wrote of this worker's recording since the last piece, up to
+    /// its last whole message, as the part's next piece.
+    async fn ship(&self, r: &mut Shipper) -> Result<()> {
+        use std::io::{Read, Seek};
+        let mut bytes = Vec::new();
+        std::fs::File::open(&r.file)
+            .and_then(|mut f| {
+                f.seek(std::io::SeekFrom::Start(r.shipped))?;
+                f.read_to_end(&mut bytes)
+            })
+            .map_err(|e| Error::io(&r.file, e))?;
+        let whole = streamrecon_viewer::rrd_whole_len(&bytes, r.shipped);
+        let Some(part) = r.parts.last_mut().filter(|_| whole > 0) else {
+            return Ok(());
+        };
+        let name = format!(
+            "{}/{RECORDING_PIECE}{}-{}",
+            self.id,
+            self.claimed_at,
+            part.pieces.len()
+        );
+        write_object(&self.broker.snapshots, &name, &bytes[..whole]).await?;
+        part.pieces.push(name);
+        r.shipped += whole as u64;
+        Ok(())
+    }
+
+    /// Writes the earlier workers' recording parts into the folder from their pieces (over
+    /// their placeholders), for [`Held::upload_outputs`]. A part that cannot be read whole is
+    /// left out (logged) rather than stored cut.
+    async fn join_parts(&self, dir: &Path, parts: &[RecordingPart]) {
+        for part in parts {
+            let path = dir.join(&part.name);
+            let mut joined = Vec::new();
+            let mut missing = None;
+            for piece in &part.pieces {
+                match read_object(&self.broker.snapshots, piece).await {
+                    Ok(b) => joined.extend_from_slice(&b),
+                    Err(e) => {
+                        missing = Some(e);
+                        break;
+                    }
+                }
+            }
+            let written = match missing {
+                None => std::fs::write(&path, &joined).map_err(|e| Error::io(&path, e)),
+                Some(e) => Err(e),
+            };
+            if let Err(e) = written {
+                log::error!("session {}: {} left out: {e}", self.id, part.name);
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
+
+    /// Deletes the session's stored snapshot: the files its metadata names, the metadata, and
+    /// every piece of its recording (with any a worker stored before dying unrecorded).
     async fn delete_snapshot(&self) {
         let store = &self.broker.snapshots;
         if let Ok(Some(m)) = SnapshotMeta::stored(store, &self.id).await {
             m.delete_objects(store).await;
         }
         let _ = store.delete(SnapshotMeta::name(&self.id)).await;
+        let prefix = format!("{}/{RECORDING_PIECE}", self.id);
+        if let Ok(mut list) = store.list().await {
+            let mut pieces = Vec::new();
+            while let Some(Ok(info)) = list.next().await {
+                if info.name.starts_with(&prefix) && !info.deleted {
+                    pieces.push(info.name);
+                }
+            }
+            for name in pieces {
+                let _ = store.delete(&name).await;
+            }
+        }
     }
 
-    /// The session's files into the outputs store (`<id>/<name>`).
-    async fn upload_outputs(&self, dir: &Path) {
+    /// The session's files into the outputs store (`<id>/<name>`); returns the recording's
+    /// parts stored, in order.
+    async fn upload_outputs(&self, dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = DOWNLOADS.iter().map(|n| (*n).to_string()).collect();
         // A resumed session's recording continues in recording-N.rrd.
-        if let Ok(entries) = std::fs::read_dir(dir) {
-            names.extend(
+        let mut parts: Vec<(u32, String)> = std::fs::read_dir(dir)
+            .map(|entries| {
                 entries
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().to_string())
-                    .filter(|n| is_recording_part(n)),
-            );
-        }
+                    .filter(|n| is_recording_part(n))
+                    .map(|n| {
+                        let k = n.trim_start_matches("recording-").trim_end_matches(".rrd");
+                        (k.parse().unwrap_or(u32::MAX), n)
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        parts.sort();
+        names.extend(parts.into_iter().map(|(_, n)| n));
+        let mut recordings = Vec::new();
         for name in names {
             let Ok(bytes) = std::fs::read(dir.join(&name)) else {
                 continue;
             };
             let key = format!("{}/{name}", self.id);
-            if let Err(e) = write_object(&self.broker.outputs, &key, &bytes).await {
-                log::error!("session {}: {name} not stored: {e}", self.id);
+            match write_object(&self.broker.outputs, &key, &bytes).await {
+                Ok(()) if name == "recording.rrd" || is_recording_part(&name) => {
+                    recordings.push(name);
+                }
+                Ok(()) => {}
+                Err(e) => log::error!("session {}: {name} not stored: {e}", self.id),
             }
         }
+        recordings
     }
 
     /// Marks the session closed in its record, with its summary.
