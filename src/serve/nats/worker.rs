@@ -375,7 +375,9 @@ struct Held {
 type Storing = tokio::task::JoinHandle<(Result<Option<u64>>, Option<Shipper>)>;
 
 /// How a recording piece's object name starts (after the session id), followed by the
-/// claim revision of the worker that wrote it and the piece's number.
+/// claim revision of the worker that wrote it and the piece's number. (A piece stored by a
+/// worker that died before the metadata naming it was written stays in the store: listing
+/// the store to find such pieces hung at times, async-nats 0.52 with nats-server 2.9.)
 const RECORDING_PIECE: &str = "recording-piece-";
 
 /// This worker's part of a session's rerun recording, stored in pieces with each snapshot, so
@@ -523,7 +525,9 @@ impl Held {
         };
         done.store(true, Ordering::SeqCst);
         session.newest.send_modify(|_| {});
+        log::debug!("session {id}: pipeline closed");
         let _ = keeper.await;
+        log::debug!("session {id}: last results and snapshot stored");
         if self.lost.load(Ordering::SeqCst) {
             return Err(Error::Invalid(
                 "lease lost to another worker: stopped without publishing".into(),
@@ -538,13 +542,16 @@ impl Held {
                 self.join_parts(&dir, &earlier).await;
                 let mut summary = summary;
                 let recordings = self.upload_outputs(&dir).await;
+                log::debug!("session {id}: outputs stored");
                 if !recordings.is_empty() {
                     // One part per worker that ran the session, in order.
                     summary["recordings"] = json!(recordings);
                 }
                 self.set_closed(Some(summary)).await?;
+                log::debug!("session {id}: record closed");
                 // Nothing is replayed any more.
                 let _ = self.broker.frames.purge().filter(frames_subject(id)).await;
+                log::debug!("session {id}: frames purged");
                 self.delete_snapshot().await;
                 log::info!("session {id}: closed");
                 Ok(())
@@ -886,7 +893,9 @@ impl Held {
             self.claimed_at,
             part.pieces.len()
         );
+        log::debug!("{name}: {whole} bytes");
         write_object(&self.broker.snapshots, &name, &bytes[..whole]).await?;
+        log::debug!("{name} stored");
         part.pieces.push(name);
         r.shipped += whole as u64;
         Ok(())
@@ -920,26 +929,17 @@ impl Held {
         }
     }
 
-    /// Deletes the session's stored snapshot: the files its metadata names, the metadata, and
-    /// every piece of its recording (with any a worker stored before dying unrecorded).
+    /// Deletes the session's stored snapshot: the files its metadata names (the recording's
+    /// pieces among them), then the metadata.
     async fn delete_snapshot(&self) {
         let store = &self.broker.snapshots;
         if let Ok(Some(m)) = SnapshotMeta::stored(store, &self.id).await {
             m.delete_objects(store).await;
+            for piece in m.recordings.iter().flat_map(|p| &p.pieces) {
+                let _ = store.delete(piece).await;
+            }
         }
         let _ = store.delete(SnapshotMeta::name(&self.id)).await;
-        let prefix = format!("{}/{RECORDING_PIECE}", self.id);
-        if let Ok(mut list) = store.list().await {
-            let mut pieces = Vec::new();
-            while let Some(Ok(info)) = list.next().await {
-                if info.name.starts_with(&prefix) && !info.deleted {
-                    pieces.push(info.name);
-                }
-            }
-            for name in pieces {
-                let _ = store.delete(&name).await;
-            }
-        }
     }
 
     /// The session's files into the outputs store (`<id>/<name>`); returns the recording's
