@@ -25,8 +25,8 @@ use serde_json::json;
 use streamrecon_core::error::Result;
 
 use super::{
-    frames_subject, read_object, results_subject, sorted_keys, unix_now, Broker, NatsConfig,
-    SessionRecord, SessionState, END_HEADER,
+    frames_subject, results_subject, sorted_keys, unix_now, Broker, NatsConfig, SessionRecord,
+    SessionState, END_HEADER,
 };
 use crate::session::CreateSession;
 use crate::{
@@ -601,7 +601,11 @@ async fn download(
             format!("no file {name}; files: {}", DOWNLOADS.join(", ")),
         ));
     }
-    let bytes = read_object(&door.broker.outputs, &format!("{id}/{name}"))
+    // Passed on as it is read: a long session's recording is gigabytes.
+    let object = door
+        .broker
+        .outputs
+        .get(format!("{id}/{name}"))
         .await
         .map_err(|_| {
             ApiError(
@@ -609,7 +613,8 @@ async fn download(
                 format!("{name} is not written yet (outputs appear when the session closes)"),
             )
         })?;
-    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], bytes).into_response())
+    let body = axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(object));
+    Ok(([(header::CONTENT_TYPE, "application/octet-stream")], body).into_response())
 }
 
 impl CreateSession {

@@ -902,28 +902,32 @@ impl Held {
     }
 
     /// Writes the earlier workers' recording parts into the folder from their pieces (over
-    /// their placeholders), for [`Held::upload_outputs`]. A part that cannot be read whole is
-    /// left out (logged) rather than stored cut.
+    /// their placeholders), for [`Held::upload_outputs`], a piece at a time. A part that cannot
+    /// be read whole is left out (logged) rather than stored cut.
     async fn join_parts(&self, dir: &Path, parts: &[RecordingPart]) {
+        use std::io::Write;
         for part in parts {
             let path = dir.join(&part.name);
-            let mut joined = Vec::new();
-            let mut missing = None;
+            let mut file = match std::fs::File::create(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    log::error!("session {}: {} left out: {e}", self.id, path.display());
+                    continue;
+                }
+            };
+            let mut written = Ok(());
             for piece in &part.pieces {
-                match read_object(&self.broker.snapshots, piece).await {
-                    Ok(b) => joined.extend_from_slice(&b),
-                    Err(e) => {
-                        missing = Some(e);
-                        break;
-                    }
+                written = match read_object(&self.broker.snapshots, piece).await {
+                    Ok(b) => file.write_all(&b).map_err(|e| Error::io(&path, e)),
+                    Err(e) => Err(e),
+                };
+                if written.is_err() {
+                    break;
                 }
             }
-            let written = match missing {
-                None => std::fs::write(&path, &joined).map_err(|e| Error::io(&path, e)),
-                Some(e) => Err(e),
-            };
             if let Err(e) = written {
                 log::error!("session {}: {} left out: {e}", self.id, part.name);
+                drop(file);
                 let _ = std::fs::remove_file(&path);
             }
         }
@@ -964,11 +968,19 @@ impl Held {
         names.extend(parts.into_iter().map(|(_, n)| n));
         let mut recordings = Vec::new();
         for name in names {
-            let Ok(bytes) = std::fs::read(dir.join(&name)) else {
+            // Read as it is stored: a long session's recording is gigabytes.
+            let Ok(mut file) = tokio::fs::File::open(dir.join(&name)).await else {
                 continue;
             };
             let key = format!("{}/{name}", self.id);
-            match write_object(&self.broker.outputs, &key, &bytes).await {
+            let stored = self
+                .broker
+                .outputs
+                .put(key.as_str(), &mut file)
+                .await
+                .map(|_| ())
+                .map_err(|e| nats_error(&format!("object {key}"), e));
+            match stored {
                 Ok(()) if name == "recording.rrd" || is_recording_part(&name) => {
                     recordings.push(name);
                 }
