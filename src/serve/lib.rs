@@ -586,9 +586,15 @@ const DOWNLOADS: [&str; 6] = [
 
 /// `recording-N.rrd`: a resumed session's later recordings.
 fn is_recording_part(name: &str) -> bool {
+    recording_part(name).is_some()
+}
+
+/// N of `recording-N.rrd`.
+fn recording_part(name: &str) -> Option<u32> {
     name.strip_prefix("recording-")
         .and_then(|r| r.strip_suffix(".rrd"))
-        .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|n| n.parse().ok())
 }
 
 async fn download(

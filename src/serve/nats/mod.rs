@@ -180,11 +180,12 @@ impl SnapshotMeta {
             .transpose()
     }
 
-    /// Deletes the objects it names (not the metadata).
+    /// Deletes the objects it names, the recording's pieces among them (not the metadata).
     async fn delete_objects(&self, store: &object_store::ObjectStore) {
         for name in [&self.snapshot, &self.checkpoint]
             .into_iter()
             .chain(&self.cloud)
+            .chain(self.recordings.iter().flat_map(|p| &p.pieces))
         {
             let _ = store.delete(name).await;
         }

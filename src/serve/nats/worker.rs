@@ -23,8 +23,8 @@ use super::{
     SnapshotMeta, WorkerLoad, END_HEADER,
 };
 use crate::{
-    close, frame_headers, ingest, is_recording_part, lock, runtime, start_session, AppState,
-    ServeConfig, Session, DOWNLOADS,
+    close, frame_headers, ingest, is_recording_part, lock, recording_part, runtime, start_session,
+    AppState, ServeConfig, Session, DOWNLOADS,
 };
 
 /// How often a worker looks for sessions to claim.
@@ -875,14 +875,14 @@ impl Held {
     /// Stores what the pipeline wrote of this worker's recording since the last piece, up to
     /// its last whole message, as the part's next piece.
     async fn ship(&self, r: &mut Shipper) -> Result<()> {
-        use std::io::{Read, Seek};
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
         let mut bytes = Vec::new();
-        std::fs::File::open(&r.file)
-            .and_then(|mut f| {
-                f.seek(std::io::SeekFrom::Start(r.shipped))?;
-                f.read_to_end(&mut bytes)
-            })
-            .map_err(|e| Error::io(&r.file, e))?;
+        let read = async {
+            let mut f = tokio::fs::File::open(&r.file).await?;
+            f.seek(std::io::SeekFrom::Start(r.shipped)).await?;
+            f.read_to_end(&mut bytes).await
+        };
+        read.await.map_err(|e| Error::io(&r.file, e))?;
         let whole = streamrecon_viewer::rrd_whole_len(&bytes, r.shipped);
         let Some(part) = r.parts.last_mut().filter(|_| whole > 0) else {
             return Ok(());
@@ -905,10 +905,10 @@ impl Held {
     /// their placeholders), for [`Held::upload_outputs`], a piece at a time. A part that cannot
     /// be read whole is left out (logged) rather than stored cut.
     async fn join_parts(&self, dir: &Path, parts: &[RecordingPart]) {
-        use std::io::Write;
+        use tokio::io::AsyncWriteExt;
         for part in parts {
             let path = dir.join(&part.name);
-            let mut file = match std::fs::File::create(&path) {
+            let mut file = match tokio::fs::File::create(&path).await {
                 Ok(f) => f,
                 Err(e) => {
                     log::error!("session {}: {} left out: {e}", self.id, path.display());
@@ -918,17 +918,21 @@ impl Held {
             let mut written = Ok(());
             for piece in &part.pieces {
                 written = match read_object(&self.broker.snapshots, piece).await {
-                    Ok(b) => file.write_all(&b).map_err(|e| Error::io(&path, e)),
+                    Ok(b) => file.write_all(&b).await.map_err(|e| Error::io(&path, e)),
                     Err(e) => Err(e),
                 };
                 if written.is_err() {
                     break;
                 }
             }
+            // tokio's file finishes its last write in the background unless flushed.
+            if written.is_ok() {
+                written = file.flush().await.map_err(|e| Error::io(&path, e));
+            }
             if let Err(e) = written {
                 log::error!("session {}: {} left out: {e}", self.id, part.name);
                 drop(file);
-                let _ = std::fs::remove_file(&path);
+                let _ = tokio::fs::remove_file(&path).await;
             }
         }
     }
@@ -939,9 +943,6 @@ impl Held {
         let store = &self.broker.snapshots;
         if let Ok(Some(m)) = SnapshotMeta::stored(store, &self.id).await {
             m.delete_objects(store).await;
-            for piece in m.recordings.iter().flat_map(|p| &p.pieces) {
-                let _ = store.delete(piece).await;
-            }
         }
         let _ = store.delete(SnapshotMeta::name(&self.id)).await;
     }
@@ -956,11 +957,7 @@ impl Held {
                 entries
                     .flatten()
                     .map(|e| e.file_name().to_string_lossy().to_string())
-                    .filter(|n| is_recording_part(n))
-                    .map(|n| {
-                        let k = n.trim_start_matches("recording-").trim_end_matches(".rrd");
-                        (k.parse().unwrap_or(u32::MAX), n)
-                    })
+                    .filter_map(|n| Some((recording_part(&n)?, n)))
                     .collect()
             })
             .unwrap_or_default();
