@@ -1,7 +1,8 @@
 //! The `dis` engine against plain two-frame OpenCV DIS on synthetic sequences with exact flow:
 //! EPE and time per pair for each preset, and throughput at 640×480 and 1024×436. Plain DIS
 //! runs each preset as OpenCV defines it, and so does the engine (its finest level is the
-//! preset's); its "no refinement" and "bare" runs check, fuse and fill on DIS's own grid. The engine runs on its default
+//! preset's); its "no refinement" and "bare" runs check, fuse and fill on DIS's own grid; "no spatial
+//! fill" runs show what the edge-aware fill (`spatial.rs`) changes. The engine runs on its default
 //! DIS (ours, `inverse_search.rs`); "on OpenCV's DIS" repeats a run with `--dis-backend opencv`
 //! (whose "bare" run, with none of the multi-frame steps, gives OpenCV's flow bit for bit).
 //!
@@ -201,6 +202,21 @@ fn main() {
                     ..config(preset)
                 },
             );
+            let no_spatial = engine(
+                &seq,
+                DisConfig {
+                    spatial_fill: None,
+                    ..config(preset)
+                },
+            );
+            let no_refine_spatial = engine(
+                &seq,
+                DisConfig {
+                    refine_iterations: 0,
+                    spatial_fill: None,
+                    ..config(preset)
+                },
+            );
             let no_refine = engine(
                 &seq,
                 DisConfig {
@@ -221,6 +237,7 @@ fn main() {
                 DisConfig {
                     refine_iterations: 0,
                     temporal_fill: false,
+                    spatial_fill: None,
                     symmetric_fusion: false,
                     temporal_prior: false,
                     ..config(preset)
@@ -232,6 +249,7 @@ fn main() {
                     backend: DisBackend::Opencv,
                     refine_iterations: 0,
                     temporal_fill: false,
+                    spatial_fill: None,
                     symmetric_fusion: false,
                     temporal_prior: false,
                     ..config(preset)
@@ -241,6 +259,7 @@ fn main() {
                 "{traj:?} 640x480 {preset:?}: plain DIS forward EPE {pe:.3}; {pt2:.1} ms on OpenCV's 2 threads, {pt1:.1} ms on 1; forward+backward on 2 cores {pbt:.1} ms\n  \
                  engine default: EPE {:.3} (noc {:.3}, occluded {:.3}), backward EPE {:.3}, {:.1} ms: EPE ratio {:.3}; time ratio {:.2} vs plain on 2 threads, {:.2} vs 1, {:.2} vs forward+backward\n  \
                  no refinement: EPE {:.3} (ratio {:.3}), backward EPE {:.3}, {:.2} ms: time ratio {:.2} vs plain on 2 threads, {:.2} vs forward+backward | on OpenCV's DIS: EPE {:.3}, {:.2} ms\n  \
+                 no spatial fill: EPE {:.3}, backward EPE {:.3}, {:.1} ms | neither refinement nor spatial fill: EPE {:.3}, backward EPE {:.3}, {:.2} ms\n  \
                  look-ahead: EPE {:.3}, backward EPE {:.3}, {:.1} ms | no temporal fill: EPE {:.3}, {:.1} ms | bare (no prior, fusion, refinement, fill): EPE {:.3}, {:.2} ms; on OpenCV's DIS EPE {:.3}, {:.2} ms",
                 d.epe, d.epe_noc, d.epe_occ, d.bwd_epe, d.ms,
                 d.epe / pe,
@@ -250,6 +269,8 @@ fn main() {
                 no_refine.epe, no_refine.epe / pe, no_refine.bwd_epe, no_refine.ms,
                 no_refine.ms / pt2, no_refine.ms / pbt,
                 no_refine_cv.epe, no_refine_cv.ms,
+                no_spatial.epe, no_spatial.bwd_epe, no_spatial.ms,
+                no_refine_spatial.epe, no_refine_spatial.bwd_epe, no_refine_spatial.ms,
                 ahead.epe, ahead.bwd_epe, ahead.ms,
                 no_fill.epe, no_fill.ms,
                 bare.epe, bare.ms,
@@ -266,11 +287,12 @@ fn main() {
                 DisConfig {
                     refine_iterations: 0,
                     temporal_fill: false,
+                    spatial_fill: None,
                     ..config(preset)
                 },
             );
             println!(
-                "throughput {w}x{h} {preset:?}: {:.1} ms per frame (forward + backward + confidence) = {:.1} frames/s; without refinement and fill {:.1} ms = {:.1} frames/s",
+                "throughput {w}x{h} {preset:?}: {:.1} ms per frame (forward + backward + confidence) = {:.1} frames/s; without refinement and fills {:.1} ms = {:.1} frames/s",
                 d.ms,
                 1e3 / d.ms,
                 bare.ms,

@@ -12,7 +12,8 @@
 //! missing are skipped with a message (`apt install opencv-doc`, `pip install scikit-image`;
 //! `SKIMAGE_DATA` names scikit-image's data folder when `python3` cannot find it).
 //!
-//! `cargo bench --bench flow_real [-- ROUNDS]` (default 3; times are medians over the rounds).
+//! `cargo bench --bench flow_real [-- ROUNDS]` (default 5; times are medians over the rounds, each
+//! round running every method once, back to back).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -231,7 +232,7 @@ fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
-        .unwrap_or(3);
+        .unwrap_or(5);
     let pairs: Vec<Pair> = [motorcycle(), graf(), aloe()]
         .into_iter()
         .flatten()
@@ -239,33 +240,53 @@ fn main() {
     println!(
         "EPE of the forward flow; times: plain DIS forward on OpenCV's 2 threads, plain DIS both \
          directions on a core each (what the engine outputs), the engine (both directions, \
-         confidence); medians of {rounds} rounds"
+         confidence); medians of {rounds} rounds, the time ratios medians of each round's"
     );
     println!("| pair | preset | plain DIS EPE | ms fwd / fwd+bwd | engine EPE | ms | vs plain | `--flow-refine 0` EPE | ms | vs plain |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     for p in &pairs {
         for preset in [DisPreset::Ultrafast, DisPreset::Fast, DisPreset::Medium] {
-            let (pe, pt) = plain(p, preset, rounds);
-            let pbt = plain_both(p, preset, rounds);
             let config = DisConfig {
                 preset,
                 ..DisConfig::default()
             };
-            let (ee, et) = engine(p, &config, rounds);
             let bare = DisConfig {
                 refine_iterations: 0,
-                ..config
+                ..config.clone()
             };
-            let (be, bt) = engine(p, &bare, rounds);
+            // One of each per round, back to back, so that a busy moment of this shared host
+            // weighs on all of them alike; the ratios are medians of each round's.
+            let (mut pt, mut pbt, mut et, mut bt) = (vec![], vec![], vec![], vec![]);
+            let (mut e_ratio, mut b_ratio) = (vec![], vec![]);
+            let (mut pe, mut ee, mut be) = (0.0, 0.0, 0.0);
+            for _ in 0..rounds {
+                let t;
+                (pe, t) = plain(p, preset, 1);
+                pt.push(t);
+                let both = plain_both(p, preset, 1);
+                pbt.push(both);
+                let (e, t) = engine(p, &config, 1);
+                ee = e;
+                et.push(t);
+                e_ratio.push(t / both);
+                let (e, t) = engine(p, &bare, 1);
+                be = e;
+                bt.push(t);
+                b_ratio.push(t / both);
+            }
             println!(
-                "| {} {}x{} | {preset:?} | {pe:.3} | {pt:.1} / {pbt:.1} | {ee:.3} | {et:.1} | {:.2}× EPE, {:.2}× time | {be:.3} | {bt:.1} | {:.2}× EPE, {:.2}× time |",
+                "| {} {}x{} | {preset:?} | {pe:.3} | {:.1} / {:.1} | {ee:.3} | {:.1} | {:.2}× EPE, {:.2}× time | {be:.3} | {:.1} | {:.2}× EPE, {:.2}× time |",
                 p.name,
                 p.a.width(),
                 p.a.height(),
+                median(pt),
+                median(pbt),
+                median(et),
                 ee / pe,
-                et / pbt,
+                median(e_ratio),
+                median(bt),
                 be / pe,
-                bt / pbt
+                median(b_ratio)
             );
         }
     }

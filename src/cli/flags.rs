@@ -128,6 +128,10 @@ pub(super) struct DisFlags {
     /// our synthetic sequences; a second fits image noise.
     #[arg(long, default_value_t = RunOptions::default().flow_refine, value_name = "N")]
     flow_refine: u32,
+    /// Keep each flow's unreliable pixels as DIS gives them (no edge-aware filling from the
+    /// reliable ones around them).
+    #[arg(long)]
+    no_spatial_fill: bool,
     /// Keep the forward flow's inconsistent pixels as DIS gives them (no filling from the
     /// previous pair).
     #[arg(long)]
@@ -136,8 +140,7 @@ pub(super) struct DisFlags {
     /// flow's inconsistent pixels from the next pair (one frame of latency).
     #[arg(long)]
     flow_look_ahead: bool,
-    /// DIS's finest pyramid level, 0 = full resolution [default: the preset's; 2 for `medium`
-    /// with --flow-refine, whose full-resolution step does the last octave].
+    /// DIS's finest pyramid level, 0 = full resolution [default: the preset's].
     #[arg(long, value_name = "LEVEL", value_parser = clap::value_parser!(i32).range(0..=8))]
     dis_finest_scale: Option<i32>,
     /// Which DIS computes the flows: `native` is OpenCV's algorithm with each frame's pyramid,
@@ -274,6 +277,7 @@ impl DisFlags {
         o.temporal_prior = !self.no_temporal_prior;
         o.symmetric_fusion = !self.no_symmetric_fusion;
         o.flow_refine = self.flow_refine;
+        o.spatial_fill = !self.no_spatial_fill;
         o.temporal_fill = !self.no_temporal_fill;
         o.flow_look_ahead = self.flow_look_ahead;
         o.dis_finest_scale = self.dis_finest_scale;

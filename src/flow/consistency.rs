@@ -131,6 +131,17 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> Fb
     FbCheck { conf, occ, fused }
 }
 
+/// The forward–backward disagreement |f + b|² (in the flow's pixels) behind the confidence
+/// `conf` that [`fb_check`] gave the flow (`u`, `v`) on a grid of `grid` frame pixels a side:
+/// its kernel inverted. Infinite where the target left the image (confidence 0).
+pub fn disagreement2(conf: f32, u: f32, v: f32, grid: usize) -> f32 {
+    if conf <= 0.0 {
+        return f32::INFINITY;
+    }
+    let sigma = SIGMA0 / grid.max(1) as f32 + 0.05 * (u * u + v * v).sqrt();
+    2.0 * sigma * sigma * (1.0 / conf - 1.0)
+}
+
 /// Pixels of a parallel job, at least.
 const PAR_MIN_PIXELS: usize = 32 * 1024;
 
@@ -358,6 +369,16 @@ mod tests {
                     }
                 };
                 assert_eq!(got.conf[i].to_bits(), c.to_bits(), "conf at {x},{y}");
+                if let Some((bu, bv)) = bwd.sample(x as f32 + u, y as f32 + v) {
+                    let e2 = (u + bu).powi(2) + (v + bv).powi(2);
+                    let back = disagreement2(c, u, v, grid);
+                    assert!(
+                        (back - e2).abs() <= 1e-3 * (1.0 + e2) || (e2.is_nan() && back.is_nan()),
+                        "disagreement at {x},{y}: {back} vs {e2}"
+                    );
+                } else {
+                    assert!(disagreement2(c, u, v, grid).is_infinite());
+                }
                 assert_eq!(got.occ[i], o, "occlusion at {x},{y}");
                 let (gu, gv) = fused.get(x, y);
                 assert!(

@@ -22,7 +22,10 @@
 //!    pairs the frame is in (every preset keeps its own finest level: `medium` stopped at ¼
 //!    once, which held on synthetic frames and failed on real ones, see [`finest_scale`]);
 //! 2. confidence and occlusion come from forward–backward consistency, and each direction is
-//!    refined by the other where they agree (symmetric fusion);
+//!    refined by the other where they agree (symmetric fusion); pixels where the two disagree
+//!    by more than a pixel are filled from the reliable ones in the same image region, by an
+//!    edge-aware smoothing on DIS's grid (`spatial.rs`; when refining, before step 1's
+//!    upsampling);
 //! 3. the forward flow's inconsistent pixels are filled from the previous pair's backward flow,
 //!    corrected for the change of camera motion (`temporal.rs`). With the one-frame look-ahead,
 //!    the backward flow's are filled likewise from the next pair's forward flow, and each pair
@@ -43,6 +46,7 @@ pub use super::level::grey_mat;
 use super::level::{level_grey, level_grey_from_rgb};
 use super::refine::{FrameTensor, Refiner};
 use super::resize::{resized_flow, upsample_linear};
+use super::spatial::{fill_unreliable, unreliable, SpatialFill};
 use super::temporal::fill_inconsistent;
 use super::{FlowEngine, FlowField, PairFlow};
 use streamrecon_core::error::{Error, Result};
@@ -101,6 +105,10 @@ pub struct DisConfig {
     /// Damping of the refinement where texture is weak (grey levels² per window pixel).
     #[serde(default = "default_refine_lambda")]
     pub refine_lambda: f32,
+    /// Fill each direction's unreliable pixels from the reliable ones in the same image region
+    /// (see `spatial.rs`); `None` = off.
+    #[serde(default = "default_spatial_fill")]
+    pub spatial_fill: Option<SpatialFill>,
     /// Fill the forward flow's inconsistent pixels from the previous pair (see `temporal.rs`).
     #[serde(default = "default_true")]
     pub temporal_fill: bool,
@@ -108,8 +116,7 @@ pub struct DisConfig {
     /// the next pair's forward flow: one frame of latency.
     #[serde(default)]
     pub look_ahead: bool,
-    /// Overrides of OpenCV's preset values (None = the preset's; with refinement on, `medium`'s
-    /// finest scale is 2, see [`finest_scale`]).
+    /// Overrides of OpenCV's preset values (None = the preset's).
     pub finest_scale: Option<i32>,
     pub patch_size: Option<i32>,
     pub patch_stride: Option<i32>,
@@ -131,6 +138,7 @@ impl Default for DisConfig {
             refine_iterations: default_refine_iterations(),
             refine_radius: default_refine_radius(),
             refine_lambda: default_refine_lambda(),
+            spatial_fill: default_spatial_fill(),
             temporal_fill: true,
             look_ahead: false,
             finest_scale: None,
@@ -144,6 +152,11 @@ impl Default for DisConfig {
 
 fn default_true() -> bool {
     true
+}
+
+#[allow(clippy::unnecessary_wraps)] // serde's default of an `Option` field
+fn default_spatial_fill() -> Option<SpatialFill> {
+    Some(SpatialFill::default())
 }
 
 fn default_refine_iterations() -> u32 {
@@ -264,6 +277,14 @@ impl LevelImage {
         match self {
             Self::Opencv(m) => (m.cols() as usize, m.rows() as usize),
             Self::Native(f) => f.size(),
+        }
+    }
+
+    /// The 8-bit grey image at DIS's finest level.
+    fn grey(&self) -> &Mat {
+        match self {
+            Self::Opencv(m) => m,
+            Self::Native(f) => f.grey(),
         }
     }
 }
@@ -509,43 +530,75 @@ impl DisEngine {
         a: (&LevelImage, Option<&FrameTensor>),
         b: (&LevelImage, Option<&FrameTensor>),
         priors: Option<(FlowField, FlowField)>,
-    ) -> Result<(FlowField, FlowField)> {
+    ) -> Result<(Directions, Option<Caps>)> {
         let keep_one = self.caller_keeps_one();
+        let (size, shift) = (self.size.unwrap_or_default(), self.shift);
         let (fwd_dis, bwd_dis) = (&mut self.fwd, &mut self.bwd);
         let (fwd_ref, bwd_ref) = (&mut self.refiners.0, &mut self.refiners.1);
         let (fwd_init, bwd_init) = match priors {
             Some((f, b)) => (Some(f), Some(b)),
             None => (None, None),
         };
-        let (size, shift) = (self.size.unwrap_or_default(), self.shift);
-        let one = |dis: &mut Dis,
-                   refiner: &mut Refiner,
-                   from: (&LevelImage, Option<&FrameTensor>),
-                   to: (&LevelImage, Option<&FrameTensor>),
-                   init: Option<FlowField>|
-         -> Result<FlowField> {
-            let flow = Self::calc(dis, from.0, to.0, init)?;
-            let (Some(s), Some(t)) = (from.1, to.1) else {
-                return Ok(flow);
-            };
-            let full = (size.0 as usize, size.1 as usize);
-            let mut flow = if shift == 0 {
-                flow
-            } else {
-                resized_flow(&flow, full, (1u32 << shift) as f32)?
-            };
-            refiner.refine(s, t, &mut flow);
-            Ok(flow)
-        };
         // The caller takes the backward direction: with the native DIS it also prepares the new
         // frame as a source (patch templates and tensors), the heavier of its two parts, so the
         // helper finishes first and the caller does not wait for it.
         let (bwd, fwd) = both(
             keep_one,
-            || one(bwd_dis, bwd_ref, b, a, bwd_init),
-            || one(fwd_dis, fwd_ref, a, b, fwd_init),
+            || Self::calc(bwd_dis, b.0, a.0, bwd_init),
+            || Self::calc(fwd_dis, a.0, b.0, fwd_init),
         );
-        Ok((fwd?, bwd?))
+        let (fwd, bwd) = (fwd?, bwd?);
+        let (Some(at), Some(bt)) = (a.1, b.1) else {
+            return Ok(((fwd, bwd), None));
+        };
+        // Refining: each direction's unreliable pixels are filled on DIS's grid, where it costs
+        // a sixteenth, before the upsampling; then the refinement at the frame's.
+        let fill = self.config.spatial_fill;
+        let one = |flow: &FlowField,
+                   other: &FlowField,
+                   source: &LevelImage,
+                   refiner: &mut Refiner,
+                   from: &FrameTensor,
+                   to: &FrameTensor|
+         -> Result<(FlowField, Vec<f32>)> {
+            let grid = 1usize << shift;
+            let mut filled = flow.clone();
+            let mut cap = Vec::new();
+            if let Some(f) = &fill {
+                let c = fb_check(flow, other, false, grid);
+                let bad = unreliable(flow, &c.conf, grid, f.max_disagreement);
+                fill_unreliable(&mut filled, &bad, source.grey(), f)?;
+                // A filled pixel's confidence is never more than DIS's own flow there had: the
+                // refinement can make an interpolated flow consistent, not measured.
+                cap = c
+                    .conf
+                    .iter()
+                    .zip(&bad)
+                    .map(|(&c, &b)| if b { c } else { 1.0 })
+                    .collect();
+            }
+            let full = (size.0 as usize, size.1 as usize);
+            let mut flow = if shift == 0 {
+                filled
+            } else {
+                resized_flow(&filled, full, (1u32 << shift) as f32)?
+            };
+            refiner.refine(from, to, &mut flow);
+            Ok((flow, cap))
+        };
+        let (bwd, fwd) = both(
+            keep_one,
+            || one(&bwd, &fwd, b.0, bwd_ref, bt, at),
+            || one(&fwd, &bwd, a.0, fwd_ref, at, bt),
+        );
+        let ((fwd, fwd_cap), (bwd, bwd_cap)) = (fwd?, bwd?);
+        let caps = (!fwd_cap.is_empty()).then(|| Caps {
+            fwd: fwd_cap,
+            bwd: bwd_cap,
+            grid: a.0.size(),
+            shift,
+        });
+        Ok(((fwd, bwd), caps))
     }
 
     /// Whether the calling thread computes one direction itself (see [`both`]): where the work
@@ -576,6 +629,35 @@ impl DisEngine {
         (p.fwd, p.fwd_conf, p.fwd_occ) = (f.flow, f.conf, f.occ);
         (p.bwd, p.bwd_conf, p.bwd_occ) = (b.flow, b.conf, b.occ);
         Ok(p)
+    }
+}
+
+/// A pair's two flows (forward, backward).
+type Directions = (FlowField, FlowField);
+
+/// Upper bounds of the confidence at the pixels the spatial fill replaced before the refinement,
+/// per cell of DIS's grid (1 elsewhere), for both directions.
+struct Caps {
+    fwd: Vec<f32>,
+    bwd: Vec<f32>,
+    /// DIS's grid and its shift from the frame's.
+    grid: (usize, usize),
+    shift: u32,
+}
+
+impl Caps {
+    /// `conf` on the frame's `full` grid bounded by `cap`, each pixel by its cell's.
+    fn apply(&self, cap: &[f32], conf: &mut [f32], (w, h): (usize, usize)) {
+        let (gw, gh) = self.grid;
+        if cap.len() != gw * gh || conf.len() != w * h || gw == 0 || gh == 0 {
+            return;
+        }
+        for (y, row) in conf.chunks_exact_mut(w).enumerate() {
+            let cells = &cap[((y >> self.shift).min(gh - 1)) * gw..][..gw];
+            for (x, c) in row.iter_mut().enumerate() {
+                *c = c.min(cells[(x >> self.shift).min(gw - 1)]);
+            }
+        }
     }
 }
 
@@ -694,7 +776,7 @@ impl FlowEngine for DisEngine {
             });
             return Ok(Vec::new());
         };
-        let (fwd, bwd) = self
+        let ((fwd, bwd), caps) = self
             .pair(
                 (&prev.dis_grey, prev.tensor.as_ref()),
                 (&dis_grey, tensor.as_ref()),
@@ -726,11 +808,21 @@ impl FlowEngine for DisEngine {
         let dis_size = dis_grey.size();
         let down = self.shift - self.work_shift();
         let to_frame = if look_ahead { None } else { self.frame_grid() };
+        // Without the refinement the checks run on DIS's grid, and so does the spatial fill
+        // (with it, the fill ran in `pair`, before the upsampling).
+        let coarse_fill = self.config.spatial_fill.as_ref().filter(|_| !refining);
         let (f, b) = both(
             self.caller_keeps_one(),
             || -> Result<Direction> {
-                let c = fb_check(&fwd, &bwd, fuse, grid);
+                let mut c = fb_check(&fwd, &bwd, fuse, grid);
+                if let Some(caps) = &caps {
+                    caps.apply(&caps.fwd, &mut c.conf, (fwd.width, fwd.height));
+                }
                 let mut flow = c.fused.unwrap_or_else(|| fwd.clone());
+                if let Some(f) = coarse_fill {
+                    let bad = unreliable(&fwd, &c.conf, grid, f.max_disagreement);
+                    fill_unreliable(&mut flow, &bad, prev.dis_grey.grey(), f)?;
+                }
                 if let (true, Some(before)) = (temporal_fill, before) {
                     fill_inconsistent(&mut flow, &c.occ, &c.conf, before, grid);
                 }
@@ -740,8 +832,15 @@ impl FlowEngine for DisEngine {
                 Direction::new(flow, c.conf, c.occ, prior, None).on_grid(to_frame)
             },
             || -> Result<Direction> {
-                let c = fb_check(&bwd, &fwd, fuse, grid);
-                let flow = c.fused.unwrap_or_else(|| bwd.clone());
+                let mut c = fb_check(&bwd, &fwd, fuse, grid);
+                if let Some(caps) = &caps {
+                    caps.apply(&caps.bwd, &mut c.conf, (bwd.width, bwd.height));
+                }
+                let mut flow = c.fused.unwrap_or_else(|| bwd.clone());
+                if let Some(f) = coarse_fill {
+                    let bad = unreliable(&bwd, &c.conf, grid, f.max_disagreement);
+                    fill_unreliable(&mut flow, &bad, dis_grey.grey(), f)?;
+                }
                 let prior = temporal_prior
                     .then(|| prior_from(&flow, down, dis_size))
                     .transpose()?;

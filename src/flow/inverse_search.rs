@@ -159,6 +159,11 @@ impl DisFrame {
         })
     }
 
+    /// The finest level's 8-bit grey image (the one the frame was made from).
+    pub fn grey(&self) -> &Mat {
+        &self.levels[0].grey
+    }
+
     /// Level `l` as the source of a flow.
     fn source(&self, l: usize) -> Level<'_> {
         let sources = self.sources.get_or_init(|| {

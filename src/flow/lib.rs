@@ -14,6 +14,7 @@ pub mod level;
 pub mod metrics;
 pub mod refine;
 pub mod resize;
+pub mod spatial;
 pub mod streamflow;
 pub mod temporal;
 pub mod videoflow;

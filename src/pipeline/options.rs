@@ -12,6 +12,7 @@ use serde::{Deserialize, Serialize};
 use streamrecon_core::error::{Error, Result};
 use streamrecon_core::frame::{MAX_FRAME_SIDE, MIN_FRAME_SIDE};
 use streamrecon_flow::dis::{DisBackend, DisConfig, DisPreset};
+use streamrecon_flow::spatial::SpatialFill;
 use streamrecon_flow::streamflow::StreamFlowEngineConfig;
 use streamrecon_flow::videoflow::{VideoFlowEngineConfig, DEFAULT_WINDOW};
 use streamrecon_geometry::flowvo::{AdaptiveKeyframes, FlowVoConfig, WindowBaConfig};
@@ -110,13 +111,15 @@ pub struct RunOptions {
     pub symmetric_fusion: bool,
     /// Full-resolution Lucas–Kanade steps after DIS (default 1; 0 = off).
     pub flow_refine: u32,
+    /// Fill each flow's unreliable pixels (forward–backward disagreement over 1 px) from the
+    /// reliable ones in the same image region, edge-aware (default true).
+    pub spatial_fill: bool,
     /// Fill the forward flow's inconsistent pixels from the previous pair (default true).
     pub temporal_fill: bool,
     /// Wait for frame t+1 before returning the flows between t−1 and t, to fill the backward
     /// flow's inconsistent pixels from the next pair (default false: no latency).
     pub flow_look_ahead: bool,
-    /// DIS's finest pyramid level, 0–8, 0 = full resolution (default: the preset's; 2 for
-    /// `medium` with refinement).
+    /// DIS's finest pyramid level, 0–8, 0 = full resolution (default: the preset's).
     pub dis_finest_scale: Option<i32>,
     /// Which DIS computes the flows (default `native`; `opencv`: OpenCV's `DISOpticalFlow`).
     pub dis_backend: DisBackend,
@@ -212,6 +215,7 @@ impl Default for RunOptions {
             temporal_prior: dis.temporal_prior,
             symmetric_fusion: dis.symmetric_fusion,
             flow_refine: dis.refine_iterations,
+            spatial_fill: dis.spatial_fill.is_some(),
             temporal_fill: dis.temporal_fill,
             flow_look_ahead: dis.look_ahead,
             dis_finest_scale: None,
@@ -372,6 +376,7 @@ impl RunOptions {
             temporal_prior: self.temporal_prior,
             symmetric_fusion: self.symmetric_fusion,
             refine_iterations: self.flow_refine,
+            spatial_fill: self.spatial_fill.then(SpatialFill::default),
             temporal_fill: self.temporal_fill,
             look_ahead: self.flow_look_ahead,
             finest_scale: self.dis_finest_scale,
