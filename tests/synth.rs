@@ -388,3 +388,52 @@ fn speed_moves_along_the_same_path() {
         + (b.translation.vector - m.translation.vector).norm();
     assert!(between <= (b.translation.vector - a.translation.vector).norm() + 1e-9);
 }
+
+/// A lens distorts the frames as OpenCV's model says: undistorted with the calibration the world
+/// writes (OpenCV's `initUndistortRectifyMap` and `remap`, as `--intrinsics-file` does), a barrel
+/// lens's frame is the pinhole camera's, up to resampling.
+#[test]
+fn a_lens_distorts_as_its_calibration_says() {
+    use streamrecon::datasets::synth::Degrade;
+    use streamrecon::pipeline::calibration::Calibration;
+    assert!(Degrade::parse("lens=0.9").is_err());
+    let config = |lens: &str| streamrecon::datasets::synth::SynthConfig {
+        degrade: Degrade::parse(lens).unwrap(),
+        ..common::synth_config(TrajectoryKind::Smooth, 2, 320, 240, 5)
+    };
+    let pinhole = SynthWorld::new(config(""));
+    assert!(pinhole.calibration_yaml().is_none());
+    let lens = SynthWorld::new(config("lens=-0.25"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("calibration.yml");
+    std::fs::write(&path, lens.calibration_yaml().unwrap()).unwrap();
+    let mut calibration = Calibration::read(&path).unwrap();
+    let (w, h) = (320usize, 240usize);
+    let want = pinhole.camera_image(1, &pinhole.view(1));
+    let distorted = lens.camera_image(1, &lens.view(1));
+    let back = calibration.undistort(&distorted).unwrap();
+    let diff = |a: &image::RgbImage, b: &image::RgbImage| {
+        // Mean absolute difference inside a margin (the undistorted frame's corners are black).
+        let (mut sum, mut n) = (0u64, 0u64);
+        for y in h / 8..h - h / 8 {
+            for x in w / 8..w - w / 8 {
+                for c in 0..3 {
+                    sum += u64::from(
+                        a.get_pixel(x as u32, y as u32)[c]
+                            .abs_diff(b.get_pixel(x as u32, y as u32)[c]),
+                    );
+                    n += 1;
+                }
+            }
+        }
+        sum as f64 / n as f64
+    };
+    // Compared blurred: the pinhole image behind the lens is rendered wider, so at the centre
+    // it has fewer pixels than the frame (a lens is softer there too); the geometry is the test.
+    let soft = |i: &image::RgbImage| image::imageops::blur(i, 2.0);
+    let (want, distorted, back) = (soft(&want), soft(&distorted), soft(&back));
+    let (bent, straightened) = (diff(&distorted, &want), diff(&back, &want));
+    println!("mean difference from the pinhole frame: distorted {bent:.2}, undistorted {straightened:.2}");
+    assert!(bent > 5.0 * straightened, "{bent} vs {straightened}");
+    assert!(straightened < 2.0, "{straightened}");
+}

@@ -43,14 +43,41 @@ pub struct Degrade {
     /// it at 30 frames/s); 0 = a global shutter.
     #[serde(default)]
     pub rolling: f32,
+    /// Radial lens distortion k1 of OpenCV's model (x_d = x_u (1 + k1 r²), r in normalised
+    /// image coordinates): negative is barrel, as wide-angle and phone lenses; 0 = a pinhole.
+    /// The intrinsics stay the lens's camera matrix; [`SynthWorld::calibration_yaml`] gives the
+    /// calibration that undistorts the frames back to it.
+    #[serde(default)]
+    pub lens: f32,
+}
+
+/// The frame seen through the lens: each pixel sampled bilinearly at its place in the pinhole
+/// image (`map`, from [`SynthWorld::lens_pinhole`]).
+fn through_lens(rgb: &[[f32; 3]], k: &Intrinsics, map: &[[f32; 2]]) -> Vec<[f32; 3]> {
+    let (w, h) = (k.width as usize, k.height as usize);
+    map.iter()
+        .map(|&[x, y]| {
+            let x = x.clamp(0.0, (w - 1) as f32);
+            let y = y.clamp(0.0, (h - 1) as f32);
+            let (x0, y0) = (x.floor() as usize, y.floor() as usize);
+            let (x1, y1) = ((x0 + 1).min(w - 1), (y0 + 1).min(h - 1));
+            let (fx, fy) = (x - x0 as f32, y - y0 as f32);
+            let p = |xx: usize, yy: usize| rgb[yy * w + xx];
+            let (a, b, c, d) = (p(x0, y0), p(x1, y0), p(x0, y1), p(x1, y1));
+            std::array::from_fn(|ch| {
+                (a[ch] * (1.0 - fx) + b[ch] * fx) * (1.0 - fy)
+                    + (c[ch] * (1.0 - fx) + d[ch] * fx) * fy
+            })
+        })
+        .collect()
 }
 
 /// Row bands of a rolling-shutter frame, each rendered at its own time.
 const ROLLING_BANDS: u32 = 16;
 
 impl Degrade {
-    /// Parses `noise=0.02,shot=0.01,blur=4,exposure=0.2,fog=0.1,jpeg=75,rolling=0.7` (any
-    /// subset).
+    /// Parses `noise=0.02,shot=0.01,blur=4,exposure=0.2,fog=0.1,jpeg=75,rolling=0.7,lens=-0.2`
+    /// (any subset).
     ///
     /// # Errors
     /// An unknown key or a bad number.
@@ -78,6 +105,12 @@ impl Degrade {
                         ));
                     }
                 }
+                "lens" => {
+                    d.lens = num(v)?;
+                    if !(-0.5..=0.5).contains(&d.lens) {
+                        return Err(format!("lens must be a k1 within ±0.5, got {v}"));
+                    }
+                }
                 "jpeg" => {
                     d.jpeg = v
                         .parse()
@@ -87,7 +120,7 @@ impl Degrade {
                 }
                 _ => {
                     return Err(format!(
-                    "unknown degradation '{k}' (noise, shot, blur, exposure, fog, jpeg, rolling)"
+                    "unknown degradation '{k}' (noise, shot, blur, exposure, fog, jpeg, rolling, lens)"
                 ))
                 }
             }
@@ -231,6 +264,8 @@ pub struct SynthWorld {
     pub scene: Scene,
     pub trajectory: Trajectory,
     pub intrinsics: Intrinsics,
+    /// With lens distortion, made on first use (see [`SynthWorld::lens_pinhole`]).
+    lens: std::sync::OnceLock<Option<(Intrinsics, Vec<[f32; 2]>)>>,
 }
 
 impl SynthWorld {
@@ -254,6 +289,7 @@ impl SynthWorld {
             scene,
             trajectory,
             intrinsics,
+            lens: std::sync::OnceLock::new(),
         }
     }
 
@@ -305,12 +341,12 @@ impl SynthWorld {
 
     /// The linear RGB the camera sees at time `t` (frames): one render, or with a rolling
     /// shutter each band of rows rendered at the time it is read.
-    fn render_at(&self, t: f64) -> Vec<[f32; 3]> {
+    fn render_at(&self, t: f64, k: &Intrinsics) -> Vec<[f32; 3]> {
         let rolling = f64::from(self.config.degrade.rolling);
         if rolling <= 0.0 {
-            return render(&self.scene, &self.intrinsics, &self.pose_at(t)).rgb;
+            return render(&self.scene, k, &self.pose_at(t)).rgb;
         }
-        let k = self.intrinsics;
+        let k = *k;
         let mut rgb = Vec::with_capacity(k.width as usize * k.height as usize);
         let bands = ROLLING_BANDS.min(k.height);
         for b in 0..bands {
@@ -334,15 +370,18 @@ impl SynthWorld {
         // Copied only when blur, fog or the rolling shutter change it (3.7 MB per 640×480 frame
         // otherwise).
         let mut rgb = std::borrow::Cow::Borrowed(view.rgb.as_slice());
-        if d.rolling > 0.0 {
-            rgb = std::borrow::Cow::Owned(self.render_at(i as f64));
+        // Through a lens, the pinhole images are rendered wider and the lens applied last.
+        let lens = self.lens.get_or_init(|| self.lens_pinhole()).as_ref();
+        let pinhole = lens.map_or(self.intrinsics, |(k, _)| *k);
+        if d.rolling > 0.0 || lens.is_some() {
+            rgb = std::borrow::Cow::Owned(self.render_at(i as f64, &pinhole));
         }
         if d.blur > 1 && i > 0 {
             let rgb = rgb.to_mut();
             for k in 1..d.blur {
                 // Over the second half of the interval since the previous frame.
                 let t = f64::from(k) / f64::from(d.blur);
-                let sub = self.render_at(i as f64 - 0.5 * t);
+                let sub = self.render_at(i as f64 - 0.5 * t, &pinhole);
                 for (acc, s) in rgb.iter_mut().zip(&sub) {
                     for c in 0..3 {
                         acc[c] += s[c];
@@ -356,6 +395,10 @@ impl SynthWorld {
                 }
             }
         }
+        if let Some((k, map)) = lens {
+            rgb = std::borrow::Cow::Owned(through_lens(&rgb, k, map));
+        }
+        // Fog reads the pinhole view's depth at the same pixel (not moved by a lens).
         if d.fog > 0.0 {
             for (p, &z) in rgb.to_mut().iter_mut().zip(&view.depth) {
                 let keep = if z > 0.0 { (-d.fog * z).exp() } else { 0.0 };
@@ -398,6 +441,81 @@ impl SynthWorld {
             img = jpeg_round_trip(img, d.jpeg);
         }
         img
+    }
+
+    /// With lens distortion: the pinhole camera the frames are rendered with before the lens
+    /// (wider than the lens's camera matrix, so that its view covers every pixel of the
+    /// distorted frame) and, per frame pixel, where it falls in that pinhole image.
+    fn lens_pinhole(&self) -> Option<(Intrinsics, Vec<[f32; 2]>)> {
+        let k1 = f64::from(self.config.degrade.lens);
+        if k1 == 0.0 {
+            return None;
+        }
+        let k = self.intrinsics;
+        let (w, h) = (k.width as usize, k.height as usize);
+        // Each distorted pixel's undistorted normalised coordinates: x_d = x_u (1 + k1 r_u²)
+        // inverted by fixed-point iteration, as OpenCV's undistortPoints does.
+        let undistorted: Vec<[f64; 2]> = (0..w * h)
+            .map(|i| {
+                let xd = ((i % w) as f64 - k.cx) / k.fx;
+                let yd = ((i / w) as f64 - k.cy) / k.fy;
+                let (mut x, mut y) = (xd, yd);
+                for _ in 0..20 {
+                    let f = 1.0 + k1 * (x * x + y * y);
+                    (x, y) = (xd / f, yd / f);
+                }
+                [x, y]
+            })
+            .collect();
+        // The widest pinhole that keeps every one inside its image.
+        let mut scale: f64 = 1.0;
+        for [x, y] in &undistorted {
+            if x.abs() > 1e-9 {
+                let room = if *x < 0.0 {
+                    k.cx
+                } else {
+                    w as f64 - 1.0 - k.cx
+                };
+                scale = scale.min(room / (k.fx * x.abs()));
+            }
+            if y.abs() > 1e-9 {
+                let room = if *y < 0.0 {
+                    k.cy
+                } else {
+                    h as f64 - 1.0 - k.cy
+                };
+                scale = scale.min(room / (k.fy * y.abs()));
+            }
+        }
+        let pinhole = Intrinsics {
+            fx: k.fx * scale,
+            fy: k.fy * scale,
+            ..k
+        };
+        let map = undistorted
+            .iter()
+            .map(|[x, y]| {
+                [
+                    (pinhole.fx * x + pinhole.cx) as f32,
+                    (pinhole.fy * y + pinhole.cy) as f32,
+                ]
+            })
+            .collect();
+        Some((pinhole, map))
+    }
+
+    /// With lens distortion, OpenCV's calibration file (YAML) of the frames: the camera matrix
+    /// of [`Self::intrinsics`] and the distortion coefficients, for `--intrinsics-file`.
+    pub fn calibration_yaml(&self) -> Option<String> {
+        let k1 = self.config.degrade.lens;
+        if k1 == 0.0 {
+            return None;
+        }
+        let k = self.intrinsics;
+        Some(format!(
+            "%YAML:1.0\n---\nimage_width: {}\nimage_height: {}\ncamera_matrix: !!opencv-matrix\n   rows: 3\n   cols: 3\n   dt: d\n   data: [ {}, 0., {}, 0., {}, {}, 0., 0., 1. ]\ndistortion_coefficients: !!opencv-matrix\n   rows: 1\n   cols: 5\n   dt: d\n   data: [ {}, 0., 0., 0., 0. ]\n",
+            k.width, k.height, k.fx, k.cx, k.fy, k.cy, k1
+        ))
     }
 
     /// The sequence as pipeline input: each camera image as a [`Frame`] with the intrinsics

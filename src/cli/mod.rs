@@ -123,8 +123,10 @@ struct SynthArgs {
     size: (u32, u32),
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Degradations, e.g. noise=0.02,shot=0.001,blur=4,exposure=0.2,fog=0.05,jpeg=75,rolling=0.7
-    /// (rolling: a rolling shutter's readout, as a fraction of the frame interval).
+    /// Degradations, e.g. noise=0.02,shot=0.001,blur=4,exposure=0.2,fog=0.05,jpeg=75,rolling=0.7,
+    /// lens=-0.2 (rolling: a rolling shutter's readout, as a fraction of the frame interval;
+    /// lens: radial distortion k1, with calibration.yml written beside the frames for
+    /// --intrinsics-file).
     #[arg(long, value_parser = Degrade::parse)]
     degrade: Option<Degrade>,
     /// Camera speed along the path: 2 moves twice as far a frame (faster hand-held motion).
@@ -390,6 +392,10 @@ fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> 
         let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
         writer.finish(&sampler.cloud())?;
         return Ok(());
+    }
+    if let Some(yaml) = world.calibration_yaml() {
+        std::fs::create_dir_all(out)?;
+        std::fs::write(out.join("calibration.yml"), yaml)?;
     }
     let mut writer = NativeWriter::create(out, world.intrinsics)?;
     let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
