@@ -467,26 +467,19 @@ impl SynthWorld {
                 [x, y]
             })
             .collect();
-        // The widest pinhole that keeps every one inside its image.
-        let mut scale: f64 = 1.0;
-        for [x, y] in &undistorted {
-            if x.abs() > 1e-9 {
-                let room = if *x < 0.0 {
-                    k.cx
-                } else {
-                    w as f64 - 1.0 - k.cx
-                };
-                scale = scale.min(room / (k.fx * x.abs()));
+        // The widest pinhole that keeps every one inside its image: along one axis, the room
+        // from the principal point to the image's edge over the focal length times |coordinate|.
+        let fits = |v: f64, c: f64, side: usize, f: f64| {
+            let room = if v < 0.0 { c } else { side as f64 - 1.0 - c };
+            if v.abs() > 1e-9 {
+                room / (f * v.abs())
+            } else {
+                f64::INFINITY
             }
-            if y.abs() > 1e-9 {
-                let room = if *y < 0.0 {
-                    k.cy
-                } else {
-                    h as f64 - 1.0 - k.cy
-                };
-                scale = scale.min(room / (k.fy * y.abs()));
-            }
-        }
+        };
+        let scale = undistorted.iter().fold(1.0f64, |s, [x, y]| {
+            s.min(fits(*x, k.cx, w, k.fx)).min(fits(*y, k.cy, h, k.fy))
+        });
         let pinhole = Intrinsics {
             fx: k.fx * scale,
             fy: k.fy * scale,
