@@ -159,43 +159,35 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// Plain OpenCV DIS a → b on two of OpenCV's threads, grey conversion included: (EPE, ms).
-fn plain(p: &Pair, preset: DisPreset, rounds: usize) -> (f64, f64) {
+/// Plain OpenCV DIS a → b on two of OpenCV's threads, grey conversion included, once, into a
+/// fresh output (DIS starts from a flow of the right size it is handed): (EPE, ms).
+fn plain(p: &Pair, preset: DisPreset) -> (f64, f64) {
     opencv::core::set_num_threads(2).expect("threads");
     let mut dis = opencv::video::DISOpticalFlow::create(opencv_preset(preset)).expect("DIS");
     let mut flow = Mat::default();
-    let mut times = Vec::new();
-    for _ in 0..rounds {
-        // A fresh output each round: DIS starts from a flow of the right size it is handed.
-        flow = Mat::default();
-        let t = Instant::now();
-        let a = streamrecon::flow::dis::grey_mat(&p.a).expect("grey");
-        let b = streamrecon::flow::dis::grey_mat(&p.b).expect("grey");
-        dis.calc(&a, &b, &mut flow).expect("calc");
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let t = Instant::now();
+    let a = streamrecon::flow::dis::grey_mat(&p.a).expect("grey");
+    let b = streamrecon::flow::dis::grey_mat(&p.b).expect("grey");
+    dis.calc(&a, &b, &mut flow).expect("calc");
+    let ms = t.elapsed().as_secs_f64() * 1e3;
     let f = streamrecon::flow::dis::flow_from_mat(&flow).expect("flow");
-    (epe(p, &f), median(times))
+    (epe(p, &f), ms)
 }
 
-/// Plain OpenCV DIS in both directions, each on its own core (what the engine outputs): ms.
-fn plain_both(p: &Pair, preset: DisPreset, rounds: usize) -> f64 {
+/// Plain OpenCV DIS in both directions, each on its own core (what the engine outputs), once: ms.
+fn plain_both(p: &Pair, preset: DisPreset) -> f64 {
     opencv::core::set_num_threads(1).expect("threads");
     let mk = || opencv::video::DISOpticalFlow::create(opencv_preset(preset)).expect("DIS");
     let (mut f, mut b) = (mk(), mk());
-    let mut times = Vec::new();
-    for _ in 0..rounds {
-        let (mut ff, mut bf) = (Mat::default(), Mat::default());
-        let t = Instant::now();
-        let ga = streamrecon::flow::dis::grey_mat(&p.a).expect("grey");
-        let gb = streamrecon::flow::dis::grey_mat(&p.b).expect("grey");
-        rayon::join(
-            || f.calc(&ga, &gb, &mut ff).expect("calc"),
-            || b.calc(&gb, &ga, &mut bf).expect("calc"),
-        );
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    median(times)
+    let (mut ff, mut bf) = (Mat::default(), Mat::default());
+    let t = Instant::now();
+    let ga = streamrecon::flow::dis::grey_mat(&p.a).expect("grey");
+    let gb = streamrecon::flow::dis::grey_mat(&p.b).expect("grey");
+    rayon::join(
+        || f.calc(&ga, &gb, &mut ff).expect("calc"),
+        || b.calc(&gb, &ga, &mut bf).expect("calc"),
+    );
+    t.elapsed().as_secs_f64() * 1e3
 }
 
 fn frame(i: u64, img: &image::RgbImage) -> Frame {
@@ -209,23 +201,19 @@ fn frame(i: u64, img: &image::RgbImage) -> Frame {
     }
 }
 
-/// The engine on the two frames: (EPE of the forward flow, ms for the pair, both directions).
-fn engine(p: &Pair, config: &DisConfig, rounds: usize) -> (f64, f64) {
+/// The engine on the two frames, once: (EPE of the forward flow, ms for the pair, both
+/// directions).
+fn engine(p: &Pair, config: &DisConfig) -> (f64, f64) {
     opencv::core::set_num_threads(1).expect("threads");
-    let mut times = Vec::new();
-    let mut e_last = f64::NAN;
-    for _ in 0..rounds {
-        let mut e = DisEngine::new(config.clone()).expect("engine");
-        let (fa, fb) = (frame(0, &p.a), frame(1, &p.b));
-        let t = Instant::now();
-        let mut pairs = e.push(&fa).expect("push");
-        pairs.extend(e.push(&fb).expect("push"));
-        pairs.extend(e.flush().expect("flush"));
-        times.push(t.elapsed().as_secs_f64() * 1e3);
-        let pair = pairs.iter().find(|q| q.from == 0).expect("the pair's flow");
-        e_last = epe(p, &pair.fwd);
-    }
-    (e_last, median(times))
+    let mut e = DisEngine::new(config.clone()).expect("engine");
+    let (fa, fb) = (frame(0, &p.a), frame(1, &p.b));
+    let t = Instant::now();
+    let mut pairs = e.push(&fa).expect("push");
+    pairs.extend(e.push(&fb).expect("push"));
+    pairs.extend(e.flush().expect("flush"));
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let pair = pairs.iter().find(|q| q.from == 0).expect("the pair's flow");
+    (epe(p, &pair.fwd), ms)
 }
 
 fn main() {
@@ -261,16 +249,16 @@ fn main() {
             let (mut pe, mut ee, mut be) = (0.0, 0.0, 0.0);
             for _ in 0..rounds {
                 let t;
-                (pe, t) = plain(p, preset, 1);
+                (pe, t) = plain(p, preset);
                 pt.push(t);
-                let both = plain_both(p, preset, 1);
+                let both = plain_both(p, preset);
                 pbt.push(both);
-                let (e, t) = engine(p, &config, 1);
-                ee = e;
+                let t;
+                (ee, t) = engine(p, &config);
                 et.push(t);
                 e_ratio.push(t / both);
-                let (e, t) = engine(p, &bare, 1);
-                be = e;
+                let t;
+                (be, t) = engine(p, &bare);
                 bt.push(t);
                 b_ratio.push(t / both);
             }

@@ -130,8 +130,8 @@ fn main() {
             });
             // Through a lens (`--degrade=…,lens=K1`), each frame is undistorted with the
             // calibration the world gives, as `--intrinsics-file` does in a run.
-            let dir = tempfile::tempdir().expect("temporary folder");
             let mut calibration = world.calibration_yaml().map(|yaml| {
+                let dir = tempfile::tempdir().expect("temporary folder");
                 let path = dir.path().join("calibration.yml");
                 std::fs::write(&path, yaml).expect("calibration file");
                 Calibration::read(&path).expect("calibration")

@@ -393,11 +393,10 @@ fn write_layout(config: &SynthConfig, out: &Path, layout: Layout) -> Result<()> 
         writer.finish(&sampler.cloud())?;
         return Ok(());
     }
+    let mut writer = NativeWriter::create(out, world.intrinsics)?;
     if let Some(yaml) = world.calibration_yaml() {
-        std::fs::create_dir_all(out)?;
         std::fs::write(out.join("calibration.yml"), yaml)?;
     }
-    let mut writer = NativeWriter::create(out, world.intrinsics)?;
     let sampler = render_into(&world, |f| Ok(writer.write_frame(f)?))?;
     let meta = SequenceMeta {
         generator: format!("streamrecon {}", env!("CARGO_PKG_VERSION")),

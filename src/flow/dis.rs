@@ -389,13 +389,14 @@ fn upsampled_conf(c: &[f32], small: (usize, usize), full: (usize, usize)) -> Vec
     upsample_linear(c, small, 1, full)
 }
 
-/// Occlusion on a `2^shift` times coarser `sw` × `sh` grid, nearest cell, on `w` × `h`.
-fn upsampled_occ(
-    o: &[bool],
+/// Values (occlusion, confidence caps) on a `2^shift` times coarser `sw` × `sh` grid, nearest
+/// cell, on `w` × `h`.
+fn upsampled_nearest<T: Copy>(
+    o: &[T],
     (sw, sh): (usize, usize),
     (w, h): (usize, usize),
     shift: u32,
-) -> Vec<bool> {
+) -> Vec<T> {
     let k = 1usize << shift;
     let mut out = Vec::with_capacity(w * h);
     let mut row = Vec::with_capacity(w.max(sw * k));
@@ -562,12 +563,12 @@ impl DisEngine {
                    to: &FrameTensor|
          -> Result<(FlowField, Vec<f32>)> {
             let grid = 1usize << shift;
-            let mut filled = flow.clone();
+            let mut filled = std::borrow::Cow::Borrowed(flow);
             let mut cap = Vec::new();
             if let Some(f) = &fill {
                 let c = fb_check(flow, other, false, grid);
                 let bad = unreliable(flow, &c.conf, grid, f.max_disagreement);
-                fill_unreliable(&mut filled, &bad, source.grey(), f)?;
+                fill_unreliable(filled.to_mut(), &bad, source.grey(), f)?;
                 // A filled pixel's confidence is never more than DIS's own flow there had: the
                 // refinement can make an interpolated flow consistent, not measured.
                 cap = c
@@ -579,7 +580,7 @@ impl DisEngine {
             }
             let full = (size.0 as usize, size.1 as usize);
             let mut flow = if shift == 0 {
-                filled
+                filled.into_owned()
             } else {
                 resized_flow(&filled, full, (1u32 << shift) as f32)?
             };
@@ -592,12 +593,7 @@ impl DisEngine {
             || one(&fwd, &bwd, a.0, fwd_ref, at, bt),
         );
         let ((fwd, fwd_cap), (bwd, bwd_cap)) = (fwd?, bwd?);
-        let caps = (!fwd_cap.is_empty()).then(|| Caps {
-            fwd: fwd_cap,
-            bwd: bwd_cap,
-            grid: a.0.size(),
-            shift,
-        });
+        let caps = (!fwd_cap.is_empty()).then_some((fwd_cap, bwd_cap));
         Ok(((fwd, bwd), caps))
     }
 
@@ -635,29 +631,27 @@ impl DisEngine {
 /// A pair's two flows (forward, backward).
 type Directions = (FlowField, FlowField);
 
-/// Upper bounds of the confidence at the pixels the spatial fill replaced before the refinement,
-/// per cell of DIS's grid (1 elsewhere), for both directions.
-struct Caps {
-    fwd: Vec<f32>,
-    bwd: Vec<f32>,
-    /// DIS's grid and its shift from the frame's.
-    grid: (usize, usize),
-    shift: u32,
-}
+/// Confidence caps on DIS's grid, forward and backward (see [`cap_confidence`]).
+type Caps = (Vec<f32>, Vec<f32>);
 
-impl Caps {
-    /// `conf` on the frame's `full` grid bounded by `cap`, each pixel by its cell's.
-    fn apply(&self, cap: &[f32], conf: &mut [f32], (w, h): (usize, usize)) {
-        let (gw, gh) = self.grid;
-        if cap.len() != gw * gh || conf.len() != w * h || gw == 0 || gh == 0 {
-            return;
-        }
-        for (y, row) in conf.chunks_exact_mut(w).enumerate() {
-            let cells = &cap[((y >> self.shift).min(gh - 1)) * gw..][..gw];
-            for (x, c) in row.iter_mut().enumerate() {
-                *c = c.min(cells[(x >> self.shift).min(gw - 1)]);
-            }
-        }
+/// `conf` on the frame's grid bounded by `cap`, each pixel by its cell's on DIS's `dis_size`
+/// grid, `shift` levels coarser: the confidence caps of the pixels the spatial fill replaced
+/// before the refinement (1 elsewhere).
+fn cap_confidence(
+    conf: &mut [f32],
+    cap: &[f32],
+    dis_size: (usize, usize),
+    full: (usize, usize),
+    shift: u32,
+) {
+    if cap.len() != dis_size.0 * dis_size.1 || conf.len() != full.0 * full.1 || cap.is_empty() {
+        return;
+    }
+    for (c, m) in conf
+        .iter_mut()
+        .zip(upsampled_nearest(cap, dis_size, full, shift))
+    {
+        *c = c.min(m);
     }
 }
 
@@ -699,7 +693,7 @@ impl Direction {
         let small = (self.flow.width, self.flow.height);
         self.flow = resized_flow(&self.flow, full, (1u32 << shift) as f32)?;
         self.conf = upsampled_conf(&self.conf, small, full);
-        self.occ = upsampled_occ(&self.occ, small, full, shift);
+        self.occ = upsampled_nearest(&self.occ, small, full, shift);
         Ok(self)
     }
 }
@@ -811,12 +805,19 @@ impl FlowEngine for DisEngine {
         // Without the refinement the checks run on DIS's grid, and so does the spatial fill
         // (with it, the fill ran in `pair`, before the upsampling).
         let coarse_fill = self.config.spatial_fill.as_ref().filter(|_| !refining);
+        let dis_shift = self.shift;
         let (f, b) = both(
             self.caller_keeps_one(),
             || -> Result<Direction> {
                 let mut c = fb_check(&fwd, &bwd, fuse, grid);
-                if let Some(caps) = &caps {
-                    caps.apply(&caps.fwd, &mut c.conf, (fwd.width, fwd.height));
+                if let Some((cap, _)) = &caps {
+                    cap_confidence(
+                        &mut c.conf,
+                        cap,
+                        dis_size,
+                        (fwd.width, fwd.height),
+                        dis_shift,
+                    );
                 }
                 let mut flow = c.fused.unwrap_or_else(|| fwd.clone());
                 if let Some(f) = coarse_fill {
@@ -833,8 +834,14 @@ impl FlowEngine for DisEngine {
             },
             || -> Result<Direction> {
                 let mut c = fb_check(&bwd, &fwd, fuse, grid);
-                if let Some(caps) = &caps {
-                    caps.apply(&caps.bwd, &mut c.conf, (bwd.width, bwd.height));
+                if let Some((_, cap)) = &caps {
+                    cap_confidence(
+                        &mut c.conf,
+                        cap,
+                        dis_size,
+                        (bwd.width, bwd.height),
+                        dis_shift,
+                    );
                 }
                 let mut flow = c.fused.unwrap_or_else(|| bwd.clone());
                 if let Some(f) = coarse_fill {
@@ -921,7 +928,7 @@ mod tests {
         // 3 × 2 coarse pixels at ¼ resolution onto 13 × 9: the frame's last column and row lie
         // past the coarse grid's (⌊13 / 4⌋ = 3) and repeat its last.
         let coarse = [true, false, true, false, false, true];
-        let got = super::upsampled_occ(&coarse, (3, 2), (13, 9), 2);
+        let got = super::upsampled_nearest(&coarse, (3, 2), (13, 9), 2);
         assert_eq!(got.len(), 13 * 9);
         for y in 0..9 {
             for x in 0..13 {
