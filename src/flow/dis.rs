@@ -806,53 +806,46 @@ impl FlowEngine for DisEngine {
         // (with it, the fill ran in `pair`, before the upsampling).
         let coarse_fill = self.config.spatial_fill.as_ref().filter(|_| !refining);
         let dis_shift = self.shift;
+        // A direction's check: its flow (fused, and filled here without the refinement),
+        // confidence (capped where the fill ran before the refinement) and occlusion.
+        let checked = |own: &FlowField,
+                       other: &FlowField,
+                       cap: Option<&Vec<f32>>,
+                       source: &LevelImage|
+         -> Result<(FlowField, Vec<f32>, Vec<bool>)> {
+            let mut c = fb_check(own, other, fuse, grid);
+            if let Some(cap) = cap {
+                let full = (own.width, own.height);
+                cap_confidence(&mut c.conf, cap, dis_size, full, dis_shift);
+            }
+            let mut flow = c.fused.unwrap_or_else(|| own.clone());
+            if let Some(f) = coarse_fill {
+                let bad = unreliable(own, &c.conf, grid, f.max_disagreement);
+                fill_unreliable(&mut flow, &bad, source.grey(), f)?;
+            }
+            Ok((flow, c.conf, c.occ))
+        };
         let (f, b) = both(
             self.caller_keeps_one(),
             || -> Result<Direction> {
-                let mut c = fb_check(&fwd, &bwd, fuse, grid);
-                if let Some((cap, _)) = &caps {
-                    cap_confidence(
-                        &mut c.conf,
-                        cap,
-                        dis_size,
-                        (fwd.width, fwd.height),
-                        dis_shift,
-                    );
-                }
-                let mut flow = c.fused.unwrap_or_else(|| fwd.clone());
-                if let Some(f) = coarse_fill {
-                    let bad = unreliable(&fwd, &c.conf, grid, f.max_disagreement);
-                    fill_unreliable(&mut flow, &bad, prev.dis_grey.grey(), f)?;
-                }
+                let (mut flow, conf, occ) =
+                    checked(&fwd, &bwd, caps.as_ref().map(|c| &c.0), &prev.dis_grey)?;
                 if let (true, Some(before)) = (temporal_fill, before) {
-                    fill_inconsistent(&mut flow, &c.occ, &c.conf, before, grid);
+                    fill_inconsistent(&mut flow, &occ, &conf, before, grid);
                 }
                 let prior = temporal_prior
                     .then(|| prior_from(&flow, down, dis_size))
                     .transpose()?;
-                Direction::new(flow, c.conf, c.occ, prior, None).on_grid(to_frame)
+                Direction::new(flow, conf, occ, prior, None).on_grid(to_frame)
             },
             || -> Result<Direction> {
-                let mut c = fb_check(&bwd, &fwd, fuse, grid);
-                if let Some((_, cap)) = &caps {
-                    cap_confidence(
-                        &mut c.conf,
-                        cap,
-                        dis_size,
-                        (bwd.width, bwd.height),
-                        dis_shift,
-                    );
-                }
-                let mut flow = c.fused.unwrap_or_else(|| bwd.clone());
-                if let Some(f) = coarse_fill {
-                    let bad = unreliable(&bwd, &c.conf, grid, f.max_disagreement);
-                    fill_unreliable(&mut flow, &bad, dis_grey.grey(), f)?;
-                }
+                let (flow, conf, occ) =
+                    checked(&bwd, &fwd, caps.as_ref().map(|c| &c.1), &dis_grey)?;
                 let prior = temporal_prior
                     .then(|| prior_from(&flow, down, dis_size))
                     .transpose()?;
                 let kept = keep_bwd.then(|| flow.clone());
-                Direction::new(flow, c.conf, c.occ, prior, kept).on_grid(to_frame)
+                Direction::new(flow, conf, occ, prior, kept).on_grid(to_frame)
             },
         );
         let (f, b) = (f?, b?);
