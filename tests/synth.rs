@@ -428,8 +428,8 @@ fn a_lens_distorts_as_its_calibration_says() {
         }
         sum as f64 / n as f64
     };
-    // Compared blurred: the pinhole image behind the lens is rendered wider, so at the centre
-    // it has fewer pixels than the frame (a lens is softer there too); the geometry is the test.
+    // Compared blurred: the undistorted frame is the scene resampled twice (through the lens,
+    // then back), softer than the pinhole frame; the geometry is the test.
     let soft = |i: &image::RgbImage| image::imageops::blur(i, 2.0);
     let (want, distorted, back) = (soft(&want), soft(&distorted), soft(&back));
     let (bent, straightened) = (diff(&distorted, &want), diff(&back, &want));

@@ -444,8 +444,12 @@ impl SynthWorld {
     }
 
     /// With lens distortion: the pinhole camera the frames are rendered with before the lens
-    /// (wider than the lens's camera matrix, so that its view covers every pixel of the
-    /// distorted frame) and, per frame pixel, where it falls in that pinhole image.
+    /// and, per frame pixel, where it falls in that pinhole image. The pinhole has the lens's
+    /// focal length (at the centre the distortion is 1:1, as on a real sensor) on a canvas large
+    /// enough that every pixel of the distorted frame sees into it. A narrower focal length on
+    /// the frame's canvas would render the centre with fewer pixels than the frame has and
+    /// upsample it: on camera-like frames (noise, blur, JPEG) that softness alone took flowvo's
+    /// ATE on seed 3 from 0.27 % of the path to 2.30 %, a loss no real lens causes.
     fn lens_pinhole(&self) -> Option<(Intrinsics, Vec<[f32; 2]>)> {
         let k1 = f64::from(self.config.degrade.lens);
         if k1 == 0.0 {
@@ -467,22 +471,21 @@ impl SynthWorld {
                 [x, y]
             })
             .collect();
-        // The widest pinhole that keeps every one inside its image: along one axis, the room
-        // from the principal point to the image's edge over the focal length times |coordinate|.
-        let fits = |v: f64, c: f64, side: usize, f: f64| {
-            let room = if v < 0.0 { c } else { side as f64 - 1.0 - c };
-            if v.abs() > 1e-9 {
-                room / (f * v.abs())
-            } else {
-                f64::INFINITY
-            }
-        };
-        let scale = undistorted.iter().fold(1.0f64, |s, [x, y]| {
-            s.min(fits(*x, k.cx, w, k.fx)).min(fits(*y, k.cy, h, k.fy))
-        });
+        // The canvas: the frame's own, grown on each side to the farthest pixel the lens sees
+        // there (pixel centres; one pixel of room for the bilinear read).
+        let (mut x0, mut x1, mut y0, mut y1) = (0.0f64, (w - 1) as f64, 0.0f64, (h - 1) as f64);
+        for [x, y] in &undistorted {
+            let (px, py) = (k.fx * x + k.cx, k.fy * y + k.cy);
+            (x0, x1, y0, y1) = (x0.min(px), x1.max(px), y0.min(py), y1.max(py));
+        }
+        let (left, top) = ((-x0).ceil() + 1.0, (-y0).ceil() + 1.0);
+        let width = (x1 + left).ceil() as u32 + 2;
+        let height = (y1 + top).ceil() as u32 + 2;
         let pinhole = Intrinsics {
-            fx: k.fx * scale,
-            fy: k.fy * scale,
+            cx: k.cx + left,
+            cy: k.cy + top,
+            width,
+            height,
             ..k
         };
         let map = undistorted
