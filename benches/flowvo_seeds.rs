@@ -5,11 +5,13 @@
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
 //! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--no-spatial-fill] [--degrade=SPEC]
-//! [--photos=DIR] [--speed=F]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--photos=DIR] [--speed=F] [--no-rolling-model]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames; through
-//! a lens (`--degrade=…,lens=K1`) the frames are undistorted with the world's calibration first.
+//! a lens (`--degrade=…,lens=K1`) the frames are undistorted with the world's calibration first;
+//! with a rolling shutter (`--degrade=…,rolling=R`) flowvo is told its readout R
+//! (`--rolling-shutter`), unless `--no-rolling-model`.
 
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
@@ -111,6 +113,8 @@ fn main() {
             v
         })
         .unwrap_or_default();
+    // `--no-rolling-model`: flowvo is not told the rolling shutter's readout.
+    let rolling_model = !args.iter().any(|a| a == "--no-rolling-model");
     // `--speed=F`: the camera moves F times as far a frame.
     let speed: f64 = arg("--speed=", &args).map_or(1.0, |v| v.parse().expect("--speed"));
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
@@ -145,7 +149,15 @@ fn main() {
             }
             for (vi, (name, config)) in variants.iter().enumerate() {
                 let mut flow = DisEngine::new(flow_config.clone()).expect("dis");
-                let mut vo = FlowVo::new(config.clone());
+                // A rolling shutter's readout is the camera's, known as its calibration is.
+                let mut vo = FlowVo::new(FlowVoConfig {
+                    rolling_shutter: if rolling_model {
+                        f64::from(degrade.rolling)
+                    } else {
+                        0.0
+                    },
+                    ..config.clone()
+                });
                 let mut out = Vec::new();
                 for (frame, _, _) in &rendered {
                     let pairs = flow.push(frame).expect("flow");

@@ -158,3 +158,34 @@ fn a_pure_turn_never_starts_a_map() {
     let tracked = out.iter().filter(|g| g.stats.tracked).count();
     assert_eq!(tracked, 0, "{tracked} frames tracked on a pure turn");
 }
+
+#[test]
+fn a_rolling_shutter_is_undone_by_its_readout() {
+    // Rows read over 0.7 of the frame interval while the camera moves fast: told the readout,
+    // flowvo moves each observation to the frame's time; not told, it poses skewed frames.
+    let world = SynthWorld::new(streamrecon::datasets::synth::SynthConfig {
+        degrade: streamrecon::datasets::synth::Degrade::parse("rolling=0.7").unwrap(),
+        speed: 2.0,
+        ..common::synth_config(TrajectoryKind::Smooth, 120, 320, 240, 2)
+    });
+    let ate = |rolling_shutter: f64| {
+        let (out, _, segments) = geometry(
+            &world,
+            FlowVoConfig {
+                rolling_shutter,
+                ..FlowVoConfig::default()
+            },
+        );
+        assert_eq!(segments, 1, "tracking was lost (readout {rolling_shutter})");
+        let gt: Vec<_> = out
+            .iter()
+            .map(|g| world.world_from_cam(g.index as usize))
+            .collect();
+        let est: Vec<_> = out.iter().map(|g| g.world_from_cam).collect();
+        pose_metrics(&gt, &est, 1).unwrap().ate_rmse_over_length
+    };
+    let (skewed, undone) = (ate(0.0), ate(0.7));
+    println!("rolling shutter 0.7: ATE/length {skewed:.4} ignored, {undone:.4} with the readout");
+    assert!(undone < 0.5 * skewed, "{undone} vs {skewed}");
+    assert!(undone < 0.01, "ATE {undone} of the path length");
+}

@@ -68,7 +68,7 @@ pub(super) enum EvalCommand {
         #[arg(long)]
         dataset: PathBuf,
         #[command(flatten)]
-        engines: EngineFlags,
+        engines: Box<EngineFlags>,
         #[arg(long)]
         out: PathBuf,
         /// The predicted cloud is built from every N-th frame's depth map (the official protocol: 10).

@@ -185,6 +185,11 @@ pub(super) struct EngineFlags {
     /// reprojection error, not the trajectory error, on our synthetic sequences; slower).
     #[arg(long)]
     bundle_adjust: bool,
+    /// flowvo: the camera's rolling-shutter readout, first row to last, as a fraction of the
+    /// frame interval (0 = a global shutter; phones read in about 0.5–0.9 of it at 30
+    /// frames/s). Track observations are moved along their flow to the frame's time.
+    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    rolling_shutter: f64,
     /// Loop closure: recognise places seen again (ORB keyframes, verified by PnP), relocalise
     /// in an earlier map after tracking loss, and correct the trajectory files at the end with
     /// a Sim(3) pose graph; the online poses go to trajectory_online.txt. [default: on for
@@ -304,6 +309,7 @@ impl EngineFlags {
             preset: self.preset,
             geometry: self.geometry,
             bundle_adjust: self.bundle_adjust,
+            rolling_shutter: self.rolling_shutter,
             loop_closure: self.loop_closure.map(|v| v == OnOff::On),
             weights: self.weights.clone(),
             model_config: self.model_config.clone(),

@@ -145,6 +145,10 @@ pub struct RunOptions {
     pub geometry: Option<GeometryEngineName>,
     /// flowvo: windowed bundle adjustment at each keyframe (default false; experimental).
     pub bundle_adjust: bool,
+    /// flowvo: the camera's rolling-shutter readout, the time from its first row to its last
+    /// as a fraction of the frame interval, 0–1 (default 0: a global shutter). Each track's
+    /// observation is moved along its flow to the frame's time (the middle row's).
+    pub rolling_shutter: f64,
     /// StreamVGGT/InfiniteVGGT weights for `vggt` (.safetensors or the official .pth).
     pub weights: Option<PathBuf>,
     /// vggt model config JSON (default: the official VGGT-1B/StreamVGGT sizes).
@@ -229,6 +233,7 @@ impl Default for RunOptions {
             flow_window: DEFAULT_WINDOW,
             geometry: None,
             bundle_adjust: false,
+            rolling_shutter: 0.0,
             weights: None,
             model_config: None,
             total_budget: DEFAULT_TOTAL_BUDGET,
@@ -328,6 +333,12 @@ impl RunOptions {
             return Err(invalid(format!(
                 "stabilize_latency must be 0, 1 or 2, got {}",
                 self.stabilize_latency
+            )));
+        }
+        if !(0.0..=1.0).contains(&self.rolling_shutter) {
+            return Err(invalid(format!(
+                "rolling_shutter must be in [0, 1] (the readout over the frame interval), got {}",
+                self.rolling_shutter
             )));
         }
         if !(0.0..=1.0).contains(&self.stabilize_gain) {
@@ -433,6 +444,7 @@ impl RunOptions {
                 GeometryChoice::FlowVo(FlowVoConfig {
                     adaptive: adaptive.then(AdaptiveKeyframes::default),
                     window_ba: self.bundle_adjust.then(WindowBaConfig::default),
+                    rolling_shutter: self.rolling_shutter,
                     ..FlowVoConfig::default()
                 })
             }
@@ -545,6 +557,10 @@ mod tests {
             (
                 r#"{"stabilize_gain": 1.5}"#,
                 "stabilize_gain must be in [0, 1]",
+            ),
+            (
+                r#"{"rolling_shutter": 1.2}"#,
+                "rolling_shutter must be in [0, 1]",
             ),
             (
                 r#"{"stabilize_latency": 3}"#,

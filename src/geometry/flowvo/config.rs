@@ -54,6 +54,11 @@ pub struct FlowVoConfig {
     /// notes).
     #[serde(default)]
     pub window_ba: Option<WindowBaConfig>,
+    /// Rolling shutter: the rows are read top to bottom over this fraction of the frame
+    /// interval, the middle row at the frame's time (0 = a global shutter). Each track's
+    /// observation is moved to where the point was at the frame's time, along its flow.
+    #[serde(default)]
+    pub rolling_shutter: f64,
 }
 
 /// Windowed bundle adjustment (see `geometry::window_ba`): at each keyframe, the poses of up to
@@ -148,6 +153,7 @@ impl Default for FlowVoConfig {
             initial_median_depth: 1.0,
             adaptive: None,
             window_ba: None,
+            rolling_shutter: 0.0,
         }
     }
 }

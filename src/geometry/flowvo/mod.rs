@@ -86,10 +86,18 @@ struct Track {
     point: Option<Point3<f64>>,
     /// Ray angle the point was triangulated with (radians); grows as the baseline does.
     angle: f64,
-    /// Recent observations (frame, x, y), oldest first.
+    /// Recent observations (frame, x, y), oldest first: where the point was at each frame's
+    /// time (with a rolling shutter, not where the flow found it; see [`FlowVo::advance_tracks`]).
     obs: VecDeque<(u64, f32, f32)>,
     /// Mapped when the current keyframe was chosen.
     mapped_at_keyframe: bool,
+}
+
+impl Track {
+    /// Where the point was at the last frame's time (its last observation).
+    fn seen(&self) -> (f32, f32) {
+        self.obs.back().map_or((self.x, self.y), |o| (o.1, o.2))
+    }
 }
 
 struct Pending {
@@ -401,11 +409,21 @@ impl FlowVo {
         );
     }
 
-    /// Moves tracks along the forward flow of the pair ending at `index`.
+    /// Moves tracks along the forward flow of the pair ending at `index`. With a rolling
+    /// shutter, row y is read `rolling_shutter` · ((y + ½) / h − ½) frame intervals after the
+    /// frame's time: each observation is moved back along the point's image motion over that
+    /// delay (its flow this frame; a first observation by the same flow once it has one), so
+    /// that geometry sees one instant per frame.
     fn advance_tracks(&mut self, flow: &PairFlow, index: u64) {
         let (w, h) = (flow.fwd.width, flow.fwd.height);
         let keep_obs = self.config.max_init_frames + 2;
         let min_conf = self.config.min_track_confidence;
+        let rolling = self.config.rolling_shutter as f32;
+        let rows = h as f32;
+        let at_frame_time = |x: f32, y: f32, u: f32, v: f32| {
+            let delay = rolling * ((y + 0.5) / rows - 0.5);
+            (x - delay * u, y - delay * v)
+        };
         self.tracks.retain_mut(|t| {
             let Some((u, v)) = flow.fwd.sample(t.x, t.y) else {
                 return false;
@@ -422,9 +440,15 @@ impl FlowVo {
             if !(nx >= 1.0 && ny >= 1.0 && nx <= (w - 2) as f32 && ny <= (h - 2) as f32) {
                 return false;
             }
+            if rolling != 0.0 && t.obs.len() == 1 {
+                if let Some(first) = t.obs.front_mut() {
+                    (first.1, first.2) = at_frame_time(t.x, t.y, u, v);
+                }
+            }
             t.x = nx;
             t.y = ny;
-            t.obs.push_back((index, nx, ny));
+            let (sx, sy) = at_frame_time(nx, ny, u, v);
+            t.obs.push_back((index, sx, sy));
             while t.obs.len() > keep_obs {
                 t.obs.pop_front();
             }
@@ -475,7 +499,7 @@ impl FlowVo {
                 if f == reference {
                     idx.push(i);
                     a.push((x, y));
-                    b.push((t.x, t.y));
+                    b.push(t.seen());
                 }
             }
         }
@@ -601,11 +625,8 @@ impl FlowVo {
         let mut which = Vec::new();
         for (i, t) in self.tracks.iter().enumerate() {
             let Some(p) = t.point else { continue };
-            let obs = if f == self.last_index.unwrap_or(u64::MAX) {
-                Some((t.x, t.y))
-            } else {
-                t.obs.iter().find(|o| o.0 == f).map(|o| (o.1, o.2))
-            };
+            // The current frame's is the last.
+            let obs = t.obs.iter().rev().find(|o| o.0 == f).map(|o| (o.1, o.2));
             if let Some(o) = obs {
                 world.push(p);
                 px.push(o);
@@ -649,7 +670,7 @@ impl FlowVo {
                 continue;
             }
             let pf = self.poses[&f];
-            if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, (t.x, t.y), max_px) {
+            if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, t.seen(), max_px) {
                 if ang >= min_angle && ang > t.angle * 1.25 {
                     t.point = Some(p);
                     t.angle = ang;
