@@ -70,7 +70,10 @@ pub fn fb_check(fwd: &FlowField, bwd: &FlowField, fuse: bool, grid: usize) -> Fb
             fused: fuse.then(|| fwd.clone()),
         };
     }
-    let mut fused = fuse.then(|| FlowField::zeros(w, h));
+    // Every value is overwritten below. A copy, not a zeroed field: jemalloc zeroes a recycled
+    // buffer this large (11 MB at 1282×1110) by handing its pages back to the kernel, and each
+    // page then faults on its first write (half the engine's page faults at that size).
+    let mut fused = fuse.then(|| fwd.clone());
     let grid = grid.max(1) as f32;
     let pair = Pair {
         fwd,

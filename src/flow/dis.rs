@@ -393,12 +393,27 @@ fn upsampled_conf(c: &[f32], small: (usize, usize), full: (usize, usize)) -> Vec
 /// cell, on `w` × `h`.
 fn upsampled_nearest<T: Copy>(
     o: &[T],
-    (sw, sh): (usize, usize),
+    coarse: (usize, usize),
     (w, h): (usize, usize),
     shift: u32,
 ) -> Vec<T> {
-    let k = 1usize << shift;
     let mut out = Vec::with_capacity(w * h);
+    for_nearest_rows(o, coarse, (w, h), shift, |_, row| {
+        out.extend_from_slice(row)
+    });
+    out
+}
+
+/// Calls `f(y, row)` with each row `y` of `o` upsampled to `w` × `h` as [`upsampled_nearest`]
+/// does, without making the whole image.
+fn for_nearest_rows<T: Copy>(
+    o: &[T],
+    (sw, sh): (usize, usize),
+    (w, h): (usize, usize),
+    shift: u32,
+    mut f: impl FnMut(usize, &[T]),
+) {
+    let k = 1usize << shift;
     let mut row = Vec::with_capacity(w.max(sw * k));
     for y in 0..h {
         if y % k == 0 && (y >> shift) < sh {
@@ -410,9 +425,8 @@ fn upsampled_nearest<T: Copy>(
             }
             row.resize(w, coarse[sw - 1]);
         }
-        out.extend_from_slice(&row[..w]);
+        f(y, &row[..w]);
     }
-    out
 }
 
 /// A flow field negated (the next pair's initial flow in the opposite direction).
@@ -647,12 +661,12 @@ fn cap_confidence(
     if cap.len() != dis_size.0 * dis_size.1 || conf.len() != full.0 * full.1 || cap.is_empty() {
         return;
     }
-    for (c, m) in conf
-        .iter_mut()
-        .zip(upsampled_nearest(cap, dis_size, full, shift))
-    {
-        *c = c.min(m);
-    }
+    // Row by row: a full-resolution copy of the caps cost as much again in page faults.
+    for_nearest_rows(cap, dis_size, full, shift, |y, caps| {
+        for (c, &m) in conf[y * full.0..(y + 1) * full.0].iter_mut().zip(caps) {
+            *c = c.min(m);
+        }
+    });
 }
 
 /// One direction of a pair as its chain in `push` leaves it.
