@@ -340,25 +340,39 @@ impl SynthWorld {
     }
 
     /// The linear RGB the camera sees at time `t` (frames): one render, or with a rolling
-    /// shutter each band of rows rendered at the time it is read.
+    /// shutter each band of rows rendered at the time it is read. `k` is the frame's camera or,
+    /// through a lens, the pinhole canvas behind it (taller than the frame): a band is read when
+    /// the sensor reads the frame row it falls on (along the principal column), so the readout
+    /// spans the frame's rows, as a sensor's does.
     fn render_at(&self, t: f64, k: &Intrinsics) -> Vec<[f32; 3]> {
         let rolling = f64::from(self.config.degrade.rolling);
         if rolling <= 0.0 {
             return render(&self.scene, k, &self.pose_at(t)).rgb;
         }
         let k = *k;
+        let frame = self.intrinsics;
+        let k1 = f64::from(self.config.degrade.lens);
+        // The frame row (pixel centres) a row of `k` falls on.
+        let frame_row = |row: f64| {
+            let y = (row - k.cy) / k.fy;
+            frame.cy + frame.fy * y * (1.0 + k1 * y * y)
+        };
         let mut rgb = Vec::with_capacity(k.width as usize * k.height as usize);
-        let bands = ROLLING_BANDS.min(k.height);
+        // Bands as tall as the frame's 16 would be.
+        let bands = (ROLLING_BANDS * k.height)
+            .div_ceil(frame.height.max(1))
+            .clamp(1, k.height);
         for b in 0..bands {
             let (r0, r1) = (k.height * b / bands, k.height * (b + 1) / bands);
-            let middle = f64::from(r0 + r1) * 0.5 / f64::from(k.height);
+            let middle =
+                (frame_row(f64::from(r0 + r1) * 0.5 - 0.5) + 0.5) / f64::from(frame.height);
             // The band alone: the same camera with its rows cropped.
             let band = Intrinsics {
                 cy: k.cy - f64::from(r0),
                 height: r1 - r0,
                 ..k
             };
-            let when = t + rolling * (middle - 0.5);
+            let when = t + rolling * (middle.clamp(0.0, 1.0) - 0.5);
             rgb.extend(render(&self.scene, &band, &self.pose_at(when)).rgb);
         }
         rgb
