@@ -399,7 +399,7 @@ fn upsampled_nearest<T: Copy>(
 ) -> Vec<T> {
     let mut out = Vec::with_capacity(w * h);
     for_nearest_rows(o, coarse, (w, h), shift, |_, row| {
-        out.extend_from_slice(row)
+        out.extend_from_slice(row);
     });
     out
 }
