@@ -113,8 +113,13 @@ fn main() {
             v
         })
         .unwrap_or_default();
-    // `--no-rolling-model`: flowvo is not told the rolling shutter's readout.
-    let rolling_model = !args.iter().any(|a| a == "--no-rolling-model");
+    // A rolling shutter's readout is the camera's, known as its calibration is: flowvo is told
+    // it unless `--no-rolling-model`.
+    let readout = if args.iter().any(|a| a == "--no-rolling-model") {
+        0.0
+    } else {
+        f64::from(degrade.rolling)
+    };
     // `--speed=F`: the camera moves F times as far a frame.
     let speed: f64 = arg("--speed=", &args).map_or(1.0, |v| v.parse().expect("--speed"));
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
@@ -149,13 +154,8 @@ fn main() {
             }
             for (vi, (name, config)) in variants.iter().enumerate() {
                 let mut flow = DisEngine::new(flow_config.clone()).expect("dis");
-                // A rolling shutter's readout is the camera's, known as its calibration is.
                 let mut vo = FlowVo::new(FlowVoConfig {
-                    rolling_shutter: if rolling_model {
-                        f64::from(degrade.rolling)
-                    } else {
-                        0.0
-                    },
+                    rolling_shutter: readout,
                     ..config.clone()
                 });
                 let mut out = Vec::new();

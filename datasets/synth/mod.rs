@@ -51,6 +51,11 @@ pub struct Degrade {
     pub lens: f32,
 }
 
+/// The lens's radial factor at undistorted normalised coordinates: x_d = x_u · this.
+fn radial(k1: f64, x: f64, y: f64) -> f64 {
+    1.0 + k1 * (x * x + y * y)
+}
+
 /// The frame seen through the lens: each pixel sampled bilinearly at its place in the pinhole
 /// image (`map`, from [`SynthWorld::lens_pinhole`]).
 fn through_lens(rgb: &[[f32; 3]], k: &Intrinsics, map: &[[f32; 2]]) -> Vec<[f32; 3]> {
@@ -355,7 +360,7 @@ impl SynthWorld {
         // The frame row (pixel centres) a row of `k` falls on.
         let frame_row = |row: f64| {
             let y = (row - k.cy) / k.fy;
-            frame.cy + frame.fy * y * (1.0 + k1 * y * y)
+            frame.cy + frame.fy * y * radial(k1, 0.0, y)
         };
         let mut rgb = Vec::with_capacity(k.width as usize * k.height as usize);
         // Bands as tall as the frame's 16 would be.
@@ -479,7 +484,7 @@ impl SynthWorld {
                 let yd = ((i / w) as f64 - k.cy) / k.fy;
                 let (mut x, mut y) = (xd, yd);
                 for _ in 0..20 {
-                    let f = 1.0 + k1 * (x * x + y * y);
+                    let f = radial(k1, x, y);
                     (x, y) = (xd / f, yd / f);
                 }
                 [x, y]

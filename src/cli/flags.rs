@@ -188,7 +188,7 @@ pub(super) struct EngineFlags {
     /// flowvo: the camera's rolling-shutter readout, first row to last, as a fraction of the
     /// frame interval (0 = a global shutter; phones read in about 0.5–0.9 of it at 30
     /// frames/s). Track observations are moved along their flow to the frame's time.
-    #[arg(long, default_value_t = 0.0, value_name = "FRACTION")]
+    #[arg(long, default_value_t = RunOptions::default().rolling_shutter, value_name = "FRACTION")]
     rolling_shutter: f64,
     /// Loop closure: recognise places seen again (ORB keyframes, verified by PnP), relocalise
     /// in an earlier map after tracking loss, and correct the trajectory files at the end with
