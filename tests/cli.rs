@@ -359,17 +359,50 @@ fn bad_sources_get_clear_errors() {
     assert!(e.contains("nothing"), "{e}");
 }
 
+/// Three 64×48 frames under `dir/seq`.
+fn tiny_sequence(dir: &Path) -> std::path::PathBuf {
+    common::synth_sequence(&dir.join("seq"), TrajectoryKind::Smooth, 3, 64, 48, 1)
+}
+
+#[test]
+fn a_cuda_device_where_none_can_be_used_is_one_clear_line() {
+    // No GPU here: a build without `cuda` says how to get one, a `cuda` build that there is no
+    // driver; either way one line that names CUDA, before any output is written.
+    let dir = tempfile::tempdir().unwrap();
+    let seq = tiny_sequence(dir.path());
+    let out = dir.path().join("out");
+    let (seq, o) = (seq.to_str().unwrap(), out.to_str().unwrap());
+    for args in [
+        &["run", seq, "--out", o, "--device", "cuda"][..],
+        &[
+            "model", "bench", "vggt", "--frames", "1", "--device", "cuda:1",
+        ],
+        &[
+            "model",
+            "--device",
+            "cuda",
+            "run",
+            "--weights",
+            "w",
+            "--frames",
+            "f",
+            "--out",
+            o,
+        ],
+    ] {
+        let e = run_err(args);
+        assert!(e.starts_with("error: CUDA"), "{args:?}: {e}");
+        assert_eq!(e.trim_end().lines().count(), 1, "{args:?}: {e}");
+    }
+    assert!(!out.exists(), "a refused device left an output folder");
+    let e = run_err(&["run", seq, "--out", o, "--device", "gpu"]);
+    assert!(e.contains("expected cpu, cuda or cuda:N"), "{e}");
+}
+
 #[test]
 fn unwritable_output_folder_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = common::synth_sequence(
-        &dir.path().join("seq"),
-        TrajectoryKind::Smooth,
-        3,
-        64,
-        48,
-        1,
-    );
+    let seq = tiny_sequence(dir.path());
     let blocker = dir.path().join("a-file");
     std::fs::write(&blocker, b"x").unwrap();
     let out = blocker.join("out");

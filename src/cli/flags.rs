@@ -7,7 +7,7 @@ use clap::{Args, Parser, ValueEnum};
 
 use streamrecon::flow::dis::{DisBackend, DisPreset};
 use streamrecon::pipeline::options::{
-    DtypeName, FlowEngineName, GeometryEngineName, MemoryUpdateName,
+    DeviceName, DtypeName, FlowEngineName, GeometryEngineName, MemoryUpdateName,
 };
 use streamrecon::pipeline::{PipelineConfig, RunOptions};
 use streamrecon::source::SourceOptions;
@@ -219,6 +219,10 @@ pub(super) struct EngineFlags {
     /// `vggt` compute precision (f16/bf16 halve memory; on the CPU they are slower than f32).
     #[arg(long, value_enum, default_value = "f32")]
     model_dtype: DtypeName,
+    /// Where the learned models compute: cpu, cuda or cuda:N (a build with `--features cuda`
+    /// and an NVIDIA GPU).
+    #[arg(long, default_value = "cpu", value_name = "cpu|cuda[:N]")]
+    device: DeviceName,
     /// `vggt` camera-head cache: frame 0 plus the N most recent frames (0 = unbounded, as the
     /// reference).
     #[arg(long, default_value_t = RunOptions::default().camera_window, value_name = "N")]
@@ -318,6 +322,7 @@ impl EngineFlags {
             admit_threshold: self.admit_threshold,
             novelty_gamma: self.novelty_gamma,
             model_dtype: self.model_dtype,
+            device: self.device,
             camera_window: self.camera_window,
             stabilize: self.stabilize == OnOff::On,
             stabilize_latency: self.stabilize_latency,

@@ -27,7 +27,7 @@ mod serve;
 
 use eval::{cmd_eval, EvalCommand};
 use flags::{DisFlags, EngineFlags, RerunFlags, SourceFlags, VideoFlowFlags};
-use model::{cmd_model, ModelCommand};
+use model::{cmd_model, ModelArgs};
 use serve::{cmd_serve, cmd_view, cmd_worker, ServeArgs, ViewArgs, WorkerArgs};
 
 const EXAMPLES: &str = "Examples:
@@ -68,8 +68,7 @@ enum Command {
     /// Show a recording (.rrd) in rerun's web viewer in any browser, served by this binary.
     View(ViewArgs),
     /// Run a learned model directly on tensors (parity checks against the reference code).
-    #[command(subcommand)]
-    Model(ModelCommand),
+    Model(ModelArgs),
 }
 
 #[derive(Args)]

@@ -3,9 +3,24 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 
-use streamrecon::pipeline::options::DtypeName;
+use streamrecon::pipeline::options::{DeviceName, DtypeName};
+
+#[derive(Args)]
+pub(super) struct ModelArgs {
+    #[command(subcommand)]
+    command: ModelCommand,
+    /// Where the model computes: cpu, cuda or cuda:N (a build with `--features cuda` and an
+    /// NVIDIA GPU).
+    #[arg(
+        long,
+        global = true,
+        default_value = "cpu",
+        value_name = "cpu|cuda[:N]"
+    )]
+    device: DeviceName,
+}
 
 #[derive(Subcommand)]
 pub(super) enum ModelCommand {
@@ -134,9 +149,11 @@ pub(super) fn save_tensors(
     Ok(())
 }
 
-pub(super) fn cmd_model(cmd: &ModelCommand) -> Result<()> {
+pub(super) fn cmd_model(args: &ModelArgs) -> Result<()> {
     use streamrecon::models::parity::{load_tensor_spec, vggt_config, vggt_outputs};
     use streamrecon::models::vggt::StreamVggt;
+    args.device.check()?;
+    let cmd = &args.command;
     let (model_config, weights, frames, total_budget, dtype, out) = match cmd {
         ModelCommand::Run {
             model_config,

@@ -27,6 +27,9 @@ pub enum Error {
     Rerun(String),
     #[error("model: {0}")]
     Model(String),
+    /// A compute device that was asked for and cannot be used (the message names it: "CUDA: …").
+    #[error("{0}")]
+    Device(String),
 }
 
 #[cfg(feature = "opencv")]

@@ -77,6 +77,75 @@ impl From<DtypeName> for ModelDtype {
     }
 }
 
+/// Where the learned models compute: `cpu`, or `cuda` / `cuda:N` (CUDA device N, default 0).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum DeviceName {
+    #[default]
+    Cpu,
+    Cuda(usize),
+}
+
+impl std::str::FromStr for DeviceName {
+    type Err = String;
+
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("device {s:?}: expected cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl std::fmt::Display for DeviceName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl TryFrom<String> for DeviceName {
+    type Error = String;
+
+    fn try_from(s: String) -> std::result::Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<DeviceName> for String {
+    fn from(d: DeviceName) -> Self {
+        d.to_string()
+    }
+}
+
+impl DeviceName {
+    /// Checks that the models can compute on this device before anything is read or written.
+    ///
+    /// # Errors
+    /// For CUDA: a build without the `cuda` feature, no driver, no such device (each in one
+    /// line that names CUDA), or, with a device there, that the models do not run on CUDA yet.
+    pub fn check(self) -> Result<()> {
+        let Self::Cuda(ordinal) = self else {
+            return Ok(());
+        };
+        let info = streamrecon_kernels::probe(ordinal).map_err(|e| Error::Device(e.to_string()))?;
+        Err(Error::Device(format!(
+            "CUDA: device {ordinal} ({}, {:.1} GiB, compute capability {}.{}) is there, but the models do not run on CUDA in this version (candle's CUDA backend is not built in yet): use --device cpu",
+            info.name,
+            info.memory_bytes as f64 / f64::from(1u32 << 30),
+            info.compute_capability.0,
+            info.compute_capability.1
+        )))
+    }
+}
+
 /// Everything a run can be configured with. Every field has a default (`RunOptions::default()`,
 /// stated on each field); JSON input may give any subset and nothing else.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -166,6 +235,9 @@ pub struct RunOptions {
     pub novelty_gamma: f32,
     /// vggt compute precision (default `f32`).
     pub model_dtype: DtypeName,
+    /// Where the learned models compute (default `cpu`; `cuda[:N]` needs a build with the
+    /// `cuda` feature and an NVIDIA GPU).
+    pub device: DeviceName,
     /// vggt camera-head cache: frame 0 plus this many recent frames (default 32; 0 = unbounded,
     /// as the reference).
     pub camera_window: usize,
@@ -241,6 +313,7 @@ impl Default for RunOptions {
             admit_threshold: 0.1,
             novelty_gamma: 0.2,
             model_dtype: DtypeName::F32,
+            device: DeviceName::Cpu,
             camera_window: DEFAULT_CAMERA_WINDOW,
             loop_closure: None,
             stabilize: false,
@@ -500,6 +573,7 @@ impl RunOptions {
     /// [`RunOptions::validate`], [`RunOptions::flow_choice`], [`RunOptions::geometry_choice`].
     pub fn pipeline_config(&self) -> Result<PipelineConfig> {
         self.validate()?;
+        self.device.check()?;
         let geometry = self.geometry_choice()?;
         let loop_closure = self
             .loop_closure
@@ -541,6 +615,14 @@ mod tests {
         );
         let e = serde_json::from_str::<RunOptions>(r#"{"presett": "medium"}"#).unwrap_err();
         assert!(e.to_string().contains("unknown field `presett`"), "{e}");
+        let o: RunOptions = serde_json::from_str(r#"{"device": "cuda:1"}"#).unwrap();
+        assert_eq!(o.device, DeviceName::Cuda(1));
+        assert_eq!(serde_json::to_value(o.device).unwrap(), "cuda:1");
+        let e = serde_json::from_str::<RunOptions>(r#"{"device": "gpu"}"#).unwrap_err();
+        assert!(
+            e.to_string().contains("expected cpu, cuda or cuda:N"),
+            "{e}"
+        );
         // What the defaults serialise to reads back the same.
         let back: RunOptions =
             serde_json::from_value(serde_json::to_value(RunOptions::default()).unwrap()).unwrap();

@@ -211,18 +211,7 @@ impl LayerKv {
                     for (s, p) in scores.iter_mut().zip(&priority[h][anchor..]) {
                         *s -= p;
                     }
-                    let mut order: Vec<u32> = (0..cand as u32).collect();
-                    let by_score = |a: &u32, b: &u32| {
-                        scores[*a as usize]
-                            .total_cmp(&scores[*b as usize])
-                            .then(a.cmp(b))
-                    };
-                    if keep < cand {
-                        order.select_nth_unstable_by(keep, by_score);
-                        order.truncate(keep);
-                    }
-                    order.sort_unstable();
-                    (order, sum)
+                    (kept_candidates(&scores, keep), sum)
                 })
                 .collect()
         })?;
@@ -331,9 +320,28 @@ fn keep_entries<T: Copy>(old: &[T], anchor: usize, order: &[u32]) -> Vec<T> {
         .collect()
 }
 
-/// Per candidate: dot product of its L2-normalised key with the mean normalised key. The
-/// normalised keys are recomputed rather than stored (the same arithmetic, so the same scores).
-fn redundancy_scores(keys: &[f32], d: usize) -> Vec<f32> {
+/// The `keep` candidates with the lowest scores (ties to the earlier position), in ascending
+/// position: a linear-time selection, the same set as a full sort by (score, position).
+pub fn kept_candidates(scores: &[f32], keep: usize) -> Vec<u32> {
+    let cand = scores.len();
+    let mut order: Vec<u32> = (0..cand as u32).collect();
+    let by_score = |a: &u32, b: &u32| {
+        scores[*a as usize]
+            .total_cmp(&scores[*b as usize])
+            .then(a.cmp(b))
+    };
+    if keep < cand {
+        order.select_nth_unstable_by(keep, by_score);
+        order.truncate(keep);
+    }
+    order.sort_unstable();
+    order
+}
+
+/// Per candidate (rows of `d` values): dot product of its L2-normalised key with the mean
+/// normalised key. The normalised keys are recomputed rather than stored (the same arithmetic,
+/// so the same scores).
+pub fn redundancy_scores(keys: &[f32], d: usize) -> Vec<f32> {
     let cand = keys.len() / d;
     let norms: Vec<f32> = keys
         .chunks_exact(d)

@@ -43,6 +43,11 @@ impl CorrBlock {
         })
     }
 
+    /// The volume's levels, each `[B·h1·w1, 1, h2ₗ, w2ₗ]`.
+    pub fn pyramid(&self) -> &[Tensor] {
+        &self.pyramid
+    }
+
     /// `coords [B, 2, h1, w1]` (x, y) → `[B, L·(2r+1)², h1, w1]`; channel `level·81 + a·9 + b`,
     /// where window axis `a` offsets x and `b` offsets y.
     ///
