@@ -311,6 +311,14 @@ fn sessions_choose_their_engine_and_bad_requests_are_refused() {
     let long_name = format!(r#"{{"name": "{}"}}"#, "n".repeat(100_000));
     for (what, st_want, body, says) in [
         ("a wrong type", 400, r#"{"voxel": "big"}"#, "expected f32"),
+        // No GPU here (nor a `cuda` build in the tests): refused before the session starts.
+        ("a CUDA device", 400, r#"{"device": "cuda:0"}"#, "CUDA:"),
+        (
+            "a device name",
+            400,
+            r#"{"device": "gpu"}"#,
+            "expected cpu, cuda",
+        ),
         (
             "a 100 kB name",
             400,
