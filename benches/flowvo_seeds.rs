@@ -5,7 +5,7 @@
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
 //! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--no-spatial-fill] [--degrade=SPEC]
-//! [--photos=DIR] [--speed=F] [--no-rolling-model]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
+//! [--photos=DIR] [--speed=F] [--no-rolling-model] [--dump=DIR]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames; through
@@ -13,6 +13,7 @@
 //! with a rolling shutter (`--degrade=…,rolling=R`) flowvo is told its readout R
 //! (`--rolling-shutter`), unless `--no-rolling-model`.
 
+use streamrecon::datasets::formats::tum::{write_tum, StampedPose};
 use streamrecon::datasets::synth::{SceneKind, SynthConfig, SynthWorld, TrajectoryKind};
 use streamrecon::eval::depth::{median_scale, DepthMetricsAcc};
 use streamrecon::eval::pose::pose_metrics;
@@ -121,6 +122,12 @@ fn main() {
         f64::from(degrade.rolling)
     };
     // `--speed=F`: the camera moves F times as far a frame.
+    // `--dump=DIR`: each run's estimated and true trajectories as TUM files (frame index as the
+    // timestamp), for looking into a sequence.
+    let dump = arg("--dump=", &args).map(std::path::PathBuf::from);
+    if let Some(dir) = &dump {
+        std::fs::create_dir_all(dir).expect("--dump folder");
+    }
     let speed: f64 = arg("--speed=", &args).map_or(1.0, |v| v.parse().expect("--speed"));
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
     // Sequences run and those within 1 % of the path, per variant.
@@ -183,6 +190,20 @@ fn main() {
                     }
                 }
                 reproj.sort_by(f64::total_cmp);
+                if let Some(dir) = &dump {
+                    let stamped = |poses: &[Pose]| -> Vec<StampedPose> {
+                        out.iter()
+                            .zip(poses)
+                            .map(|(g, &p)| StampedPose {
+                                timestamp: g.index as f64,
+                                world_from_cam: p,
+                            })
+                            .collect()
+                    };
+                    let stem = format!("{trajectory:?}-{seed}-{name}").to_lowercase();
+                    write_tum(&dir.join(format!("{stem}-est.txt")), &stamped(&est)).expect("dump");
+                    write_tum(&dir.join(format!("{stem}-gt.txt")), &stamped(&gt)).expect("dump");
+                }
                 let ate = m.ate_rmse_over_length * 100.0;
                 worst[vi] = worst[vi].max(ate);
                 within[vi].0 += 1;
