@@ -30,6 +30,8 @@ fn main() {
         build.file(s);
         println!("cargo:rerun-if-changed={}", s.display());
     }
+    // The folder itself, so that a new kernel file is picked up.
+    println!("cargo:rerun-if-changed={}", dir.display());
     println!("cargo:rerun-if-changed={}", header.display());
     println!(
         "cargo:rerun-if-changed={}",

@@ -214,3 +214,36 @@ fn kv_pruning_keeps_and_moves_what_the_cpu_does() {
             .all(|v| v.is_nan()));
     }
 }
+
+#[test]
+fn attention_over_a_cache_matches_its_cpu_twin() {
+    use streamrecon_kernels::Attention;
+    use streamrecon_models::attention::sdpa;
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(5);
+    let s = Attention {
+        heads: 3,
+        n: 10,
+        m: 37,
+        cap: 50,
+        d: 16,
+        scale: 0.25,
+    };
+    let q = random(&mut rng, s.heads * s.n * s.d, -2.0, 2.0);
+    // Large logits on purpose: the online softmax must rescale as its maximum moves.
+    let k = random(&mut rng, s.heads * s.cap * s.d, -3.0, 3.0);
+    let v = random(&mut rng, s.heads * s.cap * s.d, -1.0, 1.0);
+    let cache = |x: &[f32]| {
+        Tensor::from_slice(x, (1, s.heads, s.cap, s.d), &Device::Cpu)
+            .unwrap()
+            .narrow(2, 0, s.m)
+            .unwrap()
+    };
+    let qt = Tensor::from_slice(&q, (1, s.heads, s.n, s.d), &Device::Cpu).unwrap();
+    let want = sdpa(&qt, &cache(&k), &cache(&v), f64::from(s.scale)).unwrap();
+    let mut got = vec![f32::NAN; q.len()];
+    emulate::attention(s, &q, &k, &v, &mut got).unwrap();
+    let err = relative_error(&got, &values(&want));
+    assert!(err <= 1e-5, "attention: relative error {err:e}");
+    let none = Attention { m: 0, ..s };
+    assert!(emulate::attention(none, &q, &k, &v, &mut got).is_err());
+}

@@ -11,8 +11,8 @@ use cudarc::driver::{
 use cudarc::nvrtc::{CompileError, Ptx};
 
 use crate::{
-    blocks_for, CorrLookup, Depthwise, DeviceInfo, Error, GridSample, KvPrune, Result, Source,
-    SOURCES, THREADS_PER_BLOCK,
+    blocks_for, Attention, CorrLookup, Depthwise, DeviceInfo, Error, GridSample, KvPrune, Result,
+    Source, SOURCES, THREADS_PER_BLOCK,
 };
 
 fn driver_error(e: cudarc::driver::DriverError) -> Error {
@@ -210,6 +210,31 @@ impl Gpu {
             launch.arg(v);
         }
         launch.arg(&s.scale).arg(&channel0).arg(&channels);
+        // SAFETY: as for grid_sample_pixels.
+        unsafe { launch.launch(config(s.threads())?) }.map_err(driver_error)?;
+        Ok(())
+    }
+
+    /// `attention_f32` (see [`crate::emulate::attention`]).
+    ///
+    /// # Errors
+    /// Shape mismatch or a launch error.
+    pub fn attention(
+        &self,
+        s: Attention,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        out: &mut CudaSlice<f32>,
+    ) -> Result<()> {
+        let [heads, n, m, cap, d] = s.check(q.len(), k.len(), v.len(), out.len())?;
+        let f = self.function("attention_f32")?;
+        let mut launch = self.stream.launch_builder(f);
+        launch.arg(q).arg(k).arg(v).arg(out);
+        for x in [&heads, &n, &m, &cap, &d] {
+            launch.arg(x);
+        }
+        launch.arg(&s.scale);
         // SAFETY: as for grid_sample_pixels.
         unsafe { launch.launch(config(s.threads())?) }.map_err(driver_error)?;
         Ok(())

@@ -4,7 +4,9 @@
 
 use std::os::raw::{c_float, c_int, c_uint};
 
-use crate::{blocks_for, CorrLookup, Depthwise, GridSample, KvPrune, Result, THREADS_PER_BLOCK};
+use crate::{
+    blocks_for, Attention, CorrLookup, Depthwise, GridSample, KvPrune, Result, THREADS_PER_BLOCK,
+};
 
 extern "C" {
     fn streamrecon_emu_index(block: c_uint, thread: c_uint, block_dim: c_uint, grid_dim: c_uint);
@@ -44,6 +46,18 @@ extern "C" {
         scale: c_float,
         channel0: c_int,
         channels: c_int,
+    );
+    fn attention_f32(
+        q: *const c_float,
+        k: *const c_float,
+        v: *const c_float,
+        out: *mut c_float,
+        heads: c_int,
+        n: c_int,
+        m: c_int,
+        cap: c_int,
+        d: c_int,
+        scale: c_float,
     );
     fn kv_key_norms_f32(
         keys: *const c_float,
@@ -183,6 +197,30 @@ pub fn corr_lookup(s: CorrLookup, corr: &[f32], coords: &[f32], out: &mut [f32])
             s.scale,
             channel0,
             channels,
+        );
+    })
+}
+
+/// `attention_f32` into `out`.
+///
+/// # Errors
+/// Buffer lengths that do not match the shape, a head size over 256 or no cache rows.
+pub fn attention(s: Attention, q: &[f32], k: &[f32], v: &[f32], out: &mut [f32]) -> Result<()> {
+    let [heads, n, m, cap, d] = s.check(q.len(), k.len(), v.len(), out.len())?;
+    let out = out.as_mut_ptr();
+    // SAFETY: as for grid_sample_pixels.
+    launch(s.threads(), || unsafe {
+        attention_f32(
+            q.as_ptr(),
+            k.as_ptr(),
+            v.as_ptr(),
+            out,
+            heads,
+            n,
+            m,
+            cap,
+            d,
+            s.scale,
         );
     })
 }

@@ -1,6 +1,7 @@
 //! streamrecon's CUDA kernels: the ops the models need that candle does not provide on the GPU,
 //! or provides slowly (bilinear `grid_sample` in pixels, the 15×15 depthwise convolution,
-//! VideoFlow's correlation lookup, InfiniteVGGT's KV-cache pruning and compaction).
+//! VideoFlow's correlation lookup, attention over a K/V cache without the score matrix,
+//! InfiniteVGGT's KV-cache pruning and compaction).
 //!
 //! The sources (`kernels/*.cu`) are compiled at run time through NVRTC, so a build needs no CUDA
 //! toolkit and no GPU. The same sources are also built as C++ for the CPU ([`emulate`]): the
@@ -16,7 +17,7 @@ mod shapes;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 
-pub use shapes::{CorrLookup, Depthwise, GridSample, KvPrune};
+pub use shapes::{Attention, CorrLookup, Depthwise, GridSample, KvPrune};
 
 /// One kernel source file and the kernels it defines.
 #[derive(Debug, Clone, Copy)]
@@ -42,6 +43,11 @@ pub const SOURCES: &[Source] = &[
         file: "corr_lookup.cu",
         text: include_str!("../corr_lookup.cu"),
         kernels: &["corr_lookup_f32"],
+    },
+    Source {
+        file: "attention.cu",
+        text: include_str!("../attention.cu"),
+        kernels: &["attention_f32"],
     },
     Source {
         file: "kv_prune.cu",

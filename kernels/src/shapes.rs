@@ -183,3 +183,42 @@ impl KvPrune {
         ])
     }
 }
+
+/// `attention_f32`: `q, out [heads, n, d]`, `k, v [heads, cap, d]` of which rows `0..m` are
+/// attended to; `d` at most 256.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Attention {
+    pub heads: usize,
+    pub n: usize,
+    pub m: usize,
+    pub cap: usize,
+    pub d: usize,
+    pub scale: f32,
+}
+
+impl Attention {
+    pub(crate) fn check(&self, q: usize, k: usize, v: usize, out: usize) -> Result<[i32; 5]> {
+        let kn = "attention";
+        if self.d == 0 || self.d > 256 || self.m == 0 || self.m > self.cap {
+            return Err(Error::Shape(format!(
+                "{kn}: head size {} (1..=256), {} of {} cache rows (at least 1)",
+                self.d, self.m, self.cap
+            )));
+        }
+        check_len(kn, "q", q, self.heads * self.n * self.d)?;
+        check_len(kn, "k", k, self.heads * self.cap * self.d)?;
+        check_len(kn, "v", v, self.heads * self.cap * self.d)?;
+        check_len(kn, "out", out, self.heads * self.n * self.d)?;
+        Ok([
+            int(kn, self.heads)?,
+            int(kn, self.n)?,
+            int(kn, self.m)?,
+            int(kn, self.cap)?,
+            int(kn, self.d)?,
+        ])
+    }
+
+    pub(crate) fn threads(&self) -> usize {
+        self.heads * self.n
+    }
+}

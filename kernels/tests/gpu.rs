@@ -7,7 +7,9 @@
 
 use streamrecon_kernels::cuda::{self, Gpu};
 use streamrecon_kernels::SOURCES;
-use streamrecon_kernels::{emulate, probe, CorrLookup, Depthwise, Error, GridSample, KvPrune};
+use streamrecon_kernels::{
+    emulate, probe, Attention, CorrLookup, Depthwise, Error, GridSample, KvPrune,
+};
 
 fn required(var: &str) -> bool {
     std::env::var_os(var).is_some_and(|v| v == "1")
@@ -157,6 +159,26 @@ fn kernels_on_the_device_match_their_emulation() {
     gpu.corr_lookup(s, &up(&corr), &up(&coords), &mut out)
         .unwrap();
     close("corr_lookup", &down(&out), &want);
+
+    let s = Attention {
+        heads: 4,
+        n: 70,
+        m: 900,
+        cap: 1000,
+        d: 64,
+        scale: 0.125,
+    };
+    let q = rng.values(s.heads * s.n * s.d, -2.0, 2.0);
+    let (k, v) = (
+        rng.values(s.heads * s.cap * s.d, -2.0, 2.0),
+        rng.values(s.heads * s.cap * s.d, -1.0, 1.0),
+    );
+    let mut want = vec![0.0; q.len()];
+    emulate::attention(s, &q, &k, &v, &mut want).unwrap();
+    let mut out = st.alloc_zeros::<f32>(q.len()).unwrap();
+    gpu.attention(s, &up(&q), &up(&k), &up(&v), &mut out)
+        .unwrap();
+    close("attention", &down(&out), &want);
 
     let s = KvPrune {
         heads: 4,
