@@ -121,13 +121,13 @@ fn main() {
     } else {
         f64::from(degrade.rolling)
     };
-    // `--speed=F`: the camera moves F times as far a frame.
     // `--dump=DIR`: each run's estimated and true trajectories as TUM files (frame index as the
     // timestamp), for looking into a sequence.
     let dump = arg("--dump=", &args).map(std::path::PathBuf::from);
     if let Some(dir) = &dump {
         std::fs::create_dir_all(dir).expect("--dump folder");
     }
+    // `--speed=F`: the camera moves F times as far a frame.
     let speed: f64 = arg("--speed=", &args).map_or(1.0, |v| v.parse().expect("--speed"));
     let mut worst: Vec<f64> = vec![0.0; variants.len()];
     // Sequences run and those within 1 % of the path, per variant.

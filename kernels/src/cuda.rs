@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchConfig, PushKernelArg,
+    CudaContext, CudaFunction, CudaSlice, CudaStream, LaunchArgs, LaunchConfig, PushKernelArg,
 };
 use cudarc::nvrtc::{CompileError, Ptx};
 
@@ -92,6 +92,17 @@ fn config(threads: usize) -> Result<LaunchConfig> {
     })
 }
 
+/// Launches `launch` over `threads` threads.
+///
+/// # Safety
+/// The arguments added to `launch` match its kernel's signature, and every buffer is as long as
+/// the kernel indexes it for that many threads (the shapes' `check`s).
+unsafe fn run(mut launch: LaunchArgs<'_>, threads: usize) -> Result<()> {
+    // SAFETY: the caller's.
+    unsafe { launch.launch(config(threads)?) }.map_err(driver_error)?;
+    Ok(())
+}
+
 fn check_slice<T>(kernel: &str, what: &str, s: &CudaSlice<T>, want: usize) -> Result<()> {
     if s.len() == want {
         Ok(())
@@ -134,10 +145,13 @@ impl Gpu {
         &self.stream
     }
 
-    fn function(&self, name: &str) -> Result<&CudaFunction> {
-        self.functions
+    /// A launch of kernel `name` on this device's stream: add its arguments, then [`run`].
+    fn kernel(&self, name: &str) -> Result<LaunchArgs<'_>> {
+        let f = self
+            .functions
             .get(name)
-            .ok_or_else(|| Error::Shape(format!("no kernel {name} loaded")))
+            .ok_or_else(|| Error::Driver(format!("no kernel {name} loaded")))?;
+        Ok(self.stream.launch_builder(f))
     }
 
     /// `grid_sample_pixels_f32` (see [`crate::emulate::grid_sample_pixels`]).
@@ -151,17 +165,15 @@ impl Gpu {
         coords: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let [n, c, h, w, ho, wo] = s.check(img.len(), coords.len(), out.len())?;
-        let f = self.function("grid_sample_pixels_f32")?;
-        let mut launch = self.stream.launch_builder(f);
-        launch.arg(img).arg(coords).arg(out);
-        for v in [&n, &c, &h, &w, &ho, &wo] {
-            launch.arg(v);
+        let dims = s.check(img.len(), coords.len(), out.len())?;
+        let mut l = self.kernel("grid_sample_pixels_f32")?;
+        l.arg(img).arg(coords).arg(out);
+        for v in &dims {
+            l.arg(v);
         }
         // SAFETY: the argument list matches the kernel's signature, and the buffers' lengths
         // were checked against the shape it indexes by.
-        unsafe { launch.launch(config(s.threads())?) }.map_err(driver_error)?;
-        Ok(())
+        unsafe { run(l, s.threads()) }
     }
 
     /// `depthwise_conv2d_f32` (see [`crate::emulate::depthwise_conv2d`]).
@@ -177,17 +189,16 @@ impl Gpu {
         out: &mut CudaSlice<f32>,
         residual_gelu: bool,
     ) -> Result<()> {
-        let [n, c, h, w, k] = s.check(x.len(), weight.len(), bias.len(), out.len())?;
+        let dims = s.check(x.len(), weight.len(), bias.len(), out.len())?;
         let gelu = i32::from(residual_gelu);
-        let f = self.function("depthwise_conv2d_f32")?;
-        let mut launch = self.stream.launch_builder(f);
-        launch.arg(x).arg(weight).arg(bias).arg(out);
-        for v in [&n, &c, &h, &w, &k, &gelu] {
-            launch.arg(v);
+        let mut l = self.kernel("depthwise_conv2d_f32")?;
+        l.arg(x).arg(weight).arg(bias).arg(out);
+        for v in &dims {
+            l.arg(v);
         }
+        l.arg(&gelu);
         // SAFETY: as for grid_sample_pixels.
-        unsafe { launch.launch(config(s.threads())?) }.map_err(driver_error)?;
-        Ok(())
+        unsafe { run(l, s.threads()) }
     }
 
     /// `corr_lookup_f32` for one level (see [`crate::emulate::corr_lookup`]).
@@ -203,16 +214,14 @@ impl Gpu {
     ) -> Result<()> {
         let [batch, h1, w1, hl, wl, radius, channel0, channels] =
             s.check(corr.len(), coords.len(), out.len())?;
-        let f = self.function("corr_lookup_f32")?;
-        let mut launch = self.stream.launch_builder(f);
-        launch.arg(corr).arg(coords).arg(out);
+        let mut l = self.kernel("corr_lookup_f32")?;
+        l.arg(corr).arg(coords).arg(out);
         for v in [&batch, &h1, &w1, &hl, &wl, &radius] {
-            launch.arg(v);
+            l.arg(v);
         }
-        launch.arg(&s.scale).arg(&channel0).arg(&channels);
+        l.arg(&s.scale).arg(&channel0).arg(&channels);
         // SAFETY: as for grid_sample_pixels.
-        unsafe { launch.launch(config(s.threads())?) }.map_err(driver_error)?;
-        Ok(())
+        unsafe { run(l, s.threads()) }
     }
 
     /// `attention_f32` (see [`crate::emulate::attention`]).
@@ -227,17 +236,15 @@ impl Gpu {
         v: &CudaSlice<f32>,
         out: &mut CudaSlice<f32>,
     ) -> Result<()> {
-        let [heads, n, m, cap, d] = s.check(q.len(), k.len(), v.len(), out.len())?;
-        let f = self.function("attention_f32")?;
-        let mut launch = self.stream.launch_builder(f);
-        launch.arg(q).arg(k).arg(v).arg(out);
-        for x in [&heads, &n, &m, &cap, &d] {
-            launch.arg(x);
+        let dims = s.check(q.len(), k.len(), v.len(), out.len())?;
+        let mut l = self.kernel("attention_f32")?;
+        l.arg(q).arg(k).arg(v).arg(out);
+        for x in &dims {
+            l.arg(x);
         }
-        launch.arg(&s.scale);
+        l.arg(&s.scale);
         // SAFETY: as for grid_sample_pixels.
-        unsafe { launch.launch(config(s.threads())?) }.map_err(driver_error)?;
-        Ok(())
+        unsafe { run(l, s.threads()) }
     }
 
     /// The selection launches of `kv_prune.cu`: scores `[heads, cand]` and slots (`-1`:
@@ -261,52 +268,46 @@ impl Gpu {
             alloc_f(per_row)?,
         );
         let (mut kept, mut slot) = (alloc_i(per_row)?, alloc_i(per_row)?);
-        let dims = [&heads, &cap, &anchor, &cand, &d];
+        let dims = [heads, cap, anchor, cand, d];
         // SAFETY (all five): each argument list matches its kernel's signature, and every
         // buffer was sized from the checked shape.
         unsafe {
-            let mut l = self
-                .stream
-                .launch_builder(self.function("kv_key_norms_f32")?);
+            let mut l = self.kernel("kv_key_norms_f32")?;
             l.arg(keys).arg(&mut norms);
-            for v in dims {
+            for v in &dims {
                 l.arg(v);
             }
-            l.launch(config(per_row)?).map_err(driver_error)?;
+            run(l, per_row)?;
 
-            let mut l = self
-                .stream
-                .launch_builder(self.function("kv_mean_key_f32")?);
+            let mut l = self.kernel("kv_mean_key_f32")?;
             l.arg(keys).arg(&norms).arg(&mut mean);
-            for v in dims {
+            for v in &dims {
                 l.arg(v);
             }
-            l.launch(config(s.heads * s.d)?).map_err(driver_error)?;
+            run(l, s.heads * s.d)?;
 
-            let mut l = self.stream.launch_builder(self.function("kv_scores_f32")?);
+            let mut l = self.kernel("kv_scores_f32")?;
             l.arg(keys)
                 .arg(&norms)
                 .arg(&mean)
                 .arg(priority)
                 .arg(&mut scores);
-            for v in dims {
+            for v in &dims {
                 l.arg(v);
             }
-            l.launch(config(per_row)?).map_err(driver_error)?;
+            run(l, per_row)?;
 
-            let mut l = self
-                .stream
-                .launch_builder(self.function("kv_rank_keep_f32")?);
+            let mut l = self.kernel("kv_rank_keep_f32")?;
             l.arg(&scores)
                 .arg(&mut kept)
                 .arg(&heads)
                 .arg(&cand)
                 .arg(&keep);
-            l.launch(config(per_row)?).map_err(driver_error)?;
+            run(l, per_row)?;
 
-            let mut l = self.stream.launch_builder(self.function("kv_keep_slots")?);
+            let mut l = self.kernel("kv_keep_slots")?;
             l.arg(&kept).arg(&mut slot).arg(&heads).arg(&cand);
-            l.launch(config(s.heads)?).map_err(driver_error)?;
+            run(l, s.heads)?;
         }
         Ok((scores, slot))
     }
@@ -325,15 +326,12 @@ impl Gpu {
     ) -> Result<()> {
         let [heads, cap, d, anchor, cand, _] = s.check(src.len(), slot.len())?;
         check_slice("kv_compact", "dst", dst, src.len())?;
-        let f = self.function("kv_compact_f32")?;
-        let mut launch = self.stream.launch_builder(f);
-        launch.arg(src).arg(slot).arg(dst);
+        let mut l = self.kernel("kv_compact_f32")?;
+        l.arg(src).arg(slot).arg(dst);
         for v in [&heads, &cap, &anchor, &cand, &d] {
-            launch.arg(v);
+            l.arg(v);
         }
         // SAFETY: as for grid_sample_pixels; slots come from kv_select over the same shape.
-        unsafe { launch.launch(config(s.heads * (s.anchor + s.cand) * s.d)?) }
-            .map_err(driver_error)?;
-        Ok(())
+        unsafe { run(l, s.heads * (s.anchor + s.cand) * s.d) }
     }
 }

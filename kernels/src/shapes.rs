@@ -13,9 +13,14 @@ fn check_len(kernel: &str, buffer: &str, got: usize, want: usize) -> Result<()> 
     }
 }
 
-/// A size as a kernel argument (the kernels index with 64-bit products of 32-bit sizes).
-fn int(kernel: &str, v: usize) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::Shape(format!("{kernel}: size {v} exceeds a 32-bit int")))
+/// Sizes as kernel arguments (the kernels index with 64-bit products of 32-bit sizes).
+fn ints<const N: usize>(kernel: &str, sizes: [usize; N]) -> Result<[i32; N]> {
+    let mut out = [0; N];
+    for (o, v) in out.iter_mut().zip(sizes) {
+        *o = i32::try_from(v)
+            .map_err(|_| Error::Shape(format!("{kernel}: size {v} exceeds a 32-bit int")))?;
+    }
+    Ok(out)
 }
 
 /// `grid_sample_pixels_f32`: `img [n, c, h, w]`, `coords [n, ho, wo, 2]`, `out [n, c, ho, wo]`.
@@ -35,15 +40,7 @@ impl GridSample {
         check_len(k, "img", img, self.n * self.c * self.h * self.w)?;
         check_len(k, "coords", coords, self.n * self.ho * self.wo * 2)?;
         check_len(k, "out", out, self.n * self.c * self.ho * self.wo)?;
-        let [n, c, h, w, ho, wo] = [self.n, self.c, self.h, self.w, self.ho, self.wo];
-        Ok([
-            int(k, n)?,
-            int(k, c)?,
-            int(k, h)?,
-            int(k, w)?,
-            int(k, ho)?,
-            int(k, wo)?,
-        ])
+        ints(k, [self.n, self.c, self.h, self.w, self.ho, self.wo])
     }
 
     pub(crate) fn threads(&self) -> usize {
@@ -81,13 +78,7 @@ impl Depthwise {
         check_len(kn, "weight", weight, self.c * self.k * self.k)?;
         check_len(kn, "bias", bias, self.c)?;
         check_len(kn, "out", out, len)?;
-        Ok([
-            int(kn, self.n)?,
-            int(kn, self.c)?,
-            int(kn, self.h)?,
-            int(kn, self.w)?,
-            int(kn, self.k)?,
-        ])
+        ints(kn, [self.n, self.c, self.h, self.w, self.k])
     }
 
     pub(crate) fn threads(&self) -> usize {
@@ -131,16 +122,19 @@ impl CorrLookup {
                 self.channels
             )));
         }
-        Ok([
-            int(k, self.batch)?,
-            int(k, self.h1)?,
-            int(k, self.w1)?,
-            int(k, self.hl)?,
-            int(k, self.wl)?,
-            int(k, self.radius)?,
-            int(k, self.channel0)?,
-            int(k, self.channels)?,
-        ])
+        ints(
+            k,
+            [
+                self.batch,
+                self.h1,
+                self.w1,
+                self.hl,
+                self.wl,
+                self.radius,
+                self.channel0,
+                self.channels,
+            ],
+        )
     }
 
     pub(crate) fn threads(&self) -> usize {
@@ -173,14 +167,17 @@ impl KvPrune {
                 self.anchor, self.cand, self.cap, self.keep
             )));
         }
-        Ok([
-            int(k, self.heads)?,
-            int(k, self.cap)?,
-            int(k, self.d)?,
-            int(k, self.anchor)?,
-            int(k, self.cand)?,
-            int(k, self.keep)?,
-        ])
+        ints(
+            k,
+            [
+                self.heads,
+                self.cap,
+                self.d,
+                self.anchor,
+                self.cand,
+                self.keep,
+            ],
+        )
     }
 }
 
@@ -209,13 +206,7 @@ impl Attention {
         check_len(kn, "k", k, self.heads * self.cap * self.d)?;
         check_len(kn, "v", v, self.heads * self.cap * self.d)?;
         check_len(kn, "out", out, self.heads * self.n * self.d)?;
-        Ok([
-            int(kn, self.heads)?,
-            int(kn, self.n)?,
-            int(kn, self.m)?,
-            int(kn, self.cap)?,
-            int(kn, self.d)?,
-        ])
+        ints(kn, [self.heads, self.n, self.m, self.cap, self.d])
     }
 
     pub(crate) fn threads(&self) -> usize {
