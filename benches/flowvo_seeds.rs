@@ -4,10 +4,11 @@
 //! scaling), for the default configuration and the variants named on the command line.
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
-//! [--variants=default,init0,ba,ba2,ba4] [--flow-refine=N] [--no-fill] [--no-spatial-fill] [--degrade=SPEC]
+//! [--variants=default,init0,ba,ba2,ba4,baseline] [--flow-refine=N] [--no-fill] [--no-spatial-fill] [--degrade=SPEC]
 //! [--photos=DIR] [--speed=F] [--no-rolling-model] [--dump=DIR]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
-//! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6).
+//! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6, `baseline` = new
+//! points let in by their frame pair's baseline, `FlowVoConfig::new_points_by_baseline`).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames; through
 //! a lens (`--degrade=…,lens=K1`) the frames are undistorted with the world's calibration first;
 //! with a rolling shutter (`--degrade=…,rolling=R`) flowvo is told its readout R
@@ -40,6 +41,11 @@ fn variant(name: &str) -> Option<FlowVoConfig> {
         "init0" => FlowVoConfig {
             init_min_angle_deg: 0.0,
             init_point_angle_fraction: 0.5,
+            ..d
+        },
+        // New points by their frame pair's baseline, not their own ray angle.
+        "baseline" => FlowVoConfig {
+            new_points_by_baseline: true,
             ..d
         },
         "ba2" | "ba4" => FlowVoConfig {

@@ -143,6 +143,40 @@ fn bundle_adjustment_keeps_a_hand_held_run_on_track() {
 }
 
 #[test]
+fn new_points_by_their_baseline_keep_a_smooth_run_on_track() {
+    let by_angle = run_with(
+        TrajectoryKind::Smooth,
+        120,
+        1,
+        320,
+        240,
+        FlowVoConfig::default(),
+    );
+    let by_baseline = run_with(
+        TrajectoryKind::Smooth,
+        120,
+        1,
+        320,
+        240,
+        FlowVoConfig {
+            new_points_by_baseline: true,
+            ..FlowVoConfig::default()
+        },
+    );
+    println!(
+        "smooth, new points by baseline: ATE/length {:.4} (by their own angle {:.4}), reprojection {:.3} px",
+        by_baseline.ate_over_length, by_angle.ate_over_length, by_baseline.reproj
+    );
+    assert_eq!(by_baseline.segments, 1, "tracking was lost");
+    assert_on_track(&by_baseline);
+    // Deterministic runs: the same figure would mean the option changed nothing.
+    assert!(
+        (by_baseline.ate_over_length - by_angle.ate_over_length).abs() > 1e-9,
+        "the option made no difference"
+    );
+}
+
+#[test]
 fn a_pure_turn_never_starts_a_map() {
     // Rotation about a fixed centre displaces pixels but gives no depth: initialising on it would
     // fix a map of arbitrary shape. Every frame must still come out, untracked.

@@ -54,6 +54,15 @@ pub struct FlowVoConfig {
     /// notes).
     #[serde(default)]
     pub window_ba: Option<WindowBaConfig>,
+    /// New points let in by their frame pair's baseline over the mapped points' median depth
+    /// reaching `min_triangulation_deg` (and their own ray angle half of it), instead of by their
+    /// own ray angle alone. A threshold on a point's own noisy angle lets in the points whose
+    /// noise widened it, so near depths, and the map's scale shrinks. Off by default: on the
+    /// realistic world (`benches/flowvo_seeds.rs --variants=default,baseline`) it brought all 12
+    /// smooth sequences within 1 % of the path (default: 11) but three hand-held ones further out
+    /// (9: 2.54 → 6.27 %, 10: 1.04 → 2.57–2.78 %, 11: 1.11 → 1.58 %).
+    #[serde(default)]
+    pub new_points_by_baseline: bool,
     /// Rolling shutter: the rows are read top to bottom over this fraction of the frame
     /// interval, the middle row at the frame's time (0 = a global shutter). Each track's
     /// observation is moved to where the point was at the frame's time, along its flow.
@@ -153,6 +162,7 @@ impl Default for FlowVoConfig {
             initial_median_depth: 1.0,
             adaptive: None,
             window_ba: None,
+            new_points_by_baseline: false,
             rolling_shutter: 0.0,
         }
     }

@@ -660,18 +660,38 @@ impl FlowVo {
         };
         let min_angle = self.config.min_triangulation_deg.to_radians();
         let max_px = 2.0 * f64::from(self.config.ransac_px);
+        // With `new_points_by_baseline`: the mapped points' median depth in this frame.
+        let scene_depth = if self.config.new_points_by_baseline {
+            let mut depths: Vec<f64> = self
+                .tracks
+                .iter()
+                .filter_map(|t| t.point.map(|p| cur.inverse_transform_point(&p).z))
+                .filter(|z| *z > 0.0)
+                .collect();
+            median(&mut depths)
+        } else {
+            None
+        };
+        let poses = &self.poses;
         for t in &mut self.tracks {
             // The oldest observation with a known pose gives the widest baseline; a mapped point is
             // re-triangulated once that baseline gives a clearly wider angle than it had.
-            let Some(&(f, x, y)) = t.obs.iter().find(|o| self.poses.contains_key(&o.0)) else {
+            let Some(&(f, x, y)) = t.obs.iter().find(|o| poses.contains_key(&o.0)) else {
                 continue;
             };
             if f == index {
                 continue;
             }
-            let pf = self.poses[&f];
+            let pf = poses[&f];
+            let wide_enough = |ang: f64| match scene_depth {
+                Some(d) if t.point.is_none() => {
+                    (cur.translation.vector - pf.translation.vector).norm() / d >= min_angle
+                        && ang >= 0.5 * min_angle
+                }
+                _ => ang >= min_angle,
+            };
             if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, t.seen(), max_px) {
-                if ang >= min_angle && ang > t.angle * 1.25 {
+                if wide_enough(ang) && ang > t.angle * 1.25 {
                     t.point = Some(p);
                     t.angle = ang;
                 }
