@@ -672,26 +672,29 @@ impl FlowVo {
         } else {
             None
         };
-        let poses = &self.poses;
         for t in &mut self.tracks {
             // The oldest observation with a known pose gives the widest baseline; a mapped point is
             // re-triangulated once that baseline gives a clearly wider angle than it had.
-            let Some(&(f, x, y)) = t.obs.iter().find(|o| poses.contains_key(&o.0)) else {
+            let Some(&(f, x, y)) = t.obs.iter().find(|o| self.poses.contains_key(&o.0)) else {
                 continue;
             };
             if f == index {
                 continue;
             }
-            let pf = poses[&f];
-            let wide_enough = |ang: f64| match scene_depth {
+            let pf = self.poses[&f];
+            // By baseline, a new point waits for the pair's baseline to give the minimum angle
+            // at the scene's depth; its own angle then need only reach half of it.
+            let least_angle = match scene_depth {
                 Some(d) if t.point.is_none() => {
-                    (cur.translation.vector - pf.translation.vector).norm() / d >= min_angle
-                        && ang >= 0.5 * min_angle
+                    if (cur.translation.vector - pf.translation.vector).norm() / d < min_angle {
+                        continue;
+                    }
+                    0.5 * min_angle
                 }
-                _ => ang >= min_angle,
+                _ => min_angle,
             };
             if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, t.seen(), max_px) {
-                if wide_enough(ang) && ang > t.angle * 1.25 {
+                if ang >= least_angle && ang > t.angle * 1.25 {
                     t.point = Some(p);
                     t.angle = ang;
                 }
