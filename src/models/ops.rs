@@ -715,7 +715,7 @@ pub fn grid_sample_pixels(img: &Tensor, coords: &Tensor) -> Result<Tensor> {
                 if !(x.is_finite() && y.is_finite()) {
                     continue;
                 }
-                let (x0, y0) = (x.floor(), y.floor());
+                let (x0, y0) = (floor(x), floor(y));
                 let (fx, fy) = (x - x0, y - y0);
                 let taps = [
                     (x0, y0, (1.0 - fx) * (1.0 - fy)),
@@ -737,9 +737,44 @@ pub fn grid_sample_pixels(img: &Tensor, coords: &Tensor) -> Result<Tensor> {
     Ok(Tensor::from_vec(out, (n, c, ho, wo), img.device())?.to_dtype(img.dtype())?)
 }
 
+/// `out = scale·plane + shift`, dispatched so that its fused multiply-adds are instructions (in
+/// the baseline instruction set each was a libm `fmaf` call).
+struct ScaleShift<'a> {
+    out: &'a mut [f32],
+    plane: &'a [f32],
+    scale: f32,
+    shift: f32,
+}
+
+impl streamrecon_core::simd::Kernel for ScaleShift<'_> {
+    type Output = ();
+    #[allow(clippy::inline_always)] // inlined into the dispatched function
+    #[inline(always)]
+    fn run(self) {
+        let n = self.out.len().min(self.plane.len());
+        let (out, plane) = (&mut self.out[..n], &self.plane[..n]);
+        for i in 0..n {
+            out[i] = self.scale.mul_add(plane[i], self.shift);
+        }
+    }
+}
+
 thread_local! {
     /// The zero-padded input plane of a depthwise convolution.
     static DW_PADDED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// `v.floor()` without libm's `floorf` call (the baseline instruction set has no rounding
+/// instruction; the call was 0.75 % of a VideoFlow window). Beyond ±2³¹ it saturates, which
+/// still lands outside any image.
+#[allow(clippy::cast_possible_truncation, clippy::cast_precision_loss)]
+fn floor(v: f32) -> f32 {
+    let t = v as i32 as f32;
+    if t > v {
+        t - 1.0
+    } else {
+        t
+    }
 }
 
 /// One plane of a depthwise convolution, written with explicit SIMD (`pulp`): the plane is
@@ -869,10 +904,12 @@ fn depthwise(
                 let ch = plane_idx % c;
                 if k == 1 {
                     // A per-channel scale and shift.
-                    let (scale, shift) = (wt[ch], b[ch]);
-                    for (o, &x) in o.iter_mut().zip(plane) {
-                        *o = scale.mul_add(x, shift);
-                    }
+                    streamrecon_core::simd::vectorized(ScaleShift {
+                        out: o,
+                        plane,
+                        scale: wt[ch],
+                        shift: b[ch],
+                    });
                 } else {
                     // The buffer is borrowed out here: a closure inside the kernel would be
                     // compiled outside the dispatched function, for the baseline instruction set.
