@@ -29,7 +29,7 @@ const KEY_TILE: usize = 256;
 /// One thread's working buffers, grown and never shrunk.
 #[derive(Default)]
 struct Scratch {
-    /// The block's queries, padded with zero rows.
+    /// The block's queries padded with zero rows (when they are padded).
     q: Vec<f32>,
     /// One key tile's scores, `tile × rows` (a column per query).
     scores: Vec<f32>,
@@ -186,15 +186,21 @@ fn block(
     } else {
         rows
     };
-    grow(&mut s.q, padded * d);
-    s.q[..rows * d].copy_from_slice(q);
-    s.q[rows * d..padded * d].fill(0.0);
+    // The queries are copied only to be padded.
+    let qb: &[f32] = if padded == rows {
+        q
+    } else {
+        grow(&mut s.q, padded * d);
+        s.q[..rows * d].copy_from_slice(q);
+        s.q[rows * d..padded * d].fill(0.0);
+        &s.q[..padded * d]
+    };
     grow(&mut s.scores, KEY_TILE.min(m) * padded);
     grow(&mut s.acc, padded * d);
     for b in [&mut s.max, &mut s.sum, &mut s.rescale, &mut s.tile_max] {
         grow(b, padded);
     }
-    let (qb, acc) = (&s.q[..padded * d], &mut s.acc[..padded * d]);
+    let acc = &mut s.acc[..padded * d];
     for start in (0..m).step_by(KEY_TILE) {
         let tile = KEY_TILE.min(m - start);
         let scores = &mut s.scores[..tile * padded];
