@@ -812,44 +812,92 @@ impl pulp::WithSimd for DepthwisePlane<'_> {
             let at = (y + pad) * pw + pad;
             padded[at..at + w].copy_from_slice(row);
         }
-        // A whole register from the slice's first `lanes` values (a plain unaligned load;
-        // pulp's partial loads are out-of-line masked calls).
-        let load = |s: &[f32]| S::as_simd_f32s(&s[..lanes]).0[0];
         let zero = simd.splat_f32s(0.0);
         let bias = simd.splat_f32s(self.bias);
-        for (y, orow) in self.out.chunks_exact_mut(w).enumerate() {
-            // Two output registers at a time, four sums each: eight independent chains of
-            // fused multiply-adds keep both FMA units busy (four chains waited on latency).
-            for x0 in (0..w).step_by(2 * lanes) {
-                let (mut a, mut b) = ([zero; 4], [zero; 4]);
-                for ky in 0..k {
-                    let row = &padded[(y + ky) * pw + x0..];
-                    let taps = &self.kernel[ky * k..(ky + 1) * k];
-                    let mut kx = 0;
-                    while kx + 4 <= k {
-                        for j in 0..4 {
-                            let t = simd.splat_f32s(taps[kx + j]);
-                            a[j] = simd.mul_add_e_f32s(t, load(&row[kx + j..]), a[j]);
-                            b[j] = simd.mul_add_e_f32s(t, load(&row[lanes + kx + j..]), b[j]);
-                        }
-                        kx += 4;
+        // Two output rows at a time, each two registers wide, two sums per register (eight
+        // independent chains of fused multiply-adds keep both FMA units busy): each input
+        // register loaded feeds both rows' taps, one load per multiply-add where one row alone
+        // needed one and a half. An odd last row goes alone.
+        let kernel = self.kernel;
+        let tap_row = |r: usize| &kernel[r * k..(r + 1) * k];
+        // One input row (`line`, from the block's first column) into the sums of one or two
+        // output rows, each with its own row of taps.
+        macro_rules! input_row {
+            ($line:expr; $($taps:expr => ($a0:ident, $a1:ident, $b0:ident, $b1:ident)),+) => {{
+                // The loads start at most `lanes + k − 1` into this slice, so a whole register
+                // always fits: the slice's bound check covers them all.
+                let line: &[f32] = &$line[..2 * lanes + k - 1];
+                let at = |i: usize| {
+                    debug_assert!(i + lanes <= line.len());
+                    // SAFETY: i + lanes ≤ line.len() (above): a whole register of the slice.
+                    #[allow(unsafe_code)]
+                    unsafe {
+                        line.as_ptr().add(i).cast::<S::f32s>().read_unaligned()
                     }
-                    for (j, &tap) in taps[kx..].iter().enumerate() {
-                        let t = simd.splat_f32s(tap);
-                        a[j] = simd.mul_add_e_f32s(t, load(&row[kx + j..]), a[j]);
-                        b[j] = simd.mul_add_e_f32s(t, load(&row[lanes + kx + j..]), b[j]);
-                    }
+                };
+                let mut kx = 0;
+                while kx + 1 < k {
+                    let (l0, h0) = (at(kx), at(lanes + kx));
+                    let (l1, h1) = (at(kx + 1), at(lanes + kx + 1));
+                    $(
+                        let t: &[f32] = $taps;
+                        let s = simd.splat_f32s(t[kx]);
+                        $a0 = simd.mul_add_e_f32s(s, l0, $a0);
+                        $b0 = simd.mul_add_e_f32s(s, h0, $b0);
+                        let s = simd.splat_f32s(t[kx + 1]);
+                        $a1 = simd.mul_add_e_f32s(s, l1, $a1);
+                        $b1 = simd.mul_add_e_f32s(s, h1, $b1);
+                    )+
+                    kx += 2;
                 }
-                for (start, acc) in [(x0, a), (x0 + lanes, b)] {
+                if kx < k {
+                    let (l0, h0) = (at(kx), at(lanes + kx));
+                    $(
+                        let s = simd.splat_f32s($taps[kx]);
+                        $a0 = simd.mul_add_e_f32s(s, l0, $a0);
+                        $b0 = simd.mul_add_e_f32s(s, h0, $b0);
+                    )+
+                }
+            }};
+        }
+        // A macro, not a closure: closures are compiled outside the dispatched function, for
+        // the baseline instruction set, and their vector adds became calls.
+        macro_rules! store {
+            ($oy:expr, $x0:expr, $regs:expr) => {{
+                let (oy, x0) = ($oy, $x0);
+                let orow = &mut self.out[oy * w..(oy + 1) * w];
+                for (start, (s0, s1)) in [x0, x0 + lanes].into_iter().zip($regs) {
                     if start >= w {
                         break;
                     }
-                    let sum =
-                        simd.add_f32s(simd.add_f32s(acc[0], acc[1]), simd.add_f32s(acc[2], acc[3]));
-                    let sum = simd.add_f32s(sum, bias);
+                    let sum = simd.add_f32s(simd.add_f32s(s0, s1), bias);
                     let n = lanes.min(w - start);
                     simd.partial_store_f32s(&mut orow[start..start + n], sum);
                 }
+            }};
+        }
+        for y in (0..h).step_by(2) {
+            let line = |r: usize, x0: usize| &padded[(y + r) * pw + x0..];
+            for x0 in (0..w).step_by(2 * lanes) {
+                // Row y: a (first register), b (second); row y + 1: c, d; two sums each.
+                let (mut a0, mut a1, mut b0, mut b1) = (zero, zero, zero, zero);
+                if y + 1 < h {
+                    let (mut c0, mut c1, mut d0, mut d1) = (zero, zero, zero, zero);
+                    // Input row y + r meets kernel row r for output row y, r − 1 for y + 1.
+                    input_row!(line(0, x0); tap_row(0) => (a0, a1, b0, b1));
+                    for r in 1..k {
+                        input_row!(line(r, x0);
+                            tap_row(r) => (a0, a1, b0, b1),
+                            tap_row(r - 1) => (c0, c1, d0, d1));
+                    }
+                    input_row!(line(k, x0); tap_row(k - 1) => (c0, c1, d0, d1));
+                    store!(y + 1, x0, [(c0, c1), (d0, d1)]);
+                } else {
+                    for r in 0..k {
+                        input_row!(line(r, x0); tap_row(r) => (a0, a1, b0, b1));
+                    }
+                }
+                store!(y, x0, [(a0, a1), (b0, b1)]);
             }
         }
     }
