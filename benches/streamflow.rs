@@ -54,7 +54,7 @@ fn run_case(case: &str, windows: usize) {
         .expect("full VideoFlow");
         let frames = videoflow_window(5, h, w).expect("frames");
         bench_flow_window(
-            &|x| net.forward(x, &mut |_, _| {}),
+            &|x| net.forward(x, None),
             &frames,
             net.config.mof.decoder_depth,
             2,
@@ -79,7 +79,7 @@ fn run_case(case: &str, windows: usize) {
         let t = net.frames();
         let frames = videoflow_window(t, h, w).expect("frames");
         bench_flow_window(
-            &|x| net.forward(x, &mut |_, _| {}),
+            &|x| net.forward(x, None),
             &frames,
             net.config.args.iters,
             t - 1,

@@ -58,7 +58,7 @@ fn run_case(case: &str, windows: usize) {
     };
     let frames = videoflow_window(5, h, w).expect("frames");
     let r = bench_flow_window(
-        &|x| net.forward(x, &mut |_, _| {}),
+        &|x| net.forward(x, None),
         &frames,
         net.config.mof.decoder_depth,
         2,

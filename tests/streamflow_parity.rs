@@ -41,9 +41,12 @@ fn matches_reference(set: &str) {
     let frames = io["input.images_u8"].to_dtype(DType::F32).unwrap();
     let mut taps: HashMap<String, Tensor> = HashMap::new();
     let flow = net
-        .forward(&frames, &mut |name, t| {
-            taps.insert(name.to_string(), t.clone());
-        })
+        .forward(
+            &frames,
+            Some(&mut |name, t| {
+                taps.insert(name.to_string(), t.clone());
+            }),
+        )
         .unwrap();
     taps.insert("flow".to_string(), flow);
     common::assert_matches_fixture(set, &io, &taps, &["input.images_u8"], |_| 1e-4);
@@ -79,16 +82,14 @@ fn bad_input_is_a_clear_error() {
     let dev = Device::Cpu;
     // The flow head is tied to T = 4.
     let three = Tensor::zeros((3, 3, 131, 139), DType::F32, &dev).unwrap();
-    let err = net
-        .forward(&three, &mut |_, _| {})
-        .expect_err("three frames");
+    let err = net.forward(&three, None).expect_err("three frames");
     assert!(err.to_string().contains("T = 4"), "{err}");
     // Padded to 120 rows: the coarsest correlation level would be one row (NaN in the reference).
     let small = Tensor::zeros((4, 3, 113, 139), DType::F32, &dev).unwrap();
-    let err = net.forward(&small, &mut |_, _| {}).expect_err("too small");
+    let err = net.forward(&small, None).expect_err("too small");
     assert!(err.to_string().contains("at least 128"), "{err}");
     let grey = Tensor::zeros((4, 1, 131, 139), DType::F32, &dev).unwrap();
-    assert!(net.forward(&grey, &mut |_, _| {}).is_err());
+    assert!(net.forward(&grey, None).is_err());
     // The tiny weights do not fit the released sizes; the message names a tensor.
     let err = StreamFlow::new(
         &Weights::load(
@@ -126,7 +127,7 @@ fn engine_gives_every_pair_once_from_windows_sliding_by_t_minus_one() {
         0,
     )
     .unwrap();
-    let model_flow = net.forward(&window, &mut |_, _| {}).unwrap();
+    let model_flow = net.forward(&window, None).unwrap();
     let mut engine = StreamFlowEngine::from_model(net);
     assert_eq!(engine.window(), 4);
     let mut pairs = Vec::new();

@@ -47,9 +47,12 @@ fn matches_reference(set: &str) {
     let frames = io["input.images_u8"].to_dtype(DType::F32).unwrap();
     let mut taps: HashMap<String, Tensor> = HashMap::new();
     let flow = net
-        .forward(&frames, &mut |name, t| {
-            taps.insert(name.to_string(), t.clone());
-        })
+        .forward(
+            &frames,
+            Some(&mut |name, t| {
+                taps.insert(name.to_string(), t.clone());
+            }),
+        )
         .unwrap();
     taps.insert("flow".to_string(), flow);
     common::assert_matches_fixture(set, &io, &taps, &["input.images_u8"], |name| {
@@ -89,10 +92,10 @@ fn bad_input_is_a_clear_error() {
     let net = tiny();
     let dev = Device::Cpu;
     let two = Tensor::zeros((2, 3, 60, 78), DType::F32, &dev).unwrap();
-    let err = net.forward(&two, &mut |_, _| {}).expect_err("two frames");
+    let err = net.forward(&two, None).expect_err("two frames");
     assert!(err.to_string().contains("N ≥ 3"), "{err}");
     let grey = Tensor::zeros((5, 1, 60, 78), DType::F32, &dev).unwrap();
-    assert!(net.forward(&grey, &mut |_, _| {}).is_err());
+    assert!(net.forward(&grey, None).is_err());
     // Weights of the tiny model do not fit the released sizes; the message names a tensor.
     let err = MofNet::new(
         &Weights::load(&fixture("model.safetensors"), DType::F32).unwrap(),

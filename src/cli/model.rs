@@ -217,14 +217,14 @@ pub(super) fn cmd_model_flow(
                 Some(p) => VideoFlowConfig::from_json_file(p)?,
                 None => VideoFlowConfig::mof_released(),
             };
-            MofNet::load(weights, config)?.forward(&images, &mut |_, _| {})
+            MofNet::load(weights, config)?.forward(&images, None)
         }
         FlowArch::Streamflow => {
             let config = match config {
                 Some(p) => StreamFlowConfig::from_json_file(p)?,
                 None => StreamFlowConfig::released(),
             };
-            StreamFlow::load(weights, config)?.forward(&images, &mut |_, _| {})
+            StreamFlow::load(weights, config)?.forward(&images, None)
         }
     }
     .with_context(|| format!("the frames {frames}"))?;
@@ -342,7 +342,7 @@ fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
                 );
             }
             bench_flow(
-                &|x| net.forward(x, &mut |_, _| {}),
+                &|x| net.forward(x, None),
                 &bench::videoflow_window(*window, h, w)?,
                 net.config.mof.decoder_depth,
                 window.saturating_sub(3).max(1),
@@ -378,7 +378,7 @@ fn cmd_model_bench(cmd: &BenchCommand) -> Result<()> {
                 );
             }
             bench_flow(
-                &|x| net.forward(x, &mut |_, _| {}),
+                &|x| net.forward(x, None),
                 &bench::videoflow_window(t, h, w)?,
                 net.config.args.iters,
                 t - 1,

@@ -73,7 +73,7 @@ impl StreamFlowEngine {
         let backward: Vec<&Tensor> = forward.iter().rev().copied().collect();
         let run = |frames: &[&Tensor]| -> Result<Tensor> {
             self.net
-                .forward(&Tensor::stack(frames, 0)?, &mut |_, _| {})
+                .forward(&Tensor::stack(frames, 0)?, None)
                 .map_err(|e| {
                     Error::Flow(format!(
                         "streamflow, frames {}..={}: {e}",

@@ -71,7 +71,7 @@ impl VideoFlowEngine {
         let idx: Vec<u64> = self.frames.iter().map(|f| f.0).collect();
         let tensors: Vec<&Tensor> = self.frames.iter().map(|f| &f.1).collect();
         let batch = Tensor::stack(&tensors, 0)?;
-        let flows = self.net.forward(&batch, &mut |_, _| {}).map_err(|e| {
+        let flows = self.net.forward(&batch, None).map_err(|e| {
             Error::Flow(format!(
                 "videoflow, frames {}..={}: {e}",
                 idx[0],

@@ -88,11 +88,21 @@ impl StreamFlow {
     }
 
     /// `frames [T, 3, H, W]` with values 0..255 → `[T−1, 2, H, W]`: the flow from each frame to
-    /// the next; channel 0 = x. `taps` sees named intermediates (the fixtures' names).
+    /// the next; channel 0 = x. `taps`, where given, sees named intermediates (the fixtures'
+    /// names).
     ///
     /// # Errors
     /// Frames the model cannot take ([`Self::check_input`]), or a tensor op failure.
-    pub fn forward(&self, frames: &Tensor, taps: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        frames: &Tensor,
+        mut taps: Option<&mut dyn FnMut(&str, &Tensor)>,
+    ) -> Result<Tensor> {
+        let mut taps = |name: &str, t: &Tensor| {
+            if let Some(f) = taps.as_mut() {
+                f(name, t);
+            }
+        };
         self.check_input(frames.dims())?;
         let (t, _, h, w) = frames.dims4()?;
         let pairs = t - 1;

@@ -75,11 +75,21 @@ impl MofNet {
 
     /// `frames [N, 3, H, W]` with values 0..255 (N ≥ 3) → `[2(N−2), 2, H, W]`: the forward flows
     /// of frames 1..N−2 to their next frame, then their backward flows; channel 0 = x.
-    /// `taps` sees named intermediates.
+    /// `taps`, where given, sees named intermediates.
     ///
     /// # Errors
     /// Fewer than 3 frames, or a tensor op failure.
-    pub fn forward(&self, frames: &Tensor, taps: &mut dyn FnMut(&str, &Tensor)) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        frames: &Tensor,
+        mut taps: Option<&mut dyn FnMut(&str, &Tensor)>,
+    ) -> Result<Tensor> {
+        let tapping = taps.is_some();
+        let mut taps = |name: &str, t: &Tensor| {
+            if let Some(f) = taps.as_mut() {
+                f(name, t);
+            }
+        };
         let (n, c, h, w) = frames.dims4()?;
         if n < 3 || c != 3 {
             return Err(Error::Model(format!(
@@ -117,7 +127,8 @@ impl MofNet {
         let mut bwd_coords1 = coords0.clone();
         let mut hidden: Option<Tensor> = None;
         let mut last_up = None;
-        for it in 0..self.config.mof.decoder_depth {
+        let depth = self.config.mof.decoder_depth;
+        for it in 0..depth {
             let fc = fwd_corr.lookup(&fwd_coords1)?;
             let bc = bwd_corr.lookup(&bwd_coords1)?;
             let fflow = (&fwd_coords1 - &coords0)?;
@@ -137,20 +148,25 @@ impl MofNet {
                 &bflow,
                 &coords0,
                 &attention,
+                // The reference upsamples every iteration's flow and returns the last; only the
+                // last mask shapes the output (the first's is a tap).
+                it + 1 == depth || (it == 0 && tapping),
             )?;
             if it == 0 {
                 taps("iter0.motion_features", &out.motion_features);
                 taps("iter0.motion_features_global", &out.motion_features_global);
                 taps("iter0.net_out", &out.net);
                 taps("iter0.motion_hidden_state_out", &out.hidden);
-                taps("iter0.up_mask.pair0", &out.up_mask.narrow(0, 0, 1)?);
+                if let Some(up_mask) = &out.up_mask {
+                    taps("iter0.up_mask.pair0", &up_mask.narrow(0, 0, 1)?);
+                }
             }
             taps(&format!("iter{it}.delta_flow"), &out.delta_flow);
             fwd_coords1 = (fwd_coords1 + out.delta_flow.narrow(1, 0, 2)?)?;
             bwd_coords1 = (bwd_coords1 + out.delta_flow.narrow(1, 2, 2)?)?;
             net = out.net;
             hidden = Some(out.hidden);
-            last_up = Some(out.up_mask);
+            last_up = out.up_mask;
         }
         let up_mask = last_up.ok_or_else(|| Error::Model("decoder_depth is 0".into()))?;
         let half = dr * dr * 9;

@@ -263,8 +263,8 @@ pub struct UpdateBlock {
 pub struct UpdateOut {
     pub net: Tensor,
     pub hidden: Tensor,
-    /// `100 · mask`, `[B·N, 2·64·9, h, w]`.
-    pub up_mask: Tensor,
+    /// `100 · mask`, `[B·N, 2·64·9, h, w]`, where asked for.
+    pub up_mask: Option<Tensor>,
     /// `[B·N, 4, h, w]`: forward then backward flow deltas.
     pub delta_flow: Tensor,
     pub motion_features: Tensor,
@@ -307,6 +307,7 @@ impl UpdateBlock {
         backward_flow: &Tensor,
         coords0: &Tensor,
         attention: &Tensor,
+        with_mask: bool,
     ) -> Result<UpdateOut> {
         let motion = self.encoder.forward(
             hidden,
@@ -321,7 +322,11 @@ impl UpdateBlock {
             .gru
             .forward(&Tensor::cat(&[net, inp, &motion.features, &global], 1)?)?;
         let delta_flow = self.flow_head.forward(&net)?;
-        let up_mask = (self.mask2.forward(&self.mask0.forward_relu(&net)?)? * 100.0)?;
+        let up_mask = if with_mask {
+            Some((self.mask2.forward(&self.mask0.forward_relu(&net)?)? * 100.0)?)
+        } else {
+            None
+        };
         Ok(UpdateOut {
             net,
             hidden: motion.hidden,
