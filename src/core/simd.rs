@@ -67,18 +67,31 @@ pub fn exp_f32(x: f32) -> f32 {
     y * f32::from_bits((small_int(n).wrapping_add(127)) << 23)
 }
 
-/// `erf(x)` in f32 (Abramowitz & Stegun 7.1.26 with [`exp_f32`]): absolute error below 1e-6.
-#[allow(clippy::inline_always)]
+/// `erf(x)` in f32 as `x·P(x²)/Q(x²)` on [−4, 4] (beyond, ±1 to f32 precision), P of degree 6
+/// and Q of degree 4: absolute error below 5e-7 evaluated in f32. Twelve fused multiply-adds
+/// and one division, no exponential: Abramowitz & Stegun's 7.1.26 with [`exp_f32`] took about
+/// three times the instructions, and GELU ran at ~5 cycles a value. The coefficients are a
+/// weighted least-squares fit of the absolute error on 20,001 points of [0, 4] (numpy and
+/// scipy's `erf`, made for this function).
+#[allow(clippy::inline_always, clippy::excessive_precision)] // inlined into dispatched kernels
 #[inline(always)]
 #[must_use]
 pub fn erf_f32(x: f32) -> f32 {
-    let a = x.abs();
-    let t = 1.0 / (1.0 + 0.327_591_1 * a);
-    let poly = ((((1.061_405_4 * t - 1.453_152) * t + 1.421_413_7) * t - 0.284_496_74) * t
-        + 0.254_829_6)
-        * t;
-    let e = 1.0 - poly * exp_f32(-a * a);
-    e.copysign(x)
+    let x = x.clamp(-4.0, 4.0);
+    let t = x * x;
+    let p = 1.922_074_9e-8f32
+        .mul_add(t, -1.990_229_1e-6)
+        .mul_add(t, 1.554_808_8e-4)
+        .mul_add(t, 4.290_535_7e-3)
+        .mul_add(t, 5.242_540_4e-2)
+        .mul_add(t, 2.138_844_2e-1)
+        .mul_add(t, 1.128_378_7);
+    let q = 1.097_442_8e-3f32
+        .mul_add(t, 1.554_593_1e-2)
+        .mul_add(t, 1.207_746_3e-1)
+        .mul_add(t, 5.228_778e-1)
+        .mul_add(t, 1.0);
+    x * p / q
 }
 
 #[cfg(test)]
@@ -95,7 +108,7 @@ mod tests {
             worst.1 = worst.1.max((erf - libm_erf(f64::from(z))).abs());
         }
         assert!(worst.0 < 3e-7, "exp relative error {}", worst.0);
-        assert!(worst.1 < 1e-6, "erf absolute error {}", worst.1);
+        assert!(worst.1 < 5e-7, "erf absolute error {}", worst.1);
     }
 
     /// erf by its Taylor series (|x| ≤ 3) or 1 − erfc's continued fraction, in f64.

@@ -100,7 +100,7 @@ impl Linear {
 }
 
 /// Exact (erf) GELU, `x·(1 + erf(x/√2))/2`. On f32 CPU tensors it runs vectorised and in
-/// parallel with [`streamrecon_core::simd::erf_f32`] (absolute error below 1e-6 in erf);
+/// parallel with [`streamrecon_core::simd::erf_f32`] (absolute error below 5e-7 in erf);
 /// candle's own calls libm's erf one value at a time.
 ///
 /// # Errors
