@@ -127,7 +127,7 @@ pub fn sdpa(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let qd = &qc.as_slice::<f32>()?[ql.start_offset()..];
     let kv = view(kc.as_slice::<f32>()?, kl);
     let vv = view(vc.as_slice::<f32>()?, vl);
-    let mut out = vec![0f32; b * h * n * d];
+    let mut out = crate::gemm::filled(b * h * n * d, 0.0);
     let scale = scale as f32;
     // Blocks of equal size, at most QUERY_BLOCK rows.
     let per_block = n.div_ceil(n.div_ceil(QUERY_BLOCK).max(1)).max(1);

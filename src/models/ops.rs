@@ -73,7 +73,7 @@ impl Linear {
         let m = x.elem_count() / k.max(1);
         let mut out = match &self.bias {
             Some(b) => with_f32(b, |b| b.repeat(m))?,
-            None => vec![0f32; m * n],
+            None => crate::gemm::filled(m * n, 0.0),
         };
         with_f32(&self.weight_t, |w| {
             with_f32(x, |xs| {
@@ -370,12 +370,17 @@ fn conv_same_banded(
     let (b, cin, h, wd) = x.dims4()?;
     let cout = w.dim(0)?;
     let (hw, taps, r) = (h * wd, k * k, (k / 2) as isize);
-    let mut out = vec![0f32; b * cout * hw];
-    if let Some(bias) = bias {
-        let bias = bias.to_vec1::<f32>()?;
-        out.par_chunks_mut(hw)
-            .enumerate()
-            .for_each(|(i, plane)| plane.fill(bias[i % cout]));
+    // The bias written as the products' starting values (not `calloc`ed first: see
+    // `crate::gemm::filled`).
+    let mut out = Vec::with_capacity(b * cout * hw);
+    match bias {
+        Some(bias) => {
+            let bias = bias.to_vec1::<f32>()?;
+            for i in 0..b * cout {
+                out.resize(out.len() + hw, bias[i % cout]);
+            }
+        }
+        None => out.resize(b * cout * hw, 0.0),
     }
     let product = Product {
         scale: 1.0,
@@ -654,7 +659,7 @@ pub fn resize_bilinear_align_corners(x: &Tensor, out_h: usize, out_w: usize) -> 
     }
     let x32 = x.to_dtype(DType::F32)?;
     let out = crate::gemm::with_f32(&x32, |src| {
-        let mut out = vec![0f32; src.len() / (h * w).max(1) * out_h * out_w];
+        let mut out = crate::gemm::filled(src.len() / (h * w).max(1) * out_h * out_w, 0.0);
         out.par_chunks_mut(out_h * out_w)
             .zip(src.par_chunks(h * w))
             .for_each(|(o, plane)| {
@@ -704,7 +709,7 @@ pub fn grid_sample_pixels(img: &Tensor, coords: &Tensor) -> Result<Tensor> {
     }
     let src: Vec<f32> = img.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
     let xy: Vec<f32> = coords.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
-    let mut out = vec![0f32; n * c * ho * wo];
+    let mut out = crate::gemm::filled(n * c * ho * wo, 0.0);
     out.par_chunks_mut(c * ho * wo)
         .enumerate()
         .for_each(|(b, o)| {
@@ -944,7 +949,7 @@ fn depthwise(
         None => vec![0.0; c],
     };
     let out = crate::gemm::with_f32(&x32, |src| {
-        let mut out = vec![0f32; n * c * h * w];
+        let mut out = crate::gemm::filled(n * c * h * w, 0.0);
         out.par_chunks_mut(h * w)
             .zip(src.par_chunks(h * w))
             .enumerate()

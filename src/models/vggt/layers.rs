@@ -131,7 +131,7 @@ impl RopeTables {
         }
         let [cy, sy, cx, sx] = &self.values;
         let out = crate::gemm::with_f32(x, |data| {
-            let mut out = vec![0f32; data.len()];
+            let mut out = crate::gemm::filled(data.len(), 0.0);
             out.par_chunks_mut(n * d)
                 .zip(data.par_chunks(n * d))
                 .for_each(|(o_head, x_head)| {
