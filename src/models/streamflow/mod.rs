@@ -19,7 +19,7 @@ pub use config::StreamFlowConfig;
 use crate::videoflow::corr::CorrBlock;
 use crate::videoflow::twins::Twins;
 use crate::videoflow::update::{split_channels, upsample_flow, GmaAttention};
-use crate::videoflow::{coords_grid, Padding};
+use crate::videoflow::{coords_grid, Padding, Taps};
 use crate::weights::Weights;
 use config::{CORR_LEVELS, CORR_RADIUS, DOWN_RATIO, MIN_PADDED_SIDE};
 use streamrecon_core::error::{Error, Result};
@@ -93,11 +93,7 @@ impl StreamFlow {
     ///
     /// # Errors
     /// Frames the model cannot take ([`Self::check_input`]), or a tensor op failure.
-    pub fn forward(
-        &self,
-        frames: &Tensor,
-        mut taps: Option<&mut dyn FnMut(&str, &Tensor)>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, frames: &Tensor, mut taps: Taps) -> Result<Tensor> {
         let mut taps = |name: &str, t: &Tensor| {
             if let Some(f) = taps.as_mut() {
                 f(name, t);

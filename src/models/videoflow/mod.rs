@@ -20,6 +20,9 @@ pub use config::VideoFlowConfig;
 use crate::weights::Weights;
 use streamrecon_core::error::{Error, Result};
 
+/// Where given, sees a model's named intermediates (the fixtures' names) as they are made.
+pub type Taps<'a> = Option<&'a mut dyn FnMut(&str, &Tensor)>;
+
 pub struct MofNet {
     pub fnet: twins::Twins,
     pub cnet: twins::Twins,
@@ -79,11 +82,7 @@ impl MofNet {
     ///
     /// # Errors
     /// Fewer than 3 frames, or a tensor op failure.
-    pub fn forward(
-        &self,
-        frames: &Tensor,
-        mut taps: Option<&mut dyn FnMut(&str, &Tensor)>,
-    ) -> Result<Tensor> {
+    pub fn forward(&self, frames: &Tensor, mut taps: Taps) -> Result<Tensor> {
         let tapping = taps.is_some();
         let mut taps = |name: &str, t: &Tensor| {
             if let Some(f) = taps.as_mut() {
