@@ -19,7 +19,7 @@ pub use config::StreamFlowConfig;
 use crate::videoflow::corr::CorrBlock;
 use crate::videoflow::twins::Twins;
 use crate::videoflow::update::{split_channels, upsample_flow, GmaAttention};
-use crate::videoflow::{coords_grid, Padding, Taps};
+use crate::videoflow::{coords_grid, tap_fn, Padding, Taps};
 use crate::weights::Weights;
 use config::{CORR_LEVELS, CORR_RADIUS, DOWN_RATIO, MIN_PADDED_SIDE};
 use streamrecon_core::error::{Error, Result};
@@ -93,12 +93,8 @@ impl StreamFlow {
     ///
     /// # Errors
     /// Frames the model cannot take ([`Self::check_input`]), or a tensor op failure.
-    pub fn forward(&self, frames: &Tensor, mut taps: Taps) -> Result<Tensor> {
-        let mut taps = |name: &str, t: &Tensor| {
-            if let Some(f) = taps.as_mut() {
-                f(name, t);
-            }
-        };
+    pub fn forward(&self, frames: &Tensor, taps: Taps) -> Result<Tensor> {
+        let mut taps = tap_fn(taps);
         self.check_input(frames.dims())?;
         let (t, _, h, w) = frames.dims4()?;
         let pairs = t - 1;

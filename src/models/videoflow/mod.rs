@@ -23,6 +23,15 @@ use streamrecon_core::error::{Error, Result};
 /// Where given, sees a model's named intermediates (the fixtures' names) as they are made.
 pub type Taps<'a> = Option<&'a mut dyn FnMut(&str, &Tensor)>;
 
+/// `taps` as one function to call at every named intermediate (doing nothing without taps).
+pub(crate) fn tap_fn(mut taps: Taps<'_>) -> impl FnMut(&str, &Tensor) + '_ {
+    move |name, t| {
+        if let Some(f) = taps.as_mut() {
+            f(name, t);
+        }
+    }
+}
+
 pub struct MofNet {
     pub fnet: twins::Twins,
     pub cnet: twins::Twins,
@@ -82,13 +91,9 @@ impl MofNet {
     ///
     /// # Errors
     /// Fewer than 3 frames, or a tensor op failure.
-    pub fn forward(&self, frames: &Tensor, mut taps: Taps) -> Result<Tensor> {
+    pub fn forward(&self, frames: &Tensor, taps: Taps) -> Result<Tensor> {
         let tapping = taps.is_some();
-        let mut taps = |name: &str, t: &Tensor| {
-            if let Some(f) = taps.as_mut() {
-                f(name, t);
-            }
-        };
+        let mut taps = tap_fn(taps);
         let (n, c, h, w) = frames.dims4()?;
         if n < 3 || c != 3 {
             return Err(Error::Model(format!(
