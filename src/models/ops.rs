@@ -784,9 +784,8 @@ fn floor(v: f32) -> f32 {
 
 /// One plane of a depthwise convolution, written with explicit SIMD (`pulp`): the plane is
 /// copied once into a zero-padded buffer, so every tap of every output is a plain load, and
-/// each register of outputs takes all k² taps as fused multiply-adds into four independent
-/// sums (one sum would wait on its own latency at every tap). Auto-vectorised versions of
-/// this loop kept tripping the compiler into shuffles.
+/// the outputs are computed in blocks of two rows by two registers (see `with_simd`).
+/// Auto-vectorised versions of this loop kept tripping the compiler into shuffles.
 struct DepthwisePlane<'a> {
     out: &'a mut [f32],
     padded: &'a mut Vec<f32>,
