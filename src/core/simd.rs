@@ -71,9 +71,8 @@ pub fn exp_f32(x: f32) -> f32 {
 /// and Q of degree 4: absolute error below 5e-7 evaluated in f32. Twelve fused multiply-adds
 /// and one division, no exponential: Abramowitz & Stegun's 7.1.26 with [`exp_f32`] took about
 /// three times the instructions, and GELU twice the time (1.7-1.8 against 0.8-0.9 ns a value,
-/// one thread, AVX2). The coefficients are a
-/// weighted least-squares fit of the absolute error on 20,001 points of [0, 4] (numpy and
-/// scipy's `erf`, made for this function).
+/// one thread, AVX2). The coefficients are a weighted least-squares fit of the absolute error on
+/// 20,001 points of [0, 4] (numpy and scipy's `erf`, made for this function).
 #[allow(clippy::inline_always, clippy::excessive_precision)] // inlined into dispatched kernels
 #[inline(always)]
 #[must_use]
