@@ -8,7 +8,9 @@
 //!
 //! Per pair and preset: EPE and ms of plain OpenCV DIS (forward, its own threads), and of the
 //! engine on the two frames (forward flow of the pair; the engine also makes the backward one
-//! and their confidence), with its default refinement and without it. Pairs whose files are
+//! and their confidence), with its default refinement and without it. Then the times per pair of
+//! a video stream in its steady state (opencv-doc's `vtest.avi`), where the engine prepares each
+//! frame once for its two pairs and plain DIS keeps its instances. Pairs whose files are
 //! missing are skipped with a message (`apt install opencv-doc`, `pip install scikit-image`;
 //! `SKIMAGE_DATA` names scikit-image's data folder when `python3` cannot find it).
 //!
@@ -216,6 +218,80 @@ fn engine(p: &Pair, config: &DisConfig) -> (f64, f64) {
     (epe(p, &pair.fwd), ms)
 }
 
+/// The first `n` frames of opencv-doc's `vtest.avi` (a fixed camera, people walking, 768×576),
+/// or `None` with a message.
+fn video(n: usize) -> Option<Vec<image::RgbImage>> {
+    let path = Path::new(OPENCV_DATA).join("vtest.avi");
+    let mut cap =
+        opencv::videoio::VideoCapture::from_file(path.to_str()?, opencv::videoio::CAP_ANY).ok()?;
+    let mut frames = Vec::with_capacity(n);
+    let mut m = Mat::default();
+    while frames.len() < n && cap.read(&mut m).unwrap_or(false) {
+        frames.push(streamrecon::source::rgb_from_bgr_mat(&m).ok()?);
+    }
+    if frames.len() < n {
+        println!(
+            "skipped: the stream ({} has fewer than {n} frames)",
+            path.display()
+        );
+        return None;
+    }
+    Some(frames)
+}
+
+/// Per pair of a video stream, steady state: ms of plain OpenCV DIS in both directions (a core
+/// each, its instances and the previous frame's grey image kept from pair to pair, as a program
+/// calling it on a video would), of the engine, and of the engine without refinement. The three
+/// advance in lockstep, a frame each in turn; the first `WARM` pairs are not counted. Returns
+/// the medians of the times and of each pair's two ratios to plain DIS.
+fn stream(frames: &[image::RgbImage], preset: DisPreset) -> [f64; 5] {
+    const WARM: usize = 3;
+    let config = DisConfig {
+        preset,
+        ..DisConfig::default()
+    };
+    let mut engine = DisEngine::new(config.clone()).expect("engine");
+    let mut bare = DisEngine::new(DisConfig {
+        refine_iterations: 0,
+        ..config
+    })
+    .expect("engine");
+    opencv::core::set_num_threads(1).expect("threads");
+    let mk = || opencv::video::DISOpticalFlow::create(opencv_preset(preset)).expect("DIS");
+    let (mut f, mut b) = (mk(), mk());
+    let mut prev: Option<Mat> = None;
+    let (mut pt, mut et, mut bt, mut er, mut br) = (vec![], vec![], vec![], vec![], vec![]);
+    let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
+    for (i, img) in frames.iter().enumerate() {
+        let t = Instant::now();
+        let grey = streamrecon::flow::dis::grey_mat(img).expect("grey");
+        if let Some(p) = &prev {
+            let (mut ff, mut bf) = (Mat::default(), Mat::default());
+            rayon::join(
+                || f.calc(p, &grey, &mut ff).expect("calc"),
+                || b.calc(&grey, p, &mut bf).expect("calc"),
+            );
+        }
+        let plain = ms(t);
+        prev = Some(grey);
+        let fr = frame(i as u64, img);
+        let t = Instant::now();
+        engine.push(&fr).expect("push");
+        let e = ms(t);
+        let t = Instant::now();
+        bare.push(&fr).expect("push");
+        let bb = ms(t);
+        if i > WARM {
+            pt.push(plain);
+            et.push(e);
+            bt.push(bb);
+            er.push(e / plain);
+            br.push(bb / plain);
+        }
+    }
+    [median(pt), median(et), median(bt), median(er), median(br)]
+}
+
 fn main() {
     let rounds: usize = std::env::args()
         .skip(1)
@@ -278,4 +354,23 @@ fn main() {
             );
         }
     }
+    let Some(frames) = video(STREAM_FRAMES) else {
+        return;
+    };
+    println!();
+    println!(
+        "A video stream, opencv-doc's vtest.avi ({}x{}, {STREAM_FRAMES} frames): ms a pair in the \
+         steady state, both directions, medians; the ratios medians of each pair's",
+        frames[0].width(),
+        frames[0].height()
+    );
+    println!("| preset | plain DIS | engine | vs plain | `--flow-refine 0` | vs plain |");
+    println!("|---|---|---|---|---|---|");
+    for preset in [DisPreset::Ultrafast, DisPreset::Fast, DisPreset::Medium] {
+        let [p, e, b, er, br] = stream(&frames, preset);
+        println!("| {preset:?} | {p:.1} | {e:.1} | {er:.2}× | {b:.1} | {br:.2}× |");
+    }
 }
+
+/// Frames of the stream timed after the pairs.
+const STREAM_FRAMES: usize = 40;
