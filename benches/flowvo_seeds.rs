@@ -4,11 +4,13 @@
 //! scaling), for the default configuration and the variants named on the command line.
 //!
 //! `cargo bench --bench flowvo_seeds [-- FRAMES [--seeds=N|a,b,…] [--trajectories=smooth,handheld]
-//! [--variants=default,init0,ba,ba2,ba4,baseline] [--flow-refine=N] [--no-fill] [--no-spatial-fill] [--degrade=SPEC]
+//! [--variants=default,init0,ba,ba2,ba4,baseline,twoview] [--flow-refine=N] [--no-fill] [--no-temporal-prior] [--no-spatial-fill] [--degrade=SPEC]
 //! [--photos=DIR] [--speed=F] [--no-rolling-model] [--dump=DIR]]` (defaults 300 frames, seeds 1–6, smooth and handheld,
 //! default; `init0` = the initialisation rule before the median-angle test, `ba` = windowed
 //! bundle adjustment on, `ba2`/`ba4` = with 2 or 4 fixed frames instead of 6, `baseline` = new
-//! points let in by their frame pair's baseline, `FlowVoConfig::new_points_by_baseline`).
+//! points let in by their frame pair's baseline, `FlowVoConfig::new_points_by_baseline`, `twoview` =
+//! points from their track's oldest and newest observations alone, without
+//! `FlowVoConfig::triangulate_all_views`).
 //! Each sequence is rendered once (in memory) and every variant runs on the same frames; through
 //! a lens (`--degrade=…,lens=K1`) the frames are undistorted with the world's calibration first;
 //! with a rolling shutter (`--degrade=…,rolling=R`) flowvo is told its readout R
@@ -46,6 +48,11 @@ fn variant(name: &str) -> Option<FlowVoConfig> {
         // New points by their frame pair's baseline, not their own ray angle.
         "baseline" => FlowVoConfig {
             new_points_by_baseline: true,
+            ..d
+        },
+        // Points from their track's oldest and newest observations alone.
+        "twoview" => FlowVoConfig {
+            triangulate_all_views: false,
             ..d
         },
         "ba2" | "ba4" => FlowVoConfig {
@@ -89,12 +96,13 @@ fn main() {
         .split(',')
         .filter_map(|v| variant(v).map(|c| (v.to_string(), c)))
         .collect();
-    // The flow engine's refinement and temporal fill (on by default).
+    // The flow engine's refinement, temporal fill, temporal prior and spatial fill (on by default).
     let flow_config = DisConfig {
         refine_iterations: arg("--flow-refine=", &args)
             .and_then(|v| v.parse().ok())
             .unwrap_or(DisConfig::default().refine_iterations),
         temporal_fill: !args.iter().any(|a| a == "--no-fill"),
+        temporal_prior: !args.iter().any(|a| a == "--no-temporal-prior"),
         spatial_fill: if args.iter().any(|a| a == "--no-spatial-fill") {
             None
         } else {

@@ -60,9 +60,22 @@ pub struct FlowVoConfig {
     /// noise widened it, so near depths, and the map's scale shrinks. Off by default: on the
     /// realistic world (`benches/flowvo_seeds.rs --variants=default,baseline`) it brought all 12
     /// smooth sequences within 1 % of the path (default: 11) but three hand-held ones further out
-    /// (9: 2.54 → 6.27 %, 10: 1.04 → 2.57–2.78 %, 11: 1.11 → 1.58 %).
+    /// (9: 2.54 → 6.27 %, 10: 1.04 → 2.57–2.78 %, 11: 1.11 → 1.58 %), measured with points
+    /// from two views (before `triangulate_all_views`).
     #[serde(default)]
     pub new_points_by_baseline: bool,
+    /// A point's position from every observation of its track with a pose (the point nearest
+    /// to all their rays), not from its oldest and newest alone; which points enter the map,
+    /// and when, is still decided on those two. Chained flow drifts, and a threshold on the
+    /// two-view angle lets in the points whose drift widened it, so near ones: under motion
+    /// blur (flow errors of 0.2–1.1 px a frame against the exposure's mid-point) batches of new
+    /// points came in at 0.56–0.82 of the map's scale in fast turns, and the map shrank. On
+    /// the realistic world (`benches/flowvo_seeds.rs --variants=default,twoview`, 24
+    /// sequences) 24 are within 1 % of the path (two views: 19), the worst 0.90 % (5.17 %);
+    /// hand-held 3, 9, 10 and 11 went from 5.17, 2.54, 1.04 and 1.11 % to 0.88, 0.42, 0.59 and
+    /// 0.88 %, while the smooth ones moved both ways (means 0.34 and 0.35 %).
+    #[serde(default = "default_true")]
+    pub triangulate_all_views: bool,
     /// Rolling shutter: the rows are read top to bottom over this fraction of the frame
     /// interval, the middle row at the frame's time (0 = a global shutter). Each track's
     /// observation is moved to where the point was at the frame's time, along its flow.
@@ -128,6 +141,10 @@ impl Default for AdaptiveKeyframes {
     }
 }
 
+fn default_true() -> bool {
+    true
+}
+
 fn default_init_min_angle_deg() -> f64 {
     2.0
 }
@@ -163,6 +180,7 @@ impl Default for FlowVoConfig {
             adaptive: None,
             window_ba: None,
             new_points_by_baseline: false,
+            triangulate_all_views: true,
             rolling_shutter: 0.0,
         }
     }

@@ -11,8 +11,10 @@
 //!   synthetic sequences, `benches/flowvo_seeds.rs`). Frames seen meanwhile are held back and
 //!   posed by PnP once the map exists.
 //! - Tracking: PnP + RANSAC against the triangulated tracks; new tracks are triangulated once their
-//!   parallax suffices. Too few inliers = tracking lost: a new map segment starts at the last pose
-//!   (scale matched to the previous segment's median depth) and is reported.
+//!   parallax suffices, each from every observation of it with a pose (the point nearest to all
+//!   their rays; the two-view angle decides only when). Too few inliers = tracking lost: a new
+//!   map segment starts at the last pose (scale matched to the previous segment's median depth)
+//!   and is reported.
 //! - Keyframes by parallax and tracked fraction; two dense flow chains map each new frame's pixels
 //!   back to the last two keyframes, and per-pixel triangulation against the older one gives depth,
 //!   with confidence from the parallax angle and the chained flow confidence.
@@ -35,7 +37,7 @@ use rayon::prelude::*;
 use super::cv;
 use super::loop_closure::{Relocalised, Relocaliser};
 use super::novelty::{NoveltyConfig, NoveltyMeter};
-use super::triangulate::midpoint;
+use super::triangulate::{midpoint, nearest_to_rays};
 use super::window_ba;
 use super::{untracked, FrameGeometry, GeometryEngine, GeometryStats};
 use streamrecon_core::error::{Error, Result};
@@ -672,6 +674,7 @@ impl FlowVo {
         } else {
             None
         };
+        let all_views = self.config.triangulate_all_views;
         for t in &mut self.tracks {
             // The oldest observation with a known pose gives the widest baseline; a mapped point is
             // re-triangulated once that baseline gives a clearly wider angle than it had.
@@ -695,7 +698,16 @@ impl FlowVo {
             };
             if let Some((p, ang)) = Self::triangulate(&k, &pf, (x, y), &cur, t.seen(), max_px) {
                 if ang >= least_angle && ang > t.angle * 1.25 {
-                    t.point = Some(p);
+                    let all = all_views
+                        .then(|| {
+                            nearest_to_rays(t.obs.iter().filter_map(|&(f, x, y)| {
+                                let pose = self.poses.get(&f)?;
+                                let d = Self::bearing(&k, f64::from(x), f64::from(y));
+                                Some((Point3::from(pose.translation.vector), pose.rotation * d))
+                            }))
+                        })
+                        .flatten();
+                    t.point = Some(all.unwrap_or(p));
                     t.angle = ang;
                 }
             }
