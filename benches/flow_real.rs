@@ -26,6 +26,7 @@ use streamrecon::flow::dis::{DisConfig, DisEngine, DisPreset};
 use streamrecon::flow::metrics::FlowMetricsAcc;
 use streamrecon::flow::{FlowEngine, FlowField};
 use streamrecon::frame::Frame;
+use streamrecon::source::{Source, SourceItem, SourceOptions, SourceSpec};
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -219,19 +220,30 @@ fn engine(p: &Pair, config: &DisConfig) -> (f64, f64) {
 }
 
 /// The first `n` frames of opencv-doc's `vtest.avi` (a fixed camera, people walking, 768×576),
-/// or `None` with a message.
-fn video(n: usize) -> Option<Vec<image::RgbImage>> {
+/// read by the run's own source, or `None` with a message.
+fn video(n: usize) -> Option<Vec<Frame>> {
     let path = Path::new(OPENCV_DATA).join("vtest.avi");
-    let mut cap =
-        opencv::videoio::VideoCapture::from_file(path.to_str()?, opencv::videoio::CAP_ANY).ok()?;
+    let options = SourceOptions {
+        max_frames: Some(n),
+        ..SourceOptions::default()
+    };
+    let source = SourceSpec::parse(path.to_str()?).and_then(|spec| Source::open(&spec, options));
+    let mut source = match source {
+        Ok(s) => s,
+        Err(e) => {
+            println!("skipped: the stream ({e})");
+            return None;
+        }
+    };
     let mut frames = Vec::with_capacity(n);
-    let mut m = Mat::default();
-    while frames.len() < n && cap.read(&mut m).unwrap_or(false) {
-        frames.push(streamrecon::source::rgb_from_bgr_mat(&m).ok()?);
+    while let Some(item) = source.next_item() {
+        if let Ok(SourceItem::Frame(f)) = item {
+            frames.push(*f);
+        }
     }
     if frames.len() < n {
         println!(
-            "skipped: the stream ({} has fewer than {n} frames)",
+            "skipped: the stream ({} gave fewer than {n} frames)",
             path.display()
         );
         return None;
@@ -244,7 +256,7 @@ fn video(n: usize) -> Option<Vec<image::RgbImage>> {
 /// calling it on a video would), of the engine, and of the engine without refinement. The three
 /// advance in lockstep, a frame each in turn; the first `WARM` pairs are not counted. Returns
 /// the medians of the times and of each pair's two ratios to plain DIS.
-fn stream(frames: &[image::RgbImage], preset: DisPreset) -> [f64; 5] {
+fn stream(frames: &[Frame], preset: DisPreset) -> [f64; 5] {
     const WARM: usize = 3;
     let config = DisConfig {
         preset,
@@ -262,9 +274,9 @@ fn stream(frames: &[image::RgbImage], preset: DisPreset) -> [f64; 5] {
     let mut prev: Option<Mat> = None;
     let (mut pt, mut et, mut bt, mut er, mut br) = (vec![], vec![], vec![], vec![], vec![]);
     let ms = |t: Instant| t.elapsed().as_secs_f64() * 1e3;
-    for (i, img) in frames.iter().enumerate() {
+    for (i, fr) in frames.iter().enumerate() {
         let t = Instant::now();
-        let grey = streamrecon::flow::dis::grey_mat(img).expect("grey");
+        let grey = streamrecon::flow::dis::grey_mat(&fr.image).expect("grey");
         if let Some(p) = &prev {
             let (mut ff, mut bf) = (Mat::default(), Mat::default());
             rayon::join(
@@ -274,12 +286,11 @@ fn stream(frames: &[image::RgbImage], preset: DisPreset) -> [f64; 5] {
         }
         let plain = ms(t);
         prev = Some(grey);
-        let fr = frame(i as u64, img);
         let t = Instant::now();
-        engine.push(&fr).expect("push");
+        engine.push(fr).expect("push");
         let e = ms(t);
         let t = Instant::now();
-        bare.push(&fr).expect("push");
+        bare.push(fr).expect("push");
         let bb = ms(t);
         if i > WARM {
             pt.push(plain);
